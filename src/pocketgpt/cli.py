@@ -1,0 +1,80 @@
+"""The ``pocketgpt`` command: a thin argparse front over the library.
+
+Each subcommand lives with the code it drives: the module listed in ``COMMANDS`` defines
+``configure_cli(name, parser)``, which adds the options and sets ``parser.set_defaults(func=...)``; the function
+receives the parsed ``argparse.Namespace``. A ``UserError`` anywhere becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name, module, one-line help (in pipeline order)
+COMMANDS = [
+    ("tokenizer", "pocketgpt.tokenizer", "train a tokenizer (bpe, char, word, unigram) or inspect one"),
+    ("prepare", "pocketgpt.data", "tokenize text/JSONL into train/val token shards"),
+    ("pretrain", "pocketgpt.train.pretrain", "pretrain a GPT on prepared shards (TOML presets, resume, DDP)"),
+    ("eval", "pocketgpt.train.pretrain", "print loss and perplexity of a checkpoint on a data split"),
+    ("sample", "pocketgpt.engine", "generate text from a checkpoint (streams to the terminal)"),
+    ("sft", "pocketgpt.train.sft", "supervised chat fine-tuning on conversation JSONL"),
+    ("chat", "pocketgpt.chat", "talk to a chat model in the terminal"),
+    ("rm", "pocketgpt.train.reward", "train a reward model on preference pairs (or score conversations)"),
+    ("ppo", "pocketgpt.train.ppo", "RLHF with PPO against a reward model or a Python reward function"),
+    ("dpo", "pocketgpt.train.dpo", "direct preference optimisation on preference pairs"),
+    ("grpo", "pocketgpt.train.grpo", "group relative policy optimisation on a verifiable task"),
+    ("serve", "pocketgpt.serve", "OpenAI-compatible HTTP API and web chat page"),
+    ("export", "pocketgpt.export", "export a checkpoint as a Hugging Face GPT-2 / Llama directory"),
+    ("speedrun", "pocketgpt.speedrun", "the whole pipeline on bundled data, with a report card"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="pocketgpt",
+        description="pocketgpt: from raw text to a GPT chat model. Run 'pocketgpt COMMAND --help' for details.",
+    )
+    parser.add_argument("--version", action="version", version=f"pocketgpt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue  # a stage not built yet
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        mod.configure_cli(name, p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        rc = args.func(args)
+        return int(rc or 0)
+    except UserError as e:
+        print(f"pocketgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pocketgpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # output piped into e.g. `head` that closed early: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

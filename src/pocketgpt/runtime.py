@@ -1,0 +1,76 @@
+"""One place that decides device, precision and compilation (CPU / CUDA / MPS), and seeds everything."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` → cuda if available, else mps, else cpu. Under torchrun each rank takes ``cuda:LOCAL_RANK``."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device: cuda was asked for but no CUDA GPU is available")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bf16 where the hardware runs it fast (CUDA with bf16, or a CPU), else fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu":
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise UserError(f"dtype: unknown precision {name!r} (auto, fp32, bf16, fp16)")
+    dt = DTYPES[name]
+    if dt == torch.float16 and device.type == "cpu":
+        raise UserError("dtype: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on a CPU")
+    return dt
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed-precision context for the forward pass (a no-op for fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Rough peak matmul FLOP/s used for MFU: measured on our 2-core CPU (~170 GFLOP/s fp32, ~750 bf16),
+    A100-class numbers for CUDA (override with POCKETGPT_PEAK_FLOPS)."""
+    if os.environ.get("POCKETGPT_PEAK_FLOPS"):
+        return float(os.environ["POCKETGPT_PEAK_FLOPS"])
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if "H100" in name or "H200" in name:
+            return 989e12 if dtype != torch.float32 else 67e12
+        return 312e12 if dtype != torch.float32 else 19.5e12
+    per_core = 375e9 if dtype == torch.bfloat16 else 85e9
+    return per_core * max(1, torch.get_num_threads())

@@ -1,0 +1,36 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def run_cli(*args, cwd=None, input=None, timeout=600, env=None, check=True):
+    """Run `python -m pocketgpt ARGS` as a user would; returns CompletedProcess (text)."""
+    e = dict(os.environ)
+    e.setdefault("PYTHONUNBUFFERED", "1")
+    if env:
+        e.update(env)
+    p = subprocess.run([sys.executable, "-m", "pocketgpt", *map(str, args)], cwd=cwd, input=input, text=True,
+                       capture_output=True, timeout=timeout, env=e)
+    if check and p.returncode != 0:
+        raise AssertionError(f"pocketgpt {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def tiny_config(**kw):
+    from pocketgpt import GPTConfig
+
+    base = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    base.update(kw)
+    return GPTConfig(**base)

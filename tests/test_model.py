@@ -1,0 +1,211 @@
+"""The GPT itself: shapes that matter, KV cache, save/load, Hugging Face parity both ways, errors, learning."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_config
+from pocketgpt import GPT, GPTConfig, UserError
+
+ALL_KINDS = [
+    dict(pos="learned", norm="layernorm", mlp="gelu"),
+    dict(pos="sinusoidal", norm="layernorm", mlp="relu", bias=False),
+    dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False),
+    dict(pos="rope", norm="layernorm", mlp="gelu", tie_embeddings=False),
+]
+
+
+@pytest.mark.parametrize("kw", ALL_KINDS, ids=lambda k: f"{k['pos']}-{k['norm']}-{k['mlp']}")
+def test_kv_cache_matches_full_forward(kw):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**kw)).eval()
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_kv_cache(2)
+        prefix, _ = model(idx[:, :7], kv_cache=cache)
+        chunks = [prefix]
+        chunk, _ = model(idx[:, 7:10], kv_cache=cache)  # several tokens after a cached prefix
+        chunks.append(chunk)
+        for t in range(10, 20):
+            step, _ = model(idx[:, t : t + 1], kv_cache=cache)
+            chunks.append(step)
+    assert cache.pos == 20
+    torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_left_padded_positions_match_unpadded():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(pos="rope", norm="rmsnorm", mlp="swiglu")).eval()
+    seq = torch.randint(0, 97, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)
+    pos = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()
+    mask[:, :3] = False
+    mask[:3, :3] = torch.eye(3, dtype=torch.bool)  # pad rows attend to themselves only (no NaN)
+    with torch.no_grad():
+        a, _ = model(seq)
+        b, _ = model(padded, position_ids=pos, attn_mask=mask[None, None])
+    torch.testing.assert_close(b[:, 3:], a, atol=1e-5, rtol=1e-4)
+
+
+def test_loss_ignores_minus_100_and_params_flops():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 97, (2, 8))
+    tgt = idx.clone()
+    tgt[:, :4] = -100
+    logits, loss = model(idx, tgt)
+    ref = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 97), idx[:, 4:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
+    n = model.num_params()
+    assert n == sum(p.numel() for p in set(model.parameters()))
+    assert model.flops_per_token() == 6 * model.num_params(non_embedding=True) + 12 * 2 * 32 * 32
+
+
+def test_save_load_round_trip_exact(tmp_path):
+    torch.manual_seed(0)
+    for i, kw in enumerate(ALL_KINDS):
+        model = GPT(tiny_config(**kw))
+        model.save_pretrained(tmp_path / f"m{i}")
+        loaded = GPT.from_pretrained(tmp_path / f"m{i}")
+        for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert k1 == k2 and torch.equal(v1, v2), k1
+        assert loaded.config == model.config
+        if kw.get("tie_embeddings", True):
+            assert loaded.lm_head.weight is loaded.wte.weight
+
+
+def test_truncated_and_missing_checkpoint_errors(tmp_path):
+    model = GPT(tiny_config())
+    model.save_pretrained(tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(UserError, match="model.safetensors: corrupt or truncated"):
+        GPT.from_pretrained(tmp_path / "m")
+    with pytest.raises(UserError, match="not found"):
+        GPT.from_pretrained(tmp_path / "nope")
+    p = run_cli("export", tmp_path / "m", tmp_path / "out", check=False)
+    assert p.returncode == 2
+    assert "corrupt or truncated" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_bad_config_errors(tmp_path):
+    with pytest.raises(UserError, match="'n_embd' .*divisible by n_head"):
+        GPTConfig(n_embd=30, n_head=4).validate()
+    with pytest.raises(UserError, match="'pos' must be one of"):
+        GPTConfig(pos="alibi").validate()
+    model = GPT(tiny_config())
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["n_layers"] = 3
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"config.json: unknown model field 'n_layers' \(did you mean 'n_layer'\?\)"):
+        GPT.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="config.json:1: invalid JSON"):
+        GPT.from_pretrained(tmp_path / "m")
+
+
+def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
+    model = GPT(tiny_config())
+    model.save_pretrained(tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    import safetensors.torch as st
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(st, "save_file", boom)
+    with pytest.raises(RuntimeError):
+        GPT(tiny_config(n_layer=1)).save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_overfits_a_fixed_batch():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=16))
+    idx = torch.randint(0, 97, (4, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face parity
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_hf_gpt2_import_parity(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = GPT.from_pretrained(tmp_path / "hf")
+    idx = torch.randint(0, 1000, (2, 50))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        got, _ = ours(idx)
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_hf_gpt2_pytorch_bin_import(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    (tmp_path / "hf").mkdir()
+    cfg.save_pretrained(tmp_path / "hf")
+    torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    ours = GPT.from_pretrained(tmp_path / "hf")
+    idx = torch.randint(0, 100, (1, 10))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_export_gpt2_loads_in_transformers(tmp_path, bias):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64, bias=bias)).eval()
+    for p in model.parameters():  # make biases and norms non-trivial
+        p.data += 0.01 * torch.randn_like(p)
+    model.save_pretrained(tmp_path / "ours")
+    run_cli("export", "--format", "hf", tmp_path / "ours", tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 1000, (2, 40))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)[0]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_llama_round_trip(tmp_path, tie):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, pos="rope",
+                    norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=tie, norm_eps=1e-6)
+    model = GPT(cfg).eval()
+    for p in model.parameters():
+        p.data += 0.01 * torch.randn_like(p)
+    model.save_pretrained(tmp_path / "ours")
+    run_cli("export", tmp_path / "ours", tmp_path / "hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 1000, (2, 40))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        assert (ref - model(idx)[0]).abs().max().item() < 1e-4
+        back = GPT.from_pretrained(tmp_path / "hf")  # and a Llama directory loads back into pocketgpt
+        assert (back(idx)[0] - ref).abs().max().item() < 1e-4
+
+
+def test_unexportable_combination_names_the_option(tmp_path):
+    model = GPT(tiny_config(pos="sinusoidal"))
+    model.save_pretrained(tmp_path / "m")
+    p = run_cli("export", tmp_path / "m", tmp_path / "out", check=False)
+    assert p.returncode == 2 and "pos='sinusoidal'" in p.stderr
+    assert not (tmp_path / "out").exists()
