@@ -1,0 +1,574 @@
+"""The chat template, conversation files, and ``pocketgpt chat`` (a terminal chat).
+
+The template (one function, used for training *and* inference, by SFT, the RL stages and the server)::
+
+    <|endoftext|> <|system|> ...system... <|end|> <|user|> ...question... <|end|> <|assistant|> ...reply... <|end|> ...
+
+``render(messages, tokenizer)`` returns ``(ids, labels)``: ``labels`` equals ``ids`` on assistant content and on the
+``<|end|>`` that closes each assistant turn, ``-100`` everywhere else, so every assistant turn of a multi-turn
+conversation is trained and nothing else is. With ``add_generation_prompt=True`` the ids end in ``<|assistant|>``;
+the model writes its reply and closes it with ``<|end|>`` (the stop token). A trainer feeds ``ids[:-1]`` as input
+and ``labels[1:]`` as targets.
+
+Conversations are JSONL, one per line, ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}``
+(the Hugging Face TRL / OpenAI format; other fields are ignored; ``.jsonl`` or ``.jsonl.gz``).
+
+Conversations longer than the context (``fit_to_context``) are **split at turn boundaries** into several training
+examples: each example starts with the system message (if any) and a user turn, and holds as many consecutive
+user/assistant exchanges as fit. A single exchange that does not fit alone is cut at the token level (its reply
+loses its tail and its ``<|end|>``), or skipped when not even the prompt part fits. ``mode="truncate"`` instead keeps
+only the first example (the system message and the leading turns that fit).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from .errors import UserError
+
+ROLES = ("system", "user", "assistant")
+IGNORE = -100  # label of positions that carry no loss
+
+Message = dict  # {"role": str, "content": str}
+Conversation = list  # list[Message]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the template
+
+
+def validate_messages(messages, where: str = "messages", *, need_assistant: bool = False) -> list[Message]:
+    """Check a message list (roles system/user/assistant, string content); return it as plain dicts.
+
+    Extra keys on a message (``name``, ``id``...) are allowed and dropped. Raises ``UserError`` naming ``where``.
+    """
+    if not isinstance(messages, list):
+        raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+    if not messages:
+        raise UserError(f"{where}: 'messages' is empty")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise UserError(f"{where}: message {i} is not an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ROLES:
+            raise UserError(f"{where}: message {i} has unknown role {role!r} (expected system, user or assistant)")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise UserError(f"{where}: message {i} ({role}) has no string 'content'")
+        out.append({"role": role, "content": content})
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise UserError(f"{where}: conversation has no assistant turn (nothing to train on)")
+    return out
+
+
+class _Specials:
+    """The ids of the template's special tokens in one tokenizer (looked up once, with a clear error)."""
+
+    def __init__(self, tokenizer):
+        names = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+        ids = {}
+        for name in names:
+            try:
+                ids[name] = tokenizer.token_id(name)
+            except (KeyError, ValueError, UserError):
+                ids[name] = None
+            if ids[name] is None:
+                raise UserError(
+                    f"tokenizer has no chat special token {name}; SFT adds them (pocketgpt sft --init CKPT) "
+                    "or train a tokenizer with pocketgpt tokenizer train"
+                )
+        self.bos = ids["<|endoftext|>"]
+        self.role = {"system": ids["<|system|>"], "user": ids["<|user|>"], "assistant": ids["<|assistant|>"]}
+        self.end = ids["<|end|>"]
+
+
+def _specials(tokenizer) -> _Specials:
+    cached = getattr(tokenizer, "_pocketgpt_chat_specials", None)
+    if cached is None:
+        cached = _Specials(tokenizer)
+        try:
+            tokenizer._pocketgpt_chat_specials = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def _message_pieces(messages: list[Message], tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each message on its own: ``<|ROLE|>`` + content + ``<|end|>``."""
+    sp = _specials(tokenizer)
+    pieces = []
+    for m in messages:
+        content = tokenizer.encode(m["content"]) if m["content"] else []
+        ids = [sp.role[m["role"]], *content, sp.end]
+        if m["role"] == "assistant":
+            labels = [IGNORE, *content, sp.end]
+        else:
+            labels = [IGNORE] * len(ids)
+        pieces.append((ids, labels))
+    return pieces
+
+
+def render(messages: list[Message], tokenizer, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and training labels of a conversation (see the module docstring for the layout)."""
+    messages = validate_messages(messages) if messages else []
+    sp = _specials(tokenizer)
+    ids, labels = [sp.bos], [IGNORE]
+    for p_ids, p_labels in _message_pieces(messages, tokenizer):
+        ids += p_ids
+        labels += p_labels
+    if add_generation_prompt:
+        ids.append(sp.role["assistant"])
+        labels.append(IGNORE)
+    return ids, labels
+
+
+def stop_id(tokenizer) -> int:
+    """The id that ends an assistant reply (``<|end|>``)."""
+    return _specials(tokenizer).end
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fitting conversations into the context
+
+
+@dataclass
+class FitStats:
+    """What ``fit_to_context`` did to a set of conversations (reported by SFT)."""
+
+    conversations: int = 0
+    examples: int = 0
+    split: int = 0  # conversations that became several examples
+    truncated: int = 0  # conversations that lost content: a reply cut at the token level, or turns dropped
+    skipped: int = 0  # conversations that gave no example at all (not even one prompt fits)
+
+    def summary(self) -> str:
+        return (f"{self.conversations} conversations -> {self.examples} examples "
+                f"({self.split} split at turn boundaries, {self.truncated} truncated, {self.skipped} skipped)")
+
+
+def _exchanges(messages: list[Message]) -> tuple[list[Message], list[list[Message]]]:
+    """Leading system message(s), then groups that each end with an assistant message (user ... assistant).
+
+    Trailing messages after the last assistant turn carry no labels and are dropped.
+    """
+    i = 0
+    while i < len(messages) and messages[i]["role"] == "system":
+        i += 1
+    system, groups, cur = messages[:i], [], []
+    for m in messages[i:]:
+        cur.append(m)
+        if m["role"] == "assistant":
+            groups.append(cur)
+            cur = []
+    return system, groups
+
+
+def _concat(pieces: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[int]]:
+    ids, labels = [], []
+    for p_ids, p_labels in pieces:
+        ids += p_ids
+        labels += p_labels
+    return ids, labels
+
+
+def fit_to_context(messages: list[Message], tokenizer, max_tokens: int, mode: str = "split",
+                   stats: Optional[FitStats] = None) -> list[tuple[list[int], list[int]]]:
+    """Render one conversation into training examples of at most ``max_tokens`` ids each (see module docstring).
+
+    ``max_tokens`` counts ids, i.e. ``block_size + 1`` for a model whose input is ``ids[:-1]``. A conversation
+    that fits is exactly ``[render(messages, tokenizer)]`` (minus messages after the last assistant turn).
+    """
+    if mode not in ("split", "truncate"):
+        raise UserError(f"overflow: unknown mode {mode!r} (split, truncate)")
+    stats = stats if stats is not None else FitStats()
+    sp = _specials(tokenizer)
+    system, groups = _exchanges(messages)
+    head = _concat([([sp.bos], [IGNORE]), *_message_pieces(system, tokenizer)])
+    group_ids = [_concat(_message_pieces(g, tokenizer)) for g in groups]
+
+    examples: list[tuple[list[int], list[int]]] = []
+    ids, labels = list(head[0]), list(head[1])
+    n = 0  # exchanges in the current example
+    lost = False  # some content of this conversation is not in any example
+    for k, (g_ids, g_labels) in enumerate(group_ids):
+        if n and len(ids) + len(g_ids) > max_tokens:  # close the example; the next restarts with the system prompt
+            examples.append((ids, labels))
+            ids, labels, n = list(head[0]), list(head[1]), 0
+            if mode == "truncate":
+                lost = True
+                break
+        if len(ids) + len(g_ids) <= max_tokens:
+            ids, labels, n = ids + g_ids, labels + g_labels, n + 1
+            continue
+        # one exchange too long for an example of its own: cut its reply if the prompt part and one reply token fit
+        lost = True
+        room = max_tokens - len(ids)
+        first_label = next(i for i, lab in enumerate(g_labels) if lab != IGNORE)
+        if first_label < room:
+            examples.append((ids + g_ids[:room], labels + g_labels[:room]))
+            ids, labels = list(head[0]), list(head[1])
+        if mode == "truncate":
+            break
+    if n:
+        examples.append((ids, labels))
+    stats.conversations += 1
+    stats.examples += len(examples)
+    stats.split += len(examples) > 1
+    stats.truncated += lost and bool(examples)
+    stats.skipped += not examples
+    return examples
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# conversation files
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_conversations(path: str | os.PathLike, *, skip_bad: bool = False, report=None) -> list[Conversation]:
+    """Read a JSONL file of ``{"messages": [...]}`` lines (``.jsonl`` or ``.jsonl.gz``); blank lines are ignored.
+
+    Bad lines (not JSON, no ``messages``, unknown role, no assistant turn) raise ``UserError`` naming ``file:line``;
+    with ``skip_bad=True`` they are skipped and their count is reported through ``report`` (a callable taking one
+    line of text; default: stderr). A file with no conversation at all is always an error.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; expected a .jsonl conversation file")
+    conversations: list[Conversation] = []
+    bad: list[str] = []
+    lineno = 0
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+                    if not isinstance(obj, dict) or "messages" not in obj:
+                        raise UserError(f"{where}: missing 'messages' (expected {{\"messages\": [{{\"role\": ..., "
+                                        f"\"content\": ...}}]}})")
+                    conversations.append(validate_messages(obj["messages"], where, need_assistant=True))
+                except UserError as e:
+                    if not skip_bad:
+                        raise
+                    bad.append(str(e))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{lineno + 1}: not UTF-8 text (byte {e.start} of the line)") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    if bad:
+        msg = f"{path}: skipped {len(bad)} bad line(s); first: {bad[0]}"
+        (report or (lambda s: print(s, file=sys.stderr)))(msg)
+    if not conversations:
+        raise UserError(f"{path}: no conversations in this file" + (f" ({len(bad)} bad lines skipped)" if bad else ""))
+    return conversations
+
+
+def resolve_data(name: str) -> list[Path]:
+    """Conversation files of one ``--data`` entry: a file, a folder (its ``.jsonl`` / ``.jsonl.gz`` files), or the
+    name of a bundled corpus (``pocketgpt.data.builtin_path``: ``chat``, ``chat_en``, ``chat_zh``, ``dolly``...)."""
+    p = Path(name)
+    if not p.exists():
+        try:
+            from .data import BUILTINS, builtin_path
+        except ImportError:
+            raise UserError(f"{name}: no such file") from None
+        if name not in BUILTINS:
+            raise UserError(f"{name}: no such file, nor a bundled corpus ({', '.join(BUILTINS)})")
+        p = Path(builtin_path(name))
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith((".jsonl", ".jsonl.gz")))
+        if not files:
+            raise UserError(f"{p}: no .jsonl / .jsonl.gz conversation files in this folder")
+        return files
+    return [p]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a chat session: history, trimming to the context, streamed replies (shared by the terminal chat and tests)
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation with a model; ``reply(text)`` streams the assistant's answer and records it."""
+
+    model: object
+    tokenizer: object
+    system: Optional[str] = None
+    temperature: float = 0.7
+    top_k: Optional[int] = 50
+    top_p: Optional[float] = None
+    max_new_tokens: int = 256
+    seed: Optional[int] = None
+    messages: list = field(default_factory=list)  # user/assistant turns (the system message is kept apart)
+    notes: list = field(default_factory=list)  # things worth telling an interactive user (trimmed history...)
+    _turn: int = 0
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def conversation(self) -> list[Message]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.messages
+
+    def prompt_ids(self) -> list[int]:
+        """The prompt for the next reply, dropping the oldest exchanges until prompt + reply fit the context."""
+        block = self.model.config.block_size
+        reserve = max(1, min(self.max_new_tokens, block // 2))
+        dropped = 0
+        while True:
+            ids, _ = render(self.conversation(), self.tokenizer, add_generation_prompt=True)
+            if len(ids) + reserve <= block or len(self.messages) <= 1:
+                break
+            # drop the oldest user message and everything up to the next user message
+            nxt = next((i for i, m in enumerate(self.messages[1:], 1) if m["role"] == "user"), len(self.messages) - 1)
+            del self.messages[:nxt]
+            dropped += 1
+        if dropped:
+            self.notes.append(f"(dropped the {dropped} oldest turn(s) to fit the {block}-token context)")
+        if len(ids) + reserve > block:
+            keep = block - reserve
+            self.notes.append(f"(message too long for the {block}-token context: kept its last {keep} tokens)")
+            ids = ids[-keep:]
+        return ids
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Add the user's message, stream the reply's text pieces, then record the reply in the history."""
+        from .engine import stream_generate
+
+        self.messages.append({"role": "user", "content": text})
+        ids = self.prompt_ids()
+        budget = min(self.max_new_tokens, self.model.config.block_size - len(ids))
+        seed = None if self.seed is None else self.seed + self._turn
+        self._turn += 1
+        parts: list[str] = []
+        end_text = "<|end|>"
+        try:
+            for piece in stream_generate(self.model, self.tokenizer, ids, max_new_tokens=budget,
+                                         temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                         stop_ids=[stop_id(self.tokenizer)], seed=seed):
+                if end_text in piece:  # an engine that also yields the stop token's text
+                    piece = piece.split(end_text, 1)[0]
+                    parts.append(piece)
+                    if piece:
+                        yield piece
+                    break
+                parts.append(piece)
+                yield piece
+        finally:  # keep what was shown, even when interrupted (Ctrl-C)
+            self.messages.append({"role": "assistant", "content": "".join(parts)})
+
+    def reply_text(self, text: str) -> str:
+        return "".join(self.reply(text))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the terminal chat
+
+HELP = """commands:
+  /reset            forget the conversation (keeps the system message)
+  /system TEXT      set the system message (empty TEXT removes it)
+  /temperature X    sampling temperature (0 = greedy)
+  /history          show the conversation so far
+  /help             this help
+  /exit             quit (Ctrl-D too)"""
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run directory holding one (its latest/final/best checkpoint)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: checkpoint directory not found")
+    if (p / "config.json").exists():
+        return p
+    try:  # the Trainer knows its own run layout
+        from .train.trainer import find_checkpoint as trainer_find
+    except ImportError:
+        trainer_find = None
+    if trainer_find is not None:
+        found = trainer_find(p)
+        if found is not None:
+            return Path(found)
+    for name in ("final", "latest", "best", "ckpt", "checkpoint"):
+        if (p / name / "config.json").exists():
+            return p / name
+    raise UserError(f"{p}: not a checkpoint directory (no config.json) nor a run directory holding one")
+
+
+def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp32"):
+    """Model (eval mode) + tokenizer of a checkpoint, checking that the tokenizer has the chat tokens."""
+    from .model import GPT
+    from .runtime import DTYPES, pick_device
+    from .tokenizer import load_tokenizer_for
+
+    path = find_checkpoint(ckpt)
+    dev = pick_device(device)
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: unknown precision {dtype!r} (fp32, bf16, fp16)")
+    model = GPT.from_pretrained(path, device=dev, dtype=DTYPES[dtype])
+    model.eval()
+    tokenizer = load_tokenizer_for(path)
+    try:
+        _specials(tokenizer)
+    except UserError:
+        raise UserError(f"{path}: this checkpoint's tokenizer has no chat tokens; fine-tune it first "
+                        f"(pocketgpt sft --init {path} --data ...)") from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.config.vocab_size}")
+    return model, tokenizer
+
+
+def _command(session: ChatSession, line: str, interactive: bool) -> bool:
+    """Run a /command; return False to quit."""
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    say = (lambda s: print(s, file=sys.stderr)) if interactive else (lambda s: None)
+    if cmd in ("/exit", "/quit"):
+        return False
+    if cmd == "/reset":
+        session.reset()
+        say("(conversation reset)")
+    elif cmd == "/system":
+        session.system = arg or None
+        say(f"(system message {'set' if arg else 'removed'})")
+    elif cmd == "/temperature":
+        try:
+            t = float(arg)
+            if t < 0 or t != t:
+                raise ValueError
+        except ValueError:
+            print(f"/temperature: expected a number >= 0, got {arg!r}", file=sys.stderr)
+            return True
+        session.temperature = t
+        say(f"(temperature {t:g})")
+    elif cmd == "/history":
+        conv = session.conversation()
+        if not conv:
+            print("(empty conversation)", file=sys.stderr)
+        for m in conv:
+            print(f"[{m['role']}] {m['content']}", file=sys.stderr)
+    elif cmd == "/help":
+        print(HELP, file=sys.stderr)
+    else:
+        print(f"unknown command {cmd} (try /help)", file=sys.stderr)
+    return True
+
+
+def _interactive(session: ChatSession, banner: str) -> None:
+    try:
+        import readline  # noqa: F401 - line editing and history for input(), wide characters included
+    except ImportError:
+        pass
+    print(banner, file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(session, line, True):
+                return
+            continue
+        sys.stdout.write("bot> ")
+        sys.stdout.flush()
+        try:
+            for piece in session.reply(line):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        for note in session.notes:
+            print(note, file=sys.stderr)
+        session.notes.clear()
+
+
+def _scripted(session: ChatSession, stream) -> None:
+    """stdin is not a terminal: one user message per input line, one reply per output line (newlines -> spaces)."""
+    for raw in stream:
+        line = raw.rstrip("\r\n").strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(session, line, False):
+                return
+            continue
+        for piece in session.reply(line):
+            sys.stdout.write(piece.replace("\r", " ").replace("\n", " "))
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        session.notes.clear()
+
+
+def chat_main(args) -> int:
+    import torch
+
+    model, tokenizer = load_chat_model(args.ckpt, args.device, args.dtype)
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens: must be at least 1")
+    if args.temperature < 0:
+        raise UserError("--temperature: must be >= 0 (0 = greedy)")
+    session = ChatSession(model, tokenizer, system=args.system, temperature=args.temperature, top_k=args.top_k or None,
+                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.reconfigure(errors="replace")
+        except (AttributeError, ValueError):
+            pass
+    if sys.stdin.isatty():
+        n = model.num_params()
+        banner = (f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({n / 1e6:.1f}M parameters, "
+                  f"{model.config.block_size}-token context). /help for commands, /exit or Ctrl-D to quit.")
+        _interactive(session, banner)
+    else:
+        stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+        _scripted(session, stdin)
+    return 0
+
+
+def configure_cli(name: str, parser) -> None:
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory (or a run directory holding one)")
+    parser.add_argument("--system", default=None, help="system message")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (0.7)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0 = off (50)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (off)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (256)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (auto)")
+    parser.add_argument("--dtype", default="fp32", help="weights precision: fp32, bf16, fp16 (fp32)")
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("With stdin not a terminal, reads one message per line and prints one reply per line.\n\n" + HELP)
+    parser.set_defaults(func=chat_main)

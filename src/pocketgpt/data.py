@@ -1,0 +1,595 @@
+"""Data preparation: raw text / JSONL → token shards, and the loader a trainer streams windows from.
+
+Shard directory (written by ``prepare`` / ``pocketgpt prepare``, atomically)::
+
+    DIR/train.bin, DIR/val.bin [, DIR/test.bin]   flat little-endian uint16 token ids (uint32 when vocab > 65,535)
+    DIR/meta.json                                  dtype, vocab_size, tokenizer, counts, documents, sources (sha256)
+    DIR/tokenizer/                                 a copy of the tokenizer
+
+Every document starts with ``<|endoftext|>`` (so documents are separated by it, and a document starts like a chat
+rendered by ``chat.render``).
+
+What is a document: in a ``.txt`` file with blank lines, each blank-line-separated block (a speech in Tiny
+Shakespeare); in a ``.txt`` file without blank lines, each line (a section of 水浒传); in a ``.jsonl`` file, each line
+(its ``--field``: a string, or a list of chat messages whose contents are joined by newlines). Whitespace runs inside
+a line become one space, lines are stripped, empty lines dropped. Documents go to train / val / test by a seeded
+random permutation, so the split is deterministic.
+
+Bundled corpora (``builtin_path(name)``; ``builtin_files(name)`` lists the files of a folder entry):
+
+==============  ====================================================  ==============================
+name            what                                                  path under ``assets/``
+==============  ====================================================  ==============================
+shakespeare     Tiny Shakespeare, complete (1.1 MB)                   ``shakespeare.txt``
+shuihu          水浒传, complete (gzip)                                ``shuihu.txt.gz``
+chat            every chat sample below (folder)                      ``chat/``
+chat_en         English chat samples (folder)                         ``chat/en/``
+chat_zh         Chinese chat samples (folder)                         ``chat/zh/``
+chatterbot_en   ChatterBot English Q/A, 400 conversations             ``chat/en/chatterbot_en.jsonl``
+chatterbot_zh   ChatterBot Chinese Q/A, 300 conversations             ``chat/zh/chatterbot_zh.jsonl``
+dolly           Dolly-15k open_qa, 300 single-turn records            ``chat/en/dolly_openqa.jsonl``
+chitchat        BYU chit-chat, 100 long conversations (gzip)          ``chat/en/chitchat.jsonl.gz``
+kdconv          KdConv (film/music/travel), 80 conversations          ``chat/zh/kdconv.jsonl``
+prefs           HH-RLHF harmless-base test, 300 preference pairs      ``prefs/hh_rlhf_harmless.jsonl.gz``
+==============  ====================================================  ==============================
+
+Chat files hold ``{"messages": [{"role", "content"}, ...]}`` per line, preference files
+``{"prompt": [messages], "chosen": str, "rejected": str}``; ``load_conversations(paths)`` /
+``load_preferences(paths)`` read and check them (files or folders, ``.gz`` too), ``iter_jsonl(path)`` reads any
+JSONL; every error names file:line. Licenses: ``assets/LICENSES/``, sources and sampling: ``assets/README.md``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .errors import UserError
+from .io import atomic_dir, read_json
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTINS = {
+    "shakespeare": "shakespeare.txt",
+    "shuihu": "shuihu.txt.gz",
+    "chat": "chat",
+    "chat_en": "chat/en",
+    "chat_zh": "chat/zh",
+    "chatterbot_en": "chat/en/chatterbot_en.jsonl",
+    "chatterbot_zh": "chat/zh/chatterbot_zh.jsonl",
+    "dolly": "chat/en/dolly_openqa.jsonl",
+    "chitchat": "chat/en/chitchat.jsonl.gz",
+    "kdconv": "chat/zh/kdconv.jsonl",
+    "prefs": "prefs/hh_rlhf_harmless.jsonl.gz",
+}
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+PREPARE_FORMAT = 1
+
+
+# ---------------------------------------------------------------------- bundled data
+def builtin_path(name: str) -> Path:
+    """Path of a bundled corpus (a file, or a folder for ``chat``, ``chat_en``, ``chat_zh``); see the table above."""
+    if name not in BUILTINS:
+        raise UserError(f"--builtin: unknown corpus {name!r} (choose from {', '.join(BUILTINS)})")
+    path = ASSETS / BUILTINS[name]
+    if not path.exists():
+        raise UserError(f"bundled corpus {name!r} is missing from the installation ({path})")
+    return path
+
+
+def builtin_files(name: str) -> list[Path]:
+    """The data files of a bundled corpus (one for a file entry, all of them for a folder entry), sorted."""
+    return expand_inputs([builtin_path(name)])
+
+
+# ---------------------------------------------------------------------- reading
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in TEXT_SUFFIXES + JSONL_SUFFIXES:
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _decode(data: bytes, path: Path, encoding: str, errors: str) -> str:
+    try:
+        text = data.decode(encoding, errors=errors)
+    except LookupError:
+        raise UserError(f"--encoding: unknown text encoding {encoding!r}") from None
+    except UnicodeDecodeError as e:
+        where = " (uncompressed)" if path.name.lower().endswith(".gz") else ""
+        raise UserError(f"{path}: not valid {encoding} text at byte {e.start}{where}; pass --encoding ENC or "
+                        f"--errors replace") from None
+    return text[1:] if text.startswith("\ufeff") else text  # drop a BOM
+
+
+def read_text_file(path: str | os.PathLike, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """A text file (``.gz`` decompressed) as str; a UserError names the file and the byte offset of bad bytes."""
+    path = Path(path)
+    return _decode(_read_bytes(path), path, encoding, errors)
+
+
+def iter_jsonl(path: str | os.PathLike, encoding: str = "utf-8", errors: str = "strict") -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, record)`` for each non-blank line of a JSONL file (``.gz`` too);
+    a line that is not JSON is a UserError naming ``path:line``."""
+    path = Path(path)
+    text = read_text_file(path, encoding, errors)
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(messages: Any, where: str, field: str = "messages") -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: {field!r} must be a non-empty list of {{role, content}} messages")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: {field}[{k}] must be {{\"role\": system|user|assistant, \"content\": str}}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def load_conversations(inputs: Sequence[str | os.PathLike], encoding: str = "utf-8") -> list[list[dict]]:
+    """Chat JSONL files / folders (one ``{"messages": [{"role", "content"}, ...]}`` per line) → message lists.
+    A bad line is a UserError naming ``file:line``; roles are system, user, assistant."""
+    convs = []
+    for path in expand_inputs(inputs):
+        for lineno, rec in iter_jsonl(path, encoding):
+            where = f"{path}:{lineno}"
+            if not isinstance(rec, dict) or "messages" not in rec:
+                raise UserError(f"{where}: record has no field 'messages'")
+            convs.append(_check_messages(rec["messages"], where))
+    if not convs:
+        raise UserError(f"{', '.join(map(str, inputs))}: no conversations found")
+    return convs
+
+
+def load_preferences(inputs: Sequence[str | os.PathLike], encoding: str = "utf-8") -> list[dict]:
+    """Preference JSONL files / folders (``{"prompt": [messages] or str, "chosen": str, "rejected": str}`` per line)
+    → dicts with ``prompt`` as a message list. A bad line is a UserError naming ``file:line``."""
+    pairs = []
+    for path in expand_inputs(inputs):
+        for lineno, rec in iter_jsonl(path, encoding):
+            where = f"{path}:{lineno}"
+            if not isinstance(rec, dict):
+                raise UserError(f"{where}: expected a JSON object with prompt, chosen, rejected")
+            for key in ("prompt", "chosen", "rejected"):
+                if key not in rec:
+                    raise UserError(f"{where}: record has no field {key!r}")
+            prompt = rec["prompt"]
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            prompt = _check_messages(prompt, where, "prompt")
+            for key in ("chosen", "rejected"):
+                if not isinstance(rec[key], str):
+                    raise UserError(f"{where}: field {key!r} must be a string")
+            pairs.append({"prompt": prompt, "chosen": rec["chosen"], "rejected": rec["rejected"]})
+    if not pairs:
+        raise UserError(f"{', '.join(map(str, inputs))}: no preference pairs found")
+    return pairs
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files and folders → the list of data files (folders searched recursively, sorted by name)."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in TEXT_SUFFIXES + JSONL_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise UserError(f"{path}: folder holds no .txt, .txt.gz, .jsonl or .jsonl.gz files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return files
+
+
+# ---------------------------------------------------------------------- cleaning and documents
+_SENT_ZH = re.compile(r"([。！？…]+[”’」』\"')）]*)")
+_SENT_EN = re.compile(r"([.!?]+[\"')\]]*)\s+")
+
+
+def _clean_lines(text: str, split_sentences: bool = False) -> list[str]:
+    """Normalise whitespace in each line, drop empty lines, optionally put each sentence on its own line."""
+    out = []
+    for line in text.split("\n"):
+        line = " ".join(line.split())
+        if not line:
+            continue
+        if split_sentences:
+            line = _SENT_EN.sub(r"\1\n", _SENT_ZH.sub(r"\1\n", line))
+            out.extend(s.strip() for s in line.split("\n") if s.strip())
+        else:
+            out.append(line)
+    return out
+
+
+def text_documents(text: str, split_sentences: bool = False) -> list[str]:
+    """Documents of a plain text: blank-line-separated blocks, or single lines when the text has no blank line."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    blocks = re.split(r"\n[ \t\u3000]*\n", text)
+    if len(blocks) == 1:
+        blocks = text.split("\n")
+    docs = []
+    for block in blocks:
+        lines = _clean_lines(block, split_sentences)
+        if lines:
+            docs.append("\n".join(lines))
+    return docs
+
+
+def _record_text(record: Any, field: str, where: str) -> str:
+    if not isinstance(record, dict) or field not in record:
+        raise UserError(f"{where}: record has no field {field!r} (choose it with --field)")
+    value = record[field]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
+        return "\n".join(m["content"] for m in value)  # a list of chat messages
+    raise UserError(f"{where}: field {field!r} is neither a string nor a list of messages")
+
+
+def jsonl_documents(path: Path, field: str = "text", encoding: str = "utf-8", errors: str = "strict",
+                    split_sentences: bool = False) -> list[str]:
+    """One document per JSONL line (its ``field``), cleaned like text."""
+    docs = []
+    for lineno, record in iter_jsonl(path, encoding, errors):
+        lines = _clean_lines(_record_text(record, field, f"{path}:{lineno}"), split_sentences)
+        if lines:
+            docs.append("\n".join(lines))
+    return docs
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _resolve_sources(inputs: Sequence[str | os.PathLike], builtins: Sequence[str]) -> list[tuple[str, Path]]:
+    """(display name, file) for every input file, builtins first."""
+    sources = []
+    for name in builtins:
+        base = builtin_path(name)
+        for f in expand_inputs([base]):
+            sources.append((f"builtin:{name}" + ("" if f == base else f"/{f.relative_to(base).as_posix()}"), f))
+    sources.extend((str(f), f) for f in expand_inputs(inputs))
+    if not sources:
+        raise UserError("no inputs: give FILES / folders or --builtin NAME")
+    return sources
+
+
+def collect_documents(inputs: Sequence[str | os.PathLike], builtins: Sequence[str] = (), field: str = "text",
+                      encoding: str = "utf-8", errors: str = "strict",
+                      split_sentences: bool = False) -> tuple[list[str], list[dict]]:
+    """Read and clean every input; returns (documents, sources) where sources are ``{"path", "sha256", "bytes",
+    "documents"}``. Bundled chat corpora are read with field ``messages``."""
+    docs: list[str] = []
+    sources = []
+    for display, path in _resolve_sources(inputs, builtins):
+        kind = _suffix(path)
+        if kind in JSONL_SUFFIXES:
+            bundled_chat = display.startswith("builtin:") and path.is_relative_to(ASSETS / "chat")
+            f = "messages" if bundled_chat and field == "text" else field
+            new = jsonl_documents(path, f, encoding, errors, split_sentences)
+        else:
+            new = text_documents(read_text_file(path, encoding, errors), split_sentences)
+        docs.extend(new)
+        sources.append({"path": display, "sha256": _sha256(path), "bytes": path.stat().st_size, "documents": len(new)})
+    if not docs:
+        names = ", ".join(s["path"] for s in sources)
+        raise UserError(f"{names}: the corpus is empty after cleaning (no non-blank text)")
+    return docs, sources
+
+
+def split_documents(n_docs: int, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Split label per document (0 train, 1 val, 2 test) from a seeded permutation; val/test get at least one
+    document each when their fraction is > 0 (and at least one stays for training)."""
+    for name, frac in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise UserError(f"{name}: must be in [0, 1), got {frac}")
+    if val_fraction + test_fraction >= 1.0:
+        raise UserError("--val-fraction + --test-fraction must leave documents for training (sum < 1)")
+    n_val = max(1, round(n_docs * val_fraction)) if val_fraction > 0 else 0
+    n_test = max(1, round(n_docs * test_fraction)) if test_fraction > 0 else 0
+    if n_val + n_test >= n_docs:
+        raise UserError(f"only {n_docs} document(s): too few for a train/val/test split; add text or pass "
+                        f"--val-fraction 0 --test-fraction 0")
+    order = np.random.default_rng(seed).permutation(n_docs)
+    labels = np.zeros(n_docs, dtype=np.int8)
+    labels[order[:n_val]] = 1
+    labels[order[n_val:n_val + n_test]] = 2
+    return labels
+
+
+# ---------------------------------------------------------------------- prepare
+def _progress(total: int, desc: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty() or bool(os.environ.get("CI")))
+
+
+def shard_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65535 else "uint32"
+
+
+def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokenizer: str | os.PathLike | Any = None,
+            *, builtins: Sequence[str] = (), field: str = "text", val_fraction: float = 0.1,
+            test_fraction: float = 0.0, seed: int = 1337, split_sentences: bool = False, encoding: str = "utf-8",
+            errors: str = "strict", kind: str = "bpe", vocab_size: int | None = None, batch_docs: int = 1024,
+            force: bool = False, verbose: bool = True) -> dict:
+    """Tokenise ``inputs`` (+ ``builtins``) into shards in ``out``; returns the meta dict.
+
+    ``tokenizer`` is a directory (or a ``Tokenizer``); if None, one of ``kind`` / ``vocab_size`` is trained on the
+    training documents and saved into ``out/tokenizer/``. Re-running with the same inputs, options and tokenizer does
+    nothing. An ``out`` holding shards of a different tokenizer is an error unless ``force``.
+    """
+    from .tokenizer import Tokenizer, load_tokenizer_for
+
+    out = Path(out)
+    log = (lambda msg: print(msg, file=sys.stderr)) if verbose else (lambda msg: None)
+    if errors not in ("strict", "replace"):
+        raise UserError(f"--errors: must be strict or replace, got {errors!r}")
+    tok = None
+    if tokenizer is not None:
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer_for(tokenizer)
+        if "<|endoftext|>" not in tok.special_ids:
+            raise UserError(f"{tokenizer}: the tokenizer has no <|endoftext|> token to separate documents")
+    sources = _resolve_sources(inputs, builtins)
+    options = dict(field=field, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                   split_sentences=split_sentences, encoding=encoding, errors=errors)
+    if tok is None:
+        options.update(train_tokenizer=dict(kind=kind, vocab_size=vocab_size))
+    fingerprint = hashlib.sha256(json.dumps(
+        dict(format=PREPARE_FORMAT, options=options, tokenizer=tok.fingerprint if tok else None,
+             sources=[(d, _sha256(p)) for d, p in sources]), sort_keys=True).encode()).hexdigest()
+
+    old = _existing_meta(out)
+    if old is not None:
+        old_tok = old.get("tokenizer") or {}
+        if tok is None:  # a tokenizer trained here again, with the same settings, counts as the same one
+            same_tok = bool(old_tok.get("trained_by_prepare")) and \
+                (old.get("options") or {}).get("train_tokenizer") == options["train_tokenizer"]
+        else:
+            same_tok = old_tok.get("sha256") == tok.fingerprint
+        if old.get("fingerprint") == fingerprint and _shards_complete(out, old):
+            log(f"{out}: already prepared from these inputs (nothing to do)")
+            return old
+        if not same_tok and not force:
+            raise UserError(f"{out}: holds shards made with another tokenizer; choose another --out or pass --force")
+
+    docs, source_meta = collect_documents(inputs, builtins, field, encoding, errors, split_sentences)
+    labels = split_documents(len(docs), val_fraction, test_fraction, seed)
+    trained = False
+    if tok is None:
+        # trained on every document (as nanoGPT's char level does) so val/test hold no unknown characters
+        log(f"training a {kind} tokenizer (vocab {vocab_size or 'all characters'}) on {len(docs)} documents")
+        if kind != "char" and vocab_size is None:
+            raise UserError("--vocab-size: required to train a tokenizer (or pass --tokenizer DIR)")
+        tok = Tokenizer.train(kind, docs, vocab_size)
+        trained = True
+    dtype = shard_dtype(tok.vocab_size)
+    eos = tok.eos_id
+
+    splits = ["train", "val"] + (["test"] if test_fraction > 0 else [])
+    parts: dict[int, list[np.ndarray]] = {0: [], 1: [], 2: []}
+    ndocs = {0: 0, 1: 0, 2: 0}
+    bar = _progress(sum(len(d) for d in docs), f"tokenizing {len(docs)} documents", "char")
+    for start in range(0, len(docs), batch_docs):
+        batch = docs[start:start + batch_docs]
+        flat: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        for ids, lab in zip(tok.encode_batch(batch), labels[start:start + batch_docs].tolist()):
+            flat[lab].append(eos)
+            flat[lab].extend(ids)
+            ndocs[lab] += 1
+        for lab, ids in flat.items():
+            if ids:
+                parts[lab].append(np.array(ids, dtype=dtype))
+        bar.update(sum(len(d) for d in batch))
+    bar.close()
+
+    counts, documents = {}, {}
+    with atomic_dir(out) as tmp:
+        for i, split in enumerate(splits):
+            arr = np.concatenate(parts[i]) if parts[i] else np.zeros(0, dtype=dtype)
+            arr.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(tmp / f"{split}.bin")
+            counts[split] = int(arr.size)
+            documents[split] = ndocs[i]
+        tok.write_files(tmp / "tokenizer")
+        meta = {
+            "format": PREPARE_FORMAT,
+            "dtype": dtype,
+            "vocab_size": tok.vocab_size,
+            "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "sha256": tok.fingerprint,
+                          "special_ids": tok.special_ids, "eos_id": eos,
+                          "source": None if trained else str(tokenizer), "trained_by_prepare": trained},
+            "counts": counts,
+            "documents": documents,
+            "sources": source_meta,
+            "options": options,
+            "fingerprint": fingerprint,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    log(f"wrote {out}: " + ", ".join(f"{s} {counts[s]:,} tokens ({documents[s]:,} docs)" for s in splits)
+        + f", {dtype}, vocab {tok.vocab_size}")
+    return meta
+
+
+def _existing_meta(out: Path) -> dict | None:
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if not (out / "meta.json").is_file():
+        if any(out.iterdir()):
+            raise UserError(f"{out}: directory is not empty and holds no prepared shards (meta.json); "
+                            f"choose another --out")
+        return None
+    meta = read_json(out / "meta.json")
+    if not isinstance(meta, dict) or "counts" not in meta:
+        raise UserError(f"{out / 'meta.json'}: not a pocketgpt shard description")
+    return meta
+
+
+def _shards_complete(out: Path, meta: dict) -> bool:
+    try:
+        size = np.dtype(meta["dtype"]).itemsize
+        return all((out / f"{s}.bin").stat().st_size == n * size for s, n in meta["counts"].items()) and \
+            (out / "tokenizer" / "tokenizer.json").is_file()
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+# ---------------------------------------------------------------------- loading shards
+class TokenShards:
+    """Windows of ``block_size`` tokens from one split of a shard directory, read through a memmap (no full copy).
+
+    ``get_batch(batch_size, generator)`` → ``(x, y)`` int64 tensors ``(B, block_size)`` at random offsets
+    (``y`` is ``x`` shifted by one); ``iter_eval(batch_size, max_batches)`` → the same from consecutive,
+    non-overlapping windows from the start (deterministic). ``len(shards)`` is the number of tokens in the split.
+    """
+
+    def __init__(self, directory: str | os.PathLike, split: str = "train", block_size: int = 256):
+        self.dir = Path(directory)
+        if not (self.dir / "meta.json").is_file():
+            raise UserError(f"{self.dir}: not a prepared data directory (no meta.json); run 'pocketgpt prepare'")
+        self.meta = read_json(self.dir / "meta.json")
+        self.split = split
+        self.block_size = int(block_size)
+        path = self.dir / f"{split}.bin"
+        counts = self.meta.get("counts", {})
+        if not path.is_file():
+            have = ", ".join(sorted(counts)) or "none"
+            raise UserError(f"{self.dir}: has no {split!r} split (available: {have})")
+        try:
+            dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        except (KeyError, TypeError):
+            raise UserError(f"{self.dir / 'meta.json'}: missing or bad 'dtype'") from None
+        n = path.stat().st_size // dtype.itemsize
+        if split in counts and counts[split] != n:
+            raise UserError(f"{path}: holds {n} tokens but meta.json says {counts[split]} (incomplete copy?)")
+        if self.block_size < 1:
+            raise UserError(f"block_size: must be >= 1, got {block_size}")
+        if n < self.block_size + 1:
+            raise UserError(f"{path}: the {split} split has {n} tokens, fewer than block_size + 1 = "
+                            f"{self.block_size + 1}; use a smaller block_size or more data")
+        self.data = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self)
+
+    @property
+    def num_windows(self) -> int:
+        """How many non-overlapping windows ``iter_eval`` yields in total."""
+        return (len(self) - 1) // self.block_size
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.dir / "tokenizer"
+
+    def _windows(self, starts) -> tuple:
+        import torch
+
+        T = self.block_size
+        chunk = np.stack([np.asarray(self.data[i:i + T + 1], dtype=np.int64) for i in starts])
+        chunk = torch.from_numpy(chunk)
+        return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+    def get_batch(self, batch_size: int, generator=None):
+        """``batch_size`` random windows: ``(x, y)`` int64 CPU tensors of shape ``(batch_size, block_size)``."""
+        import torch
+
+        starts = torch.randint(len(self) - self.block_size, (batch_size,), generator=generator).tolist()
+        return self._windows(starts)
+
+    def iter_eval(self, batch_size: int, max_batches: int | None = None):
+        """Consecutive non-overlapping windows from the start of the split, ``batch_size`` at a time (the last batch
+        may be smaller); at most ``max_batches`` batches."""
+        starts = list(range(0, self.num_windows * self.block_size, self.block_size))
+        for b, i in enumerate(range(0, len(starts), batch_size)):
+            if max_batches is not None and b >= max_batches:
+                return
+            yield self._windows(starts[i:i + batch_size])
+
+
+# ---------------------------------------------------------------------- CLI
+def configure_cli(name, p):
+    p.add_argument("inputs", nargs="*", help=".txt, .txt.gz, .jsonl(.gz) files or folders")
+    p.add_argument("--builtin", action="append", default=[], metavar="NAME",
+                   help=f"a bundled corpus as input ({', '.join(BUILTINS)}); may repeat")
+    p.add_argument("--out", required=True, help="output directory for train.bin / val.bin / meta.json")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (or checkpoint dir); if omitted, one is trained on all the input "
+                        "documents with --kind / --vocab-size and saved in OUT/tokenizer/")
+    p.add_argument("--kind", default="bpe", choices=["bpe", "unigram", "char", "word"],
+                   help="kind of tokenizer to train when --tokenizer is omitted (default bpe)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size of the tokenizer trained when --tokenizer is omitted (default 4096; "
+                        "char: every character)")
+    p.add_argument("--field", default="text", help="JSONL field holding the text (default text; a list of chat "
+                                                  "messages is joined)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents for val (default 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="fraction of documents for test (default 0)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the document split (default 1337)")
+    p.add_argument("--split-sentences", action="store_true",
+                   help="put each sentence on its own line (English .!? and Chinese 。！？…)")
+    p.add_argument("--encoding", default="utf-8", help="input text encoding (default utf-8)")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace"],
+                   help="undecodable bytes: error (strict, default) or U+FFFD (replace)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT even if it holds another tokenizer's shards")
+    p.set_defaults(func=_cli_prepare)
+
+
+def _cli_prepare(args) -> int:
+    if not args.inputs and not args.builtin:
+        raise UserError("give INPUTS (files or folders) or --builtin NAME")
+    vocab = args.vocab_size
+    if args.tokenizer is None and vocab is None and args.kind != "char":
+        vocab = 4096
+    prepare(args.inputs, args.out, args.tokenizer, builtins=args.builtin, field=args.field,
+            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+            split_sentences=args.split_sentences, encoding=args.encoding, errors=args.errors, kind=args.kind,
+            vocab_size=vocab, force=args.force)
+    return 0

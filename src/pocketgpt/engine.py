@@ -1,0 +1,855 @@
+"""The generation engine: prefill once, decode token by token over the model's KV cache.
+
+Everything that produces text goes through here (``pocketgpt sample``, chat, the HTTP server, RL rollouts)::
+
+    generate(model, prompts, ...)            batched prompts of any lengths → new token ids per prompt
+    stream_generate(model, tok, ids, ...)    the same for one prompt, yielding text pieces (always whole UTF-8)
+    sequence_logprobs(model, sequences)      log p(token | prefix) of given sequences, one padded forward
+    score(model, prompts, completions)       log-probs of completion tokens after their prompts
+
+How a batch is decoded (``_decode``):
+
+    prompts ─▶ cut to the context (warning) ─▶ left-pad to one length (per-row position_ids + attention mask)
+            ─▶ one prefill forward (logits of the last position only) ─▶ cache.repeat(n) for n samples per prompt
+            ─▶ loop: penalties → temperature → top-k → top-p → min-p → sample/argmax
+                     ─▶ per-row stop checks (stop ids, stop strings, max_new_tokens, context) ─▶ feed the tokens
+
+Log-probs (``return_logprobs=True``) are always those of the *unmodified* model distribution at temperature 1
+(log-softmax of the raw logits), whatever sampling filters chose the token: PPO/GRPO need the policy's own
+probabilities, and the API's ``logprobs`` are then comparable across sampling settings.
+
+Beam search (``num_beams > 1``) follows ``transformers``' ``generate`` step for step (its v5 algorithm: keep the
+top ``2·num_beams`` continuations, a finished hypothesis scores ``sum_logprobs / generated_len**length_penalty``
+where the length counts the stop token, the same early-stopping rules), so both return the same sequences.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "GenerationResult",
+    "generate",
+    "stream_generate",
+    "sequence_logprobs",
+    "score",
+    "logprobs_from_logits",
+    "top_k_filter",
+    "top_p_filter",
+    "min_p_filter",
+]
+
+
+@dataclass
+class GenerationResult:
+    """One generated continuation: new tokens only (stop tokens and stop strings excluded).
+
+    ``logprobs[i]`` is log p(tokens[i]) under the raw model distribution (temperature 1, no filters).
+    ``finish_reason`` is ``"stop"`` (a stop token or stop string) or ``"length"`` (max_new_tokens or the context).
+    ``text`` is the decoded text when a tokenizer was given (cut exactly before a stop string), else None.
+    """
+
+    tokens: list[int]
+    logprobs: Optional[list[float]]
+    finish_reason: str
+    text: Optional[str] = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# logits filters (each returns new logits with removed entries set to -inf; same semantics as transformers' warpers)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits of each row (ties with the k-th are kept), the rest become -inf."""
+    k = min(int(k), logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens until their probability mass reaches ``p`` (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked strictly above
+    remove_sorted = mass_before >= p
+    remove_sorted[..., 0] = False
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least ``min_p`` times the most likely token's probability."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for every position: ``logits`` (..., V), ``targets`` (...) → (...) in float32.
+
+    Differentiable; the RL stages use it on their training forward passes, ``sequence_logprobs`` at inference.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tokenizer adapters (the engine only needs bytes per token)
+
+
+class _ByteDecoder:
+    """Turns token ids into text incrementally, never splitting a UTF-8 character.
+
+    Uses the tokenizer's byte-level decoding (``decode_bytes(ids) -> bytes``) when it has one; otherwise falls back
+    to ``decode([id])`` per token, which is exact for tokenizers whose tokens are whole characters.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._bytes_fn = None
+        for name in ("decode_bytes", "token_bytes", "id_to_bytes"):
+            fn = getattr(tokenizer, name, None)
+            if callable(fn):
+                self._bytes_fn = fn
+                self._bytes_name = name
+                break
+        self._cache: dict[int, bytes] = {}
+
+    def token_bytes(self, tid: int) -> bytes:
+        b = self._cache.get(tid)
+        if b is None:
+            if self._bytes_fn is not None:
+                b = self._bytes_fn([tid]) if self._bytes_name == "decode_bytes" else self._bytes_fn(tid)
+            else:
+                b = self.tokenizer.decode([tid]).encode("utf-8")
+            self._cache[tid] = b = bytes(b)
+        return b
+
+
+class _Row:
+    """Decoding state of one output row."""
+
+    __slots__ = ("tokens", "logprobs", "done", "reason", "limit", "text", "decoder", "byte_ends", "scan_from")
+
+    def __init__(self, limit: int, with_text: bool):
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.done = False
+        self.reason = "length"
+        self.limit = limit  # how many new tokens this row may produce (max_new_tokens, the context)
+        self.text = "" if with_text else None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if with_text else None
+        self.byte_ends: list[int] = []  # cumulative byte length after each token (to cut at a stop string)
+        self.scan_from = 0
+
+    def finish(self, reason: str) -> None:
+        self.done = True
+        self.reason = reason
+        if self.decoder is not None and reason != "stop_string":
+            self.text += self.decoder.decode(b"", final=True)
+        if reason == "stop_string":
+            self.reason = "stop"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# option checks
+
+
+def _check_options(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, num_beams,
+                   n, stop, tokenizer) -> None:
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise UserError("generate: prompts must be a non-empty list of token-id lists")
+    V = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        if isinstance(p, (int, str)) or not hasattr(p, "__len__"):
+            raise UserError(f"generate: prompt {i} must be a list of token ids, got {type(p).__name__}")
+        if len(p) == 0:
+            raise UserError(f"generate: prompt {i} is empty (give at least one token, e.g. <|endoftext|>)")
+        bad = [t for t in p if not (0 <= int(t) < V)]
+        if bad:
+            raise UserError(f"generate: prompt {i}: token id {bad[0]} is outside the vocabulary (size {V})")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise UserError(f"max_new_tokens: must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature is None or not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"temperature: must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (int(top_k) != top_k or top_k < 0):
+        raise UserError(f"top_k: must be a positive integer (or 0/None for off), got {top_k!r}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise UserError(f"top_p: must be in (0, 1], got {top_p!r}")
+    if min_p is not None and not (0.0 <= min_p <= 1.0):
+        raise UserError(f"min_p: must be in [0, 1], got {min_p!r}")
+    if not repetition_penalty > 0:
+        raise UserError(f"repetition_penalty: must be > 0 (1 = off), got {repetition_penalty!r}")
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise UserError(f"num_beams: must be a positive integer, got {num_beams!r}")
+    if not isinstance(n, int) or n < 1:
+        raise UserError(f"n: must be a positive integer, got {n!r}")
+    if num_beams > 1 and n > num_beams:
+        raise UserError(f"n: with beam search at most num_beams ({num_beams}) sequences can be returned, got {n}")
+    if stop and tokenizer is None:
+        raise UserError("stop: stop strings need a tokenizer (pass tokenizer=)")
+
+
+def _fit_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """Cut prompts longer than the context from the left (keeping room to answer), with a warning."""
+    ctx = model.config.block_size
+    keep = max(1, ctx - min(max_new_tokens, ctx // 2))
+    out = []
+    for i, p in enumerate(prompts):
+        p = [int(t) for t in p]
+        if len(p) > ctx:
+            msg = (f"prompt {i} has {len(p)} tokens, more than the model's context of {ctx}: "
+                   f"keeping its last {keep} tokens")
+            warnings.warn(msg, stacklevel=3)
+            log.warning(msg)
+            p = p[-keep:]
+        out.append(p)
+    return out
+
+
+def _row_limit(model, prompt_len: int, max_new_tokens: int) -> int:
+    """New tokens a row may produce: learned positions stop at the context (the last token needs no position)."""
+    if model.config.pos == "learned":
+        return min(max_new_tokens, model.config.block_size - prompt_len + 1)
+    return max_new_tokens
+
+
+def _normalize_stop_ids(stop_ids) -> frozenset:
+    if stop_ids is None:
+        return frozenset()
+    if isinstance(stop_ids, int):
+        return frozenset([stop_ids])
+    return frozenset(int(t) for t in stop_ids)
+
+
+def _normalize_stop(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    out = [s for s in stop if s]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the one-token decode step, without module calls
+
+
+class _FastStep:
+    """``model(tokens[:, None], kv_cache=cache, position_ids=..., attn_mask=..., last_only=True)`` for one new token
+    per row, written with functional ops on the model's own weights.
+
+    At small sizes a decode step is dominated by per-op Python/dispatch cost, not arithmetic: this path skips the
+    ``nn.Module`` call machinery, dropout no-ops, transposes and copies of the general forward (about half the ops).
+    It computes the same function (tests compare it with ``model.forward`` for every model kind); anything it does not
+    recognise (a subclass with its own forward, unknown modules) falls back to ``model.forward``.
+    """
+
+    def __init__(self, model):
+        from .model import GPT
+
+        c = model.config
+        self.model = model
+        self.ok = type(model).forward is GPT.forward and all(
+            type(b.ln_1) in (torch.nn.LayerNorm, torch.nn.RMSNorm) for b in model.h
+        )
+        self.c = c
+        self.H, self.Hkv, self.D = c.n_head, c.n_kv_head, c.head_dim
+        self.layers = [
+            (b.ln_1.weight, getattr(b.ln_1, "bias", None), b.attn.c_attn.weight, b.attn.c_attn.bias,
+             b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, getattr(b.ln_2, "bias", None),
+             b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias)
+            for b in model.h
+        ]
+        self.lnf = (model.ln_f.weight, getattr(model.ln_f, "bias", None))
+
+    def _norm(self, x, w, b):
+        if self.c.norm == "rmsnorm":
+            return F.rms_norm(x, (x.shape[-1],), w, self.c.norm_eps)
+        return F.layer_norm(x, (x.shape[-1],), w, b, self.c.norm_eps)
+
+    def __call__(self, tokens: torch.Tensor, cache, position_ids=None, attn_mask=None) -> torch.Tensor:
+        """tokens (R,) → logits (R, 1, V); ``position_ids`` (R, 1) or None (= cache.pos for every row)."""
+        if not self.ok:
+            logits, _ = self.model(tokens[:, None], kv_cache=cache, position_ids=position_ids, attn_mask=attn_mask,
+                                   last_only=True)
+            return logits
+        from .model import _apply_rope, _rope_cos_sin, sinusoidal_embedding
+
+        c, m = self.c, self.model
+        R, H, Hkv, D = tokens.shape[0], self.H, self.Hkv, self.D
+        p = cache.pos
+        if self.c.pos == "learned" and (p if position_ids is None else int(position_ids.max())) >= c.block_size:
+            raise ValueError(f"position beyond the model's context of {c.block_size} tokens")
+        x = F.embedding(tokens, m.wte.weight)
+        rope = None
+        if c.pos == "learned":
+            x = x + (m.wpe.weight[p] if position_ids is None else F.embedding(position_ids[:, 0], m.wpe.weight))
+        else:
+            pos = position_ids if position_ids is not None else torch.full((R, 1), p, device=tokens.device)
+            if c.pos == "sinusoidal":
+                x = x + sinusoidal_embedding(pos[:, 0], c.n_embd).to(x.dtype)
+            else:
+                cos, sin = _rope_cos_sin(pos, D, c.rope_theta)
+                rope = (cos[:, None], sin[:, None])  # (R, 1, 1, D)
+        gqa = Hkv != H
+        for i, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wfc, bfc, wp, bp) in enumerate(self.layers):
+            qkv = F.linear(self._norm(x, w1, b1), wqkv, bqkv)
+            q = qkv[:, : H * D].view(R, H, 1, D)
+            k = qkv[:, H * D : (H + Hkv) * D].view(R, Hkv, 1, D)
+            v = qkv[:, (H + Hkv) * D :].view(R, Hkv, 1, D)
+            if rope is not None:
+                q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+            kc, vc = cache.k[i], cache.v[i]
+            kc[:, :, p : p + 1] = k
+            vc[:, :, p : p + 1] = v
+            kk, vv = kc[:, :, : p + 1], vc[:, :, : p + 1]
+            if kk.dtype != q.dtype:
+                kk, vv = kk.to(q.dtype), vv.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask, enable_gqa=gqa)
+            x = x + F.linear(y.reshape(R, H * D), wo, bo)
+            h = F.linear(self._norm(x, w2, b2), wfc, bfc)
+            if c.mlp == "swiglu":
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            elif c.mlp == "relu":
+                h = F.relu(h)
+            else:
+                h = F.gelu(h, approximate="tanh")
+            x = x + F.linear(h, wp, bp)
+        cache.pos = p + 1
+        x = self._norm(x, *self.lnf)
+        return F.linear(x, m.lm_head.weight)[:, None, :]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the decoding loop (greedy / sampling, batched, n per prompt)
+
+
+class _Sampler:
+    """Turns one step's logits (R, V) into tokens, holding the penalty state across steps."""
+
+    def __init__(self, prompts, n, V, device, temperature, top_k, top_p, min_p, repetition_penalty,
+                 presence_penalty, frequency_penalty, seed):
+        self.temperature = float(temperature)
+        self.top_k = int(top_k) if top_k else None
+        self.top_p = float(top_p) if top_p is not None and top_p < 1.0 else None
+        self.min_p = float(min_p) if min_p else None
+        self.rep = float(repetition_penalty)
+        self.presence = float(presence_penalty or 0.0)
+        self.frequency = float(frequency_penalty or 0.0)
+        R = len(prompts) * n
+        self.seen = None
+        if self.rep != 1.0:  # every token of the prompt and the output so far (as transformers)
+            self.seen = torch.zeros(R, V, dtype=torch.bool, device=device)
+            for i, p in enumerate(prompts):
+                self.seen[i * n : (i + 1) * n, torch.tensor(sorted(set(p)), device=device)] = True
+        self.counts = None
+        if self.presence or self.frequency:  # generated tokens only (as the OpenAI API)
+            self.counts = torch.zeros(R, V, dtype=torch.float32, device=device)
+        self.generator = None
+        if seed is not None and self.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(int(seed))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.seen is not None:
+            penalised = torch.where(logits < 0, logits * self.rep, logits / self.rep)
+            logits = torch.where(self.seen, penalised, logits)
+        if self.counts is not None:
+            logits = logits - self.frequency * self.counts - self.presence * (self.counts > 0).float()
+        if self.temperature == 0.0:
+            return logits.argmax(dim=-1)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if self.top_k:
+            logits = top_k_filter(logits, self.top_k)
+        if self.top_p is not None:
+            logits = top_p_filter(logits, self.top_p)
+        if self.min_p is not None:
+            logits = min_p_filter(logits, self.min_p)
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+    def update(self, tokens: torch.Tensor) -> None:
+        idx = tokens.unsqueeze(1)
+        if self.seen is not None:
+            self.seen.scatter_(1, idx, True)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
+
+
+def _decode(model, prompts: list[list[int]], max_new_tokens: int, n: int, sampler_opts: dict, stop_ids: frozenset,
+            stops: list[str], tokenizer, want_logprobs: bool) -> Iterator[list[_Row]]:
+    """Generator: yields the rows after every decoding step (streaming reads them); rows are prompt-major."""
+    device = model.wte.weight.device
+    B = len(prompts)
+    lens = [len(p) for p in prompts]
+    P = max(lens)
+    with_text = tokenizer is not None
+    bytes_of = _ByteDecoder(tokenizer).token_bytes if with_text else None
+    rows = [_Row(_row_limit(model, lens[i], max_new_tokens), with_text) for i in range(B) for _ in range(n)]
+    R = len(rows)
+    max_steps = max(r.limit for r in rows)
+    for r in rows:
+        if r.limit <= 0:
+            r.finish("length")
+    if max_steps <= 0:
+        yield rows
+        return
+    max_stop = max((len(s) for s in stops), default=0)
+
+    # ---- prefill (left padding when lengths differ)
+    padded = any(L != P for L in lens)
+    idx = torch.tensor([[0] * (P - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+    cache = model.new_kv_cache(B, max_len=P + max_steps)
+    pos_ids = key_ok = None
+    if padded:
+        pads = torch.tensor([P - L for L in lens], device=device)
+        ar = torch.arange(P, device=device)
+        pos_ids = (ar[None, :] - pads[:, None]).clamp_min(0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        valid_key = ar[None, :] >= pads[:, None]  # (B, P)
+        mask = (causal[None] & valid_key[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)[None]
+        logits, _ = model(idx, kv_cache=cache, position_ids=pos_ids, attn_mask=mask[:, None], last_only=True)
+        # decode-time mask over the whole cache: pad slots stay masked, every later slot is valid
+        key_ok = torch.ones(B, 1, 1, cache.max_len, dtype=torch.bool, device=device)
+        key_ok[:, 0, 0, :P] = valid_key
+        pos_ids = torch.tensor(lens, device=device).unsqueeze(1)  # position of the next fed token
+    else:
+        logits, _ = model(idx, kv_cache=cache, last_only=True)
+    if n > 1:
+        cache.repeat(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        if padded:
+            key_ok = key_ok.repeat_interleave(n, dim=0)
+            pos_ids = pos_ids.repeat_interleave(n, dim=0)
+    if padded and model.config.pos == "learned":
+        pos_cap = model.config.block_size - 1  # finished rows keep being fed; keep their positions in range
+    else:
+        pos_cap = None
+
+    sampler = _Sampler(prompts, n, model.config.vocab_size, device, **sampler_opts)
+    step_fn = _FastStep(model)
+    for step in range(max_steps):
+        last = logits[:, -1, :].float()
+        tokens = sampler(last)
+        sampler.update(tokens)
+        tok_list = tokens.tolist()
+        lp_list = logprobs_from_logits(last, tokens).tolist() if want_logprobs else None
+        for i, r in enumerate(rows):
+            if r.done:
+                continue
+            t = tok_list[i]
+            if t in stop_ids:
+                r.finish("stop")
+                continue
+            r.tokens.append(t)
+            if lp_list is not None:
+                r.logprobs.append(lp_list[i])
+            if with_text:
+                b = bytes_of(t)
+                r.byte_ends.append((r.byte_ends[-1] if r.byte_ends else 0) + len(b))
+                r.text += r.decoder.decode(b)
+                if stops and _cut_at_stop(r, stops, max_stop):
+                    continue
+            if len(r.tokens) >= r.limit:
+                r.finish("length")
+        if all(r.done for r in rows):
+            break
+        yield rows
+        if padded:
+            mask = key_ok[..., : cache.pos + 1]
+            pos = pos_ids if pos_cap is None else pos_ids.clamp_max(pos_cap)
+            logits = step_fn(tokens, cache, pos, mask)
+            pos_ids = pos_ids + 1
+        else:
+            logits = step_fn(tokens, cache)
+    yield rows
+
+
+def _cut_at_stop(r: _Row, stops: list[str], max_stop: int) -> bool:
+    """If a stop string appeared in the row's text, cut text and tokens exactly before it and finish the row."""
+    start = max(0, r.scan_from - max_stop + 1)
+    found = -1
+    for s in stops:
+        j = r.text.find(s, start)
+        if j != -1 and (found == -1 or j < found):
+            found = j
+    r.scan_from = len(r.text)
+    if found == -1:
+        return False
+    r.text = r.text[:found]
+    cut_bytes = len(r.text.encode("utf-8", errors="surrogatepass"))
+    keep = 0
+    while keep < len(r.tokens) and r.byte_ends[keep] <= cut_bytes:
+        keep += 1
+    del r.tokens[keep:]
+    del r.byte_ends[keep:]
+    if r.logprobs:
+        del r.logprobs[keep:]
+    r.finish("stop_string")
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# beam search (transformers' algorithm)
+
+
+def _beam_search(model, prompt: list[int], max_new_tokens: int, num_beams: int, length_penalty: float,
+                 early_stopping, stop_ids: frozenset, n: int) -> list[tuple[list[int], list[float], str]]:
+    device = model.wte.weight.device
+    limit = _row_limit(model, len(prompt), max_new_tokens)
+    if limit <= 0:
+        return [([], [], "length")] * n
+    K = 2 * num_beams  # candidates kept per step (enough to continue when the best ones all stop)
+    cache = model.new_kv_cache(1, max_len=len(prompt) + limit)
+    logits, _ = model(torch.tensor([prompt], device=device), kv_cache=cache, last_only=True)
+    cache.repeat(num_beams)
+    logits = logits.expand(num_beams, -1, -1)
+    beams: list[tuple[list[int], list[float]]] = [([], []) for _ in range(num_beams)]
+    beam_scores = torch.full((num_beams,), -1e9, device=device)
+    beam_scores[0] = 0.0  # only the first beam is live at the start (all beams are the same prompt)
+    finished: list[tuple[float, list[int], list[float], str]] = []  # (score, tokens, logprobs, reason)
+    improvable = True
+    step_fn = _FastStep(model)
+    stop_list = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long) if stop_ids else None
+    for step in range(limit):
+        gen_len = step + 1
+        logp = F.log_softmax(logits[:, -1, :].float(), dim=-1)  # (num_beams, V)
+        V = logp.shape[-1]
+        total = (logp + beam_scores[:, None]).view(-1)
+        top_scores, top_idx = torch.topk(total, K)
+        src_beam, tok = top_idx // V, top_idx % V
+        hits = torch.zeros(K, dtype=torch.bool, device=device)
+        if stop_list is not None:
+            hits = torch.isin(tok, stop_list)
+        if gen_len >= limit:
+            hits[:] = True
+        # finished hypotheses: only among the first num_beams candidates
+        full = len(finished) == num_beams
+        if improvable and not (full and early_stopping is True):
+            norm = top_scores / (gen_len ** length_penalty)
+            src_l, tok_l, hit_l, norm_l = src_beam.tolist(), tok.tolist(), hits.tolist(), norm.tolist()
+            for j in range(num_beams):
+                if not hit_l[j]:
+                    continue
+                toks, lps = beams[src_l[j]]
+                t = tok_l[j]
+                is_stop = t in stop_ids
+                new_lp = logp[src_l[j], t].item()
+                entry = (norm_l[j], toks + ([] if is_stop else [t]), lps + ([] if is_stop else [new_lp]),
+                         "stop" if is_stop else "length")
+                finished.append(entry)
+            finished.sort(key=lambda e: -e[0])
+            del finished[num_beams:]
+        # running beams: the best candidates that did not stop
+        run_scores = top_scores - hits.float() * 1e9
+        keep = torch.topk(run_scores, num_beams).indices
+        if bool(hits.all()):
+            break
+        sel_src, sel_tok = src_beam[keep], tok[keep]
+        src_l, tok_l = sel_src.tolist(), sel_tok.tolist()
+        beams = [(beams[s][0] + [t], beams[s][1] + [logp[s, t].item()]) for s, t in zip(src_l, tok_l)]
+        beam_scores = run_scores[keep]
+        # stopping rules
+        full = len(finished) == num_beams
+        if full:
+            if early_stopping == "never" and length_penalty > 0.0:
+                best_len = limit
+            else:
+                best_len = gen_len
+            best_possible = beam_scores[0].item() / (best_len ** length_penalty)
+            improvable = improvable and best_possible > finished[-1][0]
+        if not improvable or (full and early_stopping is True):
+            break
+        cache.reorder(sel_src)
+        logits = step_fn(sel_tok, cache)
+    return [(toks, lps, reason) for _, toks, lps, reason in finished[:n]]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping=False,
+    n: int = 1,
+    stop_ids=None,
+    stop=None,
+    tokenizer=None,
+    seed: Optional[int] = None,
+    return_logprobs: bool = False,
+):
+    """Generate continuations of ``prompts`` (token-id lists); returns the new tokens of each output row.
+
+    Rows are prompt-major: with ``n > 1`` row ``i*n + j`` is sample ``j`` of prompt ``i``. ``temperature=0`` is
+    greedy. ``stop_ids`` (ints) end a row without being included; ``stop`` strings (need ``tokenizer``) cut the
+    output exactly before the string. With ``return_logprobs=True`` a list of ``GenerationResult`` comes back.
+    ``num_beams > 1`` runs beam search (deterministic; sampling options and penalties are not used) and returns the
+    ``n`` best hypotheses per prompt.
+    """
+    _check_options(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, num_beams,
+                   n, stop, tokenizer)
+    results = list(_generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                                     repetition_penalty, presence_penalty, frequency_penalty, num_beams,
+                                     length_penalty, early_stopping, n, stop_ids, stop, tokenizer, seed,
+                                     return_logprobs))
+    if return_logprobs:
+        return results
+    return [r.tokens for r in results]
+
+
+def _generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                      presence_penalty, frequency_penalty, num_beams, length_penalty, early_stopping, n, stop_ids,
+                      stop, tokenizer, seed, want_logprobs, stream_rows=None) -> list[GenerationResult]:
+    prompts = _fit_prompts(model, prompts, max_new_tokens)
+    stop_ids = _normalize_stop_ids(stop_ids)
+    stops = _normalize_stop(stop)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if num_beams > 1:
+                out = []
+                for p in prompts:
+                    for toks, lps, reason in _beam_search(model, p, max_new_tokens, num_beams, length_penalty,
+                                                          early_stopping, stop_ids, n):
+                        out.append(_finish_beam(toks, lps, reason, stops, tokenizer, want_logprobs))
+                return out
+            opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty, seed=seed)
+            rows = None
+            for rows in _decode(model, prompts, max_new_tokens, n, opts, stop_ids, stops, tokenizer, want_logprobs):
+                if stream_rows is not None:
+                    stream_rows(rows)
+            return [GenerationResult(r.tokens, r.logprobs if want_logprobs else None, r.reason, r.text)
+                    for r in rows]
+    finally:
+        model.train(was_training)
+
+
+def _finish_beam(toks, lps, reason, stops, tokenizer, want_logprobs) -> GenerationResult:
+    text = None
+    if tokenizer is not None:
+        row = _Row(len(toks) + 1, True)
+        bytes_of = _ByteDecoder(tokenizer).token_bytes
+        max_stop = max((len(s) for s in stops), default=0)
+        for t, lp in zip(toks, lps):
+            row.tokens.append(t)
+            row.logprobs.append(lp)
+            b = bytes_of(t)
+            row.byte_ends.append((row.byte_ends[-1] if row.byte_ends else 0) + len(b))
+            row.text += row.decoder.decode(b)
+            if stops and _cut_at_stop(row, stops, max_stop):
+                break
+        if not row.done:
+            row.finish(reason)
+        toks, lps, reason, text = row.tokens, row.logprobs, row.reason, row.text
+    return GenerationResult(list(toks), list(lps) if want_logprobs else None, reason, text)
+
+
+def stream_generate(model, tokenizer, prompt_ids: Sequence[int], **options) -> Iterator[str]:
+    """Generate from one prompt, yielding text pieces as soon as they are complete UTF-8.
+
+    Takes the options of ``generate`` (``n`` must be 1). Text that might be the start of a stop string is held
+    back until it is known not to be one, so the pieces join to exactly the final (cut) text. Beam search yields
+    its result in one piece at the end.
+    """
+    if options.get("n", 1) != 1:
+        raise UserError("n: streaming generates one sequence (n=1)")
+    options.pop("return_logprobs", None)
+    options.pop("tokenizer", None)
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "num_beams", "length_penalty", "early_stopping", "n", "stop_ids", "stop", "seed")
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(f"stream_generate() got unexpected option(s): {', '.join(unknown)}")
+    args = dict(max_new_tokens=256, temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=1.0,
+                presence_penalty=0.0, frequency_penalty=0.0, num_beams=1, length_penalty=1.0, early_stopping=False,
+                n=1, stop_ids=None, stop=None, seed=None)
+    args.update(options)
+    _check_options(model, [prompt_ids], args["max_new_tokens"], args["temperature"], args["top_k"], args["top_p"],
+                   args["min_p"], args["repetition_penalty"], args["num_beams"], 1, args["stop"], tokenizer)
+    if args["num_beams"] > 1:
+        (res,) = generate(model, [prompt_ids], tokenizer=tokenizer, return_logprobs=True, **args)
+        if res.text:
+            yield res.text
+        return
+    stops = _normalize_stop(args["stop"])
+    stop_ids = _normalize_stop_ids(args["stop_ids"])
+    prompts = _fit_prompts(model, [prompt_ids], args["max_new_tokens"])
+    opts = {k: args[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                                 "frequency_penalty", "seed")}
+    emitted = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for rows in _decode(model, prompts, args["max_new_tokens"], 1, opts, stop_ids, stops, tokenizer, False):
+                r = rows[0]
+                end = len(r.text) if r.done else len(r.text) - _stop_prefix_len(r.text, stops)
+                if end > emitted:
+                    piece = r.text[emitted:end]
+                    emitted = end
+                    yield piece
+                if r.done:
+                    return
+    finally:
+        model.train(was_training)
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest end of ``text`` that is the beginning of some stop string (to hold back)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# scoring given sequences
+
+
+def sequence_logprobs(model, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> list[list[float]]:
+    """log p(seq[t] | seq[:t]) for t = 1 .. len-1 of every sequence (right-padded batches, no cache).
+
+    The one implementation behind the server's ``echo`` + ``logprobs`` and the RL/DPO reference log-probs.
+    """
+    ctx = model.config.block_size
+    device = model.wte.weight.device
+    for i, s in enumerate(sequences):
+        if len(s) > ctx and model.config.pos == "learned":
+            raise UserError(f"score: sequence {i} has {len(s)} tokens, more than the model's context of {ctx}")
+    out: list[list[float]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for b0 in range(0, len(sequences), batch_size):
+                chunk = [[int(t) for t in s] for s in sequences[b0 : b0 + batch_size]]
+                T = max(len(s) for s in chunk)
+                if T < 2:
+                    out.extend([[] for _ in chunk])
+                    continue
+                ids = torch.tensor([s + [0] * (T - len(s)) for s in chunk], dtype=torch.long, device=device)
+                logits, _ = model(ids[:, :-1])  # right padding: causal attention never sees the pads
+                lp = logprobs_from_logits(logits, ids[:, 1:]).tolist()
+                out.extend(row[: len(s) - 1] for row, s in zip(lp, chunk))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def score(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+          batch_size: int = 16) -> list[list[float]]:
+    """log p of each completion token given its prompt and the completion tokens before it."""
+    if len(prompts) != len(completions):
+        raise UserError(f"score: {len(prompts)} prompts but {len(completions)} completions")
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    lps = sequence_logprobs(model, seqs, batch_size)
+    return [lp[len(p) - 1 :] if len(p) else lp for lp, p in zip(lps, prompts)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI: pocketgpt sample
+
+
+def configure_cli(name, p) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (pocketgpt or Hugging Face GPT-2/Llama)")
+    p.add_argument("--prompt", default=None, help="prompt text (default: start from <|endoftext|>)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p × the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style presence penalty")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style frequency penalty")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1 = off)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty (default 1)")
+    p.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="fp32", help="weights precision: fp32, bf16, fp16 (default fp32)")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_sample(args) -> int:
+    from .model import GPT
+    from .runtime import DTYPES, pick_device
+
+    device = pick_device(args.device)
+    if args.dtype not in DTYPES:
+        raise UserError(f"--dtype: unknown precision {args.dtype!r} (fp32, bf16, fp16)")
+    dtype = DTYPES[args.dtype]
+    try:
+        from .tokenizer import load_tokenizer_for
+    except ImportError:
+        raise UserError("sample: the tokenizer module is not available in this installation") from None
+    tokenizer = load_tokenizer_for(args.ckpt)
+    model = GPT.from_pretrained(args.ckpt, device=device, dtype=dtype)
+    specials = getattr(tokenizer, "special_ids", None) or {}
+    eot = specials.get("<|endoftext|>")
+    if args.prompt:
+        prompt = tokenizer.encode(args.prompt)
+    elif eot is not None:
+        prompt = [eot]
+    else:
+        raise UserError("--prompt: this tokenizer has no <|endoftext|> token; give a prompt")
+    if not prompt:
+        prompt = [eot] if eot is not None else None
+        if prompt is None:
+            raise UserError("--prompt: encodes to no tokens")
+    stop_ids = [eot] if eot is not None else None
+    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                num_beams=args.num_beams, length_penalty=args.length_penalty, stop_ids=stop_ids, stop=args.stop)
+    out = sys.stdout
+    for i in range(args.n):
+        if args.n > 1:
+            out.write(f"--- sample {i + 1} ---\n")
+        seed = None if args.seed is None else args.seed + i
+        out.write(args.prompt or "")
+        out.flush()
+        for piece in stream_generate(model, tokenizer, prompt, seed=seed, **opts):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+    return 0

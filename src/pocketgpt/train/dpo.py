@@ -1,0 +1,499 @@
+"""Direct preference optimisation (DPO): learn from preference pairs without a reward model or rollouts.
+
+    pairs ──chat template──▶ (prompt ids, chosen reply ids, rejected reply ids)
+    π = policy (trained), π_ref = the init model (frozen)
+    h      = [log π(y_c|x) − log π_ref(y_c|x)] − [log π(y_r|x) − log π_ref(y_r|x)]
+    sigmoid loss (DPO):      −(1−ε)·log σ(β·h) − ε·log σ(−β·h)            (ε = label smoothing, "conservative DPO")
+    IPO loss:                (h − 1/(2β))²   with per-token *mean* log-probs (Azar et al., 2023)
+
+Pairs are JSONL ``{"prompt": [messages ending with a user turn], "chosen": str, "rejected": str}`` (the reward
+model's format; ``--data prefs`` is the bundled HH-RLHF sample). Each reply is rendered with the one chat template —
+the prompt, ``<|assistant|>``, the reply, ``<|end|>`` — and only the reply tokens (with their ``<|end|>``) count.
+Over-long pairs keep their replies (cut to fit when they alone are too long) and lose the oldest prompt tokens.
+
+The reference log-probs are computed once, before training, with the init model in the training precision and
+cached in ``RUN/ref_logprobs.safetensors`` (``reference = "precomputed"``, the default; a resumed run reuses the
+cache), or on the fly from a frozen copy (``reference = "online"``: no up-front pass, one extra forward per step).
+
+Metrics: per step ``reward_acc`` (fraction of pairs with a higher implicit reward β·(log π − log π_ref) for the
+chosen reply), ``reward_margin`` (chosen − rejected implicit reward) and ``logp_margin`` (chosen − rejected policy
+log-prob); on the held-out pairs at every evaluation (and once at step 0) ``val_loss``, ``accuracy`` (ties count
+half), ``margin`` and ``logp_margin``. Plots: ``RUN/accuracy.png``, ``RUN/margin.png``, ``RUN/logp_margin.png``.
+Batches are a pure function of (seed, step), so a killed run resumes exactly (``pocketgpt dpo`` again).
+
+CLI::
+
+    pocketgpt dpo --init SFT_CKPT --data PAIRS --beta 0.1 [--loss sigmoid|ipo] [--label-smoothing 0.1]
+                  [--reference precomputed|online] [--config dpo-tiny] [--out runs/dpo] [--key value ...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+LOSSES = ("sigmoid", "ipo")
+REFERENCES = ("precomputed", "online")
+REF_CACHE = "ref_logprobs.safetensors"
+
+
+@dataclass
+class DPOConfig:
+    """The ``[dpo]`` section of a config."""
+
+    init: str = ""  # SFT checkpoint to start from; also the reference model (--init overrides)
+    data: list = field(default_factory=list)  # preference-pair files or bundled names ("prefs") (--data overrides)
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped (sigmoid only)
+    reference: str = "precomputed"  # precomputed (once, cached) | online (frozen copy, every step)
+    block_size: int = 0  # 0 = the model's context
+    val_fraction: float = 0.1  # held-out pairs (accuracy / margins)
+    val_max: int = 200
+    max_pairs: int = 0  # 0 = all; else a seeded sample of this many
+
+    def validate(self, where: str = "[dpo]") -> "DPOConfig":
+        def bad(name: str, msg: str) -> UserError:
+            return UserError(f"{where}: field '{name}' {msg}")
+
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not isinstance(self.data, list) or not all(isinstance(d, str) for d in self.data):
+            raise bad("data", "must be a list of pair files or bundled corpus names")
+        if not float(self.beta) > 0:
+            raise bad("beta", f"must be > 0, got {self.beta!r}")
+        if self.loss not in LOSSES:
+            raise bad("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not 0 <= float(self.label_smoothing) < 0.5:
+            raise bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise bad("label_smoothing", "applies to the sigmoid loss only")
+        if self.reference not in REFERENCES:
+            raise bad("reference", f"must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
+        for name in ("block_size", "val_max", "max_pairs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(name, f"must be an integer >= 0, got {v!r}")
+        if not 0 < float(self.val_fraction) < 1:
+            raise bad("val_fraction", f"must be in (0, 1) (held-out pairs give the accuracy), got {self.val_fraction!r}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the loss
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and implicit rewards from sequence log-probs (all shape (B,)).
+
+    Returns ``(losses, chosen_rewards, rejected_rewards)``; rewards are β·(log π − log π_ref), detached.
+    """
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def pair_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs whose chosen reply has the higher implicit reward; exact ties count half."""
+    d = chosen_rewards - rejected_rewards
+    return ((d > 0).float() + 0.5 * (d == 0).float()).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class EncodedPair:
+    prompt: list[int]  # ends in <|assistant|>
+    chosen: list[int]  # reply tokens + <|end|> (unless cut)
+    rejected: list[int]
+    where: str
+
+
+def encode_pair(prompt: list[dict], chosen: str, rejected: str, tokenizer, block_size: int,
+                where: str = "") -> EncodedPair:
+    """Token ids of one pair as the chat template writes them, fitted into ``block_size`` tokens.
+
+    Replies longer than half the context (when the prompt needs the rest) are cut; the prompt keeps its newest tokens
+    (at least ``<|assistant|>``)."""
+    from .rl_common import render_prompt
+
+    end = tokenizer.token_id("<|end|>")
+    p = render_prompt(prompt, tokenizer)
+    c = tokenizer.encode(chosen) + [end]
+    r = tokenizer.encode(rejected) + [end]
+    reply_budget = max(block_size - len(p), block_size // 2)
+    c, r = c[:reply_budget], r[:reply_budget]
+    keep = block_size - max(len(c), len(r))
+    if len(p) > keep:
+        p = p[len(p) - keep:]
+    return EncodedPair(p, c, r, where)
+
+
+def load_pairs(sources: list[str]):
+    """Read every pair file / bundled name in ``sources`` (reward-model format, file:line errors)."""
+    from ..chat import resolve_data
+    from .reward import read_pairs
+
+    if not sources:
+        raise UserError("--data: no preference pairs given (JSONL files or the bundled name 'prefs')")
+    pairs = []
+    for src in sources:
+        found = resolve_data(src)  # one path, or the files of a folder / bundled name
+        for path in (found if isinstance(found, list) else [found]):
+            pairs += read_pairs(path)
+    return pairs
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield list(range(i, min(n, i + size)))
+
+
+def sequence_scores(model: nn.Module, pairs: list[EncodedPair], index: list[int]) -> tuple[torch.Tensor, ...]:
+    """Sum and per-token mean log-probs of the chosen and rejected replies of ``pairs[index]`` in one forward.
+
+    Returns ``(chosen_sum, rejected_sum, chosen_mean, rejected_mean)``, each (B,) float32 (with grad if enabled)."""
+    from .rl_common import sequence_logprobs_batch
+
+    chunk = [pairs[i] for i in index]
+    prompts = [p.prompt for p in chunk] * 2
+    replies = [p.chosen for p in chunk] + [p.rejected for p in chunk]
+    logp, mask = sequence_logprobs_batch(model, prompts, replies)
+    total = (logp.float() * mask).sum(-1)
+    mean = total / mask.sum(-1).clamp(min=1)
+    B = len(chunk)
+    return total[:B], total[B:], mean[:B], mean[B:]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the stage
+
+
+class DPOStage:
+    """Batches of preference pairs; the DPO / IPO loss against a frozen reference (the init model)."""
+
+    name = "dpo"
+    plot_keys = ["accuracy", "margin", "logp_margin", "reward_acc"]
+    best_metric = "val_loss"
+
+    def __init__(self, model: nn.Module, train: list[EncodedPair], val: list[EncodedPair], opts: DPOConfig,
+                 batch_size: int, seed: int = 1337, cache_key: str = ""):
+        if not train:
+            raise UserError("dpo: no training pairs")
+        self.model = model
+        self.train, self.val = train, val
+        self.opts = opts
+        self.batch_size = batch_size
+        self.seed = seed
+        self.cache_key = cache_key
+        self.grad_accum = 1
+        self.trainer = None
+        self.ref: Optional[nn.Module] = None
+        self.ref_train: Optional[torch.Tensor] = None  # (N, 2): chosen, rejected reference scores
+        self.ref_val: Optional[torch.Tensor] = None
+        self._initial_eval_done = False
+        self._epoch_cache: tuple[int, list[int]] = (-1, [])
+        if opts.reference == "online":
+            from .rl_common import frozen_copy
+
+            self.ref = frozen_copy(model)
+
+    # ---- reference --------------------------------------------------------------------------------------------------
+
+    @property
+    def _use_mean(self) -> bool:
+        return self.opts.loss == "ipo"
+
+    def setup(self, trainer) -> None:
+        self.trainer = trainer
+        self.grad_accum = trainer.cfg.grad_accum
+        if self.ref is not None:
+            self.ref.to(trainer.device)
+            return
+        self.ref_train, self.ref_val = self._reference_scores(trainer)
+
+    @torch.no_grad()
+    def _score_all(self, model: nn.Module, pairs: list[EncodedPair], device, dtype, desc: str) -> torch.Tensor:
+        from tqdm import tqdm
+
+        from .. import runtime
+
+        out = []
+        bs = max(1, self.batch_size)
+        was = model.training
+        model.eval()
+        chunks = list(_chunks(len(pairs), bs))
+        try:
+            with runtime.autocast(device, dtype):
+                for index in tqdm(chunks, desc=desc, disable=not sys.stderr.isatty() or bool(_env("CI")),
+                                  file=sys.stderr, leave=False):
+                    cs, rs, cm, rm = sequence_scores(model, pairs, index)
+                    out.append(torch.stack([cs, rs, cm, rm], -1).float().cpu())
+        finally:
+            model.train(was)
+        return torch.cat(out) if out else torch.zeros(0, 4)
+
+    def _reference_scores(self, trainer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of every pair: from ``RUN/ref_logprobs.safetensors`` when it matches, else computed
+        now with the (still untrained) model and cached there."""
+        from safetensors.torch import load_file, save_file
+
+        from ..io import atomic_write_bytes
+
+        path = Path(trainer.run_dir) / REF_CACHE
+        key = f"{self.cache_key}|{trainer.dtype}"
+        if path.exists():
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+                if meta.get("key") == key:
+                    t = load_file(str(path))
+                    if t["train"].shape[0] == len(self.train) and t["val"].shape[0] == len(self.val):
+                        return t["train"], t["val"]
+            except Exception:  # noqa: BLE001 - a bad cache is recomputed
+                pass
+        ref_train = self._score_all(self.model, self.train, trainer.device, trainer.dtype, "dpo reference (train)")
+        ref_val = self._score_all(self.model, self.val, trainer.device, trainer.dtype, "dpo reference (held-out)")
+        if trainer.is_main:
+            import tempfile
+
+            trainer.run_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=trainer.run_dir) as tmp:
+                save_file({"train": ref_train.contiguous(), "val": ref_val.contiguous()}, f"{tmp}/r.safetensors",
+                          metadata={"key": key})
+                atomic_write_bytes(path, Path(f"{tmp}/r.safetensors").read_bytes())
+        return ref_train, ref_val
+
+    def _ref_for(self, index: list[int], split: str, model_device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference chosen / rejected scores (sum or mean, as the loss wants) of ``index``."""
+        if self.ref is not None:
+            pairs = self.train if split == "train" else self.val
+            with torch.no_grad():
+                cs, rs, cm, rm = sequence_scores(self.ref, pairs, index)
+            return (cm, rm) if self._use_mean else (cs, rs)
+        table = self.ref_train if split == "train" else self.ref_val
+        rows = table[index].to(model_device)
+        return (rows[:, 2], rows[:, 3]) if self._use_mean else (rows[:, 0], rows[:, 1])
+
+    # ---- batches ----------------------------------------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._epoch_cache[0] != epoch:
+            order = list(range(len(self.train)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch_cache = (epoch, order)
+        return self._epoch_cache[1]
+
+    def get_batch(self, step: int, micro: int):
+        from .trainer import world_info
+
+        if step == 0 and micro == 0 and not self._initial_eval_done and self.trainer is not None:
+            self._initial_eval_done = True  # the step-0 point of the held-out curves
+            self.trainer.evaluate()
+        rank, world, _ = world_info()
+        k = (step * self.grad_accum + micro) * world + rank
+        n = len(self.train)
+        per_epoch = max(1, n // self.batch_size) if n >= self.batch_size else 1
+        epoch, pos = divmod(k, per_epoch)
+        order = self._order(epoch)
+        index = [order[(pos * self.batch_size + j) % n] for j in range(self.batch_size)]
+        return {"index": torch.tensor(index, dtype=torch.long)}
+
+    def tokens_in_batch(self, batch) -> int:
+        return sum(len(self.train[i].prompt) * 2 + len(self.train[i].chosen) + len(self.train[i].rejected)
+                   for i in batch["index"].tolist())
+
+    def _pair_metrics(self, model, index: list[int], split: str) -> tuple[torch.Tensor, dict[str, float]]:
+        pairs = self.train if split == "train" else self.val
+        device = next(model.parameters()).device
+        cs, rs, cm, rm = sequence_scores(model, pairs, index)
+        pc, pr = (cm, rm) if self._use_mean else (cs, rs)
+        ref_c, ref_r = self._ref_for(index, split, device)
+        losses, rew_c, rew_r = dpo_loss(pc, pr, ref_c, ref_r, self.opts.beta, self.opts.loss,
+                                        self.opts.label_smoothing)
+        metrics = {
+            "reward_acc": float(pair_accuracy(rew_c, rew_r)),
+            "reward_margin": float((rew_c - rew_r).mean()),
+            "reward_chosen": float(rew_c.mean()),
+            "reward_rejected": float(rew_r.mean()),
+            "logp_margin": float((cs - rs).detach().mean()),
+        }
+        return losses.mean(), metrics
+
+    def loss(self, model, batch):
+        return self._pair_metrics(model, batch["index"].tolist(), "train")
+
+    def evaluate(self, model) -> dict[str, float]:
+        if not self.val:
+            return {}
+        n = 0
+        sums = {"val_loss": 0.0, "accuracy": 0.0, "margin": 0.0, "logp_margin": 0.0}
+        for index in _chunks(len(self.val), max(1, self.batch_size)):
+            loss, m = self._pair_metrics(model, index, "val")
+            k = len(index)
+            n += k
+            sums["val_loss"] += float(loss) * k
+            sums["accuracy"] += m["reward_acc"] * k
+            sums["margin"] += m["reward_margin"] * k
+            sums["logp_margin"] += m["logp_margin"] * k
+        return {k: v / n for k, v in sums.items()}
+
+    def state_dict(self) -> dict:  # batches are a pure function of (seed, step)
+        return {"train_pairs": len(self.train), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._initial_eval_done = True  # a resumed run already has its step-0 evaluation
+        n = state.get("train_pairs")
+        if n is not None and n != len(self.train):
+            print(f"warning: resuming with {len(self.train)} training pairs, the checkpoint had {n}: "
+                  "batches will differ from an uninterrupted run", file=sys.stderr)
+
+
+def _env(name: str) -> str:
+    import os
+
+    return os.environ.get(name, "")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# running
+
+
+def prepare_dpo(opts: DPOConfig, seed: int, log=print):
+    """Model, tokenizer and encoded ``(train, val)`` pairs for ``opts``; also a cache key of the data."""
+    from .sft import load_init
+
+    model, tokenizer, added = load_init(opts.init)
+    if added:
+        log(f"dpo: added chat tokens {' '.join(added)} to the tokenizer (was --init an SFT checkpoint?)")
+    block = opts.block_size or model.config.block_size
+    if block > model.config.block_size:
+        raise UserError(f"[dpo] block_size: {block} is larger than the model's context of "
+                        f"{model.config.block_size} tokens")
+    pairs = load_pairs(opts.data)
+    if opts.max_pairs and len(pairs) > opts.max_pairs:
+        pairs = random.Random(seed).sample(pairs, opts.max_pairs)
+    from .reward import split_pairs
+
+    train_p, val_p = split_pairs(pairs, opts.val_fraction, seed=seed)
+    if len(val_p) > opts.val_max:
+        train_p, val_p = train_p + val_p[opts.val_max:], val_p[: opts.val_max]
+    enc = lambda ps: [encode_pair(p.prompt, p.chosen, p.rejected, tokenizer, block, p.where) for p in ps]
+    train, val = enc(train_p), enc(val_p)
+    h = hashlib.sha256()
+    h.update(str(Path(opts.init).resolve()).encode())
+    for p in train + val:
+        h.update(repr((p.prompt, p.chosen, p.rejected)).encode())
+    log(f"dpo: {len(pairs)} pairs -> {len(train)} training / {len(val)} held-out; context {block}")
+    return model, tokenizer, train, val, h.hexdigest()
+
+
+def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dict] = None,
+            resume: Optional[bool] = None, log=None) -> dict:
+    """Train ``opts.init`` with DPO on ``opts.data`` through the Trainer; returns the final metrics."""
+    from .trainer import Trainer
+
+    log = log or (lambda s: print(s, file=sys.stderr))
+    opts.validate()
+    if not opts.init:
+        raise UserError("--init: required (the SFT checkpoint to improve; it is also the reference model)")
+    model, tokenizer, train_pairs, val_pairs, key = prepare_dpo(opts, train.seed, log)
+    stage = DPOStage(model, train_pairs, val_pairs, opts, train.batch_size, seed=train.seed, cache_key=key)
+    cfg = dict(run_config or {})
+    cfg.update({"dpo": {**asdict(opts), "init": str(opts.init)}, "train": asdict(train)})
+    log(f"dpo: {model.num_params() / 1e6:.2f}M parameters, beta {opts.beta}, loss {opts.loss}"
+        + (f" (label smoothing {opts.label_smoothing})" if opts.label_smoothing else "")
+        + f", reference {opts.reference} -> {out}")
+    trainer = Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=cfg, resume=resume)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line
+
+TRAIN_DEFAULTS = dict(max_steps=200, batch_size=8, lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.0,
+                      schedule="cosine", eval_interval=25, eval_batches=20, ckpt_interval=50, log_interval=5)
+
+
+def _sections():
+    from .trainer import TrainConfig
+
+    return {"dpo": DPOConfig, "train": TrainConfig}
+
+
+def configure_cli(name: str, parser) -> None:
+    from ..config import add_config_arguments
+
+    parser.add_argument("--init", metavar="SFT_CKPT", default=None,
+                        help="SFT checkpoint to start from (also the frozen reference model)")
+    parser.add_argument("--data", nargs="+", metavar="PAIRS", default=None,
+                        help="preference pairs JSONL ({\"prompt\": [messages], \"chosen\": str, \"rejected\": str}) "
+                             "or the bundled name 'prefs'")
+    parser.add_argument("--beta", type=float, default=None, metavar="B", help="DPO beta (default 0.1)")
+    parser.add_argument("--loss", choices=LOSSES, default=None, help="sigmoid (DPO, default) or ipo")
+    parser.add_argument("--label-smoothing", "--label_smoothing", dest="label_smoothing", type=float, default=None,
+                        metavar="X", help="conservative DPO: probability that a label is wrong (sigmoid loss)")
+    parser.add_argument("--reference", choices=REFERENCES, default=None,
+                        help="reference log-probs computed once up front (precomputed, default) or every step (online)")
+    parser.add_argument("--out", default="runs/dpo", metavar="RUN",
+                        help="run directory (default runs/dpo); the model ends up in RUN/ckpt")
+    parser.add_argument("--resume", action="store_true", help="require a checkpoint in RUN/ckpt to resume from")
+    parser.add_argument("--restart", action="store_true", help="ignore a checkpoint in RUN/ckpt and start over")
+    add_config_arguments(parser, _sections())
+    parser.set_defaults(func=_cli_dpo)
+
+
+def _cli_dpo(args) -> int:
+    from ..config import config_from_args
+
+    rc = config_from_args(args, _sections())
+    train = rc.rebuild("train", **TRAIN_DEFAULTS).validate()
+    opts: DPOConfig = rc["dpo"]
+    for name in ("init", "beta", "loss", "label_smoothing", "reference"):
+        v = getattr(args, name)
+        if v is not None:
+            setattr(opts, name, v)
+    if args.data:
+        opts.data = list(args.data)
+    opts.validate()
+    if not opts.data:
+        raise UserError("--data: required (preference pairs JSONL or the bundled name 'prefs')")
+    if args.resume and args.restart:
+        raise UserError("--resume and --restart exclude each other")
+    resume = True if args.resume else (False if args.restart else None)
+    result = run_dpo(opts, args.out, train, run_config=rc.to_dict(), resume=resume)
+    line = f"dpo: done at step {result['step']}"
+    if "accuracy" in result:
+        line += (f", held-out implicit-reward accuracy {result['accuracy']:.3f}, margin {result['margin']:.4f}, "
+                 f"chosen-rejected log-prob margin {result['logp_margin']:.3f}")
+    print(line)
+    print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
+    return 0

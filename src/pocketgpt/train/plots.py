@@ -1,0 +1,83 @@
+"""Training curves from ``metrics.jsonl``: ``loss.png`` (train + validation) and one PNG per extra metric."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of ``RUN/metrics.jsonl`` (a line cut by a kill is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        if key in r and isinstance(r[key], (int, float)):
+            xs.append(r["step"])
+            ys.append(r[key])
+    return xs, ys
+
+
+def plot_metrics(run_dir: str | Path, extra_keys: list[str] = ()) -> list[Path]:
+    """Draw ``loss.png`` (train loss and every ``val*loss`` metric) and ``<key>.png`` for each extra key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write_bytes
+    import io
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    written = []
+
+    def save(fig, name: str) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        atomic_write_bytes(run_dir / name, buf.getvalue())
+        written.append(run_dir / name)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    xs, ys = _series(records, "loss")
+    if xs:
+        ax.plot(xs, ys, label="train loss", lw=1, alpha=0.8)
+    val_keys = sorted({k for r in records for k in r if k.startswith("val") and k.endswith("loss")})
+    for k in val_keys:
+        vx, vy = _series(records, k)
+        ax.plot(vx, vy, "o-", label=k.replace("_", " "), ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if xs or val_keys:
+        ax.legend()
+    ax.set_title(run_dir.name)
+    fig.tight_layout()
+    save(fig, "loss.png")
+
+    for key in extra_keys:
+        kx, ky = _series(records, key)
+        if not kx:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ax.plot(kx, ky, lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{run_dir.name}: {key}")
+        fig.tight_layout()
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+        save(fig, f"{safe}.png")
+    return written

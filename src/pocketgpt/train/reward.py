@@ -1,0 +1,501 @@
+"""Reward model: a GPT backbone with a scalar head, trained on preference pairs with the Bradley–Terry loss.
+
+    prompt + reply  ──chat template──▶ ids ──GPT (return_hidden)──▶ h[last real token] ──head──▶ r  (a scalar)
+    loss = -log σ(r_chosen - r_rejected)        (the chosen reply should score higher than the rejected one)
+
+Pairs are JSONL, one per line: ``{"prompt": [messages ending with a user turn], "chosen": str, "rejected": str}``
+(the bundled HH-RLHF file ``pref_hh_rlhf_harmless_test`` has this format). Each reply is rendered with the chat
+template exactly as a chat model would see it: the prompt, ``<|assistant|>``, the reply, ``<|end|>``; the score is
+read at that final ``<|end|>`` (rows are right-padded, so the last real token sees the whole sequence).
+
+A reward-model checkpoint is an ordinary GPT checkpoint directory (``config.json`` + ``model.safetensors`` +
+``tokenizer/``; loadable by ``GPT.from_pretrained``) plus ``reward_head.safetensors`` (the head) and
+``reward_model.json`` (``{"kind": "reward_model", "pairs_accuracy": ...}``). ``load_reward_model(dir)`` loads both.
+
+CLI::
+
+    pocketgpt rm --init SFT_CKPT --data PAIRS [--config rm-tiny] [--out runs/rm] [--key value ...]   # train
+    pocketgpt rm score --ckpt RM --data FILE    # pairs file: both scores + accuracy; conversations: one score each
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UserError
+from .rl_common import check_messages, read_jsonl_records, resolve_file
+
+HEAD_FILE = "reward_head.safetensors"
+META_FILE = "reward_model.json"
+
+
+# ---- the model ---------------------------------------------------------------------------------------------------------
+
+
+class RewardModel(nn.Module):
+    """``GPT`` backbone + ``Linear(n_embd, 1)`` read at the last real token of each (right-padded) row."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        self.head = nn.Linear(backbone.config.n_embd, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / (backbone.config.n_embd ** 0.5 * 4))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) right-padded ids, lengths (B,) real lengths → rewards (B,) in float32."""
+        hidden, _ = self.backbone(idx, return_hidden=True)
+        last = hidden[torch.arange(idx.size(0), device=idx.device), (lengths - 1).clamp(min=0)]
+        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        return self.backbone.flops_per_token(seq_len)
+
+    @torch.no_grad()
+    def score_ids(self, rows: list[list[int]], pad_id: int = 0, batch_size: int = 16) -> list[float]:
+        """Rewards of already-rendered sequences (no grad), in batches."""
+        device = self.head.weight.device
+        out: list[float] = []
+        for i in range(0, len(rows), batch_size):
+            idx, lengths = pad_rows(rows[i: i + batch_size], pad_id, device)
+            out += self(idx, lengths).tolist()
+        return out
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------------
+    def write_files(self, directory: str | Path, meta: Optional[dict] = None) -> None:
+        """Backbone files + head + metadata into an existing directory (use inside ``atomic_dir``)."""
+        from safetensors.torch import save_file
+
+        from ..io import write_json
+
+        directory = Path(directory)
+        self.backbone.write_files(directory)
+        head = {k: v.detach().float().contiguous().cpu() for k, v in self.head.state_dict().items()}
+        save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
+        write_json(directory / META_FILE, {"kind": "reward_model", **(meta or {})})
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None, meta: Optional[dict] = None) -> None:
+        from ..io import atomic_dir
+
+        with atomic_dir(directory) as tmp:
+            self.write_files(tmp, meta)
+            if tokenizer is not None:
+                tokenizer.save(tmp / "tokenizer")
+
+
+def is_reward_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / HEAD_FILE).is_file()
+
+
+def load_reward_model(directory: str | Path, device=None, dtype=None) -> RewardModel:
+    """Load a reward-model checkpoint (eval mode). UserError if the directory has no reward head."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..model import GPT
+
+    directory = Path(directory)
+    head_path = directory / HEAD_FILE
+    if directory.is_dir() and (directory / "config.json").is_file() and not head_path.is_file():
+        raise UserError(f"{directory}: not a reward model (no {HEAD_FILE}); train one with pocketgpt rm --init ...")
+    backbone = GPT.from_pretrained(directory, device=device, dtype=dtype)
+    rm = RewardModel(backbone)
+    try:
+        sd = load_file(str(head_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{head_path}: corrupt reward head ({str(e).splitlines()[0]})") from None
+    try:
+        rm.head.load_state_dict(sd)
+    except RuntimeError:
+        raise UserError(f"{head_path}: reward head does not match the backbone width {backbone.config.n_embd}") from None
+    rm.head.to(device=device or "cpu")
+    return rm.eval()
+
+
+# ---- data --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+    where: str  # "file:line"
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """Read preference pairs; a bad line is a UserError naming ``file:line`` and the field."""
+    path = Path(path)
+    pairs = []
+    for lineno, obj in read_jsonl_records(path):
+        where = f"{path}:{lineno}"
+        pairs.append(parse_pair(obj, where))
+    if not pairs:
+        raise UserError(f"{path}: no preference pairs in this file")
+    return pairs
+
+
+def parse_pair(obj, where: str) -> Pair:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in obj:
+            raise UserError(f"{where}: missing '{key}' (expected {{\"prompt\": [messages], \"chosen\": str, "
+                            f"\"rejected\": str}})")
+    prompt = obj["prompt"]
+    if isinstance(prompt, str):
+        raise UserError(f"{where}: 'prompt' must be a list of messages, got a string "
+                        f"(use [{{\"role\": \"user\", \"content\": ...}}])")
+    prompt = check_messages(prompt, where, field_name="prompt")
+    for key in ("chosen", "rejected"):
+        v = obj[key]
+        if not isinstance(v, str):
+            raise UserError(f"{where}: '{key}' must be a string")
+        if not v.strip():
+            raise UserError(f"{where}: '{key}' is empty")
+    return Pair(prompt, obj["chosen"], obj["rejected"], where)
+
+
+def encode_reply(prompt: list[dict], reply: str, tokenizer, block_size: int) -> list[int]:
+    """prompt + ``<|assistant|>`` reply ``<|end|>`` as ids; an over-long row keeps its end (the reply)."""
+    from ..chat import render
+
+    ids, _ = render(list(prompt) + [{"role": "assistant", "content": reply}], tokenizer)
+    return ids if len(ids) <= block_size else ids[len(ids) - block_size:]
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row → (idx (B, T), lengths (B,))."""
+    T = max(1, max(len(r) for r in rows))
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    lengths = torch.tensor([max(1, len(r)) for r in rows], dtype=torch.long)
+    if device is not None:
+        idx, lengths = idx.to(device), lengths.to(device)
+    return idx, lengths
+
+
+def encode_pairs(pairs: list[Pair], tokenizer, block_size: int) -> list[tuple[list[int], list[int]]]:
+    return [(encode_reply(p.prompt, p.chosen, tokenizer, block_size),
+             encode_reply(p.prompt, p.rejected, tokenizer, block_size)) for p in pairs]
+
+
+def split_pairs(pairs: list, val_fraction: float, seed: int = 0, min_val: int = 1) -> tuple[list, list]:
+    """A fixed shuffled split (same seed → same split); at least ``min_val`` pairs held out when there are ≥ 2."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(len(pairs) * val_fraction))
+    if val_fraction > 0 and len(pairs) >= 2:
+        n_val = max(min_val, n_val)
+    n_val = min(n_val, len(pairs) - 1)
+    val = [pairs[i] for i in order[:n_val]]
+    train = [pairs[i] for i in order[n_val:]]
+    return train, val
+
+
+def bradley_terry(model: RewardModel, chosen: list[list[int]], rejected: list[list[int]], pad_id: int):
+    """(loss, accuracy, margin) of one batch of pairs, chosen and rejected scored in one forward."""
+    device = model.head.weight.device
+    idx, lengths = pad_rows(chosen + rejected, pad_id, device)
+    r = model(idx, lengths)
+    rc, rr = r[: len(chosen)], r[len(chosen):]
+    margin = rc - rr
+    loss = -F.logsigmoid(margin).mean()
+    acc = (margin > 0).float().mean()
+    return loss, acc, margin.mean()
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: RewardModel, encoded: list[tuple[list[int], list[int]]], pad_id: int,
+                      batch_size: int = 16) -> dict[str, float]:
+    """Held-out accuracy (fraction with r_chosen > r_rejected), mean loss and margin."""
+    was = model.training
+    model.eval()
+    n, loss_sum, acc_sum, margin_sum = 0, 0.0, 0.0, 0.0
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i: i + batch_size]
+        loss, acc, margin = bradley_terry(model, [c for c, _ in chunk], [r for _, r in chunk], pad_id)
+        k = len(chunk)
+        n += k
+        loss_sum += float(loss) * k
+        acc_sum += float(acc) * k
+        margin_sum += float(margin) * k
+    model.train(was)
+    n = max(n, 1)
+    return {"accuracy": acc_sum / n, "loss": loss_sum / n, "margin": margin_sum / n}
+
+
+# ---- the training stage ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RMConfig:
+    """Reward-model options (TOML section ``[rm]``)."""
+
+    val_fraction: float = 0.1  # pairs held out for pairwise accuracy (when no --val-data is given)
+    split_seed: int = 0  # the held-out split is fixed by this seed
+    max_pairs: int = 0  # use only the first N pairs of --data (0 = all)
+    max_len: int = 0  # tokens per rendered reply (0 = the model's context); longer rows keep their end
+    eval_batch_size: int = 16
+
+    def validate(self, where: str = "[rm]") -> "RMConfig":
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"{where}: field 'val_fraction' must be in [0, 1), got {self.val_fraction!r}")
+        for name in ("max_pairs", "max_len", "split_seed"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{where}: field '{name}' must be >= 0")
+        if self.eval_batch_size <= 0:
+            raise UserError(f"{where}: field 'eval_batch_size' must be > 0")
+        return self
+
+
+class RewardStage:
+    """Bradley–Terry training on encoded pairs; ``evaluate`` reports held-out pairwise accuracy."""
+
+    name = "rm"
+    plot_keys = ["accuracy", "val_accuracy"]
+
+    def __init__(self, train: list[tuple[list[int], list[int]]], val: list[tuple[list[int], list[int]]],
+                 batch_size: int, pad_id: int, seed: int = 1337, eval_batch_size: int = 16):
+        if not train:
+            raise UserError("reward model: no training pairs")
+        self.train, self.val = train, val
+        self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
+        self.eval_batch_size = eval_batch_size
+        self.grad_accum = 1
+        self._perm_epoch, self._perm = -1, []
+
+    def setup(self, trainer) -> None:
+        self.grad_accum = trainer.cfg.grad_accum
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._perm = torch.randperm(len(self.train), generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def get_batch(self, step: int, micro: int):
+        from .trainer import world_info
+
+        rank, world, _ = world_info()
+        n = len(self.train)
+        start = ((step * self.grad_accum + micro) * world + rank) * self.batch_size
+        chosen, rejected = [], []
+        for k in range(start, start + self.batch_size):  # epochs of fixed shuffles: resumable from the step alone
+            c, r = self.train[self._order(k // n)[k % n]]
+            chosen.append(c)
+            rejected.append(r)
+        idx, lengths = pad_rows(chosen + rejected, self.pad_id)
+        return {"idx": idx, "lengths": lengths}
+
+    def tokens_in_batch(self, batch) -> int:
+        return int(batch["lengths"].sum())
+
+    def loss(self, model, batch):
+        r = model(batch["idx"], batch["lengths"])
+        half = r.size(0) // 2
+        margin = r[:half] - r[half:]
+        loss = -F.logsigmoid(margin).mean()
+        m = margin.detach()
+        return loss, {"accuracy": float((m > 0).float().mean()), "margin": float(m.mean())}
+
+    def evaluate(self, model) -> dict[str, float]:
+        if not self.val:
+            return {}
+        m = pairwise_accuracy(model, self.val, self.pad_id, self.eval_batch_size)
+        return {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_margin": m["margin"]}
+
+    def state_dict(self) -> dict:
+        return {}  # the batch order follows from the step number alone
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _save_rm(model: RewardModel, directory: Path) -> None:
+    model.write_files(directory)
+
+
+def _load_rm(model: RewardModel, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    from .trainer import default_load_model
+
+    default_load_model(model.backbone, directory)
+    sd = load_file(str(Path(directory) / HEAD_FILE))
+    with torch.no_grad():
+        for k, v in model.head.state_dict().items():
+            v.copy_(sd[k])
+
+
+def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_config, *,
+                       val_data: Optional[str | Path] = None, resume: Optional[bool] = None) -> dict:
+    """Train a reward model from ``init`` (an SFT checkpoint) on a pairs file; returns the final metrics."""
+    from ..chat import find_checkpoint
+    from ..model import GPT
+    from ..tokenizer import load_tokenizer_for
+    from .trainer import Trainer
+
+    cfg, rmcfg = run_config["train"], run_config["rm"].validate()
+    init = find_checkpoint(init)
+    tokenizer = load_tokenizer_for(init)
+    backbone = GPT.from_pretrained(init)
+    if tokenizer.vocab_size > backbone.config.vocab_size:
+        raise UserError(f"{init}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{backbone.config.vocab_size}")
+    pairs = read_pairs(resolve_file(data))
+    if rmcfg.max_pairs:
+        pairs = pairs[: rmcfg.max_pairs]
+    if val_data is not None:
+        train_pairs, val_pairs = pairs, read_pairs(resolve_file(val_data))
+    else:
+        train_pairs, val_pairs = split_pairs(pairs, rmcfg.val_fraction, rmcfg.split_seed)
+    block = min(rmcfg.max_len or backbone.config.block_size, backbone.config.block_size)
+    pad_id = tokenizer.pad_id
+    stage = RewardStage(encode_pairs(train_pairs, tokenizer, block), encode_pairs(val_pairs, tokenizer, block),
+                        cfg.batch_size, pad_id, seed=cfg.seed, eval_batch_size=rmcfg.eval_batch_size)
+    print(f"reward model: {len(train_pairs)} training pairs, {len(val_pairs)} held out; init {init}",
+          file=sys.stderr)
+    model = RewardModel(backbone)
+    trainer = Trainer(model, stage, cfg, out, tokenizer=tokenizer, save_model=_save_rm, load_model=_load_rm,
+                      run_config=run_config.to_dict(), resume=resume)
+    result = trainer.fit()
+    from ..io import write_json
+
+    meta = {"kind": "reward_model", "init": str(init), "data": str(data), "train_pairs": len(train_pairs),
+            "val_pairs": len(val_pairs), "val_accuracy": result.get("val_accuracy"), "step": result.get("step")}
+    for d in (trainer.ckpt_dir, trainer.best_dir):
+        if (d / HEAD_FILE).is_file():
+            write_json(d / META_FILE, meta)
+    return result
+
+
+# ---- scoring -----------------------------------------------------------------------------------------------------------
+
+
+def score_file(ckpt: str | Path, data: str | Path, *, device: str = "auto", batch_size: int = 16) -> dict:
+    """Score a pairs file (both replies + accuracy) or a conversations file (one score per conversation).
+
+    Returns ``{"kind": "pairs"|"conversations", "rows": [...], "accuracy"?: float}``.
+    """
+    from ..chat import find_checkpoint, render, validate_messages
+    from ..runtime import pick_device
+    from ..tokenizer import load_tokenizer_for
+
+    ckpt = find_checkpoint(ckpt)
+    rm = load_reward_model(ckpt, device=pick_device(device))
+    tokenizer = load_tokenizer_for(ckpt)
+    block = rm.config.block_size
+    path = resolve_file(data)
+    records = read_jsonl_records(path)
+    if not records:
+        raise UserError(f"{path}: no records in this file")
+    first = records[0][1]
+    if isinstance(first, dict) and "chosen" in first:
+        pairs = [parse_pair(obj, f"{path}:{ln}") for ln, obj in records]
+        enc = encode_pairs(pairs, tokenizer, block)
+        rc = rm.score_ids([c for c, _ in enc], tokenizer.pad_id, batch_size)
+        rr = rm.score_ids([r for _, r in enc], tokenizer.pad_id, batch_size)
+        rows = [{"where": p.where, "chosen": a, "rejected": b, "correct": a > b} for p, a, b in zip(pairs, rc, rr)]
+        return {"kind": "pairs", "rows": rows, "accuracy": sum(r["correct"] for r in rows) / len(rows)}
+    rows_ids, wheres = [], []
+    for ln, obj in records:
+        where = f"{path}:{ln}"
+        if not isinstance(obj, dict) or "messages" not in obj:
+            raise UserError(f"{where}: expected {{\"messages\": [...]}} (a conversation) or a preference pair "
+                            f"{{\"prompt\", \"chosen\", \"rejected\"}}")
+        msgs = validate_messages(obj["messages"], where, need_assistant=True)
+        if msgs[-1]["role"] != "assistant":
+            raise UserError(f"{where}: the conversation must end with the assistant reply to score")
+        ids, _ = render(msgs, tokenizer)
+        rows_ids.append(ids if len(ids) <= block else ids[len(ids) - block:])
+        wheres.append(where)
+    scores = rm.score_ids(rows_ids, tokenizer.pad_id, batch_size)
+    return {"kind": "conversations", "rows": [{"where": w, "score": s} for w, s in zip(wheres, scores)]}
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------------------
+
+
+def _sections() -> dict:
+    from .trainer import TrainConfig
+
+    return {"train": TrainConfig, "rm": RMConfig}
+
+
+def configure_cli(name: str, parser: argparse.ArgumentParser) -> None:
+    from ..config import add_config_arguments
+
+    parser.description = ("Train a reward model on preference pairs (default action 'train'), or 'score' a pairs / "
+                          "conversations file with a trained one.")
+    parser.add_argument("action", nargs="?", choices=["train", "score"], default="train",
+                        help="train (default) or score")
+    parser.add_argument("--init", metavar="CKPT", help="train: the SFT checkpoint to start from")
+    parser.add_argument("--data", metavar="FILE",
+                        help="train: preference pairs JSONL ({prompt, chosen, rejected}); score: pairs or "
+                             "conversations JSONL (a bundled corpus name works too)")
+    parser.add_argument("--val-data", metavar="FILE", help="train: held-out pairs (default: a split of --data)")
+    parser.add_argument("--out", metavar="DIR", default="runs/rm", help="train: run directory (default runs/rm)")
+    parser.add_argument("--resume", action="store_true", help="train: require a checkpoint in --out to resume")
+    parser.add_argument("--fresh", action="store_true", help="train: start over even if --out holds a checkpoint")
+    parser.add_argument("--ckpt", metavar="RM", help="score: the reward-model checkpoint")
+    parser.add_argument("--json", action="store_true", help="score: print JSON lines instead of a table")
+    add_config_arguments(parser, _sections(), default_config="rm-tiny")
+    parser.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    if args.action == "score":
+        if not args.ckpt or not args.data:
+            raise UserError("rm score: needs --ckpt RM and --data FILE")
+        return _cli_score(args)
+    if not args.init or not args.data:
+        raise UserError("rm: needs --init SFT_CKPT and --data PAIRS (or 'pocketgpt rm score --ckpt RM --data FILE')")
+    from ..config import config_from_args
+
+    run_config = config_from_args(args, _sections())
+    resume = True if args.resume else (False if args.fresh else None)
+    result = train_reward_model(args.init, args.data, args.out, run_config, val_data=args.val_data, resume=resume)
+    acc = result.get("val_accuracy")
+    print(f"reward model saved in {Path(args.out) / 'ckpt'}"
+          + (f"; held-out pairwise accuracy {acc:.3f}" if acc is not None else ""))
+    return 0
+
+
+def _cli_score(args) -> int:
+    import json
+
+    device = "auto"
+    for key, val in getattr(args, "config_overrides", None) or []:
+        if key in ("device", "train.device"):
+            device = val
+    res = score_file(args.ckpt, args.data, device=device)
+    out = sys.stdout
+    if res["kind"] == "pairs":
+        for r in res["rows"]:
+            if args.json:
+                out.write(json.dumps(r) + "\n")
+            else:
+                out.write(f"{r['where']}\tchosen {r['chosen']:+.4f}\trejected {r['rejected']:+.4f}\t"
+                          f"{'ok' if r['correct'] else 'WRONG'}\n")
+        summary = f"pairwise accuracy {res['accuracy']:.4f} ({len(res['rows'])} pairs)"
+        if args.json:
+            out.write(json.dumps({"accuracy": res["accuracy"], "pairs": len(res["rows"])}) + "\n")
+        else:
+            out.write(summary + "\n")
+    else:
+        for r in res["rows"]:
+            out.write(json.dumps(r) + "\n" if args.json else f"{r['where']}\t{r['score']:+.4f}\n")
+    return 0

@@ -1,0 +1,370 @@
+"""Supervised fine-tuning (SFT): turn a pretrained model into a chat model on conversation JSONL.
+
+    conversations ──chat.render (fit_to_context)──▶ (ids, labels) examples ──padded batches──▶ Trainer
+
+* Every conversation is rendered with the one chat template (``pocketgpt.chat.render``); labels are ``-100``
+  except on assistant content and the ``<|end|>`` that closes each assistant turn, so the loss is the mean
+  cross-entropy over assistant tokens only, and every assistant turn of a multi-turn conversation is trained.
+* Conversations longer than the context are split at turn boundaries (``overflow = "split"``, the default) or cut
+  to their leading turns (``"truncate"``); the counts are printed (see ``chat.fit_to_context``).
+* Batches are **padded**, not packed: each row is one example, right-padded with ``<|pad|>`` (label ``-100``).
+  Causal attention never lets a real token see a pad that comes after it, so no attention mask is needed and a
+  row is computed exactly as it would be alone. To keep padding small, each epoch shuffles the examples, sorts
+  them by length inside windows of 64 batches, and shuffles the batch order (a pure function of the seed and the
+  epoch, so resume is exact with no data state to save).
+* With gradient accumulation the step loss is the mean of the micro-batches' token means.
+* Held-out evaluation: a seeded fraction of the *conversations* (never pieces of a training conversation) gives
+  ``val_loss`` (assistant-token cross-entropy, token-weighted) and ``val_ppl``.
+
+``--init`` takes a pocketgpt checkpoint or a local Hugging Face GPT-2 directory; a tokenizer without the chat
+tokens (GPT-2's) gets them appended and the model's embedding rows are grown to match (``GPT.resize_vocab``).
+The run directory is the Trainer's: ``RUN/ckpt`` (final model, with ``tokenizer/``) is what ``pocketgpt chat
+--ckpt RUN/ckpt`` talks to; ``RUN/best`` holds the best held-out weights.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..chat import IGNORE, FitStats, fit_to_context, read_conversations, resolve_data
+from ..errors import UserError
+
+OVERFLOW_MODES = ("split", "truncate")
+SORT_WINDOW = 64  # batches per length-sorting window
+
+
+@dataclass
+class SFTConfig:
+    """The ``[sft]`` section of a config: what to train on and how to cut it."""
+
+    init: str = ""  # checkpoint to start from (--init overrides)
+    data: list = field(default_factory=list)  # conversation files or bundled corpus names (--data overrides)
+    block_size: int = 0  # training context; 0 = the model's
+    val_fraction: float = 0.05  # held-out conversations
+    val_max: int = 200  # at most this many held-out conversations
+    overflow: str = "split"  # split | truncate (conversations longer than the context)
+    skip_bad: bool = False  # skip bad JSONL lines (with a count) instead of stopping
+    max_conversations: int = 0  # 0 = all; else a seeded sample of this many (quick runs)
+
+    def validate(self, where: str = "[sft]") -> "SFTConfig":
+        def bad(name: str, msg: str) -> UserError:
+            return UserError(f"{where}: field '{name}' {msg}")
+
+        if not isinstance(self.init, str):
+            raise bad("init", f"must be a checkpoint directory path, got {self.init!r}")
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not isinstance(self.data, list) or not all(isinstance(d, str) for d in self.data):
+            raise bad("data", "must be a list of file paths or bundled corpus names")
+        for name in ("block_size", "val_max", "max_conversations"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(name, f"must be an integer >= 0, got {v!r}")
+        if not 0 <= float(self.val_fraction) < 1:
+            raise bad("val_fraction", f"must be in [0, 1), got {self.val_fraction!r}")
+        if self.overflow not in OVERFLOW_MODES:
+            raise bad("overflow", f"must be one of {', '.join(OVERFLOW_MODES)}, got {self.overflow!r}")
+        if not isinstance(self.skip_bad, bool):
+            raise bad("skip_bad", f"must be true or false, got {self.skip_bad!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "[sft]") -> "SFTConfig":
+        import difflib
+
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                hint = difflib.get_close_matches(key, sorted(known), n=1)
+                raise UserError(f"{where}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        return cls(**d).validate(where)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# model + tokenizer to start from
+
+
+def load_init(path: str | Path, device=None):
+    """Model + tokenizer of ``--init``; adds the chat special tokens (and embedding rows) when the tokenizer lacks
+    them. Returns ``(model, tokenizer, added_token_names)``."""
+    from ..model import GPT
+    from ..tokenizer import SPECIAL_TOKENS, load_tokenizer_for
+
+    path = Path(path)
+    model = GPT.from_pretrained(path, device=device)
+    tokenizer = load_tokenizer_for(path)
+    added = tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        model.resize_vocab(tokenizer.vocab_size)
+    model.train()
+    return model, tokenizer, added
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def load_conversations(sources: list[str], *, skip_bad: bool = False, report=None) -> list[list[dict]]:
+    """Read every file / bundled corpus in ``sources`` (in order)."""
+    if not sources:
+        raise UserError("--data: no conversation files given (files or bundled corpus names)")
+    convs = []
+    for src in sources:
+        for path in resolve_data(src):
+            convs += read_conversations(path, skip_bad=skip_bad, report=report)
+    return convs
+
+
+def split_conversations(convs: list, val_fraction: float, val_max: int, seed: int) -> tuple[list, list]:
+    """Seeded split by conversation: ``(train, val)``; at least one training conversation."""
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    n_val = min(val_max, int(round(len(convs) * val_fraction))) if val_fraction > 0 else 0
+    if val_fraction > 0 and len(convs) >= 2:
+        n_val = max(1, n_val)
+    n_val = min(n_val, len(convs) - 1)
+    val = [convs[i] for i in sorted(order[:n_val])]
+    train = [convs[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def build_examples(convs: list, tokenizer, block_size: int, overflow: str = "split") -> tuple[list, FitStats]:
+    """Rendered ``(ids, labels)`` examples of at most ``block_size + 1`` ids each, and what fitting did."""
+    stats = FitStats()
+    examples = []
+    for conv in convs:
+        examples += fit_to_context(conv, tokenizer, block_size + 1, mode=overflow, stats=stats)
+    return examples, stats
+
+
+def collate(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(x, y)``: x = ids[:-1] (pad ``pad_id``), y = labels[1:] (pad -100)."""
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for i, (ids, labels) in enumerate(examples):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1], dtype=torch.long)
+        y[i, :n] = torch.tensor(labels[1:], dtype=torch.long)
+    return x, y
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Example indices of every batch of one epoch: shuffled, length-sorted within windows, batch order shuffled."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * SORT_WINDOW
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w: w + window], key=lambda i: lengths[i])
+        batches += [chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@torch.no_grad()
+def assistant_loss(model, examples: list, pad_id: int, batch_size: int = 16,
+                   max_batches: Optional[int] = None) -> tuple[float, int]:
+    """Token-weighted mean cross-entropy over the assistant tokens of ``examples``; returns (loss, n_tokens)."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # little padding
+    total, count = 0.0, 0
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        x, y = collate([examples[i] for i in order[start: start + batch_size]], pad_id)
+        x, y = x.to(device), y.to(device)
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE,
+                               reduction="sum")
+        total += float(loss)
+        count += int((y != IGNORE).sum())
+    return (total / count if count else float("nan")), count
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the stage
+
+
+class SFTStage:
+    """Batches of rendered conversations; loss = mean cross-entropy over assistant tokens."""
+
+    name = "sft"
+
+    def __init__(self, train_examples: list, val_examples: list, pad_id: int, batch_size: int, seed: int = 1337):
+        if not train_examples:
+            raise UserError("sft: no training examples (every conversation was skipped; see the counts above)")
+        self.train = train_examples
+        self.val = val_examples
+        self.pad_id = pad_id
+        self.batch_size = batch_size
+        self.seed = seed
+        self.lengths = [len(ids) for ids, _ in train_examples]
+        self.grad_accum = 1
+        self.eval_batches: Optional[int] = None
+        self._epoch_cache: tuple[int, list] = (-1, [])
+
+    def setup(self, trainer) -> None:
+        self.grad_accum = trainer.cfg.grad_accum
+        self.eval_batches = trainer.cfg.eval_batches or None
+
+    def _batch_indices(self, k: int) -> list[int]:
+        """The k-th micro-batch of the whole run (0-based), across epochs."""
+        n = math.ceil(len(self.train) / self.batch_size)
+        epoch, pos = divmod(k, n)
+        if self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, epoch_batches(self.lengths, self.batch_size, self.seed, epoch))
+        return self._epoch_cache[1][pos]
+
+    def get_batch(self, step: int, micro: int):
+        from .trainer import world_info
+
+        rank, world, _ = world_info()
+        k = (step * self.grad_accum + micro) * world + rank  # = micro * W + r of one process with W x grad_accum
+        return collate([self.train[i] for i in self._batch_indices(k)], self.pad_id)
+
+    def tokens_in_batch(self, batch) -> int:
+        x, _ = batch
+        return int((x != self.pad_id).sum())
+
+    def loss(self, model, batch):
+        x, y = batch
+        _, loss = model(x, y)
+        return loss, {}
+
+    def evaluate(self, model) -> dict:
+        if not self.val:
+            return {}
+        loss, _ = assistant_loss(model, self.val, self.pad_id, self.batch_size, self.eval_batches)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def state_dict(self) -> dict:  # batches are a pure function of (seed, step): nothing else to save
+        return {"train_examples": len(self.train), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        n = state.get("train_examples")
+        if n is not None and n != len(self.train):
+            print(f"warning: resuming with {len(self.train)} training examples, the checkpoint had {n} "
+                  "(different data or settings): batches will differ from an uninterrupted run", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# running a fine-tune
+
+
+def prepare_sft(init: str | Path, sft: SFTConfig, train_seed: int, device=None, log=print):
+    """Load the model and data, split and render them. Returns ``(model, tokenizer, train_ex, val_ex, info)``."""
+    model, tokenizer, added = load_init(init, device=device)
+    if added:
+        log(f"sft: added chat tokens {' '.join(added)} to the tokenizer; vocab now {tokenizer.vocab_size}")
+    block = sft.block_size or model.config.block_size
+    if block > model.config.block_size:
+        raise UserError(f"[sft] block_size: {block} is larger than the model's context of "
+                        f"{model.config.block_size} tokens")
+    convs = load_conversations(sft.data, skip_bad=sft.skip_bad, report=log)
+    if sft.max_conversations and len(convs) > sft.max_conversations:
+        convs = random.Random(train_seed).sample(convs, sft.max_conversations)
+    train_convs, val_convs = split_conversations(convs, sft.val_fraction, sft.val_max, train_seed)
+    train_ex, tstats = build_examples(train_convs, tokenizer, block, sft.overflow)
+    val_ex, vstats = build_examples(val_convs, tokenizer, block, sft.overflow)
+    log(f"sft: train {tstats.summary()}")
+    if val_convs:
+        log(f"sft: held-out {vstats.summary()}")
+    n_tokens = sum(len(ids) - 1 for ids, _ in train_ex)
+    n_labels = sum(sum(1 for lab in labels[1:] if lab != IGNORE) for _, labels in train_ex)
+    log(f"sft: {n_tokens:,} training tokens, {n_labels:,} of them assistant tokens (trained)")
+    info = {"conversations": len(convs), "train": asdict(tstats), "val": asdict(vstats), "block_size": block,
+            "train_tokens": n_tokens, "assistant_tokens": n_labels, "added_tokens": added}
+    return model, tokenizer, train_ex, val_ex, info
+
+
+def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_config: Optional[dict] = None,
+            resume: Optional[bool] = None, log=None) -> dict:
+    """Fine-tune ``init`` on ``sft.data`` with the Trainer; returns the Trainer's final metrics (+ data counts)."""
+    from .trainer import Trainer
+
+    log = log or (lambda s: print(s, file=sys.stderr))
+    sft.validate()
+    model, tokenizer, train_ex, val_ex, info = prepare_sft(init, sft, train.seed, log=log)
+    stage = SFTStage(train_ex, val_ex, tokenizer.pad_id, train.batch_size, seed=train.seed)
+    cfg = run_config if run_config is not None else {}
+    cfg = {**cfg, "sft": {**asdict(sft), "init": str(init)}, "train": asdict(train)}
+    log(f"sft: {model.num_params() / 1e6:.2f}M parameters, context {info['block_size']}, "
+        f"{len(train_ex)} training / {len(val_ex)} held-out examples -> {out}")
+    trainer = Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=cfg, resume=resume)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    result["data"] = info
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line
+
+# defaults of an SFT run where the config file / command line says nothing (a fine-tune, not a pretraining)
+TRAIN_DEFAULTS = dict(max_steps=300, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.0,
+                      eval_interval=50, eval_batches=20, ckpt_interval=100, log_interval=10)
+
+
+def _sections():
+    from .trainer import TrainConfig
+
+    return {"sft": SFTConfig, "train": TrainConfig}
+
+
+def configure_cli(name: str, parser) -> None:
+    from ..config import add_config_arguments
+
+    parser.add_argument("--init", metavar="CKPT", default=None,
+                        help="checkpoint to fine-tune: a pocketgpt checkpoint or a local Hugging Face GPT-2 directory")
+    parser.add_argument("--data", nargs="+", metavar="FILE", default=None,
+                        help="conversation JSONL files ({\"messages\": [...]} per line, .jsonl or .jsonl.gz) or "
+                             "bundled corpus names")
+    parser.add_argument("--out", default="runs/sft", metavar="RUN",
+                        help="run directory (default runs/sft); the model ends up in RUN/ckpt")
+    parser.add_argument("--resume", action="store_true", help="require a checkpoint in RUN/ckpt to resume from "
+                        "(by default a run resumes when one is there)")
+    parser.add_argument("--restart", action="store_true", help="ignore a checkpoint in RUN/ckpt and start over")
+    add_config_arguments(parser, _sections())
+    parser.set_defaults(func=_cli_sft)
+
+
+def _cli_sft(args) -> int:
+    from ..config import config_from_args
+
+    rc = config_from_args(args, _sections())
+    train = rc.rebuild("train", **TRAIN_DEFAULTS).validate()
+    sft = rc["sft"]
+    if args.init:
+        sft.init = args.init
+    if args.data:
+        sft.data = list(args.data)
+    sft.validate()
+    if not sft.init:
+        raise UserError("--init: required (a pocketgpt checkpoint or a local Hugging Face GPT-2 directory)")
+    if not sft.data:
+        raise UserError("--data: required (conversation JSONL files or bundled corpus names)")
+    if args.resume and args.restart:
+        raise UserError("--resume and --restart exclude each other")
+    resume = True if args.resume else (False if args.restart else None)
+    result = run_sft(sft.init, args.out, sft, train, run_config=rc.to_dict(), resume=resume)
+    ckpt = Path(args.out) / "ckpt"
+    val = result.get("val_loss")
+    line = f"sft: done at step {result['step']}"
+    if val is not None:
+        line += f", held-out assistant-token loss {val:.4f} (ppl {result.get('val_ppl', math.exp(min(val, 50))):.2f})"
+    print(line)
+    print(f"chat with it: pocketgpt chat --ckpt {ckpt}")
+    return 0

@@ -1,0 +1,804 @@
+"""The one training loop. Every stage (pretrain, SFT, reward model, DPO, PPO, GRPO) reuses it.
+
+A *stage* supplies batches and a loss; the ``Trainer`` owns everything else: AdamW with decay / no-decay groups,
+warmup + cosine/linear decay, gradient accumulation, clipping, autocast (bf16 / fp16 + GradScaler / fp32),
+optional ``torch.compile``, DistributedDataParallel under ``torchrun``, periodic evaluation, checkpoints with exact
+resume, the best-validation copy, ``metrics.jsonl``, loss plots and a progress bar (loss, tokens/s, MFU).
+
+The Stage protocol
+------------------
+::
+
+    class Stage(Protocol):
+        name: str                                        # "pretrain", "sft", "rm", "dpo", "ppo", "grpo"
+        def get_batch(self, step: int, micro: int) -> Any
+            # micro-batch ``micro`` (0 .. grad_accum-1) of optimizer step ``step`` (0-based) on THIS rank.
+            # Return CPU tensors or any tuple/list/dict of them: the trainer moves them to the device.
+            # Called outside autocast; may roll out with the model (RL stages keep their own model reference).
+            # Under DDP use ``world_info()``: rank r of world W should draw what one process would draw at
+            # micro ``micro * W + r`` — then N processes == 1 process with N x grad_accum.
+        def loss(self, model, batch) -> tuple[Tensor, dict[str, float]]
+            # scalar loss of one micro-batch (unscaled: dividing by grad_accum is the trainer's job) + metrics.
+            # ``model`` may be the DDP / compiled wrapper: call ``model(...)`` for the forward that needs grads.
+        def evaluate(self, model) -> dict[str, float]
+            # held-out metrics; called under torch.no_grad() with model.eval() on the plain (unwrapped) model,
+            # on rank 0 only. 'val_loss' if present, else the first key, picks the best checkpoint.
+        def state_dict(self) -> dict                      # JSON-able data position / buffers for exact resume
+        def load_state_dict(self, state: dict) -> None
+
+    Optional members:
+        tokens_in_batch(batch) -> int          # for tokens/s and MFU (default: numel of the first tensor)
+        on_step_end(step, model, metrics)      # after each optimizer step (e.g. PPO refreshes rollouts)
+        setup(trainer)                         # once, before training: trainer.device, .dtype, .rank, .world_size
+        plot_keys: list[str]                   # extra metrics plotted as RUN/<key>.png (e.g. "reward", "kl")
+        best_metric: str; best_mode: "min" | "max"   # override the best-checkpoint rule
+
+Adding a stage (example)
+------------------------
+::
+
+    class MyStage:
+        name = "sft"
+        def __init__(self, data, batch_size):
+            self.data, self.batch_size = data, batch_size
+        def get_batch(self, step, micro):
+            rank, world, _ = world_info()
+            g = torch.Generator().manual_seed(hash((1337, step, micro * world + rank)) % 2**63)
+            return self.data.sample(self.batch_size, g)              # (x, y) CPU tensors
+        def loss(self, model, batch):
+            x, y = batch
+            _, loss = model(x, y)
+            return loss, {}
+        def evaluate(self, model):
+            losses = [model(x.to(next(model.parameters()).device), y.to(...))[1].item() for x, y in ...]
+            return {"val_loss": mean(losses), "val_ppl": math.exp(mean(losses))}
+        def state_dict(self):  return {}
+        def load_state_dict(self, state):  pass
+
+    cfg = TrainConfig(max_steps=200, batch_size=16, lr=1e-4)
+    Trainer(model, MyStage(data, 16), cfg, "runs/sft", tokenizer=tok, run_config=config.to_dict()).fit()
+
+The run directory
+-----------------
+::
+
+    RUN/run_config.toml    the configuration as actually used (also in ckpt/trainer_state.json)
+    RUN/metrics.jsonl      one JSON object per log line ({"step", "loss", "lr", ...}) and per eval ({"step", "val_loss", ...})
+    RUN/loss.png           train and validation loss, refreshed at every evaluation (+ RUN/<key>.png for plot_keys)
+    RUN/ckpt/              the latest checkpoint, replaced atomically; at the end it IS the final model
+    RUN/best/              weights of the best validation step (no optimizer state)
+
+**Pass ``RUN/ckpt`` (the final model) or ``RUN/best`` to the next stage / chat / export.** Both are complete
+checkpoint directories (``config.json`` + ``model.safetensors`` + ``tokenizer/``) that ``GPT.from_pretrained`` loads.
+``ckpt/`` also holds ``optimizer.safetensors``, ``rng.safetensors`` and ``trainer_state.json`` (step, schedule,
+scaler, RNG, the stage's ``state_dict()``): running the same command again resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from ..io import atomic_dir, read_json, write_json
+from .. import runtime
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """All optimisation and loop knobs (TOML section ``[train]``)."""
+
+    max_steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant (after linear warmup)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = no clipping
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; master weights stay fp32)
+    device: str = "auto"
+    compile: bool = False
+    eval_interval: int = 100  # 0 = only at the end
+    eval_batches: int = 20
+    ckpt_interval: int = 100  # 0 = only at the end
+    log_interval: int = 10
+    seed: int = 1337
+    keep_best: bool = True
+    max_minutes: float = 0.0  # wall-clock budget (0 = none); the lr schedule then ends at whichever comes first
+    optimizer_impl: str = "auto"  # auto | fused | foreach | for-loop (AdamW implementation)
+    ddp_find_unused: bool = False  # DDP find_unused_parameters (wrapper models with unused heads)
+    progress: bool = True  # tqdm bar (also off when stderr is not a terminal or CI is set)
+
+    def validate(self, where: str = "[train]") -> "TrainConfig":
+        def bad(field: str, msg: str) -> UserError:
+            return UserError(f"{where}: field '{field}' {msg}")
+
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise bad(name, f"must be a positive integer, got {v!r}")
+        for name in ("warmup_steps", "eval_interval", "eval_batches", "ckpt_interval", "log_interval"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(name, f"must be an integer >= 0, got {v!r}")
+        if not self.lr > 0:
+            raise bad("lr", f"must be > 0, got {self.lr!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise bad("min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):
+            raise bad("dtype", f"must be one of auto, fp32, bf16, fp16, got {self.dtype!r}")
+        if self.optimizer_impl not in ("auto", "fused", "foreach", "for-loop"):
+            raise bad("optimizer_impl", f"must be auto, fused, foreach or for-loop, got {self.optimizer_impl!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise bad("beta1", "and beta2 must be in [0, 1)")
+        if self.grad_clip < 0 or self.max_minutes < 0 or self.weight_decay < 0:
+            raise bad("grad_clip", "max_minutes and weight_decay must be >= 0")
+        return self
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """What every stage supplies (see the module docstring)."""
+
+    name: str
+
+    def get_batch(self, step: int, micro: int) -> Any: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# distributed helpers
+
+
+def world_info() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` of this process: (0, 1, 0) without torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group when launched by ``torchrun`` (env vars); gloo on CPU, nccl on CUDA."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return True
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def lr_at(cfg: TrainConfig, step: int, progress: Optional[float] = None) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then decay to ``min_lr``.
+
+    ``progress`` (0..1) overrides the decay position (used for wall-clock budgets)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if progress is None:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "linear":
+        coeff = 1.0 - progress
+    else:
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# checkpoint pieces: model weights, optimizer, RNG
+
+
+def default_save_model(model: nn.Module, directory: Path) -> None:
+    """``model.write_files(dir)`` for a GPT; otherwise the state dict as ``model.safetensors``."""
+    if hasattr(model, "write_files"):
+        model.write_files(directory)
+        return
+    from safetensors.torch import save_model
+
+    save_model(model, str(directory / "model.safetensors"))
+
+
+def default_load_model(model: nn.Module, directory: Path) -> None:
+    """Load ``model.safetensors`` into ``model`` in place (tied weights that were not stored are fine)."""
+    from safetensors.torch import load_file
+
+    path = directory / "model.safetensors"
+    if not path.exists():
+        raise UserError(f"{directory}: no model.safetensors in this checkpoint")
+    sd = load_file(str(path))
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    # keys not stored because they share memory with a stored tensor (tied embeddings) are fine
+    stored_ptrs = {own[k].data_ptr() for k in own if k in sd}
+    missing = [k for k in missing if own[k].data_ptr() not in stored_ptrs]
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "was the run directory made with a different [model] config?"
+        )
+    with torch.no_grad():
+        for k, v in sd.items():
+            if own[k].shape != v.shape:
+                raise UserError(f"{path}: tensor '{k}' has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
+            own[k].copy_(v)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    for pid, d in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(d)
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    py = random.getstate()
+    npst = np.random.get_state()
+    return tensors, {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+    }
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], js: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    py = js["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = js["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_to_device(b, device) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _count_tokens(stage: Any, batch: Any) -> int:
+    if hasattr(stage, "tokens_in_batch"):
+        return int(stage.tokens_in_batch(batch))
+    first = batch
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if isinstance(first, dict) and first:
+        first = next(iter(first.values()))
+    return int(first.numel()) if torch.is_tensor(first) else 0
+
+
+def _seq_len(batch: Any) -> Optional[int]:
+    first = batch
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if torch.is_tensor(first) and first.dim() >= 2:
+        return int(first.shape[-1])
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    """Runs ``cfg.max_steps`` optimizer steps of ``stage`` on ``model``, writing everything under ``run_dir``.
+
+    model: any ``nn.Module`` (a GPT, or a wrapper such as policy + value head); AdamW covers the parameters with
+        ``requires_grad`` — tensors with dim >= 2 get weight decay, biases / norms / 1-d tensors do not.
+    save_model(model, dir): writes the weights into a checkpoint dir (default ``model.write_files``);
+    load_model(model, dir): its inverse for resume (default: ``model.safetensors`` by state-dict name).
+    tokenizer: saved as ``tokenizer/`` in every checkpoint (via ``tokenizer.save(dir)``).
+    run_config: the full configuration (``{section: {key: value}}``) recorded in the run directory.
+    resume: None = resume when ``run_dir/ckpt`` holds a trainer checkpoint; True = require one; False = start over
+        (an existing ``ckpt/`` is then replaced at the first checkpoint).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stage: Stage,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        *,
+        tokenizer: Any = None,
+        save_model: Optional[Callable[[nn.Module, Path], None]] = None,
+        load_model: Optional[Callable[[nn.Module, Path], None]] = None,
+        run_config: Optional[dict] = None,
+        resume: Optional[bool] = None,
+    ):
+        cfg.validate()
+        self.cfg = cfg
+        self.stage = stage
+        self.run_dir = Path(run_dir)
+        self.tokenizer = tokenizer
+        self.save_model_fn = save_model or default_save_model
+        self.load_model_fn = load_model or default_load_model
+        self.run_config = run_config if run_config is not None else {"train": asdict(cfg)}
+        self.resume = resume
+
+        self.device = runtime.pick_device(cfg.device)
+        self.dtype = runtime.pick_dtype(cfg.dtype, self.device)
+        self.ddp = init_distributed(self.device)
+        self.rank, self.world_size, self.local_rank = world_info()
+        self.is_main = self.rank == 0
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        self.model = model.to(self.device)  # the plain module: saved, evaluated
+        self.optimizer = self._make_optimizer()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=(self.dtype == torch.float16))
+
+        self.step = 0  # optimizer steps done
+        self.elapsed = 0.0  # training seconds across resumes
+        self.tokens_seen = 0
+        self.best: dict[str, Any] = {"metric": None, "value": None, "step": None}
+        self.last_eval: dict[str, float] = {}
+        self.last_train: dict[str, float] = {}
+        self._stop_reason: Optional[str] = None
+        self.ckpt_dir = self.run_dir / "ckpt"
+        self.best_dir = self.run_dir / "best"
+
+        if hasattr(stage, "setup"):
+            stage.setup(self)
+
+    # ---- construction ----------------------------------------------------------------------------------------------
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        decay, no_decay = [], []
+        for _, p in self.model.named_parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        if not decay and not no_decay:
+            raise UserError("the model has no trainable parameters (all have requires_grad=False)")
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        impl = cfg.optimizer_impl
+        if impl == "auto":
+            # fused on CUDA; on CPU foreach measured faster than fused for small models (benchmarks/train_step.py)
+            impl = "fused" if self.device.type == "cuda" else "foreach"
+        kw: dict[str, Any] = {}
+        if impl == "fused":
+            kw["fused"] = True
+        elif impl == "foreach":
+            kw["foreach"] = True
+        else:
+            kw["foreach"] = False
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
+
+    def _wrap(self) -> nn.Module:
+        model = self.model
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DDP(model, device_ids=ids, find_unused_parameters=self.cfg.ddp_find_unused)
+        if self.cfg.compile:
+            model = torch.compile(model)
+        return model
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------------
+
+    def has_checkpoint(self) -> bool:
+        return (self.ckpt_dir / "trainer_state.json").exists()
+
+    def _gather(self, obj: Any) -> list:
+        if not self.ddp:
+            return [obj]
+        out: list = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def _write_weights(self, tmp: Path) -> None:
+        self.save_model_fn(self.model, tmp)
+        if self.tokenizer is not None:
+            if hasattr(self.tokenizer, "write_files"):
+                self.tokenizer.write_files(tmp / "tokenizer")
+            else:
+                self.tokenizer.save(tmp / "tokenizer")
+
+    def save_checkpoint(self) -> None:
+        """Write ``run_dir/ckpt`` atomically (every rank must call this; rank 0 writes)."""
+        from safetensors.torch import save_file
+
+        rng_t, rng_j = _rng_state()
+        all_rng = self._gather(({k: v.tolist() for k, v in rng_t.items()}, rng_j))
+        if self.is_main:
+            opt_t, opt_meta = _optimizer_tensors(self.optimizer)
+            state = {
+                "step": self.step,
+                "stage": self.stage.name,
+                "elapsed_s": self.elapsed,
+                "tokens_seen": self.tokens_seen,
+                "world_size": self.world_size,
+                "best": self.best,
+                "last_eval": self.last_eval,
+                "last_train": self.last_train,
+                "train_config": asdict(self.cfg),
+                "run_config": self.run_config,
+                "optimizer": opt_meta,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "rng": [j for _, j in all_rng],
+                "stage_state": self.stage.state_dict(),
+            }
+            rng_tensors = {
+                f"rank{r}.{k}": torch.tensor(v, dtype=torch.uint8) for r, (t, _) in enumerate(all_rng) for k, v in t.items()
+            }
+            with atomic_dir(self.ckpt_dir) as tmp:
+                self._write_weights(tmp)
+                save_file(opt_t, str(tmp / "optimizer.safetensors"))
+                save_file(rng_tensors, str(tmp / "rng.safetensors"))
+                write_json(tmp / "trainer_state.json", state)
+        if self.ddp:
+            torch.distributed.barrier()
+
+    def save_best(self) -> None:
+        if not self.is_main:
+            return
+        with atomic_dir(self.best_dir) as tmp:
+            self._write_weights(tmp)
+            write_json(tmp / "trainer_state.json", {"step": self.step, "stage": self.stage.name,
+                                                    "metrics": self.last_eval, "run_config": self.run_config})
+
+    def load_checkpoint(self) -> None:
+        """Restore model, optimizer, scaler, RNG, stage position and counters from ``run_dir/ckpt``."""
+        from safetensors.torch import load_file
+
+        state = read_json(self.ckpt_dir / "trainer_state.json")
+        if state.get("stage") != self.stage.name:
+            raise UserError(f"{self.ckpt_dir}: this checkpoint was written by stage '{state.get('stage')}', "
+                            f"not '{self.stage.name}'; use a new --out directory")
+        self.load_model_fn(self.model, self.ckpt_dir)
+        opt_t = load_file(str(self.ckpt_dir / "optimizer.safetensors"))
+        try:
+            self.optimizer.load_state_dict(_optimizer_from_tensors(opt_t, state["optimizer"]))
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{self.ckpt_dir}: optimizer state does not match the model ({e})") from None
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        rng_t = load_file(str(self.ckpt_dir / "rng.safetensors"))
+        r = self.rank if self.rank < len(state["rng"]) else 0
+        mine = {k.split(".", 1)[1]: v for k, v in rng_t.items() if k.startswith(f"rank{r}.")}
+        _set_rng_state(mine, state["rng"][r])
+        self.stage.load_state_dict(state.get("stage_state") or {})
+        self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed_s", 0.0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.best = state.get("best") or self.best
+        self.last_eval = state.get("last_eval") or {}
+        self.last_train = state.get("last_train") or {}
+        if self.is_main:
+            self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                pass  # a line cut by a kill
+        from ..io import atomic_write_text
+
+        atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+    # ---- logging ---------------------------------------------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _plot(self) -> None:
+        if not self.is_main:
+            return
+        from .plots import plot_metrics
+
+        try:
+            plot_metrics(self.run_dir, list(getattr(self.stage, "plot_keys", []) or []))
+        except Exception as e:  # noqa: BLE001 - a plot must never kill a training run
+            print(f"warning: could not draw plots: {e}", file=sys.stderr)
+
+    def _write_run_config(self) -> None:
+        if not self.is_main:
+            return
+        from ..config import dump_toml
+        from ..io import atomic_write_text
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = dict(self.run_config)
+        cfg["train"] = asdict(self.cfg)
+        atomic_write_text(self.run_dir / "run_config.toml", dump_toml(cfg))
+
+    # ---- evaluation ------------------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Run the stage's evaluation (rank 0), log it, refresh plots, and update ``best/``."""
+        if not self.is_main:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), runtime.autocast(self.device, self.dtype):
+            metrics = {k: float(v) for k, v in self.stage.evaluate(self.model).items()}
+        self.model.train(was_training)
+        if not metrics:
+            return metrics
+        self.last_eval = metrics
+        self._log({"step": self.step, **metrics})
+        key = getattr(self.stage, "best_metric", None) or ("val_loss" if "val_loss" in metrics else next(iter(metrics)))
+        mode = getattr(self.stage, "best_mode", "min")
+        value = metrics.get(key)
+        if value is not None and math.isfinite(value):
+            old = self.best.get("value")
+            better = old is None or (value < old if mode == "min" else value > old)
+            if better:
+                self.best = {"metric": key, "value": value, "step": self.step}
+                if self.cfg.keep_best:
+                    self.save_best()
+        self._plot()
+        return metrics
+
+    # ---- the loop --------------------------------------------------------------------------------------------------
+
+    def _install_signals(self) -> dict:
+        old = {}
+
+        def handler(signum, frame):
+            if self._stop_reason == "interrupt":  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._stop_reason = "interrupt"
+            if self.is_main:
+                print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to quit now)",
+                      file=sys.stderr)
+
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old[sig] = signal.signal(sig, handler)
+        return old
+
+    def _progress_bar(self):
+        disable = (not self.cfg.progress or not self.is_main or not sys.stderr.isatty() or bool(os.environ.get("CI")))
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.stage.name, disable=disable,
+                    dynamic_ncols=True, file=sys.stderr)
+
+    def fit(self) -> dict:
+        """Train to ``cfg.max_steps`` (or the time budget); returns the final metrics.
+
+        Resumes from ``run_dir/ckpt`` when it holds a checkpoint (see ``resume``)."""
+        cfg = self.cfg
+        if self.resume is True and not self.has_checkpoint():
+            raise UserError(f"{self.ckpt_dir}: no checkpoint to resume from")
+        if self.resume is not False and self.has_checkpoint():
+            self.load_checkpoint()
+            if self.is_main:
+                print(f"resuming {self.stage.name} from {self.ckpt_dir} at step {self.step}", file=sys.stderr)
+        else:
+            runtime.seed_everything(cfg.seed + self.rank)
+            if self.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "metrics.jsonl").write_text("")
+        self._write_run_config()
+
+        raw = self.model
+        model = self._wrap()
+        model.train()
+        fpt_fn = getattr(raw, "flops_per_token", None)
+        peak = runtime.peak_flops(self.device, self.dtype)
+        old_handlers = self._install_signals()
+        bar = self._progress_bar()
+        t_start = time.time() - self.elapsed
+        t_log, tokens_log, steps_log = time.time(), 0, 0
+        loss_log = 0.0
+        seq_len = None
+        try:
+            while self.step < cfg.max_steps:
+                step = self.step
+                progress = None
+                if cfg.max_minutes > 0 and step >= cfg.warmup_steps:
+                    by_steps = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+                    progress = max(by_steps, (time.time() - t_start) / (60 * cfg.max_minutes))
+                lr = lr_at(cfg, step, progress)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+
+                loss_sum = torch.zeros((), device=self.device)
+                metric_sums: dict[str, float] = {}
+                n_tokens = 0
+                for micro in range(cfg.grad_accum):
+                    batch = self.stage.get_batch(step, micro)
+                    n_tokens += _count_tokens(self.stage, batch)
+                    if seq_len is None:
+                        seq_len = _seq_len(batch)
+                    batch = _to_device(batch, self.device)
+                    sync = (not self.ddp) or micro == cfg.grad_accum - 1
+                    with (nullcontext() if sync else model.no_sync()):
+                        with runtime.autocast(self.device, self.dtype):
+                            loss, metrics = self.stage.loss(model, batch)
+                        self.scaler.scale(loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach().float()
+                    for k, v in metrics.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+
+                # one small collective per step: mean loss over ranks (NaN anywhere stops every rank) + stop flag
+                stop = 1.0 if self._stop_reason else 0.0
+                if cfg.max_minutes > 0 and time.time() - t_start >= 60 * cfg.max_minutes:
+                    stop = 1.0
+                    self._stop_reason = self._stop_reason or "time"
+                packed = torch.stack([loss_sum / cfg.grad_accum, torch.tensor(stop, device=self.device)])
+                if self.ddp:
+                    torch.distributed.all_reduce(packed)
+                    packed[0] /= self.world_size
+                step_loss, stop = packed.tolist()
+                if not math.isfinite(step_loss):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    last = ("no checkpoint was written yet" if not self.has_checkpoint()
+                            else f"the last good checkpoint is {self.ckpt_dir} (step {read_json(self.ckpt_dir / 'trainer_state.json')['step']})")
+                    raise TrainingDiverged(
+                        f"step {step + 1}: the training loss is {step_loss} (not finite); stopped before updating the "
+                        f"weights; {last}. Try a lower lr, a longer warmup, grad_clip, or dtype fp32"
+                    )
+
+                grad_norm = None
+                if cfg.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.tokens_seen += n_tokens * self.world_size
+                self.elapsed = time.time() - t_start
+
+                train_metrics = {k: v / cfg.grad_accum for k, v in metric_sums.items()}
+                self.last_train = {"loss": step_loss, **train_metrics}
+                tokens_log += n_tokens * self.world_size
+                steps_log += 1
+                loss_log += step_loss
+                if hasattr(self.stage, "on_step_end"):
+                    self.stage.on_step_end(self.step, raw, self.last_train)
+                if not self.ddp and self._stop_reason:  # (under DDP the ranks agree at the next step)
+                    stop = 1.0
+
+                if (cfg.log_interval and self.step % cfg.log_interval == 0) or self.step == cfg.max_steps or stop:
+                    dt = max(time.time() - t_log, 1e-9)
+                    tok_s = tokens_log / dt
+                    record = {"step": self.step, "loss": step_loss, "lr": lr, **train_metrics,
+                              "tok_per_s": round(tok_s, 1), "elapsed_s": round(self.elapsed, 2)}
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
+                    if fpt_fn is not None and tok_s > 0:
+                        record["mfu"] = round(fpt_fn(seq_len) * tok_s / (peak * self.world_size), 4)
+                    self._log(record)
+                    post = {"loss": f"{loss_log / steps_log:.4f}", "tok/s": f"{tok_s:,.0f}"}
+                    if "mfu" in record:
+                        post["mfu"] = f"{100 * record['mfu']:.1f}%"
+                    bar.set_postfix(post, refresh=False)
+                    t_log, tokens_log, steps_log, loss_log = time.time(), 0, 0, 0.0
+                bar.update(1)
+
+                last = self.step == cfg.max_steps or bool(stop)
+                t_pause = time.time()
+                if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
+                    self.evaluate()
+                    if self.ddp:
+                        torch.distributed.barrier()
+                    if self.last_eval and self.is_main:
+                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()),
+                                  file=sys.stderr)
+                if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last:
+                    self.save_checkpoint()
+                t_log += time.time() - t_pause  # tokens/s counts training time only
+                if stop:
+                    break
+        finally:
+            bar.close()
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+
+        if self._stop_reason == "interrupt":
+            if self.is_main:
+                print(f"stopped at step {self.step}; checkpoint saved in {self.ckpt_dir} "
+                      "(run the same command again to resume)", file=sys.stderr)
+            raise KeyboardInterrupt
+        self._plot()
+        result = {"step": self.step, **{f"train_{k}" if k == "loss" else k: v for k, v in self.last_train.items()},
+                  **self.last_eval, "tokens": self.tokens_seen, "elapsed_s": round(self.elapsed, 2),
+                  "tok_per_s": round(self.tokens_seen / max(self.elapsed, 1e-9), 1)}
+        if self.best.get("value") is not None:
+            result["best_" + self.best["metric"]] = self.best["value"]
+            result["best_step"] = self.best["step"]
+        return result
+
+    def close(self) -> None:
+        """Leave the process group (call once at the end of a torchrun program)."""
+        if self.ddp and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
