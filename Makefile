@@ -24,7 +24,7 @@ demo: venv
 # Headless Chromium for the web-page test (Debian packages; skipped quietly where apt is unavailable)
 browser:
 	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-zenhei >/dev/null) || \
 		echo "note: chromium not installed; the web-page browser test will be skipped"; }
 
 test: venv browser

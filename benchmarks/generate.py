@@ -89,6 +89,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="every 124M case with 256 new tokens")
     ap.add_argument("--skip-124m", action="store_true")
+    ap.add_argument("--only-124m", action="store_true")
     ap.add_argument("--new", type=int, default=256, help="new tokens (default 256)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
@@ -105,7 +106,7 @@ def main() -> int:
     print("-" * len(header))
     for size, cfg_kw in SIZES.items():
         big = size.startswith("gpt2")
-        if big and args.skip_124m:
+        if (big and args.skip_124m) or (not big and args.only_124m):
             continue
         for dtype in (torch.float32, torch.bfloat16):
             ours, hf = load_pair(cfg_kw, dtype)

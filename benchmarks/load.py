@@ -191,7 +191,8 @@ def main() -> int:
     log = open(Path(tmp.name) / "server.log", "w+")
     server = subprocess.Popen(
         [sys.executable, "-m", "pocketgpt", "serve", "--ckpt", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
-         "--max-concurrency", str(args.max_concurrency), "--max-batch", str(args.max_batch), "--max-queue", str(max(256, 2 * args.clients)),
+         "--max-concurrency", str(args.max_concurrency), "--max-batch", str(args.max_batch),
+         "--max-queue", str(max(256, 2 * args.clients)),
          "--device", "cpu"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     failures = []
     try:
@@ -213,7 +214,7 @@ def main() -> int:
         def within(coro):
             return asyncio.run(asyncio.wait_for(coro, timeout=args.timeout))
 
-        within(run_load(url, 2, 1, 8))  # warm up (first-call allocations) before the baseline
+        within(run_load(url, args.clients, 1, 8))  # warm up (first allocations of full batches), then the baseline
         baseline = rss_mb(server.pid)
 
         single = within(run_load(url, 1, args.requests, args.max_tokens))
@@ -226,7 +227,8 @@ def main() -> int:
         peak = rss_mb(server.pid)
         print(f"{args.clients} streaming clients x {args.requests} requests ({n_req} requests, max_tokens "
               f"{args.max_tokens}): {len(load['errors'])} errors, {load['seconds']:.1f} s")
-        print(f"  time to first token: p50 {pct(load['ttft'], 50) * 1e3:.0f} ms, p99 {pct(load['ttft'], 99) * 1e3:.0f} ms")
+        print(f"  time to first token: p50 {pct(load['ttft'], 50) * 1e3:.0f} ms, "
+              f"p99 {pct(load['ttft'], 99) * 1e3:.0f} ms")
         print(f"  aggregate: {tps:.0f} tokens/s ({load['tokens']} tokens; "
               f"{tps / (single['tokens'] / single['seconds']):.2f}x one client alone)")
         if load["errors"]:
@@ -251,7 +253,8 @@ def main() -> int:
         print(f"{args.clients} clients disconnecting mid-stream: {hang['dropped']} dropped, {len(hang['errors'])} "
               f"errors; slots free {drained * 1e3:.0f} ms after the last hang-up; follow-up request: "
               f"{'200 OK' if ok else f'FAILED ({follow.status_code})'}")
-        print(f"server RSS: baseline {baseline:.0f} MiB, after load {peak:.0f} MiB, after disconnects {after:.0f} MiB "
+        print(f"server RSS: baseline (after warm-up) {baseline:.0f} MiB, after load {peak:.0f} MiB, "
+              f"after disconnects {after:.0f} MiB "
               f"({after - baseline:+.0f} MiB)")
         if hang["errors"]:
             failures.append(f"{len(hang['errors'])} errors while hanging up, e.g. {hang['errors'][0]}")

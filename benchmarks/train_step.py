@@ -36,7 +36,8 @@ def make_transformers(a) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=a.vocab, n_positions=a.ctx, n_layer=a.layers, n_head=a.heads, n_embd=a.dim,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                     bos_token_id=0, eos_token_id=0)
     try:
         return GPT2LMHeadModel(cfg, attn_implementation="sdpa")
     except TypeError:

@@ -5,8 +5,8 @@
     python examples/shuihu_pos.py --steps 1000 --device cuda
 
 Two configs that differ only in ``[model] pos`` (``examples/configs/shuihu-learned.toml`` and
-``shuihu-rope.toml``) are trained on the same shards (the bundled 水浒传, character tokenizer), with the same seed and
-the same budget, through the library's pretraining path (``load_config`` → ``build_pretrain`` → ``Trainer``).
+``shuihu-rope.toml``) are trained on the same shards (the bundled 水浒传, character tokenizer), with the same seed
+and the same budget, through the library's pretraining path (``load_config`` → ``build_pretrain`` → ``Trainer``).
 
 Outputs in ``--out`` (default ``runs/examples/shuihu_pos``): ``data/`` (shards + tokenizer), ``learned/`` and
 ``rope/`` (run directories with ``ckpt/``, ``metrics.jsonl``, ``loss.png``), ``val_loss.png`` (both validation
@@ -56,7 +56,7 @@ def source_text(args, out: Path) -> Path:
     if n is None:
         return path
     lines = [line for line in read_text_file(path).splitlines() if line.strip()]
-    if not 2 <= n:
+    if n < 2:
         raise UserError(f"--sections: must be >= 2 (the book has {len(lines)}), got {n}")
     part = out / "source" / f"shuihu-first-{n}.txt"
     atomic_write_text(part, "\n".join(lines[:n]) + "\n")

@@ -42,16 +42,24 @@ class Job:
         return stdout
 
 
+SPECS = {  # job name -> (command line, the test that checks it)
+    "word_gpt": (["examples/word_gpt.py", "--quick", "--device", "cpu"],
+                 "test_word_gpt_reproduces_training_sentences_greedily"),
+    "shuihu_pos": (["examples/shuihu_pos.py", "--quick", "--device", "cpu"],
+                   "test_shuihu_pos_compares_learned_and_rope"),
+    "digits_mlp": (["examples/digits_mlp.py", "--quick", "--device", "cpu"], "test_digits_mlp_accuracy"),
+    "digits_bad": (["examples/digits_mlp.py", "--epochs", "0"], "test_example_bad_option_is_one_line_error"),
+}
+
+
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory):
+def jobs(request, tmp_path_factory):
+    """Start, at once, the scripts of every selected test of this module."""
     base = tmp_path_factory.mktemp("examples")
-    specs = {
-        "word_gpt": ["examples/word_gpt.py", "--quick", "--device", "cpu"],
-        "shuihu_pos": ["examples/shuihu_pos.py", "--quick", "--device", "cpu"],
-        "digits_mlp": ["examples/digits_mlp.py", "--quick", "--device", "cpu"],
-        "digits_bad": ["examples/digits_mlp.py", "--epochs", "0"],
-    }
-    started = {name: Job(name, [*args, "--out", str(base / name)], base / name, base) for name, args in specs.items()}
+    here = Path(__file__).resolve()
+    selected = {item.originalname for item in request.session.items if Path(str(item.fspath)).resolve() == here}
+    started = {name: Job(name, [*args, "--out", str(base / name)], base / name, base)
+               for name, (args, test) in SPECS.items() if test in selected}
     yield started
     for job in started.values():  # a failed test must not leave a script running
         if job.proc.poll() is None:

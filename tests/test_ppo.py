@@ -215,3 +215,31 @@ def test_gae_matches_discounted_sums():
         assert torch.all(adv[b, n:] == 0)
     adv0, _ = gae(rewards, values, mask, gamma, 0.0)  # λ = 0: one-step TD error
     assert float(adv0[0, 1]) == pytest.approx(float(rewards[0, 1] + gamma * values[0, 2] - values[0, 1]), abs=1e-5)
+
+
+def test_rollout_and_logprobs_match_a_plain_forward(setup, one_thread):
+    """Rollouts keep the closing <|end|> in reply_ids (not in text); batched log-probs equal per-row forwards."""
+    from pocketgpt.tokenizer import load_tokenizer_for
+    from pocketgpt.train.rl_common import rollout, sequence_logprobs_batch
+
+    d, policy, prompts, fns = setup
+    tok = load_tokenizer_for(policy)
+    model = GPT.from_pretrained(policy)
+    end = tok.token_id("<|end|>")
+    msgs = [[{"role": "user", "content": "ab"}], [{"role": "user", "content": "c ab ca"}]]
+    rolls = rollout(model, tok, msgs, n=3, max_new_tokens=12, seed=0)
+    assert [r.prompt_index for r in rolls] == [0, 0, 0, 1, 1, 1]
+    for r in rolls:
+        assert len(r.logprobs) == len(r.reply_ids)
+        assert (r.reply_ids[-1] == end) == (r.finish_reason == "stop")
+        assert "<|end|>" not in r.text and r.text == tok.decode([t for t in r.reply_ids if t != end])
+    logp, mask = sequence_logprobs_batch(model, [r.prompt_ids for r in rolls], [r.reply_ids for r in rolls])
+    for b, r in enumerate(rolls):
+        ids = torch.tensor([r.prompt_ids + r.reply_ids])
+        with torch.no_grad():
+            full = torch.log_softmax(model(ids)[0][0].float(), -1)
+        n, p = len(r.reply_ids), len(r.prompt_ids)
+        want = full[p - 1: p - 1 + n].gather(-1, torch.tensor(r.reply_ids)[:, None])[:, 0]
+        torch.testing.assert_close(logp[b, :n].detach(), want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(r.logprobs), want, atol=1e-5, rtol=1e-4)
+        assert mask[b, :n].all() and not mask[b, n:].any()

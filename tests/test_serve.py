@@ -375,13 +375,14 @@ def test_simultaneous_requests_decode_as_one_batch(ckpt):
                 lines = blocker.iter_lines()
                 _next_event(lines)  # the only thread is busy: the next three requests queue up together
                 streams = [httpx.Client(timeout=30) for _ in prompts]
-                responses = [s.stream("POST", url + "/v1/chat/completions", json=body(p, 6 + i))
+                responses = [s.stream("POST", url + "/v1/chat/completions", json=body(p, 16 + i))
                              for i, (s, p) in enumerate(zip(streams, prompts))]
                 opened = [r.__enter__() for r in responses]
                 _wait(lambda: health()["queued"] == 3)
                 blocker.close()
-                _wait(lambda: health()["running"] == 3)
-                assert health()["busy_slots"] == 1  # three requests, one batch
+                snapshots = []
+                _wait(lambda: snapshots.append(health()) or snapshots[-1]["running"] == 3)
+                assert snapshots[-1]["busy_slots"] == 1  # three requests, one batch
                 texts, usages = [], []
                 for r in opened:
                     events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
@@ -391,10 +392,10 @@ def test_simultaneous_requests_decode_as_one_batch(ckpt):
                 for r, s in zip(responses, streams):
                     r.__exit__(None, None, None)
                     s.close()
-        assert usages == [6, 7, 8]  # each request keeps its own max_tokens inside the shared batch
+        assert usages == [16, 17, 18]  # each request keeps its own max_tokens inside the shared batch
         # the same requests one at a time give the same greedy replies
         for p, i, text in zip(prompts, range(3), texts):
-            alone = httpx.post(url + "/v1/chat/completions", json=dict(body(p, 6 + i), stream=False), timeout=30)
+            alone = httpx.post(url + "/v1/chat/completions", json=dict(body(p, 16 + i), stream=False), timeout=30)
             assert alone.json()["choices"][0]["message"]["content"] == text
 
 
@@ -413,16 +414,16 @@ def test_concurrent_requests_are_all_answered(base_url, client):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# the command, as a user runs it (in-process: uvicorn.run is caught and the app it gets is served on a free port)
+# the command, as a user runs it (in-process: serve_forever is caught and the app it gets is served on a free port)
 
 
 def test_cli_serve_with_api_key_from_env(ckpt, monkeypatch):
-    import uvicorn
-
+    import pocketgpt.serve
     from pocketgpt.cli import main
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(pocketgpt.serve, "serve_forever", lambda app, host, port: seen.update(app=app, host=host,
+                                                                                            port=port))
     monkeypatch.setenv("POCKETGPT_API_KEY", "sekret")
     assert main(["serve", "--ckpt", str(ckpt), "--device", "cpu", "--max-concurrency", "3"]) == 0
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000  # loopback unless told otherwise

@@ -52,8 +52,8 @@ def test_chat_page_streams_a_reply(browser, page_url):
     page.wait_for_function("document.getElementById('model-name').textContent.includes('tiny-chat')")
 
     page.set_default_timeout(15_000)
-    page.fill("#temperature", "0")  # the range input: greedy
-    assert page.inner_text("#temperature-value") == "0.00"
+    page.fill("#temperature", "1")  # the range input
+    assert page.inner_text("#temperature-value") == "1.00"
     page.click("#settings summary")  # open "More settings"
     page.fill("#max-tokens", "60")
     page.fill("#input", "你好！今天天气怎么样？")
@@ -64,7 +64,7 @@ def test_chat_page_streams_a_reply(browser, page_url):
     first = page.inner_text(".msg.assistant .text")
     assert CJK.fullmatch(first) and len(first) >= 20  # the streamed Chinese reply, whole characters only
     assert page.inner_text(".msg.user .text") == "你好！今天天气怎么样？"  # Chinese shown as typed
-    assert requests[0]["stream"] is True and requests[0]["temperature"] == 0 and requests[0]["max_tokens"] == 60
+    assert requests[0]["stream"] is True and requests[0]["temperature"] == 1 and requests[0]["max_tokens"] == 60
     assert page.is_hidden("#error")
 
     # a second turn carries the whole conversation

@@ -3,23 +3,32 @@
 Public API::
 
     from pocketgpt import GPT, GPTConfig, Tokenizer, generate
+
+Names are imported lazily, so that e.g. ``pocketgpt prepare`` never pays for importing torch.
 """
 
 __version__ = "0.1.0"
 
-from .errors import UserError  # noqa: E402
-from .model import GPT, GPTConfig, KVCache  # noqa: E402
+_LAZY = {
+    "GPT": "model",
+    "GPTConfig": "model",
+    "KVCache": "model",
+    "UserError": "errors",
+    "Tokenizer": "tokenizer",
+    "generate": "engine",
+    "stream_generate": "engine",
+}
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "UserError", "Tokenizer", "generate", "stream_generate"]
+__all__ = sorted(_LAZY)
 
 
-def __getattr__(name):  # lazy: importing the model should not pull in tokenizers or the engine
-    if name == "Tokenizer":
-        from .tokenizer import Tokenizer
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
 
-        return Tokenizer
-    if name in ("generate", "stream_generate"):
-        from . import engine
-
-        return getattr(engine, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'pocketgpt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

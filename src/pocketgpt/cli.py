@@ -31,7 +31,9 @@ COMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (``only=NAME``) one whose NAME subcommand alone is configured — so running one command
+    imports only its own module (``pocketgpt prepare`` never imports torch); ``only=""`` configures none (help)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -41,21 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pocketgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module, help_text in COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue  # a stage not built yet
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-        mod.configure_cli(name, p)
+        if only is None or only == name:
+            importlib.import_module(module).configure_cli(name, p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import UserError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = {name for name, _, _ in COMMANDS}
+    chosen = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(only=chosen if chosen in names else "")
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

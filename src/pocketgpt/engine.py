@@ -13,6 +13,10 @@ How a batch is decoded (``_decode``):
             ─▶ one prefill forward (logits of the last position only) ─▶ cache.repeat(n) for n samples per prompt
             ─▶ loop: penalties → temperature → top-k → top-p → min-p → sample/argmax
                      ─▶ per-row stop checks (stop ids, stop strings, max_new_tokens, context) ─▶ feed the tokens
+                        (one token per row through ``_FastStep``: the model's forward without module overhead)
+
+Prompts longer than the context are cut from the left (a warning), keeping room for the answer; with learned
+positions a row stops at the context ("length"), rope/sinusoidal models may run past it (the cache grows to fit).
 
 Log-probs (``return_logprobs=True``) are always those of the *unmodified* model distribution at temperature 1
 (log-softmax of the raw logits), whatever sampling filters chose the token: PPO/GRPO need the policy's own
@@ -30,7 +34,7 @@ import logging
 import math
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -631,7 +635,7 @@ def generate(
 
 def _generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                       presence_penalty, frequency_penalty, num_beams, length_penalty, early_stopping, n, stop_ids,
-                      stop, tokenizer, seed, want_logprobs, stream_rows=None) -> list[GenerationResult]:
+                      stop, tokenizer, seed, want_logprobs) -> list[GenerationResult]:
     prompts = _fit_prompts(model, prompts, max_new_tokens)
     stop_ids = _normalize_stop_ids(stop_ids)
     stops = _normalize_stop(stop)
@@ -651,8 +655,7 @@ def _generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p,
                         frequency_penalty=frequency_penalty, seed=seed)
             rows = None
             for rows in _decode(model, prompts, max_new_tokens, n, opts, stop_ids, stops, tokenizer, want_logprobs):
-                if stream_rows is not None:
-                    stream_rows(rows)
+                pass
             return [GenerationResult(r.tokens, r.logprobs if want_logprobs else None, r.reason, r.text)
                     for r in rows]
     finally:

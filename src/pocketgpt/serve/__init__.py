@@ -21,7 +21,7 @@ def configure_cli(name, p) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint directory (with tokenizer/; or a Hugging Face GPT-2 dir)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set, else none)")
     p.add_argument("--max-concurrency", type=int, default=1,
@@ -56,9 +56,28 @@ def load_backend(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp
     return Backend(model, tokenizer, model_name or ckpt.resolve().name)
 
 
-def _run(args) -> int:
+def serve_forever(app, host: str, port: int) -> None:
+    """Run ``app`` with uvicorn until Ctrl+C / SIGTERM. On the signal every queued or running generation is dropped
+    first, so open streams end at once and the server stops without waiting for them."""
+    import asyncio
+
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            sched = app.state.scheduler
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                loop.call_soon_threadsafe(lambda: [sched.drop(j) for j in [*sched.waiting, *sched.running]])
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()
+
+
+def _run(args) -> int:
     from .app import create_app
 
     if not 0 <= args.port <= 65535:
@@ -86,5 +105,5 @@ def _run(args) -> int:
     print(f"pocketgpt serve: model '{backend.model_id}' ({backend.model.num_params() / 1e6:.1f}M params, context "
           f"{backend.context}) on http://{shown}:{args.port}/  (API: /v1, "
           f"{'API key required' if api_key else 'no API key'})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+    serve_forever(app, args.host, args.port)
     return 0

@@ -3,7 +3,8 @@
 Endpoints
     POST /v1/chat/completions   messages → reply (``stream: true`` = server-sent events ending in ``data: [DONE]``)
     POST /v1/completions        prompt text or token ids → continuation; ``logprobs`` (+ top alternatives), ``echo``;
-                                ``max_tokens: 0`` + ``echo`` + ``logprobs`` scores the prompt (evaluation harnesses)
+                                ``max_tokens: 0`` + ``echo`` + ``logprobs`` scores the prompt (evaluation harnesses);
+                                streamed completions carry text only (no ``logprobs``)
     GET  /v1/models             the one served model
     GET  /health                liveness + load (never needs the API key)
     GET  /                      the web chat page (``serve/static/``)
@@ -24,11 +25,15 @@ after another. Every job gets its text after each token step and its answer as s
 client that disconnects (mid-stream, or while waiting for a non-streamed answer) drops its job at once: it leaves
 the queue, or stops receiving tokens at the next step; a batch whose jobs are all gone stops decoding and frees its
 thread.
+
+Log-probs (``logprobs``, ``echo``) are those of the raw model distribution (temperature 1, no filters), from one
+forward pass over prompt + completion (``engine.sequence_logprobs``), whatever sampling options chose the tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -53,7 +58,7 @@ STATIC = Path(__file__).parent / "static"
 
 
 class Cancelled(Exception):
-    """Raised inside a worker thread when its client has gone away."""
+    """The outcome of a job whose client went away."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -105,6 +110,7 @@ class Backend:
         After every token step each job gets its new text (``job.on_text``, streaming) and is finished as soon as
         its own rows are done: ``finish(job, [{"tokens", "text", "finish_reason"}, ...])`` (one per sample), or
         ``finish(job, Cancelled())`` once its client is gone. The batch stops when no job is left to serve.
+        Uses the engine's per-step hook (``_generate_results(..., stream_rows=)``), the same loop as ``generate``.
         """
         from .. import engine
 
@@ -327,6 +333,8 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        for job in [*sched.waiting, *sched.running]:  # shutting down: stop every batch at its next step
+            sched.drop(job)
         sched.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="pocketgpt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -418,13 +426,18 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         of choice ``index`` (= job number * n + sample); ``usage(completion_tokens)`` the closing one, if any.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        for j, job in enumerate(jobs):  # text pieces arrive as (choice index, text) from the worker thread
-            job.on_text = lambda k, text, base=j * job.n: loop.call_soon_threadsafe(queue.put_nowait,
-                                                                                  (base + k, text))
+        inbox: collections.deque = collections.deque()  # (choice index, text) pieces, then each job's future
+        wake = asyncio.Event()
+
+        def put(item: Any) -> None:
+            inbox.append(item)
+            wake.set()
+
+        for j, job in enumerate(jobs):  # text pieces come from the worker thread
+            job.on_text = lambda k, text, base=j * job.n: loop.call_soon_threadsafe(put, (base + k, text))
         sched.submit(jobs)  # 503 now, before the response starts, if the queue is full
-        for job in jobs:  # resolved after every piece of text it produced has been queued
-            job.future.add_done_callback(lambda f: queue.put_nowait(f))
+        for job in jobs:  # resolved after every piece of text it produced has been put in the inbox
+            job.future.add_done_callback(put)
 
         async def events() -> AsyncIterator[bytes]:
             def sse(obj: dict) -> bytes:
@@ -437,13 +450,15 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                             yield sse(event)
                 remaining, completion_tokens = len(jobs), 0
                 while remaining:
-                    item = await queue.get()
+                    while not inbox:
+                        wake.clear()
+                        await wake.wait()
+                    item = inbox.popleft()
                     if not isinstance(item, asyncio.Future):
-                        # pieces that piled up while we were sending go out as one event per choice
+                        # pieces that piled up while we were sending go out as one event
                         index, text = item
-                        while not queue.empty() and not isinstance(queue._queue[0], asyncio.Future) \
-                                and queue._queue[0][0] == index:
-                            text += queue.get_nowait()[1]
+                        while inbox and isinstance(inbox[0], tuple) and inbox[0][0] == index:
+                            text += inbox.popleft()[1]
                         yield sse(piece(index, text))
                         continue
                     remaining -= 1

@@ -15,7 +15,18 @@ transformer serves policy and value, as in TRL's value-head models; the value lo
 the trainable model is the policy plus ``n_embd + 1`` numbers. The reference is a frozen copy of the starting policy
 (no grad, eval; ``ref_dtype = "bf16"`` halves it), and the reward model is loaded frozen (eval, no grad,
 ``rm_dtype``); neither has optimizer state. The checkpoint ``RUN/ckpt`` is a plain GPT checkpoint of the policy
-(chat / export load it) plus ``value_head.safetensors`` for resuming.
+(chat / export load it) plus ``value_head.safetensors`` for resuming. Nothing else can be shared correctly: the
+reference must stay the *starting* policy, and the reward model is a different network.
+
+Peak memory (``peak_rss_mb`` in the metrics; measured with ``--config ppo-tiny`` on the 2-core CPU, one thread;
+the Python + torch + pocketgpt imports alone are 276 MB):
+
+    policy 0.45M params (benchmarks/rlhf.py's model) + RM of the same size          451 MB
+    policy 11.1M params (6 layers, 384 wide, context 256) + RM of the same size     991 MB (ref/RM in bf16: 995 MB)
+
+so a run needs roughly the imports + 16 bytes per trainable parameter (weights, gradients, two AdamW moments) +
+4 bytes per frozen parameter (reference, reward model) + activations of one minibatch; bf16 frozen copies only pay
+off for models much larger than these.
 
 Rewards: ``--reward RM_CKPT`` (a ``pocketgpt rm`` checkpoint; replies are re-rendered with the RM's own tokenizer and
 chat template) or ``--reward-fn module:function`` / ``path/file.py:function`` called as ``fn(prompt_messages,
@@ -355,7 +366,9 @@ class PPOStage:
         score = raw - cfg.missing_end_penalty * (~stopped).float()
         if cfg.whiten_rewards:
             self.moments.update(score.tolist())
-            score = score / max(self.moments.std, 1e-6)
+            std = self.moments.std
+            if std > 1e-6:  # (all scores so far equal: nothing to rescale)
+                score = score / std
         if cfg.reward_clip > 0:
             score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
 

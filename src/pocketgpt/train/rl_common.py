@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import numbers
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +62,16 @@ def load_reward_fn(spec: str) -> RewardFn:
             module = importlib.util.module_from_spec(spec_obj)
             sys.modules[mod_id] = module
             spec_obj.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
+        else:  # an importable module; the current directory counts too (as with ``python -m``)
+            cwd = os.getcwd()
+            added = cwd not in sys.path
+            if added:
+                sys.path.insert(0, cwd)
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                if added and cwd in sys.path:
+                    sys.path.remove(cwd)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any import failure of user code is a user error

@@ -46,8 +46,9 @@ class SFTConfig:
 
     init: str = ""  # checkpoint to start from (--init overrides)
     data: list = field(default_factory=list)  # conversation files or bundled corpus names (--data overrides)
+    val_data: list = field(default_factory=list)  # held-out conversation files (else a fraction of data)
     block_size: int = 0  # training context; 0 = the model's
-    val_fraction: float = 0.05  # held-out conversations
+    val_fraction: float = 0.05  # held-out conversations (when val_data is empty)
     val_max: int = 200  # at most this many held-out conversations
     overflow: str = "split"  # split | truncate (conversations longer than the context)
     skip_bad: bool = False  # skip bad JSONL lines (with a count) instead of stopping
@@ -61,8 +62,12 @@ class SFTConfig:
             raise bad("init", f"must be a checkpoint directory path, got {self.init!r}")
         if isinstance(self.data, str):
             self.data = [self.data]
-        if not isinstance(self.data, list) or not all(isinstance(d, str) for d in self.data):
-            raise bad("data", "must be a list of file paths or bundled corpus names")
+        if isinstance(self.val_data, str):
+            self.val_data = [self.val_data]
+        for name in ("data", "val_data"):
+            v = getattr(self, name)
+            if not isinstance(v, list) or not all(isinstance(d, str) for d in v):
+                raise bad(name, "must be a list of file paths or bundled corpus names")
         for name in ("block_size", "val_max", "max_conversations"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -274,7 +279,10 @@ def prepare_sft(init: str | Path, sft: SFTConfig, train_seed: int, device=None, 
     convs = load_conversations(sft.data, skip_bad=sft.skip_bad, report=log)
     if sft.max_conversations and len(convs) > sft.max_conversations:
         convs = random.Random(train_seed).sample(convs, sft.max_conversations)
-    train_convs, val_convs = split_conversations(convs, sft.val_fraction, sft.val_max, train_seed)
+    if sft.val_data:
+        train_convs, val_convs = convs, load_conversations(sft.val_data, skip_bad=sft.skip_bad, report=log)
+    else:
+        train_convs, val_convs = split_conversations(convs, sft.val_fraction, sft.val_max, train_seed)
     train_ex, tstats = build_examples(train_convs, tokenizer, block, sft.overflow)
     val_ex, vstats = build_examples(val_convs, tokenizer, block, sft.overflow)
     log(f"sft: train {tstats.summary()}")
@@ -332,6 +340,8 @@ def configure_cli(name: str, parser) -> None:
     parser.add_argument("--data", nargs="+", metavar="FILE", default=None,
                         help="conversation JSONL files ({\"messages\": [...]} per line, .jsonl or .jsonl.gz) or "
                              "bundled corpus names")
+    parser.add_argument("--val-data", "--val_data", nargs="+", metavar="FILE", default=None, dest="val_data_files",
+                        help="held-out conversation files (default: a val_fraction of --data)")
     parser.add_argument("--out", default="runs/sft", metavar="RUN",
                         help="run directory (default runs/sft); the model ends up in RUN/ckpt")
     parser.add_argument("--resume", action="store_true", help="require a checkpoint in RUN/ckpt to resume from "
@@ -351,6 +361,8 @@ def _cli_sft(args) -> int:
         sft.init = args.init
     if args.data:
         sft.data = list(args.data)
+    if args.val_data_files:
+        sft.val_data = list(args.val_data_files)
     sft.validate()
     if not sft.init:
         raise UserError("--init: required (a pocketgpt checkpoint or a local Hugging Face GPT-2 directory)")
