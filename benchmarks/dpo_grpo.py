@@ -14,6 +14,7 @@ GRPO (the built-in arithmetic task):
     python benchmarks/dpo_grpo.py                      # CPU-sized, a few minutes
     python benchmarks/dpo_grpo.py --out runs/bench-rl --dpo-steps 300 --grpo-steps 150 --sft-steps 400
     python benchmarks/dpo_grpo.py --skip-dpo           # only the GRPO half (or --skip-grpo)
+    python benchmarks/dpo_grpo.py --pairs synthetic    # DPO on a preference a tiny model (and its RM) can learn
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import random  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -59,27 +61,55 @@ def _write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+POSITIVE = "glad happy sure thanks great kind welcome lovely nice gladly".split()
+NEGATIVE = "no bad awful hate ugly sad never rude boring wrong".split()
+TOPICS = "cats rain music bread trains books the sea winter coffee gardens maps stars".split()
+
+
+def synthetic_pairs(n: int, seed: int = 0):
+    """Pairs with a learnable preference: the chosen reply is made of friendly words, the rejected one of unfriendly
+    words (same prompt, similar lengths)."""
+    from pocketgpt.train.reward import Pair
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"Tell me about {rng.choice(TOPICS)}."}]
+        k = rng.randint(3, 8)
+        chosen = " ".join(rng.choice(POSITIVE) for _ in range(k))
+        rejected = " ".join(rng.choice(NEGATIVE) for _ in range(k))
+        out.append(Pair(prompt, chosen, rejected, f"synthetic:{i + 1}"))
+    return out
+
+
 def dpo_benchmark(out: Path, args) -> dict:
     from pocketgpt.chat import resolve_data
     from pocketgpt.config import load_config
     from pocketgpt.train.dpo import DPOConfig, run_dpo
     from pocketgpt.train.reward import _sections as rm_sections
     from pocketgpt.train.reward import load_reward_model, read_pairs, split_pairs, train_reward_model
-    from pocketgpt.train.rl_common import render_prompt, rollout
+    from pocketgpt.train.rl_common import rollout
     from pocketgpt.train.sft import SFTConfig, run_sft
 
     t0 = time.time()
-    found = resolve_data(args.pairs)
-    pairs = []
-    for p in (found if isinstance(found, list) else [found]):
-        pairs += read_pairs(p)
+    if args.pairs == "synthetic":
+        pairs = synthetic_pairs(600)
+    else:
+        found = resolve_data(args.pairs)
+        pairs = []
+        for p in (found if isinstance(found, list) else [found]):
+            pairs += read_pairs(p)
     if args.max_pairs:
         pairs = pairs[: args.max_pairs]
     train_p, held_p = split_pairs(pairs, 0.15, seed=0)
     row = lambda p: {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
     train_file = _write_jsonl(out / "pairs_train.jsonl", [row(p) for p in train_p])
     _write_jsonl(out / "pairs_heldout.jsonl", [row(p) for p in held_p])
-    sft_file = _write_jsonl(out / "sft.jsonl", [{"messages": p.prompt + [{"role": "assistant", "content": p.chosen}]}
+    # SFT on the chosen replies (the usual recipe); on synthetic pairs on either reply at random, so that the SFT
+    # policy is neutral about the preference and DPO has something to learn
+    rng = random.Random(0)
+    pick = (lambda p: rng.choice((p.chosen, p.rejected))) if args.pairs == "synthetic" else (lambda p: p.chosen)
+    sft_file = _write_jsonl(out / "sft.jsonl", [{"messages": p.prompt + [{"role": "assistant", "content": pick(p)}]}
                                                  for p in train_p])
     log(f"dpo bench: {len(train_p)} training pairs, {len(held_p)} held-out prompts")
 
@@ -138,6 +168,8 @@ def dpo_benchmark(out: Path, args) -> dict:
         "pairs_train": len(train_p), "prompts_heldout": len(held_p),
         "win_rate": wins / len(prompts),
         "rm_mean_sft": sum(s_sft) / len(s_sft), "rm_mean_dpo": sum(s_dpo) / len(s_dpo),
+        "len_sft": sum(len(o.reply_ids) for o in replies["sft"]) / len(prompts),
+        "len_dpo": sum(len(o.reply_ids) for o in replies["dpo"]) / len(prompts),
         "rm_val_accuracy": rm_result.get("val_accuracy", rm_result.get("accuracy")),
         "dpo_acc_before": evals[0]["accuracy"], "dpo_acc_after": evals[-1]["accuracy"],
         "dpo_margin_after": evals[-1]["margin"],
@@ -196,6 +228,8 @@ def write_report(out: Path, dpo: dict | None, grpo: dict | None, args) -> Path:
             "| figure | value |", "|---|---:|",
             f"| **RM-judged win rate, DPO over SFT** (held-out prompts, ties = ½) | **{dpo['win_rate']:.3f}** |",
             f"| mean RM score of replies: SFT → DPO | {dpo['rm_mean_sft']:.3f} → {dpo['rm_mean_dpo']:.3f} |",
+            f"| mean reply length in tokens: SFT → DPO (RMs tend to favour length) | {dpo['len_sft']:.1f} → "
+            f"{dpo['len_dpo']:.1f} |",
             f"| RM held-out pair accuracy (trust in the judge) | {dpo['rm_val_accuracy']:.3f} |",
             f"| DPO held-out implicit-reward accuracy: start → end | {dpo['dpo_acc_before']:.3f} → "
             f"{dpo['dpo_acc_after']:.3f} |",
@@ -226,7 +260,8 @@ def main() -> None:
     ap.add_argument("--skip-dpo", action="store_true")
     ap.add_argument("--skip-grpo", action="store_true")
     # DPO half
-    ap.add_argument("--pairs", default="prefs", help="preference pairs file or bundled name (default prefs)")
+    ap.add_argument("--pairs", default="prefs", help="preference pairs file, bundled name (default prefs), or "
+                    "'synthetic' (a learnable preference: friendly vs unfriendly words)")
     ap.add_argument("--max-pairs", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--block", type=int, default=128)
@@ -235,7 +270,7 @@ def main() -> None:
     ap.add_argument("--sft-steps-dpo", type=int, default=150)
     ap.add_argument("--rm-steps", type=int, default=100)
     ap.add_argument("--dpo-steps", type=int, default=80)
-    ap.add_argument("--dpo-lr", type=float, default=3e-4)
+    ap.add_argument("--dpo-lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--reply-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.8)
@@ -252,8 +287,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    args.sft_steps_dpo = args.sft_steps_dpo
-    args.sft_steps = args.sft_steps
     dpo = None if args.skip_dpo else dpo_benchmark(out, args)
     if dpo:
         print(f"DPO vs SFT: RM-judged win rate {dpo['win_rate']:.3f} on {dpo['prompts_heldout']} held-out prompts "

@@ -1,6 +1,6 @@
 """SFT quality on the bundled dialogue data: held-out assistant-token loss before vs after SFT, and sample replies.
 
-    python benchmarks/sft.py [--out runs/bench-sft] [--pretrain-steps 300] [--sft-steps 300] [--n-embd 128] ...
+    python benchmarks/sft.py [--out runs/bench-sft] [--pretrain-steps 120] [--sft-steps 80] [--n-embd 128] [--threads 1]
 
 1. Conversations: the bundled ``chat`` corpus (chatterbot en/zh, KdConv zh, chitchat en, Dolly open QA samples),
    split by conversation (seeded) into train and held-out.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pocketgpt import GPT, GPTConfig  # noqa: E402
-from pocketgpt.chat import ChatSession, render  # noqa: E402
+from pocketgpt.chat import ChatSession  # noqa: E402
 from pocketgpt.io import atomic_write_text  # noqa: E402
 from pocketgpt.train.sft import (SFTConfig, assistant_loss, build_examples, load_conversations,  # noqa: E402
                                  run_sft, split_conversations)
@@ -102,9 +101,10 @@ def main() -> int:
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=128)
-    ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--sft-steps", type=int, default=200)
+    ap.add_argument("--pretrain-steps", type=int, default=120)
+    ap.add_argument("--sft-steps", type=int, default=80)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtype", default="fp32", help="autocast precision (fp32 is fastest for tiny models on a CPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args()
@@ -139,7 +139,7 @@ def main() -> int:
     model = GPT(cfg)
     log(f"base model: {model.num_params() / 1e6:.2f}M parameters; pretraining on {len(data):,} tokens")
     pre = TrainConfig(max_steps=args.pretrain_steps, batch_size=args.batch_size, lr=3e-3, min_lr=3e-4,
-                      warmup_steps=20, weight_decay=0.1, dtype="auto", eval_interval=0, ckpt_interval=0,
+                      warmup_steps=20, weight_decay=0.1, dtype=args.dtype, eval_interval=0, ckpt_interval=0,
                       log_interval=25, seed=args.seed)
     t = time.time()
     Trainer(model, TextStage(data[:-n_val], data[-n_val:], args.block_size, args.batch_size, args.seed), pre,
@@ -155,7 +155,7 @@ def main() -> int:
     # 4. SFT on the training conversations, evaluated on the same held-out file
     sft = SFTConfig(data=[str(out / "train.jsonl")], val_data=[str(out / "heldout.jsonl")])
     sft_train = TrainConfig(max_steps=args.sft_steps, batch_size=args.batch_size, lr=1e-3, min_lr=1e-4,
-                            warmup_steps=10, weight_decay=0.0, dtype="auto", eval_interval=max(args.sft_steps // 4, 1),
+                            warmup_steps=10, weight_decay=0.0, dtype=args.dtype, eval_interval=max(args.sft_steps // 4, 1),
                             eval_batches=0, ckpt_interval=0, log_interval=25, seed=args.seed)
     t = time.time()
     result = run_sft(base_dir, out / "sft", sft, sft_train, resume=False, log=log)

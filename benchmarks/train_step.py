@@ -76,7 +76,7 @@ def optim_only(a) -> None:
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     print(f"AdamW step alone on {model.num_params() / 1e6:.1f}M parameters:")
-    for impl in ("fused", "foreach", "for-loop"):
+    for impl in ("foreach", "for-loop", "fused"):
         opt = make_opt(model, impl)
         for _ in range(3):
             opt.step()
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (best kept)")
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--optim", default="foreach", choices=["fused", "foreach", "for-loop"])
+    ap.add_argument("--optim", default="fused", choices=["fused", "foreach", "for-loop"])
     ap.add_argument("--optim-only", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     a = ap.parse_args()

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The test models are tiny: one thread beats two (thread sync costs more than the matmuls), and the test
+# subprocesses (CLI runs) inherit this through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def run_cli(*args, cwd=None, input=None, timeout=600, env=None, check=True):

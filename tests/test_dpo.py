@@ -83,7 +83,7 @@ def test_dpo_learns_preference_and_resumes(tmp_path, one_thread):
                           progress=False)
         return run_dpo(opts, run, cfg, log=lambda s: None)
 
-    first = train(20)
+    train(20)
     cache = run / "ref_logprobs.safetensors"
     assert cache.exists()
     stamp = cache.stat().st_mtime_ns
@@ -97,7 +97,6 @@ def test_dpo_learns_preference_and_resumes(tmp_path, one_thread):
     assert end["accuracy"] > 0.75, evals  # held-out implicit-reward accuracy well above chance
     assert end["margin"] > 0.05
     assert end["logp_margin"] > start["logp_margin"] + 1.0  # chosen - rejected log-prob margin grows
-    assert first["accuracy"] <= result["accuracy"] + 0.1
     for png in ("loss.png", "accuracy.png", "margin.png", "logp_margin.png"):
         assert (run / png).exists(), png
     assert (run / "ckpt" / "model.safetensors").exists() and (run / "ckpt" / "tokenizer").is_dir()

@@ -18,6 +18,13 @@ examples: each example starts with the system message (if any) and a user turn, 
 user/assistant exchanges as fit. A single exchange that does not fit alone is cut at the token level (its reply
 loses its tail and its ``<|end|>``), or skipped when not even the prompt part fits. ``mode="truncate"`` instead keeps
 only the first example (the system message and the leading turns that fit).
+
+``pocketgpt chat --ckpt DIR`` (``ChatSession`` underneath): multi-turn history, replies streamed by the engine and
+stopped at ``<|end|>``, ``/reset``, ``/system TEXT``, ``/temperature X``, ``/history``, ``/help``, ``/exit`` (or
+Ctrl-D). Before each reply the oldest exchanges are dropped until the prompt leaves room for the reply
+(``min(max_new_tokens, context/2)`` tokens); the system message is always kept. With stdin not a terminal it reads
+one message per line and writes one reply per line (newlines in a reply become spaces), nothing else on stdout;
+commands still work and print nothing there.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 from .errors import UserError
 
@@ -91,14 +98,7 @@ class _Specials:
 
 
 def _specials(tokenizer) -> _Specials:
-    cached = getattr(tokenizer, "_pocketgpt_chat_specials", None)
-    if cached is None:
-        cached = _Specials(tokenizer)
-        try:
-            tokenizer._pocketgpt_chat_specials = cached
-        except AttributeError:
-            pass
-    return cached
+    return _Specials(tokenizer)
 
 
 def _message_pieces(messages: list[Message], tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -394,21 +394,13 @@ HELP = """commands:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory holding one (its latest/final/best checkpoint)."""
+    """A checkpoint directory, or a run directory holding one (``RUN/ckpt``, else ``RUN/best``)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: checkpoint directory not found")
     if (p / "config.json").exists():
         return p
-    try:  # the Trainer knows its own run layout
-        from .train.trainer import find_checkpoint as trainer_find
-    except ImportError:
-        trainer_find = None
-    if trainer_find is not None:
-        found = trainer_find(p)
-        if found is not None:
-            return Path(found)
-    for name in ("final", "latest", "best", "ckpt", "checkpoint"):
+    for name in ("ckpt", "best"):  # a Trainer run directory: RUN/ckpt is the final model
         if (p / name / "config.json").exists():
             return p / name
     raise UserError(f"{p}: not a checkpoint directory (no config.json) nor a run directory holding one")

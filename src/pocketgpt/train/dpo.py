@@ -30,10 +30,9 @@ CLI::
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 

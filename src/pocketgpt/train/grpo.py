@@ -20,6 +20,9 @@ reward, prompts drawn from a seed, a fixed held-out set) or ``--reward-fn module
 ``{"prompt": ...}``). A reward function that raises or returns a non-number stops the run with an error naming the
 record (``FILE:LINE`` of the prompt); a bad prompts line is an error naming ``FILE:LINE``.
 
+Per step: ``reward`` (mean), ``reward_std`` (within groups), ``flat_groups`` (groups whose replies all scored the same:
+no signal), ``clip_frac``, ``kl``, ``reply_len``, ``truncated``.
+
 Evaluation (every ``eval_interval`` steps and once at step 0): greedy replies to the held-out prompts —
 ``accuracy`` (exact answers, task) or ``eval_reward`` (mean reward, reward function); plotted as
 ``RUN/accuracy.png`` / ``RUN/eval_reward.png`` beside ``RUN/reward.png`` (training reward) and ``RUN/kl.png``.
@@ -294,7 +297,7 @@ class GRPOStage:
         batch = {
             "prompt_ids": prompt_ids, "reply_ids": reply_ids, "old_logp": old, "adv": adv,
             "stats": {"reward": float(rewards.mean()), "reward_std": float(r_groups.std(-1, unbiased=False).mean()),
-                      "solved_groups": float((r_groups.std(-1, unbiased=False) == 0).float().mean()),
+                      "flat_groups": float((r_groups.std(-1, unbiased=False) == 0).float().mean()),
                       "reply_len": float(sum(len(r) for r in reply_ids) / len(reply_ids)),
                       "truncated": float(sum(o.finish_reason == "length" for o in outs) / len(outs))},
         }
