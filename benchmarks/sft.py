@@ -169,7 +169,7 @@ def main() -> int:
         replies = []
         for m in (base, tuned):
             s = ChatSession(m, tok, temperature=0.7, top_k=40, max_new_tokens=48, seed=args.seed)
-            replies.append(s.reply_text(prompt).replace("\n", " ").replace("|", "/").strip() or "(empty)")
+            replies.append(s.reply_text(prompt).replace("\n", " ").replace("|", "\\|").strip() or "(empty)")
         rows.append((prompt, *replies))
 
     fmt = lambda x: f"{x:.3f}"  # noqa: E731

@@ -174,15 +174,23 @@ class Speedrun:
 
     def write_sft_extra(self) -> Path:
         """The arithmetic task's format as SFT conversations, so GRPO starts from a model that knows the format."""
-        from .tasks import get_task
-
-        t = self.table("grpo")
-        task = get_task("arithmetic", **t.get("task_options", {}))
+        task = self.task()
         n = int(self.table("speedrun").get("arithmetic_sft", 400))
         path = self.p("arithmetic_sft.jsonl")
         convs = task.sft_conversations(n, seed=1)
         atomic_write_text(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs))
         return path
+
+    def task(self):
+        """The GRPO stage's arithmetic task, with the options the grpo command will see (its preset + ours)."""
+        from .config import read_toml, resolve_config_path
+        from .tasks import get_task
+
+        t = self.table("grpo")
+        opts = dict(read_toml(resolve_config_path(t.get("config", "grpo-arithmetic"))).get("grpo", {}))
+        opts.update(t)
+        return get_task("arithmetic", digits=int(opts.get("task_digits", 2)), ops=str(opts.get("task_ops", "+-")),
+                        n_eval=int(opts.get("n_eval", 64)))
 
     def cmd_sft(self) -> list[str]:
         t = self.table("sft")
@@ -241,7 +249,6 @@ class Speedrun:
 
     def cmd_grpo(self) -> list[str]:
         t = self.table("grpo")
-        t.pop("task_options", None)
         cfg = t.pop("config", "grpo-tiny")
         return ["grpo", "--init", str(self.p("sft", "ckpt")), "--task", "arithmetic", "--config", cfg,
                 "--out", str(self.p("grpo")), *_opts(t), *self._common()]
@@ -299,7 +306,6 @@ class Speedrun:
 
         from .model import GPT
         from .runtime import pick_device
-        from .tasks import get_task
         from .tokenizer import load_tokenizer_for
         from .train.reward import load_reward_model
         from .train.rl_common import read_prompts, rollout
@@ -332,7 +338,7 @@ class Speedrun:
             out[f"{name}_win_rate_vs_sft"] = wins / len(prompts)
 
         # GRPO: exact-answer accuracy (greedy) on the task's held-out prompts, SFT model vs GRPO model
-        task = get_task("arithmetic", **self.table("grpo").get("task_options", {}))
+        task = self.task()
         eval_prompts = task.eval_prompts()
         grpo = GPT.from_pretrained(self.p("grpo", "ckpt"), device=device)
         for name, m in (("sft", models["sft"]), ("grpo", grpo)):
