@@ -22,9 +22,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# this folder holds benchmarks/tokenize.py, which would shadow the standard library's tokenize module
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 

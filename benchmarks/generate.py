@@ -14,10 +14,6 @@ from __future__ import annotations
 import os
 import sys
 
-# a sibling script named like a stdlib module (benchmarks/tokenize.py) must not shadow it
-_here = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
-
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402

@@ -20,9 +20,6 @@ from __future__ import annotations
 import os
 import sys
 
-# this folder holds benchmarks/tokenize.py, which would shadow the standard library's tokenize module
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 import argparse
 import asyncio
 import json

@@ -17,13 +17,7 @@ Figures (printed side by side and written to OUT/report.md):
 
 from __future__ import annotations
 
-import os
 import sys
-
-# run as a script, this folder is sys.path[0]; a sibling named like a stdlib module (benchmarks/tokenize.py) would
-# shadow it, so look modules up without it
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _HERE]
 
 import argparse
 import gzip

@@ -17,9 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-# this folder holds other scripts (e.g. tokenize.py) that must not shadow standard modules
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -13,12 +13,7 @@ hurts both alike (on a shared machine absolute figures are pessimistic; the rati
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-# this folder holds other scripts (e.g. tokenize.py) that must not shadow standard modules
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402
 

@@ -38,12 +38,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# The presets ship inside the package (the repository's top-level configs/ is a link to this folder), so
+# `--config NAME` works from any directory and from a non-editable install.
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def config_dirs() -> list[Path]:
-    """Where preset names are looked up: ./configs, then the configs/ of the pocketgpt checkout."""
-    dirs = [Path.cwd() / "configs", REPO_CONFIGS]
+    """Where preset names are looked up: ./configs (your own presets), then pocketgpt's bundled presets."""
+    dirs = [Path.cwd() / "configs", PACKAGE_CONFIGS]
     out = []
     for d in dirs:
         if d not in out:

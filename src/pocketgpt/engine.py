@@ -410,7 +410,6 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, n: int, sample
     with_text = tokenizer is not None
     bytes_of = _ByteDecoder(tokenizer).token_bytes if with_text else None
     rows = [_Row(_row_limit(model, lens[i], max_new_tokens), with_text) for i in range(B) for _ in range(n)]
-    R = len(rows)
     max_steps = max(r.limit for r in rows)
     for r in rows:
         if r.limit <= 0:
@@ -613,6 +612,7 @@ def generate(
     tokenizer=None,
     seed: Optional[int] = None,
     return_logprobs: bool = False,
+    on_step=None,
 ):
     """Generate continuations of ``prompts`` (token-id lists); returns the new tokens of each output row.
 
@@ -621,13 +621,17 @@ def generate(
     output exactly before the string. With ``return_logprobs=True`` a list of ``GenerationResult`` comes back.
     ``num_beams > 1`` runs beam search (deterministic; sampling options and penalties are not used) and returns the
     ``n`` best hypotheses per prompt.
+
+    ``on_step(rows)``, if given, is called after every decoding step (not for beam search) with the live state of
+    every output row (``.tokens``, ``.text`` (with a tokenizer), ``.done``, ``.reason``); an exception raised in it
+    stops decoding and propagates (the server uses this to stream batched requests and to drop cancelled ones).
     """
     _check_options(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, num_beams,
                    n, stop, tokenizer)
     results = list(_generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
                                      repetition_penalty, presence_penalty, frequency_penalty, num_beams,
                                      length_penalty, early_stopping, n, stop_ids, stop, tokenizer, seed,
-                                     return_logprobs))
+                                     return_logprobs, on_step))
     if return_logprobs:
         return results
     return [r.tokens for r in results]
@@ -635,7 +639,7 @@ def generate(
 
 def _generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                       presence_penalty, frequency_penalty, num_beams, length_penalty, early_stopping, n, stop_ids,
-                      stop, tokenizer, seed, want_logprobs) -> list[GenerationResult]:
+                      stop, tokenizer, seed, want_logprobs, on_step=None) -> list[GenerationResult]:
     prompts = _fit_prompts(model, prompts, max_new_tokens)
     stop_ids = _normalize_stop_ids(stop_ids)
     stops = _normalize_stop(stop)
@@ -655,7 +659,8 @@ def _generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p,
                         frequency_penalty=frequency_penalty, seed=seed)
             rows = None
             for rows in _decode(model, prompts, max_new_tokens, n, opts, stop_ids, stops, tokenizer, want_logprobs):
-                pass
+                if on_step is not None:
+                    on_step(rows)
             return [GenerationResult(r.tokens, r.logprobs if want_logprobs else None, r.reason, r.text)
                     for r in rows]
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,6 +37,10 @@ def cpu_has_fast_bf16() -> bool:
     bf16 and autocast is *slower* than fp32 (measured 13x slower on an AVX2-only EPYC), so ``auto`` picks fp32."""
     if os.environ.get("POCKETGPT_CPU_BF16") in ("0", "1"):
         return os.environ["POCKETGPT_CPU_BF16"] == "1"
+    try:  # oneDNN's own answer where this torch build has it
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        pass
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:

@@ -110,7 +110,7 @@ class Backend:
         After every token step each job gets its new text (``job.on_text``, streaming) and is finished as soon as
         its own rows are done: ``finish(job, [{"tokens", "text", "finish_reason"}, ...])`` (one per sample), or
         ``finish(job, Cancelled())`` once its client is gone. The batch stops when no job is left to serve.
-        Uses the engine's per-step hook (``_generate_results(..., stream_rows=)``), the same loop as ``generate``.
+        Uses the engine's per-step hook (``generate(..., on_step=)``).
         """
         from .. import engine
 
@@ -150,13 +150,13 @@ class Backend:
 
         sampling = _engine_sampling(lead.params)
         try:
-            engine._generate_results(
+            engine.generate(
                 self.model, [job.prompt for job in jobs], max_new_tokens=max(job.max_tokens for job in jobs),
                 temperature=sampling["temperature"], top_k=None, top_p=sampling.get("top_p"), min_p=None,
                 repetition_penalty=1.0, presence_penalty=sampling["presence_penalty"],
                 frequency_penalty=sampling["frequency_penalty"], num_beams=1, length_penalty=1.0,
                 early_stopping=False, n=n, stop_ids=self.stop_ids(lead.chat), stop=stops or None,
-                tokenizer=self.tokenizer, seed=sampling["seed"], want_logprobs=False, stream_rows=step,
+                tokenizer=self.tokenizer, seed=sampling["seed"], on_step=step,
             )
         except _BatchOver:
             pass

@@ -205,15 +205,6 @@ def init_distributed(device: torch.device) -> bool:
     return True
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX); on AVX2-only CPUs bf16 autocast is
-    several times slower than fp32 (measured 5x on the 2-core AMD EPYC dev box)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP / torch.compile wrappers."""
     while True:
@@ -407,9 +398,7 @@ class Trainer:
         self.resume = resume
 
         self.device = runtime.pick_device(cfg.device)
-        self.dtype = runtime.pick_dtype(cfg.dtype, self.device)
-        if cfg.dtype == "auto" and self.device.type == "cpu" and not cpu_has_fast_bf16():
-            self.dtype = torch.float32  # bf16 is emulated (slower than fp32) on CPUs without AVX512-BF16 / AMX
+        self.dtype = runtime.pick_dtype(cfg.dtype, self.device)  # auto: fp32 on CPUs without native bf16
         self.ddp = init_distributed(self.device)
         self.rank, self.world_size, self.local_rank = world_info()
         self.is_main = self.rank == 0
