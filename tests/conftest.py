@@ -27,6 +27,15 @@ def run_cli(*args, cwd=None, input=None, timeout=600, env=None, check=True):
 
 
 @pytest.fixture
+def one_thread():
+    """(Kept for tests that say so explicitly: conftest already runs everything on one thread.) Tiny models run faster single-threaded (and much faster on a busy machine); results are deterministic."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def cli():
     return run_cli
 

@@ -14,13 +14,6 @@ from pocketgpt.train.dpo import dpo_loss, pair_accuracy
 VOWELS, CONSONANTS = "aeiou", "bcdfg"
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster single-threaded (and much faster on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _make_ckpt(path):

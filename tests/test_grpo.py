@@ -12,13 +12,6 @@ from pocketgpt.tasks import first_integer, get_task
 from pocketgpt.train.grpo import group_advantages, grpo_loss
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster single-threaded (and much faster on a busy machine); results are deterministic."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _base_ckpt(path, n_embd=64):

@@ -29,12 +29,6 @@ def not_a_number(prompt, reply):
 '''
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def make_policy(path, alphabet="abcz "):

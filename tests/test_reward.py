@@ -12,13 +12,6 @@ from pocketgpt.cli import main as cli_main
 LETTERS = "abcdefghij"
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster (and steadier next to other test processes) on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def make_init_checkpoint(path, block_size=64):

@@ -81,13 +81,10 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def read_toml(path: str | Path) -> dict:
+    from .io import read_text
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    text = read_text(path)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -375,6 +372,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: dict[str, Op
                                             default=argparse.SUPPRESS, metavar="V",
                                             help=(f"[{sec}] {_type_name(tp)}" if shown else argparse.SUPPRESS))
                 action.metavar_key = key
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--resume`` / ``--restart``, the same for every training command (default: resume when RUN/ckpt exists)."""
+    parser.add_argument("--resume", action="store_true",
+                        help="require a checkpoint in RUN/ckpt to resume from (by default a run resumes when one exists)")
+    parser.add_argument("--restart", "--fresh", dest="restart", action="store_true",
+                        help="ignore a checkpoint in RUN/ckpt and start over")
+
+
+def resume_from_args(args: argparse.Namespace) -> Optional[bool]:
+    """The Trainer's ``resume``: True (required), False (start over) or None (automatic)."""
+    if args.resume and args.restart:
+        raise UserError("--resume and --restart exclude each other")
+    return True if args.resume else (False if args.restart else None)
 
 
 def config_from_args(args: argparse.Namespace, sections: dict[str, Optional[type]], **kw) -> RunConfig:

@@ -726,7 +726,7 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], **options) -> I
         with torch.inference_mode():
             for rows in _decode(model, prompts, args["max_new_tokens"], 1, opts, stop_ids, stops, tokenizer, False):
                 r = rows[0]
-                end = len(r.text) if r.done else len(r.text) - _stop_prefix_len(r.text, stops)
+                end = len(r.text) if r.done else len(r.text) - stop_prefix_len(r.text, stops)
                 if end > emitted:
                     piece = r.text[emitted:end]
                     emitted = end
@@ -737,7 +737,7 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], **options) -> I
         model.train(was_training)
 
 
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
+def stop_prefix_len(text: str, stops: list[str]) -> int:
     """Length of the longest end of ``text`` that is the beginning of some stop string (to hold back)."""
     best = 0
     for s in stops:

@@ -88,17 +88,23 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; a missing or malformed file is a ``UserError`` naming the file (and line)."""
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents; missing, unreadable or non-UTF-8 files are a ``UserError`` naming the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a missing or malformed file is a ``UserError`` naming the file (and line)."""
+    path = Path(path)
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

@@ -51,6 +51,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine import stop_prefix_len
 from ..errors import UserError
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest
 
@@ -132,7 +133,7 @@ class Backend:
                     done = r.done or len(r.tokens) >= job.max_tokens
                     text = r.text if r.text is not None else self.decode(r.tokens)
                     if job.on_text is not None:
-                        end = len(text) if done else len(text) - _stop_prefix_len(text, stops)
+                        end = len(text) if done else len(text) - stop_prefix_len(text, stops)
                         if end > job.emitted[k]:
                             job.on_text(k, text[job.emitted[k] : end])
                             job.emitted[k] = end
@@ -200,17 +201,6 @@ def _engine_sampling(params: dict) -> dict:
     if params["top_p"] < 1.0:
         out["top_p"] = float(params["top_p"])
     return out
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest end of ``text`` that is the beginning of a stop string (held back while streaming)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 # --------------------------------------------------------------------------------------------------------------------

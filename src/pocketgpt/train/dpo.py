@@ -449,7 +449,7 @@ def _sections():
 
 
 def configure_cli(name: str, parser) -> None:
-    from ..config import add_config_arguments
+    from ..config import add_config_arguments, add_resume_arguments
 
     parser.add_argument("--init", metavar="SFT_CKPT", default=None,
                         help="SFT checkpoint to start from (also the frozen reference model)")
@@ -464,14 +464,13 @@ def configure_cli(name: str, parser) -> None:
                         help="reference log-probs computed once up front (precomputed, default) or every step (online)")
     parser.add_argument("--out", default="runs/dpo", metavar="RUN",
                         help="run directory (default runs/dpo); the model ends up in RUN/ckpt")
-    parser.add_argument("--resume", action="store_true", help="require a checkpoint in RUN/ckpt to resume from")
-    parser.add_argument("--restart", action="store_true", help="ignore a checkpoint in RUN/ckpt and start over")
+    add_resume_arguments(parser)
     add_config_arguments(parser, _sections())
     parser.set_defaults(func=_cli_dpo)
 
 
 def _cli_dpo(args) -> int:
-    from ..config import config_from_args
+    from ..config import config_from_args, resume_from_args
 
     rc = config_from_args(args, _sections())
     train = rc.rebuild("train", **TRAIN_DEFAULTS).validate()
@@ -485,9 +484,7 @@ def _cli_dpo(args) -> int:
     opts.validate()
     if not opts.data:
         raise UserError("--data: required (preference pairs JSONL or the bundled name 'prefs')")
-    if args.resume and args.restart:
-        raise UserError("--resume and --restart exclude each other")
-    resume = True if args.resume else (False if args.restart else None)
+    resume = resume_from_args(args)
     result = run_dpo(opts, args.out, train, run_config=rc.to_dict(), resume=resume)
     line = f"dpo: done at step {result['step']}"
     if "accuracy" in result:

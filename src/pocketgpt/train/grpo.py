@@ -413,7 +413,7 @@ def _sections():
 
 
 def configure_cli(name: str, parser) -> None:
-    from ..config import add_config_arguments
+    from ..config import add_config_arguments, add_resume_arguments
 
     parser.add_argument("--init", metavar="CKPT", default=None, help="chat checkpoint to improve")
     parser.add_argument("--task", default=None, help="built-in verifiable task: arithmetic")
@@ -428,14 +428,13 @@ def configure_cli(name: str, parser) -> None:
                         help="weight of the KL to the init model (k3 estimator; default 0 = none)")
     parser.add_argument("--out", default="runs/grpo", metavar="RUN",
                         help="run directory (default runs/grpo); the model ends up in RUN/ckpt")
-    parser.add_argument("--resume", action="store_true", help="require a checkpoint in RUN/ckpt to resume from")
-    parser.add_argument("--restart", action="store_true", help="ignore a checkpoint in RUN/ckpt and start over")
+    add_resume_arguments(parser)
     add_config_arguments(parser, _sections())
     parser.set_defaults(func=_cli_grpo)
 
 
 def _cli_grpo(args) -> int:
-    from ..config import config_from_args
+    from ..config import config_from_args, resume_from_args
 
     rc = config_from_args(args, _sections())
     train = rc.rebuild("train", **TRAIN_DEFAULTS).validate()
@@ -444,9 +443,7 @@ def _cli_grpo(args) -> int:
         v = getattr(args, name)
         if v is not None:
             setattr(opts, name, v)
-    if args.resume and args.restart:
-        raise UserError("--resume and --restart exclude each other")
-    resume = True if args.resume else (False if args.restart else None)
+    resume = resume_from_args(args)
     result = run_grpo(opts, args.out, train, run_config=rc.to_dict(), resume=resume)
     metric = "accuracy" if opts.task else "eval_reward"
     line = f"grpo: done at step {result['step']}"

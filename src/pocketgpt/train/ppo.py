@@ -566,7 +566,7 @@ def _sections() -> dict:
 
 
 def configure_cli(name: str, parser: argparse.ArgumentParser) -> None:
-    from ..config import add_config_arguments
+    from ..config import add_config_arguments, add_resume_arguments
 
     parser.add_argument("--policy", required=True, metavar="CKPT", help="the SFT checkpoint to start from")
     src = parser.add_mutually_exclusive_group(required=True)
@@ -578,17 +578,16 @@ def configure_cli(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts (default: [ppo] eval_prompts of "
                                                                 "--prompts are held out)")
     parser.add_argument("--out", metavar="DIR", default="runs/ppo", help="run directory (default runs/ppo)")
-    parser.add_argument("--resume", action="store_true", help="require a checkpoint in --out to resume")
-    parser.add_argument("--fresh", action="store_true", help="start over even if --out holds a checkpoint")
+    add_resume_arguments(parser)
     add_config_arguments(parser, _sections(), default_config="ppo-tiny")
     parser.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
-    from ..config import config_from_args
+    from ..config import config_from_args, resume_from_args
 
     run_config = config_from_args(args, _sections())
-    resume = True if args.resume else (False if args.fresh else None)
+    resume = resume_from_args(args)
     result = train_ppo(args.policy, args.prompts, args.out, run_config, reward_ckpt=args.reward,
                        reward_fn=args.reward_fn, eval_prompts_path=args.eval_prompts, resume=resume)
     parts = [f"policy saved in {Path(args.out) / 'ckpt'}"]

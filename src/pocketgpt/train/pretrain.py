@@ -184,7 +184,7 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
 
 
 def run_pretrain(args) -> int:
-    from ..config import config_from_args
+    from ..config import config_from_args, resume_from_args
 
     cfg = config_from_args(args, _sections())
     name = Path(cfg.path).stem if cfg.path else "pretrain"
@@ -195,7 +195,7 @@ def run_pretrain(args) -> int:
         n = model.num_params()
         print(f"pretrain: {n / 1e6:.2f}M parameters, {world} process(es), run dir {out}", file=sys.stderr)
     trainer = Trainer(model, stage, cfg["train"], out, tokenizer=tokenizer, run_config=cfg.to_dict(),
-                      resume=True if args.resume else None)
+                      resume=resume_from_args(args))
     try:
         result = trainer.fit()
     finally:
@@ -255,12 +255,11 @@ def configure_cli(name: str, p) -> None:
         p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
         p.set_defaults(func=run_eval)
         return
-    from ..config import add_config_arguments
+    from ..config import add_config_arguments, add_resume_arguments
     from ..model import GPTConfig
 
     p.add_argument("--out", default=None, help="run directory (default: runs/CONFIG_NAME)")
-    p.add_argument("--resume", action="store_true",
-                   help="require a checkpoint in RUN/ckpt to resume from (resuming is automatic when one exists)")
+    add_resume_arguments(p)
     p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (fresh optimizer)")
     add_config_arguments(p, {"model": GPTConfig, "train": TrainConfig, "data": DataConfig})
     p.set_defaults(func=run_pretrain)

@@ -436,7 +436,7 @@ def _sections() -> dict:
 
 
 def configure_cli(name: str, parser: argparse.ArgumentParser) -> None:
-    from ..config import add_config_arguments
+    from ..config import add_config_arguments, add_resume_arguments
 
     parser.description = ("Train a reward model on preference pairs (default action 'train'), or 'score' a pairs / "
                           "conversations file with a trained one.")
@@ -448,8 +448,7 @@ def configure_cli(name: str, parser: argparse.ArgumentParser) -> None:
                              "conversations JSONL (a bundled corpus name works too)")
     parser.add_argument("--val-data", metavar="FILE", help="train: held-out pairs (default: a split of --data)")
     parser.add_argument("--out", metavar="DIR", default="runs/rm", help="train: run directory (default runs/rm)")
-    parser.add_argument("--resume", action="store_true", help="train: require a checkpoint in --out to resume")
-    parser.add_argument("--fresh", action="store_true", help="train: start over even if --out holds a checkpoint")
+    add_resume_arguments(parser)
     parser.add_argument("--ckpt", metavar="RM", help="score: the reward-model checkpoint")
     parser.add_argument("--json", action="store_true", help="score: print JSON lines instead of a table")
     add_config_arguments(parser, _sections(), default_config="rm-tiny")
@@ -463,10 +462,10 @@ def _cli(args) -> int:
         return _cli_score(args)
     if not args.init or not args.data:
         raise UserError("rm: needs --init SFT_CKPT and --data PAIRS (or 'pocketgpt rm score --ckpt RM --data FILE')")
-    from ..config import config_from_args
+    from ..config import config_from_args, resume_from_args
 
     run_config = config_from_args(args, _sections())
-    resume = True if args.resume else (False if args.fresh else None)
+    resume = resume_from_args(args)
     result = train_reward_model(args.init, args.data, args.out, run_config, val_data=args.val_data, resume=resume)
     acc = result.get("val_accuracy")
     print(f"reward model saved in {Path(args.out) / 'ckpt'}"

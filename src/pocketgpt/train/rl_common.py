@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .trainer import unwrap
 
 ROLES = ("system", "user", "assistant")
 
@@ -347,17 +348,6 @@ def pack_prompt_reply(prompt_ids: list[list[int]], reply_ids: list[list[int]], p
     return idx, pos, mask
 
 
-def _plain(model: nn.Module) -> nn.Module:
-    """The module under DDP / torch.compile wrappers (to reach ``lm_head``)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 def reply_logprobs(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor,
                    mask: torch.Tensor, *, return_entropy: bool = False, return_hidden: bool = False):
     """Log-probs of ``targets`` read at positions ``pos`` of one forward over ``idx`` (see ``pack_prompt_reply``).
@@ -367,7 +357,7 @@ def reply_logprobs(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor, targe
     """
     hidden, _ = model(idx, return_hidden=True)  # (B, L, C)
     h = torch.gather(hidden, 1, pos.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # (B, T, C)
-    logits = _plain(model).lm_head(h).float()  # the head only on the T reply positions (B, T, V)
+    logits = unwrap(model).lm_head(h).float()  # the head only on the T reply positions (B, T, V)
     logp_all = F.log_softmax(logits, dim=-1)
     m = mask.to(logp_all.dtype)
     logp = torch.gather(logp_all, -1, targets.unsqueeze(-1)).squeeze(-1) * m

@@ -333,7 +333,7 @@ def _sections():
 
 
 def configure_cli(name: str, parser) -> None:
-    from ..config import add_config_arguments
+    from ..config import add_config_arguments, add_resume_arguments
 
     parser.add_argument("--init", metavar="CKPT", default=None,
                         help="checkpoint to fine-tune: a pocketgpt checkpoint or a local Hugging Face GPT-2 directory")
@@ -344,15 +344,13 @@ def configure_cli(name: str, parser) -> None:
                         help="held-out conversation files (default: a val_fraction of --data)")
     parser.add_argument("--out", default="runs/sft", metavar="RUN",
                         help="run directory (default runs/sft); the model ends up in RUN/ckpt")
-    parser.add_argument("--resume", action="store_true", help="require a checkpoint in RUN/ckpt to resume from "
-                        "(by default a run resumes when one is there)")
-    parser.add_argument("--restart", action="store_true", help="ignore a checkpoint in RUN/ckpt and start over")
+    add_resume_arguments(parser)
     add_config_arguments(parser, _sections())
     parser.set_defaults(func=_cli_sft)
 
 
 def _cli_sft(args) -> int:
-    from ..config import config_from_args
+    from ..config import config_from_args, resume_from_args
 
     rc = config_from_args(args, _sections())
     train = rc.rebuild("train", **TRAIN_DEFAULTS).validate()
@@ -368,9 +366,7 @@ def _cli_sft(args) -> int:
         raise UserError("--init: required (a pocketgpt checkpoint or a local Hugging Face GPT-2 directory)")
     if not sft.data:
         raise UserError("--data: required (conversation JSONL files or bundled corpus names)")
-    if args.resume and args.restart:
-        raise UserError("--resume and --restart exclude each other")
-    resume = True if args.resume else (False if args.restart else None)
+    resume = resume_from_args(args)
     result = run_sft(sft.init, args.out, sft, train, run_config=rc.to_dict(), resume=resume)
     ckpt = Path(args.out) / "ckpt"
     val = result.get("val_loss")
