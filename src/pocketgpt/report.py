@@ -6,13 +6,12 @@ that is missing is written as ``n/a`` rather than invented.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Optional
 
-from .io import atomic_write_bytes, atomic_write_text
-from .train.plots import read_metrics
+from .io import atomic_write_text
+from .train.plots import draw_losses, read_metrics, save_figure, series
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -44,15 +43,6 @@ def _mean_tok_s(rows) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
-def _series(rows, key):
-    xs, ys = [], []
-    for r in rows:
-        if isinstance(r.get(key), (int, float)) and "step" in r:
-            xs.append(r["step"])
-            ys.append(float(r[key]))
-    return xs, ys
-
-
 def plot_overview(run: Path, metrics: dict[str, list[dict]]) -> list[str]:
     """``plots/losses.png`` (training loss of every stage) and ``plots/rewards.png`` (PPO reward/KL, GRPO reward)."""
     import matplotlib
@@ -66,40 +56,24 @@ def plot_overview(run: Path, metrics: dict[str, list[dict]]) -> list[str]:
     if stages:
         fig, axes = plt.subplots(2, 3, figsize=(13, 7))
         for ax, s in zip(axes.flat, ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")):
-            rows = metrics.get(s, [])
-            x, y = _series(rows, "loss")
-            if x:
-                ax.plot(x, y, label="train loss", lw=1)
-            for k in sorted({k for r in rows for k in r if k.startswith("val") and k.endswith("loss")}):
-                vx, vy = _series(rows, k)
-                if vx:
-                    ax.plot(vx, vy, "o-", label=k, lw=1.5, ms=3)
+            draw_losses(ax, metrics.get(s, []))
             ax.set_title(s)
-            ax.set_xlabel("step")
-            if x:
-                ax.legend(fontsize=8)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        plt.close(fig)
-        atomic_write_bytes(run / "plots" / "losses.png", buf.getvalue())
+        save_figure(fig, run / "plots" / "losses.png", dpi=90)
         written.append("plots/losses.png")
 
     curves = [(s, k) for s, ks in (("ppo", ("reward", "kl")), ("grpo", ("reward", "val_accuracy", "accuracy")),
                                    ("dpo", ("val_reward_accuracy", "val_margin")))
-              for k in ks if _series(metrics.get(s, []), k)[0]]
+              for k in ks if series(metrics.get(s, []), k)[0]]
     if curves:
         fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
         for ax, (s, k) in zip(axes[0], curves):
-            x, y = _series(metrics[s], k)
+            x, y = series(metrics[s], k)
             ax.plot(x, y, lw=1.2)
             ax.set_title(f"{s}: {k}")
             ax.set_xlabel("step")
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        plt.close(fig)
-        atomic_write_bytes(run / "plots" / "rewards.png", buf.getvalue())
+        save_figure(fig, run / "plots" / "rewards.png", dpi=90)
         written.append("plots/rewards.png")
     return written
 

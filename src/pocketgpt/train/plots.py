@@ -20,13 +20,44 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return out
 
 
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for r in records:
         if key in r and isinstance(r[key], (int, float)):
             xs.append(r["step"])
             ys.append(r[key])
     return xs, ys
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Render a matplotlib figure to PNG, close it, and write the file atomically."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def draw_losses(ax, records: list[dict]) -> bool:
+    """Train loss (line) and every ``val*loss`` metric (dots) of ``records`` on ``ax``; False when there is none."""
+    xs, ys = series(records, "loss")
+    if xs:
+        ax.plot(xs, ys, label="train loss", lw=1, alpha=0.8)
+    val_keys = sorted({k for r in records for k in r if k.startswith("val") and k.endswith("loss")})
+    for k in val_keys:
+        vx, vy = series(records, k)
+        ax.plot(vx, vy, "o-", label=k.replace("_", " "), ms=3)
+    ax.set_xlabel("step")
+    if xs or val_keys:
+        ax.legend(fontsize=8)
+        return True
+    return False
 
 
 def plot_metrics(run_dir: str | Path, extra_keys: list[str] = ()) -> list[Path]:
@@ -36,39 +67,23 @@ def plot_metrics(run_dir: str | Path, extra_keys: list[str] = ()) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_write_bytes
-    import io
-
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     written = []
 
     def save(fig, name: str) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        atomic_write_bytes(run_dir / name, buf.getvalue())
-        written.append(run_dir / name)
+        written.append(save_figure(fig, run_dir / name))
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    xs, ys = _series(records, "loss")
-    if xs:
-        ax.plot(xs, ys, label="train loss", lw=1, alpha=0.8)
-    val_keys = sorted({k for r in records for k in r if k.startswith("val") and k.endswith("loss")})
-    for k in val_keys:
-        vx, vy = _series(records, k)
-        ax.plot(vx, vy, "o-", label=k.replace("_", " "), ms=3)
-    ax.set_xlabel("step")
+    draw_losses(ax, records)
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    if xs or val_keys:
-        ax.legend()
     ax.set_title(run_dir.name)
     fig.tight_layout()
     save(fig, "loss.png")
 
     for key in extra_keys:
-        kx, ky = _series(records, key)
+        kx, ky = series(records, key)
         if not kx:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.2))
