@@ -84,3 +84,17 @@ def test_report_figures_are_real_numbers_from_this_run(speedrun):
         assert isinstance(ev[k], float) and math.isfinite(ev[k]), k
     assert 0.0 <= ev["dpo_win_rate_vs_sft"] <= 1.0
     assert "## Sample chats" in report and "你好" in report
+
+
+@pytest.mark.slow
+def test_cpu_small_speedrun_within_twenty_minutes(tmp_path):
+    """The README's main job (`make demo`): the default preset end to end within its 20-minute promise."""
+    import time
+
+    t0 = time.time()
+    p = run_cli("speedrun", "--out", tmp_path / "run", timeout=1800)
+    minutes = (time.time() - t0) / 60
+    assert minutes <= 20.0, f"cpu-small took {minutes:.1f} min"
+    rows = _table((tmp_path / "run" / "report.md").read_text(encoding="utf-8"))
+    assert rows and all("n/a" not in r[2] for r in rows)
+    assert "pocketgpt chat --ckpt" in p.stdout
