@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import run_cli, tiny_config
 from pocketgpt import GPT, UserError
@@ -117,6 +118,22 @@ def test_seeds_reproduce_and_n_samples_differ():
     assert len({tuple(x) for x in a}) > 1  # the n samples are different draws
     greedy = generate(model, [[1, 2, 3]], max_new_tokens=16, temperature=0)
     assert generate(model, [[1, 2, 3]], max_new_tokens=16, top_k=1, seed=1) == greedy
+
+
+def test_sampling_draws_tokens_with_the_model_probabilities():
+    from pocketgpt.engine import _Sampler
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log().expand(20000, -1)  # 20000 independent rows, one draw each
+    for temperature, top_k in ((1.0, None), (0.5, 2)):
+        draws = _Sampler([[0]], 20000, 5, "cpu", temperature, top_k, None, None, 1.0, 0, 0, seed=0)(logits)
+        freq = torch.bincount(draws, minlength=5).float() / len(draws)
+        want = (probs.log() / temperature).softmax(-1)
+        if top_k:
+            want[top_k:] = 0
+            want /= want.sum()
+        assert freq[4] == 0  # a zero-probability token is never drawn
+        torch.testing.assert_close(freq, want, atol=0.015, rtol=0)  # ~4 standard errors
 
 
 def test_filters_equal_transformers_warpers():
@@ -280,8 +297,6 @@ def test_sample_cli_streams_and_reports_errors(tmp_path, capsys):
 @pytest.mark.parametrize("kw", KINDS + [dict(pos="rope", norm="layernorm", mlp="gelu", tie_embeddings=False)],
                          ids=lambda k: f"{k['pos']}-{k.get('mlp', 'gelu')}")
 def test_fast_decode_step_equals_model_forward(kw):
-    from pocketgpt.engine import _FastStep
-
     torch.manual_seed(0)
     model = GPT(tiny_config(**kw)).eval()
     idx = torch.randint(0, 97, (3, 9))
@@ -289,13 +304,49 @@ def test_fast_decode_step_equals_model_forward(kw):
     mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
     mask[0, ..., :4] = False
     with torch.no_grad():
-        for use_pad in (False, True):
+        # groups=2: weights split into row blocks for one bmm (the multi-core CPU fp32 path); 1: plain F.linear
+        for use_pad, groups in ((False, 1), (True, 1), (False, 2), (True, 2)):
             c1, c2 = model.new_kv_cache(3), model.new_kv_cache(3)
             model(idx[:, :8], kv_cache=c1)
             model(idx[:, :8], kv_cache=c2)
             kw2 = dict(position_ids=pos, attn_mask=mask) if use_pad else {}
             ref, _ = model(idx[:, 8:], kv_cache=c1, last_only=True, **kw2)
-            got = _FastStep(model)(idx[:, 8], c2, *(kw2.values()))
-            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            decoder = model.decoder(groups)
+            assert (decoder.head.tail is not None) == (groups > 1)  # 97 = 2 blocks of 48 + a tail of 1
+            got = decoder(idx[:, 8], c2, *(kw2.values()))
+            torch.testing.assert_close(got, ref[:, -1], atol=1e-5, rtol=1e-5)
             assert c2.pos == c1.pos == 9
-            torch.testing.assert_close(c2.k[1], c1.k[1])
+            torch.testing.assert_close(c2.kv[1], c1.kv[1])
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rows_linear_equals_f_linear_with_uneven_split(rows):
+    from pocketgpt.model import _RowsLinear
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        lin = torch.nn.Linear(48, 64 * 5 + 3, bias=bias)  # 323 outputs: 4 blocks of 80 and a tail of 3
+        fast = _RowsLinear(lin, 4)
+        assert fast.blocks is not None and fast.tail is not None
+        x = torch.randn(rows, 48)
+        torch.testing.assert_close(fast(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_cache_reorder_copies_filled_positions_and_reuses_its_buffer():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    cache = model.new_kv_cache(3, max_len=16)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (3, 5)), kv_cache=cache)
+    before = [t.clone() for t in cache.kv]
+    index = torch.tensor([2, 2, 0])
+    cache.reorder(index)
+    for old, new in zip(before, cache.kv):
+        torch.testing.assert_close(new[:, :, :, :5], old[:, index, :, :5])
+    first = cache.kv[0].data_ptr()
+    cache.reorder(torch.tensor([1, 0, 2]))
+    cache.reorder(torch.tensor([1, 0, 2]))  # back in the first buffer: no new allocation per beam step
+    assert cache.kv[0].data_ptr() == first
+    assert cache.k[0].data_ptr() == first and torch.equal(cache.v[1], cache.kv[1][1])
+    for old, new in zip(before, cache.kv):
+        torch.testing.assert_close(new[:, :, :, :5], old[:, index, :, :5])
