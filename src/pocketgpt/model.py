@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .errors import UserError
 
 POS_KINDS = ("learned", "sinusoidal", "rope")
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)  # enable_gqa=
 NORM_KINDS = ("layernorm", "rmsnorm")
 MLP_KINDS = ("gelu", "relu", "swiglu")
 
@@ -534,7 +535,7 @@ class Decoder:
         if self.generic:
             return
         g = gemv_groups(model.wte.weight) if groups is None else groups
-        self.rms = c.norm == "rmsnorm"
+        self.rms, self.shape = c.norm == "rmsnorm", [c.n_embd]
 
         def norm(m):
             return m.weight, getattr(m, "bias", None)
@@ -547,10 +548,10 @@ class Decoder:
         self.ln_f = norm(model.ln_f)
         self.head = _RowsLinear(model.lm_head, g)
 
-    def _norm(self, x, wb):
+    def _norm(self, x, wb):  # the torch.* builtins skip the Python wrappers of F.layer_norm / F.rms_norm
         if self.rms:
-            return F.rms_norm(x, (x.shape[-1],), wb[0], self.c.norm_eps)
-        return F.layer_norm(x, (x.shape[-1],), wb[0], wb[1], self.c.norm_eps)
+            return torch.rms_norm(x, self.shape, wb[0], self.c.norm_eps)
+        return torch.layer_norm(x, self.shape, wb[0], wb[1], self.c.norm_eps)
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, position_ids=None, attn_mask=None) -> torch.Tensor:
         if self.generic:
@@ -562,7 +563,7 @@ class Decoder:
         p = cache.pos
         if p >= cache.max_len:
             raise ValueError(f"the KV cache is full ({cache.max_len} positions)")
-        x = F.embedding(tokens, m.wte.weight)
+        x = torch.embedding(m.wte.weight, tokens)
         rope = None
         if c.pos == "learned":
             if position_ids is None:
@@ -579,6 +580,7 @@ class Decoder:
                 cos, sin = _rope_cos_sin(pos, D, c.rope_theta)
                 rope = (cos[:, None], sin[:, None])  # (R, 1, 1, D)
         gqa, qd, kd = Hkv != H, H * D, Hkv * D
+        gqa_kw = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
         for i, (n1, attn_in, attn_out, n2, mlp_in, mlp_out) in enumerate(self.layers):
             qkv = attn_in(self._norm(x, n1))
             q = qkv[:, :qd].view(R, H, 1, D)
@@ -591,7 +593,9 @@ class Decoder:
             keys, values = cache.k[i].narrow(2, 0, p + 1), cache.v[i].narrow(2, 0, p + 1)
             if keys.dtype != q.dtype:
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=gqa)
+            if gqa and not _SDPA_HAS_GQA:
+                keys, values = keys.repeat_interleave(H // Hkv, 1), values.repeat_interleave(H // Hkv, 1)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, **gqa_kw)
             x = x + attn_out(y.reshape(R, qd))
             x = x + mlp_out(_activate(mlp_in(self._norm(x, n2)), c.mlp))
         cache.pos = p + 1
