@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from .errors import UserError
 
 POS_KINDS = ("learned", "sinusoidal", "rope")
-_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)  # enable_gqa=
 NORM_KINDS = ("layernorm", "rmsnorm")
 MLP_KINDS = ("gelu", "relu", "swiglu")
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)  # enable_gqa=
 
 
 @dataclass
