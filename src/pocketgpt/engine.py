@@ -299,9 +299,9 @@ class _Sampler:
         if self.min_p is not None:
             logits = min_p_filter(logits, self.min_p)
         # one draw per row by an exponential race: argmax(p_i / E_i), E_i ~ Exp(1), picks i with probability p_i
-        # (what torch.multinomial does inside, without its input checks: ~5x cheaper per step)
+        # (the trick torch.multinomial uses inside, minus its input checks and extra passes over the row)
         probs = logits.softmax(dim=-1)
-        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        race = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(1e-30)  # never 0/0
         return probs.div_(race).argmax(dim=-1)
 
     def update(self, tokens: torch.Tensor) -> None:
