@@ -77,6 +77,20 @@ def test_save_load_round_trip_exact(tmp_path):
             assert loaded.lm_head.weight is loaded.wte.weight
 
 
+def test_loading_a_checkpoint_stays_off_the_compiler_stack(tmp_path):
+    """Building the empty model on the meta device must not run meta ``normal_``/``empty_like``: their first calls
+    import sympy and torch's shape machinery (~2.5 s added to every ``sample``/``chat``/``serve`` start)."""
+    import subprocess
+    import sys
+
+    GPT(tiny_config()).save_pretrained(tmp_path / "m")
+    code = ("import sys; from pocketgpt import GPT; m = GPT.from_pretrained(sys.argv[1]); "
+            "assert all(p.device.type == 'cpu' for p in m.parameters()); "
+            "print('sympy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_truncated_and_missing_checkpoint_errors(tmp_path):
     model = GPT(tiny_config())
     model.save_pretrained(tmp_path / "m")

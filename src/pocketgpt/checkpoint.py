@@ -81,7 +81,7 @@ def load_model(directory: str | Path, device=None, dtype=None):
     except KeyError as e:
         raise UserError(f"{directory}: weight {e} missing from the checkpoint") from None
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config, init_weights=False)
     expected = model.state_dict_for_save()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -97,7 +97,7 @@ def load_model(directory: str | Path, device=None, dtype=None):
             raise UserError(
                 f"{directory}: weight '{k}' has shape {tuple(v.shape)}, config.json implies {tuple(expected[k].shape)}"
             )
-    model = model.to_empty(device="cpu")
+    # assign=True puts the loaded tensors in place of the meta ones (no to_empty: its first call imports sympy, ~1 s)
     target_dtype = dtype or torch.float32
     sd = {k: v.to(target_dtype) for k, v in sd.items()}
     if config.tie_embeddings:

@@ -285,19 +285,28 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, init_weights: bool = True):
+        """``init_weights=False`` leaves the weights uninitialised (for loading a checkpoint into them): building on
+        the meta device then never runs ``normal_`` there, whose first call imports ~2 s of PyTorch internals."""
         super().__init__()
         config.validate()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
+
+        def embedding(n: int) -> nn.Embedding:
+            if init_weights:
+                return nn.Embedding(n, config.n_embd)
+            return nn.Embedding(n, config.n_embd, _weight=torch.empty(n, config.n_embd))
+
+        self.wte = embedding(config.vocab_size)
+        self.wpe = embedding(config.block_size) if config.pos == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = _norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
+        if init_weights:
+            self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
