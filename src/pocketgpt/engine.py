@@ -6,6 +6,8 @@ Everything that produces text goes through here (``pocketgpt sample``, chat, the
     stream_generate(model, tok, ids, ...)    the same for one prompt, yielding text pieces (always whole UTF-8)
     sequence_logprobs(model, sequences)      log p(token | prefix) of given sequences, one padded forward
     score(model, prompts, completions)       log-probs of completion tokens after their prompts
+    token_logprobs(model, *pack_replies(..)) the one (temperature-aware, differentiable) log-prob function that
+                                             score, the RL stages, DPO and the reward model's rows are built on
 
 How a batch is decoded (``_decode``):
 
@@ -51,6 +53,8 @@ __all__ = [
     "sequence_logprobs",
     "score",
     "logprobs_from_logits",
+    "pack_replies",
+    "token_logprobs",
     "top_k_filter",
     "top_p_filter",
     "min_p_filter",
@@ -105,13 +109,67 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) for every position: ``logits`` (..., V), ``targets`` (...) → (...) in float32.
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                         entropy: bool = False):
+    """log p(target) under softmax(logits / temperature): ``logits`` (..., V), ``targets`` (...) → (...) float32.
 
-    Differentiable; the RL stages use it on their training forward passes, ``sequence_logprobs`` at inference.
+    The one formula behind every log-prob in pocketgpt (sampling, ``token_logprobs``, PPO/GRPO ratios, KL, DPO).
+    Dividing by the sampling temperature (as TRL does) makes the ratios and KL those of the distribution the replies
+    were sampled from. ``entropy=True`` also returns the entropy of that distribution per position.
     """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logits = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if entropy:
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+    return logp
+
+
+def pack_replies(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]], pad_id: int = 0, device=None):
+    """Right-padded ``prompt + reply`` rows for one forward → ``(idx (B, L), pos (B, T), targets (B, T), mask (B, T))``.
+
+    ``pos[b, t]`` is the position whose logits predict reply token t (``len(prompt) - 1 + t``); ``mask`` is True on
+    real reply tokens; T is the longest reply (at least 1). Right padding: causal attention never sees the pads.
+    """
+    B = len(prompts)
+    T = max(1, max((len(r) for r in replies), default=1))
+    L = max(1, max((len(p) + len(r) for p, r in zip(prompts, replies)), default=1))
+    idx = torch.full((B, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    targets = torch.zeros((B, T), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompts, replies)):
+        if not p:
+            raise UserError(f"score: row {b} has an empty prompt (the first token has no log-prob)")
+        row = [int(t) for t in p] + [int(t) for t in r]
+        idx[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        n = len(r)
+        pos[b, :] = len(p) - 1
+        pos[b, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
+        if n:
+            targets[b, :n] = torch.tensor([int(t) for t in r], dtype=torch.long)
+        mask[b, :n] = True
+    if device is not None:
+        idx, pos, targets, mask = (t.to(device) for t in (idx, pos, targets, mask))
+    return idx, pos, targets, mask
+
+
+def token_logprobs(model, idx: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
+                   temperature: float = 1.0, entropy: bool = False, hidden: bool = False):
+    """Per-token log-probs of ``targets`` read at positions ``pos`` of one forward over ``idx`` (``pack_replies``).
+
+    Differentiable (grad flows when enabled); the lm_head runs only on the T reply positions. Returns
+    ``(logp, entropy, hidden)`` — (B, T), (B, T) or None, (B, T, C) or None — with 0 where ``mask`` is False.
+    ``model`` is a plain GPT (inside a DDP-wrapped module's forward, pass the inner GPT).
+    """
+    h_all, _ = model(idx, return_hidden=True)
+    h = torch.gather(h_all, 1, pos.unsqueeze(-1).expand(-1, -1, h_all.size(-1)))
+    out = logprobs_from_logits(model.lm_head(h), targets, temperature, entropy=entropy)
+    logp, ent = out if entropy else (out, None)
+    m = mask.to(logp.dtype)
+    return logp * m, (ent * m if entropy else None), (h if hidden else None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -666,43 +724,32 @@ def stop_prefix_len(text: str, stops: list[str]) -> int:
 
 
 def sequence_logprobs(model, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> list[list[float]]:
-    """log p(seq[t] | seq[:t]) for t = 1 .. len-1 of every sequence (right-padded batches, no cache).
+    """log p(seq[t] | seq[:t]) for t = 1 .. len-1 of every sequence (the raw distribution: temperature 1)."""
+    return score(model, [list(s[:1]) for s in sequences], [list(s[1:]) for s in sequences], batch_size)
 
-    The one implementation behind the server's ``echo`` + ``logprobs`` and the RL/DPO reference log-probs.
-    """
+
+def score(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+          batch_size: int = 16) -> list[list[float]]:
+    """log p of each completion token given its prompt and the completion tokens before it (``token_logprobs``)."""
+    if len(prompts) != len(completions):
+        raise UserError(f"score: {len(prompts)} prompts but {len(completions)} completions")
     ctx = model.config.block_size
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if len(p) + len(c) > ctx and model.config.pos == "learned":
+            raise UserError(f"score: sequence {i} has {len(p) + len(c)} tokens, more than the model's context of {ctx}")
     device = model.wte.weight.device
-    for i, s in enumerate(sequences):
-        if len(s) > ctx and model.config.pos == "learned":
-            raise UserError(f"score: sequence {i} has {len(s)} tokens, more than the model's context of {ctx}")
     out: list[list[float]] = []
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for b0 in range(0, len(sequences), batch_size):
-                chunk = [[int(t) for t in s] for s in sequences[b0 : b0 + batch_size]]
-                T = max(len(s) for s in chunk)
-                if T < 2:
-                    out.extend([[] for _ in chunk])
-                    continue
-                ids = torch.tensor([s + [0] * (T - len(s)) for s in chunk], dtype=torch.long, device=device)
-                logits, _ = model(ids[:, :-1])  # right padding: causal attention never sees the pads
-                lp = logprobs_from_logits(logits, ids[:, 1:]).tolist()
-                out.extend(row[: len(s) - 1] for row, s in zip(lp, chunk))
+            for b0 in range(0, len(prompts), batch_size):
+                ps, cs = prompts[b0: b0 + batch_size], completions[b0: b0 + batch_size]
+                logp, _, _ = token_logprobs(model, *pack_replies(ps, cs, device=device))
+                out.extend(row[: len(c)] for row, c in zip(logp.tolist(), cs))
     finally:
         model.train(was_training)
     return out
-
-
-def score(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-          batch_size: int = 16) -> list[list[float]]:
-    """log p of each completion token given its prompt and the completion tokens before it."""
-    if len(prompts) != len(completions):
-        raise UserError(f"score: {len(prompts)} prompts but {len(completions)} completions")
-    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
-    lps = sequence_logprobs(model, seqs, batch_size)
-    return [lp[len(p) - 1 :] if len(p) else lp for lp, p in zip(lps, prompts)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
