@@ -289,9 +289,11 @@ def test_sample_cli_streams_and_reports_errors(tmp_path, capsys):
     p = run_cli(*args)  # as a user runs it
     assert main(args) == 0
     assert capsys.readouterr().out == p.stdout and p.stdout.count("你好") >= 2  # seeded: reproducible
-    assert main(["sample", "--ckpt", str(tmp_path / "m"), "--prompt", "hi", "--top-p", "2"]) == 2
-    err = capsys.readouterr().err
-    assert "top_p" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    for bad, says in ((["--top-p", "2"], "top_p"), (["--n", "0"], "--n: must be at least 1"),
+                      (["--ckpt", str(tmp_path / "nope")], "nope: checkpoint directory not found")):
+        assert main(["sample", "--ckpt", str(tmp_path / "m"), "--prompt", "hi", *bad]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("kw", KINDS + [dict(pos="rope", norm="layernorm", mlp="gelu", tie_embeddings=False)],

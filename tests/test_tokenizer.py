@@ -245,3 +245,17 @@ def test_cli_train_and_encode(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")  # --out pointing at a folder of other things: refused
     assert cli_main(["tokenizer", "train", "--kind", "char", "--out", str(tmp_path), str(src)]) == 2
     assert "holds other files" in capsys.readouterr().err and (tmp_path / "notes.txt").exists()
+
+
+def test_a_vocabulary_smaller_than_asked_is_a_warning_with_its_reason(tmp_path, capsys):
+    src = tmp_path / "small.txt"
+    src.write_text(SHAKESPEARE[:3000], encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"ids, not the 2000 asked for: no pair of adjacent tokens"):
+        Tokenizer.train("bpe", [src], 2000)
+    assert cli_main(["tokenizer", "train", "--vocab-size", "2000", "--out", str(tmp_path / "tok"), str(src)]) == 0
+    err = capsys.readouterr().err.strip()
+    tok = Tokenizer.load(tmp_path / "tok")
+    assert tok.vocab_size < 2000
+    assert err == (f"pocketgpt: warning: vocabulary has {tok.vocab_size} ids, not the 2000 asked for: no pair of "
+                   "adjacent tokens is left to merge (every word of the corpus is one token already); a larger "
+                   "corpus gives more")

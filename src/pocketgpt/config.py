@@ -224,9 +224,21 @@ class RunConfig:
         return out
 
 
-def _did_you_mean(word: str, options) -> str:
+# other toolkits' names for our fields (nanoGPT, transformers): too far apart for difflib to pair them
+_ALIASES = {"learning_rate": "lr", "max_iters": "max_steps", "num_train_steps": "max_steps",
+            "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+            "warmup_iters": "warmup_steps", "max_grad_norm": "grad_clip", "context_length": "block_size"}
+
+
+def did_you_mean(word: str, options) -> str:
+    """`` (did you mean 'X'?)`` for the closest of ``options`` (keys, or ``--flags``), or ``""``."""
+    dashes = word[: len(word) - len(word.lstrip("-"))]
+    alias = _ALIASES.get(word.lstrip("-").replace("-", "_"))
+    if alias is not None and dashes + alias in options:
+        return f" (did you mean '{dashes + alias}'?)"
     hint = difflib.get_close_matches(word, sorted(options), n=1)
     return f" (did you mean '{hint[0]}'?)" if hint else ""
+
 
 
 def load_config(
@@ -257,7 +269,7 @@ def load_config(
             if not isinstance(table, dict):
                 raise UserError(f"{_key_line(path, '', sec)}: top-level key '{sec}' must be inside a [section] "
                                 f"({', '.join('[' + s + ']' for s in sections)})")
-            raise UserError(f"{_key_line(path, sec)}: unknown section [{sec}]{_did_you_mean(sec, sections)}")
+            raise UserError(f"{_key_line(path, sec)}: unknown section [{sec}]{did_you_mean(sec, sections)}")
         if not isinstance(table, dict):
             raise UserError(f"{path}: '{sec}' must be a table [{sec}]")
         ftypes = types_of[sec]
@@ -267,24 +279,24 @@ def load_config(
                 values[sec][key] = val
                 continue
             if key not in ftypes:
-                raise UserError(f"{_key_line(path, sec, key)}: [{sec}] unknown key '{key}'{_did_you_mean(key, ftypes)}")
+                raise UserError(f"{_key_line(path, sec, key)}: [{sec}] unknown key '{key}'{did_you_mean(key, ftypes)}")
             values[sec][key] = coerce(val, ftypes[key], where)
 
     for key, raw, from_cli in _normalise_overrides(overrides):
         if "." in key:
             sec, name = key.split(".", 1)
             if sec not in sections:
-                raise UserError(f"--{key}: unknown section '{sec}'{_did_you_mean(sec, sections)}")
+                raise UserError(f"--{key}: unknown section '{sec}'{did_you_mean(sec, sections)}")
             targets = [sec]
             ftypes = types_of[sec]
             if ftypes is not None and name not in ftypes:
-                raise UserError(f"--{key}: unknown key '{name}' in [{sec}]{_did_you_mean(name, ftypes)}")
+                raise UserError(f"--{key}: unknown key '{name}' in [{sec}]{did_you_mean(name, ftypes)}")
         else:
             name = key
             targets = [s for s, ft in types_of.items() if ft is not None and name in ft]
             if not targets:
                 known = {k for ft in types_of.values() if ft for k in ft}
-                raise UserError(f"--{key}: unknown option{_did_you_mean(name, known)}")
+                raise UserError(f"--{key}: unknown option{did_you_mean(name, known)}")
         for sec in targets:
             ftypes = types_of[sec]
             tp = ftypes[name] if ftypes is not None else Any

@@ -778,19 +778,19 @@ def configure_cli(name, p) -> None:
 
 
 def _run_sample(args) -> int:
+    from .chat import find_checkpoint
     from .model import GPT
     from .runtime import DTYPES, pick_device
+    from .tokenizer import load_tokenizer_for
 
+    if args.n < 1:
+        raise UserError(f"--n: must be at least 1, got {args.n}")
+    ckpt = find_checkpoint(args.ckpt)
     device = pick_device(args.device)
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype: unknown precision {args.dtype!r} (fp32, bf16, fp16)")
-    dtype = DTYPES[args.dtype]
-    try:
-        from .tokenizer import load_tokenizer_for
-    except ImportError:
-        raise UserError("sample: the tokenizer module is not available in this installation") from None
-    tokenizer = load_tokenizer_for(args.ckpt)
-    model = GPT.from_pretrained(args.ckpt, device=device, dtype=dtype)
+    tokenizer = load_tokenizer_for(ckpt)
+    model = GPT.from_pretrained(ckpt, device=device, dtype=DTYPES[args.dtype])
     specials = getattr(tokenizer, "special_ids", None) or {}
     eot = specials.get("<|endoftext|>")
     if args.prompt:

@@ -26,6 +26,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path`` in one rename.
@@ -36,13 +42,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint dir gets ordinary permissions
+    umask = _umask()
     try:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
+        # mkdtemp makes 0700 and some writers (safetensors) 0600: what the user gets has ordinary permissions
+        for f in [tmp, *tmp.rglob("*")]:
+            if f.is_dir():
+                os.chmod(f, 0o777 & ~umask)
+            elif f.is_file():
+                os.chmod(f, 0o666 & ~umask)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         old = None
@@ -66,9 +74,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

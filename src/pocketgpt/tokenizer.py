@@ -156,7 +156,7 @@ class Tokenizer:
             hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
             hf.decoder = decoders.Fuse()
             _mark_special(hf, SPECIAL_TOKENS)
-            return cls(hf, kind)
+            return _warn_if_small(cls(hf, kind), vocab_size)
         else:  # word: a word-level model over words, punctuation marks and whitespace runs
             need = n_special + 2
             if vocab_size < need:
@@ -172,7 +172,7 @@ class Tokenizer:
         except Exception as e:  # the Rust trainer reports e.g. "vocabulary is not large enough"
             raise UserError(f"tokenizer training failed: {e}") from None
         _mark_special(hf, SPECIAL_TOKENS)
-        return cls(hf, kind)
+        return _warn_if_small(cls(hf, kind), vocab_size)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -355,6 +355,24 @@ class Tokenizer:
         return self._byte_table
 
 
+_SMALL_REASON = {
+    "bpe": "no pair of adjacent tokens is left to merge (every word of the corpus is one token already)",
+    "unigram": "the corpus has no more pieces worth keeping",
+    "char": "that is every distinct character of the corpus plus the special tokens",
+    "word": "that is every distinct word of the corpus (at --min-frequency) plus the special tokens",
+}
+
+
+def _warn_if_small(tok: "Tokenizer", asked: int | None) -> "Tokenizer":
+    """A corpus too small for the asked vocabulary gives fewer ids: say so, with the reason, instead of silently."""
+    if asked is not None and tok.vocab_size < asked:
+        import warnings
+
+        warnings.warn(f"vocabulary has {tok.vocab_size} ids, not the {asked} asked for: {_SMALL_REASON[tok.kind]}; "
+                      "a larger corpus gives more", stacklevel=3)
+    return tok
+
+
 def _as_ints(ids) -> list[int]:
     """A list of ints from a list, numpy array or torch tensor of ids."""
     if hasattr(ids, "tolist"):
@@ -498,7 +516,7 @@ def load_tokenizer_for(ckpt_dir: str | os.PathLike) -> Tokenizer:
 # ---------------------------------------------------------------------- CLI
 def configure_cli(name, p):
     sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
-    t = sub.add_parser("train", help="train a tokenizer on text files",
+    t = sub.add_parser("train", help="train a tokenizer on text files", allow_abbrev=False,
                        description="Train a tokenizer on text files (.txt, .txt.gz, .jsonl with --field, folders).")
     t.add_argument("files", nargs="*", help="input files or folders")
     t.add_argument("--builtin", action="append", default=[], metavar="NAME",
@@ -513,7 +531,8 @@ def configure_cli(name, p):
     t.add_argument("--errors", default="strict", choices=["strict", "replace"],
                    help="on undecodable bytes: stop with an error (strict) or use U+FFFD (replace)")
     t.set_defaults(func=_cli_train)
-    e = sub.add_parser("encode", help="show the tokens of a text", description="Show the token ids/pieces of a text.")
+    e = sub.add_parser("encode", help="show the tokens of a text", allow_abbrev=False,
+                       description="Show the token ids/pieces of a text.")
     e.add_argument("text", help="text to encode")
     e.add_argument("--tokenizer", required=True, help="tokenizer directory (or a checkpoint directory)")
     e.add_argument("--allow-special", action="store_true", help="turn literal <|...|> strings into special ids")
