@@ -48,7 +48,7 @@ def never_stop(backend, delay: float = 0.0, only: list[int] | None = None):
     ``only``), so replies run to max_tokens. A subclass with its own forward: the engine then calls it every step."""
     model = backend.model
     banned = torch.zeros(model.config.vocab_size, dtype=torch.bool)
-    banned[backend.stop_ids(chat=True)] = True
+    banned[backend.stop_ids] = True
     if only is not None:
         banned[:] = True
         banned[only] = False
@@ -133,7 +133,7 @@ def test_chat_completion_matches_engine(client, backend):
     r = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12, temperature=0)
     prompt, _ = render(messages, backend.tokenizer, add_generation_prompt=True)
     (want,) = generate(backend.model, [prompt], max_new_tokens=12, temperature=0, tokenizer=backend.tokenizer,
-                       stop_ids=backend.stop_ids(chat=True), return_logprobs=True)
+                       stop_ids=backend.stop_ids, return_logprobs=True)
     choice = r.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content == want.text  # greedy: the server returns exactly the engine's reply
@@ -218,7 +218,7 @@ def test_completion_logprobs_match_forward_pass(client, backend):
         assert len(top) == 3
         assert chosen == pytest.approx(max(top.values()), abs=1e-5)  # greedy picks the most likely token
     # the generated tokens' log-probs are those of the model itself
-    (gen,) = generate(backend.model, [prompt], max_new_tokens=6, temperature=0, stop_ids=backend.stop_ids(False))
+    (gen,) = generate(backend.model, [prompt], max_new_tokens=6, temperature=0, stop_ids=backend.stop_ids)
     want = direct_logprobs(backend.model, prompt + gen)[len(prompt) - 1 :]
     assert lp.token_logprobs == pytest.approx(want, abs=1e-4)
 
@@ -239,6 +239,40 @@ def test_echo_max_tokens_0_scores_the_prompt(client, backend, as_ids):
     assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
 
 
+def test_special_tokens_are_never_text(ckpt):
+    """A model that writes <|end|> mid-completion ends its text there; an echoed prompt shows no special token."""
+    backend = load_backend(ckpt, device="cpu")
+    tok = backend.tokenizer
+    end, letter = tok.token_id("<|end|>"), tok.encode("a")[0]
+    never_stop(backend, only=[letter, end])  # every step: "a" or <|end|>
+    with live_server(create_app(backend, max_concurrency=1)) as url:
+        for seed in range(4):
+            r = httpx.post(url + "/v1/completions", json={"prompt": "To be", "max_tokens": 40, "stop": ["\n"],
+                                                           "seed": seed}, timeout=30).json()["choices"][0]
+            assert set(r["text"]) <= {"a"} and r["finish_reason"] == "stop", r
+        ids = tok.encode("To be") + [end] + tok.encode(" or not")
+        r = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0},
+                       timeout=30).json()["choices"][0]
+        assert r["text"] == "To be or not" and "".join(r["logprobs"]["tokens"]) == r["text"]
+        k = len(tok.encode("To be"))  # <|end|>: an empty token, the next one starts where it did
+        assert r["logprobs"]["tokens"][k] == "" and r["logprobs"]["text_offset"][k: k + 2] == [len("To be")] * 2
+
+
+def test_model_id_is_the_run_name(ckpt, tmp_path):
+    import shutil
+
+    from pocketgpt.serve import run_name
+
+    shutil.copytree(ckpt, tmp_path / "runs" / "sft" / "ckpt")
+    shutil.copytree(ckpt, tmp_path / "runs" / "speedrun" / "dpo" / "best")
+    (tmp_path / "runs" / "speedrun" / "speedrun_state.json").write_text("{}")
+    assert load_backend(tmp_path / "runs" / "sft", device="cpu").model_id == "sft"  # a run directory works too
+    assert run_name(tmp_path / "runs" / "sft" / "ckpt") == "sft"
+    assert run_name(tmp_path / "runs" / "speedrun" / "dpo" / "best") == "speedrun-dpo"
+    assert run_name(ckpt) == "tiny-chat"
+    assert load_backend(tmp_path / "runs" / "sft", device="cpu", model_name="mine").model_id == "mine"
+
+
 def test_completion_batch_of_prompts(client):
     r = client.completions.create(model="tiny-chat", prompt=["Hello", "你好"], max_tokens=4, n=2, seed=1)
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
@@ -257,13 +291,13 @@ BAD = [
     ("not-an-object", b"[1, 2, 3]", 400, None, "invalid_json"),
     ("unknown-model", _chat(model="gpt-9"), 404, "model", "model_not_found"),
     ("empty-messages", _chat(messages=[]), 400, "messages", "empty_messages"),
-    ("missing-messages", {"model": "tiny-chat"}, 422, "messages", None),
-    ("temperature-type", _chat(temperature="hot"), 422, "temperature", None),
-    ("temperature-range", _chat(temperature=5), 422, "temperature", None),
-    ("n-float", _chat(n=1.5), 422, "n", None),
-    ("bad-role", _chat(messages=[{"role": "wizard", "content": "hi"}]), 422, "messages.0.role", None),
+    ("missing-messages", {"model": "tiny-chat"}, 400, "messages", None),
+    ("temperature-type", _chat(temperature="hot"), 400, "temperature", None),
+    ("temperature-range", _chat(temperature=5), 400, "temperature", None),
+    ("n-float", _chat(n=1.5), 400, "n", None),
+    ("bad-role", _chat(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages.0.role", None),
     ("max-tokens-beyond-context", _chat(max_tokens=10_000), 400, "max_tokens", "context_length_exceeded"),
-    ("max-tokens-zero", _chat(max_tokens=0), 422, "max_tokens", None),
+    ("max-tokens-zero", _chat(max_tokens=0), 400, "max_tokens", None),
 ]
 
 
@@ -289,8 +323,8 @@ def test_bad_completion_requests_and_routes(base_url, client, backend):
         ({"prompt": [backend.vocab_size + 5], "max_tokens": 1}, 400, "invalid_token_id"),
         ({"prompt": "hi " * 200, "max_tokens": 1}, 400, "context_length_exceeded"),
         ({"prompt": "", "max_tokens": 1}, 400, "empty_prompt"),
-        ({"prompt": 42}, 422, None),
-        ({"prompt": "hi", "logprobs": "yes"}, 422, None),
+        ({"prompt": 42}, 400, None),
+        ({"prompt": "hi", "logprobs": "yes"}, 400, None),
     ]
     for body, status, code in cases:
         r = httpx.post(base_url + "/v1/completions", json=body)
@@ -446,7 +480,7 @@ def test_cli_serve_with_api_key_from_env(ckpt, monkeypatch):
 
 
 @pytest.mark.parametrize("args,where", [
-    (["--ckpt", "{tmp}/missing"], "--ckpt"),
+    (["--ckpt", "{tmp}/missing"], "missing: checkpoint directory not found"),
     (["--ckpt", "{ckpt}", "--max-concurrency", "0"], "--max-concurrency"),
     (["--ckpt", "{ckpt}", "--port", "70000"], "--port"),
     (["--ckpt", "{ckpt}", "--dtype", "fp8"], "--dtype"),

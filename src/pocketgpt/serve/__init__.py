@@ -18,7 +18,8 @@ API_KEY_ENV = "POCKETGPT_API_KEY"
 
 
 def configure_cli(name, p) -> None:
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (with tokenizer/; or a Hugging Face GPT-2 dir)")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint directory (with tokenizer/), a run directory holding one, or a Hugging Face dir")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -30,7 +31,8 @@ def configure_cli(name, p) -> None:
                    help="simultaneous requests with the same sampling options decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a slot before the server answers 503 (default 256)")
-    p.add_argument("--model-name", default=None, help="model id the API reports (default: the checkpoint's name)")
+    p.add_argument("--model-name", default=None,
+                   help="model id the API reports (default: the run's name, e.g. speedrun-dpo for runs/speedrun/dpo)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per forward pass (default: cores / max-concurrency, at least 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
@@ -40,20 +42,31 @@ def configure_cli(name, p) -> None:
 
 def load_backend(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp32", model_name: str | None = None):
     """Load a checkpoint and its tokenizer into a ``Backend`` (the model side of the server)."""
+    from ..chat import find_checkpoint
     from ..model import GPT
     from ..runtime import DTYPES, pick_device
     from ..tokenizer import load_tokenizer_for
     from .app import Backend
 
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise UserError(f"--ckpt: {ckpt} is not a directory")
+    ckpt = find_checkpoint(ckpt)
     if dtype not in DTYPES:
         raise UserError(f"--dtype: unknown precision {dtype!r} (fp32, bf16, fp16)")
     dev = pick_device(device)
     tokenizer = load_tokenizer_for(ckpt)
     model = GPT.from_pretrained(ckpt, device=dev, dtype=DTYPES[dtype])
-    return Backend(model, tokenizer, model_name or ckpt.resolve().name)
+    return Backend(model, tokenizer, model_name or run_name(ckpt))
+
+
+def run_name(ckpt: Path) -> str:
+    """The name a user knows a checkpoint by: its run's (``runs/sft/ckpt`` → ``sft``; a speedrun stage's
+    ``runs/speedrun/dpo/ckpt`` → ``speedrun-dpo``), not the ``ckpt`` every run has."""
+    path = ckpt.resolve()
+    if path.name not in ("ckpt", "best"):
+        return path.name
+    run = path.parent
+    if (run.parent / "speedrun_state.json").exists():
+        return f"{run.parent.name}-{run.name}"
+    return run.name
 
 
 def serve_forever(app, host: str, port: int) -> None:

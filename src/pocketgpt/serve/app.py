@@ -10,10 +10,10 @@ Endpoints
     GET  /                      the web chat page (``serve/static/``)
 
 Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``:
-    400  malformed JSON, empty ``messages``, prompt or ``max_tokens`` beyond the context, bad token ids
+    400  malformed JSON, wrong field types, missing fields, values out of range (``param`` names the field), empty
+         ``messages``, prompt or ``max_tokens`` beyond the context, bad token ids (as OpenAI: never 422)
     401  missing or wrong ``Authorization: Bearer KEY`` (when the server has an API key)
     404  unknown model (code ``model_not_found``), unknown route
-    422  wrong field types, missing fields, values out of range (``param`` names the field)
     503  the queue is full (code ``server_overloaded``, with ``Retry-After``)
 
 Concurrency: the event loop never runs the model. Requests become jobs in a queue (at most ``max_queue`` waiting;
@@ -25,6 +25,10 @@ after another. Every job gets its text after each token step and its answer as s
 client that disconnects (mid-stream, or while waiting for a non-streamed answer) drops its job at once: it leaves
 the queue, or stops receiving tokens at the next step; a batch whose jobs are all gone stops decoding and frees its
 thread.
+
+Special tokens are never text: every special token (``<|end|>``, ``<|user|>``, ``<|endoftext|>``...) ends a reply or
+a completion (a model that writes one has finished its text), and an echoed prompt shows its text only (special
+tokens are empty strings in ``logprobs.tokens``; ``top_logprobs`` keys keep their names so alternatives stay distinct).
 
 Log-probs (``logprobs``, ``echo``) are those of the raw model distribution (temperature 1, no filters), from one
 forward pass over prompt + completion (``engine.sequence_logprobs``), whatever sampling options chose the tokens.
@@ -79,8 +83,7 @@ class Backend:
         self.device = next(model.parameters()).device
         self.context = model.config.block_size
         self.vocab_size = model.config.vocab_size
-        self.eos_id = _special(tokenizer, "<|endoftext|>")
-        self.end_id = _special(tokenizer, "<|end|>")
+        self.stop_ids = sorted(tokenizer.special_ids.values())  # chat and completions alike: see the docstring
 
     # ---- prompts -------------------------------------------------------------------------------------------------
 
@@ -90,15 +93,11 @@ class Backend:
         ids, _ = render(messages, self.tokenizer, add_generation_prompt=True)
         return ids
 
-    def stop_ids(self, chat: bool) -> list[int]:
-        ids = [self.end_id, self.eos_id] if chat else [self.eos_id]
-        return [i for i in ids if i is not None]
-
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids))
+        return self.tokenizer.decode(list(ids), skip_special=True)
 
-    def token_str(self, i: int) -> str:
-        return self.tokenizer.decode([int(i)])
+    def token_str(self, i: int, special_names: bool = False) -> str:
+        return self.tokenizer.decode([int(i)], skip_special=not special_names)
 
     def _context(self):
         return torch.inference_mode()  # per thread: every worker enters it itself
@@ -156,7 +155,7 @@ class Backend:
                 temperature=sampling["temperature"], top_k=None, top_p=sampling.get("top_p"), min_p=None,
                 repetition_penalty=1.0, presence_penalty=sampling["presence_penalty"],
                 frequency_penalty=sampling["frequency_penalty"], num_beams=1, length_penalty=1.0,
-                early_stopping=False, n=n, stop_ids=self.stop_ids(lead.chat), stop=stops or None,
+                early_stopping=False, n=n, stop_ids=self.stop_ids, stop=stops or None,
                 tokenizer=self.tokenizer, seed=sampling["seed"], on_step=step,
             )
         except _BatchOver:
@@ -188,13 +187,6 @@ class Backend:
         return lps, tops
 
 
-def _special(tokenizer, name: str) -> Optional[int]:
-    try:
-        return int(tokenizer.token_id(name))
-    except Exception:
-        return None
-
-
 def _engine_sampling(params: dict) -> dict:
     out = dict(temperature=float(params["temperature"]), presence_penalty=float(params["presence_penalty"]),
                frequency_penalty=float(params["frequency_penalty"]), seed=params.get("seed"))
@@ -218,9 +210,9 @@ class Job:
     loop with ``[{"tokens", "text", "finish_reason"}] * n`` or an exception (``Cancelled`` when the client left).
     """
 
-    def __init__(self, prompt: list[int], max_tokens: int, params: dict, chat: bool, n: int = 1,
+    def __init__(self, prompt: list[int], max_tokens: int, params: dict, n: int = 1,
                  on_text: Optional[Callable[[int, str], None]] = None):
-        self.prompt, self.max_tokens, self.params, self.chat, self.n = prompt, max_tokens, params, chat, n
+        self.prompt, self.max_tokens, self.params, self.n = prompt, max_tokens, params, n
         self.on_text = on_text
         self.cancel = threading.Event()
         self.emitted = [0] * n
@@ -234,7 +226,7 @@ class Job:
         p = self.params
         if self.n > 1 or p["seed"] is not None:
             return None
-        return (self.chat, p["temperature"], p["top_p"], p["presence_penalty"], p["frequency_penalty"],
+        return (p["temperature"], p["top_p"], p["presence_penalty"], p["frequency_penalty"],
                 tuple(p["stop"]))
 
 
@@ -486,7 +478,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                     for m in body.messages]
         prompt = backend.chat_prompt(messages)
         max_tokens = _max_tokens(backend, len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
-        job = Job(prompt, max_tokens, _params(body), chat=True, n=body.n)
+        job = Job(prompt, max_tokens, _params(body), n=body.n)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         top = (body.top_logprobs or 0) if body.logprobs else 0
 
@@ -548,7 +540,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                 return chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": finish}])
 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            jobs = [Job(p, body.max_tokens, params, chat=False, n=body.n) for p in prompts]
+            jobs = [Job(p, body.max_tokens, params, n=body.n) for p in prompts]
             return stream(
                 jobs,
                 first=lambda i: [text_chunk(i, backend.decode(prompts[i // body.n]))] if body.echo else [],
@@ -560,7 +552,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         if body.max_tokens == 0:  # score the prompt only
             outs = [[{"tokens": [], "text": "", "finish_reason": "length"}] * body.n for _ in prompts]
         else:
-            outs = await answer(request, [Job(p, body.max_tokens, params, chat=False, n=body.n) for p in prompts])
+            outs = await answer(request, [Job(p, body.max_tokens, params, n=body.n) for p in prompts])
         choices, completion_tokens = [], 0
         for pi, (prompt, samples) in enumerate(zip(prompts, outs)):
             for j, o in enumerate(samples):
@@ -618,7 +610,8 @@ def _error_response(e: APIError) -> JSONResponse:
 
 
 def _validation_to_api_error(errors: list[dict]) -> APIError:
-    """FastAPI/pydantic validation errors → one OpenAI-style error (400 for bad JSON, 422 for bad fields)."""
+    """FastAPI/pydantic validation errors → one OpenAI-style 400 error (OpenAI never answers 422; clients branch
+    on the status)."""
     first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
@@ -634,7 +627,7 @@ def _validation_to_api_error(errors: list[dict]) -> APIError:
                                             or x in ("TextPart",)))
     msg = first.get("msg", "invalid value")
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return APIError(422, f"{param or 'body'}: {msg}{more}", param=param or None, code="invalid_type"
+    return APIError(400, f"{param or 'body'}: {msg}{more}", param=param or None, code="invalid_type"
                     if "type" in str(first.get("type", "")) else "invalid_value")
 
 
@@ -714,7 +707,7 @@ def _completion_logprobs(backend: Backend, prompt: list[int], tokens: list[int],
         out["tokens"].append(s)
         out["token_logprobs"].append(_finite(lps[t]))
         out["top_logprobs"].append(None if tops[t] is None else
-                                   {backend.token_str(i): _finite(v) for i, v in tops[t]})
+                                   {backend.token_str(i, True): _finite(v) for i, v in tops[t]})
         out["text_offset"].append(offset)
         offset += len(s)
     return out
@@ -727,6 +720,6 @@ def _chat_logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: 
         t = len(prompt) + k
         s = backend.token_str(tok)
         out.append({"token": s, "logprob": _finite(lps[t]), "bytes": list(s.encode()),
-                    "top_logprobs": [{"token": backend.token_str(i), "logprob": _finite(v),
-                                      "bytes": list(backend.token_str(i).encode())} for i, v in tops[t]]})
+                    "top_logprobs": [{"token": backend.token_str(i, True), "logprob": _finite(v),
+                                      "bytes": list(backend.token_str(i, True).encode())} for i, v in tops[t]]})
     return out

@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models, and the OpenAI-style error object.
 
-Types are strict (``"temperature": "hot"`` or ``"n": 1.5`` is a 422, never silently coerced); unknown fields are
+Types are strict (``"temperature": "hot"`` or ``"n": 1.5`` is a 400, never silently coerced); unknown fields are
 ignored, as OpenAI clients send extras (``user``, ``logit_bias``...). Checks that need the model (the context length,
 the model name) happen in ``app.py``.
 """
