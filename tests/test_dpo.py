@@ -41,7 +41,7 @@ def _make_pairs(path, n=160, seed=0):
 
 
 def _evals(run):
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "accuracy" in r]
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
 
 
 def test_loss_shapes():
@@ -86,11 +86,18 @@ def test_dpo_learns_preference_and_resumes(tmp_path, one_thread):
     steps = [r["step"] for r in evals]
     assert steps == [0, 10, 20, 30, 40]  # one evaluation per step, none repeated by the resume
     start, end = evals[0], evals[-1]
-    assert start["accuracy"] == 0.5 and abs(start["margin"]) < 1e-6  # policy == reference at step 0
-    assert end["accuracy"] > 0.75, evals  # held-out implicit-reward accuracy well above chance
-    assert end["margin"] > 0.05
-    assert end["logp_margin"] > start["logp_margin"] + 1.0  # chosen - rejected log-prob margin grows
-    for png in ("loss.png", "accuracy.png", "margin.png", "logp_margin.png"):
+    # policy == reference at step 0
+    assert start["eval_rewards/accuracies"] == 0.5 and abs(start["eval_rewards/margins"]) < 1e-6
+    assert end["eval_rewards/accuracies"] > 0.75, evals  # held-out implicit-reward accuracy well above chance
+    assert end["eval_rewards/margins"] > 0.05
+    logp_margin = lambda r: r["eval_logps/chosen"] - r["eval_logps/rejected"]
+    assert logp_margin(end) > logp_margin(start) + 1.0  # chosen - rejected log-prob margin grows
+    train_rec = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected"):  # TRL's names
+        assert isinstance(train_rec[key], float), key
+    assert train_rec["rewards/margins"] == pytest.approx(train_rec["rewards/chosen"] - train_rec["rewards/rejected"])
+    for png in ("loss.png", "rewards_accuracies.png", "rewards_margins.png", "logps_chosen.png", "logps_rejected.png"):
         assert (run / png).exists(), png
     assert (run / "ckpt" / "model.safetensors").exists() and (run / "ckpt" / "tokenizer").is_dir()
 

@@ -69,11 +69,13 @@ def trained_rm(tmp_path_factory):
 
 def test_rm_learns_synthetic_preference(trained_rm):
     d, result = trained_rm
-    assert result["val_accuracy"] >= 0.9, result
+    assert result["eval_accuracy"] >= 0.9, result
     records = [json.loads(l) for l in (d / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0]  # the Bradley–Terry loss falls
-    assert any("val_accuracy" in r for r in records)
+    assert any("eval_accuracy" in r and "eval_margin" in r for r in records)  # TRL's names
+    assert all("accuracy" in r and "margin" in r for r in records if "loss" in r)
+    assert (d / "run" / "accuracy.png").exists() and (d / "run" / "margin.png").exists()
 
 
 def test_rm_checkpoint_loads_and_scores_like_the_trained_model(trained_rm, one_thread):

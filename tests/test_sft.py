@@ -227,13 +227,30 @@ def test_stage_loss_is_mean_ce_over_assistant_tokens(tok):
 
 
 def test_epochs_cover_every_example_once():
-    lengths = [random.Random(i).randint(5, 60) for i in range(203)]
     for epoch in range(3):
-        batches = epoch_batches(lengths, 16, seed=1, epoch=epoch)
+        batches = epoch_batches(203, 16, seed=1, epoch=epoch)
         flat = sorted(i for b in batches for i in b)
         assert flat == list(range(203))
         assert all(len(b) <= 16 for b in batches)
-    assert epoch_batches(lengths, 16, 1, 0) != epoch_batches(lengths, 16, 1, 1)
+    assert epoch_batches(203, 16, 1, 0) != epoch_batches(203, 16, 1, 1)
+
+
+def test_every_batch_mixes_sources_of_very_different_lengths(tok):
+    """Short arithmetic-like and long chat-like conversations: each batch holds both (length-sorted batches held one
+    kind only, and the training loss swung between the two sources from batch to batch)."""
+    rng = random.Random(0)
+    short = [[{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"}]] * 48
+    long = [[{"role": "user", "content": q}, {"role": "assistant", "content": a * 3}] for q, a in make_pairs(48, 0)]
+    convs = short + long
+    rng.shuffle(convs)
+    examples, _ = build_examples(convs, tok, 96)
+    stage = SFTStage(examples, [], tok.pad_id, batch_size=16)
+    cut = 20  # every short example has fewer real tokens, every long one more
+    assert all((len(ids) < cut) == (c in short) for (ids, _), c in zip(examples, convs))
+    for step in range(3 * 6):  # three epochs of 6 batches
+        x, _ = stage.get_batch(step, 0)
+        real = (x != tok.pad_id).sum(1)
+        assert 0 < int((real < cut).sum()) < len(x), f"batch {step} holds one source only"
 
 
 def test_resume_continues_the_run(tmp_path, tok):

@@ -15,10 +15,13 @@ The reference log-probs are computed once, before training, with the init model 
 cached in ``RUN/ref_logprobs.safetensors`` (``reference = "precomputed"``, the default; a resumed run reuses the
 cache), or on the fly from a frozen copy (``reference = "online"``: no up-front pass, one extra forward per step).
 
-Metrics: per step ``reward_acc`` (fraction of pairs with a higher implicit reward β·(log π − log π_ref) for the
-chosen reply), ``reward_margin`` (chosen − rejected implicit reward) and ``logp_margin`` (chosen − rejected policy
-log-prob); on the held-out pairs at every evaluation (and once at step 0) ``val_loss``, ``accuracy`` (ties count
-half), ``margin`` and ``logp_margin``. Plots: ``RUN/accuracy.png``, ``RUN/margin.png``, ``RUN/logp_margin.png``.
+Metrics, named as TRL's DPOTrainer logs them: per step ``loss``, ``rewards/chosen`` and ``rewards/rejected`` (mean
+implicit rewards β·(log π − log π_ref)), ``rewards/accuracies`` (fraction of pairs whose chosen reply has the higher
+implicit reward; ties count half), ``rewards/margins`` (chosen − rejected) and ``logps/chosen`` / ``logps/rejected``
+(the policy's log-probs of the replies: sums, or per-token means for IPO); on the held-out pairs at every evaluation
+(and once at step 0) ``val_loss`` and the same with an ``eval_`` prefix (``eval_rewards/accuracies``, ...). Plots:
+``RUN/rewards_accuracies.png``, ``RUN/rewards_margins.png``, ``RUN/logps_chosen.png``, ``RUN/logps_rejected.png``
+(train curve and held-out points).
 Batches are a pure function of (seed, step), so a killed run resumes exactly (``pocketgpt dpo`` again).
 
 CLI::
@@ -136,10 +139,10 @@ def encode_pair(prompt: list[dict], chosen: str, rejected: str, tokenizer, block
 
     Replies longer than half the context (when the prompt needs the rest) are cut; the prompt keeps its newest tokens
     (at least ``<|assistant|>``)."""
-    from .rl_common import render_prompt
+    from ..chat import render
 
     end = tokenizer.token_id("<|end|>")
-    p = render_prompt(prompt, tokenizer)
+    p = list(render(prompt, tokenizer, add_generation_prompt=True)[0])
     c = tokenizer.encode(chosen) + [end]
     r = tokenizer.encode(rejected) + [end]
     reply_budget = max(block_size - len(p), block_size // 2)
@@ -174,12 +177,14 @@ def sequence_scores(model: nn.Module, pairs: list[EncodedPair], index: list[int]
     """Sum and per-token mean log-probs of the chosen and rejected replies of ``pairs[index]`` in one forward.
 
     Returns ``(chosen_sum, rejected_sum, chosen_mean, rejected_mean)``, each (B,) float32 (with grad if enabled)."""
-    from .rl_common import sequence_logprobs_batch
+    from ..engine import pack_replies, token_logprobs
 
     chunk = [pairs[i] for i in index]
     prompts = [p.prompt for p in chunk] * 2
     replies = [p.chosen for p in chunk] + [p.rejected for p in chunk]
-    logp, mask = sequence_logprobs_batch(model, prompts, replies)
+    device = next(model.parameters()).device
+    idx, pos, targets, mask = pack_replies(prompts, replies, device=device)
+    logp, _, _ = token_logprobs(model, idx, pos, targets, mask)
     total = (logp.float() * mask).sum(-1)
     mean = total / mask.sum(-1).clamp(min=1)
     B = len(chunk)
@@ -194,7 +199,7 @@ class DPOStage:
     """Batches of preference pairs; the DPO / IPO loss against a frozen reference (the init model)."""
 
     name = "dpo"
-    plot_keys = ["accuracy", "margin", "logp_margin", "reward_acc"]
+    plot_keys = ["rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
     best_metric = "val_loss"
 
     def __init__(self, model: nn.Module, train: list[EncodedPair], val: list[EncodedPair], opts: DPOConfig,
@@ -215,7 +220,7 @@ class DPOStage:
         self._initial_eval_done = False
         self._epoch_cache: tuple[int, list[int]] = (-1, [])
         if opts.reference == "online":
-            from .rl_common import frozen_copy
+            from .rl import frozen_copy
 
             self.ref = frozen_copy(model)
 
@@ -335,11 +340,12 @@ class DPOStage:
         losses, rew_c, rew_r = dpo_loss(pc, pr, ref_c, ref_r, self.opts.beta, self.opts.loss,
                                         self.opts.label_smoothing)
         metrics = {
-            "reward_acc": float(pair_accuracy(rew_c, rew_r)),
-            "reward_margin": float((rew_c - rew_r).mean()),
-            "reward_chosen": float(rew_c.mean()),
-            "reward_rejected": float(rew_r.mean()),
-            "logp_margin": float((cs - rs).detach().mean()),
+            "rewards/chosen": float(rew_c.mean()),
+            "rewards/rejected": float(rew_r.mean()),
+            "rewards/accuracies": float(pair_accuracy(rew_c, rew_r)),
+            "rewards/margins": float((rew_c - rew_r).mean()),
+            "logps/chosen": float(pc.detach().mean()),
+            "logps/rejected": float(pr.detach().mean()),
         }
         return losses.mean(), metrics
 
@@ -349,17 +355,12 @@ class DPOStage:
     def evaluate(self, model) -> dict[str, float]:
         if not self.val:
             return {}
-        n = 0
-        sums = {"val_loss": 0.0, "accuracy": 0.0, "margin": 0.0, "logp_margin": 0.0}
-        for index in _chunks(len(self.val), max(1, self.batch_size)):
+        sums: dict[str, float] = {}
+        for index in _chunks(len(self.val), max(1, self.batch_size)):  # pair-weighted means over the chunks
             loss, m = self._pair_metrics(model, index, "val")
-            k = len(index)
-            n += k
-            sums["val_loss"] += float(loss) * k
-            sums["accuracy"] += m["reward_acc"] * k
-            sums["margin"] += m["reward_margin"] * k
-            sums["logp_margin"] += m["logp_margin"] * k
-        return {k: v / n for k, v in sums.items()}
+            for key, v in {"val_loss": float(loss), **{f"eval_{k}": v for k, v in m.items()}}.items():
+                sums[key] = sums.get(key, 0.0) + v * len(index)
+        return {k: v / len(self.val) for k, v in sums.items()}
 
     def state_dict(self) -> dict:  # batches are a pure function of (seed, step)
         return {"train_pairs": len(self.train), "seed": self.seed}
@@ -414,9 +415,10 @@ def prepare_dpo(opts: DPOConfig, seed: int, log=print):
 def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dict] = None,
             resume: Optional[bool] = None, log=None) -> dict:
     """Train ``opts.init`` with DPO on ``opts.data`` through the Trainer; returns the final metrics."""
+    from .sft import _stderr_on_rank0
     from .trainer import Trainer
 
-    log = log or (lambda s: print(s, file=sys.stderr))
+    log = log or _stderr_on_rank0
     opts.validate()
     if not opts.init:
         raise UserError("--init: required (the SFT checkpoint to improve; it is also the reference model)")
@@ -486,10 +488,15 @@ def _cli_dpo(args) -> int:
         raise UserError("--data: required (preference pairs JSONL or the bundled name 'prefs')")
     resume = resume_from_args(args)
     result = run_dpo(opts, args.out, train, run_config=rc.to_dict(), resume=resume)
+    from .trainer import world_info
+
+    if world_info()[0] != 0:  # under torchrun rank 0 reports
+        return 0
     line = f"dpo: done at step {result['step']}"
-    if "accuracy" in result:
-        line += (f", held-out implicit-reward accuracy {result['accuracy']:.3f}, margin {result['margin']:.4f}, "
-                 f"chosen-rejected log-prob margin {result['logp_margin']:.3f}")
+    if "eval_rewards/accuracies" in result:
+        line += (f", held-out implicit-reward accuracy {result['eval_rewards/accuracies']:.3f}, margin "
+                 f"{result['eval_rewards/margins']:.4f}, chosen-rejected log-prob margin "
+                 f"{result['eval_logps/chosen'] - result['eval_logps/rejected']:.3f}")
     print(line)
     print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
     return 0

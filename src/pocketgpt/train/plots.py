@@ -61,7 +61,9 @@ def draw_losses(ax, records: list[dict]) -> bool:
 
 
 def plot_metrics(run_dir: str | Path, extra_keys: list[str] = ()) -> list[Path]:
-    """Draw ``loss.png`` (train loss and every ``val*loss`` metric) and ``<key>.png`` for each extra key."""
+    """Draw ``loss.png`` (train loss and every ``val*loss`` metric) and ``<key>.png`` for each extra key, with the
+    held-out ``eval_<key>`` beside it when logged; characters other than letters, digits, ``-_.`` in a key become
+    ``_`` in its file name (``rewards/accuracies`` → ``rewards_accuracies.png``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,10 +86,15 @@ def plot_metrics(run_dir: str | Path, extra_keys: list[str] = ()) -> list[Path]:
 
     for key in extra_keys:
         kx, ky = series(records, key)
-        if not kx:
+        ex, ey = series(records, f"eval_{key}")  # its held-out twin (TRL's naming), on the same axes
+        if not kx and not ex:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        ax.plot(kx, ky, lw=1)
+        if kx:
+            ax.plot(kx, ky, lw=1, label="train")
+        if ex:
+            ax.plot(ex, ey, "o-", ms=3, label="held-out")
+            ax.legend(fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

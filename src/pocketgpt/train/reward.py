@@ -10,7 +10,10 @@ read at that final ``<|end|>`` (rows are right-padded, so the last real token se
 
 A reward-model checkpoint is an ordinary GPT checkpoint directory (``config.json`` + ``model.safetensors`` +
 ``tokenizer/``; loadable by ``GPT.from_pretrained``) plus ``reward_head.safetensors`` (the head) and
-``reward_model.json`` (``{"kind": "reward_model", "pairs_accuracy": ...}``). ``load_reward_model(dir)`` loads both.
+``reward_model.json`` (``{"kind": "reward_model", "val_accuracy": ...}``). ``load_reward_model(dir)`` loads both.
+
+Metrics (TRL's RewardTrainer names): per step ``loss``, ``accuracy`` (fraction of pairs with r_chosen > r_rejected)
+and ``margin`` (mean r_chosen - r_rejected); held-out ``val_loss``, ``eval_accuracy`` and ``eval_margin``.
 
 CLI::
 
@@ -32,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .rl_common import check_messages, read_jsonl_records, resolve_file
+from .rl import read_jsonl_records, resolve_file
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
@@ -44,13 +47,16 @@ META_FILE = "reward_model.json"
 class RewardModel(nn.Module):
     """``GPT`` backbone + ``Linear(n_embd, 1)`` read at the last real token of each (right-padded) row."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, seed: int = 0):
         super().__init__()
         self.backbone = backbone
         self.config = backbone.config
         self.head = nn.Linear(backbone.config.n_embd, 1)
-        nn.init.normal_(self.head.weight, std=1.0 / (backbone.config.n_embd ** 0.5 * 4))
+        g = torch.Generator().manual_seed(seed)  # the same head in every process (exact resume, DDP)
+        nn.init.normal_(self.head.weight, std=1.0 / (backbone.config.n_embd ** 0.5 * 4), generator=g)
         nn.init.zeros_(self.head.bias)
+        if not backbone.config.tie_embeddings:  # the head reads hidden states: an untied lm_head is never used,
+            backbone.lm_head.weight.requires_grad_(False)  # and DDP needs every trainable parameter to be
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """idx (B, T) right-padded ids, lengths (B,) real lengths → rewards (B,) in float32."""
@@ -156,7 +162,9 @@ def parse_pair(obj, where: str) -> Pair:
     if isinstance(prompt, str):
         raise UserError(f"{where}: 'prompt' must be a list of messages, got a string "
                         f"(use [{{\"role\": \"user\", \"content\": ...}}])")
-    prompt = check_messages(prompt, where, field_name="prompt")
+    from ..chat import validate_messages
+
+    prompt = validate_messages(prompt, where)
     for key in ("chosen", "rejected"):
         v = obj[key]
         if not isinstance(v, str):
@@ -264,7 +272,7 @@ class RewardStage:
     """Bradley–Terry training on encoded pairs; ``evaluate`` reports held-out pairwise accuracy."""
 
     name = "rm"
-    plot_keys = ["accuracy", "val_accuracy"]
+    plot_keys = ["accuracy", "margin"]  # train curves with their held-out twins eval_accuracy, eval_margin
 
     def __init__(self, train: list[tuple[list[int], list[int]]], val: list[tuple[list[int], list[int]]],
                  batch_size: int, pad_id: int, seed: int = 1337, eval_batch_size: int = 16):
@@ -315,7 +323,7 @@ class RewardStage:
         if not self.val:
             return {}
         m = pairwise_accuracy(model, self.val, self.pad_id, self.eval_batch_size)
-        return {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_margin": m["margin"]}
+        return {"val_loss": m["loss"], "eval_accuracy": m["accuracy"], "eval_margin": m["margin"]}
 
     def state_dict(self) -> dict:
         return {}  # the batch order follows from the step number alone
@@ -346,9 +354,10 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
     from ..chat import find_checkpoint
     from ..model import GPT
     from ..tokenizer import load_tokenizer_for
-    from .trainer import Trainer
+    from .trainer import Trainer, world_info
 
     cfg, rmcfg = run_config["train"], run_config["rm"].validate()
+    main = world_info()[0] == 0
     init = find_checkpoint(init)
     tokenizer = load_tokenizer_for(init)
     backbone = GPT.from_pretrained(init)
@@ -366,17 +375,21 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
     pad_id = tokenizer.pad_id
     stage = RewardStage(encode_pairs(train_pairs, tokenizer, block), encode_pairs(val_pairs, tokenizer, block),
                         cfg.batch_size, pad_id, seed=cfg.seed, eval_batch_size=rmcfg.eval_batch_size)
-    print(f"reward model: {len(train_pairs)} training pairs, {len(val_pairs)} held out; init {init}",
-          file=sys.stderr)
-    model = RewardModel(backbone)
+    if main:
+        print(f"reward model: {len(train_pairs)} training pairs, {len(val_pairs)} held out; init {init}",
+              file=sys.stderr)
+    model = RewardModel(backbone, seed=cfg.seed)
     trainer = Trainer(model, stage, cfg, out, tokenizer=tokenizer, save_model=_save_rm, load_model=_load_rm,
                       run_config=run_config.to_dict(), resume=resume)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
     from ..io import write_json
 
     meta = {"kind": "reward_model", "init": str(init), "data": str(data), "train_pairs": len(train_pairs),
-            "val_pairs": len(val_pairs), "val_accuracy": result.get("val_accuracy"), "step": result.get("step")}
-    for d in (trainer.ckpt_dir, trainer.best_dir):
+            "val_pairs": len(val_pairs), "val_accuracy": result.get("eval_accuracy"), "step": result.get("step")}
+    for d in (trainer.ckpt_dir, trainer.best_dir) if main else ():
         if (d / HEAD_FILE).is_file():
             write_json(d / META_FILE, meta)
     return result
@@ -467,7 +480,11 @@ def _cli(args) -> int:
     run_config = config_from_args(args, _sections())
     resume = resume_from_args(args)
     result = train_reward_model(args.init, args.data, args.out, run_config, val_data=args.val_data, resume=resume)
-    acc = result.get("val_accuracy")
+    from .trainer import world_info
+
+    if world_info()[0] != 0:  # under torchrun rank 0 reports
+        return 0
+    acc = result.get("eval_accuracy")
     print(f"reward model saved in {Path(args.out) / 'ckpt'}"
           + (f"; held-out pairwise accuracy {acc:.3f}" if acc is not None else ""))
     return 0

@@ -9,9 +9,10 @@
   to their leading turns (``"truncate"``); the counts are printed (see ``chat.fit_to_context``).
 * Batches are **padded**, not packed: each row is one example, right-padded with ``<|pad|>`` (label ``-100``).
   Causal attention never lets a real token see a pad that comes after it, so no attention mask is needed and a
-  row is computed exactly as it would be alone. To keep padding small, each epoch shuffles the examples, sorts
-  them by length inside windows of 64 batches, and shuffles the batch order (a pure function of the seed and the
-  epoch, so resume is exact with no data state to save).
+  row is computed exactly as it would be alone. Each epoch is a seeded shuffle of all examples, so every batch is
+  a random mixture of every source (length-sorted batches would put the short sources, e.g. arithmetic, in batches
+  of their own, and the loss would swing between sources from one batch to the next); a pure function of the seed
+  and the epoch, so resume is exact with no data state to save.
 * With gradient accumulation the step loss is the mean of the micro-batches' token means.
 * Held-out evaluation: a seeded fraction of the *conversations* (never pieces of a training conversation) gives
   ``val_loss`` (assistant-token cross-entropy, token-weighted) and ``val_ppl``.
@@ -37,7 +38,6 @@ from ..chat import IGNORE, FitStats, fit_to_context, read_conversations, resolve
 from ..errors import UserError
 
 OVERFLOW_MODES = ("split", "truncate")
-SORT_WINDOW = 64  # batches per length-sorting window
 
 
 @dataclass
@@ -161,18 +161,11 @@ def collate(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Example indices of every batch of one epoch: shuffled, length-sorted within windows, batch order shuffled."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * SORT_WINDOW
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w: w + window], key=lambda i: lengths[i])
-        batches += [chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Example indices of every batch of one epoch over ``n`` examples: one seeded shuffle, cut into batches."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[b: b + batch_size] for b in range(0, n, batch_size)]
 
 
 @torch.no_grad()
@@ -214,7 +207,6 @@ class SFTStage:
         self.pad_id = pad_id
         self.batch_size = batch_size
         self.seed = seed
-        self.lengths = [len(ids) for ids, _ in train_examples]
         self.grad_accum = 1
         self.eval_batches: Optional[int] = None
         self._epoch_cache: tuple[int, list] = (-1, [])
@@ -228,7 +220,7 @@ class SFTStage:
         n = math.ceil(len(self.train) / self.batch_size)
         epoch, pos = divmod(k, n)
         if self._epoch_cache[0] != epoch:
-            self._epoch_cache = (epoch, epoch_batches(self.lengths, self.batch_size, self.seed, epoch))
+            self._epoch_cache = (epoch, epoch_batches(len(self.train), self.batch_size, self.seed, epoch))
         return self._epoch_cache[1][pos]
 
     def get_batch(self, step: int, micro: int):
@@ -267,6 +259,14 @@ class SFTStage:
 # running a fine-tune
 
 
+def _stderr_on_rank0(line: str) -> None:
+    """The default ``log`` of the stages: stderr, once per run under torchrun."""
+    from .trainer import world_info
+
+    if world_info()[0] == 0:
+        print(line, file=sys.stderr)
+
+
 def prepare_sft(init: str | Path, sft: SFTConfig, train_seed: int, device=None, log=print):
     """Load the model and data, split and render them. Returns ``(model, tokenizer, train_ex, val_ex, info)``."""
     model, tokenizer, added = load_init(init, device=device)
@@ -301,7 +301,7 @@ def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_con
     """Fine-tune ``init`` on ``sft.data`` with the Trainer; returns the Trainer's final metrics (+ data counts)."""
     from .trainer import Trainer
 
-    log = log or (lambda s: print(s, file=sys.stderr))
+    log = log or _stderr_on_rank0
     sft.validate()
     model, tokenizer, train_ex, val_ex, info = prepare_sft(init, sft, train.seed, log=log)
     stage = SFTStage(train_ex, val_ex, tokenizer.pad_id, train.batch_size, seed=train.seed)
@@ -368,6 +368,10 @@ def _cli_sft(args) -> int:
         raise UserError("--data: required (conversation JSONL files or bundled corpus names)")
     resume = resume_from_args(args)
     result = run_sft(sft.init, args.out, sft, train, run_config=rc.to_dict(), resume=resume)
+    from .trainer import world_info
+
+    if world_info()[0] != 0:  # under torchrun rank 0 reports
+        return 0
     ckpt = Path(args.out) / "ckpt"
     val = result.get("val_loss")
     line = f"sft: done at step {result['step']}"

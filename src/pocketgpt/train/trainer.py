@@ -18,7 +18,8 @@ The Stage protocol
             # Under DDP use ``world_info()``: rank r of world W should draw what one process would draw at
             # micro ``micro * W + r`` — then N processes == 1 process with N x grad_accum.
         def loss(self, model, batch) -> tuple[Tensor, dict[str, float]]
-            # scalar loss of one micro-batch (unscaled: dividing by grad_accum is the trainer's job) + metrics.
+            # scalar loss of one micro-batch (unscaled: dividing by grad_accum is the trainer's job) + metrics
+            # (floats, logged as their mean over micro-batches and ranks: the same keys on every rank).
             # ``model`` may be the DDP / compiled wrapper: call ``model(...)`` for the forward that needs grads.
         def evaluate(self, model) -> dict[str, float]
             # held-out metrics; called under torch.no_grad() with model.eval() on the plain (unwrapped) model,
@@ -30,8 +31,20 @@ The Stage protocol
         tokens_in_batch(batch) -> int          # for tokens/s and MFU (default: numel of the first tensor)
         on_step_end(step, model, metrics)      # after each optimizer step (e.g. PPO refreshes rollouts)
         setup(trainer)                         # once, before training: trainer.device, .dtype, .rank, .world_size
-        plot_keys: list[str]                   # extra metrics plotted as RUN/<key>.png (e.g. "reward", "kl")
+        plot_keys: list[str]                   # extra metrics plotted as RUN/<key>.png ("/" becomes "_"), each
+                                               # with its held-out twin "eval_<key>" when logged
         best_metric: str; best_mode: "min" | "max"   # override the best-checkpoint rule
+        state_tensors() -> dict[str, Tensor]   # tensor state for exact resume (e.g. a rollout buffer)
+        load_state_tensors(tensors)            # its inverse (CPU tensors)
+
+    Resume order: ``load_state_dict(json_state)`` first, then ``load_state_tensors(tensors)``. ``state_dict()`` is
+    taken on rank 0 only; ``state_tensors()`` on every rank: the tensors of rank r are stored with the key prefix
+    ``rank{r}.`` in ``ckpt/stage.safetensors`` (gathered to rank 0, like the RNG states), and each rank gets back
+    its own (rank 0's when the checkpoint was written by fewer processes).
+
+Under DDP every trainable parameter must receive a gradient at every step (no ``find_unused_parameters``): a
+stage whose loss never uses some parameters (a reward head never uses ``lm_head``) freezes them
+(``requires_grad=False``); otherwise the first step stops with a one-line error naming them.
 
 Adding a stage (example)
 ------------------------
@@ -70,8 +83,9 @@ The run directory
 
 **Pass ``RUN/ckpt`` (the final model) or ``RUN/best`` to the next stage / chat / export.** Both are complete
 checkpoint directories (``config.json`` + ``model.safetensors`` + ``tokenizer/``) that ``GPT.from_pretrained`` loads.
-``ckpt/`` also holds ``optimizer.safetensors``, ``rng.safetensors`` and ``trainer_state.json`` (step, schedule,
-scaler, RNG, the stage's ``state_dict()``): running the same command again resumes exactly where it stopped.
+``ckpt/`` also holds ``optimizer.safetensors``, ``rng.safetensors``, ``stage.safetensors`` (stages with
+``state_tensors``) and ``trainer_state.json`` (step, schedule, scaler, RNG, the stage's ``state_dict()``): running the
+same command again resumes exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -455,9 +469,20 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = DDP(model, device_ids=ids, find_unused_parameters=self.cfg.ddp_find_unused)
+        self._ddp_model = model  # its no_sync() (a compiled wrapper has none)
         if self.cfg.compile:
             model = torch.compile(model)
         return model
+
+    def _check_grads(self) -> None:
+        """Under DDP (without ``ddp_find_unused``), after the first backward: name parameters the loss never used
+        instead of DDP's multi-line RuntimeError at the next forward."""
+        unused = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if unused:
+            raise UserError(
+                f"torchrun: the loss of stage '{self.stage.name}' never uses {len(unused)} trainable parameter(s) "
+                f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}), which DDP cannot reduce: freeze them "
+                "(requires_grad=False) or set train.ddp_find_unused = true")
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
 
@@ -485,6 +510,10 @@ class Trainer:
 
         rng_t, rng_j = _rng_state()
         all_rng = self._gather(({k: v.tolist() for k, v in rng_t.items()}, rng_j))
+        stage_t = None
+        if hasattr(self.stage, "state_tensors"):  # every rank's own tensors, as CPU copies (no shared storage)
+            mine = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.stage.state_tensors().items()}
+            stage_t = {f"rank{r}.{k}": v for r, t in enumerate(self._gather(mine)) for k, v in t.items()}
         if self.is_main:
             opt_t, opt_meta = _optimizer_tensors(self.optimizer)
             state = {
@@ -510,6 +539,8 @@ class Trainer:
                 self._write_weights(tmp)
                 save_file(opt_t, str(tmp / "optimizer.safetensors"))
                 save_file(rng_tensors, str(tmp / "rng.safetensors"))
+                if stage_t is not None:
+                    save_file(stage_t, str(tmp / "stage.safetensors"))
                 write_json(tmp / "trainer_state.json", state)
         if self.ddp:
             torch.distributed.barrier()
@@ -538,11 +569,13 @@ class Trainer:
             raise UserError(f"{self.ckpt_dir}: optimizer state does not match the model ({e})") from None
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
-        rng_t = load_file(str(self.ckpt_dir / "rng.safetensors"))
-        r = self.rank if self.rank < len(state["rng"]) else 0
-        mine = {k.split(".", 1)[1]: v for k, v in rng_t.items() if k.startswith(f"rank{r}.")}
-        _set_rng_state(mine, state["rng"][r])
+        r = self.rank if self.rank < len(state["rng"]) else 0  # fewer processes wrote it: rank 0's state
+        mine = lambda name: {k.split(".", 1)[1]: v for k, v in load_file(str(self.ckpt_dir / name)).items()
+                             if k.startswith(f"rank{r}.")}
+        _set_rng_state(mine("rng.safetensors"), state["rng"][r])
         self.stage.load_state_dict(state.get("stage_state") or {})
+        if hasattr(self.stage, "load_state_tensors") and (self.ckpt_dir / "stage.safetensors").exists():
+            self.stage.load_state_tensors(mine("stage.safetensors"))
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed_s", 0.0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
@@ -681,6 +714,7 @@ class Trainer:
         t_log, tokens_log, steps_log = time.time(), 0, 0
         loss_log = 0.0
         seq_len = None
+        checked = False  # unused parameters under DDP (first step of this process)
         try:
             while self.step < cfg.max_steps:
                 step = self.step
@@ -701,25 +735,41 @@ class Trainer:
                     if seq_len is None:
                         seq_len = _seq_len(batch)
                     batch = _to_device(batch, self.device)
+                    # DDP all-reduces the gradients in the backward of the last micro-batch only
                     sync = (not self.ddp) or micro == cfg.grad_accum - 1
-                    with (nullcontext() if sync else model.no_sync()):
+                    with (nullcontext() if sync else self._ddp_model.no_sync()):
                         with runtime.autocast(self.device, self.dtype):
-                            loss, metrics = self.stage.loss(model, batch)
+                            try:
+                                loss, metrics = self.stage.loss(model, batch)
+                            except RuntimeError as e:  # a parameter unused at some later step only
+                                if "finished reduction in the prior iteration" not in str(e):
+                                    raise
+                                raise UserError(f"torchrun: step {step + 1}: the loss of stage '{self.stage.name}' "
+                                                "did not use every trainable parameter at the previous step; set "
+                                                "train.ddp_find_unused = true") from None
                         self.scaler.scale(loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach().float()
                     for k, v in metrics.items():
                         metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+                if self.ddp and not cfg.ddp_find_unused and not checked:
+                    self._check_grads()
+                    checked = True
 
-                # one small collective per step: mean loss over ranks (NaN anywhere stops every rank) + stop flag
+                # one small collective per step: mean loss and metrics over ranks (NaN anywhere stops every rank)
+                # + stop flag; every rank's stage returns the same metric keys
                 stop = 1.0 if self._stop_reason else 0.0
                 if cfg.max_minutes > 0 and time.time() - t_start >= 60 * cfg.max_minutes:
                     stop = 1.0
                     self._stop_reason = self._stop_reason or "time"
                 packed = torch.stack([loss_sum / cfg.grad_accum, torch.tensor(stop, device=self.device)])
                 if self.ddp:
+                    keys = sorted(metric_sums)
+                    packed = torch.cat([packed.double(), torch.tensor([metric_sums[k] for k in keys],
+                                                                      dtype=torch.float64, device=self.device)])
                     torch.distributed.all_reduce(packed)
                     packed[0] /= self.world_size
-                step_loss, stop = packed.tolist()
+                    metric_sums = dict(zip(keys, (packed[2:] / self.world_size).tolist()))
+                step_loss, stop = packed[:2].tolist()
                 if not math.isfinite(step_loss):
                     self.optimizer.zero_grad(set_to_none=True)
                     last = ("no checkpoint was written yet" if not self.has_checkpoint()
