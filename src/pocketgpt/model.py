@@ -349,6 +349,7 @@ class GPT(nn.Module):
         attn_mask: Optional[torch.Tensor] = None,
         last_only: bool = False,
         return_hidden: bool = False,
+        at: Optional[torch.Tensor] = None,
     ):
         """Return ``(logits, loss)``.
 
@@ -358,6 +359,8 @@ class GPT(nn.Module):
         attn_mask: boolean (B, 1, T, past+T), True = may attend; default causal.
         last_only: compute logits for the last position only (decoding).
         return_hidden: return the final normalised hidden states (B, T, C) instead of logits (value/reward heads).
+        at: (B, N) positions: return ``(logits, hidden)`` of those positions only — the lm_head runs on N rows, not T
+            (log-probs of reply tokens), and a DDP-wrapped model computes everything inside its forward.
         """
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
@@ -383,6 +386,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.ln_f(x)
+        if at is not None:
+            x = torch.gather(x, 1, at.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+            return self.lm_head(x), x
         if return_hidden:
             return x, None
         if last_only:

@@ -1,0 +1,705 @@
+"""On-policy RL: the one experience loop that PPO, GRPO and RLOO share.
+
+An on-policy stage *makes experience*, then the one ``Trainer`` runs ``epochs`` × minibatches over it::
+
+    prompts (a built-in task, or JSONL) ─▶ rollout: engine.generate, sampled at temperature T ─▶ replies
+    replies ─▶ RewardSource: a reward model | a Python module:function | a task's checker ─▶ one score per reply
+    one padded forward per model (engine.token_logprobs at T) ─▶ old log-probs, reference log-probs, values
+    stage.advantages(buffer) ─▶ buffer ── epochs × minibatches ─▶ stage.policy_loss(model, minibatch) ─▶ Trainer
+
+A stage (``ppo.PPOStage``, ``grpo.GRPOStage``) is only its advantage and its loss. Every log-prob comes from
+``engine.token_logprobs`` with the sampling temperature (logits / T, as TRL does), so the ratios and the KL are
+those of the distribution the replies were drawn from. The old log-probs are computed on exactly the minibatches the
+first epoch trains on (same rows, same padding), so the first minibatch of every rollout has a ratio of exactly 1.
+
+Rows of a rollout: ``rollout_prompts`` prompts × ``samples_per_prompt`` replies *per process*; a minibatch is
+``[train] batch_size × grad_accum`` rows, so one rollout gives ``epochs × rows / (batch_size × grad_accum)``
+optimizer steps. Under torchrun every rank rolls out its own prompts; DDP averages the gradients. The buffer is part
+of the checkpoint (``state_tensors``), so a run killed in the middle of a rollout's epochs resumes exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import math
+import numbers
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+
+RewardFn = Callable[[list[dict], str], float]
+
+
+class RewardFunctionError(UserError):
+    """A reward function raised or returned something that is not a finite number."""
+
+
+# ---- records: JSONL, prompts, the held-out split ---------------------------------------------------------------------
+
+
+def resolve_file(name: str | Path) -> Path:
+    """A JSONL file path, or the name of a bundled file corpus (``pocketgpt.data.builtin_path``, e.g. ``prefs``)."""
+    from ..data import BUILTINS, builtin_path
+
+    p = Path(name)
+    if p.exists():
+        return p
+    if str(name) in BUILTINS:
+        found = Path(builtin_path(str(name)))
+        if found.is_file():
+            return found
+        raise UserError(f"{name}: this bundled corpus is a folder; give one of its files")
+    raise UserError(f"{name}: file not found (nor a bundled corpus: {', '.join(BUILTINS)})")
+
+
+def read_jsonl_records(path: str | Path) -> list[tuple[int, Any]]:
+    """``(line_number, object)`` for each non-blank line of a JSONL file (``.gz`` allowed); UserError on bad JSON."""
+    import gzip
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a JSONL file")
+    records = []
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append((lineno, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    return records
+
+
+def read_prompts(path: str | Path) -> tuple[list[list[dict]], list[str]]:
+    """RL prompts from JSONL: ``{"messages": [...]}``, ``{"prompt": [...]}`` or ``{"prompt": "text"}`` per line.
+
+    Returns the prompts and their ``file:line`` names. A conversation that ends with assistant turns (an SFT file)
+    is used up to its last user turn."""
+    from ..chat import validate_messages
+
+    path = resolve_file(path)
+    prompts, where = [], []
+    for lineno, obj in read_jsonl_records(path):
+        at = f"{path}:{lineno}"
+        if not isinstance(obj, dict) or not ("messages" in obj or "prompt" in obj):
+            raise UserError(f"{at}: expected a 'messages' list or a 'prompt' (list of messages or text)")
+        p = obj.get("messages", obj.get("prompt"))
+        if isinstance(p, str):
+            if not p.strip():
+                raise UserError(f"{at}: 'prompt' is empty")
+            p = [{"role": "user", "content": p}]
+        msgs = validate_messages(p, at)
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs or msgs[-1]["role"] != "user":
+            raise UserError(f"{at}: the prompt must end with a user message")
+        prompts.append(msgs)
+        where.append(at)
+    if not prompts:
+        raise UserError(f"{path}: no prompts in this file")
+    return prompts, where
+
+
+def split_heldout(items: list, n_heldout: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices ``(train, heldout)`` of a fixed seeded shuffle; at least one item stays for training."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n = max(0, min(n_heldout, len(items) - 1))
+    return sorted(order[n:]), sorted(order[:n])
+
+
+class Prompts:
+    """Training and held-out prompts: a built-in task's (fresh training prompts every rollout, a fixed held-out set),
+    or a JSONL file's (``n_eval`` of them held out by a seeded split, unless ``eval_path`` gives them)."""
+
+    def __init__(self, *, task=None, path: str = "", eval_path: str = "", n_eval: int = 64, seed: int = 0):
+        self.task, self.seed = task, seed
+        if task is not None:
+            if path or eval_path:
+                raise UserError("--prompts / --eval_prompts go with a reward function or model; "
+                                "a built-in --task makes its own prompts")
+            self.eval = task.eval_prompts(n_eval)
+            self.eval_where = [f"{task.name} held-out prompt {i + 1}" for i in range(len(self.eval))]
+            return
+        if not path:
+            raise UserError("--prompts FILE or --task NAME: required (where the prompts come from)")
+        prompts, where = read_prompts(path)
+        if eval_path:
+            self.train, self.train_where = prompts, where
+            self.eval, self.eval_where = read_prompts(eval_path)
+            self.eval, self.eval_where = self.eval[:n_eval], self.eval_where[:n_eval]
+        else:
+            tr, ev = split_heldout(prompts, n_eval, seed)
+            self.train, self.train_where = [prompts[i] for i in tr], [where[i] for i in tr]
+            self.eval, self.eval_where = [prompts[i] for i in ev], [where[i] for i in ev]
+
+    def sample(self, n: int, key: int) -> tuple[list[list[dict]], list[str]]:
+        """``n`` training prompts and their record names for rollout ``key`` (a pure function of seed and key)."""
+        if self.task is not None:
+            prompts = self.task.train_prompts(n, seed=self.seed * 1_000_003 + key)
+            return prompts, [f"{self.task.name} prompt {p[-1]['content']!r}" for p in prompts]
+        rng = random.Random(self.seed * 1_000_003 + key)
+        idx = [rng.randrange(len(self.train)) for _ in range(n)]
+        return [self.train[i] for i in idx], [self.train_where[i] for i in idx]
+
+
+# ---- reward sources --------------------------------------------------------------------------------------------------
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """Import ``"module:function"`` or ``"path/to/file.py:function"``; it is called as ``fn(prompt_messages, reply)``."""
+    module_name, sep, fn_name = str(spec).rpartition(":")
+    if not sep or not module_name or not fn_name:
+        raise UserError(f"--reward_fn: expected 'module:function' or 'path/to/file.py:function', got {spec!r}")
+    try:
+        if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+            path = Path(module_name)
+            if not path.is_file():
+                raise UserError(f"--reward_fn: file {module_name} not found")
+            mod_id = f"_pocketgpt_reward_{abs(hash(str(path.resolve())))}"
+            spec_obj = importlib.util.spec_from_file_location(mod_id, str(path))
+            module = importlib.util.module_from_spec(spec_obj)
+            sys.modules[mod_id] = module
+            spec_obj.loader.exec_module(module)
+        else:  # an importable module; the current directory counts too (as with ``python -m``)
+            sys.path.insert(0, os.getcwd())
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                sys.path.pop(0)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any import failure of user code is a user error
+        raise UserError(f"--reward_fn: cannot import {module_name!r} ({type(e).__name__}: {e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"--reward_fn: module {module_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def call_reward_fn(fn: RewardFn, prompt: list[dict], reply: str, *, record: str) -> float:
+    """``fn(prompt, reply)`` as a finite float; ``RewardFunctionError`` naming ``record`` if it raises or returns
+    anything else (a Python / numpy number or a one-element tensor is fine)."""
+    name = getattr(fn, "__name__", repr(fn))
+    try:
+        value = fn(prompt, reply)
+    except Exception as e:  # noqa: BLE001 - report whatever the user's function raised
+        raise RewardFunctionError(f"{record}: reward function {name} raised {type(e).__name__}: {e}") from None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if hasattr(value, "item") and getattr(value, "size", None) == 1:  # numpy scalars / 1-element arrays
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)):
+        return float(value)
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise RewardFunctionError(f"{record}: reward function {name} returned {shown}, expected a finite number")
+
+
+class RewardSource:
+    """Scores ``(prompt messages, reply text)``: a trained reward model, a Python function or a task's checker."""
+
+    def __init__(self, *, reward_model: str = "", reward_fn: str | RewardFn = "", task=None,
+                 dtype: torch.dtype = torch.float32, batch_size: int = 32):
+        self.rm = self.fn = None
+        self.task = task
+        self.batch_size = batch_size
+        if reward_model and reward_fn:
+            raise UserError("--reward RM_CKPT and --reward_fn exclude each other (one reward source)")
+        if reward_model:
+            from ..chat import find_checkpoint
+            from ..tokenizer import load_tokenizer_for
+            from .reward import load_reward_model
+
+            path = find_checkpoint(reward_model)
+            self.rm = load_reward_model(path, dtype=dtype).requires_grad_(False)
+            self.rm_tokenizer = load_tokenizer_for(path)
+            self.kind, self.description = "model", f"reward model {path}"
+        elif reward_fn:
+            self.fn = load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
+            self.kind, self.description = "function", f"reward function {getattr(self.fn, '__name__', reward_fn)}"
+        elif task is not None:
+            self.kind, self.description = "task", f"the {task.name} task's checker"
+        else:
+            raise UserError("no reward: give --reward RM_CKPT, --reward_fn module:function or --task NAME")
+
+    def to(self, device) -> "RewardSource":
+        if self.rm is not None:
+            self.rm.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[dict]], replies: list[str], where: list[str]) -> list[float]:
+        if self.rm is not None:
+            from .reward import encode_reply
+
+            block = self.rm.config.block_size
+            rows = [encode_reply(p, r, self.rm_tokenizer, block) for p, r in zip(prompts, replies)]
+            return self.rm.score_ids(rows, self.rm_tokenizer.pad_id, self.batch_size)
+        if self.fn is not None:
+            return [call_reward_fn(self.fn, p, r, record=w) for p, r, w in zip(prompts, replies, where)]
+        return [self.task.reward(p, r) for p, r in zip(prompts, replies)]
+
+
+# ---- rollouts ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One reply. ``reply_ids`` ends with ``<|end|>`` when the model stopped by itself (it is part of what the policy
+    wrote, so it is trained and scored); ``text`` excludes it."""
+
+    prompt_ids: list[int]
+    reply_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_index: int  # which prompt of the call it answers
+
+
+@torch.no_grad()
+def rollout(model: nn.Module, tokenizer, prompts: list[list[dict]], *, n: int = 1, max_new_tokens: int = 64,
+            temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+            seed: Optional[int] = None, **sampling) -> list[Rollout]:
+    """``n`` replies per prompt through the engine (prompt-major rows); ``temperature=0`` is greedy. Prompts are
+    rendered with the chat template and cut (oldest tokens first) to leave room for the reply."""
+    from ..chat import render
+    from ..engine import generate
+
+    end_id = tokenizer.token_id("<|end|>")
+    block = model.config.block_size
+    max_new_tokens = max(1, min(max_new_tokens, block - 8))
+    prompt_ids = []
+    for m in prompts:
+        ids, _ = render(m, tokenizer, add_generation_prompt=True)
+        prompt_ids.append(list(ids[-(block - max_new_tokens):]))
+    results = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
+                       top_p=top_p if top_p and top_p < 1 else None, n=n, stop_ids=[end_id], seed=seed,
+                       return_logprobs=True, **sampling)
+    out = []
+    for row, res in enumerate(results):
+        tokens = [int(t) for t in res.tokens]
+        stopped = res.finish_reason == "stop"
+        out.append(Rollout(prompt_ids[row // n], tokens + [end_id] if stopped else tokens, tokenizer.decode(tokens),
+                           "stop" if stopped else "length", row // n))
+    return out
+
+
+# ---- models --------------------------------------------------------------------------------------------------------------
+
+
+class ScalarHead(nn.Module):
+    """``Linear(n_embd, 1)`` on final hidden states: the reward model's head and PPO's value head."""
+
+    def __init__(self, n_embd: int, std: float = 0.0):
+        super().__init__()
+        self.linear = nn.Linear(n_embd, 1)
+        nn.init.normal_(self.linear.weight, std=std) if std > 0 else nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
+
+
+class Policy(nn.Module):
+    """The policy GPT (+ PPO's value head on its own backbone) whose forward gives per-token log-probs of replies.
+
+    Everything trained happens inside ``forward``, so DDP sees every parameter it reduces."""
+
+    def __init__(self, gpt: nn.Module, value_head: bool = False, temperature: float = 1.0):
+        super().__init__()
+        self.gpt = gpt
+        self.config = gpt.config
+        self.temperature = temperature
+        self.value_head = ScalarHead(gpt.config.n_embd) if value_head else None
+
+    def forward(self, idx, pos, targets, mask):
+        """→ ``(logp, entropy, values or None)``, each (B, T), for the reply positions of a packed batch."""
+        from ..engine import token_logprobs
+
+        logp, ent, h = token_logprobs(self.gpt, idx, pos, targets, mask, temperature=self.temperature,
+                                      entropy=True, hidden=self.value_head is not None)
+        return logp, ent, (self.value_head(h) * mask if self.value_head is not None else None)
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        return self.gpt.flops_per_token(seq_len)
+
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def save_policy(model: Policy, directory: Path) -> None:
+    """The policy as a plain GPT checkpoint (chat / export load it) + ``value_head.safetensors`` (PPO, for resume)."""
+    from safetensors.torch import save_file
+
+    model.gpt.write_files(directory)
+    if model.value_head is not None:
+        sd = {k: v.detach().float().cpu().contiguous() for k, v in model.value_head.state_dict().items()}
+        save_file(sd, str(Path(directory) / VALUE_HEAD_FILE))
+
+
+def load_policy(model: Policy, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    from .trainer import default_load_model
+
+    default_load_model(model.gpt, directory)
+    if model.value_head is not None and (Path(directory) / VALUE_HEAD_FILE).is_file():
+        model.value_head.load_state_dict(load_file(str(Path(directory) / VALUE_HEAD_FILE)))
+
+
+def frozen_copy(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A reference model: a deep copy in eval mode with every parameter frozen (optionally cast, e.g. bf16)."""
+    ref = copy.deepcopy(model)
+    return (ref.to(dtype) if dtype is not None else ref).eval().requires_grad_(False)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    if dim is None:
+        return (x * m).sum() / m.sum().clamp(min=1.0)
+    return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit variance over the masked entries (0 elsewhere)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
+
+
+# ---- configuration --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RLConfig:
+    """Options every on-policy stage has (sections ``[ppo]`` / ``[grpo]`` add their own)."""
+
+    init: str = ""  # the chat (SFT) checkpoint to improve; also the frozen reference
+    task: str = ""  # built-in task: training + held-out prompts; its checker is the reward unless reward/reward_fn
+    task_digits: int = 2  # arithmetic: operands have 1..task_digits digits
+    task_ops: str = "+-"  # arithmetic: operators drawn from
+    reward: str = ""  # a reward-model checkpoint (pocketgpt rm)
+    reward_fn: str = ""  # or a Python reward "module:function" / "path/file.py:function"
+    prompts: str = ""  # prompts JSONL (without --task)
+    eval_prompts: str = ""  # held-out prompts JSONL (default: n_eval prompts split off --prompts)
+    n_eval: int = 64  # held-out prompts evaluated (greedy) at every evaluation
+    rollout_prompts: int = 16  # prompts per rollout, per process
+    samples_per_prompt: int = 1  # replies sampled per prompt
+    epochs: int = 1  # passes over each rollout's replies
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # sampling temperature; log-probs, ratios and KL use logits / temperature too
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    kl_coef: float = 0.05  # weight of the KL to the reference (0 = no reference model)
+    clip_range: float = 0.2  # ε of the clipped policy ratio
+    eval_max_new_tokens: int = 0  # 0 = max_new_tokens
+    score_batch_size: int = 32  # rows per no-grad forward (reward model, evaluation)
+    seed: int = 0
+
+    def validate(self, where: str) -> "RLConfig":
+        def bad(name: str, msg: str) -> UserError:
+            return UserError(f"{where}: field '{name}' {msg}")
+
+        for name in ("rollout_prompts", "samples_per_prompt", "epochs", "max_new_tokens", "n_eval", "score_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, f"must be a positive integer, got {v!r}")
+        if self.top_k < 0 or self.eval_max_new_tokens < 0:
+            raise bad("top_k", "and eval_max_new_tokens must be >= 0")
+        if not self.temperature > 0:
+            raise bad("temperature", f"must be > 0 (rollouts are sampled), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.kl_coef < 0:
+            raise bad("kl_coef", f"must be >= 0, got {self.kl_coef!r}")
+        if not 0 < self.clip_range < 1:
+            raise bad("clip_range", f"must be in (0, 1), got {self.clip_range!r}")
+        if not self.init:
+            raise UserError("--init: required (the chat checkpoint to improve, e.g. runs/sft/ckpt)")
+        return self
+
+    def get_task(self):
+        """The built-in task named by ``task`` with every ``task_*`` option (None without a task)."""
+        if not self.task:
+            return None
+        from ..tasks import get_task
+
+        opts = {f.name[5:]: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("task_")}
+        return get_task(self.task, n_eval=self.n_eval, **opts)
+
+
+# ---- the experience loop -----------------------------------------------------------------------------------------------
+
+BUFFER_KEYS = ("idx", "pos", "targets", "mask", "old_logp", "ref_logp", "values", "advantages", "returns")
+
+
+class OnlineStage:
+    """The Trainer's stage for on-policy RL. A subclass sets ``name`` and implements ``advantages(buf, scores)``
+    (fills ``buf["advantages"]`` (+ ``"returns"``), returns metrics) and ``policy_loss(model, batch)``."""
+
+    value_head = False  # PPO: the policy carries a value head
+    best_mode = "max"
+
+    def __init__(self, cfg: RLConfig, policy: Policy, tokenizer, prompts: Prompts, reward: RewardSource,
+                 reference: Optional[nn.Module]):
+        self.cfg, self.model, self.tokenizer = cfg, policy, tokenizer
+        self.prompts, self.reward, self.reference = prompts, reward, reference
+        self.task = prompts.task
+        self.best_metric = "eval_accuracy" if self.task is not None else "eval_reward"
+        self.iteration = -1  # the rollout the buffer holds
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.perms: Optional[torch.Tensor] = None
+        self.stats: dict[str, float] = {}
+        self.trainer = None
+        self.batch_size, self.grad_accum, self.rank, self.world = 8, 1, 0, 1
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self._evaluated_start = False
+
+    # -- Trainer hooks ---------------------------------------------------------------------------------------------
+    def setup(self, trainer) -> None:
+        self.trainer = trainer
+        self.device, self.dtype = trainer.device, trainer.dtype
+        self.batch_size, self.grad_accum = trainer.cfg.batch_size, trainer.cfg.grad_accum
+        self.rank, self.world = trainer.rank, trainer.world_size
+        rows, per_step = self.rows, self.batch_size * self.grad_accum
+        if rows % per_step:
+            raise UserError(f"[{self.name}] rollout_prompts × samples_per_prompt = {rows} replies per rollout must be "
+                            f"a multiple of [train] batch_size × grad_accum = {per_step} (one minibatch per step)")
+        self.minibatches = rows // per_step
+        self.steps_per_rollout = self.cfg.epochs * self.minibatches
+        if self.reference is not None:
+            self.reference.to(self.device)
+        self.reward.to(self.device)
+
+    @property
+    def rows(self) -> int:
+        return self.cfg.rollout_prompts * self.cfg.samples_per_prompt
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "stats": self.stats, "evaluated_start": True}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = int(state.get("iteration", -1))
+        self.stats = dict(state.get("stats", {}))
+        self._evaluated_start = bool(state.get("evaluated_start", True))
+        self.buffer, self.perms = {}, None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The buffer of the current rollout: a run killed between its minibatches resumes on the same replies."""
+        out = {k: v.contiguous() for k, v in self.buffer.items()}
+        if self.perms is not None:
+            out["perms"] = self.perms
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.buffer = {k: v for k, v in tensors.items() if k != "perms"}
+        self.perms = tensors.get("perms")
+        if not self.buffer:
+            self.iteration = -1  # nothing saved: roll out afresh
+
+    def tokens_in_batch(self, batch) -> int:
+        return int(batch["mask"].sum())
+
+    # -- experience ------------------------------------------------------------------------------------------------
+    def _rows(self, local_step: int, micro: int) -> torch.Tensor:
+        epoch, j = divmod(local_step, self.minibatches)
+        start = (j * self.grad_accum + micro) * self.batch_size
+        return self.perms[epoch][start: start + self.batch_size]
+
+    def _slice(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The buffer rows of one minibatch, trimmed to the longest reply and sequence among them."""
+        batch = {k: v[rows] for k, v in self.buffer.items()}
+        T = max(1, int(batch["mask"].sum(1).max()))
+        L = max(1, int((batch["pos"][:, :T].max(1).values + 2).max()))
+        return {k: v if v.dim() == 1 else v[:, :L] if k == "idx" else v[:, :T] for k, v in batch.items()}
+
+    @torch.no_grad()
+    def make_experience(self, iteration: int, step: int) -> None:
+        from .. import runtime
+        from ..engine import pack_replies, token_logprobs
+
+        cfg = self.cfg
+        key = iteration * self.world + self.rank
+        prompts, where = self.prompts.sample(cfg.rollout_prompts, key)
+        gpt = self.model.gpt
+        was = gpt.training
+        with torch.autocast(self.device.type, enabled=False):  # sample in the weights' precision
+            rolls = rollout(gpt, self.tokenizer, prompts, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                            seed=cfg.seed * 7919 + key)
+        gpt.train(was)
+        try:
+            scores = self.reward([prompts[r.prompt_index] for r in rolls], [r.text for r in rolls],
+                                 [where[r.prompt_index] for r in rolls])
+        except RewardFunctionError as e:
+            raise RewardFunctionError(f"{e} (step {step + 1})") from None
+        idx, pos, targets, mask = pack_replies([r.prompt_ids for r in rolls], [r.reply_ids for r in rolls],
+                                               self.tokenizer.pad_id)
+        self.buffer = {"idx": idx, "pos": pos, "targets": targets, "mask": mask}
+        g = torch.Generator().manual_seed(cfg.seed * 31 + key)
+        self.perms = torch.stack([torch.randperm(len(rolls), generator=g) for _ in range(cfg.epochs)])
+        # old / reference log-probs (and values) on exactly the first epoch's minibatches: the first step's ratio is 1
+        T = targets.size(1)
+        old, ref, val = torch.zeros(len(rolls), T), torch.zeros(len(rolls), T), torch.zeros(len(rolls), T)
+        self.model.eval()
+        with runtime.autocast(self.device, self.dtype):
+            for j in range(self.minibatches):
+                for micro in range(self.grad_accum):
+                    rows = self._rows(j, micro)
+                    b = {k: v.to(self.device) for k, v in self._slice(rows).items()}
+                    args = (b["idx"], b["pos"], b["targets"], b["mask"])
+                    lp, _, v = self.model(*args)
+                    t = lp.size(1)
+                    old[rows, :t] = lp.float().cpu()
+                    if v is not None:
+                        val[rows, :t] = v.float().cpu()
+                    if self.reference is not None:
+                        rl, _, _ = token_logprobs(self.reference, *args, temperature=cfg.temperature)
+                        ref[rows, :t] = rl.float().cpu()
+        self.model.train()
+        self.buffer.update(old_logp=old, ref_logp=ref if self.reference is not None else old.clone(), values=val)
+        raw = torch.tensor(scores, dtype=torch.float32)
+        stopped = torch.tensor([r.finish_reason == "stop" for r in rolls])
+        lengths = mask.sum(1).float()
+        self.stats = {"objective/scores": float(raw.mean()), "completions/mean_length": float(lengths.mean()),
+                      "completions/clipped_ratio": float((~stopped).float().mean())}
+        self.stats.update(self.advantages(self.buffer, raw, stopped))
+        self.iteration = iteration
+
+    def get_batch(self, step: int, micro: int):
+        if step == 0 and micro == 0 and not self._evaluated_start and self.trainer is not None:
+            self._evaluated_start = True  # the "before" point of the held-out curves
+            self.trainer.evaluate()
+        iteration, local = divmod(step, self.steps_per_rollout)
+        if iteration != self.iteration or not self.buffer:
+            self.make_experience(iteration, step)
+        return self._slice(self._rows(local, micro))
+
+    def loss(self, model, batch):
+        loss, metrics = self.policy_loss(model, batch)
+        return loss, {**metrics, **self.stats}
+
+    # -- evaluation ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model) -> dict[str, float]:
+        """Greedy replies to the held-out prompts: the task's accuracy (when there is a task) and the reward source's
+        mean score (the reward model's, for PPO on an RM: the pair of curves shows reward hacking)."""
+        prompts, where = self.prompts.eval, self.prompts.eval_where
+        if not prompts:
+            return {}
+        gpt = model.gpt if isinstance(model, Policy) else model
+        max_new = self.cfg.eval_max_new_tokens or self.cfg.max_new_tokens
+        rolls, scores = [], []
+        with torch.autocast(self.device.type, enabled=False):
+            for i in range(0, len(prompts), self.cfg.score_batch_size):
+                chunk = prompts[i: i + self.cfg.score_batch_size]
+                rs = rollout(gpt, self.tokenizer, chunk, n=1, max_new_tokens=max_new, temperature=0.0)
+                try:
+                    scores += self.reward(chunk, [r.text for r in rs], where[i: i + len(chunk)])
+                except RewardFunctionError as e:
+                    raise RewardFunctionError(f"{e} (evaluation at step {self.trainer.step if self.trainer else 0})")
+                rolls += rs
+        out = {"eval_mean_length": sum(len(r.reply_ids) for r in rolls) / len(rolls)}
+        if self.task is not None:
+            out["eval_accuracy"] = sum(self.task.reward(p, r.text) for p, r in zip(prompts, rolls)) / len(rolls)
+        if self.reward.kind != "task":
+            out["eval_reward"] = sum(scores) / len(scores)
+        return out
+
+
+# ---- building and running a stage --------------------------------------------------------------------------------------
+
+
+def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume: Optional[bool] = None) -> dict:
+    """Load ``cfg.init``, build prompts / reward / reference, and train ``stage_cls`` with the one Trainer."""
+    from .sft import load_init
+    from .trainer import Trainer
+
+    section = stage_cls.name
+    cfg.validate(f"[{section}]")
+    task = cfg.get_task()
+    prompts = Prompts(task=task, path=cfg.prompts, eval_path=cfg.eval_prompts, n_eval=cfg.n_eval, seed=cfg.seed)
+    reward = RewardSource(reward_model=cfg.reward, reward_fn=cfg.reward_fn, task=task,
+                          batch_size=cfg.score_batch_size, **stage_cls.reward_options(cfg))
+    gpt, tokenizer, added = load_init(cfg.init)
+    if added:
+        print(f"{section}: added chat tokens {' '.join(added)} to the tokenizer (was --init a chat checkpoint?)",
+              file=sys.stderr)
+    reference = frozen_copy(gpt, stage_cls.reference_dtype(cfg)) if cfg.kl_coef > 0 else None
+    policy = Policy(gpt, value_head=stage_cls.value_head, temperature=cfg.temperature)
+    stage = stage_cls(cfg, policy, tokenizer, prompts, reward, reference)
+    trainer = Trainer(policy, stage, run_config["train"], out, tokenizer=tokenizer, save_model=save_policy,
+                      load_model=load_policy, run_config=run_config.to_dict(), resume=resume)
+    print(f"{section}: {gpt.num_params() / 1e6:.2f}M parameters; prompts: "
+          f"{task.name + ' task' if task is not None else cfg.prompts}, {len(prompts.eval)} held out; reward: "
+          f"{reward.description}; {stage.rows} replies per rollout and process → {stage.steps_per_rollout} optimizer "
+          f"steps; reference: {'frozen copy of --init' if reference is not None else 'none (kl_coef 0)'}",
+          file=sys.stderr)
+    try:
+        result = trainer.fit()
+    except RewardFunctionError as e:
+        if trainer.world_size > 1:  # the ranks may not agree on the failure: no collective checkpoint here
+            raise RewardFunctionError(f"{e}; stopped; the last checkpoint is in {trainer.ckpt_dir}") from None
+        trainer.save_checkpoint()  # the weights after the last completed step: the same command resumes
+        raise RewardFunctionError(f"{e}; stopped; checkpoint of step {trainer.step} saved in {trainer.ckpt_dir}") from None
+    finally:
+        trainer.close()
+    from .plots import read_metrics
+
+    curve = [r for r in read_metrics(out) if stage.best_metric in r]
+    if curve:
+        result[f"initial_{stage.best_metric}"] = curve[0][stage.best_metric]
+    return result
+
+
+def configure_online_cli(parser, sections: dict, default_config: str, run) -> None:
+    """The command line every on-policy stage shares: ``--init`` (``--policy``), ``--out``, resume, the config."""
+    from ..config import add_config_arguments, add_resume_arguments
+
+    parser.add_argument("--policy", dest="policy", default=None, metavar="CKPT",
+                        help="the chat (SFT) checkpoint to improve (same as --init)")
+    parser.add_argument("--out", default=f"runs/{next(iter(sections))}", metavar="RUN",
+                        help="run directory; the policy ends up in RUN/ckpt")
+    add_resume_arguments(parser)
+    add_config_arguments(parser, sections, default_config=default_config)
+    parser.set_defaults(func=run)
+
+
+def config_from_cli(args, sections: dict):
+    from ..config import config_from_args, resume_from_args
+
+    rc = config_from_args(args, sections)
+    cfg = rc[next(iter(sections))]
+    if args.policy:
+        cfg.init = args.policy
+    return rc, cfg, resume_from_args(args)
+
+
+def print_result(section: str, result: dict, out) -> None:
+    parts = [f"{section}: done at step {result['step']}"]
+    for key in ("eval_accuracy", "eval_reward"):
+        if key in result:
+            before = result.get(f"initial_{key}")
+            parts.append(f"held-out {key[5:]} (greedy) " + (f"{before:.3f} -> " if before is not None else "")
+                         + f"{result[key]:.3f}")
+    print("; ".join(parts))
+    print(f"chat with it: pocketgpt chat --ckpt {Path(out) / 'ckpt'}")
