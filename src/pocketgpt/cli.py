@@ -21,6 +21,7 @@ COMMANDS = [
     ("sample", "pocketgpt.engine", "generate text from a checkpoint (streams to the terminal)"),
     ("sft", "pocketgpt.train.sft", "supervised chat fine-tuning on conversation JSONL"),
     ("chat", "pocketgpt.chat", "talk to a chat model in the terminal"),
+    ("pairs", "pocketgpt.tasks", "preference pairs from a model's checked replies to a checkable task"),
     ("rm", "pocketgpt.train.reward", "train a reward model on preference pairs (or score conversations)"),
     ("ppo", "pocketgpt.train.ppo", "RLHF with PPO against a reward model or a Python reward function"),
     ("dpo", "pocketgpt.train.dpo", "direct preference optimisation on preference pairs"),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-_QUESTION = re.compile(r"What is (-?\d+) ([+\-]) (-?\d+)\?")
+_QUESTION = re.compile(r"What is (-?\d+(?: [+\-] -?\d+)+)\?")
 _FIRST_INT = re.compile(r"-?\d+")
 EVAL_SEED = 1_000_003  # the held-out set is always drawn from this seed
 
@@ -36,16 +36,17 @@ def first_integer(text: str) -> int | None:
 
 @dataclass(frozen=True)
 class ArithmeticTask:
-    """Addition / subtraction of non-negative integers with 1..``digits`` digits each.
+    """Addition / subtraction of ``operands`` non-negative integers with 1..``digits`` digits each.
 
-    ``ops`` is a string of operators to draw from ("+", "-" or "+-"). With ``nonnegative`` (default) a subtraction
-    puts the larger operand first, so every answer is >= 0.
+    ``ops`` is a string of operators to draw from ("+", "-" or "+-"). With ``nonnegative`` (default) a two-operand
+    subtraction puts the larger operand first, so every answer is >= 0 (with more operands, ops must be "+").
     """
 
     digits: int = 2
     ops: str = "+-"
     nonnegative: bool = True
     n_eval: int = 64
+    operands: int = 2
 
     name = "arithmetic"
 
@@ -54,10 +55,13 @@ class ArithmeticTask:
             raise UserError(f"task arithmetic: digits must be an integer in 1..9, got {self.digits!r}")
         if not self.ops or any(op not in "+-" for op in self.ops):
             raise UserError(f"task arithmetic: ops must be made of '+' and '-', got {self.ops!r}")
-        if self.n_eval < 1 or self.n_eval * 2 > self.num_problems:
+        if not isinstance(self.operands, int) or not 2 <= self.operands <= 6:
+            raise UserError(f"task arithmetic: operands must be an integer in 2..6, got {self.operands!r}")
+        if self.operands > 2 and self.ops != "+":
+            raise UserError(f"task arithmetic: with {self.operands} operands ops must be '+', got {self.ops!r}")
+        if self.n_eval < 1 or self.n_eval > self.held_out_pool:
             raise UserError(
-                f"task arithmetic: n_eval must be in 1..{self.num_problems // 2} for {self.digits} digit(s), "
-                f"got {self.n_eval}"
+                f"task arithmetic: n_eval must be in 1..{self.held_out_pool} for these options, got {self.n_eval}"
             )
 
     # ---- problems ------------------------------------------------------------------------------------------------
@@ -65,10 +69,23 @@ class ArithmeticTask:
     @property
     def num_problems(self) -> int:
         n = 10**self.digits
-        return n * n * len(set(self.ops))
+        return n**self.operands * len(set(self.ops)) ** (self.operands - 1)
 
-    def _draw(self, rng: random.Random) -> tuple[int, str, int]:
+    @property
+    def held_out_pool(self) -> int:
+        """How many problems are reserved for evaluation, whatever ``n_eval`` is: training prompts never come from
+        this pool, so a stage evaluating fewer prompts (a PPO monitoring 64) still never trains on a problem that
+        another stage evaluates (the report's 400). ``eval_prompts`` are the first ``n_eval`` of the pool."""
+        return min(self.num_problems // 2, 1000)
+
+    def _draw(self, rng: random.Random) -> tuple:
+        """A problem as a flat tuple ``(a, op, b[, op, c ...])``."""
         hi = 10**self.digits - 1
+        if self.operands > 2:
+            out: list = [rng.randint(0, hi)]
+            for _ in range(self.operands - 1):
+                out += ["+", rng.randint(0, hi)]
+            return tuple(out)
         a, b = rng.randint(0, hi), rng.randint(0, hi)
         op = rng.choice(self.ops)
         if op == "-" and self.nonnegative and b > a:
@@ -76,36 +93,46 @@ class ArithmeticTask:
         return a, op, b
 
     @staticmethod
-    def question(a: int, op: str, b: int) -> str:
-        return f"What is {a} {op} {b}?"
+    def question(*problem) -> str:
+        return f"What is {' '.join(map(str, problem))}?"
 
     @staticmethod
-    def answer(a: int, op: str, b: int) -> int:
-        return a + b if op == "+" else a - b
+    def answer(*problem) -> int:
+        total = int(problem[0])
+        for op, x in zip(problem[1::2], problem[2::2]):
+            total = total + int(x) if op == "+" else total - int(x)
+        return total
 
-    def _eval_problems(self) -> list[tuple[int, str, int]]:
+    def _eval_problems(self, pool: bool = False) -> list[tuple]:
+        """The first ``n_eval`` problems of the held-out pool (``pool=True``: the whole pool)."""
         rng, seen, out = random.Random(EVAL_SEED), set(), []
-        while len(out) < self.n_eval:
+        want = self.held_out_pool if pool else self.n_eval
+        while len(out) < want:
             p = self._draw(rng)
             if p not in seen:
                 seen.add(p)
                 out.append(p)
         return out
 
-    def _train_problems(self, n: int, seed: int) -> list[tuple[int, str, int]]:
-        held_out = set(self._eval_problems())
-        rng, out = random.Random(seed), []
-        while len(out) < n:  # repeats allowed (small problem spaces), held-out problems never
+    def _train_problems(self, n: int, seed: int, unique: bool = False) -> list[tuple]:
+        held_out = set(self._eval_problems(pool=True))
+        if unique and n > self.num_problems - len(held_out):
+            raise UserError(f"task arithmetic: only {self.num_problems - len(held_out)} distinct training problems "
+                            f"exist for these options, {n} asked for")
+        rng, out, seen = random.Random(seed), [], set()
+        while len(out) < n:  # repeats allowed unless unique (small problem spaces), held-out problems never
             p = self._draw(rng)
-            if p not in held_out:
-                out.append(p)
+            if p in held_out or (unique and p in seen):
+                continue
+            seen.add(p)
+            out.append(p)
         return out
 
     # ---- the task interface --------------------------------------------------------------------------------------
 
-    def train_prompts(self, n: int, seed: int = 0) -> list[list[dict]]:
-        """``n`` training prompts drawn from ``seed``; none of them is in the held-out set."""
-        return [[{"role": "user", "content": self.question(*p)}] for p in self._train_problems(n, seed)]
+    def train_prompts(self, n: int, seed: int = 0, unique: bool = False) -> list[list[dict]]:
+        """``n`` training prompts drawn from ``seed`` (``unique``: no repeats); none of them is in the held-out set."""
+        return [[{"role": "user", "content": self.question(*p)}] for p in self._train_problems(n, seed, unique)]
 
     def eval_prompts(self, n: int | None = None) -> list[list[dict]]:
         """The fixed held-out prompts (the first ``n`` of them; all ``n_eval`` by default)."""
@@ -117,7 +144,7 @@ class ArithmeticTask:
         m = _QUESTION.search(prompt[-1]["content"]) if prompt else None
         if not m:
             raise ValueError(f"not an arithmetic question: {prompt[-1]['content'] if prompt else prompt!r}")
-        return self.answer(int(m.group(1)), m.group(2), int(m.group(3)))
+        return self.answer(*m.group(1).split(" "))
 
     def reward(self, prompt: list[dict], reply: str) -> float:
         """Exact-answer reward: 1.0 if the first integer in the reply equals the answer, else 0.0."""
@@ -152,3 +179,146 @@ def get_task(name: str, **options) -> ArithmeticTask:
         if key not in known:
             raise UserError(f"task {name}: unknown option {key!r} (known: {', '.join(sorted(known))})")
     return cls(**options)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# replies of a chat model to a task's prompts, checked; preference pairs collected the way RLHF collects them
+#
+#   pocketgpt pairs --ckpt runs/sft/ckpt --task arithmetic --task_digits 2 --task_ops + --samples 4 --prompts 2000 \
+#       --out pairs_train.jsonl                     # pairs from training prompts (never a held-out one)
+#   pocketgpt pairs ... --split eval --out pairs_heldout.jsonl     # pairs from the task's held-out prompts
+#
+# The model writes ``samples`` sampled replies per prompt; the task's checker labels each; a prompt whose replies
+# are all right (or all wrong) gives no pair; otherwise each distinct wrong reply is paired with a right one
+# (up to ``max_pairs_per_prompt``). Training and held-out pairs come from disjoint prompt sets, so a reward model
+# or DPO trained on the first is measured on prompts it never saw.
+
+TASK_OPTIONS = ("digits", "ops", "n_eval", "operands")  # exposed on command lines as --task_<option>
+
+
+def task_from_args(args) -> "ArithmeticTask":
+    """The task named by ``args.task`` with the ``--task_<option>`` values given (others at the task's defaults)."""
+    opts = {k: getattr(args, f"task_{k}") for k in TASK_OPTIONS if getattr(args, f"task_{k}", None) is not None}
+    return get_task(args.task, **opts)
+
+
+def sample_replies(model, tokenizer, prompts: list[list[dict]], *, samples: int = 1, max_new_tokens: int = 8,
+                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   repetition_penalty: float = 1.0, seed: int | None = 0, batch_prompts: int = 64) -> list[list[str]]:
+    """``samples`` replies (text, without ``<|end|>``) per prompt through the engine; ``temperature=0`` is greedy.
+
+    Prompts go in batches of ``batch_prompts``; each batch gets its own seed (``seed + batch index``), so the
+    replies do not depend on how many prompts come after."""
+    from .chat import render, stop_id
+    from .engine import generate
+
+    end = stop_id(tokenizer)
+    out: list[list[str]] = []
+    for b, i in enumerate(range(0, len(prompts), batch_prompts)):
+        chunk = prompts[i: i + batch_prompts]
+        ids = [render(p, tokenizer, add_generation_prompt=True)[0] for p in chunk]
+        rows = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
+                        top_p=top_p, repetition_penalty=repetition_penalty, n=samples, stop_ids=[end],
+                        seed=None if seed is None else seed + b)
+        for j in range(len(chunk)):
+            out.append([tokenizer.decode([t for t in rows[j * samples + k] if t != end]) for k in range(samples)])
+    return out
+
+
+def make_pairs(task, prompts: list[list[dict]], replies: list[list[str]], max_pairs_per_prompt: int = 2
+               ) -> tuple[list[dict], dict]:
+    """Checked replies → ``{"prompt", "chosen", "rejected"}`` pairs (chosen right, rejected wrong) and counts."""
+    pairs: list[dict] = []
+    n_right = n_all = mixed = 0
+    for prompt, reps in zip(prompts, replies):
+        right = [r for r in reps if task.reward(prompt, r) > 0]
+        # distinct wrong replies, first-seen order; a blank reply is wrong but cannot be a pair's side (the pairs
+        # format, as rm and dpo read it, wants text on both sides)
+        wrong = list(dict.fromkeys(r for r in reps if task.reward(prompt, r) <= 0 and r.strip()))
+        n_right += len(right)
+        n_all += len(reps)
+        if not right or not wrong:
+            continue
+        mixed += 1
+        for k, rej in enumerate(wrong[:max_pairs_per_prompt]):
+            pairs.append({"prompt": prompt, "chosen": right[k % len(right)], "rejected": rej})
+    stats = {"prompts": len(prompts), "replies": n_all, "sample_accuracy": n_right / max(1, n_all),
+             "prompts_with_pairs": mixed, "pairs": len(pairs)}
+    return pairs, stats
+
+
+def collect_pairs(ckpt, task, *, split: str = "train", prompts: int | None = None, samples: int = 4,
+                  max_pairs_per_prompt: int = 2, max_new_tokens: int = 8, temperature: float = 1.0,
+                  top_k: int | None = None, seed: int = 0, device: str = "auto") -> tuple[list[dict], dict]:
+    """Load ``ckpt``, sample replies to the task's ``split`` prompts ("train": ``prompts`` distinct training
+    prompts drawn from ``seed``; "eval": the held-out set, or its first ``prompts``), check them, form pairs."""
+    from .chat import find_checkpoint
+    from .model import GPT
+    from .runtime import pick_device
+    from .tokenizer import load_tokenizer_for
+
+    if samples < 2:
+        raise UserError(f"--samples: a pair needs at least 2 replies per prompt, got {samples}")
+    if split == "train":
+        if not prompts or prompts < 1:
+            raise UserError("--prompts: how many training prompts to sample (e.g. --prompts 2000)")
+        ps = task.train_prompts(prompts, seed=seed, unique=True)
+    elif split == "eval":
+        ps = task.eval_prompts(prompts)
+    else:
+        raise UserError(f"--split: 'train' or 'eval', got {split!r}")
+    ckpt = find_checkpoint(ckpt)
+    model = GPT.from_pretrained(ckpt, device=pick_device(device))
+    tok = load_tokenizer_for(ckpt)
+    reps = sample_replies(model, tok, ps, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, seed=seed)
+    pairs, stats = make_pairs(task, ps, reps, max_pairs_per_prompt)
+    stats.update(split=split, samples=samples, temperature=temperature, ckpt=str(ckpt))
+    return pairs, stats
+
+
+def configure_cli(name, p) -> None:
+    p.add_argument("--ckpt", required=True, help="the chat model that writes the replies (e.g. runs/sft/ckpt)")
+    p.add_argument("--task", default="arithmetic", help=f"built-in checkable task ({', '.join(sorted(TASKS))})")
+    p.add_argument("--task_digits", "--task-digits", dest="task_digits", type=int, default=None,
+                   help="arithmetic: operands have 1..N digits (default 2)")
+    p.add_argument("--task_ops", "--task-ops", dest="task_ops", default=None, help="arithmetic: operators ('+-')")
+    p.add_argument("--task_operands", "--task-operands", dest="task_operands", type=int, default=None,
+                   help="arithmetic: operands per question (default 2)")
+    p.add_argument("--task_n_eval", "--task-n-eval", "--n_eval", dest="task_n_eval", type=int, default=None,
+                   help="size of the task's fixed held-out set (default 64)")
+    p.add_argument("--split", choices=("train", "eval"), default="train",
+                   help="train: prompts drawn from the training problems; eval: the held-out set (default train)")
+    p.add_argument("--prompts", type=int, default=None, help="how many prompts (eval: default the whole set)")
+    p.add_argument("--samples", type=int, default=4, help="sampled replies per prompt (default 4)")
+    p.add_argument("--max-pairs-per-prompt", "--max_pairs_per_prompt", dest="max_pairs_per_prompt", type=int,
+                   default=2, help="pairs kept per prompt (default 2)")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1: the policy)")
+    p.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0, help="0 = off (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="pairs JSONL to write")
+    p.add_argument("--stats", default=None, help="also write the counts as JSON here")
+    p.set_defaults(func=_pairs_cli)
+
+
+def _pairs_cli(args) -> int:
+    import sys
+
+    from .io import atomic_write_text, write_json
+
+    task = task_from_args(args)
+    pairs, stats = collect_pairs(args.ckpt, task, split=args.split, prompts=args.prompts, samples=args.samples,
+                                 max_pairs_per_prompt=args.max_pairs_per_prompt, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device)
+    if not pairs:
+        raise UserError(f"no pairs: on {stats['prompts']} prompts the {stats['replies']} replies were all right or "
+                        f"all wrong per prompt (sample accuracy {stats['sample_accuracy']:.3f}); try more --samples "
+                        f"or a higher --temperature")
+    atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs))
+    if args.stats:
+        write_json(args.stats, stats)
+    print(f"{stats['pairs']} pairs from {stats['prompts_with_pairs']} of {stats['prompts']} {args.split} prompts "
+          f"({stats['replies']} replies, {stats['sample_accuracy']:.1%} right) → {args.out}", file=sys.stderr)
+    return 0
