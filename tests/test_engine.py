@@ -196,6 +196,53 @@ def test_stream_joins_to_final_text_with_chinese_never_split():
     assert "".join(pieces) == text
 
 
+def _valid_prefix(data: bytes, text: str) -> bool:
+    """``text`` is ``data`` decoded, and what ``data`` has beyond it is one character cut short."""
+    whole = text.encode()
+    if not data.startswith(whole) or "\ufffd" in text or len(data) - len(whole) > 3:
+        return False
+    rest = data[len(whole):]
+    return not rest or (rest[0] >= 0xC2 and all(0x80 <= c <= 0xBF for c in rest[1:]))
+
+
+def test_generated_text_is_valid_utf8_by_construction_greedy_sampled_beams():
+    # byte tokens plus pieces that hold parts of characters, as a byte-level BPE has them
+    tok = ByteTokenizer(extra=["你", b"\xe5\xa5", b"\xbd\xe4", "é", b"\xf0\x9f"])
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=tok.vocab_size + 3, block_size=64)).eval()  # 3 ids beyond the tokenizer
+    for p in model.parameters():
+        p.data.mul_(3.0)  # peaky, far from uniform: the raw model writes stray bytes often
+    prompts = [[65], [0xE4, 0xBD]]  # the second prompt ends inside a character: the reply must not complete it
+    raw = generate(model, prompts, max_new_tokens=24, temperature=1.0, n=4, seed=0)
+    assert sum("\ufffd" in tok.decode([t for t in r if t < 256]) for r in raw) >= 4  # no tokenizer: stray bytes
+    runs = [dict(temperature=1.0, n=4, seed=s) for s in range(3)] + [dict(temperature=0), dict(num_beams=3, n=2)]
+    for kw in runs:
+        for r in generate(model, [prompts[0]], max_new_tokens=24, tokenizer=tok, return_logprobs=True, **kw):
+            assert max(r.tokens) < tok.vocab_size and _valid_prefix(tok.decode_bytes(r.tokens), r.text), (kw, r)
+    for kw in runs[:4]:
+        for r in generate(model, prompts, max_new_tokens=24, tokenizer=tok, return_logprobs=True, **kw):
+            assert "\ufffd" not in r.text
+        pieces = list(stream_generate(model, tok, prompts[0], max_new_tokens=24, **{**kw, "n": 1}))
+        assert "\ufffd" not in "".join(pieces)
+    # the log-probs are still those of the unmasked model
+    (r,) = generate(model, [prompts[0]], max_new_tokens=12, temperature=1.0, seed=1, tokenizer=tok,
+                    return_logprobs=True)
+    assert r.logprobs == pytest.approx(score(model, [prompts[0]], [r.tokens])[0], abs=1e-4)
+
+
+def test_utf8_tables_are_built_once_and_only_where_needed():
+    from pocketgpt.engine import _TokenText
+    from pocketgpt.tokenizer import Tokenizer
+
+    tok = ByteTokenizer()
+    assert _TokenText.of(tok, 256, "cpu") is _TokenText.of(tok, 256, "cpu")
+    t = _TokenText.of(tok, 256, "cpu")
+    assert t.ok[0, 0x41] and not t.ok[0, 0x80] and t.ok[1, 0x80] and not t.ok[1, 0x41]  # ASCII / continuation
+    assert not t.ok[0, 0xC0] and not t.ok[0, 0xFF]  # never in UTF-8
+    char = Tokenizer.train("char", ["hello 你好"])
+    assert _TokenText.of(char, char.vocab_size, "cpu").ok is None  # whole characters: nothing to mask
+
+
 def test_context_overflow_warns_and_stops_at_the_limit():
     torch.manual_seed(0)
     model = GPT(tiny_config(block_size=32)).eval()

@@ -36,6 +36,7 @@ import logging
 import math
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -173,36 +174,100 @@ def token_logprobs(model, idx: torch.Tensor, pos: torch.Tensor, targets: torch.T
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# tokenizer adapters (the engine only needs bytes per token)
+# what the engine knows of a tokenizer's tokens: their bytes, and the UTF-8 masks (computed once per tokenizer)
+
+# the byte after these lead bytes has a narrower range than 80-BF (no overlong forms, no surrogates, <= U+10FFFF)
+_FIRST_RANGE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-class _ByteDecoder:
-    """Turns token ids into text incrementally, never splitting a UTF-8 character.
+def _utf8_after(b: bytes, need: int, lo: int, hi: int):
+    """UTF-8 state ``(continuation bytes still needed, allowed range of the next byte)`` after appending ``b`` to a
+    state, or None when ``b`` cannot follow it (a stray continuation byte, a character cut short, C0/C1/F5-FF)."""
+    for c in b:
+        if need:
+            if not lo <= c <= hi:
+                return None
+            need, lo, hi = need - 1, 0x80, 0xBF
+        elif 0xC2 <= c <= 0xF4:
+            need = 1 if c < 0xE0 else 2 if c < 0xF0 else 3
+            lo, hi = _FIRST_RANGE.get(c, (0x80, 0xBF))
+        elif c >= 0x80:
+            return None
+    return (need, lo, hi) if need else (0, 0, 255)
 
-    Uses the tokenizer's byte-level decoding (``decode_bytes(ids) -> bytes``) when it has one; otherwise falls back
-    to ``decode([id])`` per token, which is exact for tokenizers whose tokens are whole characters.
+
+class _TokenText:
+    """Per-token bytes of a tokenizer (``.bytes[id]``) and, for tokenizers whose tokens can hold part of a character
+    (byte-level BPE), the tables that keep generated text valid UTF-8 by construction (``.ok`` is None otherwise).
+
+    A row's UTF-8 state is (continuation bytes pending k = 0..3, allowed range [lo, hi] of the next byte).
+    ``ok[k, t]``: token t may come next (given the generic 80-BF range); ``first[t]`` its first byte, checked against
+    the row's range; ``after[:, k, t]`` the state after it. Ids beyond the tokenizer (a padded model vocabulary) and
+    empty tokens mid-character are never allowed. Built once per (tokenizer, model vocabulary, device): a mask per
+    step is then one gather and two compares.
     """
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self._bytes_fn = None
-        for name in ("decode_bytes", "token_bytes", "id_to_bytes"):
-            fn = getattr(tokenizer, name, None)
-            if callable(fn):
-                self._bytes_fn = fn
-                self._bytes_name = name
-                break
-        self._cache: dict[int, bytes] = {}
+    def __init__(self, tokenizer, V: int, device):
+        n_tok = int(getattr(tokenizer, "vocab_size", V))
+        if callable(getattr(tokenizer, "decode_bytes", None)):
+            self.bytes = [bytes(tokenizer.decode_bytes([i])) if i < n_tok else b"" for i in range(V)]
+        else:  # exact for tokenizers whose tokens are whole characters
+            self.bytes = [tokenizer.decode([i]).encode("utf-8") if i < n_tok else b"" for i in range(V)]
+        self.ok = None
+        states = [(0, 0, 255), (1, 0x80, 0xBF), (2, 0x80, 0xBF), (3, 0x80, 0xBF)]
+        ok = [[False] * V for _ in states]
+        after = [[[0] * V for _ in states] for _ in range(3)]
+        whole = n_tok >= V  # every id is a token and every token is whole characters: no mask needed
+        for t, b in enumerate(self.bytes):
+            for k, state in enumerate(states):
+                nxt = _utf8_after(b, *state) if t < n_tok and (b or k == 0) else None
+                if nxt is not None:
+                    ok[k][t] = True
+                    for j in range(3):
+                        after[j][k][t] = nxt[j]
+            whole = whole and ok[0][t] and after[0][0][t] == 0
+        if whole:
+            return
+        self.ok = torch.tensor(ok, dtype=torch.bool, device=device)
+        self.after = torch.tensor(after, dtype=torch.long, device=device)  # (3, 4, V): need, lo, hi
+        self.first = torch.tensor([b[0] if b else 0 for b in self.bytes], dtype=torch.long, device=device)
 
-    def token_bytes(self, tid: int) -> bytes:
-        b = self._cache.get(tid)
-        if b is None:
-            if self._bytes_fn is not None:
-                b = self._bytes_fn([tid]) if self._bytes_name == "decode_bytes" else self._bytes_fn(tid)
-            else:
-                b = self.tokenizer.decode([tid]).encode("utf-8")
-            self._cache[tid] = b = bytes(b)
-        return b
+    @staticmethod
+    def of(tokenizer, V: int, device) -> "_TokenText":
+        try:
+            per = _TABLES.setdefault(tokenizer, {})
+        except TypeError:  # not weak-referenceable: no cache
+            return _TokenText(tokenizer, V, device)
+        key = (V, int(getattr(tokenizer, "vocab_size", V)), str(device))
+        if key not in per:
+            per[key] = _TokenText(tokenizer, V, device)
+        return per[key]
+
+
+class _Utf8Mask:
+    """The UTF-8 state of R rows: ``mask(logits)`` sets the tokens that cannot come next to -inf, ``update`` feeds
+    the chosen tokens, ``reorder`` follows beams."""
+
+    def __init__(self, table: _TokenText, R: int):
+        self.t = table
+        dev = table.ok.device
+        self.need = torch.zeros(R, dtype=torch.long, device=dev)
+        self.lo = torch.zeros(R, dtype=torch.long, device=dev)
+        self.hi = torch.full((R,), 255, dtype=torch.long, device=dev)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        t = self.t
+        allowed = t.ok[self.need] & (t.first >= self.lo[:, None]) & (t.first <= self.hi[:, None])
+        allowed |= ~allowed.any(-1, keepdim=True)  # a vocabulary lacking the byte a row needs: leave that row be
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def update(self, tokens: torch.Tensor) -> None:
+        nxt = self.t.after[:, self.need, tokens]
+        self.need, self.lo, self.hi = nxt[0], nxt[1], nxt[2]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.need, self.lo, self.hi = self.need[index], self.lo[index], self.hi[index]
 
 
 class _Row:
@@ -222,12 +287,9 @@ class _Row:
         self.scan_from = 0
 
     def finish(self, reason: str) -> None:
+        # no final flush of the decoder: a character cut by the length limit is left out, never shown as U+FFFD
         self.done = True
-        self.reason = reason
-        if self.decoder is not None and reason != "stop_string":
-            self.text += self.decoder.decode(b"", final=True)
-        if reason == "stop_string":
-            self.reason = "stop"
+        self.reason = "stop" if reason == "stop_string" else reason
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -318,7 +380,8 @@ class _Sampler:
     """Turns one step's logits (R, V) into tokens, holding the penalty state across steps."""
 
     def __init__(self, prompts, n, V, device, temperature, top_k, top_p, min_p, repetition_penalty,
-                 presence_penalty, frequency_penalty, seed):
+                 presence_penalty, frequency_penalty, seed, utf8: Optional[_Utf8Mask] = None):
+        self.utf8 = utf8
         self.temperature = float(temperature)
         self.top_k = int(top_k) if top_k else None
         self.top_p = float(top_p) if top_p is not None and top_p < 1.0 else None
@@ -341,6 +404,8 @@ class _Sampler:
             self.generator.manual_seed(int(seed))
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.utf8 is not None:
+            logits = self.utf8.mask(logits)
         if self.seen is not None:
             penalised = torch.where(logits < 0, logits * self.rep, logits / self.rep)
             logits = torch.where(self.seen, penalised, logits)
@@ -363,6 +428,8 @@ class _Sampler:
         return probs.div_(race).argmax(dim=-1)
 
     def update(self, tokens: torch.Tensor) -> None:
+        if self.utf8 is not None:
+            self.utf8.update(tokens)
         idx = tokens.unsqueeze(1)
         if self.seen is not None:
             self.seen.scatter_(1, idx, True)
@@ -378,7 +445,7 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, n: int, sample
     lens = [len(p) for p in prompts]
     P = max(lens)
     with_text = tokenizer is not None
-    bytes_of = _ByteDecoder(tokenizer).token_bytes if with_text else None
+    text = _TokenText.of(tokenizer, model.config.vocab_size, device) if with_text else None
     rows = [_Row(_row_limit(model, lens[i], max_new_tokens), with_text) for i in range(B) for _ in range(n)]
     max_steps = max(r.limit for r in rows)
     for r in rows:
@@ -420,7 +487,8 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, n: int, sample
     else:
         pos_cap = None
 
-    sampler = _Sampler(prompts, n, model.config.vocab_size, device, **sampler_opts)
+    utf8 = _Utf8Mask(text, B * n) if text is not None and text.ok is not None else None
+    sampler = _Sampler(prompts, n, model.config.vocab_size, device, **sampler_opts, utf8=utf8)
     step_fn = model.decoder()
     for step in range(max_steps):
         last = logits.float()
@@ -439,7 +507,7 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, n: int, sample
             if lp_list is not None:
                 r.logprobs.append(lp_list[i])
             if with_text:
-                b = bytes_of(t)
+                b = text.bytes[t]
                 r.byte_ends.append((r.byte_ends[-1] if r.byte_ends else 0) + len(b))
                 r.text += r.decoder.decode(b)
                 if stops and _cut_at_stop(r, stops, max_stop):
@@ -487,8 +555,23 @@ def _cut_at_stop(r: _Row, stops: list[str], max_stop: int) -> bool:
 # beam search (transformers' algorithm)
 
 
+def _ban_ngrams(scores: torch.Tensor, seqs: list[list[int]], size: int) -> torch.Tensor:
+    """transformers' ``no_repeat_ngram_size``: a token that would repeat an n-gram of its sequence gets -inf."""
+    if size <= 0:
+        return scores
+    banned = [(b, seq[i + size - 1]) for b, seq in enumerate(seqs) if len(seq) + 1 >= size
+              for i in range(len(seq) - size + 1) if seq[i:i + size - 1] == seq[len(seq) - size + 1:]]
+    if not banned:
+        return scores
+    rows, toks = zip(*banned)
+    scores = scores.clone()
+    scores[list(rows), list(toks)] = float("-inf")
+    return scores
+
+
 def _beam_search(model, prompt: list[int], max_new_tokens: int, num_beams: int, length_penalty: float,
-                 early_stopping, stop_ids: frozenset, n: int) -> list[tuple[list[int], list[float], str]]:
+                 early_stopping, stop_ids: frozenset, n: int, no_repeat_ngram_size: int = 0,
+                 text: Optional[_TokenText] = None) -> list[tuple[list[int], list[float], str]]:
     device = model.wte.weight.device
     limit = _row_limit(model, len(prompt), max_new_tokens)
     if limit <= 0:
@@ -505,11 +588,14 @@ def _beam_search(model, prompt: list[int], max_new_tokens: int, num_beams: int, 
     improvable = True
     step_fn = model.decoder()
     stop_list = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long) if stop_ids else None
+    utf8 = _Utf8Mask(text, num_beams) if text is not None and text.ok is not None else None
     for step in range(limit):
         gen_len = step + 1
-        logp = F.log_softmax(logits.float(), dim=-1)  # (num_beams, V)
+        logp = F.log_softmax(logits.float(), dim=-1)  # (num_beams, V); the hypotheses keep these raw log-probs
         V = logp.shape[-1]
-        total = (logp + beam_scores[:, None]).view(-1)
+        scores = logp if utf8 is None else utf8.mask(logp)  # as transformers' processors: on the log-probs
+        scores = _ban_ngrams(scores, [prompt + b[0] for b in beams], no_repeat_ngram_size)
+        total = (scores + beam_scores[:, None]).view(-1)
         top_scores, top_idx = torch.topk(total, K)
         src_beam, tok = top_idx // V, top_idx % V
         hits = torch.zeros(K, dtype=torch.bool, device=device)
@@ -555,6 +641,9 @@ def _beam_search(model, prompt: list[int], max_new_tokens: int, num_beams: int, 
         if not improvable or (full and early_stopping is True):
             break
         cache.reorder(sel_src)
+        if utf8 is not None:
+            utf8.reorder(sel_src)
+            utf8.update(sel_tok)
         logits = step_fn(sel_tok, cache)
     return [(toks, lps, reason) for _, toks, lps, reason in finished[:n]]
 
@@ -577,6 +666,7 @@ def generate(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     early_stopping=False,
+    no_repeat_ngram_size: int = 0,
     n: int = 1,
     stop_ids=None,
     stop=None,
@@ -591,7 +681,12 @@ def generate(
     greedy. ``stop_ids`` (ints) end a row without being included; ``stop`` strings (need ``tokenizer``) cut the
     output exactly before the string. With ``return_logprobs=True`` a list of ``GenerationResult`` comes back.
     ``num_beams > 1`` runs beam search (deterministic; sampling options and penalties are not used) and returns the
-    ``n`` best hypotheses per prompt.
+    ``n`` best hypotheses per prompt; ``no_repeat_ngram_size`` (beams only, as transformers) bans repeated n-grams.
+
+    With a ``tokenizer`` the generated text is valid UTF-8 by construction (greedy, sampled and beams): at each step
+    the tokens whose bytes cannot continue the pending partial character (or start a new one) are masked, so a
+    byte-level BPE never writes a stray byte (U+FFFD); log-probs stay those of the unmasked model. A character cut
+    by ``max_new_tokens`` is left out of the text.
 
     ``on_step(rows)``, if given, is called after every decoding step (not for beam search) with the live state of
     every output row (``.tokens``, ``.text`` (with a tokenizer), ``.done``, ``.reason``); an exception raised in it
@@ -599,10 +694,12 @@ def generate(
     """
     _check_options(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, num_beams,
                    n, stop, tokenizer)
+    if not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
+        raise UserError(f"no_repeat_ngram_size: must be a non-negative integer (0 = off), got {no_repeat_ngram_size!r}")
     results = list(_generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
                                      repetition_penalty, presence_penalty, frequency_penalty, num_beams,
                                      length_penalty, early_stopping, n, stop_ids, stop, tokenizer, seed,
-                                     return_logprobs, on_step))
+                                     return_logprobs, on_step, no_repeat_ngram_size))
     if return_logprobs:
         return results
     return [r.tokens for r in results]
@@ -610,7 +707,8 @@ def generate(
 
 def _generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                       presence_penalty, frequency_penalty, num_beams, length_penalty, early_stopping, n, stop_ids,
-                      stop, tokenizer, seed, want_logprobs, on_step=None) -> list[GenerationResult]:
+                      stop, tokenizer, seed, want_logprobs, on_step=None,
+                      no_repeat_ngram_size=0) -> list[GenerationResult]:
     prompts = _fit_prompts(model, prompts, max_new_tokens)
     stop_ids = _normalize_stop_ids(stop_ids)
     stops = _normalize_stop(stop)
@@ -619,11 +717,13 @@ def _generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p,
     try:
         with torch.inference_mode():
             if num_beams > 1:
+                table = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size,
+                                                                     model.wte.weight.device)
                 out = []
                 for p in prompts:
                     for toks, lps, reason in _beam_search(model, p, max_new_tokens, num_beams, length_penalty,
-                                                          early_stopping, stop_ids, n):
-                        out.append(_finish_beam(toks, lps, reason, stops, tokenizer, want_logprobs))
+                                                          early_stopping, stop_ids, n, no_repeat_ngram_size, table):
+                        out.append(_finish_beam(toks, lps, reason, stops, table, want_logprobs))
                 return out
             opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -638,16 +738,15 @@ def _generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p,
         model.train(was_training)
 
 
-def _finish_beam(toks, lps, reason, stops, tokenizer, want_logprobs) -> GenerationResult:
+def _finish_beam(toks, lps, reason, stops, table: Optional[_TokenText], want_logprobs) -> GenerationResult:
     text = None
-    if tokenizer is not None:
+    if table is not None:
         row = _Row(len(toks) + 1, True)
-        bytes_of = _ByteDecoder(tokenizer).token_bytes
         max_stop = max((len(s) for s in stops), default=0)
         for t, lp in zip(toks, lps):
             row.tokens.append(t)
             row.logprobs.append(lp)
-            b = bytes_of(t)
+            b = table.bytes[t]
             row.byte_ends.append((row.byte_ends[-1] if row.byte_ends else 0) + len(b))
             row.text += row.decoder.decode(b)
             if stops and _cut_at_stop(row, stops, max_stop):
@@ -670,13 +769,14 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], **options) -> I
     options.pop("return_logprobs", None)
     options.pop("tokenizer", None)
     names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-             "frequency_penalty", "num_beams", "length_penalty", "early_stopping", "n", "stop_ids", "stop", "seed")
+             "frequency_penalty", "num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size", "n",
+             "stop_ids", "stop", "seed")
     unknown = sorted(set(options) - set(names))
     if unknown:
         raise TypeError(f"stream_generate() got unexpected option(s): {', '.join(unknown)}")
     args = dict(max_new_tokens=256, temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=1.0,
                 presence_penalty=0.0, frequency_penalty=0.0, num_beams=1, length_penalty=1.0, early_stopping=False,
-                n=1, stop_ids=None, stop=None, seed=None)
+                no_repeat_ngram_size=0, n=1, stop_ids=None, stop=None, seed=None)
     args.update(options)
     _check_options(model, [prompt_ids], args["max_new_tokens"], args["temperature"], args["top_k"], args["top_p"],
                    args["min_p"], args["repetition_penalty"], args["num_beams"], 1, args["stop"], tokenizer)
