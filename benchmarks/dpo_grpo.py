@@ -86,7 +86,7 @@ def dpo_benchmark(out: Path, args) -> dict:
     from pocketgpt.train.dpo import DPOConfig, run_dpo
     from pocketgpt.train.reward import _sections as rm_sections
     from pocketgpt.train.reward import load_reward_model, read_pairs, split_pairs, train_reward_model
-    from pocketgpt.train.rl_common import rollout
+    from pocketgpt.train.rl import rollout
     from pocketgpt.train.sft import SFTConfig, run_sft
 
     t0 = time.time()
@@ -184,7 +184,8 @@ def dpo_benchmark(out: Path, args) -> dict:
 
 def grpo_benchmark(out: Path, args) -> dict:
     from pocketgpt.tasks import get_task
-    from pocketgpt.train.grpo import GRPOConfig, run_grpo
+    from pocketgpt.cli import main as cli
+    from pocketgpt.train.plots import read_metrics
     from pocketgpt.train.sft import SFTConfig, run_sft
 
     t0 = time.time()
@@ -201,12 +202,12 @@ def grpo_benchmark(out: Path, args) -> dict:
             train_cfg(max_steps=args.sft_steps, batch_size=32, lr=3e-3, min_lr=3e-3, eval_interval=0, grad_clip=0.0),
             resume=False, log=lambda s: None)
     log(f"grpo bench: GRPO ({args.grpo_steps} steps, {args.group_size} replies per prompt)")
-    opts = GRPOConfig(init=str(out / "arith-sft" / "ckpt"), task="arithmetic", task_digits=args.digits,
-                      task_ops=args.ops, n_eval=args.n_eval, group_size=args.group_size, max_new_tokens=4)
-    result = run_grpo(opts, out / "grpo", train_cfg(max_steps=args.grpo_steps, batch_size=16, lr=args.grpo_lr,
-                                                     min_lr=args.grpo_lr, eval_interval=10, grad_clip=0.0),
-                      resume=False, log=lambda s: None)
-    curve = result["curve"]
+    cli(["grpo", "--init", str(out / "arith-sft" / "ckpt"), "--task", "arithmetic", "--task_digits", str(args.digits),
+         "--task_ops", args.ops, "--n_eval", str(args.n_eval), "--n", str(args.group_size), "--max_new_tokens", "4",
+         "--rollout_prompts", "16", "--batch_size", str(16 * args.group_size), "--max_steps", str(args.grpo_steps),
+         "--lr", str(args.grpo_lr), "--min_lr", str(args.grpo_lr), "--eval_interval", "10", "--grad_clip", "0",
+         "--ckpt_interval", "0", "--out", str(out / "grpo"), "--restart", "--progress", "false"])
+    curve = [(r["step"], r["eval_accuracy"]) for r in read_metrics(out / "grpo") if "eval_accuracy" in r]
     return {"before": curve[0][1], "after": curve[-1][1], "best": max(a for _, a in curve), "curve": curve,
             "n_eval": args.n_eval, "digits": args.digits, "ops": args.ops, "seconds": time.time() - t0}
 
