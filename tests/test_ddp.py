@@ -1,12 +1,13 @@
 """Every stage under torchrun (gloo on the CPU): 2 processes x grad_accum 2 log the same training curve as 1 process
-x grad_accum 4 (the same global batch), with tied and untied embeddings; a parameter the loss never uses is a
-one-line error on every rank, not DDP's RuntimeError."""
+x grad_accum 4 (the same global batch), with tied and untied embeddings; each rank's stage tensors come back to it
+on resume; a parameter the loss never uses is a one-line error on every rank, not DDP's RuntimeError."""
 
 import os
 import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file
 
 from pocketgpt.cli import main as cli_main
 from test_resume import ENV, TIMING, make_inputs, read_records, stage_argv
@@ -41,42 +42,58 @@ def test_two_processes_equal_one_with_double_accumulation(stage, tie, inputs, tm
             {k: v for k, v in b.items() if k not in TIMING}, rel=1e-4, abs=1e-6), (a, b)
 
 
-UNUSED = """
+TOY = """
 import sys, torch, torch.nn as nn
+from pathlib import Path
+from safetensors.torch import load_file
 from pocketgpt.errors import UserError
-from pocketgpt.train.trainer import Trainer, TrainConfig
+from pocketgpt.train.trainer import Trainer, TrainConfig, world_info
 
-class Model(nn.Module):  # a head the loss never reads
-    def __init__(self):
+class Model(nn.Module):
+    def __init__(self, unused):
         super().__init__()
-        self.used, self.unused = nn.Linear(4, 1), nn.Linear(4, 1)
+        self.used = nn.Linear(4, 1)
+        self.unused = nn.Linear(4, 1) if unused else None  # a head the loss never reads
     def forward(self, x):
         return self.used(x).pow(2).mean()
 
 class Stage:
     name = "toy"
+    def __init__(self):
+        self.t = torch.full((2,), float(world_info()[0]))  # per-rank tensor state
     def get_batch(self, step, micro): return torch.ones(2, 4)
     def loss(self, model, x): return model(x), {}
     def evaluate(self, model): return {}
     def state_dict(self): return {}
     def load_state_dict(self, state): pass
+    def state_tensors(self): return {"t": self.t}
+    def load_state_tensors(self, d): self.t = d["t"] + 10
 
-cfg = TrainConfig(max_steps=3, batch_size=2, grad_accum=2, warmup_steps=0, device="cpu", dtype="fp32", progress=False)
+run = Path(sys.argv[1])
+cfg = lambda steps: TrainConfig(max_steps=steps, batch_size=2, grad_accum=2, warmup_steps=0, device="cpu",
+                                dtype="fp32", progress=False)
+Trainer(Model(False), Stage(), cfg(2), run / "a").fit()
+stage = Stage()
+Trainer(Model(False), stage, cfg(3), run / "a").fit()  # resumes: each rank gets its own tensors back
+print(f"rank {world_info()[0]} resumed with {stage.t.tolist()}", flush=True)
 try:
-    Trainer(Model(), Stage(), cfg, sys.argv[1]).fit()
+    Trainer(Model(True), Stage(), cfg(3), run / "b").fit()
 except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 """
 
 
-def test_parameter_the_loss_never_uses_is_a_one_line_error(tmp_path):
-    script = tmp_path / "unused.py"
-    script.write_text(UNUSED)
-    p = torchrun(script, tmp_path / "run")
+def test_stage_tensors_per_rank_and_unused_parameters_are_one_line_errors(tmp_path):
+    script = tmp_path / "toy.py"
+    script.write_text(TOY)
+    p = torchrun(script, tmp_path)
+    saved = load_file(str(tmp_path / "a" / "ckpt" / "stage.safetensors"))
+    assert {k: v.tolist() for k, v in saved.items()} == {"rank0.t": [10.0, 10.0], "rank1.t": [11.0, 11.0]}
+    assert "rank 0 resumed with [10.0, 10.0]" in p.stdout and "rank 1 resumed with [11.0, 11.0]" in p.stdout
     assert p.returncode != 0
     lines = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 2, p.stderr  # one line from each rank
+    assert len(lines) == 2, p.stderr  # one line from each rank (then torchrun's own report)
     assert "never uses 2 trainable parameter(s) (unused.weight, unused.bias)" in lines[0]
     assert "requires_grad=False" in lines[0] and "ddp_find_unused" in lines[0]
     assert "RuntimeError" not in p.stderr and "finished reduction" not in p.stderr

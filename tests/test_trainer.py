@@ -129,6 +129,58 @@ def test_resume_in_process_is_exact(tmp_path):
     assert losses("a") == losses("b")
 
 
+class BufferStage(CopyStage):
+    """Keeps a tensor (like a rollout buffer) that each step's end redraws and the next batches use: resume is
+    exact only if the trainer saves and restores it."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.buf = torch.zeros(self.B, dtype=torch.long)
+        self.restored: list[str] = []
+
+    def get_batch(self, step, micro):
+        x, y = super().get_batch(step, micro)
+        return (x + self.buf[:, None]) % 23, (y + self.buf[:, None]) % 23
+
+    def on_step_end(self, step, model, metrics):
+        self.buf = torch.randint(0, 23, (self.B,))
+        super().on_step_end(step, model, metrics)
+
+    def state_tensors(self):
+        return {"buf": self.buf}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.restored.append("json")
+
+    def load_state_tensors(self, tensors):
+        self.buf = tensors["buf"]
+        self.restored.append("tensors")
+
+
+def test_stage_tensors_are_checkpointed_and_restored_after_the_json_state(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    straight = GPT(tiny_config())
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    Trainer(straight, BufferStage(), cfg(max_steps=8, ckpt_interval=4), tmp_path / "a").fit()
+
+    first = GPT(tiny_config())
+    first.load_state_dict(init)
+    stopped = BufferStage(interrupt_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(first, stopped, cfg(max_steps=8, ckpt_interval=4), tmp_path / "b").fit()
+    saved = load_file(str(tmp_path / "b" / "ckpt" / "stage.safetensors"))
+    assert saved.keys() == {"rank0.buf"} and torch.equal(saved["rank0.buf"], stopped.buf)
+    assert stopped.buf.any()  # a redrawn buffer, not its initial zeros
+
+    second, stage = GPT(tiny_config()), BufferStage()
+    Trainer(second, stage, cfg(max_steps=8, ckpt_interval=4), tmp_path / "b").fit()
+    assert stage.restored == ["json", "tensors"]
+    torch.testing.assert_close(second.state_dict(), straight.state_dict(), rtol=0, atol=0)
+
+
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path):
     torch.manual_seed(0)
     model = GPT(tiny_config())

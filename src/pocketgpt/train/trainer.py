@@ -214,6 +214,10 @@ def init_distributed(device: torch.device) -> bool:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
+            if (device.index or 0) >= torch.cuda.device_count():
+                raise UserError(f"torchrun: this process (local rank {os.environ.get('LOCAL_RANK', 0)}) would use GPU "
+                                f"{device.index or 0}, but there are {torch.cuda.device_count()}: use "
+                                f"--nproc_per_node {torch.cuda.device_count()} or fewer, or --device cpu")
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
     return True
