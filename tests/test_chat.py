@@ -155,3 +155,31 @@ def test_fit_to_context_splits_at_turn_boundaries(tok):
     # not even the prompt fits: skipped and counted
     stats = FitStats()
     assert fit_to_context(long_conv, tok, len(head) + 3, stats=stats) == [] and stats.skipped == 1
+
+
+def test_chat_defaults_are_one_constant_with_a_mild_repetition_penalty(tok):
+    import argparse
+
+    import torch
+
+    from conftest import tiny_config
+    from pocketgpt import GPT
+    from pocketgpt.chat import CHAT_DEFAULTS, ChatSession, configure_cli, stop_id
+    from pocketgpt.engine import stream_generate
+
+    assert 1 < CHAT_DEFAULTS["repetition_penalty"] <= 1.3
+    parser = argparse.ArgumentParser()
+    configure_cli("chat", parser)
+    args = vars(parser.parse_args(["--ckpt", "x"]))
+    assert {k: args[k] for k in CHAT_DEFAULTS} == CHAT_DEFAULTS  # the CLI's defaults are the constant
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=tok.vocab_size, block_size=128, tie_embeddings=False)).eval()
+    session = ChatSession(model, tok, temperature=0, max_new_tokens=40)
+    got = session.reply_text("what is two plus two?")
+    ids, _ = render([{"role": "user", "content": "what is two plus two?"}], tok, add_generation_prompt=True)
+
+    def engine(penalty):
+        return "".join(stream_generate(model, tok, ids, max_new_tokens=40, temperature=0, stop_ids=[stop_id(tok)],
+                                       repetition_penalty=penalty))
+
+    assert got == engine(CHAT_DEFAULTS["repetition_penalty"]) != engine(1.0) and "\ufffd" not in got

@@ -323,6 +323,21 @@ def test_beam_search_equals_transformers(hf_pair, length_penalty, early_stopping
     assert generate(ours, [prompt], max_new_tokens=10, stop_ids=[eos], n=2, **kw) == ref
 
 
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_beam_no_repeat_ngram_size_equals_transformers(hf_pair, size):
+    hf, ours = hf_pair
+    prompt = [5, 6, 7, 5, 6]  # n-grams of the prompt count too
+    kw = dict(num_beams=3, no_repeat_ngram_size=size)
+    ref = hf_generate(hf, prompt, max_new_tokens=16, pad_token_id=0, eos_token_id=None, num_return_sequences=2, **kw)
+    out = generate(ours, [prompt], max_new_tokens=16, n=2, **kw)
+    assert out == ref and out != generate(ours, [prompt], max_new_tokens=16, n=2, num_beams=3)
+    for row in out:
+        seq = prompt + row
+        grams = [tuple(seq[i:i + size]) for i in range(len(seq) - size + 1)]
+        start = max(0, len(prompt) - size + 1)  # the first n-gram that ends in the reply
+        assert all(g not in grams[:start + k] for k, g in enumerate(grams[start:]))
+
+
 def test_sample_cli_streams_and_reports_errors(tmp_path, capsys):
     tokmod = pytest.importorskip("pocketgpt.tokenizer")
     from pocketgpt.cli import main

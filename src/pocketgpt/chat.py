@@ -43,6 +43,11 @@ from .errors import UserError
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # label of positions that carry no loss
 
+# Sampling defaults of `pocketgpt chat`, ChatSession, the server (for fields a request leaves out) and the speedrun
+# report. A mild repetition penalty: greedy and low-temperature replies of small models otherwise loop
+# ("And / And / And", "我我我"); 1 turns it off.
+CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_penalty": 1.1}
+
 Message = dict  # {"role": str, "content": str}
 Conversation = list  # list[Message]
 
@@ -314,9 +319,10 @@ class ChatSession:
     model: object
     tokenizer: object
     system: Optional[str] = None
-    temperature: float = 0.7
-    top_k: Optional[int] = 50
-    top_p: Optional[float] = None
+    temperature: float = CHAT_DEFAULTS["temperature"]
+    top_k: Optional[int] = CHAT_DEFAULTS["top_k"]
+    top_p: Optional[float] = CHAT_DEFAULTS["top_p"]
+    repetition_penalty: float = CHAT_DEFAULTS["repetition_penalty"]
     max_new_tokens: int = 256
     seed: Optional[int] = None
     messages: list = field(default_factory=list)  # user/assistant turns (the system message is kept apart)
@@ -361,17 +367,11 @@ class ChatSession:
         seed = None if self.seed is None else self.seed + self._turn
         self._turn += 1
         parts: list[str] = []
-        end_text = "<|end|>"
         try:
             for piece in stream_generate(self.model, self.tokenizer, ids, max_new_tokens=budget,
                                          temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                         repetition_penalty=self.repetition_penalty,
                                          stop_ids=[stop_id(self.tokenizer)], seed=seed):
-                if end_text in piece:  # an engine that also yields the stop token's text
-                    piece = piece.split(end_text, 1)[0]
-                    parts.append(piece)
-                    if piece:
-                        yield piece
-                    break
                 parts.append(piece)
                 yield piece
         finally:  # keep what was shown, even when interrupted (Ctrl-C)
@@ -529,8 +529,11 @@ def chat_main(args) -> int:
         raise UserError("--max-new-tokens: must be at least 1")
     if args.temperature < 0:
         raise UserError("--temperature: must be >= 0 (0 = greedy)")
+    if not args.repetition_penalty > 0:
+        raise UserError("--repetition-penalty: must be > 0 (1 = off)")
     session = ChatSession(model, tokenizer, system=args.system, temperature=args.temperature, top_k=args.top_k or None,
-                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     for s in (sys.stdout, sys.stderr):
@@ -552,9 +555,14 @@ def chat_main(args) -> int:
 def configure_cli(name: str, parser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (or a run directory holding one)")
     parser.add_argument("--system", default=None, help="system message")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (0.7)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0 = off (50)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (off)")
+    d = CHAT_DEFAULTS
+    parser.add_argument("--temperature", type=float, default=d["temperature"],
+                        help=f"sampling temperature; 0 = greedy ({d['temperature']})")
+    parser.add_argument("--top-k", type=int, default=d["top_k"],
+                        help=f"sample from the k most likely tokens; 0 = off ({d['top_k']})")
+    parser.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling threshold (off)")
+    parser.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"],
+                        help=f"> 1 discourages repeating tokens, 1 = off ({d['repetition_penalty']})")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (256)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (auto)")

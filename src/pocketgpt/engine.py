@@ -869,6 +869,9 @@ def configure_cli(name, p) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style frequency penalty")
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1 = off)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty (default 1)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=3,
+                   help="beam search never repeats an n-gram of this size (default 3: beams of small models loop "
+                        "otherwise; 0 = off)")
     p.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
@@ -907,7 +910,8 @@ def _run_sample(args) -> int:
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                num_beams=args.num_beams, length_penalty=args.length_penalty, stop_ids=stop_ids, stop=args.stop)
+                num_beams=args.num_beams, length_penalty=args.length_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size, stop_ids=stop_ids, stop=args.stop)
     out = sys.stdout
     for i in range(args.n):
         if args.n > 1:

@@ -16,6 +16,10 @@ Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``:
     404  unknown model (code ``model_not_found``), unknown route
     503  the queue is full (code ``server_overloaded``, with ``Retry-After``)
 
+Sampling fields a request leaves out take pocketgpt's chat defaults (``pocketgpt.chat.CHAT_DEFAULTS``, with a mild
+repetition penalty against the loops of small models), not OpenAI's temperature 1; ``top_k`` and
+``repetition_penalty`` (1 = off) are accepted as in vLLM (``extra_body=`` in the openai client).
+
 Concurrency: the event loop never runs the model. Requests become jobs in a queue (at most ``max_queue`` waiting;
 one more is answered 503 at once). Each of ``max_concurrency`` worker threads decodes one *batch* at a time: when a
 thread is free it takes the oldest waiting job plus up to ``max_batch - 1`` more that share its sampling options
@@ -97,7 +101,14 @@ class Backend:
         return self.tokenizer.decode(list(ids), skip_special=True)
 
     def token_str(self, i: int, special_names: bool = False) -> str:
-        return self.tokenizer.decode([int(i)], skip_special=not special_names)
+        """A token in ``logprobs``: a special token is empty (never text) unless ``special_names``; the bytes of a
+        partial character are escaped (``\\xe4``), never U+FFFD (``token_bytes`` has them exactly)."""
+        if not special_names and i in self.stop_ids:
+            return ""
+        return self.token_bytes(i).decode("utf-8", errors="backslashreplace")
+
+    def token_bytes(self, i: int) -> bytes:
+        return self.tokenizer.decode_bytes([int(i)])
 
     def _context(self):
         return torch.inference_mode()  # per thread: every worker enters it itself
@@ -148,15 +159,15 @@ class Backend:
             if not live:
                 raise _BatchOver()  # every job is answered or gone: stop decoding
 
-        sampling = _engine_sampling(lead.params)
+        p = lead.params
         try:
             engine.generate(
                 self.model, [job.prompt for job in jobs], max_new_tokens=max(job.max_tokens for job in jobs),
-                temperature=sampling["temperature"], top_k=None, top_p=sampling.get("top_p"), min_p=None,
-                repetition_penalty=1.0, presence_penalty=sampling["presence_penalty"],
-                frequency_penalty=sampling["frequency_penalty"], num_beams=1, length_penalty=1.0,
-                early_stopping=False, n=n, stop_ids=self.stop_ids, stop=stops or None,
-                tokenizer=self.tokenizer, seed=sampling["seed"], on_step=step,
+                temperature=float(p["temperature"]), top_k=p["top_k"] or None,
+                top_p=p["top_p"] if p["top_p"] is not None and p["top_p"] < 1 else None,
+                repetition_penalty=float(p["repetition_penalty"]), presence_penalty=float(p["presence_penalty"]),
+                frequency_penalty=float(p["frequency_penalty"]), n=n, stop_ids=self.stop_ids, stop=stops or None,
+                tokenizer=self.tokenizer, seed=p["seed"], on_step=step,
             )
         except _BatchOver:
             pass
@@ -187,14 +198,6 @@ class Backend:
         return lps, tops
 
 
-def _engine_sampling(params: dict) -> dict:
-    out = dict(temperature=float(params["temperature"]), presence_penalty=float(params["presence_penalty"]),
-               frequency_penalty=float(params["frequency_penalty"]), seed=params.get("seed"))
-    if params["top_p"] < 1.0:
-        out["top_p"] = float(params["top_p"])
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # jobs and the scheduler: bounded concurrency, a bounded queue, batching of simultaneous requests
 
@@ -223,11 +226,9 @@ class Job:
     def batch_key(self) -> Optional[tuple]:
         """Jobs with equal keys may share a batch; ``None`` = always alone (a seed, or several samples, must give
         the same output whoever else is being served)."""
-        p = self.params
-        if self.n > 1 or p["seed"] is not None:
+        if self.n > 1 or self.params["seed"] is not None:
             return None
-        return (p["temperature"], p["top_p"], p["presence_penalty"], p["frequency_penalty"],
-                tuple(p["stop"]))
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(self.params.items()))
 
 
 class Scheduler:
@@ -657,8 +658,11 @@ def _max_tokens(backend: Backend, prompt_len: int, requested: Optional[int], pro
 
 
 def _params(body) -> dict:
-    return {"temperature": body.temperature, "top_p": body.top_p, "presence_penalty": body.presence_penalty,
-            "frequency_penalty": body.frequency_penalty, "seed": body.seed, "stop": body.stop_list()}
+    from ..chat import CHAT_DEFAULTS
+
+    sampling = {k: CHAT_DEFAULTS[k] if getattr(body, k) is None else getattr(body, k) for k in CHAT_DEFAULTS}
+    return {**sampling, "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+            "seed": body.seed, "stop": body.stop_list()}
 
 
 def _completion_prompts(backend: Backend, body: CompletionRequest) -> list[list[int]]:
@@ -719,7 +723,7 @@ def _chat_logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: 
     for k, tok in enumerate(tokens):
         t = len(prompt) + k
         s = backend.token_str(tok)
-        out.append({"token": s, "logprob": _finite(lps[t]), "bytes": list(s.encode()),
+        out.append({"token": s, "logprob": _finite(lps[t]), "bytes": list(backend.token_bytes(tok)),
                     "top_logprobs": [{"token": backend.token_str(i, True), "logprob": _finite(v),
-                                      "bytes": list(backend.token_str(i, True).encode())} for i, v in tops[t]]})
+                                      "bytes": list(backend.token_bytes(i))} for i, v in tops[t]]})
     return out

@@ -57,8 +57,11 @@ class _Sampling(_Body):
     """Fields shared by both generation endpoints."""
 
     model: Optional[StrictStr] = None  # None = the served model
-    temperature: Number = Field(1.0, ge=0.0, le=2.0)
-    top_p: Number = Field(1.0, gt=0.0, le=1.0)
+    # None = pocketgpt.chat.CHAT_DEFAULTS; top_k and repetition_penalty are vLLM's extensions of the API
+    temperature: Optional[Number] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[Number] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[StrictInt] = Field(None, ge=0)
+    repetition_penalty: Optional[Number] = Field(None, gt=0.0, le=10.0)
     n: StrictInt = Field(1, ge=1, le=16)
     stop: Union[StrictStr, list[StrictStr], None] = None
     seed: Optional[StrictInt] = None
