@@ -227,3 +227,35 @@ def test_conversation_and_preference_errors(tmp_path):
         load_preferences([f])
     f.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n')
     assert load_preferences([f]) == [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}]
+
+
+def test_a_model_and_data_of_different_tokenizers_are_refused(tmp_path, char_tok, capsys, monkeypatch):
+    from pocketgpt import GPT, GPTConfig
+
+    text, _ = _corpus()
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    prepare([tmp_path / "in.txt"], tmp_path / "a", char_tok, verbose=False)
+    Tokenizer.train("char", [text + "ÆØÅ"]).save(tmp_path / "other")  # another vocabulary
+    prepare([tmp_path / "in.txt"], tmp_path / "b", tmp_path / "other", verbose=False)
+    tok = Tokenizer.load(char_tok)
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)).save_pretrained(
+        tmp_path / "m")
+    tok.save(tmp_path / "m" / "tokenizer")
+
+    def error(argv) -> str:
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "uses another tokenizer" in err and str(tmp_path / "b") in err, err
+        return err
+
+    assert cli_main(["eval", "--ckpt", str(tmp_path / "m"), "--data", str(tmp_path / "a")]) == 0
+    assert "val loss" in capsys.readouterr().out
+    assert error(["eval", "--ckpt", str(tmp_path / "m"), "--data", str(tmp_path / "b")]).endswith(
+        f"prepare the data with --tokenizer {tmp_path / 'm'}")
+    run = ["pretrain", "--config", "tiny", "--max_steps", "1", "--eval_interval", "0", "--block_size", "16",
+           "--batch_size", "2", "--out", str(tmp_path / "run"), "--progress", "false"]
+    error([*run, "--dir", str(tmp_path / "b"), "--init", str(tmp_path / "m")])
+    assert cli_main([*run, "--dir", str(tmp_path / "a")]) == 0  # a run on data a, then the same --out on data b
+    capsys.readouterr()
+    assert error([*run, "--dir", str(tmp_path / "b")]).endswith("start over with --restart, or choose another --out")

@@ -449,6 +449,29 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
     return meta
 
 
+def check_tokenizer(ckpt: str | os.PathLike, data_dir: str | os.PathLike, fix: str | None = None) -> None:
+    """Refuse, in one line, a model paired with data prepared by another tokenizer (its ids would mean other text).
+
+    Compares the fingerprint in ``DATA/meta.json`` with the checkpoint's tokenizer (``CKPT/tokenizer/``); passes
+    when either side has nothing to compare. ``fix`` says what to do instead (default: prepare the data again with
+    the checkpoint's tokenizer)."""
+    from .tokenizer import load_tokenizer_for
+
+    meta_path = Path(data_dir) / "meta.json"
+    recorded = (read_json(meta_path).get("tokenizer") or {}) if meta_path.is_file() else {}
+    if not recorded.get("sha256"):
+        return
+    try:
+        tok = load_tokenizer_for(ckpt)
+    except UserError:  # a bare model directory: nothing to compare
+        return
+    if tok.fingerprint != recorded["sha256"]:
+        fix = fix or f"prepare the data with --tokenizer {ckpt}"
+        raise UserError(f"{ckpt} uses another tokenizer ({tok.kind}, {tok.vocab_size} ids) than {data_dir} was "
+                        f"prepared with ({recorded.get('kind')}, {recorded.get('vocab_size')} ids, {meta_path}): "
+                        f"{fix}")
+
+
 def _existing_meta(out: Path) -> dict | None:
     if not out.exists():
         return None

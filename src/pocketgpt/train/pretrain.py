@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..data import check_tokenizer
 from ..errors import UserError
 from .trainer import TrainConfig, Trainer, world_info
 
@@ -148,6 +149,7 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
 
     runtime.seed_everything(tcfg.seed)
     if init:
+        check_tokenizer(init, data.dir)
         model = GPT.from_pretrained(init)
         mcfg = model.config
         if cfg.explicit.get("model"):
@@ -190,6 +192,8 @@ def run_pretrain(args) -> int:
     name = Path(cfg.path).stem if cfg.path else "pretrain"
     out = Path(args.out) if args.out else Path("runs") / name
     model, stage, tokenizer = build_pretrain(cfg, out, init=args.init)
+    if resume_from_args(args) is not False and (out / "ckpt").is_dir():
+        check_tokenizer(out / "ckpt", cfg["data"].dir, fix="start over with --restart, or choose another --out")
     rank, world, _ = world_info()
     if rank == 0:
         n = model.num_params()
@@ -221,6 +225,7 @@ def run_eval(args) -> int:
 
     device = runtime.pick_device(args.device)
     dtype = runtime.pick_dtype(args.dtype, device)
+    check_tokenizer(args.ckpt, args.data)
     model = GPT.from_pretrained(args.ckpt, device=device)
     model.eval()
     block = args.block_size or model.config.block_size
