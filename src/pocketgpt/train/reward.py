@@ -45,24 +45,24 @@ META_FILE = "reward_model.json"
 
 
 class RewardModel(nn.Module):
-    """``GPT`` backbone + ``Linear(n_embd, 1)`` read at the last real token of each (right-padded) row."""
+    """``GPT`` backbone + a ``ScalarHead`` read at the last real token of each (right-padded) row."""
 
     def __init__(self, backbone: nn.Module, seed: int = 0):
+        from .rl import ScalarHead
+
         super().__init__()
         self.backbone = backbone
         self.config = backbone.config
-        self.head = nn.Linear(backbone.config.n_embd, 1)
-        g = torch.Generator().manual_seed(seed)  # the same head in every process (exact resume, DDP)
-        nn.init.normal_(self.head.weight, std=1.0 / (backbone.config.n_embd ** 0.5 * 4), generator=g)
-        nn.init.zeros_(self.head.bias)
+        # seeded: the same head in every process (exact resume, DDP)
+        self.head = ScalarHead(backbone.config.n_embd, std=1.0 / (backbone.config.n_embd ** 0.5 * 4),
+                               generator=torch.Generator().manual_seed(seed))
         if not backbone.config.tie_embeddings:  # the head reads hidden states: an untied lm_head is never used,
             backbone.lm_head.weight.requires_grad_(False)  # and DDP needs every trainable parameter to be
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """idx (B, T) right-padded ids, lengths (B,) real lengths → rewards (B,) in float32."""
-        hidden, _ = self.backbone(idx, return_hidden=True)
-        last = hidden[torch.arange(idx.size(0), device=idx.device), (lengths - 1).clamp(min=0)]
-        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
+        _, last = self.backbone(idx, at=(lengths - 1).clamp(min=0).unsqueeze(1))  # hidden state of the last token
+        return self.head(last[:, 0])
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         return self.backbone.flops_per_token(seq_len)

@@ -129,7 +129,8 @@ def split_heldout(items: list, n_heldout: int, seed: int = 0) -> tuple[list[int]
 
 class Prompts:
     """Training and held-out prompts: a built-in task's (fresh training prompts every rollout, a fixed held-out set),
-    or a JSONL file's (``n_eval`` of them held out by a seeded split, unless ``eval_path`` gives them)."""
+    or a JSONL file's (``n_eval`` of them, at most a fifth, held out by a seeded split, unless ``eval_path`` gives
+    them)."""
 
     def __init__(self, *, task=None, path: str = "", eval_path: str = "", n_eval: int = 64, seed: int = 0):
         self.task, self.seed = task, seed
@@ -148,7 +149,7 @@ class Prompts:
             self.eval, self.eval_where = read_prompts(eval_path)
             self.eval, self.eval_where = self.eval[:n_eval], self.eval_where[:n_eval]
         else:
-            tr, ev = split_heldout(prompts, n_eval, seed)
+            tr, ev = split_heldout(prompts, min(n_eval, len(prompts) // 5), seed)  # at most a fifth held out
             self.train, self.train_where = [prompts[i] for i in tr], [where[i] for i in tr]
             self.eval, self.eval_where = [prompts[i] for i in ev], [where[i] for i in ev]
 
@@ -306,17 +307,18 @@ def rollout(model: nn.Module, tokenizer, prompts: list[list[dict]], *, n: int = 
 # ---- models --------------------------------------------------------------------------------------------------------------
 
 
-class ScalarHead(nn.Module):
-    """``Linear(n_embd, 1)`` on final hidden states: the reward model's head and PPO's value head."""
+class ScalarHead(nn.Linear):
+    """``Linear(n_embd, 1)`` on final hidden states → one float32 number per position: the reward model's head and
+    PPO's value head. ``std`` 0 starts at exactly 0 (a value head); a seeded ``generator`` makes every process agree."""
 
-    def __init__(self, n_embd: int, std: float = 0.0):
-        super().__init__()
-        self.linear = nn.Linear(n_embd, 1)
-        nn.init.normal_(self.linear.weight, std=std) if std > 0 else nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
+    def __init__(self, n_embd: int, std: float = 0.0, generator: Optional[torch.Generator] = None):
+        super().__init__(n_embd, 1)
+        with torch.no_grad():
+            self.weight.normal_(0.0, std, generator=generator) if std > 0 else self.weight.zero_()
+            self.bias.zero_()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
+        return super().forward(hidden.to(self.weight.dtype)).squeeze(-1).float()
 
 
 class Policy(nn.Module):
