@@ -399,6 +399,7 @@ class RLConfig:
     task: str = ""  # built-in task: training + held-out prompts; its checker is the reward unless reward/reward_fn
     task_digits: int = 2  # arithmetic: operands have 1..task_digits digits
     task_ops: str = "+-"  # arithmetic: operators drawn from
+    task_operands: int = 2  # arithmetic: numbers per question (more than 2: additions only)
     reward: str = ""  # a reward-model checkpoint (pocketgpt rm)
     reward_fn: str = ""  # or a Python reward "module:function" / "path/file.py:function"
     prompts: str = ""  # prompts JSONL (without --task)
