@@ -3,6 +3,7 @@
     python benchmarks/generate.py            # Shakespeare-char size (10.7M): all cases; GPT-2-124M: greedy b1, short
     python benchmarks/generate.py --full     # also every 124M case with 256 new tokens (several minutes)
     python benchmarks/generate.py --skip-124m
+    python benchmarks/generate.py --utf8     # per-step cost of keeping text valid UTF-8 (byte-level BPE mask)
 
 Cases: greedy and top-k (k=50) sampling; batch 1 and batch 8; fp32 and bf16 weights; 256 new tokens from a
 one-token prompt; each case runs ``--repeats`` times alternating pocketgpt and transformers, the best of each counts. Prints tokens/s for both, the ratio, and the fraction of the DRAM bandwidth limit (every decode
@@ -81,6 +82,42 @@ def time_hf(hf, batch: int, new: int, sample: bool) -> float:
     return batch * new / dt
 
 
+def utf8_cost(new: int, repeats: int) -> None:
+    """What the engine's UTF-8 mask costs per decoding step with a 4,096-id byte-level BPE (bundled corpora): the
+    mask + state update alone, and greedy decoding of the 10.7M shape with that vocabulary with and without it."""
+    from pocketgpt.data import builtin_path
+    from pocketgpt.engine import _TokenText, _Utf8Mask
+    from pocketgpt.tokenizer import Tokenizer
+
+    tok = Tokenizer.train("bpe", [builtin_path("shakespeare"), builtin_path("shuihu")], vocab_size=4096)
+    t0 = time.perf_counter()
+    table = _TokenText.of(tok, tok.vocab_size, "cpu")  # the engine's cached copy
+    print(f"tables for {tok.vocab_size} ids, built once per tokenizer: {(time.perf_counter() - t0) * 1e3:.0f} ms")
+    for rows in (1, 8):
+        mask, logits = _Utf8Mask(table, rows), torch.randn(rows, tok.vocab_size)
+        tokens = torch.full((rows,), tok.encode("你")[0])
+        best = 1e9
+        for _ in range(repeats):
+            n, t0 = 2000, time.perf_counter()
+            for _ in range(n):
+                mask.mask(logits)
+                mask.update(tokens)
+            best = min(best, (time.perf_counter() - t0) / n)
+        print(f"mask + update, {rows} row(s): {best * 1e6:.1f} us per step")
+    model = GPT(GPTConfig(**{**SIZES["shakespeare-10.7M"], "vocab_size": tok.vocab_size})).eval()
+    blocked, best = table.blocked, {}
+    for _ in range(repeats):  # alternate with / without the mask; best of each
+        for on in (True, False):
+            table.blocked = blocked if on else None
+            generate(model, [[1]], max_new_tokens=8, temperature=0, tokenizer=tok)
+            t0 = time.perf_counter()
+            generate(model, [[1]], max_new_tokens=new, temperature=0, tokenizer=tok)
+            best[on] = min(best.get(on, 1e9), (time.perf_counter() - t0) / new)
+    table.blocked = blocked
+    print(f"greedy step, batch 1, 10.7M shape with 4,096 ids: {best[True] * 1e3:.2f} ms with the mask, "
+          f"{best[False] * 1e3:.2f} ms without ({(best[True] / best[False] - 1) * 100:+.1f}%)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="every 124M case with 256 new tokens")
@@ -89,8 +126,12 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=256, help="new tokens (default 256)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each case, alternating; best counts (default 3)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--utf8", action="store_true", help="only the cost of the UTF-8 mask per step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.utf8:
+        utf8_cost(args.new, args.repeats)
+        return 0
     import transformers
 
     transformers.logging.set_verbosity_error()

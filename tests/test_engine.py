@@ -237,10 +237,13 @@ def test_utf8_tables_are_built_once_and_only_where_needed():
     tok = ByteTokenizer()
     assert _TokenText.of(tok, 256, "cpu") is _TokenText.of(tok, 256, "cpu")
     t = _TokenText.of(tok, 256, "cpu")
-    assert t.ok[0, 0x41] and not t.ok[0, 0x80] and t.ok[1, 0x80] and not t.ok[1, 0x41]  # ASCII / continuation
-    assert not t.ok[0, 0xC0] and not t.ok[0, 0xFF]  # never in UTF-8
+    ok = ~t.blocked
+    assert ok[0, 0x41] and not ok[0, 0x80] and ok[1, 0x80] and not ok[1, 0x41]  # ASCII / a continuation byte
+    assert not ok[0, 0xC0] and not ok[0, 0xFF]  # never in UTF-8
+    after_e0 = t.next[0, 0xE0]  # E0 must be followed by A0-BF (80-9F would be an overlong form)
+    assert ok[after_e0, 0xA0] and not ok[after_e0, 0x9F] and ok[t.next[after_e0, 0xA0], 0x80]
     char = Tokenizer.train("char", ["hello 你好"])
-    assert _TokenText.of(char, char.vocab_size, "cpu").ok is None  # whole characters: nothing to mask
+    assert _TokenText.of(char, char.vocab_size, "cpu").blocked is None  # whole characters: nothing to mask
 
 
 def test_context_overflow_warns_and_stops_at_the_limit():

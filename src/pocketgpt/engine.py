@@ -176,14 +176,17 @@ def token_logprobs(model, idx: torch.Tensor, pos: torch.Tensor, targets: torch.T
 # --------------------------------------------------------------------------------------------------------------------
 # what the engine knows of a tokenizer's tokens: their bytes, and the UTF-8 masks (computed once per tokenizer)
 
-# the byte after these lead bytes has a narrower range than 80-BF (no overlong forms, no surrogates, <= U+10FFFF)
+# A row's UTF-8 state: (continuation bytes pending, allowed range of the next byte); the byte after E0, ED, F0 and
+# F4 has a narrower range than 80-BF (no overlong forms, no surrogates, nothing above U+10FFFF).
+_STATES = [(0, 0, 255), (1, 0x80, 0xBF), (2, 0x80, 0xBF), (3, 0x80, 0xBF),
+           (2, 0xA0, 0xBF), (2, 0x80, 0x9F), (3, 0x90, 0xBF), (3, 0x80, 0x8F)]
 _FIRST_RANGE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
 _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _utf8_after(b: bytes, need: int, lo: int, hi: int):
-    """UTF-8 state ``(continuation bytes still needed, allowed range of the next byte)`` after appending ``b`` to a
-    state, or None when ``b`` cannot follow it (a stray continuation byte, a character cut short, C0/C1/F5-FF)."""
+    """The state after appending ``b`` to state ``(need, lo, hi)``, or None when ``b`` cannot follow it (a stray
+    continuation byte, a character cut short, C0/C1/F5-FF)."""
     for c in b:
         if need:
             if not lo <= c <= hi:
@@ -194,18 +197,15 @@ def _utf8_after(b: bytes, need: int, lo: int, hi: int):
             lo, hi = _FIRST_RANGE.get(c, (0x80, 0xBF))
         elif c >= 0x80:
             return None
-    return (need, lo, hi) if need else (0, 0, 255)
+    return (need, lo, hi) if need else _STATES[0]
 
 
 class _TokenText:
     """Per-token bytes of a tokenizer (``.bytes[id]``) and, for tokenizers whose tokens can hold part of a character
-    (byte-level BPE), the tables that keep generated text valid UTF-8 by construction (``.ok`` is None otherwise).
-
-    A row's UTF-8 state is (continuation bytes pending k = 0..3, allowed range [lo, hi] of the next byte).
-    ``ok[k, t]``: token t may come next (given the generic 80-BF range); ``first[t]`` its first byte, checked against
-    the row's range; ``after[:, k, t]`` the state after it. Ids beyond the tokenizer (a padded model vocabulary) and
-    empty tokens mid-character are never allowed. Built once per (tokenizer, model vocabulary, device): a mask per
-    step is then one gather and two compares.
+    (byte-level BPE), the tables that keep generated text valid UTF-8 by construction (``.blocked`` is None
+    otherwise): ``blocked[s, t]`` token t cannot come next in state s (``_STATES``), ``next[s, t]`` the state after
+    it. Ids beyond the tokenizer (a padded model vocabulary) are always blocked. Built once per (tokenizer, model
+    vocabulary, device), so that a step's mask is one gather.
     """
 
     def __init__(self, tokenizer, V: int, device):
@@ -214,24 +214,22 @@ class _TokenText:
             self.bytes = [bytes(tokenizer.decode_bytes([i])) if i < n_tok else b"" for i in range(V)]
         else:  # exact for tokenizers whose tokens are whole characters
             self.bytes = [tokenizer.decode([i]).encode("utf-8") if i < n_tok else b"" for i in range(V)]
-        self.ok = None
-        states = [(0, 0, 255), (1, 0x80, 0xBF), (2, 0x80, 0xBF), (3, 0x80, 0xBF)]
-        ok = [[False] * V for _ in states]
-        after = [[[0] * V for _ in states] for _ in range(3)]
-        whole = n_tok >= V  # every id is a token and every token is whole characters: no mask needed
-        for t, b in enumerate(self.bytes):
-            for k, state in enumerate(states):
-                nxt = _utf8_after(b, *state) if t < n_tok and (b or k == 0) else None
-                if nxt is not None:
-                    ok[k][t] = True
-                    for j in range(3):
-                        after[j][k][t] = nxt[j]
-            whole = whole and ok[0][t] and after[0][0][t] == 0
-        if whole:
-            return
-        self.ok = torch.tensor(ok, dtype=torch.bool, device=device)
-        self.after = torch.tensor(after, dtype=torch.long, device=device)  # (3, 4, V): need, lo, hi
-        self.first = torch.tensor([b[0] if b else 0 for b in self.bytes], dtype=torch.long, device=device)
+        self.blocked = None
+        index = {st: i for i, st in enumerate(_STATES)}
+        allowed = [[False] * V for _ in _STATES]
+        nxt = [[0] * V for _ in _STATES]
+        for t, b in enumerate(self.bytes[:n_tok]):
+            for s, state in enumerate(_STATES):
+                after = _utf8_after(b, *state) if b or s == 0 else None  # an empty token cannot end a character
+                if after is not None:
+                    allowed[s][t], nxt[s][t] = True, index[after]
+        if n_tok >= V and all(allowed[0]) and not any(nxt[0]):
+            return  # every token is whole characters: nothing to mask
+        for row in allowed:
+            if not any(row):  # a vocabulary lacking every byte this state needs: leave such rows unmasked
+                row[:] = [True] * V
+        self.blocked = ~torch.tensor(allowed, dtype=torch.bool, device=device)
+        self.next = torch.tensor(nxt, dtype=torch.long, device=device)
 
     @staticmethod
     def of(tokenizer, V: int, device) -> "_TokenText":
@@ -246,28 +244,21 @@ class _TokenText:
 
 
 class _Utf8Mask:
-    """The UTF-8 state of R rows: ``mask(logits)`` sets the tokens that cannot come next to -inf, ``update`` feeds
-    the chosen tokens, ``reorder`` follows beams."""
+    """The UTF-8 states of R rows: ``mask(logits)`` sets what cannot come next to -inf, ``update`` feeds the chosen
+    tokens, ``reorder`` follows beams."""
 
     def __init__(self, table: _TokenText, R: int):
         self.t = table
-        dev = table.ok.device
-        self.need = torch.zeros(R, dtype=torch.long, device=dev)
-        self.lo = torch.zeros(R, dtype=torch.long, device=dev)
-        self.hi = torch.full((R,), 255, dtype=torch.long, device=dev)
+        self.state = torch.zeros(R, dtype=torch.long, device=table.next.device)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        t = self.t
-        allowed = t.ok[self.need] & (t.first >= self.lo[:, None]) & (t.first <= self.hi[:, None])
-        allowed |= ~allowed.any(-1, keepdim=True)  # a vocabulary lacking the byte a row needs: leave that row be
-        return logits.masked_fill(~allowed, float("-inf"))
+        return logits.masked_fill(self.t.blocked[self.state], float("-inf"))
 
     def update(self, tokens: torch.Tensor) -> None:
-        nxt = self.t.after[:, self.need, tokens]
-        self.need, self.lo, self.hi = nxt[0], nxt[1], nxt[2]
+        self.state = self.t.next[self.state, tokens]
 
     def reorder(self, index: torch.Tensor) -> None:
-        self.need, self.lo, self.hi = self.need[index], self.lo[index], self.hi[index]
+        self.state = self.state[index]
 
 
 class _Row:
@@ -487,7 +478,7 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, n: int, sample
     else:
         pos_cap = None
 
-    utf8 = _Utf8Mask(text, B * n) if text is not None and text.ok is not None else None
+    utf8 = _Utf8Mask(text, B * n) if text is not None and text.blocked is not None else None
     sampler = _Sampler(prompts, n, model.config.vocab_size, device, **sampler_opts, utf8=utf8)
     step_fn = model.decoder()
     for step in range(max_steps):
@@ -588,7 +579,7 @@ def _beam_search(model, prompt: list[int], max_new_tokens: int, num_beams: int, 
     improvable = True
     step_fn = model.decoder()
     stop_list = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long) if stop_ids else None
-    utf8 = _Utf8Mask(text, num_beams) if text is not None and text.ok is not None else None
+    utf8 = _Utf8Mask(text, num_beams) if text is not None and text.blocked is not None else None
     for step in range(limit):
         gen_len = step + 1
         logp = F.log_softmax(logits.float(), dim=-1)  # (num_beams, V); the hypotheses keep these raw log-probs
