@@ -84,6 +84,14 @@ def test_readmes_mark_their_pipeline_runnable():
         assert len(commands(block)) >= 15 and "speedrun" in block
 
 
+def test_readme_states_the_chat_defaults():
+    from pocketgpt.chat import CHAT_DEFAULTS
+
+    d = CHAT_DEFAULTS
+    assert (f"temperature {d['temperature']}, top-k {d['top_k']} and a mild repetition penalty of "
+            f"{d['repetition_penalty']}") in " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+
+
 def test_readme_pipeline_start_runs(tmp_path, monkeypatch):
     assert run_readme("README.md", tmp_path, monkeypatch, stop_before=SLOW_FROM) >= 6
 
