@@ -293,3 +293,76 @@ def test_config_overrides_coerce_and_bare_keys_set_every_section(tmp_path):
     q.write_text(dump_toml(c.to_dict()))
     again = load_config(q, None, secs)
     assert again.to_dict() == c.to_dict()
+
+
+# ---- time budget -------------------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Stands in for the trainer's ``time`` module: only the stage moves it (``TimedStage``)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+
+class TimedStage(CopyStage):
+    """Every batch takes ``seconds`` on the fake clock."""
+
+    def __init__(self, clock, seconds=1.0, **kw):
+        super().__init__(**kw)
+        self.clock, self.seconds = clock, seconds
+
+    def get_batch(self, step, micro):
+        self.clock.now += self.seconds
+        return super().get_batch(step, micro)
+
+
+def test_time_budget_sizes_the_whole_schedule_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """1 s a step, a 1-minute budget: after 1 + MEASURED_STEPS steps (6 s) 54 more fit, so 60 of max_steps 1000,
+    warm-up 100 → 6 (in proportion); the lr reaches its end at step 60, and a resumed run keeps the decision."""
+    from dataclasses import replace
+
+    from pocketgpt.train import trainer as trainer_mod
+
+    clock = FakeClock()
+    monkeypatch.setattr(trainer_mod, "time", clock)
+    c = cfg(max_steps=1000, warmup_steps=100, max_minutes=1.0, eval_interval=0, ckpt_interval=10)
+    torch.manual_seed(0)
+    straight = GPT(tiny_config())
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    out = Trainer(straight, TimedStage(clock), c, tmp_path / "a").fit()
+    assert out["step"] == 60
+    assert "time budget 1 min at 1 s/step: the run will take 60 steps (warm-up 6; max_steps 1000 do not fit)" \
+        in capsys.readouterr().err
+    state = json.loads((tmp_path / "a" / "ckpt" / "trainer_state.json").read_text())
+    assert state["schedule"] == {"max_steps": 60, "warmup_steps": 6, "for": [1000, 1.0]}
+    recs = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    sized = replace(c, max_steps=60, warmup_steps=6)  # the measured steps ran on the configured warm-up
+    lrs = [r["lr"] for r in recs("a") if "lr" in r]
+    assert lrs == [lr_at(c, s) for s in range(6)] + [lr_at(sized, s) for s in range(6, 60)]
+    assert lrs[-1] == pytest.approx(c.min_lr, rel=0.01)  # the decay ended with the budget
+
+    first = GPT(tiny_config())
+    first.load_state_dict(init)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C after step 30: the decision is in the checkpoint
+        Trainer(first, TimedStage(clock, interrupt_at=30), c, tmp_path / "b").fit()
+    capsys.readouterr()
+    second = GPT(tiny_config())
+    assert Trainer(second, TimedStage(clock), c, tmp_path / "b").fit()["step"] == 60
+    assert "time budget" not in capsys.readouterr().err  # not measured again
+    steps = lambda d: [(r["step"], r["loss"], r["lr"]) for r in recs(d) if "loss" in r]
+    assert steps("b") == steps("a")  # (the interrupted run also evaluated at step 30)
+    torch.testing.assert_close(second.state_dict(), straight.state_dict(), rtol=0, atol=0)
+
+
+def test_time_budget_that_fits_max_steps_says_so(tmp_path, monkeypatch, capsys):
+    from pocketgpt.train import trainer as trainer_mod
+
+    clock = FakeClock()
+    monkeypatch.setattr(trainer_mod, "time", clock)
+    c = cfg(max_steps=12, warmup_steps=4, max_minutes=1.0, eval_interval=0, ckpt_interval=0)
+    assert Trainer(GPT(tiny_config()), TimedStage(clock), c, tmp_path / "r").fit()["step"] == 12
+    assert "the run will take 12 steps (max_steps)" in capsys.readouterr().err

@@ -80,8 +80,10 @@ class PretrainStage:
 
     name = "pretrain"
 
-    def __init__(self, train, val, batch_size: int, seed: int = 1337, eval_batches: int = 20):
+    def __init__(self, train, val, batch_size: int, seed: int = 1337, eval_batches: int = 20,
+                 fingerprint: Optional[str] = None):
         self.train = train
+        self.fingerprint = fingerprint  # the prepared data's (meta.json): a run resumes on the same data only
         self.val = val
         self.batch_size = batch_size
         self.seed = seed
@@ -181,7 +183,7 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
         from ..tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(Path(data.dir) / "tokenizer")
-    stage = PretrainStage(train, val, tcfg.batch_size, tcfg.seed, tcfg.eval_batches)
+    stage = PretrainStage(train, val, tcfg.batch_size, tcfg.seed, tcfg.eval_batches, meta.get("fingerprint"))
     return model, stage, tokenizer
 
 

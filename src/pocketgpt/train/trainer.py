@@ -36,6 +36,7 @@ The Stage protocol
         best_metric: str; best_mode: "min" | "max"   # override the best-checkpoint rule
         state_tensors() -> dict[str, Tensor]   # tensor state for exact resume (e.g. a rollout buffer)
         load_state_tensors(tensors)            # its inverse (CPU tensors)
+        fingerprint: str                       # what it trains on (e.g. prepared data's meta.json fingerprint)
 
     Resume order: ``load_state_dict(json_state)`` first, then ``load_state_tensors(tensors)``. ``state_dict()`` is
     taken on rank 0 only; ``state_tensors()`` on every rank: the tensors of rank r are stored with the key prefix
@@ -86,6 +87,25 @@ checkpoint directories (``config.json`` + ``model.safetensors`` + ``tokenizer/``
 ``ckpt/`` also holds ``optimizer.safetensors``, ``rng.safetensors``, ``stage.safetensors`` (stages with
 ``state_tensors``) and ``trainer_state.json`` (step, schedule, scaler, RNG, the stage's ``state_dict()``): running the
 same command again resumes exactly where it stopped.
+
+Resuming: which run a checkpoint belongs to
+-------------------------------------------
+A checkpoint resumes only the run that wrote it. Before loading any weights, the trainer compares the run's
+*identity* recorded in ``trainer_state.json`` with the new one's: every ``run_config`` field, the model's
+``config`` and the stage's ``fingerprint``. Any difference stops with one line naming the fields and ``--restart`` /
+``--out``. Only the ``[train]`` fields in ``RESUMABLE`` may differ: how long (``max_steps`` — raise it to train
+longer —, ``max_minutes``), how often (evaluation, checkpoint and log intervals, ``eval_batches``, ``keep_best``,
+``progress``) and where (``device``, ``dtype``, ``compile``, ``optimizer_impl``, ``ddp_find_unused``). What is
+trained may not: the model, the data, the seed, batch size / accumulation, optimiser and schedule knobs, every
+stage section (``[sft]``, ``[ppo]``, ...): a checkpoint resumed under those would be a different run.
+
+Time budgets
+------------
+With ``max_minutes`` the schedule (warm-up included) is sized from the measured step time: after the first step
+of the process and ``MEASURED_STEPS`` more, the steps that fit in what is left of the budget become the total
+(at most ``max_steps``), warm-up shrinks with it in proportion, and one log line says how many steps the run will
+take. The decision is kept in the checkpoint (exact resume) while ``max_steps`` and ``max_minutes`` are unchanged;
+the run still stops when the budget is spent (a machine that slows down later).
 """
 
 from __future__ import annotations
@@ -98,7 +118,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
@@ -111,6 +131,10 @@ from ..io import atomic_dir, read_json, write_json
 from .. import runtime
 
 SCHEDULES = ("cosine", "linear", "constant")
+# [train] fields a resumed run may change: how long, how often and where it runs, never what it trains
+RESUMABLE = frozenset({"max_steps", "max_minutes", "eval_interval", "eval_batches", "ckpt_interval", "log_interval",
+                       "keep_best", "progress", "device", "dtype", "compile", "optimizer_impl", "ddp_find_unused"})
+MEASURED_STEPS = 5  # steps timed (after a process's first) before a time budget sizes the schedule
 
 
 @dataclass
@@ -139,7 +163,7 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     keep_best: bool = True
-    max_minutes: float = 0.0  # wall-clock budget (0 = none); the lr schedule then ends at whichever comes first
+    max_minutes: float = 0.0  # wall-clock budget (0 = none): the schedule is sized to the steps that fit in it
     optimizer_impl: str = "auto"  # auto | fused | foreach | for-loop (AdamW implementation)
     ddp_find_unused: bool = False  # DDP find_unused_parameters (wrapper models with unused heads)
     progress: bool = True  # tqdm bar (also off when stderr is not a terminal or CI is set)
@@ -234,17 +258,13 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def lr_at(cfg: TrainConfig, step: int, progress: Optional[float] = None) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then decay to ``min_lr``.
-
-    ``progress`` (0..1) overrides the decay position (used for wall-clock budgets)."""
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then decay to ``min_lr``."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    if progress is None:
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
+    progress = min(max((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps), 0.0), 1.0)
     if cfg.schedule == "linear":
         coeff = 1.0 - progress
     else:
@@ -435,6 +455,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
         self._stop_reason: Optional[str] = None
+        self.schedule: Optional[dict] = None  # a time budget's decision: {"max_steps", "warmup_steps", "for"}
         self.ckpt_dir = self.run_dir / "ckpt"
         self.best_dir = self.run_dir / "best"
 
@@ -490,6 +511,16 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
 
+    def _identity(self) -> dict:
+        """What a checkpoint must share with the run that resumes it ('section.key' -> value; module docstring)."""
+        ident = {f"{s}.{k}": v for s, sec in self.run_config.items() if isinstance(sec, dict)
+                 for k, v in sec.items() if not (s == "train" and k in RESUMABLE)}
+        config = getattr(unwrap(self.model), "config", None)
+        if is_dataclass(config):
+            ident.update({f"model.{k}": v for k, v in asdict(config).items()})
+        ident["stage.fingerprint"] = getattr(self.stage, "fingerprint", None)
+        return json.loads(json.dumps(ident, default=str))  # as read back from trainer_state.json
+
     def has_checkpoint(self) -> bool:
         return (self.ckpt_dir / "trainer_state.json").exists()
 
@@ -531,6 +562,8 @@ class Trainer:
                 "last_train": self.last_train,
                 "train_config": asdict(self.cfg),
                 "run_config": self.run_config,
+                "identity": self._identity(),
+                "schedule": self.schedule,
                 "optimizer": opt_meta,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "rng": [j for _, j in all_rng],
@@ -565,6 +598,12 @@ class Trainer:
         if state.get("stage") != self.stage.name:
             raise UserError(f"{self.ckpt_dir}: this checkpoint was written by stage '{state.get('stage')}', "
                             f"not '{self.stage.name}'; use a new --out directory")
+        old, new = state.get("identity"), self._identity()
+        diff = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)] if old is not None else []
+        if diff:
+            shown = "; ".join(f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in diff[:3])
+            raise UserError(f"{self.run_dir} holds another run ({shown}{'; ...' if len(diff) > 3 else ''}): start "
+                            "over there with --restart (its checkpoint is replaced), or choose another --out")
         self.load_model_fn(self.model, self.ckpt_dir)
         opt_t = load_file(str(self.ckpt_dir / "optimizer.safetensors"))
         try:
@@ -586,6 +625,7 @@ class Trainer:
         self.best = state.get("best") or self.best
         self.last_eval = state.get("last_eval") or {}
         self.last_train = state.get("last_train") or {}
+        self.schedule = state.get("schedule")
         if self.is_main:
             self._truncate_metrics(self.step)
 
@@ -682,15 +722,43 @@ class Trainer:
                 old[sig] = signal.signal(sig, handler)
         return old
 
-    def _progress_bar(self):
+    def _progress_bar(self, total: int):
         disable = (not self.cfg.progress or not self.is_main or not sys.stderr.isatty() or bool(os.environ.get("CI")))
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.stage.name, disable=disable,
+        return tqdm(total=total, initial=self.step, desc=self.stage.name, disable=disable,
                     dynamic_ncols=True, file=sys.stderr)
 
+    def _schedule(self) -> Optional[TrainConfig]:
+        """The schedule's config: ``cfg``, resized by a time budget's decision; None while a budget is undecided."""
+        cfg, s = self.cfg, self.schedule
+        if not cfg.max_minutes:
+            return cfg
+        if s is None or s["for"] != [cfg.max_steps, cfg.max_minutes]:  # a resumed run changed them: decide again
+            return None
+        return replace(cfg, max_steps=s["max_steps"], warmup_steps=s["warmup_steps"])
+
+    def _fit_budget(self, per_step: float) -> TrainConfig:
+        """Size the schedule to the steps that fit in the rest of the time budget at ``per_step`` seconds a step."""
+        cfg, elapsed = self.cfg, self.elapsed
+        if self.ddp:  # every rank must take the same decision
+            t = torch.tensor([per_step, elapsed], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            per_step, elapsed = t.tolist()
+        fit = self.step + int(max(0.0, 60 * cfg.max_minutes - elapsed) / max(per_step, 1e-9))
+        total = max(self.step, min(cfg.max_steps, fit))
+        warmup = min(cfg.warmup_steps, math.ceil(cfg.warmup_steps * total / cfg.max_steps))
+        self.schedule = {"max_steps": total, "warmup_steps": warmup, "for": [cfg.max_steps, cfg.max_minutes]}
+        if self.is_main:
+            from tqdm import tqdm  # (a line above the progress bar)
+
+            tqdm.write(f"{self.stage.name}: time budget {cfg.max_minutes:g} min at {per_step:.3g} s/step: the run will "
+                       f"take {total} steps" + (f" (warm-up {warmup}; max_steps {cfg.max_steps} do not fit)"
+                                                if total < cfg.max_steps else " (max_steps)"), file=sys.stderr)
+        return self._schedule()
+
     def fit(self) -> dict:
-        """Train to ``cfg.max_steps`` (or the time budget); returns the final metrics.
+        """Train to ``cfg.max_steps`` (or the steps that fit in the time budget); returns the final metrics.
 
         Resumes from ``run_dir/ckpt`` when it holds a checkpoint (see ``resume``)."""
         cfg = self.cfg
@@ -713,20 +781,19 @@ class Trainer:
         fpt_fn = getattr(raw, "flops_per_token", None)
         peak = runtime.peak_flops(self.device, self.dtype)
         old_handlers = self._install_signals()
-        bar = self._progress_bar()
+        sched = self._schedule()
+        total = (sched or cfg).max_steps
+        bar = self._progress_bar(total)
         t_start = time.time() - self.elapsed
+        step0 = self.step
         t_log, tokens_log, steps_log = time.time(), 0, 0
         loss_log = 0.0
         seq_len = None
         checked = False  # unused parameters under DDP (first step of this process)
         try:
-            while self.step < cfg.max_steps:
+            while self.step < total:
                 step = self.step
-                progress = None
-                if cfg.max_minutes > 0 and step >= cfg.warmup_steps:
-                    by_steps = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-                    progress = max(by_steps, (time.time() - t_start) / (60 * cfg.max_minutes))
-                lr = lr_at(cfg, step, progress)
+                lr = lr_at(sched or cfg, step)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
 
@@ -793,6 +860,12 @@ class Trainer:
                 self.step += 1
                 self.tokens_seen += n_tokens * self.world_size
                 self.elapsed = time.time() - t_start
+                if sched is None:  # a time budget: time steps after this process's first (allocation, compile)
+                    if self.step == step0 + 1:
+                        t_first = time.time()
+                    elif self.step == step0 + 1 + MEASURED_STEPS:
+                        sched = self._fit_budget((time.time() - t_first) / MEASURED_STEPS)
+                        bar.total = total = sched.max_steps
 
                 train_metrics = {k: v / cfg.grad_accum for k, v in metric_sums.items()}
                 self.last_train = {"loss": step_loss, **train_metrics}
@@ -804,7 +877,7 @@ class Trainer:
                 if not self.ddp and self._stop_reason:  # (under DDP the ranks agree at the next step)
                     stop = 1.0
 
-                if (cfg.log_interval and self.step % cfg.log_interval == 0) or self.step == cfg.max_steps or stop:
+                if (cfg.log_interval and self.step % cfg.log_interval == 0) or self.step == total or stop:
                     dt = max(time.time() - t_log, 1e-9)
                     tok_s = tokens_log / dt
                     record = {"step": self.step, "loss": step_loss, "lr": lr, **train_metrics,
@@ -821,7 +894,7 @@ class Trainer:
                     t_log, tokens_log, steps_log, loss_log = time.time(), 0, 0, 0.0
                 bar.update(1)
 
-                last = self.step == cfg.max_steps or bool(stop)
+                last = self.step == total or bool(stop)
                 t_pause = time.time()
                 if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
                     self.evaluate()
