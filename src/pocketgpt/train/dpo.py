@@ -212,6 +212,7 @@ class DPOStage:
         self.batch_size = batch_size
         self.seed = seed
         self.cache_key = cache_key
+        self.fingerprint = cache_key  # init + every pair: a run directory resumes on the same data only
         self.grad_accum = 1
         self.trainer = None
         self.ref: Optional[nn.Module] = None

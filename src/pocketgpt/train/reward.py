@@ -281,6 +281,9 @@ class RewardStage:
         self.train, self.val = train, val
         self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
         self.eval_batch_size = eval_batch_size
+        import hashlib  # what it trains on: a run directory resumes on the same pairs only
+
+        self.fingerprint = hashlib.sha256(repr((train, val)).encode()).hexdigest()
         self.grad_accum = 1
         self._perm_epoch, self._perm = -1, []
 
