@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
-import importlib.util
 import math
 import numbers
 import os
@@ -168,30 +167,22 @@ class Prompts:
 
 def load_reward_fn(spec: str) -> RewardFn:
     """Import ``"module:function"`` or ``"path/to/file.py:function"``; it is called as ``fn(prompt_messages, reply)``."""
+    import runpy
+
     module_name, sep, fn_name = str(spec).rpartition(":")
     if not sep or not module_name or not fn_name:
         raise UserError(f"--reward_fn: expected 'module:function' or 'path/to/file.py:function', got {spec!r}")
+    is_file = module_name.endswith(".py") or "/" in module_name or "\\" in module_name
+    if is_file and not Path(module_name).is_file():
+        raise UserError(f"--reward_fn: file {module_name} not found")
+    sys.path.insert(0, os.getcwd())  # the current directory counts too (as with ``python -m``)
     try:
-        if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
-            path = Path(module_name)
-            if not path.is_file():
-                raise UserError(f"--reward_fn: file {module_name} not found")
-            mod_id = f"_pocketgpt_reward_{abs(hash(str(path.resolve())))}"
-            spec_obj = importlib.util.spec_from_file_location(mod_id, str(path))
-            module = importlib.util.module_from_spec(spec_obj)
-            sys.modules[mod_id] = module
-            spec_obj.loader.exec_module(module)
-        else:  # an importable module; the current directory counts too (as with ``python -m``)
-            sys.path.insert(0, os.getcwd())
-            try:
-                module = importlib.import_module(module_name)
-            finally:
-                sys.path.pop(0)
-    except UserError:
-        raise
+        names = runpy.run_path(module_name) if is_file else vars(importlib.import_module(module_name))
     except Exception as e:  # noqa: BLE001 - any import failure of user code is a user error
         raise UserError(f"--reward_fn: cannot import {module_name!r} ({type(e).__name__}: {e})") from None
-    fn = getattr(module, fn_name, None)
+    finally:
+        sys.path.pop(0)
+    fn = names.get(fn_name)
     if not callable(fn):
         raise UserError(f"--reward_fn: module {module_name!r} has no function {fn_name!r}")
     return fn
