@@ -163,11 +163,10 @@ def token_logprobs(model, idx: torch.Tensor, pos: torch.Tensor, targets: torch.T
 
     Differentiable (grad flows when enabled); the lm_head runs only on the T reply positions. Returns
     ``(logp, entropy, hidden)`` — (B, T), (B, T) or None, (B, T, C) or None — with 0 where ``mask`` is False.
-    ``model`` is a plain GPT (inside a DDP-wrapped module's forward, pass the inner GPT).
+    ``model`` is a GPT or a DDP / compiled wrapper of one (the whole computation is its forward).
     """
-    h_all, _ = model(idx, return_hidden=True)
-    h = torch.gather(h_all, 1, pos.unsqueeze(-1).expand(-1, -1, h_all.size(-1)))
-    out = logprobs_from_logits(model.lm_head(h), targets, temperature, entropy=entropy)
+    logits, h = model(idx, at=pos)
+    out = logprobs_from_logits(logits, targets, temperature, entropy=entropy)
     logp, ent = out if entropy else (out, None)
     m = mask.to(logp.dtype)
     return logp * m, (ent * m if entropy else None), (h if hidden else None)
