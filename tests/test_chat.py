@@ -120,14 +120,16 @@ def test_empty_file_and_gzip(tmp_path):
 
 
 def test_bundled_corpora_parse():
-    from pathlib import Path
+    from pocketgpt.data import builtin_files
 
-    root = Path("/work/shared/data")
-    f = root / "chat_chatterbot_en_zh.jsonl"
-    if not f.exists():
-        pytest.skip("shared corpora not present")
-    convs = read_conversations(f)
-    assert len(convs) > 2000 and any("你" in m["content"] for c in convs for m in c)
+    # every bundled chat file parses with no bad line: one conversation per non-blank line, each ending in a reply
+    for name, script in (("chat_en", "the"), ("chat_zh", "你")):
+        for f in builtin_files(name):
+            convs = read_conversations(f)
+            with gzip.open(f, "rt", encoding="utf-8") if f.name.endswith(".gz") else open(f, encoding="utf-8") as fh:
+                assert len(convs) == sum(1 for line in fh if line.strip()) >= 50, f
+            assert all(c[-1]["role"] == "assistant" and c[-1]["content"] for c in convs), f
+            assert any(script in m["content"] for c in convs for m in c), f
 
 
 def test_fit_to_context_splits_at_turn_boundaries(tok):
