@@ -5,6 +5,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from transformers.generation import logits_process as lp
 
 from conftest import run_cli, tiny_config
 from pocketgpt import GPT, UserError
@@ -137,7 +139,6 @@ def test_sampling_draws_tokens_with_the_model_probabilities():
 
 
 def test_filters_equal_transformers_warpers():
-    lp = pytest.importorskip("transformers.generation.logits_process")
     torch.manual_seed(0)
     for _ in range(5):
         logits = torch.randn(4, 200) * 3
@@ -283,8 +284,6 @@ def test_model_mode_is_restored():
 # ---------------------------------------------------------------------------------------------------------------------
 # parity with transformers' generate
 
-transformers = pytest.importorskip("transformers")
-
 
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
@@ -342,10 +341,10 @@ def test_beam_no_repeat_ngram_size_equals_transformers(hf_pair, size):
 
 
 def test_sample_cli_streams_and_reports_errors(tmp_path, capsys):
-    tokmod = pytest.importorskip("pocketgpt.tokenizer")
     from pocketgpt.cli import main
+    from pocketgpt.tokenizer import Tokenizer
 
-    tok = tokmod.Tokenizer.train("char", ["hello world, 你好世界. the quick brown fox."])
+    tok = Tokenizer.train("char", ["hello world, 你好世界. the quick brown fox."])
     torch.manual_seed(0)
     GPT(tiny_config(vocab_size=tok.vocab_size, block_size=64)).save_pretrained(tmp_path / "m")
     tok.save(tmp_path / "m" / "tokenizer")

@@ -150,7 +150,8 @@ def test_chat_session_keeps_and_trims_history(trained):
 
 
 def test_chat_in_a_pseudo_terminal(trained):
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
+
     pairs = trained["pairs"]
     env = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
     child = pexpect.spawn(sys.executable, ["-m", "pocketgpt", "chat", "--ckpt", str(trained["run"] / "ckpt"),

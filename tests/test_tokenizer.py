@@ -112,7 +112,6 @@ def test_encode_batch_matches_encode(bpe):
 
 def test_fast_bpe_core_matches_hugging_face(bpe, monkeypatch):
     """Byte-level BPE encodes through tiktoken's core when available; it must give the HF model's ids exactly."""
-    pytest.importorskip("tiktoken")
     assert bpe._tt is not None
     monkeypatch.setenv("POCKETGPT_TOKENIZER_BACKEND", "hf")
     slow = Tokenizer(bpe._hf, "bpe")
