@@ -43,7 +43,7 @@ def configure_cli(name, p) -> None:
 def load_backend(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp32", model_name: str | None = None):
     """Load a checkpoint and its tokenizer into a ``Backend`` (the model side of the server)."""
     from ..chat import find_checkpoint
-    from ..model import GPT
+    from ..checkpoint import load_model
     from ..runtime import DTYPES, pick_device
     from ..tokenizer import load_tokenizer_for
     from .app import Backend
@@ -53,7 +53,7 @@ def load_backend(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp
         raise UserError(f"--dtype: unknown precision {dtype!r} (fp32, bf16, fp16)")
     dev = pick_device(device)
     tokenizer = load_tokenizer_for(ckpt)
-    model = GPT.from_pretrained(ckpt, device=dev, dtype=DTYPES[dtype])
+    model = load_model(ckpt, device=dev, dtype=DTYPES[dtype])
     return Backend(model, tokenizer, model_name or run_name(ckpt))
 
 
@@ -91,6 +91,11 @@ def serve_forever(app, host: str, port: int) -> None:
 
 
 def _run(args) -> int:
+    try:  # the optional `serve` extra
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"{e.name} is not installed: pip install 'pocketgpt[serve]'") from None
     from .app import create_app
 
     if not 0 <= args.port <= 65535:

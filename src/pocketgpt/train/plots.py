@@ -3,7 +3,27 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+_warned = False
+
+
+def pyplot():
+    """``matplotlib.pyplot`` (Agg backend), or None with one warning line per process when the ``plots`` extra is
+    not installed (training goes on without plots)."""
+    global _warned
+    try:
+        import matplotlib
+    except ImportError:
+        if not _warned:
+            print("warning: matplotlib is not installed, so no plots: pip install 'pocketgpt[plots]'", file=sys.stderr)
+        _warned = True
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -33,13 +53,11 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     """Render a matplotlib figure to PNG, close it, and write the file atomically."""
     import io
 
-    import matplotlib.pyplot as plt
-
     from ..io import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
@@ -63,12 +81,9 @@ def draw_losses(ax, records: list[dict]) -> bool:
 def plot_metrics(run_dir: str | Path, extra_keys: list[str] = ()) -> list[Path]:
     """Draw ``loss.png`` (train loss and every ``val*loss`` metric) and ``<key>.png`` for each extra key, with the
     held-out ``eval_<key>`` beside it when logged; characters other than letters, digits, ``-_.`` in a key become
-    ``_`` in its file name (``rewards/accuracies`` → ``rewards_accuracies.png``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    ``_`` in its file name (``rewards/accuracies`` → ``rewards_accuracies.png``). Nothing without matplotlib."""
+    if (plt := pyplot()) is None:
+        return []
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     written = []
