@@ -34,7 +34,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX). Without them PyTorch emulates
-    bf16 and autocast is *slower* than fp32 (measured 13x slower on an AVX2-only EPYC), so ``auto`` picks fp32."""
+    bf16 and autocast is slower than fp32 (``benchmarks/README.md``), so ``auto`` picks fp32."""
     if os.environ.get("POCKETGPT_CPU_BF16") in ("0", "1"):
         return os.environ["POCKETGPT_CPU_BF16"] == "1"
     try:  # oneDNN's own answer where this torch build has it
@@ -82,15 +82,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Rough peak matmul FLOP/s used for MFU: measured on our 2-core CPU (~170 GFLOP/s fp32, ~750 bf16),
-    A100-class numbers for CUDA (override with POCKETGPT_PEAK_FLOPS)."""
+# dense matmul peaks from the data sheets, FLOP/s: (fp32 without TF32, bf16/fp16); the first name found is used
+GPU_PEAK_FLOPS = {"H100 PCIe": (51e12, 756e12), "H100": (67e12, 989e12), "H200": (67e12, 989e12),
+                  "A100": (19.5e12, 312e12)}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak matmul FLOP/s that MFU is reported against: ``POCKETGPT_PEAK_FLOPS`` when set, else a CUDA GPU's
+    data-sheet figure (``GPU_PEAK_FLOPS``); None (no MFU) for a CPU or another GPU."""
     if os.environ.get("POCKETGPT_PEAK_FLOPS"):
         return float(os.environ["POCKETGPT_PEAK_FLOPS"])
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        if "H100" in name or "H200" in name:
-            return 989e12 if dtype != torch.float32 else 67e12
-        return 312e12 if dtype != torch.float32 else 19.5e12
-    per_core = 375e9 if (dtype == torch.bfloat16 and cpu_has_fast_bf16()) else 85e9
-    return per_core * max(1, torch.get_num_threads())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peaks = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+    return peaks and peaks[dtype != torch.float32]

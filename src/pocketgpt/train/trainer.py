@@ -884,7 +884,7 @@ class Trainer:
                               "tok_per_s": round(tok_s, 1), "elapsed_s": round(self.elapsed, 2)}
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm
-                    if fpt_fn is not None and tok_s > 0:
+                    if fpt_fn is not None and peak and tok_s > 0:  # MFU only against a known peak
                         record["mfu"] = round(fpt_fn(seq_len) * tok_s / (peak * self.world_size), 4)
                     self._log(record)
                     post = {"loss": f"{loss_log / steps_log:.4f}", "tok/s": f"{tok_s:,.0f}"}
