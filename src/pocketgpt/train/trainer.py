@@ -475,8 +475,7 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         impl = cfg.optimizer_impl
         if impl == "auto":
-            # fused on CUDA and on CPU: on the 2-core dev box it measured 4-25x faster than foreach / for-loop
-            # (benchmarks/train_step.py --optim-only); elsewhere (e.g. MPS) foreach
+            # fused on CUDA and on CPU (the fastest: benchmarks/train_step.py --optim-only); elsewhere (MPS) foreach
             impl = "fused" if self.device.type in ("cuda", "cpu") else "foreach"
         kw: dict[str, Any] = {}
         if impl == "fused":
