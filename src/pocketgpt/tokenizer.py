@@ -25,8 +25,8 @@ Chinese character), so a streamer can emit only complete characters; ``decode`` 
 replacement of incomplete sequences.
 
 Speed: Hugging Face ``tokenizers`` trains every kind and defines the ids. Encoding a GPT-2-style byte-level BPE goes
-through tiktoken's core (3-6x faster, identical ids: tested against the HF model and ``GPT2TokenizerFast``), a char
-tokenizer through a numpy lookup; ``POCKETGPT_TOKENIZER_BACKEND=hf`` turns both fast paths off.
+through tiktoken's core (identical ids: tested against the HF model and ``GPT2TokenizerFast``; its speed:
+``benchmarks/tokenizer_speed.py``), a char tokenizer through a numpy lookup; ``POCKETGPT_TOKENIZER_BACKEND=hf`` turns both fast paths off.
 """
 
 from __future__ import annotations
@@ -396,7 +396,7 @@ def _parallel_map(fn, texts: list[str]) -> list:
 
 
 def _tiktoken_core(hf):
-    """A ``tiktoken.Encoding`` giving the same ids as ``hf`` 3-6x faster, or None.
+    """A ``tiktoken.Encoding`` giving the same ids as ``hf``, faster, or None.
 
     Only for a GPT-2-style byte-level BPE (no normaliser, ByteLevel pre-tokenizer with GPT-2's split regex, every
     byte a token, token ids growing with merge order, all added tokens special): there tiktoken's rule "merge the
