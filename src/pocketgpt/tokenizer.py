@@ -26,7 +26,8 @@ replacement of incomplete sequences.
 
 Speed: Hugging Face ``tokenizers`` trains every kind and defines the ids. Encoding a GPT-2-style byte-level BPE goes
 through tiktoken's core (identical ids: tested against the HF model and ``GPT2TokenizerFast``; its speed:
-``benchmarks/tokenizer_speed.py``), a char tokenizer through a numpy lookup; ``POCKETGPT_TOKENIZER_BACKEND=hf`` turns both fast paths off.
+``benchmarks/tokenizer_speed.py``), a char tokenizer through a numpy lookup; ``POCKETGPT_TOKENIZER_BACKEND=hf``
+turns both fast paths off.
 """
 
 from __future__ import annotations
