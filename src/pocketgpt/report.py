@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .io import atomic_write_text
-from .train.plots import draw_losses, read_metrics, save_figure, series
+from .train.plots import draw_losses, pyplot, read_metrics, save_figure, series
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -45,11 +45,8 @@ def _mean_tok_s(rows) -> Optional[float]:
 
 def plot_overview(run: Path, metrics: dict[str, list[dict]]) -> list[str]:
     """``plots/losses.png`` (training loss of every stage) and ``plots/rewards.png`` (PPO reward/KL, GRPO reward)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    if (plt := pyplot()) is None:  # the `plots` extra is not installed
+        return []
     written = []
     (run / "plots").mkdir(exist_ok=True)
     stages = [s for s in ("pretrain", "sft", "rm", "ppo", "dpo", "grpo") if metrics.get(s)]
