@@ -35,11 +35,6 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture
-def cli():
-    return run_cli
-
-
 def tiny_config(**kw):
     from pocketgpt import GPTConfig
 
