@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
 
-_warned = False
 
-
+@functools.cache
 def pyplot():
-    """``matplotlib.pyplot`` (Agg backend), or None with one warning line per process when the ``plots`` extra is
-    not installed (training goes on without plots)."""
-    global _warned
+    """``matplotlib.pyplot`` (Agg backend), or None after one warning line (once per process) when the ``plots``
+    extra is not installed: training goes on without plots."""
     try:
         import matplotlib
     except ImportError:
-        if not _warned:
-            print("warning: matplotlib is not installed, so no plots: pip install 'pocketgpt[plots]'", file=sys.stderr)
-        _warned = True
+        print("warning: matplotlib is not installed, so no plots: pip install 'pocketgpt[plots]'", file=sys.stderr)
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
