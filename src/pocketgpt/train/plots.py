@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -27,23 +28,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of ``RUN/metrics.jsonl`` (a line cut by a kill is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     out = []
-    if not path.exists():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
             out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
     return out
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    xs, ys = [], []
-    for r in records:
-        if key in r and isinstance(r[key], (int, float)):
-            xs.append(r["step"])
-            ys.append(r[key])
-    return xs, ys
+    """(steps, values) of the records that hold a number under ``key``."""
+    rows = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [x for x, _ in rows], [y for _, y in rows]
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
@@ -60,19 +54,16 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
 
 
 def draw_losses(ax, records: list[dict]) -> bool:
-    """Train loss (line) and every ``val*loss`` metric (dots) of ``records`` on ``ax``; False when there is none."""
+    """Train loss (line) and every ``val*loss`` metric (dots) of ``records`` on ``ax``."""
     xs, ys = series(records, "loss")
     if xs:
         ax.plot(xs, ys, label="train loss", lw=1, alpha=0.8)
     val_keys = sorted({k for r in records for k in r if k.startswith("val") and k.endswith("loss")})
     for k in val_keys:
-        vx, vy = series(records, k)
-        ax.plot(vx, vy, "o-", label=k.replace("_", " "), ms=3)
+        ax.plot(*series(records, k), "o-", label=k.replace("_", " "), ms=3)
     ax.set_xlabel("step")
     if xs or val_keys:
         ax.legend(fontsize=8)
-        return True
-    return False
 
 
 def plot_metrics(run_dir: str | Path, extra_keys: list[str] = ()) -> list[Path]:
@@ -85,16 +76,17 @@ def plot_metrics(run_dir: str | Path, extra_keys: list[str] = ()) -> list[Path]:
     records = read_metrics(run_dir)
     written = []
 
-    def save(fig, name: str) -> None:
+    def save(fig, ax, ylabel: str, title: str, name: str) -> None:
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.set_title(title)
+        fig.tight_layout()
         written.append(save_figure(fig, run_dir / name))
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     draw_losses(ax, records)
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.set_title(run_dir.name)
-    fig.tight_layout()
-    save(fig, "loss.png")
+    save(fig, ax, "loss", run_dir.name, "loss.png")
 
     for key in extra_keys:
         kx, ky = series(records, key)
@@ -107,11 +99,6 @@ def plot_metrics(run_dir: str | Path, extra_keys: list[str] = ()) -> list[Path]:
         if ex:
             ax.plot(ex, ey, "o-", ms=3, label="held-out")
             ax.legend(fontsize=8)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-        ax.set_title(f"{run_dir.name}: {key}")
-        fig.tight_layout()
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-        save(fig, f"{safe}.png")
+        save(fig, ax, key, f"{run_dir.name}: {key}", f"{safe}.png")
     return written
