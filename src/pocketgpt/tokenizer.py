@@ -25,9 +25,8 @@ Chinese character), so a streamer can emit only complete characters; ``decode`` 
 replacement of incomplete sequences.
 
 Speed: Hugging Face ``tokenizers`` trains every kind and defines the ids. Encoding a GPT-2-style byte-level BPE goes
-through tiktoken's core (identical ids: tested against the HF model and ``GPT2TokenizerFast``; its speed:
-``benchmarks/tokenizer_speed.py``), a char tokenizer through a numpy lookup; ``POCKETGPT_TOKENIZER_BACKEND=hf``
-turns both fast paths off.
+through tiktoken's core (identical ids: tested against the HF model and ``GPT2TokenizerFast``), a char tokenizer
+through a numpy lookup (``benchmarks/tokenizer_speed.py``); ``POCKETGPT_TOKENIZER_BACKEND=hf`` turns both off.
 """
 
 from __future__ import annotations
