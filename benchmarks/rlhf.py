@@ -63,6 +63,7 @@ def split_hh(out: Path, n_val: int, seed: int = 0) -> tuple[dict, int]:
 def make_sft(args, out: Path, paths: dict) -> Path:
     """Tokenizer + tiny GPT from scratch, fine-tuned on the train pairs' chosen replies (+ Dolly)."""
     from pocketgpt import GPT, GPTConfig
+    from pocketgpt.checkpoint import load_model, save_model
     from pocketgpt.data import builtin_path
     from pocketgpt.tokenizer import Tokenizer
     from pocketgpt.train.sft import SFTConfig, run_sft
@@ -78,7 +79,7 @@ def make_sft(args, out: Path, paths: dict) -> Path:
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                     n_head=max(1, args.n_embd // 32), n_embd=args.n_embd)
     init = out / "init"
-    GPT(cfg).save_pretrained(init)
+    save_model(GPT(cfg), init)
     tok.save(init / "tokenizer")
     sft = SFTConfig(data=[str(paths["sft_train"]), "dolly"], val_fraction=0.05, val_max=50)
     train = TrainConfig(max_steps=args.sft_steps, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20,
@@ -114,7 +115,7 @@ def main() -> int:
     from pocketgpt.tokenizer import load_tokenizer_for
     from pocketgpt.train import ppo as ppo_mod
     from pocketgpt.train import reward as rm_mod
-    from pocketgpt.train.rl_common import read_prompts_with_lines
+    from pocketgpt.records import read_prompts
 
     out = Path(args.out)
     t0 = time.time()
@@ -127,7 +128,7 @@ def main() -> int:
     t1 = time.time()
     rm_cfg = load_config("rm-tiny", {"train.max_steps": args.rm_steps, "train.lr": 1e-4, "train.min_lr": 1e-5,
                                       "train.eval_interval": 0, "train.ckpt_interval": 0, "train.dtype": "fp32"},
-                         rm_mod._sections())
+                         rm_mod.SECTIONS)
     rm_res = rm_mod.train_reward_model(sft_ckpt, paths["pairs_train"], out / "rm", rm_cfg,
                                        val_data=paths["pairs_val"], resume=False)
     rm_acc = rm_res["val_accuracy"]
@@ -136,7 +137,7 @@ def main() -> int:
 
     # ---- PPO ----------------------------------------------------------------------------------------------------
     t2 = time.time()
-    ev_prompts, ev_lines = read_prompts_with_lines(paths["prompts_val"])
+    ev_prompts, ev_lines = read_prompts(paths["prompts_val"])
     ev_prompts, ev_lines = ev_prompts[: args.eval_prompts], ev_lines[: args.eval_prompts]
     ev_file = out / "data" / "prompts_eval.jsonl"
     ev_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ev_prompts))
@@ -144,7 +145,7 @@ def main() -> int:
                                        "train.ckpt_interval": 0, "train.lr": 2e-5, "train.min_lr": 2e-5,
                                        "ppo.max_new_tokens": args.max_new_tokens,
                                        "ppo.temperature": args.temperature},
-                          ppo_mod._sections())
+                          ppo_mod.SECTIONS)
     ppo_res = ppo_mod.train_ppo(sft_ckpt, paths["prompts_train"], out / "ppo", ppo_cfg,
                                 reward_ckpt=out / "rm" / "ckpt", eval_prompts_path=ev_file, resume=False)
     t_ppo = time.time() - t2
@@ -153,10 +154,10 @@ def main() -> int:
     tok = load_tokenizer_for(sft_ckpt)
     cfg = ppo_cfg["ppo"]
     scorer = ppo_mod.Scorer(reward_ckpt=out / "rm" / "ckpt")
-    sft_model = GPT.from_pretrained(sft_ckpt)
+    sft_model = load_model(sft_ckpt)
     records = [f"{ev_file}:{i + 1}" for i in range(len(ev_prompts))]
     res_sft = ppo_mod.evaluate_policy(sft_model, tok, ev_prompts, records, scorer, cfg, reference=sft_model)
-    res_ppo = ppo_mod.evaluate_policy(GPT.from_pretrained(out / "ppo" / "ckpt"), tok, ev_prompts, records, scorer,
+    res_ppo = ppo_mod.evaluate_policy(load_model(out / "ppo" / "ckpt"), tok, ev_prompts, records, scorer,
                                       cfg, reference=sft_model)
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(res_ppo["scores"], res_sft["scores"]))
     win_rate = wins / len(ev_prompts)
@@ -174,7 +175,7 @@ def main() -> int:
     print(f"{'':{w}}  figures")
     for name, a, b in rows:
         print(f"{name:{w}}  {a:<16} {b}")
-    n_params = GPT.from_pretrained(sft_ckpt).num_params()
+    n_params = load_model(sft_ckpt).num_params()
     md = [
         "# RLHF benchmark (benchmarks/rlhf.py)",
         "",

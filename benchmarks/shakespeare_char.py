@@ -35,7 +35,7 @@ def main() -> None:
     import torch
 
     from pocketgpt.config import load_config
-    from pocketgpt.train.pretrain import _sections, build_pretrain, evaluate_lm
+    from pocketgpt.train.pretrain import SECTIONS, build_pretrain, evaluate_lm
     from pocketgpt.train.trainer import Trainer
 
     data = Path(a.data)
@@ -48,7 +48,7 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     overrides = ["--data.dir", str(data), "--max_minutes", str(a.minutes), *a.overrides]
-    cfg = load_config(a.config, overrides, _sections())
+    cfg = load_config(a.config, overrides, SECTIONS)
     model, stage, tok = build_pretrain(cfg, out)
     m, t = cfg["model"], cfg["train"]
     print(f"model {m.n_layer}L {m.n_head}H {m.n_embd}d ctx {m.block_size} ({model.num_params() / 1e6:.2f}M params), "

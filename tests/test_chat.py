@@ -1,11 +1,8 @@
-"""The chat template (mask, training == inference rendering), conversation files, context fitting, chat session."""
-
-import gzip
-import json
+"""The chat template (mask, training == inference rendering), context fitting, chat session (files: test_records)."""
 
 import pytest
 
-from pocketgpt.chat import IGNORE, FitStats, fit_to_context, read_conversations, render
+from pocketgpt.chat import IGNORE, FitStats, fit_to_context, render
 from pocketgpt.errors import UserError
 from pocketgpt.tokenizer import Tokenizer
 
@@ -80,58 +77,6 @@ def test_render_rejects_bad_messages(tok):
         render([{"role": "user", "content": 3}], tok)
 
 
-def _write(path, lines):
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-GOOD = json.dumps({"id": 1, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
-
-
-@pytest.mark.parametrize(
-    "bad,message",
-    [
-        ('{"messages": [', "not valid JSON"),
-        ('{"text": "hi"}', "missing 'messages'"),
-        ('{"messages": [{"role": "robot", "content": "x"}]}', "unknown role 'robot'"),
-        ('{"messages": [{"role": "user", "content": "only a question"}]}', "no assistant turn"),
-    ],
-)
-def test_bad_lines_name_file_and_line(tmp_path, bad, message):
-    f = _write(tmp_path / "c.jsonl", [GOOD, "", bad, GOOD])
-    with pytest.raises(UserError, match=message) as e:
-        read_conversations(f)
-    assert str(e.value).startswith(f"{f}:3:")
-    assert "\n" not in str(e.value)
-    # skip_bad: the good conversations survive and the skipped count is reported
-    reports = []
-    convs = read_conversations(f, skip_bad=True, report=reports.append)
-    assert len(convs) == 2 and len(reports) == 1 and "skipped 1 bad line" in reports[0]
-
-
-def test_empty_file_and_gzip(tmp_path):
-    empty = _write(tmp_path / "empty.jsonl", [""])
-    with pytest.raises(UserError, match="no conversations"):
-        read_conversations(empty)
-    gz = tmp_path / "c.jsonl.gz"
-    gz.write_bytes(gzip.compress((GOOD + "\n" + GOOD + "\n").encode()))
-    convs = read_conversations(gz)
-    assert convs[0] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-
-
-def test_bundled_corpora_parse():
-    from pocketgpt.data import builtin_files
-
-    # every bundled chat file parses with no bad line: one conversation per non-blank line, each ending in a reply
-    for name, script in (("chat_en", "the"), ("chat_zh", "你")):
-        for f in builtin_files(name):
-            convs = read_conversations(f)
-            with gzip.open(f, "rt", encoding="utf-8") if f.name.endswith(".gz") else open(f, encoding="utf-8") as fh:
-                assert len(convs) == sum(1 for line in fh if line.strip()) >= 50, f
-            assert all(c[-1]["role"] == "assistant" and c[-1]["content"] for c in convs), f
-            assert any(script in m["content"] for c in convs for m in c), f
-
-
 def test_fit_to_context_splits_at_turn_boundaries(tok):
     long_conv = [{"role": "system", "content": "system rules"}]
     for k in range(6):
@@ -160,19 +105,16 @@ def test_fit_to_context_splits_at_turn_boundaries(tok):
 
 
 def test_chat_defaults_are_one_constant_with_a_mild_repetition_penalty(tok):
-    import argparse
-
     import torch
 
     from conftest import tiny_config
     from pocketgpt import GPT
-    from pocketgpt.chat import CHAT_DEFAULTS, ChatSession, configure_cli, stop_id
-    from pocketgpt.engine import stream_generate
+    from pocketgpt.chat import CHAT_DEFAULTS, ChatSession, stop_id
+    from pocketgpt.cli import build_parser
+    from pocketgpt.engine import generate
 
     assert 1 < CHAT_DEFAULTS["repetition_penalty"] <= 1.3
-    parser = argparse.ArgumentParser()
-    configure_cli("chat", parser)
-    args = vars(parser.parse_args(["--ckpt", "x"]))
+    args = vars(build_parser(only="chat").parse_args(["chat", "--ckpt", "x"]))
     assert {k: args[k] for k in CHAT_DEFAULTS} == CHAT_DEFAULTS  # the CLI's defaults are the constant
     torch.manual_seed(0)
     model = GPT(tiny_config(vocab_size=tok.vocab_size, block_size=128, tie_embeddings=False)).eval()
@@ -181,7 +123,7 @@ def test_chat_defaults_are_one_constant_with_a_mild_repetition_penalty(tok):
     ids, _ = render([{"role": "user", "content": "what is two plus two?"}], tok, add_generation_prompt=True)
 
     def engine(penalty):
-        return "".join(stream_generate(model, tok, ids, max_new_tokens=40, temperature=0, stop_ids=[stop_id(tok)],
-                                       repetition_penalty=penalty))
+        return "".join(generate(model, [ids], tokenizer=tok, stream=True, max_new_tokens=40, temperature=0,
+                                stop_ids=stop_id(tok), repetition_penalty=penalty))
 
     assert got == engine(CHAT_DEFAULTS["repetition_penalty"]) != engine(1.0) and "\ufffd" not in got

@@ -9,6 +9,7 @@ import torch
 
 from conftest import run_cli
 from pocketgpt import GPT, GPTConfig
+from pocketgpt.checkpoint import save_model
 from pocketgpt.train.dpo import dpo_loss, pair_accuracy
 
 VOWELS, CONSONANTS = "aeiou", "bcdfg"
@@ -22,7 +23,7 @@ def _make_ckpt(path):
     tok = Tokenizer.train("char", ["say word: " + VOWELS + CONSONANTS + "xyz"])
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32))
-    model.save_pretrained(path)
+    save_model(model, path)
     tok.save(path / "tokenizer")
     return path
 
@@ -130,4 +131,4 @@ def test_bad_pairs_and_options_are_clear_errors(tmp_path):
 
     for field, value in (("beta", 0.0), ("loss", "hinge"), ("reference", "never"), ("label_smoothing", 0.7)):
         with pytest.raises(UserError, match=field):
-            DPOConfig(data=["x"], **{field: value}).validate()
+            DPOConfig.from_dict({"data": ["x"], field: value})

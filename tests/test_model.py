@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 import transformers
+from pydantic import ValidationError
 
 from conftest import run_cli, tiny_config
-from pocketgpt import GPT, GPTConfig, UserError
+from pocketgpt import GPT, GPTConfig, UserError, checkpoint
+from pocketgpt.checkpoint import load_model, save_model
 
 ALL_KINDS = [
     dict(pos="learned", norm="layernorm", mlp="gelu"),
@@ -86,8 +88,8 @@ def test_save_load_round_trip_exact(tmp_path):
     torch.manual_seed(0)
     for i, kw in enumerate(ALL_KINDS):
         model = GPT(tiny_config(**kw))
-        model.save_pretrained(tmp_path / f"m{i}")
-        loaded = GPT.from_pretrained(tmp_path / f"m{i}")
+        save_model(model, tmp_path / f"m{i}")
+        loaded = load_model(tmp_path / f"m{i}")
         for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
             assert k1 == k2 and torch.equal(v1, v2), k1
         assert loaded.config == model.config
@@ -101,8 +103,8 @@ def test_loading_a_checkpoint_stays_off_the_compiler_stack(tmp_path):
     import subprocess
     import sys
 
-    GPT(tiny_config()).save_pretrained(tmp_path / "m")
-    code = ("import sys; from pocketgpt import GPT; m = GPT.from_pretrained(sys.argv[1]); "
+    save_model(GPT(tiny_config()), tmp_path / "m")
+    code = ("import sys; from pocketgpt import load_model; m = load_model(sys.argv[1]); "
             "assert all(p.device.type == 'cpu' for p in m.parameters()); "
             "print('sympy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True, check=True)
@@ -111,13 +113,13 @@ def test_loading_a_checkpoint_stays_off_the_compiler_stack(tmp_path):
 
 def test_truncated_and_missing_checkpoint_errors(tmp_path):
     model = GPT(tiny_config())
-    model.save_pretrained(tmp_path / "m")
+    save_model(model, tmp_path / "m")
     f = tmp_path / "m" / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(UserError, match="model.safetensors: corrupt or truncated"):
-        GPT.from_pretrained(tmp_path / "m")
+        load_model(tmp_path / "m")
     with pytest.raises(UserError, match="not found"):
-        GPT.from_pretrained(tmp_path / "nope")
+        load_model(tmp_path / "nope")
     p = run_cli("export", tmp_path / "m", tmp_path / "out", check=False)
     assert p.returncode == 2
     assert "corrupt or truncated" in p.stderr and "Traceback" not in p.stderr
@@ -125,34 +127,35 @@ def test_truncated_and_missing_checkpoint_errors(tmp_path):
 
 
 def test_bad_config_errors(tmp_path):
-    with pytest.raises(UserError, match="'n_embd' .*divisible by n_head"):
-        GPTConfig(n_embd=30, n_head=4).validate()
-    with pytest.raises(UserError, match="'pos' must be one of"):
-        GPTConfig(pos="alibi").validate()
+    with pytest.raises(UserError, match=r"^c.json: \[model\] n_embd: .*divisible by n_head"):
+        GPTConfig.from_dict({"n_embd": 30, "n_head": 4}, "c.json")
+    with pytest.raises(UserError, match=r"\[model\] pos: must be one of 'learned', 'sinusoidal' or 'rope', got 'alibi'"):
+        GPTConfig.from_dict({"pos": "alibi"})
+    with pytest.raises(ValidationError):  # built in code: pydantic's own error
+        GPTConfig(n_layer=0)
     model = GPT(tiny_config())
-    model.save_pretrained(tmp_path / "m")
+    save_model(model, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["n_layers"] = 3
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=r"config.json: unknown model field 'n_layers' \(did you mean 'n_layer'\?\)"):
-        GPT.from_pretrained(tmp_path / "m")
+        load_model(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="config.json:1: invalid JSON"):
-        GPT.from_pretrained(tmp_path / "m")
+        load_model(tmp_path / "m")
 
 
 def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
     model = GPT(tiny_config())
-    model.save_pretrained(tmp_path / "m")
+    save_model(model, tmp_path / "m")
     before = (tmp_path / "m" / "model.safetensors").read_bytes()
-    import safetensors.torch as st
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(st, "save_file", boom)
+    monkeypatch.setattr(checkpoint, "save_file", boom)  # the weights' write fails halfway through a save
     with pytest.raises(RuntimeError):
-        GPT(tiny_config(n_layer=1)).save_pretrained(tmp_path / "m")
+        save_model(GPT(tiny_config(n_layer=1)), tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
@@ -179,7 +182,7 @@ def test_hf_gpt2_import_parity(tmp_path):
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
-    ours = GPT.from_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
     idx = torch.randint(0, 1000, (2, 50))
     with torch.no_grad():
         ref = hf(idx).logits
@@ -194,7 +197,7 @@ def test_hf_gpt2_pytorch_bin_import(tmp_path):
     (tmp_path / "hf").mkdir()
     cfg.save_pretrained(tmp_path / "hf")
     torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
-    ours = GPT.from_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
     idx = torch.randint(0, 100, (1, 10))
     with torch.no_grad():
         assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
@@ -206,7 +209,7 @@ def test_export_gpt2_loads_in_transformers(tmp_path, bias):
     model = GPT(GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64, bias=bias)).eval()
     for p in model.parameters():  # make biases and norms non-trivial
         p.data += 0.01 * torch.randn_like(p)
-    model.save_pretrained(tmp_path / "ours")
+    save_model(model, tmp_path / "ours")
     run_cli("export", "--format", "hf", tmp_path / "ours", tmp_path / "hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     idx = torch.randint(0, 1000, (2, 40))
@@ -222,20 +225,20 @@ def test_export_llama_round_trip(tmp_path, tie):
     model = GPT(cfg).eval()
     for p in model.parameters():
         p.data += 0.01 * torch.randn_like(p)
-    model.save_pretrained(tmp_path / "ours")
+    save_model(model, tmp_path / "ours")
     run_cli("export", tmp_path / "ours", tmp_path / "hf")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     idx = torch.randint(0, 1000, (2, 40))
     with torch.no_grad():
         ref = hf(idx).logits
         assert (ref - model(idx)[0]).abs().max().item() < 1e-4
-        back = GPT.from_pretrained(tmp_path / "hf")  # and a Llama directory loads back into pocketgpt
+        back = load_model(tmp_path / "hf")  # and a Llama directory loads back into pocketgpt
         assert (back(idx)[0] - ref).abs().max().item() < 1e-4
 
 
 def test_unexportable_combination_names_the_option(tmp_path):
     model = GPT(tiny_config(pos="sinusoidal"))
-    model.save_pretrained(tmp_path / "m")
+    save_model(model, tmp_path / "m")
     p = run_cli("export", tmp_path / "m", tmp_path / "out", check=False)
     assert p.returncode == 2 and "pos='sinusoidal'" in p.stderr
     assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pocketgpt import GPT, GPTConfig, UserError
+from pocketgpt.checkpoint import load_model
 from pocketgpt.cli import main as cli_main
 
 LETTERS = "abcdefghij"
@@ -43,13 +44,13 @@ def write_synthetic_pairs(path, n, seed=0):
 
 def rm_config(**train):
     from pocketgpt.config import load_config
-    from pocketgpt.train.reward import _sections
+    from pocketgpt.train.reward import SECTIONS
 
     ov = {"train.max_steps": 25, "train.lr": 3e-3, "train.min_lr": 3e-4, "train.warmup_steps": 3,
           "train.eval_interval": 0, "train.ckpt_interval": 0, "train.dtype": "fp32", "train.progress": False,
           "train.batch_size": 8}
     ov.update({f"train.{k}": v for k, v in train.items()})
-    return load_config("rm-tiny", ov, _sections())
+    return load_config("rm-tiny", ov, SECTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_rm_checkpoint_loads_and_scores_like_the_trained_model(trained_rm, one_t
     ckpt = d / "run" / "ckpt"
     meta = json.loads((ckpt / "reward_model.json").read_text())
     assert meta["kind"] == "reward_model" and meta["val_accuracy"] >= 0.9
-    GPT.from_pretrained(ckpt)  # the backbone is an ordinary GPT checkpoint
+    load_model(ckpt)  # the backbone is an ordinary GPT checkpoint
     rm = load_reward_model(ckpt)
     tok = load_tokenizer_for(ckpt)
     prompt = [{"role": "user", "content": "abc de"}]
@@ -131,7 +132,7 @@ def test_rm_score_cli_pairs_and_conversations(trained_rm, tmp_path, capsys, one_
     ({"prompt": [{"role": "user", "content": "x"}], "chosen": "a"}, "missing 'rejected'"),
 ])
 def test_bad_pairs_name_file_and_line(tmp_path, record, message):
-    from pocketgpt.train.reward import read_pairs
+    from pocketgpt.records import read_pairs
 
     path = tmp_path / "pairs.jsonl"
     good = {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b"}

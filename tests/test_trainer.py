@@ -10,6 +10,7 @@ import torch
 
 from conftest import tiny_config
 from pocketgpt import GPT, UserError
+from pocketgpt.checkpoint import load_model, save_model, write_model
 from pocketgpt.config import dump_toml, load_config
 from pocketgpt.train.trainer import Trainer, TrainConfig, TrainingDiverged, lr_at
 
@@ -102,9 +103,9 @@ def test_fit_writes_run_dir_and_learns(tmp_path):
     assert out["val_ppl"] == pytest.approx(math.exp(out["val_loss"]))
     assert (run / "loss.png").stat().st_size > 1000 and (run / "run_config.toml").exists()
     for d in ("ckpt", "best"):
-        loaded = GPT.from_pretrained(run / d)
+        loaded = load_model(run / d)
         assert loaded.config == model.config
-    torch.testing.assert_close(GPT.from_pretrained(run / "ckpt").state_dict(), model.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(load_model(run / "ckpt").state_dict(), model.state_dict(), rtol=0, atol=0)
     state = json.loads((run / "ckpt" / "trainer_state.json").read_text())
     assert state["step"] == 12 and state["stage_state"] == {"calls": 12}
 
@@ -187,7 +188,7 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path):
     boom = {"on": False}
 
     def save_model(m, d):
-        m.write_files(d)
+        write_model(m, d)
         if boom["on"]:
             (d / "model.safetensors").write_bytes(b"half")  # a write cut half-way
             raise OSError("disk full")
@@ -203,7 +204,7 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path):
     after = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
     assert after == before
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".ckpt")]  # no temp dirs left
-    GPT.from_pretrained(ckpt)
+    load_model(ckpt)
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
@@ -217,7 +218,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     assert isinstance(e.value, UserError)
     state = json.loads((tmp_path / "r" / "ckpt" / "trainer_state.json").read_text())
     assert state["step"] == 4
-    assert all(torch.isfinite(p).all() for p in GPT.from_pretrained(tmp_path / "r" / "ckpt").parameters())
+    assert all(torch.isfinite(p).all() for p in load_model(tmp_path / "r" / "ckpt").parameters())
 
 
 def test_sigint_saves_checkpoint_then_stops(tmp_path):
@@ -323,8 +324,6 @@ class TimedStage(CopyStage):
 def test_time_budget_sizes_the_whole_schedule_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     """1 s a step, a 1-minute budget: after 1 + MEASURED_STEPS steps (6 s) 54 more fit, so 60 of max_steps 1000,
     warm-up 100 → 6 (in proportion); the lr reaches its end at step 60, and a resumed run keeps the decision."""
-    from dataclasses import replace
-
     from pocketgpt.train import trainer as trainer_mod
 
     clock = FakeClock()
@@ -340,7 +339,7 @@ def test_time_budget_sizes_the_whole_schedule_and_resumes_exactly(tmp_path, monk
     state = json.loads((tmp_path / "a" / "ckpt" / "trainer_state.json").read_text())
     assert state["schedule"] == {"max_steps": 60, "warmup_steps": 6, "for": [1000, 1.0]}
     recs = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-    sized = replace(c, max_steps=60, warmup_steps=6)  # the measured steps ran on the configured warm-up
+    sized = c.model_copy(update={"max_steps": 60, "warmup_steps": 6})  # the measured steps ran on the configured warm-up
     lrs = [r["lr"] for r in recs("a") if "lr" in r]
     assert lrs == [lr_at(c, s) for s in range(6)] + [lr_at(sized, s) for s in range(6, 60)]
     assert lrs[-1] == pytest.approx(c.min_lr, rel=0.01)  # the decay ended with the budget

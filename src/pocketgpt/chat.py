@@ -1,4 +1,4 @@
-"""The chat template, conversation files, and ``pocketgpt chat`` (a terminal chat).
+"""The chat template, and ``pocketgpt chat`` (a terminal chat).
 
 The template (one function, used for training *and* inference, by SFT, the RL stages and the server)::
 
@@ -11,7 +11,7 @@ the model writes its reply and closes it with ``<|end|>`` (the stop token). A tr
 and ``labels[1:]`` as targets.
 
 Conversations are JSONL, one per line, ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}``
-(the Hugging Face TRL / OpenAI format; other fields are ignored; ``.jsonl`` or ``.jsonl.gz``).
+(the Hugging Face TRL / OpenAI format; other fields are ignored); ``pocketgpt.records`` reads and checks them.
 
 Conversations longer than the context (``fit_to_context``) are **split at turn boundaries** into several training
 examples: each example starts with the system message (if any) and a user turn, and holds as many consecutive
@@ -22,16 +22,13 @@ only the first example (the system message and the leading turns that fit).
 ``pocketgpt chat --ckpt DIR`` (``ChatSession`` underneath): multi-turn history, replies streamed by the engine and
 stopped at ``<|end|>``, ``/reset``, ``/system TEXT``, ``/temperature X``, ``/history``, ``/help``, ``/exit`` (or
 Ctrl-D). Before each reply the oldest exchanges are dropped until the prompt leaves room for the reply
-(``min(max_new_tokens, context/2)`` tokens); the system message is always kept. With stdin not a terminal it reads
+(``min(max_new_tokens, context/2)`` tokens, ``records.fit``); the system message is always kept. With stdin not a terminal it reads
 one message per line and writes one reply per line (newlines in a reply become spaces), nothing else on stdout;
 commands still work and print nothing there.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -39,8 +36,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .errors import UserError
+from .records import check_messages, fit
 
-ROLES = ("system", "user", "assistant")
 IGNORE = -100  # label of positions that carry no loss
 
 # Sampling defaults of `pocketgpt chat`, ChatSession, the server (for fields a request leaves out) and the speedrun
@@ -54,31 +51,6 @@ Conversation = list  # list[Message]
 
 # --------------------------------------------------------------------------------------------------------------------
 # the template
-
-
-def validate_messages(messages, where: str = "messages", *, need_assistant: bool = False) -> list[Message]:
-    """Check a message list (roles system/user/assistant, string content); return it as plain dicts.
-
-    Extra keys on a message (``name``, ``id``...) are allowed and dropped. Raises ``UserError`` naming ``where``.
-    """
-    if not isinstance(messages, list):
-        raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-    if not messages:
-        raise UserError(f"{where}: 'messages' is empty")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise UserError(f"{where}: message {i} is not an object with 'role' and 'content'")
-        role = m.get("role")
-        if role not in ROLES:
-            raise UserError(f"{where}: message {i} has unknown role {role!r} (expected system, user or assistant)")
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise UserError(f"{where}: message {i} ({role}) has no string 'content'")
-        out.append({"role": role, "content": content})
-    if need_assistant and not any(m["role"] == "assistant" for m in out):
-        raise UserError(f"{where}: conversation has no assistant turn (nothing to train on)")
-    return out
 
 
 class _Specials:
@@ -123,7 +95,7 @@ def _message_pieces(messages: list[Message], tokenizer) -> list[tuple[list[int],
 
 def render(messages: list[Message], tokenizer, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """Token ids and training labels of a conversation (see the module docstring for the layout)."""
-    messages = validate_messages(messages) if messages else []
+    messages = check_messages(messages) if messages else []
     sp = _specials(tokenizer)
     ids, labels = [sp.bos], [IGNORE]
     for p_ids, p_labels in _message_pieces(messages, tokenizer):
@@ -233,82 +205,6 @@ def fit_to_context(messages: list[Message], tokenizer, max_tokens: int, mode: st
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# conversation files
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def read_conversations(path: str | os.PathLike, *, skip_bad: bool = False, report=None) -> list[Conversation]:
-    """Read a JSONL file of ``{"messages": [...]}`` lines (``.jsonl`` or ``.jsonl.gz``); blank lines are ignored.
-
-    Bad lines (not JSON, no ``messages``, unknown role, no assistant turn) raise ``UserError`` naming ``file:line``;
-    with ``skip_bad=True`` they are skipped and their count is reported through ``report`` (a callable taking one
-    line of text; default: stderr). A file with no conversation at all is always an error.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: file not found")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; expected a .jsonl conversation file")
-    conversations: list[Conversation] = []
-    bad: list[str] = []
-    lineno = 0
-    try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-                    if not isinstance(obj, dict) or "messages" not in obj:
-                        raise UserError(f"{where}: missing 'messages' (expected {{\"messages\": [{{\"role\": ..., "
-                                        f"\"content\": ...}}]}})")
-                    conversations.append(validate_messages(obj["messages"], where, need_assistant=True))
-                except UserError as e:
-                    if not skip_bad:
-                        raise
-                    bad.append(str(e))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}:{lineno + 1}: not UTF-8 text (byte {e.start} of the line)") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise UserError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    if bad:
-        msg = f"{path}: skipped {len(bad)} bad line(s); first: {bad[0]}"
-        (report or (lambda s: print(s, file=sys.stderr)))(msg)
-    if not conversations:
-        raise UserError(f"{path}: no conversations in this file" + (f" ({len(bad)} bad lines skipped)" if bad else ""))
-    return conversations
-
-
-def resolve_data(name: str) -> list[Path]:
-    """Conversation files of one ``--data`` entry: a file, a folder (its ``.jsonl`` / ``.jsonl.gz`` files), or the
-    name of a bundled corpus (``pocketgpt.data.builtin_path``: ``chat``, ``chat_en``, ``chat_zh``, ``dolly``...)."""
-    p = Path(name)
-    if not p.exists():
-        try:
-            from .data import BUILTINS, builtin_path
-        except ImportError:
-            raise UserError(f"{name}: no such file") from None
-        if name not in BUILTINS:
-            raise UserError(f"{name}: no such file, nor a bundled corpus ({', '.join(BUILTINS)})")
-        p = Path(builtin_path(name))
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith((".jsonl", ".jsonl.gz")))
-        if not files:
-            raise UserError(f"{p}: no .jsonl / .jsonl.gz conversation files in this folder")
-        return files
-    return [p]
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # a chat session: history, trimming to the context, streamed replies (shared by the terminal chat and tests)
 
 
@@ -352,26 +248,24 @@ class ChatSession:
         if dropped:
             self.notes.append(f"(dropped the {dropped} oldest turn(s) to fit the {block}-token context)")
         if len(ids) + reserve > block:
-            keep = block - reserve
-            self.notes.append(f"(message too long for the {block}-token context: kept its last {keep} tokens)")
-            ids = ids[-keep:]
+            ids, _ = fit(ids, block, reserve)
+            self.notes.append(f"(message too long for the {block}-token context: kept its last {len(ids)} tokens)")
         return ids
 
     def reply(self, text: str) -> Iterator[str]:
         """Add the user's message, stream the reply's text pieces, then record the reply in the history."""
-        from .engine import stream_generate
+        from .engine import SamplingParams, generate
 
         self.messages.append({"role": "user", "content": text})
         ids = self.prompt_ids()
-        budget = min(self.max_new_tokens, self.model.config.block_size - len(ids))
-        seed = None if self.seed is None else self.seed + self._turn
+        params = SamplingParams(max_new_tokens=min(self.max_new_tokens, self.model.config.block_size - len(ids)),
+                                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                repetition_penalty=self.repetition_penalty, stop_ids=stop_id(self.tokenizer),
+                                seed=None if self.seed is None else self.seed + self._turn)
         self._turn += 1
         parts: list[str] = []
         try:
-            for piece in stream_generate(self.model, self.tokenizer, ids, max_new_tokens=budget,
-                                         temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                         repetition_penalty=self.repetition_penalty,
-                                         stop_ids=[stop_id(self.tokenizer)], seed=seed):
+            for piece in generate(self.model, [ids], params, tokenizer=self.tokenizer, stream=True):
                 parts.append(piece)
                 yield piece
         finally:  # keep what was shown, even when interrupted (Ctrl-C)
@@ -408,7 +302,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp32"):
     """Model (eval mode) + tokenizer of a checkpoint, checking that the tokenizer has the chat tokens."""
-    from .model import GPT
+    from .checkpoint import load_model
     from .runtime import DTYPES, pick_device
     from .tokenizer import load_tokenizer_for
 
@@ -416,7 +310,7 @@ def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", dtype: str = 
     dev = pick_device(device)
     if dtype not in DTYPES:
         raise UserError(f"--dtype: unknown precision {dtype!r} (fp32, bf16, fp16)")
-    model = GPT.from_pretrained(path, device=dev, dtype=DTYPES[dtype])
+    model = load_model(path, device=dev, dtype=DTYPES[dtype])
     model.eval()
     tokenizer = load_tokenizer_for(path)
     try:
@@ -519,56 +413,3 @@ def _scripted(session: ChatSession, stream) -> None:
         sys.stdout.write("\n")
         sys.stdout.flush()
         session.notes.clear()
-
-
-def chat_main(args) -> int:
-    import torch
-
-    model, tokenizer = load_chat_model(args.ckpt, args.device, args.dtype)
-    if args.max_new_tokens < 1:
-        raise UserError("--max-new-tokens: must be at least 1")
-    if args.temperature < 0:
-        raise UserError("--temperature: must be >= 0 (0 = greedy)")
-    if not args.repetition_penalty > 0:
-        raise UserError("--repetition-penalty: must be > 0 (1 = off)")
-    session = ChatSession(model, tokenizer, system=args.system, temperature=args.temperature, top_k=args.top_k or None,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    for s in (sys.stdout, sys.stderr):
-        try:
-            s.reconfigure(errors="replace")
-        except (AttributeError, ValueError):
-            pass
-    if sys.stdin.isatty():
-        n = model.num_params()
-        banner = (f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({n / 1e6:.1f}M parameters, "
-                  f"{model.config.block_size}-token context). /help for commands, /exit or Ctrl-D to quit.")
-        _interactive(session, banner)
-    else:
-        stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
-        _scripted(session, stdin)
-    return 0
-
-
-def configure_cli(name: str, parser) -> None:
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (or a run directory holding one)")
-    parser.add_argument("--system", default=None, help="system message")
-    d = CHAT_DEFAULTS
-    parser.add_argument("--temperature", type=float, default=d["temperature"],
-                        help=f"sampling temperature; 0 = greedy ({d['temperature']})")
-    parser.add_argument("--top-k", type=int, default=d["top_k"],
-                        help=f"sample from the k most likely tokens; 0 = off ({d['top_k']})")
-    parser.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling threshold (off)")
-    parser.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"],
-                        help=f"> 1 discourages repeating tokens, 1 = off ({d['repetition_penalty']})")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (256)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (auto)")
-    parser.add_argument("--dtype", default="fp32", help="weights precision: fp32, bf16, fp16 (fp32)")
-    import argparse
-
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = ("With stdin not a terminal, reads one message per line and prints one reply per line.\n\n" + HELP)
-    parser.set_defaults(func=chat_main)

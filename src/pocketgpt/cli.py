@@ -1,33 +1,572 @@
-"""The ``pocketgpt`` command: a thin argparse front over the library.
+"""The ``pocketgpt`` command: the command-line glue of every command, as thin calls into the library.
 
-Each subcommand lives with the code it drives: the module listed in ``COMMANDS`` defines
-``configure_cli(name, parser)``, which adds the options and sets ``parser.set_defaults(func=...)``; the function
-receives the parsed ``argparse.Namespace``. A ``UserError`` anywhere becomes one line on stderr and exit code 2.
+``COMMANDS`` lists ``(name, configure, help)``: ``configure(parser)`` adds the command's options and sets
+``parser.set_defaults(func=...)``; the function receives the parsed ``argparse.Namespace`` and returns the exit code.
+The training commands' options are generated from their config models (``config.add_config_arguments``). Each
+command imports only what it needs, inside its functions (``pocketgpt prepare`` never imports torch). A
+``UserError`` anywhere becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
+from pathlib import Path
 
-# name, module, one-line help (in pipeline order)
+from .errors import UserError
+
+DEVICE_HELP = "auto, cpu, cuda, cuda:N, mps (default auto)"
+DTYPE_HELP = "weights precision: fp32, bf16, fp16 (default fp32)"
+
+
+def _rank0() -> bool:
+    from .train.trainer import world_info
+
+    return world_info()[0] == 0  # under torchrun rank 0 reports
+
+
+def _training(p, module: str, run, *, out: str | None, default_config: str | None = None, aliases=None) -> None:
+    """The options every training command shares: ``--out``, ``--resume`` / ``--restart``, and one option per field
+    of the config sections of the stage ``module`` (its ``SECTIONS``)."""
+    from .config import add_config_arguments, add_resume_arguments
+
+    sections = importlib.import_module(module).SECTIONS
+
+    p.add_argument("--out", default=out, metavar="RUN", help=f"run directory (default {out or 'runs/CONFIG_NAME'}); "
+                                                             "the model ends up in RUN/ckpt")
+    add_resume_arguments(p)
+    add_config_arguments(p, sections, default_config=default_config, aliases=aliases)
+    p.set_defaults(func=run, sections=sections)
+
+
+def _load(args, **kw):
+    """The command's ``RunConfig`` and the Trainer's ``resume`` from the parsed options."""
+    from .config import config_from_args, resume_from_args
+
+    return config_from_args(args, args.sections, **kw), resume_from_args(args)
+
+
+# ---- tokenizer, prepare ------------------------------------------------------------------------------------------------
+
+
+def _tokenizer(p) -> None:
+    from .tokenizer import KINDS
+
+    sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    t = sub.add_parser("train", help="train a tokenizer on text files", allow_abbrev=False,
+                       description="Train a tokenizer on text files (.txt, .txt.gz, .jsonl with --field, folders).")
+    t.add_argument("files", nargs="*", help="input files or folders")
+    t.add_argument("--builtin", action="append", default=[], metavar="NAME",
+                   help="a bundled corpus as input (shakespeare, shuihu, ...); may repeat")
+    t.add_argument("--kind", default="bpe", choices=KINDS, help="tokenizer kind (default bpe)")
+    t.add_argument("--vocab-size", type=int, default=None,
+                   help="total vocabulary incl. special tokens (required except for char)")
+    t.add_argument("--min-frequency", type=int, default=0, help="drop pieces seen fewer times (bpe, word)")
+    t.add_argument("--out", required=True, help="output directory (written atomically)")
+    t.add_argument("--field", default="text", help="JSONL field holding the text (default text)")
+    t.add_argument("--encoding", default="utf-8", help="input text encoding (default utf-8)")
+    t.add_argument("--errors", default="strict", choices=["strict", "replace"],
+                   help="on undecodable bytes: stop with an error (strict) or use U+FFFD (replace)")
+    t.set_defaults(func=_tokenizer_train)
+    e = sub.add_parser("encode", help="show the tokens of a text", allow_abbrev=False,
+                       description="Show the token ids/pieces of a text.")
+    e.add_argument("text", help="text to encode")
+    e.add_argument("--tokenizer", required=True, help="tokenizer directory (or a checkpoint directory)")
+    e.add_argument("--allow-special", action="store_true", help="turn literal <|...|> strings into special ids")
+    e.set_defaults(func=_tokenizer_encode)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _tokenizer_train(args) -> int:
+    from .data import collect_documents
+    from .tokenizer import Tokenizer
+
+    if not args.files and not args.builtin:
+        raise UserError("give input FILES or --builtin NAME")
+    docs, _ = collect_documents(list(args.files), builtins=args.builtin, field=args.field, encoding=args.encoding,
+                                errors=args.errors)
+    tok = Tokenizer.train(args.kind, docs, args.vocab_size, min_frequency=args.min_frequency,
+                          show_progress=sys.stderr.isatty() and not os.environ.get("CI"))
+    tok.save(args.out)
+    print(f"trained {args.kind} tokenizer, vocab size {tok.vocab_size}, saved to {args.out}")
+    return 0
+
+
+def _tokenizer_encode(args) -> int:
+    from .tokenizer import load_tokenizer_for
+
+    tok = load_tokenizer_for(args.tokenizer)
+    ids = tok.encode(args.text, allow_special=args.allow_special)
+    pieces = [tok.decode_bytes([i]).decode("utf-8", errors="backslashreplace") for i in ids]
+    print(f"{len(ids)} tokens: {ids}")
+    print(" | ".join(repr(p)[1:-1] for p in pieces))
+    return 0
+
+
+def _prepare(p) -> None:
+    from .records import BUILTINS
+
+    p.add_argument("inputs", nargs="*", help=".txt, .txt.gz, .jsonl(.gz) files or folders")
+    p.add_argument("--builtin", action="append", default=[], metavar="NAME",
+                   help=f"a bundled corpus as input ({', '.join(BUILTINS)}); may repeat")
+    p.add_argument("--out", required=True, help="output directory for train.bin / val.bin / meta.json")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (or checkpoint dir); if omitted, one is trained on all the input "
+                        "documents with --kind / --vocab-size and saved in OUT/tokenizer/")
+    p.add_argument("--kind", default="bpe", choices=["bpe", "unigram", "char", "word"],
+                   help="kind of tokenizer to train when --tokenizer is omitted (default bpe)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size of the tokenizer trained when --tokenizer is omitted (default 4096; "
+                        "char: every character)")
+    p.add_argument("--field", default="text", help="JSONL field holding the text (default text; a list of chat "
+                                                  "messages is joined)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents for val (default 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="fraction of documents for test (default 0)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the document split (default 1337)")
+    p.add_argument("--split-sentences", action="store_true",
+                   help="put each sentence on its own line (English .!? and Chinese 。！？…)")
+    p.add_argument("--encoding", default="utf-8", help="input text encoding (default utf-8)")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace"],
+                   help="undecodable bytes: error (strict, default) or U+FFFD (replace)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT even if it holds another tokenizer's shards")
+    p.set_defaults(func=_prepare_run)
+
+
+def _prepare_run(args) -> int:
+    from .data import prepare
+
+    if not args.inputs and not args.builtin:
+        raise UserError("give INPUTS (files or folders) or --builtin NAME")
+    vocab = args.vocab_size
+    if args.tokenizer is None and vocab is None and args.kind != "char":
+        vocab = 4096
+    prepare(args.inputs, args.out, args.tokenizer, builtins=args.builtin, field=args.field,
+            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+            split_sentences=args.split_sentences, encoding=args.encoding, errors=args.errors, kind=args.kind,
+            vocab_size=vocab, force=args.force)
+    return 0
+
+
+# ---- pretrain, eval ----------------------------------------------------------------------------------------------------
+
+
+def _pretrain(p) -> None:
+    p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (fresh optimizer)")
+    _training(p, "pocketgpt.train.pretrain", _pretrain_run, out=None)
+
+
+def _pretrain_run(args) -> int:
+    from .data import check_tokenizer
+    from .train.pretrain import build_pretrain
+    from .train.trainer import Trainer, world_info
+
+    cfg, resume = _load(args)
+    out = Path(args.out) if args.out else Path("runs") / (Path(cfg.path).stem if cfg.path else "pretrain")
+    model, stage, tokenizer = build_pretrain(cfg, out, init=args.init)
+    if resume is not False and (out / "ckpt").is_dir():
+        check_tokenizer(out / "ckpt", cfg["data"].dir, fix="start over with --restart, or choose another --out")
+    rank, world, _ = world_info()
+    if rank == 0:
+        print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters, {world} process(es), run dir {out}",
+              file=sys.stderr)
+    trainer = Trainer(model, stage, cfg["train"], out, tokenizer=tokenizer, run_config=cfg.to_dict(), resume=resume)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    if rank == 0:
+        parts = [f"step {result['step']}"] + [f"{k} {result[k]:.4f}" for k in ("train_loss", "val_loss", "val_ppl")
+                                              if k in result]
+        print("done: " + ", ".join(parts + [f"{result['tok_per_s']:,.0f} tok/s"]))
+        print(f"final model: {out / 'ckpt'}" + (f"   best val: {out / 'best'}" if (out / "best").exists() else ""))
+    return 0
+
+
+def _eval(p) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (e.g. RUN/ckpt or RUN/best)")
+    p.add_argument("--data", required=True, help="data directory made by 'pocketgpt prepare'")
+    p.add_argument("--split", default="val", help="train | val | test (default: val)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8)
+    p.add_argument("--max_batches", "--max-batches", type=int, default=0, help="0 = the whole split")
+    p.add_argument("--block_size", "--block-size", type=int, default=None, help="window (default: model context)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
+    p.set_defaults(func=_eval_run)
+
+
+def _eval_run(args) -> int:
+    from .train.pretrain import evaluate_checkpoint
+
+    m = evaluate_checkpoint(args.ckpt, args.data, args.split, batch_size=args.batch_size,
+                            max_batches=args.max_batches, block_size=args.block_size, device=args.device,
+                            dtype=args.dtype)
+    print(f"{args.split} loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}")
+    return 0
+
+
+# ---- sample, chat ------------------------------------------------------------------------------------------------------
+
+
+def _sample(p) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (pocketgpt or Hugging Face GPT-2/Llama)")
+    p.add_argument("--prompt", default=None, help="prompt text (default: start from <|endoftext|>)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p × the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style presence penalty")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style frequency penalty")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1 = off)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty (default 1)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=3,
+                   help="beam search never repeats an n-gram of this size (default 3: beams of small models loop "
+                        "otherwise; 0 = off)")
+    p.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
+    p.set_defaults(func=_sample_run)
+
+
+def _sample_run(args) -> int:
+    from .chat import find_checkpoint
+    from .checkpoint import load_model
+    from .engine import SamplingParams, generate
+    from .runtime import DTYPES, pick_device
+    from .tokenizer import load_tokenizer_for
+
+    if args.n < 1:
+        raise UserError(f"--n: must be at least 1, got {args.n}")
+    ckpt = find_checkpoint(args.ckpt)
+    device = pick_device(args.device)
+    if args.dtype not in DTYPES:
+        raise UserError(f"--dtype: unknown precision {args.dtype!r} (fp32, bf16, fp16)")
+    tokenizer = load_tokenizer_for(ckpt)
+    model = load_model(ckpt, device=device, dtype=DTYPES[args.dtype])
+    eot = (getattr(tokenizer, "special_ids", None) or {}).get("<|endoftext|>")
+    prompt = tokenizer.encode(args.prompt) if args.prompt else []
+    if not prompt:
+        if eot is None:
+            raise UserError("--prompt: " + ("encodes to no tokens" if args.prompt else
+                                            "this tokenizer has no <|endoftext|> token; give a prompt"))
+        prompt = [eot]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            num_beams=args.num_beams, length_penalty=args.length_penalty,
+                            no_repeat_ngram_size=args.no_repeat_ngram_size, stop_ids=eot, stop=args.stop)
+    out = sys.stdout
+    for i in range(args.n):
+        if args.n > 1:
+            out.write(f"--- sample {i + 1} ---\n")
+        out.write(args.prompt or "")
+        out.flush()
+        seed = None if args.seed is None else args.seed + i
+        for piece in generate(model, [prompt], params, tokenizer=tokenizer, stream=True, seed=seed):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+    return 0
+
+
+def _chat(p) -> None:
+    from .chat import CHAT_DEFAULTS as d, HELP
+
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (or a run directory holding one)")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--temperature", type=float, default=d["temperature"],
+                   help=f"sampling temperature; 0 = greedy ({d['temperature']})")
+    p.add_argument("--top-k", type=int, default=d["top_k"],
+                   help=f"sample from the k most likely tokens; 0 = off ({d['top_k']})")
+    p.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling threshold (off)")
+    p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"],
+                   help=f"> 1 discourages repeating tokens, 1 = off ({d['repetition_penalty']})")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (256)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "With stdin not a terminal, reads one message per line and prints one reply per line.\n\n" + HELP
+    p.set_defaults(func=_chat_run)
+
+
+def _chat_run(args) -> int:
+    import io
+
+    import torch
+
+    from .chat import ChatSession, _interactive, _scripted, find_checkpoint, load_chat_model
+
+    model, tokenizer = load_chat_model(args.ckpt, args.device, args.dtype)
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens: must be at least 1")
+    if args.temperature < 0:
+        raise UserError("--temperature: must be >= 0 (0 = greedy)")
+    if not args.repetition_penalty > 0:
+        raise UserError("--repetition-penalty: must be > 0 (1 = off)")
+    session = ChatSession(model, tokenizer, system=args.system, temperature=args.temperature, top_k=args.top_k or None,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.reconfigure(errors="replace")
+        except (AttributeError, ValueError):
+            pass
+    if sys.stdin.isatty():
+        _interactive(session, f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M "
+                              f"parameters, {model.config.block_size}-token context). /help for commands, /exit or "
+                              "Ctrl-D to quit.")
+    else:
+        _scripted(session, io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace"))
+    return 0
+
+
+# ---- sft, rm, ppo, dpo, grpo -------------------------------------------------------------------------------------------
+
+# a fine-tune's [train] defaults where the config file / command line says nothing (not a pretraining's)
+SFT_TRAIN = dict(max_steps=300, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.0,
+                 eval_interval=50, eval_batches=20, ckpt_interval=100, log_interval=10)
+DPO_TRAIN = dict(max_steps=200, batch_size=8, lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.0,
+                 schedule="cosine", eval_interval=25, eval_batches=20, ckpt_interval=50, log_interval=5)
+
+
+def _sft(p) -> None:
+    _training(p, "pocketgpt.train.sft", _sft_run, out="runs/sft")
+
+
+def _sft_run(args) -> int:
+    from .train.sft import run_sft
+
+    rc, resume = _load(args, defaults={"train": SFT_TRAIN})
+    sft = rc["sft"]
+    if not sft.init:
+        raise UserError("--init: required (a pocketgpt checkpoint or a local Hugging Face GPT-2 directory)")
+    if not sft.data:
+        raise UserError("--data: required (conversation JSONL files or bundled corpus names)")
+    result = run_sft(sft.init, args.out, sft, rc["train"], run_config=rc.to_dict(), resume=resume)
+    if _rank0():
+        val = result.get("val_loss")
+        line = f"sft: done at step {result['step']}"
+        if val is not None:
+            line += (f", held-out assistant-token loss {val:.4f} "
+                     f"(ppl {result.get('val_ppl', math.exp(min(val, 50))):.2f})")
+        print(line)
+        print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
+    return 0
+
+
+def _rm(p) -> None:
+    p.description = ("Train a reward model on preference pairs (default action 'train'), or 'score' a pairs / "
+                     "conversations file with a trained one.")
+    p.add_argument("action", nargs="?", choices=["train", "score"], default="train", help="train (default) or score")
+    p.add_argument("--init", metavar="CKPT", help="train: the SFT checkpoint to start from")
+    p.add_argument("--data", metavar="FILE",
+                   help="train: preference pairs JSONL ({prompt, chosen, rejected}); score: pairs or "
+                        "conversations JSONL (a bundled corpus name works too)")
+    p.add_argument("--val-data", metavar="FILE", help="train: held-out pairs (default: a split of --data)")
+    p.add_argument("--ckpt", metavar="RM", help="score: the reward-model checkpoint")
+    p.add_argument("--json", action="store_true", help="score: print JSON lines instead of a table")
+    _training(p, "pocketgpt.train.reward", _rm_run, out="runs/rm", default_config="rm-tiny")
+
+
+def _rm_run(args) -> int:
+    from .train.reward import score_file, train_reward_model
+
+    if args.action == "score":
+        if not args.ckpt or not args.data:
+            raise UserError("rm score: needs --ckpt RM and --data FILE")
+        device = next((v for k, v in args.config_overrides if k in ("device", "train.device")), "auto")
+        return _rm_print(score_file(args.ckpt, args.data, device=device), args.json)
+    if not args.init or not args.data:
+        raise UserError("rm: needs --init SFT_CKPT and --data PAIRS (or 'pocketgpt rm score --ckpt RM --data FILE')")
+    rc, resume = _load(args)
+    result = train_reward_model(args.init, args.data, args.out, rc, val_data=args.val_data, resume=resume)
+    if _rank0():
+        acc = result.get("eval_accuracy")
+        print(f"reward model saved in {Path(args.out) / 'ckpt'}"
+              + (f"; held-out pairwise accuracy {acc:.3f}" if acc is not None else ""))
+    return 0
+
+
+def _rm_print(res: dict, as_json: bool) -> int:
+    import json
+
+    out = sys.stdout
+    if res["kind"] != "pairs":
+        for r in res["rows"]:
+            out.write(json.dumps(r) + "\n" if as_json else f"{r['where']}\t{r['score']:+.4f}\n")
+        return 0
+    for r in res["rows"]:
+        out.write(json.dumps(r) + "\n" if as_json else f"{r['where']}\tchosen {r['chosen']:+.4f}\trejected "
+                                                         f"{r['rejected']:+.4f}\t{'ok' if r['correct'] else 'WRONG'}\n")
+    if as_json:
+        out.write(json.dumps({"accuracy": res["accuracy"], "pairs": len(res["rows"])}) + "\n")
+    else:
+        out.write(f"pairwise accuracy {res['accuracy']:.4f} ({len(res['rows'])} pairs)\n")
+    return 0
+
+
+def _dpo(p) -> None:
+    _training(p, "pocketgpt.train.dpo", _dpo_run, out="runs/dpo")
+
+
+def _dpo_run(args) -> int:
+    from .train.dpo import run_dpo
+
+    rc, resume = _load(args, defaults={"train": DPO_TRAIN})
+    if not rc["dpo"].data:
+        raise UserError("--data: required (preference pairs JSONL or the bundled name 'prefs')")
+    result = run_dpo(rc["dpo"], args.out, rc["train"], run_config=rc.to_dict(), resume=resume)
+    if _rank0():
+        line = f"dpo: done at step {result['step']}"
+        if "eval_rewards/accuracies" in result:
+            line += (f", held-out implicit-reward accuracy {result['eval_rewards/accuracies']:.3f}, margin "
+                     f"{result['eval_rewards/margins']:.4f}, chosen-rejected log-prob margin "
+                     f"{result['eval_logps/chosen'] - result['eval_logps/rejected']:.3f}")
+        print(line)
+        print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
+    return 0
+
+
+def _online(name: str, description: str, aliases: dict):
+    """``ppo`` / ``grpo``: the on-policy stages share their command line (``--init`` is also ``--policy``)."""
+
+    def run(args) -> int:
+        from .train.rl import run_online
+
+        rc, resume = _load(args)
+        stage = getattr(importlib.import_module(f"pocketgpt.train.{name}"), f"{name.upper()}Stage")
+        result = run_online(stage, rc[name], args.out, rc, resume=resume)
+        parts = [f"{name}: done at step {result['step']}"]
+        for key in ("eval_accuracy", "eval_reward"):
+            if key in result:
+                before = result.get(f"initial_{key}")
+                parts.append(f"held-out {key[5:]} (greedy) " + (f"{before:.3f} -> " if before is not None else "")
+                             + f"{result[key]:.3f}")
+        print("; ".join(parts))
+        print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
+        return 0
+
+    def configure(p) -> None:
+        p.description = description
+        _training(p, f"pocketgpt.train.{name}", run, out=f"runs/{name}", default_config=f"{name}-tiny",
+                  aliases={"init": ["--policy"], **aliases})
+
+    return configure
+
+
+# ---- serve, export -----------------------------------------------------------------------------------------------------
+
+
+def _serve(p) -> None:
+    from .serve import API_KEY_ENV
+
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint directory (with tokenizer/), a run directory holding one, or a Hugging Face dir")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set, else none)")
+    p.add_argument("--max-concurrency", type=int, default=1,
+                   help="batches decoding at once, each in a worker thread (default 1)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="simultaneous requests with the same sampling options decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a slot before the server answers 503 (default 256)")
+    p.add_argument("--model-name", default=None,
+                   help="model id the API reports (default: the run's name, e.g. speedrun-dpo for runs/speedrun/dpo)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per forward pass (default: cores / max-concurrency, at least 1)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
+    p.set_defaults(func=_serve_run)
+
+
+def _serve_run(args) -> int:
+    from . import serve
+
+    try:
+        import uvicorn  # noqa: F401
+
+        from .serve.app import create_app
+    except ImportError as e:  # the `serve` extra (fastapi, uvicorn) is optional
+        raise UserError(f"{e.name} is not installed: pip install 'pocketgpt[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port: {args.port} is not a TCP port (0-65535)")
+    for flag, least in (("max_concurrency", 1), ("max_batch", 1), ("max_queue", 0), ("threads", 1)):
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            raise UserError(f"--{flag.replace('_', '-')}: must be at least {least}, got {value}")
+    import torch
+
+    # concurrency comes from the worker threads: oversubscribing the cores with intra-op threads is much slower
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.max_concurrency))
+    # the event loop and the decoding threads share the GIL: switch often, so that a decoding step never waits
+    # the default 5 ms each time the loop thread is busy sending events
+    sys.setswitchinterval(0.0005)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(serve.API_KEY_ENV) or None
+    backend = serve.load_backend(args.ckpt, args.device, args.dtype, args.model_name)
+    app = create_app(backend, api_key=api_key, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                     max_batch=args.max_batch)
+    shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
+    print(f"pocketgpt serve: model '{backend.model_id}' ({backend.model.num_params() / 1e6:.1f}M params, context "
+          f"{backend.context}) on http://{shown}:{args.port}/  (API: /v1, "
+          f"{'API key required' if api_key else 'no API key'})", flush=True)
+    serve.serve_forever(app, args.host, args.port)
+    return 0
+
+
+def _export(p) -> None:
+    p.add_argument("ckpt", help="pocketgpt checkpoint directory")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("--format", default="hf", choices=["hf"], help="output format (hf = Hugging Face transformers)")
+    p.add_argument("--arch", default="auto", choices=["auto", "gpt2", "llama"],
+                   help="auto: learned positions → GPT-2, rope → Llama")
+    p.set_defaults(func=_export_run)
+
+
+def _export_run(args) -> int:
+    from .checkpoint import export_hf, load_model
+
+    tok = Path(args.ckpt) / "tokenizer"
+    arch = export_hf(load_model(args.ckpt), args.out, args.arch, tokenizer_dir=tok if tok.is_dir() else None)
+    print(f"wrote {arch} to {args.out}")
+    return 0
+
+
+# ---- the command -------------------------------------------------------------------------------------------------------
+
+# name, configure(parser) (or a module with configure_cli(name, parser)), one-line help; in pipeline order
 COMMANDS = [
-    ("tokenizer", "pocketgpt.tokenizer", "train a tokenizer (bpe, char, word, unigram) or inspect one"),
-    ("prepare", "pocketgpt.data", "tokenize text/JSONL into train/val token shards"),
-    ("pretrain", "pocketgpt.train.pretrain", "pretrain a GPT on prepared shards (TOML presets, resume, DDP)"),
-    ("eval", "pocketgpt.train.pretrain", "print loss and perplexity of a checkpoint on a data split"),
-    ("sample", "pocketgpt.engine", "generate text from a checkpoint (streams to the terminal)"),
-    ("sft", "pocketgpt.train.sft", "supervised chat fine-tuning on conversation JSONL"),
-    ("chat", "pocketgpt.chat", "talk to a chat model in the terminal"),
+    ("tokenizer", _tokenizer, "train a tokenizer (bpe, char, word, unigram) or inspect one"),
+    ("prepare", _prepare, "tokenize text/JSONL into train/val token shards"),
+    ("pretrain", _pretrain, "pretrain a GPT on prepared shards (TOML presets, resume, DDP)"),
+    ("eval", _eval, "print loss and perplexity of a checkpoint on a data split"),
+    ("sample", _sample, "generate text from a checkpoint (streams to the terminal)"),
+    ("sft", _sft, "supervised chat fine-tuning on conversation JSONL"),
+    ("chat", _chat, "talk to a chat model in the terminal"),
     ("pairs", "pocketgpt.tasks", "preference pairs from a model's checked replies to a checkable task"),
-    ("rm", "pocketgpt.train.reward", "train a reward model on preference pairs (or score conversations)"),
-    ("ppo", "pocketgpt.train.ppo", "RLHF with PPO against a reward model or a Python reward function"),
-    ("dpo", "pocketgpt.train.dpo", "direct preference optimisation on preference pairs"),
-    ("grpo", "pocketgpt.train.grpo", "group relative policy optimisation on a verifiable task"),
-    ("serve", "pocketgpt.serve", "OpenAI-compatible HTTP API and web chat page"),
-    ("export", "pocketgpt.export", "export a checkpoint as a Hugging Face GPT-2 / Llama directory"),
+    ("rm", _rm, "train a reward model on preference pairs (or score conversations)"),
+    ("ppo", _online("ppo", "RLHF with PPO: --init (or --policy) CKPT, a reward (--reward RM_CKPT, --reward_fn "
+                    "module:function, or a --task's checker) and prompts (--prompts FILE or --task NAME).", {}),
+     "RLHF with PPO against a reward model or a Python reward function"),
+    ("dpo", _dpo, "direct preference optimisation on preference pairs"),
+    ("grpo", _online("grpo", "GRPO / RLOO: --init CKPT and a task (--task arithmetic) or --reward_fn module:function "
+                     "with --prompts FILE (or --reward RM_CKPT). RLOO: --advantage rloo.",
+                     {"samples_per_prompt": ["--n", "--group-size"]}),
+     "group relative policy optimisation on a verifiable task"),
+    ("serve", _serve, "OpenAI-compatible HTTP API and web chat page"),
+    ("export", _export, "export a checkpoint as a Hugging Face GPT-2 / Llama directory"),
     ("speedrun", "pocketgpt.speedrun", "the whole pipeline on bundled data, with a report card"),
 ]
 
@@ -44,17 +583,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pocketgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module, help_text in COMMANDS:
+    for name, configure, help_text in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
                            allow_abbrev=False)
         if only is None or only == name:
-            importlib.import_module(module).configure_cli(name, p)
+            if isinstance(configure, str):
+                importlib.import_module(configure).configure_cli(name, p)
+            else:
+                configure(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import UserError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     _one_line_warnings()
     names = {name for name, _, _ in COMMANDS}

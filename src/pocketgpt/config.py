@@ -1,6 +1,6 @@
-"""TOML run configurations with command-line overrides, shared by every training stage.
+"""Typed run configurations: one pydantic model per stage, TOML presets, command-line overrides.
 
-A config file has one table per section, each mapping onto a dataclass (or a free-form dict)::
+A config file has one table per section, each a ``Config`` model (or a free-form dict)::
 
     # configs/shakespeare-char.toml
     [model]              # GPTConfig fields
@@ -10,26 +10,27 @@ A config file has one table per section, each mapping onto a dataclass (or a fre
     [data]               # the stage's data options
     dir = "data/shakespeare-char"
 
+A ``Config`` declares its fields with their constraints (``int = Field(1000, gt=0)``, ``Literal[...]``) and its
+cross-field rules in a ``model_validator``; a rule names its field by raising ``FieldError(field, message)``.
 ``load_config(name_or_path, overrides, sections={"model": GPTConfig, "train": TrainConfig, "data": DataConfig})``
 reads a preset (``configs/NAME.toml`` or a path), applies overrides (``--key value`` or ``--section.key value``; a bare
-key sets every section that has it, e.g. ``--block_size 128`` sets both ``[model]`` and ``[data]``), coerces types
-from the dataclass annotations, and rejects unknown sections/keys with a did-you-mean naming the file, line and
-section. Stages reuse it with their own sections; on the command line ``add_config_arguments(parser, sections)`` adds
-``--config`` and one option per field, and ``config_from_args(args, sections)`` returns the ``RunConfig``.
+key sets every section that has it, e.g. ``--block_size 128`` sets both ``[model]`` and ``[data]``), and turns any
+error into one ``UserError`` line naming the file:line (or the ``--flag``) and the field; unknown sections/keys get a
+did-you-mean. ``add_config_arguments(parser, sections)`` generates ``--config`` and one option per field;
+``config_from_args(args, sections)`` returns the ``RunConfig``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
-import json
 import re
 import sys
-import types
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, ClassVar, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, ValidationError
 
 from .errors import UserError
 
@@ -43,22 +44,71 @@ else:  # pragma: no cover
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
+class FieldError(ValueError):
+    """Raised by a ``Config``'s cross-field rule: the message is about ``field``."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# a list of file paths / names; one string is a list of one
+StrList = Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+
+
+class Config(BaseModel):
+    """A stage's options (one TOML section, ``section``): typed, constrained fields; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    section: ClassVar[str] = "config"
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "", origin: Optional[dict] = None, strict: bool = True):
+        """Validate ``values`` (from a file: types are not converted); errors are one ``UserError`` line naming
+        ``where`` (or the field's entry in ``origin``: ``path:LINE`` or ``--flag``) and the field."""
+        origin = origin or {}
+        for key in values:
+            if key not in cls.model_fields:
+                raise UserError(f"{origin.get(key) or where or 'config'}: unknown {cls.section} field "
+                                f"'{key}'{did_you_mean(key, cls.model_fields)}")
+        try:
+            return cls.model_validate(values, strict=strict)
+        except ValidationError as e:
+            raise UserError(explain(e.errors()[0], cls.section, where, origin)) from None
+
+
+_MESSAGES = {"int_type": "expected int", "int_parsing": "expected int", "int_from_float": "expected int",
+             "float_type": "expected float", "float_parsing": "expected float", "bool_type": "expected true or false",
+             "bool_parsing": "expected true or false", "string_type": "expected a string", "list_type": "expected a list",
+             "greater_than": "must be > {gt}", "greater_than_equal": "must be at least {ge}",
+             "less_than": "must be < {lt}", "less_than_equal": "must be at most {le}",
+             "literal_error": "must be one of {expected}", "missing": "is required"}
+
+
+def explain(err: dict, section: str, where: str = "", origin: Optional[dict] = None) -> str:
+    """One line for a pydantic error: ``path:LINE: [section] field: message, got VALUE`` (or ``--flag: ...``)."""
+    ctx = err.get("ctx") or {}
+    field = ".".join(str(x) for x in err["loc"][:1])
+    if isinstance(ctx.get("error"), FieldError):
+        field, message = ctx["error"].field, str(ctx["error"])
+    else:
+        message = _MESSAGES.get(err["type"], err["msg"]).format(**ctx) + f", got {err['input']!r}"
+    at = (origin or {}).get(field) or where
+    if at.startswith("--"):
+        return f"{at}: {message}"
+    return f"{at + ': ' if at else ''}[{section}] {field}: {message}"
+
+
 def config_dirs() -> list[Path]:
     """Where preset names are looked up: ./configs (your own presets), then pocketgpt's bundled presets."""
-    dirs = [Path.cwd() / "configs", PACKAGE_CONFIGS]
-    out = []
-    for d in dirs:
-        if d not in out:
-            out.append(d)
-    return out
+    return list(dict.fromkeys([Path.cwd() / "configs", PACKAGE_CONFIGS]))
 
 
 def list_presets() -> list[str]:
-    names = set()
-    for d in config_dirs():
-        if d.is_dir():
-            names.update(p.stem for p in d.glob("*.toml"))
-    return sorted(names)
+    return sorted({p.stem for d in config_dirs() if d.is_dir() for p in d.glob("*.toml")})
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -71,9 +121,8 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     name = p.name[:-5] if p.name.endswith(".toml") else p.name
     if len(p.parts) == 1 or (len(p.parts) == 2 and p.parts[0] == "configs"):
         for d in config_dirs():
-            cand = d / f"{name}.toml"
-            if cand.exists():
-                return cand
+            if (d / f"{name}.toml").exists():
+                return d / f"{name}.toml"
     presets = list_presets()
     hint = difflib.get_close_matches(name, presets, n=1)
     extra = f" (did you mean '{hint[0]}'?)" if hint else (f" (presets: {', '.join(presets)})" if presets else "")
@@ -84,9 +133,8 @@ def read_toml(path: str | Path) -> dict:
     from .io import read_text
 
     path = Path(path)
-    text = read_text(path)
     try:
-        return tomllib.loads(text)
+        return tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
         where = f"{path}:{m.group(1)}" if m else str(path)
@@ -95,8 +143,6 @@ def read_toml(path: str | Path) -> dict:
 
 def _key_line(path: Optional[Path], section: str, key: Optional[str] = None) -> str:
     """``path:LINE`` of ``key`` inside ``[section]`` (or of the section header), best effort."""
-    if path is None:
-        return "command line"
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
@@ -109,78 +155,30 @@ def _key_line(path: Optional[Path], section: str, key: Optional[str] = None) -> 
             current = m.group(1).strip("\"'")
             if key is None and current == section:
                 return f"{path}:{i}"
-            continue
-        if key is not None and current == section and re.match(rf"^[\"']?{re.escape(key)}[\"']?\s*=", s):
+        elif key is not None and current == section and re.match(rf"^[\"']?{re.escape(key)}[\"']?\s*=", s):
             return f"{path}:{i}"
     return str(path)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# types
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
-
-
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-        return Any, True
-    return tp, False
-
-
 def _type_name(tp: Any) -> str:
-    base, opt = _unwrap_optional(tp)
-    name = getattr(base, "__name__", str(base))
-    return f"{name} or none" if opt else name
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Literal:
+        return "|".join(map(str, args))
+    if type(None) in typing.get_args(tp):
+        return f"{_type_name(args[0])} or none"
+    return getattr(tp, "__name__", str(tp))
 
 
-def coerce(value: Any, tp: Any, where: str, from_cli: bool = False) -> Any:
-    """Check (TOML) or convert (command-line string) ``value`` to the annotated type ``tp``."""
-    base, optional = _unwrap_optional(tp)
-    if from_cli and isinstance(value, str):
-        v = value.strip()
-        if optional and v.lower() in ("none", "null", ""):
-            return None
-        if base is str:
-            return value
-        if base is bool:
-            if v.lower() in ("true", "1", "yes", "on"):
-                return True
-            if v.lower() in ("false", "0", "no", "off"):
-                return False
-            raise UserError(f"{where}: expected true or false, got {value!r}")
-        try:
-            value = tomllib.loads(f"v = {v}")["v"]
-        except tomllib.TOMLDecodeError:
-            if base is Any:
-                return value
-            raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}") from None
-    if value is None and optional:
+def _from_cli(raw: Any, tp: Any, flag: str) -> Any:
+    """A command-line string (or list of strings) converted to the field's type; constraints are checked later."""
+    if isinstance(raw, str) and raw.strip().lower() in ("none", "null") and type(None) in typing.get_args(tp):
         return None
-    if base is Any:
-        return value
-    if base is bool:
-        ok = isinstance(value, bool)
-    elif base is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif base is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok:
-            value = float(value)
-    elif base is str:
-        ok = isinstance(value, str)
-    else:
-        origin = typing.get_origin(base) or base
-        ok = isinstance(value, origin) if isinstance(origin, type) else True
-    if not ok:
-        raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    return value
+    if isinstance(raw, str) and typing.get_origin(tp) is list:
+        raw = [raw]
+    try:
+        return TypeAdapter(tp).validate_python(raw)
+    except ValidationError as e:
+        raise UserError(explain(e.errors()[0], "", flag)) from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -188,17 +186,14 @@ def coerce(value: Any, tp: Any, where: str, from_cli: bool = False) -> Any:
 
 
 class RunConfig:
-    """The loaded configuration: ``cfg["train"]`` is a ``TrainConfig``, ``cfg["data"]`` a dataclass or dict.
+    """The loaded configuration: ``cfg["train"]`` is a ``TrainConfig``, ``cfg["data"]`` a ``Config`` or dict.
 
     ``explicit[section]`` is the set of keys the file or the command line set (to fill other defaults later,
     e.g. ``vocab_size`` from the data), ``path`` the TOML file (None when built from overrides only)."""
 
     def __init__(self, sections: dict[str, Any], values: dict[str, dict], path: Optional[Path],
-                 classes: dict[str, Optional[type]]):
-        self.sections = sections
-        self.values = values
-        self.path = path
-        self.classes = classes
+                 classes: dict[str, Optional[type]], origin: dict[str, dict]):
+        self.sections, self.values, self.path, self.classes, self.origin = sections, values, path, classes, origin
 
     @property
     def explicit(self) -> dict[str, set[str]]:
@@ -211,17 +206,14 @@ class RunConfig:
         return name in self.sections
 
     def rebuild(self, section: str, **defaults: Any) -> Any:
-        """Re-create ``section`` with new defaults under the explicitly set values (keeps ``__post_init__`` right)."""
-        cls = self.classes[section]
-        merged = {**defaults, **self.values.get(section, {})}
-        self.sections[section] = cls(**merged) if cls is not None else merged
+        """Re-create ``section`` with new defaults under the explicitly set values."""
+        cls, merged = self.classes[section], {**defaults, **self.values.get(section, {})}
+        self.sections[section] = (cls.from_dict(merged, str(self.path or ""), self.origin.get(section))
+                                  if cls is not None else merged)
         return self.sections[section]
 
     def to_dict(self) -> dict[str, dict]:
-        out = {}
-        for name, obj in self.sections.items():
-            out[name] = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
-        return out
+        return {name: obj.to_dict() if isinstance(obj, Config) else dict(obj) for name, obj in self.sections.items()}
 
 
 # other toolkits' names for our fields (nanoGPT, transformers): too far apart for difflib to pair them
@@ -240,13 +232,13 @@ def did_you_mean(word: str, options) -> str:
     return f" (did you mean '{hint[0]}'?)" if hint else ""
 
 
-
 def load_config(
     path_or_name: str | Path | None,
     overrides: list[str] | list[tuple[str, str]] | dict[str, Any] | None = None,
     sections: dict[str, Optional[type]] | None = None,
     *,
     optional_sections: tuple[str, ...] = (),
+    defaults: dict[str, dict] | None = None,
 ) -> RunConfig:
     """Load a TOML preset (or nothing) + overrides into the given sections.
 
@@ -254,13 +246,15 @@ def load_config(
         free-form table (any keys). Sections named in the file but not here are errors, except ``optional_sections``
         (kept as dicts: e.g. a stage-specific table another command reads).
     overrides: ``["--train.lr", "1e-3", "--max_steps=10"]`` tokens, ``[("train.lr", "1e-3")]`` pairs (strings are
-        parsed and coerced), or ``{"train.lr": 1e-3}`` (values used as given).
+        converted to the field's type), or ``{"train.lr": 1e-3}`` (values used as given).
+    defaults: ``{"train": {...}}``, a command's own defaults under what the file and the overrides set.
     """
     sections = dict(sections or {})
     path = resolve_config_path(path_or_name) if path_or_name else None
     data = read_toml(path) if path else {}
     values: dict[str, dict] = {name: {} for name in sections}
-    types_of = {name: (_field_types(cls) if cls is not None else None) for name, cls in sections.items()}
+    origin: dict[str, dict] = {name: {} for name in sections}
+    fields_of = {name: (cls.model_fields if cls is not None else None) for name, cls in sections.items()}
 
     for sec, table in data.items():
         if sec not in sections:
@@ -272,46 +266,35 @@ def load_config(
             raise UserError(f"{_key_line(path, sec)}: unknown section [{sec}]{did_you_mean(sec, sections)}")
         if not isinstance(table, dict):
             raise UserError(f"{path}: '{sec}' must be a table [{sec}]")
-        ftypes = types_of[sec]
         for key, val in table.items():
-            where = f"{_key_line(path, sec, key)}: [{sec}] {key}"
-            if ftypes is None:
-                values[sec][key] = val
-                continue
-            if key not in ftypes:
-                raise UserError(f"{_key_line(path, sec, key)}: [{sec}] unknown key '{key}'{did_you_mean(key, ftypes)}")
-            values[sec][key] = coerce(val, ftypes[key], where)
+            if fields_of[sec] is not None and key not in fields_of[sec]:
+                raise UserError(f"{_key_line(path, sec, key)}: [{sec}] unknown key '{key}'"
+                                f"{did_you_mean(key, fields_of[sec])}")
+            values[sec][key] = val
+            origin[sec][key] = _key_line(path, sec, key)
 
     for key, raw, from_cli in _normalise_overrides(overrides):
-        if "." in key:
-            sec, name = key.split(".", 1)
-            if sec not in sections:
-                raise UserError(f"--{key}: unknown section '{sec}'{did_you_mean(sec, sections)}")
-            targets = [sec]
-            ftypes = types_of[sec]
-            if ftypes is not None and name not in ftypes:
-                raise UserError(f"--{key}: unknown key '{name}' in [{sec}]{did_you_mean(name, ftypes)}")
-        else:
-            name = key
-            targets = [s for s, ft in types_of.items() if ft is not None and name in ft]
-            if not targets:
-                known = {k for ft in types_of.values() if ft for k in ft}
-                raise UserError(f"--{key}: unknown option{did_you_mean(name, known)}")
-        for sec in targets:
-            ftypes = types_of[sec]
-            tp = ftypes[name] if ftypes is not None else Any
-            values[sec][name] = coerce(raw, tp, f"--{key}", from_cli=from_cli)
+        sec, _, name = key.rpartition(".")
+        if sec and sec not in sections:
+            raise UserError(f"--{key}: unknown section '{sec}'{did_you_mean(sec, sections)}")
+        if sec and fields_of[sec] is not None and name not in fields_of[sec]:
+            raise UserError(f"--{key}: unknown key '{name}' in [{sec}]{did_you_mean(name, fields_of[sec])}")
+        targets = [sec] if sec else [s for s, f in fields_of.items() if f is not None and name in f]
+        if not targets:
+            known = {k for f in fields_of.values() if f for k in f}
+            raise UserError(f"--{key}: unknown option{did_you_mean(name, known)}")
+        for s in targets:
+            val = raw
+            if from_cli and fields_of[s] is not None:
+                val = _from_cli(raw, fields_of[s][name].annotation, f"--{key}")
+            values[s][name] = val
+            origin[s][name] = f"--{key}"
 
     built: dict[str, Any] = {}
     for sec, cls in sections.items():
-        if cls is None:
-            built[sec] = dict(values[sec])
-            continue
-        try:
-            built[sec] = cls(**values[sec])
-        except TypeError as e:  # a required field without a value
-            raise UserError(f"{path or 'config'}: [{sec}] {e}") from None
-    return RunConfig(built, values, path, sections)
+        merged = {**(defaults or {}).get(sec, {}), **values[sec]}
+        built[sec] = cls.from_dict(merged, str(path or ""), origin[sec]) if cls is not None else merged
+    return RunConfig(built, values, path, sections, origin)
 
 
 def _normalise_overrides(overrides) -> list[tuple[str, Any, bool]]:
@@ -319,11 +302,10 @@ def _normalise_overrides(overrides) -> list[tuple[str, Any, bool]]:
         return []
     if isinstance(overrides, dict):
         return [(k.replace("-", "_"), v, False) for k, v in overrides.items()]
-    out = []
     items = list(overrides)
     if items and isinstance(items[0], (tuple, list)):
-        return [(str(k).lstrip("-").replace("-", "_"), v, isinstance(v, str)) for k, v in items]
-    i = 0
+        return [(str(k).lstrip("-").replace("-", "_"), v, isinstance(v, (str, list))) for k, v in items]
+    out, i = [], 0
     while i < len(items):
         tok = str(items[i])
         if not tok.startswith("--"):
@@ -349,41 +331,37 @@ def _normalise_overrides(overrides) -> list[tuple[str, Any, bool]]:
 class _Override(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         lst = list(getattr(namespace, "config_overrides", None) or [])
-        lst.append((self.metavar_key, "true" if values is None else values))
+        lst.append((self.key, "true" if values is None else values))
         namespace.config_overrides = lst
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, sections: dict[str, Optional[type]],
-                         default_config: Optional[str] = None) -> None:
-    """Add ``--config`` and one override option per dataclass field (``--key`` and ``--section.key``).
+                         default_config: Optional[str] = None, aliases: Optional[dict[str, list[str]]] = None) -> None:
+    """Add ``--config`` and one override option per field (``--key``, ``--section.key`` and ``aliases[key]``).
 
-    Options the parser already defines are left alone (the stage's own meaning wins)."""
+    Options the parser already defines are left alone (the command's own meaning wins)."""
     parser.add_argument("--config", default=default_config, metavar="NAME|FILE",
                         help="TOML preset name (configs/NAME.toml) or path" +
                              (f" (default: {default_config})" if default_config else ""))
     parser.set_defaults(config_overrides=[])
     group = parser.add_argument_group("config overrides", "any config field: --key VALUE sets it in every section "
                                       "that has it; --section.key VALUE sets one section")
-    seen: set[str] = set()
-    existing = set(parser._option_string_actions)
+    taken = set(parser._option_string_actions)
     for sec, cls in sections.items():
-        if cls is None:
-            continue
-        for name, tp in _field_types(cls).items():
-            base, _ = _unwrap_optional(tp)
-            nargs = "?" if base is bool else None
+        for name, info in (cls.model_fields.items() if cls is not None else ()):
+            tp = info.annotation
+            nargs = "?" if tp is bool else ("+" if typing.get_origin(tp) is list else None)
             for key, shown in ((f"{sec}.{name}", False), (name, True)):
-                opts = [f"--{key}"]
-                if "_" in key:
-                    opts.append(f"--{key.replace('_', '-')}")
-                opts = [o for o in opts if o not in existing and o not in seen]
+                opts = [f"--{key}", f"--{key.replace('_', '-')}"] + ((aliases or {}).get(key, []) if shown else [])
+                opts = [o for o in dict.fromkeys(opts) if o not in taken]
                 if not opts:
                     continue
-                seen.update(opts)
+                taken.update(opts)
+                help_text = f"[{sec}] {_type_name(tp)}" + (f": {info.description}" if info.description else "")
                 action = group.add_argument(*opts, action=_Override, nargs=nargs, dest="config_overrides",
                                             default=argparse.SUPPRESS, metavar="V",
-                                            help=(f"[{sec}] {_type_name(tp)}" if shown else argparse.SUPPRESS))
-                action.metavar_key = key
+                                            help=help_text if shown else argparse.SUPPRESS)
+                action.key = key
 
 
 def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
@@ -405,46 +383,11 @@ def config_from_args(args: argparse.Namespace, sections: dict[str, Optional[type
     return load_config(getattr(args, "config", None), getattr(args, "config_overrides", None) or [], sections, **kw)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# writing TOML (for run_config.toml)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
-            return {"nan": "nan", "inf": "inf", "-inf": "-inf"}[repr(v)]
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + " }"
-    return json.dumps(str(v))
-
-
-def _toml_key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
-
-
 def dump_toml(config: dict[str, Any]) -> str:
-    """``{section: {key: value}}`` as TOML; ``None`` values are written as comments (TOML has no null)."""
-    lines = []
-    top = {k: v for k, v in config.items() if not isinstance(v, dict)}
-    for k, v in top.items():
-        if v is not None:
-            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-    for sec, table in config.items():
-        if not isinstance(table, dict):
-            continue
-        if lines:
-            lines.append("")
-        lines.append(f"[{_toml_key(sec)}]")
-        for k, v in table.items():
-            if v is None:
-                lines.append(f"# {k} = (none)")
-            else:
-                lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-    return "\n".join(lines) + "\n"
+    """``{section: {key: value}}`` as TOML (``tomli_w``); ``None`` values are left out (TOML has no null)."""
+    import tomli_w
+
+    def drop_none(d):
+        return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+    return tomli_w.dumps(drop_none(config))

@@ -34,185 +34,27 @@ prefs           HH-RLHF harmless-base test, 300 preference pairs      ``prefs/hh
 ==============  ====================================================  ==============================
 
 Chat files hold ``{"messages": [{"role", "content"}, ...]}`` per line, preference files
-``{"prompt": [messages], "chosen": str, "rejected": str}``; ``load_conversations(paths)`` /
-``load_preferences(paths)`` read and check them (files or folders, ``.gz`` too), ``iter_jsonl(path)`` reads any
-JSONL; every error names file:line. Licenses: ``assets/LICENSES/``, sources and sampling: ``assets/README.md``.
+``{"prompt": [messages], "chosen": str, "rejected": str}``; ``pocketgpt.records`` reads and checks them (and every
+other input). Licenses: ``assets/LICENSES/``, sources and sampling: ``assets/README.md``.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import UserError
 from .io import atomic_dir, read_json
+from .records import ASSETS, BUILTINS, JSONL_SUFFIXES, builtin_path, expand_inputs, read, read_text_file, split, suffix
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTINS = {
-    "shakespeare": "shakespeare.txt",
-    "shuihu": "shuihu.txt.gz",
-    "chat": "chat",
-    "chat_en": "chat/en",
-    "chat_zh": "chat/zh",
-    "chatterbot_en": "chat/en/chatterbot_en.jsonl",
-    "chatterbot_zh": "chat/zh/chatterbot_zh.jsonl",
-    "dolly": "chat/en/dolly_openqa.jsonl",
-    "chitchat": "chat/en/chitchat.jsonl.gz",
-    "kdconv": "chat/zh/kdconv.jsonl",
-    "prefs": "prefs/hh_rlhf_harmless.jsonl.gz",
-}
-TEXT_SUFFIXES = (".txt", ".txt.gz")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-PREPARE_FORMAT = 1
-
-
-# ---------------------------------------------------------------------- bundled data
-def builtin_path(name: str) -> Path:
-    """Path of a bundled corpus (a file, or a folder for ``chat``, ``chat_en``, ``chat_zh``); see the table above."""
-    if name not in BUILTINS:
-        raise UserError(f"--builtin: unknown corpus {name!r} (choose from {', '.join(BUILTINS)})")
-    path = ASSETS / BUILTINS[name]
-    if not path.exists():
-        raise UserError(f"bundled corpus {name!r} is missing from the installation ({path})")
-    return path
-
-
-def builtin_files(name: str) -> list[Path]:
-    """The data files of a bundled corpus (one for a file entry, all of them for a folder entry), sorted."""
-    return expand_inputs([builtin_path(name)])
-
-
-# ---------------------------------------------------------------------- reading
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for s in TEXT_SUFFIXES + JSONL_SUFFIXES:
-        if name.endswith(s):
-            return s
-    return path.suffix.lower()
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.name.lower().endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (OSError, EOFError) as e:
-        raise UserError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-
-
-def _decode(data: bytes, path: Path, encoding: str, errors: str) -> str:
-    try:
-        text = data.decode(encoding, errors=errors)
-    except LookupError:
-        raise UserError(f"--encoding: unknown text encoding {encoding!r}") from None
-    except UnicodeDecodeError as e:
-        where = " (uncompressed)" if path.name.lower().endswith(".gz") else ""
-        raise UserError(f"{path}: not valid {encoding} text at byte {e.start}{where}; pass --encoding ENC or "
-                        f"--errors replace") from None
-    return text[1:] if text.startswith("\ufeff") else text  # drop a BOM
-
-
-def read_text_file(path: str | os.PathLike, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """A text file (``.gz`` decompressed) as str; a UserError names the file and the byte offset of bad bytes."""
-    path = Path(path)
-    return _decode(_read_bytes(path), path, encoding, errors)
-
-
-def iter_jsonl(path: str | os.PathLike, encoding: str = "utf-8", errors: str = "strict") -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, record)`` for each non-blank line of a JSONL file (``.gz`` too);
-    a line that is not JSON is a UserError naming ``path:line``."""
-    path = Path(path)
-    text = read_text_file(path, encoding, errors)
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
-ROLES = ("system", "user", "assistant")
-
-
-def _check_messages(messages: Any, where: str, field: str = "messages") -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: {field!r} must be a non-empty list of {{role, content}} messages")
-    out = []
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise UserError(f"{where}: {field}[{k}] must be {{\"role\": system|user|assistant, \"content\": str}}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def load_conversations(inputs: Sequence[str | os.PathLike], encoding: str = "utf-8") -> list[list[dict]]:
-    """Chat JSONL files / folders (one ``{"messages": [{"role", "content"}, ...]}`` per line) → message lists.
-    A bad line is a UserError naming ``file:line``; roles are system, user, assistant."""
-    convs = []
-    for path in expand_inputs(inputs):
-        for lineno, rec in iter_jsonl(path, encoding):
-            where = f"{path}:{lineno}"
-            if not isinstance(rec, dict) or "messages" not in rec:
-                raise UserError(f"{where}: record has no field 'messages'")
-            convs.append(_check_messages(rec["messages"], where))
-    if not convs:
-        raise UserError(f"{', '.join(map(str, inputs))}: no conversations found")
-    return convs
-
-
-def load_preferences(inputs: Sequence[str | os.PathLike], encoding: str = "utf-8") -> list[dict]:
-    """Preference JSONL files / folders (``{"prompt": [messages] or str, "chosen": str, "rejected": str}`` per line)
-    → dicts with ``prompt`` as a message list. A bad line is a UserError naming ``file:line``."""
-    pairs = []
-    for path in expand_inputs(inputs):
-        for lineno, rec in iter_jsonl(path, encoding):
-            where = f"{path}:{lineno}"
-            if not isinstance(rec, dict):
-                raise UserError(f"{where}: expected a JSON object with prompt, chosen, rejected")
-            for key in ("prompt", "chosen", "rejected"):
-                if key not in rec:
-                    raise UserError(f"{where}: record has no field {key!r}")
-            prompt = rec["prompt"]
-            if isinstance(prompt, str):
-                prompt = [{"role": "user", "content": prompt}]
-            prompt = _check_messages(prompt, where, "prompt")
-            for key in ("chosen", "rejected"):
-                if not isinstance(rec[key], str):
-                    raise UserError(f"{where}: field {key!r} must be a string")
-            pairs.append({"prompt": prompt, "chosen": rec["chosen"], "rejected": rec["rejected"]})
-    if not pairs:
-        raise UserError(f"{', '.join(map(str, inputs))}: no preference pairs found")
-    return pairs
-
-
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files and folders → the list of data files (folders searched recursively, sorted by name)."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in TEXT_SUFFIXES + JSONL_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not found:
-                raise UserError(f"{path}: folder holds no .txt, .txt.gz, .jsonl or .jsonl.gz files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"{path}: no such file or folder")
-    return files
+PREPARE_FORMAT = 2  # 2: documents split by records.split
 
 
 # ---------------------------------------------------------------------- cleaning and documents
@@ -264,7 +106,7 @@ def jsonl_documents(path: Path, field: str = "text", encoding: str = "utf-8", er
                     split_sentences: bool = False) -> list[str]:
     """One document per JSONL line (its ``field``), cleaned like text."""
     docs = []
-    for lineno, record in iter_jsonl(path, encoding, errors):
+    for lineno, record in read(path, encoding=encoding, errors=errors):
         lines = _clean_lines(_record_text(record, field, f"{path}:{lineno}"), split_sentences)
         if lines:
             docs.append("\n".join(lines))
@@ -300,8 +142,7 @@ def collect_documents(inputs: Sequence[str | os.PathLike], builtins: Sequence[st
     docs: list[str] = []
     sources = []
     for display, path in _resolve_sources(inputs, builtins):
-        kind = _suffix(path)
-        if kind in JSONL_SUFFIXES:
+        if suffix(path) in JSONL_SUFFIXES:
             bundled_chat = display.startswith("builtin:") and path.is_relative_to(ASSETS / "chat")
             f = "messages" if bundled_chat and field == "text" else field
             new = jsonl_documents(path, f, encoding, errors, split_sentences)
@@ -328,10 +169,10 @@ def split_documents(n_docs: int, val_fraction: float, test_fraction: float, seed
     if n_val + n_test >= n_docs:
         raise UserError(f"only {n_docs} document(s): too few for a train/val/test split; add text or pass "
                         f"--val-fraction 0 --test-fraction 0")
-    order = np.random.default_rng(seed).permutation(n_docs)
+    held, test = (split(range(n_docs), seed=seed, count=k)[1] for k in (n_val + n_test, n_test))  # test ⊂ held
     labels = np.zeros(n_docs, dtype=np.int8)
-    labels[order[:n_val]] = 1
-    labels[order[n_val:n_val + n_test]] = 2
+    labels[held] = 1
+    labels[test] = 2
     return labels
 
 
@@ -575,44 +416,3 @@ class TokenShards:
             if max_batches is not None and b >= max_batches:
                 return
             yield self._windows(starts[i:i + batch_size])
-
-
-# ---------------------------------------------------------------------- CLI
-def configure_cli(name, p):
-    p.add_argument("inputs", nargs="*", help=".txt, .txt.gz, .jsonl(.gz) files or folders")
-    p.add_argument("--builtin", action="append", default=[], metavar="NAME",
-                   help=f"a bundled corpus as input ({', '.join(BUILTINS)}); may repeat")
-    p.add_argument("--out", required=True, help="output directory for train.bin / val.bin / meta.json")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer directory (or checkpoint dir); if omitted, one is trained on all the input "
-                        "documents with --kind / --vocab-size and saved in OUT/tokenizer/")
-    p.add_argument("--kind", default="bpe", choices=["bpe", "unigram", "char", "word"],
-                   help="kind of tokenizer to train when --tokenizer is omitted (default bpe)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size of the tokenizer trained when --tokenizer is omitted (default 4096; "
-                        "char: every character)")
-    p.add_argument("--field", default="text", help="JSONL field holding the text (default text; a list of chat "
-                                                  "messages is joined)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents for val (default 0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.0, help="fraction of documents for test (default 0)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the document split (default 1337)")
-    p.add_argument("--split-sentences", action="store_true",
-                   help="put each sentence on its own line (English .!? and Chinese 。！？…)")
-    p.add_argument("--encoding", default="utf-8", help="input text encoding (default utf-8)")
-    p.add_argument("--errors", default="strict", choices=["strict", "replace"],
-                   help="undecodable bytes: error (strict, default) or U+FFFD (replace)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT even if it holds another tokenizer's shards")
-    p.set_defaults(func=_cli_prepare)
-
-
-def _cli_prepare(args) -> int:
-    if not args.inputs and not args.builtin:
-        raise UserError("give INPUTS (files or folders) or --builtin NAME")
-    vocab = args.vocab_size
-    if args.tokenizer is None and vocab is None and args.kind != "char":
-        vocab = 4096
-    prepare(args.inputs, args.out, args.tokenizer, builtins=args.builtin, field=args.field,
-            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
-            split_sentences=args.split_sentences, encoding=args.encoding, errors=args.errors, kind=args.kind,
-            vocab_size=vocab, force=args.force)
-    return 0

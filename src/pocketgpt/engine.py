@@ -2,8 +2,8 @@
 
 Everything that produces text goes through here (``pocketgpt sample``, chat, the HTTP server, RL rollouts)::
 
-    generate(model, prompts, ...)            batched prompts of any lengths → new token ids per prompt
-    stream_generate(model, tok, ids, ...)    the same for one prompt, yielding text pieces (always whole UTF-8)
+    generate(model, prompts, params)         batched prompts of any lengths → new token ids per prompt
+                                             (``SamplingParams``: every option; ``stream=True``: text pieces)
     sequence_logprobs(model, sequences)      log p(token | prefix) of given sequences, one padded forward
     score(model, prompts, completions)       log-probs of completion tokens after their prompts
     token_logprobs(model, *pack_replies(..)) the one (temperature-aware, differentiable) log-prob function that
@@ -15,7 +15,7 @@ How a batch is decoded (``_decode``):
             ─▶ one prefill forward (logits of the last position only) ─▶ cache.repeat(n) for n samples per prompt
             ─▶ loop: penalties → temperature → top-k → top-p → min-p → sample/argmax
                      ─▶ per-row stop checks (stop ids, stop strings, max_new_tokens, context) ─▶ feed the tokens
-                        (one token per row through ``model.decoder()``: the forward without module overhead)
+                        (one token per row: ``fastdecode`` on a CPU, else the model's forward over the cache)
 
 Prompts longer than the context are cut from the left (a warning), keeping room for the answer; with learned
 positions a row stops at the context ("length"), rope/sinusoidal models may run past it (the cache grows to fit).
@@ -34,23 +34,24 @@ from __future__ import annotations
 import codecs
 import logging
 import math
-import sys
 import warnings
 import weakref
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from . import fastdecode
 from .errors import UserError
+from .records import fit, pad
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "GenerationResult",
+    "SamplingParams",
     "generate",
-    "stream_generate",
     "sequence_logprobs",
     "score",
     "logprobs_from_logits",
@@ -134,27 +135,14 @@ def pack_replies(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[in
     ``pos[b, t]`` is the position whose logits predict reply token t (``len(prompt) - 1 + t``); ``mask`` is True on
     real reply tokens; T is the longest reply (at least 1). Right padding: causal attention never sees the pads.
     """
-    B = len(prompts)
-    T = max(1, max((len(r) for r in replies), default=1))
-    L = max(1, max((len(p) + len(r) for p, r in zip(prompts, replies)), default=1))
-    idx = torch.full((B, L), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    targets = torch.zeros((B, T), dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.bool)
-    for b, (p, r) in enumerate(zip(prompts, replies)):
+    for b, p in enumerate(prompts):
         if not p:
             raise UserError(f"score: row {b} has an empty prompt (the first token has no log-prob)")
-        row = [int(t) for t in p] + [int(t) for t in r]
-        idx[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-        n = len(r)
-        pos[b, :] = len(p) - 1
-        pos[b, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
-        if n:
-            targets[b, :n] = torch.tensor([int(t) for t in r], dtype=torch.long)
-        mask[b, :n] = True
-    if device is not None:
-        idx, pos, targets, mask = (t.to(device) for t in (idx, pos, targets, mask))
-    return idx, pos, targets, mask
+    idx = pad([list(p) + list(r) for p, r in zip(prompts, replies)], pad_id)
+    targets = pad(replies, 0)
+    mask = pad([[1] * len(r) for r in replies], 0, targets.size(1)).bool()
+    pos = torch.tensor([[len(p) - 1] for p in prompts], dtype=torch.long) + torch.arange(targets.size(1)) * mask
+    return tuple(t.to(device) for t in (idx, pos, targets, mask))
 
 
 def token_logprobs(model, idx: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -275,19 +263,116 @@ class _Row:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if with_text else None
         self.byte_ends: list[int] = []  # cumulative byte length after each token (to cut at a stop string)
         self.scan_from = 0
+        if limit <= 0:
+            self.finish("length")
+
+    def add(self, t: int, logprob: Optional[float], text: Optional[_TokenText], stops: tuple[str, ...]) -> None:
+        """Append token ``t`` (and its text with a tokenizer); finish the row at a stop string or its limit."""
+        self.tokens.append(t)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if text is not None:
+            b = text.bytes[t]
+            self.byte_ends.append((self.byte_ends[-1] if self.byte_ends else 0) + len(b))
+            self.text += self.decoder.decode(b)
+            if stops and self._cut_at_stop(stops):
+                return
+        if len(self.tokens) >= self.limit:
+            self.finish("length")
+
+    def _cut_at_stop(self, stops: tuple[str, ...]) -> bool:
+        """If a stop string appeared in the text, cut text and tokens exactly before it and finish the row."""
+        start = max(0, self.scan_from - max(len(s) for s in stops) + 1)
+        found = min((j for j in (self.text.find(s, start) for s in stops) if j != -1), default=-1)
+        self.scan_from = len(self.text)
+        if found == -1:
+            return False
+        self.text = self.text[:found]
+        cut_bytes = len(self.text.encode("utf-8", errors="surrogatepass"))
+        keep = 0
+        while keep < len(self.tokens) and self.byte_ends[keep] <= cut_bytes:
+            keep += 1
+        del self.tokens[keep:], self.byte_ends[keep:], self.logprobs[keep:]
+        self.finish("stop")
+        return True
 
     def finish(self, reason: str) -> None:
         # no final flush of the decoder: a character cut by the length limit is left out, never shown as U+FFFD
         self.done = True
-        self.reason = "stop" if reason == "stop_string" else reason
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# option checks
+# the options of a generation call
 
 
-def _check_options(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, num_beams,
-                   n, stop, tokenizer) -> None:
+@dataclass
+class SamplingParams:
+    """Every option of one generation call, checked on creation (a ``UserError`` naming the field) and normalised
+    (``top_k`` 0 and ``top_p`` 1 mean off; ``stop_ids`` / ``stop`` may be one value, a list or None).
+
+    ``temperature=0`` is greedy. ``repetition_penalty`` (transformers': prompt and output tokens, 1 = off) and
+    ``presence_penalty`` / ``frequency_penalty`` (OpenAI's: generated tokens only) apply before the filters
+    ``top_k`` → ``top_p`` → ``min_p``. ``num_beams > 1`` is beam search (deterministic: the sampling options and
+    penalties are unused) returning the ``n`` best hypotheses; ``length_penalty``, ``early_stopping`` (True, False or
+    "never") and ``no_repeat_ngram_size`` are transformers'. ``n`` rows per prompt share one prefill. ``stop_ids``
+    end a row without being included; ``stop`` strings (need a tokenizer) cut the text exactly before them.
+    ``seed`` makes sampling reproducible.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
+    no_repeat_ngram_size: int = 0
+    n: int = 1
+    stop_ids: Union[int, Sequence[int], None] = ()
+    stop: Union[str, Sequence[str], None] = ()
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise UserError(f"{name}: must be {rule}, got {getattr(self, name)!r}")
+
+        def count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        t = self.temperature
+        check(count(self.max_new_tokens), "max_new_tokens", "a non-negative integer")
+        check(t is not None and math.isfinite(t) and t >= 0, "temperature", ">= 0 (0 = greedy)")
+        check(self.top_k is None or (int(self.top_k) == self.top_k and self.top_k >= 0), "top_k",
+              "a positive integer (or 0/None for off)")
+        check(self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]")
+        check(self.min_p is None or 0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]")
+        check(self.repetition_penalty > 0, "repetition_penalty", "> 0 (1 = off)")
+        check(count(self.num_beams) and self.num_beams >= 1, "num_beams", "a positive integer")
+        check(count(self.n) and self.n >= 1, "n", "a positive integer")
+        check(count(self.no_repeat_ngram_size), "no_repeat_ngram_size", "a non-negative integer (0 = off)")
+        if self.num_beams > 1 and self.n > self.num_beams:
+            raise UserError(f"n: with beam search at most num_beams ({self.num_beams}) sequences can be returned, "
+                            f"got {self.n}")
+        self.temperature = float(t)
+        self.top_k = int(self.top_k) if self.top_k else None
+        self.top_p = float(self.top_p) if self.top_p is not None and self.top_p < 1.0 else None
+        self.min_p = float(self.min_p) if self.min_p else None
+        self.repetition_penalty = float(self.repetition_penalty)
+        self.presence_penalty = float(self.presence_penalty or 0.0)
+        self.frequency_penalty = float(self.frequency_penalty or 0.0)
+        ids = self.stop_ids if self.stop_ids is not None else ()
+        self.stop_ids = tuple(sorted({int(i) for i in ([ids] if isinstance(ids, int) else ids)}))
+        stop = self.stop if self.stop is not None else ()
+        self.stop = tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s)
+
+
+def _check_prompts(model, prompts) -> None:
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise UserError("generate: prompts must be a non-empty list of token-id lists")
     V = model.config.vocab_size
@@ -299,42 +384,19 @@ def _check_options(model, prompts, max_new_tokens, temperature, top_k, top_p, mi
         bad = [t for t in p if not (0 <= int(t) < V)]
         if bad:
             raise UserError(f"generate: prompt {i}: token id {bad[0]} is outside the vocabulary (size {V})")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise UserError(f"max_new_tokens: must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature is None or not math.isfinite(temperature) or temperature < 0:
-        raise UserError(f"temperature: must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (int(top_k) != top_k or top_k < 0):
-        raise UserError(f"top_k: must be a positive integer (or 0/None for off), got {top_k!r}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise UserError(f"top_p: must be in (0, 1], got {top_p!r}")
-    if min_p is not None and not (0.0 <= min_p <= 1.0):
-        raise UserError(f"min_p: must be in [0, 1], got {min_p!r}")
-    if not repetition_penalty > 0:
-        raise UserError(f"repetition_penalty: must be > 0 (1 = off), got {repetition_penalty!r}")
-    if not isinstance(num_beams, int) or num_beams < 1:
-        raise UserError(f"num_beams: must be a positive integer, got {num_beams!r}")
-    if not isinstance(n, int) or n < 1:
-        raise UserError(f"n: must be a positive integer, got {n!r}")
-    if num_beams > 1 and n > num_beams:
-        raise UserError(f"n: with beam search at most num_beams ({num_beams}) sequences can be returned, got {n}")
-    if stop and tokenizer is None:
-        raise UserError("stop: stop strings need a tokenizer (pass tokenizer=)")
 
 
 def _fit_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """Cut prompts longer than the context from the left (keeping room to answer), with a warning."""
+    """Cut prompts longer than the context by ``records.fit`` (keeping room to answer), with a warning."""
     ctx = model.config.block_size
-    keep = max(1, ctx - min(max_new_tokens, ctx // 2))
-    out = []
-    for i, p in enumerate(prompts):
-        p = [int(t) for t in p]
+    out = [[int(t) for t in p] for p in prompts]
+    for i, p in enumerate(out):
         if len(p) > ctx:
+            out[i], _ = fit(p, ctx, min(max_new_tokens, ctx // 2))
             msg = (f"prompt {i} has {len(p)} tokens, more than the model's context of {ctx}: "
-                   f"keeping its last {keep} tokens")
+                   f"keeping its last {len(out[i])} tokens")
             warnings.warn(msg, stacklevel=3)
             log.warning(msg)
-            p = p[-keep:]
-        out.append(p)
     return out
 
 
@@ -345,23 +407,6 @@ def _row_limit(model, prompt_len: int, max_new_tokens: int) -> int:
     return max_new_tokens
 
 
-def _normalize_stop_ids(stop_ids) -> frozenset:
-    if stop_ids is None:
-        return frozenset()
-    if isinstance(stop_ids, int):
-        return frozenset([stop_ids])
-    return frozenset(int(t) for t in stop_ids)
-
-
-def _normalize_stop(stop) -> list[str]:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    out = [s for s in stop if s]
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # the decoding loop (greedy / sampling, batched, n per prompt)
 
@@ -369,48 +414,41 @@ def _normalize_stop(stop) -> list[str]:
 class _Sampler:
     """Turns one step's logits (R, V) into tokens, holding the penalty state across steps."""
 
-    def __init__(self, prompts, n, V, device, temperature, top_k, top_p, min_p, repetition_penalty,
-                 presence_penalty, frequency_penalty, seed, utf8: Optional[_Utf8Mask] = None):
-        self.utf8 = utf8
-        self.temperature = float(temperature)
-        self.top_k = int(top_k) if top_k else None
-        self.top_p = float(top_p) if top_p is not None and top_p < 1.0 else None
-        self.min_p = float(min_p) if min_p else None
-        self.rep = float(repetition_penalty)
-        self.presence = float(presence_penalty or 0.0)
-        self.frequency = float(frequency_penalty or 0.0)
+    def __init__(self, prompts, V: int, device, p: SamplingParams, utf8: Optional[_Utf8Mask] = None):
+        self.p, self.utf8, n = p, utf8, p.n
         R = len(prompts) * n
         self.seen = None
-        if self.rep != 1.0:  # every token of the prompt and the output so far (as transformers)
+        if p.repetition_penalty != 1.0:  # every token of the prompt and the output so far (as transformers)
             self.seen = torch.zeros(R, V, dtype=torch.bool, device=device)
-            for i, p in enumerate(prompts):
-                self.seen[i * n : (i + 1) * n, torch.tensor(sorted(set(p)), device=device)] = True
+            for i, ids in enumerate(prompts):
+                self.seen[i * n : (i + 1) * n, torch.tensor(sorted(set(ids)), device=device)] = True
         self.counts = None
-        if self.presence or self.frequency:  # generated tokens only (as the OpenAI API)
+        if p.presence_penalty or p.frequency_penalty:  # generated tokens only (as the OpenAI API)
             self.counts = torch.zeros(R, V, dtype=torch.float32, device=device)
         self.generator = None
-        if seed is not None and self.temperature > 0:
+        if p.seed is not None and p.temperature > 0:
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(int(seed))
+            self.generator.manual_seed(int(p.seed))
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.p
         if self.utf8 is not None:
             logits = self.utf8.mask(logits)
         if self.seen is not None:
-            penalised = torch.where(logits < 0, logits * self.rep, logits / self.rep)
-            logits = torch.where(self.seen, penalised, logits)
+            rep = p.repetition_penalty
+            logits = torch.where(self.seen, torch.where(logits < 0, logits * rep, logits / rep), logits)
         if self.counts is not None:
-            logits = logits - self.frequency * self.counts - self.presence * (self.counts > 0).float()
-        if self.temperature == 0.0:
+            logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+        if p.temperature == 0.0:
             return logits.argmax(dim=-1)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        if self.top_k:
-            logits = top_k_filter(logits, self.top_k)
-        if self.top_p is not None:
-            logits = top_p_filter(logits, self.top_p)
-        if self.min_p is not None:
-            logits = min_p_filter(logits, self.min_p)
+        if p.temperature != 1.0:
+            logits = logits / p.temperature
+        if p.top_k:
+            logits = top_k_filter(logits, p.top_k)
+        if p.top_p is not None:
+            logits = top_p_filter(logits, p.top_p)
+        if p.min_p is not None:
+            logits = min_p_filter(logits, p.min_p)
         # one draw per row by an exponential race: argmax(p_i / E_i), E_i ~ Exp(1), picks i with probability p_i
         # (the trick torch.multinomial uses inside, minus its input checks and extra passes over the row)
         probs = logits.softmax(dim=-1)
@@ -427,28 +465,36 @@ class _Sampler:
             self.counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
 
 
-def _decode(model, prompts: list[list[int]], max_new_tokens: int, n: int, sampler_opts: dict, stop_ids: frozenset,
-            stops: list[str], tokenizer, want_logprobs: bool) -> Iterator[list[_Row]]:
+def _step_fn(model):
+    """One new token per row → its (R, V) logits: ``fastdecode.Decoder`` where it applies, else the model's own
+    forward over the cache."""
+    if fastdecode.applies(model):
+        return fastdecode.Decoder(model)
+
+    def step(tokens, cache, position_ids=None, attn_mask=None):
+        logits, _ = model(tokens[:, None], kv_cache=cache, position_ids=position_ids, attn_mask=attn_mask,
+                          last_only=True)
+        return logits[:, -1]
+
+    return step
+
+
+def _decode(model, prompts: list[list[int]], p: SamplingParams, text: Optional[_TokenText],
+            want_logprobs: bool) -> Iterator[list[_Row]]:
     """Generator: yields the rows after every decoding step (streaming reads them); rows are prompt-major."""
     device = model.wte.weight.device
-    B = len(prompts)
-    lens = [len(p) for p in prompts]
+    B, n = len(prompts), p.n
+    lens = [len(ids) for ids in prompts]
     P = max(lens)
-    with_text = tokenizer is not None
-    text = _TokenText.of(tokenizer, model.config.vocab_size, device) if with_text else None
-    rows = [_Row(_row_limit(model, lens[i], max_new_tokens), with_text) for i in range(B) for _ in range(n)]
+    rows = [_Row(_row_limit(model, lens[i], p.max_new_tokens), text is not None) for i in range(B) for _ in range(n)]
     max_steps = max(r.limit for r in rows)
-    for r in rows:
-        if r.limit <= 0:
-            r.finish("length")
     if max_steps <= 0:
         yield rows
         return
-    max_stop = max((len(s) for s in stops), default=0)
 
     # ---- prefill (left padding when lengths differ)
     padded = any(L != P for L in lens)
-    idx = torch.tensor([[0] * (P - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+    idx = torch.tensor([[0] * (P - len(ids)) + ids for ids in prompts], dtype=torch.long, device=device)
     cache = model.new_kv_cache(B, max_len=P + max_steps)
     pos_ids = key_ok = None
     if padded:
@@ -478,9 +524,9 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, n: int, sample
         pos_cap = None
 
     utf8 = _Utf8Mask(text, B * n) if text is not None and text.blocked is not None else None
-    sampler = _Sampler(prompts, n, model.config.vocab_size, device, **sampler_opts, utf8=utf8)
-    step_fn = model.decoder()
-    for step in range(max_steps):
+    sampler = _Sampler(prompts, model.config.vocab_size, device, p, utf8)
+    step_fn = _step_fn(model)
+    for _ in range(max_steps):
         last = logits.float()
         tokens = sampler(last)
         sampler.update(tokens)
@@ -489,21 +535,10 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, n: int, sample
         for i, r in enumerate(rows):
             if r.done:
                 continue
-            t = tok_list[i]
-            if t in stop_ids:
+            if tok_list[i] in p.stop_ids:
                 r.finish("stop")
-                continue
-            r.tokens.append(t)
-            if lp_list is not None:
-                r.logprobs.append(lp_list[i])
-            if with_text:
-                b = text.bytes[t]
-                r.byte_ends.append((r.byte_ends[-1] if r.byte_ends else 0) + len(b))
-                r.text += r.decoder.decode(b)
-                if stops and _cut_at_stop(r, stops, max_stop):
-                    continue
-            if len(r.tokens) >= r.limit:
-                r.finish("length")
+            else:
+                r.add(tok_list[i], lp_list[i] if lp_list else None, text, p.stop)
         if all(r.done for r in rows):
             break
         yield rows
@@ -515,30 +550,6 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, n: int, sample
         else:
             logits = step_fn(tokens, cache)
     yield rows
-
-
-def _cut_at_stop(r: _Row, stops: list[str], max_stop: int) -> bool:
-    """If a stop string appeared in the row's text, cut text and tokens exactly before it and finish the row."""
-    start = max(0, r.scan_from - max_stop + 1)
-    found = -1
-    for s in stops:
-        j = r.text.find(s, start)
-        if j != -1 and (found == -1 or j < found):
-            found = j
-    r.scan_from = len(r.text)
-    if found == -1:
-        return False
-    r.text = r.text[:found]
-    cut_bytes = len(r.text.encode("utf-8", errors="surrogatepass"))
-    keep = 0
-    while keep < len(r.tokens) and r.byte_ends[keep] <= cut_bytes:
-        keep += 1
-    del r.tokens[keep:]
-    del r.byte_ends[keep:]
-    if r.logprobs:
-        del r.logprobs[keep:]
-    r.finish("stop_string")
-    return True
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -559,13 +570,13 @@ def _ban_ngrams(scores: torch.Tensor, seqs: list[list[int]], size: int) -> torch
     return scores
 
 
-def _beam_search(model, prompt: list[int], max_new_tokens: int, num_beams: int, length_penalty: float,
-                 early_stopping, stop_ids: frozenset, n: int, no_repeat_ngram_size: int = 0,
-                 text: Optional[_TokenText] = None) -> list[tuple[list[int], list[float], str]]:
+def _beam_search(model, prompt: list[int], p: SamplingParams, text: Optional[_TokenText]) -> list[_Row]:
+    """The ``p.n`` best hypotheses of ``p.num_beams`` beams, as finished rows (stop strings cut afterwards)."""
     device = model.wte.weight.device
-    limit = _row_limit(model, len(prompt), max_new_tokens)
+    num_beams, length_penalty, early_stopping, stop_ids = p.num_beams, p.length_penalty, p.early_stopping, p.stop_ids
+    limit = _row_limit(model, len(prompt), p.max_new_tokens)
     if limit <= 0:
-        return [([], [], "length")] * n
+        return [_Row(0, text is not None) for _ in range(p.n)]
     K = 2 * num_beams  # candidates kept per step (enough to continue when the best ones all stop)
     cache = model.new_kv_cache(1, max_len=len(prompt) + limit)
     logits = model(torch.tensor([prompt], device=device), kv_cache=cache, last_only=True)[0][:, -1]
@@ -576,7 +587,7 @@ def _beam_search(model, prompt: list[int], max_new_tokens: int, num_beams: int, 
     beam_scores[0] = 0.0  # only the first beam is live at the start (all beams are the same prompt)
     finished: list[tuple[float, list[int], list[float], str]] = []  # (score, tokens, logprobs, reason)
     improvable = True
-    step_fn = model.decoder()
+    step_fn = _step_fn(model)
     stop_list = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long) if stop_ids else None
     utf8 = _Utf8Mask(text, num_beams) if text is not None and text.blocked is not None else None
     for step in range(limit):
@@ -584,7 +595,7 @@ def _beam_search(model, prompt: list[int], max_new_tokens: int, num_beams: int, 
         logp = F.log_softmax(logits.float(), dim=-1)  # (num_beams, V); the hypotheses keep these raw log-probs
         V = logp.shape[-1]
         scores = logp if utf8 is None else utf8.mask(logp)  # as transformers' processors: on the log-probs
-        scores = _ban_ngrams(scores, [prompt + b[0] for b in beams], no_repeat_ngram_size)
+        scores = _ban_ngrams(scores, [prompt + b[0] for b in beams], p.no_repeat_ngram_size)
         total = (scores + beam_scores[:, None]).view(-1)
         top_scores, top_idx = torch.topk(total, K)
         src_beam, tok = top_idx // V, top_idx % V
@@ -635,170 +646,90 @@ def _beam_search(model, prompt: list[int], max_new_tokens: int, num_beams: int, 
             utf8.reorder(sel_src)
             utf8.update(sel_tok)
         logits = step_fn(sel_tok, cache)
-    return [(toks, lps, reason) for _, toks, lps, reason in finished[:n]]
+    rows = []
+    for _, toks, lps, reason in finished[: p.n]:
+        row = _Row(len(toks) + 1, text is not None)
+        for t, lp in zip(toks, lps):
+            row.add(t, lp, text, p.stop)
+            if row.done:
+                break
+        if not row.done:
+            row.finish(reason)
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # public API
 
 
-def generate(
-    model,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int = 256,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    min_p: Optional[float] = None,
-    repetition_penalty: float = 1.0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping=False,
-    no_repeat_ngram_size: int = 0,
-    n: int = 1,
-    stop_ids=None,
-    stop=None,
-    tokenizer=None,
-    seed: Optional[int] = None,
-    return_logprobs: bool = False,
-    on_step=None,
-):
-    """Generate continuations of ``prompts`` (token-id lists); returns the new tokens of each output row.
+def generate(model, prompts: Sequence[Sequence[int]], params: Optional[SamplingParams] = None, *, tokenizer=None,
+             stream: bool = False, return_logprobs: bool = False, on_step=None, **options):
+    """Continue ``prompts`` (token-id lists) with the options ``params``; keyword ``options`` set fields of it
+    (``generate(model, prompts, temperature=0, max_new_tokens=20)``, or ``generate(model, prompts, params, seed=1)``).
 
-    Rows are prompt-major: with ``n > 1`` row ``i*n + j`` is sample ``j`` of prompt ``i``. ``temperature=0`` is
-    greedy. ``stop_ids`` (ints) end a row without being included; ``stop`` strings (need ``tokenizer``) cut the
-    output exactly before the string. With ``return_logprobs=True`` a list of ``GenerationResult`` comes back.
-    ``num_beams > 1`` runs beam search (deterministic; sampling options and penalties are not used) and returns the
-    ``n`` best hypotheses per prompt; ``no_repeat_ngram_size`` (beams only, as transformers) bans repeated n-grams.
+    Returns the new tokens of each output row, prompt-major (with ``n > 1`` row ``i*n + j`` is sample ``j`` of
+    prompt ``i``); stop ids and stop strings are never included. With ``return_logprobs=True`` a list of
+    ``GenerationResult`` comes back instead. ``stream=True`` (one prompt, ``n=1``, a tokenizer) returns an iterator
+    of text pieces: each is whole UTF-8, and text that might be the start of a stop string is held back until it
+    is known not to be one, so the pieces join to exactly the final text (beam search: one piece at the end).
 
     With a ``tokenizer`` the generated text is valid UTF-8 by construction (greedy, sampled and beams): at each step
     the tokens whose bytes cannot continue the pending partial character (or start a new one) are masked, so a
     byte-level BPE never writes a stray byte (U+FFFD); log-probs stay those of the unmasked model. A character cut
     by ``max_new_tokens`` is left out of the text.
 
-    ``on_step(rows)``, if given, is called after every decoding step (not for beam search) with the live state of
-    every output row (``.tokens``, ``.text`` (with a tokenizer), ``.done``, ``.reason``); an exception raised in it
-    stops decoding and propagates (the server uses this to stream batched requests and to drop cancelled ones).
+    ``on_step(rows)``, if given, is called after every decoding step (beam search: once, at the end) with the live
+    state of every output row (``.tokens``, ``.text`` (with a tokenizer), ``.done``, ``.reason``); an exception
+    raised in it stops decoding and propagates (the server uses this to stream batched requests and to drop
+    cancelled ones).
     """
-    _check_options(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, num_beams,
-                   n, stop, tokenizer)
-    if not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
-        raise UserError(f"no_repeat_ngram_size: must be a non-negative integer (0 = off), got {no_repeat_ngram_size!r}")
-    results = list(_generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                                     repetition_penalty, presence_penalty, frequency_penalty, num_beams,
-                                     length_penalty, early_stopping, n, stop_ids, stop, tokenizer, seed,
-                                     return_logprobs, on_step, no_repeat_ngram_size))
-    if return_logprobs:
-        return results
-    return [r.tokens for r in results]
+    p = replace(params or SamplingParams(), **options)
+    _check_prompts(model, prompts)
+    if p.stop and tokenizer is None:
+        raise UserError("stop: stop strings need a tokenizer (pass tokenizer=)")
+    text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, model.wte.weight.device)
+    steps = _steps(model, _fit_prompts(model, prompts, p.max_new_tokens), p, text, return_logprobs)
+    if stream:
+        if len(prompts) != 1 or p.n != 1:
+            raise UserError("n: streaming generates one sequence (one prompt, n=1)")
+        if tokenizer is None:
+            raise UserError("stream: streaming text needs a tokenizer (pass tokenizer=)")
+        return _stream(steps, p.stop)
+    rows = []
+    for rows in steps:
+        if on_step is not None:
+            on_step(rows)
+    if not return_logprobs:
+        return [r.tokens for r in rows]
+    return [GenerationResult(r.tokens, r.logprobs, r.reason, r.text) for r in rows]
 
 
-def _generate_results(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                      presence_penalty, frequency_penalty, num_beams, length_penalty, early_stopping, n, stop_ids,
-                      stop, tokenizer, seed, want_logprobs, on_step=None,
-                      no_repeat_ngram_size=0) -> list[GenerationResult]:
-    prompts = _fit_prompts(model, prompts, max_new_tokens)
-    stop_ids = _normalize_stop_ids(stop_ids)
-    stops = _normalize_stop(stop)
+def _steps(model, prompts: list[list[int]], p: SamplingParams, text: Optional[_TokenText],
+           want_logprobs: bool) -> Iterator[list[_Row]]:
+    """The rows after every decoding step (beam search: once, at the end), the model in eval and inference mode."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            if num_beams > 1:
-                table = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size,
-                                                                     model.wte.weight.device)
-                out = []
-                for p in prompts:
-                    for toks, lps, reason in _beam_search(model, p, max_new_tokens, num_beams, length_penalty,
-                                                          early_stopping, stop_ids, n, no_repeat_ngram_size, table):
-                        out.append(_finish_beam(toks, lps, reason, stops, table, want_logprobs))
-                return out
-            opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                        frequency_penalty=frequency_penalty, seed=seed)
-            rows = None
-            for rows in _decode(model, prompts, max_new_tokens, n, opts, stop_ids, stops, tokenizer, want_logprobs):
-                if on_step is not None:
-                    on_step(rows)
-            return [GenerationResult(r.tokens, r.logprobs if want_logprobs else None, r.reason, r.text)
-                    for r in rows]
+            if p.num_beams > 1:
+                yield [row for ids in prompts for row in _beam_search(model, ids, p, text)]
+            else:
+                yield from _decode(model, prompts, p, text, want_logprobs)
     finally:
         model.train(was_training)
 
 
-def _finish_beam(toks, lps, reason, stops, table: Optional[_TokenText], want_logprobs) -> GenerationResult:
-    text = None
-    if table is not None:
-        row = _Row(len(toks) + 1, True)
-        max_stop = max((len(s) for s in stops), default=0)
-        for t, lp in zip(toks, lps):
-            row.tokens.append(t)
-            row.logprobs.append(lp)
-            b = table.bytes[t]
-            row.byte_ends.append((row.byte_ends[-1] if row.byte_ends else 0) + len(b))
-            row.text += row.decoder.decode(b)
-            if stops and _cut_at_stop(row, stops, max_stop):
-                break
-        if not row.done:
-            row.finish(reason)
-        toks, lps, reason, text = row.tokens, row.logprobs, row.reason, row.text
-    return GenerationResult(list(toks), list(lps) if want_logprobs else None, reason, text)
-
-
-def stream_generate(model, tokenizer, prompt_ids: Sequence[int], **options) -> Iterator[str]:
-    """Generate from one prompt, yielding text pieces as soon as they are complete UTF-8.
-
-    Takes the options of ``generate`` (``n`` must be 1). Text that might be the start of a stop string is held
-    back until it is known not to be one, so the pieces join to exactly the final (cut) text. Beam search yields
-    its result in one piece at the end.
-    """
-    if options.get("n", 1) != 1:
-        raise UserError("n: streaming generates one sequence (n=1)")
-    options.pop("return_logprobs", None)
-    options.pop("tokenizer", None)
-    names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-             "frequency_penalty", "num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size", "n",
-             "stop_ids", "stop", "seed")
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        raise TypeError(f"stream_generate() got unexpected option(s): {', '.join(unknown)}")
-    args = dict(max_new_tokens=256, temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=1.0,
-                presence_penalty=0.0, frequency_penalty=0.0, num_beams=1, length_penalty=1.0, early_stopping=False,
-                no_repeat_ngram_size=0, n=1, stop_ids=None, stop=None, seed=None)
-    args.update(options)
-    _check_options(model, [prompt_ids], args["max_new_tokens"], args["temperature"], args["top_k"], args["top_p"],
-                   args["min_p"], args["repetition_penalty"], args["num_beams"], 1, args["stop"], tokenizer)
-    if args["num_beams"] > 1:
-        (res,) = generate(model, [prompt_ids], tokenizer=tokenizer, return_logprobs=True, **args)
-        if res.text:
-            yield res.text
-        return
-    stops = _normalize_stop(args["stop"])
-    stop_ids = _normalize_stop_ids(args["stop_ids"])
-    prompts = _fit_prompts(model, [prompt_ids], args["max_new_tokens"])
-    opts = {k: args[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                                 "frequency_penalty", "seed")}
+def _stream(steps: Iterator[list[_Row]], stops: tuple[str, ...]) -> Iterator[str]:
     emitted = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for rows in _decode(model, prompts, args["max_new_tokens"], 1, opts, stop_ids, stops, tokenizer, False):
-                r = rows[0]
-                end = len(r.text) if r.done else len(r.text) - stop_prefix_len(r.text, stops)
-                if end > emitted:
-                    piece = r.text[emitted:end]
-                    emitted = end
-                    yield piece
-                if r.done:
-                    return
-    finally:
-        model.train(was_training)
+    for (r,) in steps:
+        end = len(r.text) if r.done else len(r.text) - stop_prefix_len(r.text, stops)
+        if end > emitted:
+            yield r.text[emitted:end]
+            emitted = end
 
 
-def stop_prefix_len(text: str, stops: list[str]) -> int:
+def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of ``text`` that is the beginning of some stop string (to hold back)."""
     best = 0
     for s in stops:
@@ -840,78 +771,3 @@ def score(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequenc
     finally:
         model.train(was_training)
     return out
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# CLI: pocketgpt sample
-
-
-def configure_cli(name, p) -> None:
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (pocketgpt or Hugging Face GPT-2/Llama)")
-    p.add_argument("--prompt", default=None, help="prompt text (default: start from <|endoftext|>)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p × the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
-    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style presence penalty")
-    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style frequency penalty")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1 = off)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty (default 1)")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=3,
-                   help="beam search never repeats an n-gram of this size (default 3: beams of small models loop "
-                        "otherwise; 0 = off)")
-    p.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="fp32", help="weights precision: fp32, bf16, fp16 (default fp32)")
-    p.set_defaults(func=_run_sample)
-
-
-def _run_sample(args) -> int:
-    from .chat import find_checkpoint
-    from .model import GPT
-    from .runtime import DTYPES, pick_device
-    from .tokenizer import load_tokenizer_for
-
-    if args.n < 1:
-        raise UserError(f"--n: must be at least 1, got {args.n}")
-    ckpt = find_checkpoint(args.ckpt)
-    device = pick_device(args.device)
-    if args.dtype not in DTYPES:
-        raise UserError(f"--dtype: unknown precision {args.dtype!r} (fp32, bf16, fp16)")
-    tokenizer = load_tokenizer_for(ckpt)
-    model = GPT.from_pretrained(ckpt, device=device, dtype=DTYPES[args.dtype])
-    specials = getattr(tokenizer, "special_ids", None) or {}
-    eot = specials.get("<|endoftext|>")
-    if args.prompt:
-        prompt = tokenizer.encode(args.prompt)
-    elif eot is not None:
-        prompt = [eot]
-    else:
-        raise UserError("--prompt: this tokenizer has no <|endoftext|> token; give a prompt")
-    if not prompt:
-        prompt = [eot] if eot is not None else None
-        if prompt is None:
-            raise UserError("--prompt: encodes to no tokens")
-    stop_ids = [eot] if eot is not None else None
-    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                num_beams=args.num_beams, length_penalty=args.length_penalty,
-                no_repeat_ngram_size=args.no_repeat_ngram_size, stop_ids=stop_ids, stop=args.stop)
-    out = sys.stdout
-    for i in range(args.n):
-        if args.n > 1:
-            out.write(f"--- sample {i + 1} ---\n")
-        seed = None if args.seed is None else args.seed + i
-        out.write(args.prompt or "")
-        out.flush()
-        for piece in stream_generate(model, tokenizer, prompt, seed=seed, **opts):
-            out.write(piece)
-            out.flush()
-        out.write("\n")
-        out.flush()
-    return 0

@@ -3,12 +3,11 @@
 GPT-2 stores its linear layers as ``Conv1D`` with weights of shape (in, out): they are transposed on the way in and
 out. A pocketgpt model with learned positions + layernorm + gelu/relu exports as ``GPT2LMHeadModel``; one with
 rope + rmsnorm + swiglu exports as ``LlamaForCausalLM`` (so vLLM / llama.cpp can serve it). Other combinations have
-no faithful Hugging Face architecture and are refused with the option at fault named.
+no faithful Hugging Face architecture and are refused with the option at fault named. The entry points that read
+and write such directories (``load_model``, ``export_hf``) are in ``checkpoint.py``.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -29,7 +28,7 @@ def gpt2_config_to_ours(hf: dict, where: str) -> GPTConfig:
         raise UserError(f"{where}: field 'activation_function' {act!r} is not supported (gelu_new or relu)")
     n_embd = hf.get("n_embd", 768)
     try:
-        return GPTConfig(
+        return GPTConfig.from_dict(dict(
             vocab_size=hf.get("vocab_size", 50257),
             block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
             n_layer=hf.get("n_layer", 12),
@@ -42,7 +41,7 @@ def gpt2_config_to_ours(hf: dict, where: str) -> GPTConfig:
             tie_embeddings=hf.get("tie_word_embeddings", True),
             mlp_hidden=hf.get("n_inner") or 4 * n_embd,
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        ).validate(where)
+        ), where)
     except TypeError as e:
         raise UserError(f"{where}: bad GPT-2 config ({e})") from None
 
@@ -134,7 +133,7 @@ def llama_config_to_ours(hf: dict, where: str) -> GPTConfig:
     n_head = hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, n_embd // n_head):
         raise UserError(f"{where}: field 'head_dim' must equal hidden_size / num_attention_heads")
-    return GPTConfig(
+    return GPTConfig.from_dict(dict(
         vocab_size=hf["vocab_size"],
         block_size=hf.get("max_position_embeddings", 2048),
         n_layer=hf["num_hidden_layers"],
@@ -149,7 +148,7 @@ def llama_config_to_ours(hf: dict, where: str) -> GPTConfig:
         mlp_hidden=hf["intermediate_size"],
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
-    ).validate(where)
+    ), where)
 
 
 def llama_state_to_ours(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -234,31 +233,3 @@ def ours_to_llama(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
             out[p + "mlp.gate_proj.bias"], out[p + "mlp.up_proj.bias"] = bg, bu
             out[p + "mlp.down_proj.bias"] = sd_in[q + "mlp.c_proj.bias"]
     return cfg, {k: v.detach().contiguous().clone() for k, v in out.items()}
-
-
-def export_hf(model: GPT, out_dir: str | Path, fmt: str = "auto", tokenizer_dir: str | Path | None = None) -> str:
-    """Write a Hugging Face directory (config.json + model.safetensors [+ tokenizer files]); returns the architecture."""
-    from safetensors.torch import save_file
-
-    from .io import atomic_dir, write_json
-
-    c = model.config
-    if fmt == "auto":
-        fmt = "llama" if c.pos == "rope" else "gpt2"
-    if fmt == "gpt2":
-        cfg, sd = ours_to_gpt2(model)
-    elif fmt == "llama":
-        cfg, sd = ours_to_llama(model)
-    else:
-        raise UserError(f"unknown export architecture {fmt!r} (gpt2, llama or auto)")
-    with atomic_dir(out_dir) as tmp:
-        write_json(tmp / "config.json", cfg)
-        save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "generation_config.json", {"_from_model_config": True})
-        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-            import shutil
-
-            for f in Path(tokenizer_dir).iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
-    return cfg["architectures"][0]

@@ -9,104 +9,62 @@ grouped-query attention via ``n_kv_head``; tied or untied embeddings.
 
 The KV cache: ``forward(idx, kv_cache=cache)`` reads the past keys/values held in ``cache`` (a ``KVCache``),
 appends the new ones in place and advances ``cache.pos``; positions continue from ``cache.pos`` for all three
-position kinds (or come from ``position_ids`` for left-padded batches). The generation engine builds on this.
+position kinds (or come from ``position_ids`` for left-padded batches). The generation engine builds on this;
+saving and loading (ours and Hugging Face's) live in ``checkpoint.py``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
-from .errors import UserError
-
-POS_KINDS = ("learned", "sinusoidal", "rope")
-NORM_KINDS = ("layernorm", "rmsnorm")
-MLP_KINDS = ("gelu", "relu", "swiglu")
-_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)  # enable_gqa=
+from .config import Config, FieldError
 
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50304
-    block_size: int = 1024  # the context length
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
+class GPTConfig(Config):
+    """The architecture (TOML section ``[model]``, a checkpoint's ``config.json``)."""
+
+    section: ClassVar[str] = "model"
+    vocab_size: int = Field(50304, gt=0)
+    block_size: int = Field(1024, gt=0)  # the context length
+    n_layer: int = Field(12, gt=0)
+    n_head: int = Field(12, gt=0)
+    n_embd: int = Field(768, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
-    pos: str = "learned"  # learned | sinusoidal | rope
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu | relu | swiglu
-    n_kv_head: Optional[int] = None  # grouped-query attention; None = n_head (plain multi-head)
+    pos: Literal["learned", "sinusoidal", "rope"] = "learned"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "relu", "swiglu"] = "gelu"
+    n_kv_head: Optional[int] = Field(None, gt=0)  # grouped-query attention; None = n_head (plain multi-head)
     tie_embeddings: bool = True
-    mlp_hidden: Optional[int] = None  # None = 4*n_embd (gelu/relu) or ~8/3*n_embd rounded to 64 (swiglu)
-    norm_eps: float = 1e-5
+    mlp_hidden: Optional[int] = Field(None, gt=0)  # None = 4*n_embd (gelu/relu) or ~8/3*n_embd rounded to 64 (swiglu)
+    norm_eps: float = Field(1e-5, gt=0)
     rope_theta: float = 10000.0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _shapes(self) -> "GPTConfig":
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.mlp_hidden is None:
-            if self.mlp == "swiglu":
-                self.mlp_hidden = 64 * math.ceil(int(8 * self.n_embd / 3) / 64)
-            else:
-                self.mlp_hidden = 4 * self.n_embd
+            self.mlp_hidden = 64 * math.ceil(int(8 * self.n_embd / 3) / 64) if self.mlp == "swiglu" else 4 * self.n_embd
+        if self.n_embd % self.n_head:
+            raise FieldError("n_embd", f"({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise FieldError("n_kv_head", f"({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise FieldError("n_embd", f"rope needs an even head size, got {self.head_dim}")
+        if self.pos == "sinusoidal" and self.n_embd % 2:
+            raise FieldError("n_embd", f"sinusoidal positions need an even n_embd, got {self.n_embd}")
+        return self
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-    def validate(self, where: str = "config") -> "GPTConfig":
-        """Raise ``UserError`` naming the field if the shapes or options are impossible."""
-
-        def bad(field: str, msg: str) -> UserError:
-            return UserError(f"{where}: field '{field}' {msg}")
-
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise bad(name, f"must be a positive integer, got {v!r}")
-        if self.n_embd % self.n_head:
-            raise bad("n_embd", f"({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_head % self.n_kv_head:
-            raise bad("n_kv_head", f"({self.n_kv_head}) must divide n_head ({self.n_head})")
-        if self.pos not in POS_KINDS:
-            raise bad("pos", f"must be one of {', '.join(POS_KINDS)}, got {self.pos!r}")
-        if self.norm not in NORM_KINDS:
-            raise bad("norm", f"must be one of {', '.join(NORM_KINDS)}, got {self.norm!r}")
-        if self.mlp not in MLP_KINDS:
-            raise bad("mlp", f"must be one of {', '.join(MLP_KINDS)}, got {self.mlp!r}")
-        if self.pos == "rope" and self.head_dim % 2:
-            raise bad("n_embd", f"rope needs an even head size, got {self.head_dim}")
-        if self.pos == "sinusoidal" and self.n_embd % 2:
-            raise bad("n_embd", f"sinusoidal positions need an even n_embd, got {self.n_embd}")
-        if not (0.0 <= float(self.dropout) < 1.0):
-            raise bad("dropout", f"must be in [0, 1), got {self.dropout!r}")
-        if float(self.norm_eps) <= 0:
-            raise bad("norm_eps", f"must be > 0, got {self.norm_eps!r}")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "GPTConfig":
-        """Build from a dict, rejecting unknown keys with a did-you-mean hint."""
-        import difflib
-
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                hint = difflib.get_close_matches(key, sorted(known), n=1)
-                extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-                raise UserError(f"{where}: unknown model field '{key}'{extra}")
-        return cls(**d).validate(where)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -166,7 +124,7 @@ def _norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def _rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape positions.shape + (head_dim,), in the 'rotate half' layout used by Llama."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.to(torch.float32)[..., None] * inv_freq
@@ -174,7 +132,7 @@ def _rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple
     return emb.cos(), emb.sin()
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, H, T, D); cos/sin: (B, 1, T, D)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -212,7 +170,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
-            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         past = 0
         if kv_cache is not None:
@@ -253,10 +211,10 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(_activate(self.c_fc(x), self.kind)))
+        return self.dropout(self.c_proj(activate(self.c_fc(x), self.kind)))
 
 
-def _activate(h: torch.Tensor, kind: str) -> torch.Tensor:
+def activate(h: torch.Tensor, kind: str) -> torch.Tensor:
     """The MLP's nonlinearity on the output of ``c_fc`` (swiglu: first half gate, second half up)."""
     if kind == "swiglu":
         gate, up = h.chunk(2, dim=-1)
@@ -289,7 +247,6 @@ class GPT(nn.Module):
         """``init_weights=False`` leaves the weights uninitialised (for loading a checkpoint into them): building on
         the meta device then never runs ``normal_`` there, whose first call imports ~2 s of PyTorch internals."""
         super().__init__()
-        config.validate()
         self.config = config
 
         def embedding(n: int) -> nn.Embedding:
@@ -334,9 +291,6 @@ class GPT(nn.Module):
         T = seq_len or c.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
 
-    def estimate_mfu(self, tokens_per_second: float, peak_flops: float, seq_len: Optional[int] = None) -> float:
-        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
-
     # ---- forward -----------------------------------------------------------------------------------------------------
 
     def forward(
@@ -378,7 +332,7 @@ class GPT(nn.Module):
         elif self.config.pos == "sinusoidal":
             x = x + sinusoidal_embedding(position_ids, self.config.n_embd).to(x.dtype)
         else:
-            cos, sin = _rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+            cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
             rope = (cos.unsqueeze(1), sin.unsqueeze(1))
         x = self.drop(x)
         for i, block in enumerate(self.h):
@@ -398,10 +352,6 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
-
-    def decoder(self, groups: Optional[int] = None) -> "Decoder":
-        """The fast one-token decoding step over a ``KVCache`` (see ``Decoder``); the engine's inner loop."""
-        return Decoder(self, groups)
 
     def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None, dtype=None) -> KVCache:
         p = self.wte.weight
@@ -431,187 +381,3 @@ class GPT(nn.Module):
                 head.weight.data[n:] = head_old.mean(0, keepdim=True)
             self.lm_head = head
         self.config.vocab_size = new_size
-
-    # ---- checkpoints -------------------------------------------------------------------------------------------------
-
-    def state_dict_for_save(self) -> dict[str, torch.Tensor]:
-        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if self.config.tie_embeddings:
-            sd.pop("lm_head.weight", None)  # safetensors stores no shared tensors; it is wte.weight
-        return sd
-
-    def write_files(self, directory: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors`` into an existing directory (not atomic on its own)."""
-        from safetensors.torch import save_file
-
-        from .io import write_json
-
-        directory = Path(directory)
-        write_json(directory / "config.json", {"model_type": "pocketgpt", **self.config.to_dict()})
-        save_file(self.state_dict_for_save(), str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Save as a checkpoint directory, atomically (temp dir + rename)."""
-        from .io import atomic_dir
-
-        directory = Path(directory)
-        with atomic_dir(directory) as tmp:
-            self.write_files(tmp)
-            # keep files written by other stages (tokenizer/, trainer state) that live beside the weights
-            if directory.exists():
-                import shutil
-
-                for item in directory.iterdir():
-                    if not (tmp / item.name).exists():
-                        if item.is_dir():
-                            shutil.copytree(item, tmp / item.name)
-                        else:
-                            shutil.copy2(item, tmp / item.name)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device=None, dtype=None) -> "GPT":
-        """Load a pocketgpt checkpoint, or a local Hugging Face GPT-2 / Llama directory."""
-        from .checkpoint import load_model
-
-        return load_model(directory, device=device, dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# one-token decoding (the generation engine's inner loop)
-
-
-def gemv_groups(weight: torch.Tensor) -> int:
-    """Into how many blocks of output rows a few-row matmul with ``weight`` is split (1 = plain ``F.linear``).
-
-    Measured on a 2-core AVX2 CPU: MKL's fp32 matrix-vector product runs on one core (~11 GB/s of weights); viewing
-    the weight as ``g`` blocks of rows multiplied by one ``bmm`` lets every core stream its own blocks (~20 GB/s):
-    a decode step of the 10.7M model drops from 3.8 to 2.0 ms of matmuls, GPT-2-124M's from 40 to 22 ms.
-    bf16/fp16 weights (oneDNN) and CUDA (cuBLAS) are fastest with ``F.linear`` and are left alone.
-    """
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return 1
-    threads = torch.get_num_threads()
-    return 1 if threads < 2 else 2 * threads
-
-
-class _RowsLinear:
-    """``F.linear(x, weight, bias)`` for a few rows ``x`` (R, K) as one batched matmul over ``groups`` blocks of the
-    weight's output rows (views, no copy); the last ``N mod groups`` rows go through ``F.linear``."""
-
-    MAX_ROWS = 64  # measured faster than F.linear up to 64 rows (2-core CPU); bigger GEMMs are left to MKL
-
-    __slots__ = ("weight", "bias", "blocks", "block_bias", "tail")
-
-    def __init__(self, linear: nn.Linear, groups: int):
-        weight, bias = linear.weight, linear.bias
-        self.weight, self.bias = weight, bias
-        self.blocks = self.block_bias = self.tail = None
-        N, K = weight.shape
-        if groups > 1 and N >= 32 * groups:
-            main = N - N % groups
-            self.blocks = weight[:main].view(groups, main // groups, K).transpose(1, 2)  # (g, K, N/g)
-            if bias is not None:
-                self.block_bias = bias[:main].view(groups, 1, main // groups)
-            if main < N:
-                self.tail = (weight[main:], None if bias is None else bias[main:])
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        R = x.shape[0]
-        if self.blocks is None or R > self.MAX_ROWS:
-            return F.linear(x, self.weight, self.bias)
-        xe = x.expand(self.blocks.shape[0], R, x.shape[1])
-        if self.block_bias is None:
-            y = torch.bmm(xe, self.blocks)
-        else:
-            y = torch.baddbmm(self.block_bias, xe, self.blocks)
-        y = y.view(R, -1) if R == 1 else y.transpose(0, 1).reshape(R, -1)
-        if self.tail is not None:
-            y = torch.cat((y, F.linear(x, *self.tail)), dim=1)
-        return y
-
-
-class Decoder:
-    """One decoding step, one new token per row, written with functional ops on the model's own weights.
-
-    ``decoder(tokens, cache, position_ids=None, attn_mask=None)`` returns the (R, V) next-token logits and equals
-    ``model(tokens[:, None], kv_cache=cache, position_ids=..., attn_mask=..., last_only=True)[0][:, -1]`` (tests
-    hold them together for every model kind). It exists for speed: at small sizes a decode step is dominated by
-    per-op Python and dispatch cost, so it skips the module calls, dropout no-ops, transposes and copies of the
-    general forward, writes each layer's key and value with one copy, and runs fp32 CPU matmuls as ``_RowsLinear``.
-    ``position_ids`` (R, 1) are the positions of the fed tokens (left-padded batches; must be < block_size for
-    learned positions); None means ``cache.pos`` for every row. A subclass with its own ``forward`` is decoded
-    through that ``forward``. Build one per generation call: it holds views of the current weights.
-    """
-
-    def __init__(self, model: "GPT", groups: Optional[int] = None):
-        self.model = model
-        self.c = c = model.config
-        self.generic = type(model).forward is not GPT.forward
-        if self.generic:
-            return
-        g = gemv_groups(model.wte.weight) if groups is None else groups
-        self.rms, self.shape = c.norm == "rmsnorm", [c.n_embd]
-
-        def norm(m):
-            return m.weight, getattr(m, "bias", None)
-
-        self.layers = [
-            (norm(b.ln_1), _RowsLinear(b.attn.c_attn, g), _RowsLinear(b.attn.c_proj, g), norm(b.ln_2),
-             _RowsLinear(b.mlp.c_fc, g), _RowsLinear(b.mlp.c_proj, g))
-            for b in model.h
-        ]
-        self.ln_f = norm(model.ln_f)
-        self.head = _RowsLinear(model.lm_head, g)
-
-    def _norm(self, x, wb):  # the torch.* builtins skip the Python wrappers of F.layer_norm / F.rms_norm
-        if self.rms:
-            return torch.rms_norm(x, self.shape, wb[0], self.c.norm_eps)
-        return torch.layer_norm(x, self.shape, wb[0], wb[1], self.c.norm_eps)
-
-    def __call__(self, tokens: torch.Tensor, cache: KVCache, position_ids=None, attn_mask=None) -> torch.Tensor:
-        if self.generic:
-            logits, _ = self.model(tokens[:, None], kv_cache=cache, position_ids=position_ids, attn_mask=attn_mask,
-                                   last_only=True)
-            return logits[:, -1]
-        c, m = self.c, self.model
-        R, H, Hkv, D = tokens.shape[0], c.n_head, c.n_kv_head, c.head_dim
-        p = cache.pos
-        if p >= cache.max_len:
-            raise ValueError(f"the KV cache is full ({cache.max_len} positions)")
-        x = torch.embedding(m.wte.weight, tokens)
-        rope = None
-        if c.pos == "learned":
-            if position_ids is None:
-                if p >= c.block_size:
-                    raise ValueError(f"position {p} is beyond the model's context of {c.block_size} tokens")
-                x = x + m.wpe.weight[p]
-            else:
-                x = x + F.embedding(position_ids[:, 0], m.wpe.weight)
-        else:
-            pos = position_ids if position_ids is not None else torch.full((R, 1), p, device=tokens.device)
-            if c.pos == "sinusoidal":
-                x = x + sinusoidal_embedding(pos[:, 0], c.n_embd).to(x.dtype)
-            else:
-                cos, sin = _rope_cos_sin(pos, D, c.rope_theta)
-                rope = (cos[:, None], sin[:, None])  # (R, 1, 1, D)
-        gqa, qd, kd = Hkv != H, H * D, Hkv * D
-        gqa_kw = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
-        for i, (n1, attn_in, attn_out, n2, mlp_in, mlp_out) in enumerate(self.layers):
-            qkv = attn_in(self._norm(x, n1))
-            q = qkv[:, :qd].view(R, H, 1, D)
-            if rope is None:  # keys and values side by side in qkv: one copy into the cache
-                cache.kv[i].select(3, p).copy_(qkv[:, qd:].view(R, 2, Hkv, D).transpose(0, 1))
-            else:
-                q, k = _apply_rope(q, *rope), _apply_rope(qkv[:, qd : qd + kd].view(R, Hkv, 1, D), *rope)
-                cache.k[i].select(2, p).copy_(k[:, :, 0])
-                cache.v[i].select(2, p).copy_(qkv[:, qd + kd :].view(R, Hkv, D))
-            keys, values = cache.k[i].narrow(2, 0, p + 1), cache.v[i].narrow(2, 0, p + 1)
-            if keys.dtype != q.dtype:
-                keys, values = keys.to(q.dtype), values.to(q.dtype)
-            if gqa and not _SDPA_HAS_GQA:
-                keys, values = keys.repeat_interleave(H // Hkv, 1), values.repeat_interleave(H // Hkv, 1)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, **gqa_kw)
-            x = x + attn_out(y.reshape(R, qd))
-            x = x + mlp_out(_activate(mlp_in(self._norm(x, n2)), c.mlp))
-        cache.pos = p + 1
-        return self.head(self._norm(x, self.ln_f))

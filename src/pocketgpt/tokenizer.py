@@ -75,7 +75,7 @@ def _read_texts(files_or_texts: Iterable[str | os.PathLike], encoding: str = "ut
     for item in files_or_texts:
         if isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item and len(item) < 4096
                                              and os.path.isfile(item)):
-            from .data import read_text_file
+            from .records import read_text_file
 
             yield read_text_file(Path(item), encoding=encoding, errors=errors)
         elif isinstance(item, str):
@@ -511,60 +511,3 @@ def load_tokenizer_for(ckpt_dir: str | os.PathLike) -> Tokenizer:
             return Tokenizer.load(d)
     raise UserError(f"{ckpt_dir}: no tokenizer found (expected {ckpt_dir / 'tokenizer'}/ or tokenizer.json / "
                     f"vocab.json + merges.txt)")
-
-
-# ---------------------------------------------------------------------- CLI
-def configure_cli(name, p):
-    sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
-    t = sub.add_parser("train", help="train a tokenizer on text files", allow_abbrev=False,
-                       description="Train a tokenizer on text files (.txt, .txt.gz, .jsonl with --field, folders).")
-    t.add_argument("files", nargs="*", help="input files or folders")
-    t.add_argument("--builtin", action="append", default=[], metavar="NAME",
-                   help="a bundled corpus as input (shakespeare, shuihu, ...); may repeat")
-    t.add_argument("--kind", default="bpe", choices=KINDS, help="tokenizer kind (default bpe)")
-    t.add_argument("--vocab-size", type=int, default=None,
-                   help="total vocabulary incl. special tokens (required except for char)")
-    t.add_argument("--min-frequency", type=int, default=0, help="drop pieces seen fewer times (bpe, word)")
-    t.add_argument("--out", required=True, help="output directory (written atomically)")
-    t.add_argument("--field", default="text", help="JSONL field holding the text (default text)")
-    t.add_argument("--encoding", default="utf-8", help="input text encoding (default utf-8)")
-    t.add_argument("--errors", default="strict", choices=["strict", "replace"],
-                   help="on undecodable bytes: stop with an error (strict) or use U+FFFD (replace)")
-    t.set_defaults(func=_cli_train)
-    e = sub.add_parser("encode", help="show the tokens of a text", allow_abbrev=False,
-                       description="Show the token ids/pieces of a text.")
-    e.add_argument("text", help="text to encode")
-    e.add_argument("--tokenizer", required=True, help="tokenizer directory (or a checkpoint directory)")
-    e.add_argument("--allow-special", action="store_true", help="turn literal <|...|> strings into special ids")
-    e.set_defaults(func=_cli_encode)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
-
-
-def _cli_train(args) -> int:
-    from .data import collect_documents
-
-    inputs = list(args.files)
-    if not inputs and not args.builtin:
-        raise UserError("give input FILES or --builtin NAME")
-    docs, _ = collect_documents(inputs, builtins=args.builtin, field=args.field, encoding=args.encoding,
-                                errors=args.errors)
-    tok = Tokenizer.train(args.kind, docs, args.vocab_size,
-                          min_frequency=args.min_frequency, show_progress=_tty())
-    tok.save(args.out)
-    print(f"trained {args.kind} tokenizer, vocab size {tok.vocab_size}, saved to {args.out}")
-    return 0
-
-
-def _cli_encode(args) -> int:
-    tok = load_tokenizer_for(args.tokenizer)
-    ids = tok.encode(args.text, allow_special=args.allow_special)
-    pieces = [tok.decode_bytes([i]).decode("utf-8", errors="backslashreplace") for i in ids]
-    print(f"{len(ids)} tokens: {ids}")
-    print(" | ".join(repr(p)[1:-1] for p in pieces))
-    return 0
-
-
-def _tty() -> bool:
-    import sys
-
-    return sys.stderr.isatty() and not os.environ.get("CI")

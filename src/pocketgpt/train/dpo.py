@@ -35,61 +35,51 @@ from __future__ import annotations
 import hashlib
 import random
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import UserError
+from pydantic import Field, model_validator
 
-LOSSES = ("sigmoid", "ipo")
-REFERENCES = ("precomputed", "online")
+from ..config import Config, FieldError, StrList
+from ..chat import render, stop_id
+from ..errors import UserError
+from .trainer import TrainConfig
+from ..records import fit, read_pairs, split
+
 REF_CACHE = "ref_logprobs.safetensors"
 
 
-@dataclass
-class DPOConfig:
+class DPOConfig(Config):
     """The ``[dpo]`` section of a config."""
 
-    init: str = ""  # SFT checkpoint to start from; also the reference model (--init overrides)
-    data: list = field(default_factory=list)  # preference-pair files or bundled names ("prefs") (--data overrides)
-    beta: float = 0.1  # strength of the implicit KL to the reference
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
-    label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped (sigmoid only)
-    reference: str = "precomputed"  # precomputed (once, cached) | online (frozen copy, every step)
-    block_size: int = 0  # 0 = the model's context
-    val_fraction: float = 0.1  # held-out pairs (accuracy / margins)
-    val_max: int = 200
-    max_pairs: int = 0  # 0 = all; else a seeded sample of this many
+    section: ClassVar[str] = "dpo"
+    init: str = Field("", description="SFT checkpoint to start from (also the frozen reference model)")
+    data: StrList = Field([], description="preference pairs JSONL ({\"prompt\": [messages], \"chosen\": str, "
+                                          "\"rejected\": str}) or the bundled name 'prefs'")
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL to the reference")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid (DPO) or ipo")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: probability that a label is "
+                                                                  "wrong (sigmoid loss only)")
+    reference: Literal["precomputed", "online"] = Field(
+        "precomputed", description="reference log-probs computed once up front (cached) or every step (frozen copy)")
+    block_size: int = Field(0, ge=0)  # 0 = the model's context
+    val_fraction: float = Field(0.1, gt=0, lt=1)  # held-out pairs (they give the accuracy / margins)
+    val_max: int = Field(200, ge=0)
+    max_pairs: int = Field(0, ge=0)  # 0 = all; else a seeded sample of this many
 
-    def validate(self, where: str = "[dpo]") -> "DPOConfig":
-        def bad(name: str, msg: str) -> UserError:
-            return UserError(f"{where}: field '{name}' {msg}")
-
-        if isinstance(self.data, str):
-            self.data = [self.data]
-        if not isinstance(self.data, list) or not all(isinstance(d, str) for d in self.data):
-            raise bad("data", "must be a list of pair files or bundled corpus names")
-        if not float(self.beta) > 0:
-            raise bad("beta", f"must be > 0, got {self.beta!r}")
-        if self.loss not in LOSSES:
-            raise bad("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if not 0 <= float(self.label_smoothing) < 0.5:
-            raise bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing!r}")
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoid_only(self) -> "DPOConfig":
         if self.label_smoothing and self.loss != "sigmoid":
-            raise bad("label_smoothing", "applies to the sigmoid loss only")
-        if self.reference not in REFERENCES:
-            raise bad("reference", f"must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
-        for name in ("block_size", "val_max", "max_pairs"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise bad(name, f"must be an integer >= 0, got {v!r}")
-        if not 0 < float(self.val_fraction) < 1:
-            raise bad("val_fraction", f"must be in (0, 1) (held-out pairs give the accuracy), got {self.val_fraction!r}")
+            raise FieldError("label_smoothing", "applies to the sigmoid loss only")
         return self
+
+
+SECTIONS = {"dpo": DPOConfig, "train": TrainConfig}  # the config of `pocketgpt dpo`
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -135,37 +125,12 @@ class EncodedPair:
 
 def encode_pair(prompt: list[dict], chosen: str, rejected: str, tokenizer, block_size: int,
                 where: str = "") -> EncodedPair:
-    """Token ids of one pair as the chat template writes them, fitted into ``block_size`` tokens.
-
-    Replies longer than half the context (when the prompt needs the rest) are cut; the prompt keeps its newest tokens
-    (at least ``<|assistant|>``)."""
-    from ..chat import render
-
-    end = tokenizer.token_id("<|end|>")
-    p = list(render(prompt, tokenizer, add_generation_prompt=True)[0])
-    c = tokenizer.encode(chosen) + [end]
-    r = tokenizer.encode(rejected) + [end]
-    reply_budget = max(block_size - len(p), block_size // 2)
-    c, r = c[:reply_budget], r[:reply_budget]
-    keep = block_size - max(len(c), len(r))
-    if len(p) > keep:
-        p = p[len(p) - keep:]
-    return EncodedPair(p, c, r, where)
-
-
-def load_pairs(sources: list[str]):
-    """Read every pair file / bundled name in ``sources`` (reward-model format, file:line errors)."""
-    from ..chat import resolve_data
-    from .reward import read_pairs
-
-    if not sources:
-        raise UserError("--data: no preference pairs given (JSONL files or the bundled name 'prefs')")
-    pairs = []
-    for src in sources:
-        found = resolve_data(src)  # one path, or the files of a folder / bundled name
-        for path in (found if isinstance(found, list) else [found]):
-            pairs += read_pairs(path)
-    return pairs
+    """Token ids of one pair as the chat template writes them, cut into ``block_size`` tokens by ``records.fit``:
+    replies longer than half the context (when the prompt needs the rest) lose their end, the prompt its oldest
+    tokens (never its ``<|assistant|>``)."""
+    end = stop_id(tokenizer)
+    return EncodedPair(*fit(render(prompt, tokenizer, add_generation_prompt=True)[0], block_size,
+                            tokenizer.encode(chosen) + [end], tokenizer.encode(rejected) + [end]), where)
 
 
 def _chunks(n: int, size: int):
@@ -395,14 +360,10 @@ def prepare_dpo(opts: DPOConfig, seed: int, log=print):
     if block > model.config.block_size:
         raise UserError(f"[dpo] block_size: {block} is larger than the model's context of "
                         f"{model.config.block_size} tokens")
-    pairs = load_pairs(opts.data)
+    pairs = read_pairs(opts.data)
     if opts.max_pairs and len(pairs) > opts.max_pairs:
         pairs = random.Random(seed).sample(pairs, opts.max_pairs)
-    from .reward import split_pairs
-
-    train_p, val_p = split_pairs(pairs, opts.val_fraction, seed=seed)
-    if len(val_p) > opts.val_max:
-        train_p, val_p = train_p + val_p[opts.val_max:], val_p[: opts.val_max]
+    train_p, val_p = split(pairs, opts.val_fraction, seed, most=opts.val_max)
     enc = lambda ps: [encode_pair(p.prompt, p.chosen, p.rejected, tokenizer, block, p.where) for p in ps]
     train, val = enc(train_p), enc(val_p)
     h = hashlib.sha256()
@@ -420,13 +381,12 @@ def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dic
     from .trainer import Trainer
 
     log = log or _stderr_on_rank0
-    opts.validate()
     if not opts.init:
         raise UserError("--init: required (the SFT checkpoint to improve; it is also the reference model)")
     model, tokenizer, train_pairs, val_pairs, key = prepare_dpo(opts, train.seed, log)
     stage = DPOStage(model, train_pairs, val_pairs, opts, train.batch_size, seed=train.seed, cache_key=key)
     cfg = dict(run_config or {})
-    cfg.update({"dpo": {**asdict(opts), "init": str(opts.init)}, "train": asdict(train)})
+    cfg.update({"dpo": {**opts.to_dict(), "init": str(opts.init)}, "train": train.to_dict()})
     log(f"dpo: {model.num_params() / 1e6:.2f}M parameters, beta {opts.beta}, loss {opts.loss}"
         + (f" (label smoothing {opts.label_smoothing})" if opts.label_smoothing else "")
         + f", reference {opts.reference} -> {out}")
@@ -436,68 +396,3 @@ def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dic
     finally:
         trainer.close()
     return result
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# command line
-
-TRAIN_DEFAULTS = dict(max_steps=200, batch_size=8, lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.0,
-                      schedule="cosine", eval_interval=25, eval_batches=20, ckpt_interval=50, log_interval=5)
-
-
-def _sections():
-    from .trainer import TrainConfig
-
-    return {"dpo": DPOConfig, "train": TrainConfig}
-
-
-def configure_cli(name: str, parser) -> None:
-    from ..config import add_config_arguments, add_resume_arguments
-
-    parser.add_argument("--init", metavar="SFT_CKPT", default=None,
-                        help="SFT checkpoint to start from (also the frozen reference model)")
-    parser.add_argument("--data", nargs="+", metavar="PAIRS", default=None,
-                        help="preference pairs JSONL ({\"prompt\": [messages], \"chosen\": str, \"rejected\": str}) "
-                             "or the bundled name 'prefs'")
-    parser.add_argument("--beta", type=float, default=None, metavar="B", help="DPO beta (default 0.1)")
-    parser.add_argument("--loss", choices=LOSSES, default=None, help="sigmoid (DPO, default) or ipo")
-    parser.add_argument("--label-smoothing", "--label_smoothing", dest="label_smoothing", type=float, default=None,
-                        metavar="X", help="conservative DPO: probability that a label is wrong (sigmoid loss)")
-    parser.add_argument("--reference", choices=REFERENCES, default=None,
-                        help="reference log-probs computed once up front (precomputed, default) or every step (online)")
-    parser.add_argument("--out", default="runs/dpo", metavar="RUN",
-                        help="run directory (default runs/dpo); the model ends up in RUN/ckpt")
-    add_resume_arguments(parser)
-    add_config_arguments(parser, _sections())
-    parser.set_defaults(func=_cli_dpo)
-
-
-def _cli_dpo(args) -> int:
-    from ..config import config_from_args, resume_from_args
-
-    rc = config_from_args(args, _sections())
-    train = rc.rebuild("train", **TRAIN_DEFAULTS).validate()
-    opts: DPOConfig = rc["dpo"]
-    for name in ("init", "beta", "loss", "label_smoothing", "reference"):
-        v = getattr(args, name)
-        if v is not None:
-            setattr(opts, name, v)
-    if args.data:
-        opts.data = list(args.data)
-    opts.validate()
-    if not opts.data:
-        raise UserError("--data: required (preference pairs JSONL or the bundled name 'prefs')")
-    resume = resume_from_args(args)
-    result = run_dpo(opts, args.out, train, run_config=rc.to_dict(), resume=resume)
-    from .trainer import world_info
-
-    if world_info()[0] != 0:  # under torchrun rank 0 reports
-        return 0
-    line = f"dpo: done at step {result['step']}"
-    if "eval_rewards/accuracies" in result:
-        line += (f", held-out implicit-reward accuracy {result['eval_rewards/accuracies']:.3f}, margin "
-                 f"{result['eval_rewards/margins']:.4f}, chosen-rejected log-prob margin "
-                 f"{result['eval_logps/chosen'] - result['eval_logps/rejected']:.3f}")
-    print(line)
-    print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
-    return 0

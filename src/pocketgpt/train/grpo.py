@@ -15,35 +15,26 @@ checker of ``--task`` (exact answers), a ``--reward_fn module:function`` with ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
-from ..errors import UserError
-from .rl import OnlineStage, RLConfig, configure_online_cli, config_from_cli, print_result, run_online
+from .rl import OnlineStage, RLConfig
+from .trainer import TrainConfig
 
-ADVANTAGES = ("grpo", "rloo")
-
-
-@dataclass
 class GRPOConfig(RLConfig):
     """The ``[grpo]`` section. ``[train] batch_size × grad_accum`` replies make one minibatch."""
 
-    samples_per_prompt: int = 8  # G: the group of replies to one prompt (--n, --group-size)
-    kl_coef: float = 0.0
-    advantage: str = "grpo"  # grpo | rloo
-    adv_eps: float = 1e-4  # the eps in (r − mean) / (std + eps)
+    section: ClassVar[str] = "grpo"
+    # G: the group of replies to one prompt (advantages compare the replies of a group)
+    samples_per_prompt: int = Field(8, ge=2, description="replies sampled per prompt (the group)")
+    kl_coef: float = Field(0.0, ge=0)
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    adv_eps: float = Field(1e-4, gt=0)  # the eps in (r − mean) / (std + eps)
 
-    def validate(self, where: str = "[grpo]") -> "GRPOConfig":
-        super().validate(where)
-        if self.samples_per_prompt < 2:
-            raise UserError(f"{where}: --n / samples_per_prompt must be at least 2 (advantages compare the replies "
-                            f"of a group), got {self.samples_per_prompt}")
-        if self.advantage not in ADVANTAGES:
-            raise UserError(f"{where}: field 'advantage' must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
-        if not self.adv_eps > 0:
-            raise UserError(f"{where}: field 'adv_eps' must be > 0")
-        return self
+
+SECTIONS = {"grpo": GRPOConfig, "train": TrainConfig}  # the config of `pocketgpt grpo`
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "grpo", eps: float = 1e-4) -> torch.Tensor:
@@ -101,25 +92,3 @@ class GRPOStage(OnlineStage):
                                   batch["ref_logp"] if self.reference is not None else None, self.cfg.kl_coef)
         metrics["entropy"] = float((ent * batch["mask"]).sum() / batch["mask"].sum().clamp(min=1))
         return loss, metrics
-
-
-def _sections() -> dict:
-    from .trainer import TrainConfig
-
-    return {"grpo": GRPOConfig, "train": TrainConfig}
-
-
-def configure_cli(name: str, parser) -> None:
-    parser.description = ("GRPO / RLOO: --init CKPT and a task (--task arithmetic) or --reward_fn module:function with "
-                          "--prompts FILE (or --reward RM_CKPT). RLOO: --advantage rloo.")
-    parser.add_argument("--n", "--group-size", dest="group_size", type=int, default=None, metavar="G",
-                        help="replies sampled per prompt (= samples_per_prompt, default 8)")
-    configure_online_cli(parser, _sections(), "grpo-tiny", _cli)
-
-
-def _cli(args) -> int:
-    rc, cfg, resume = config_from_cli(args, _sections())
-    if args.group_size is not None:
-        cfg.samples_per_prompt = args.group_size
-    print_result("grpo", run_online(GRPOStage, cfg, args.out, rc, resume=resume), args.out)
-    return 0

@@ -22,42 +22,35 @@ two curves parting). Metric names follow TRL (``objective/rlhf_reward``, ``objec
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
-from ..errors import UserError
-from .rl import OnlineStage, RLConfig, configure_online_cli, config_from_cli, masked_mean, print_result, run_online, whiten
+from .rl import OnlineStage, RLConfig, masked_mean, whiten
+from .trainer import TrainConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-@dataclass
 class PPOConfig(RLConfig):
     """The ``[ppo]`` section. ``[train] batch_size × grad_accum`` replies make one minibatch."""
 
-    epochs: int = 2  # PPO epochs over each rollout
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range_value: float = 0.2  # value clipping around the rollout's values
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
+    section: ClassVar[str] = "ppo"
+    epochs: int = Field(2, ge=1)  # PPO epochs over each rollout
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range_value: float = Field(0.2, ge=0)  # value clipping around the rollout's values
+    vf_coef: float = Field(0.1, ge=0)
+    ent_coef: float = Field(0.0, ge=0)
     whiten_rewards: bool = True  # divide scores by their running std (a stable scale whatever the reward source)
-    reward_clip: float = 10.0  # clip (whitened) scores to ±reward_clip (0 = off)
+    reward_clip: float = Field(10.0, ge=0)  # clip (whitened) scores to ±reward_clip (0 = off)
     missing_end_penalty: float = 0.0  # subtracted from the score of replies cut at max_new_tokens
-    ref_dtype: str = "fp32"  # fp32 | bf16: precision of the frozen reference
-    rm_dtype: str = "fp32"  # fp32 | bf16: precision of the frozen reward model
+    ref_dtype: Literal["fp32", "bf16"] = "fp32"  # precision of the frozen reference
+    rm_dtype: Literal["fp32", "bf16"] = "fp32"  # precision of the frozen reward model
 
-    def validate(self, where: str = "[ppo]") -> "PPOConfig":
-        super().validate(where)
-        if min(self.vf_coef, self.ent_coef, self.reward_clip, self.clip_range_value) < 0:
-            raise UserError(f"{where}: vf_coef, ent_coef, reward_clip and clip_range_value must be >= 0")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise UserError(f"{where}: gamma and lam must be in [0, 1]")
-        for name in ("ref_dtype", "rm_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise UserError(f"{where}: field '{name}' must be fp32 or bf16, got {getattr(self, name)!r}")
-        return self
+
+SECTIONS = {"ppo": PPOConfig, "train": TrainConfig}  # the config of `pocketgpt ppo`
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -163,21 +156,3 @@ class PPOStage(OnlineStage):
                        "val/clipfrac_avg": masked_mean(((values - old_v).abs() > cfg.clip_range_value).float(), mask),
                        "val/ratio": masked_mean(ratio, mask)}
         return loss, {k: float(v) for k, v in metrics.items()}
-
-
-def _sections() -> dict:
-    from .trainer import TrainConfig
-
-    return {"ppo": PPOConfig, "train": TrainConfig}
-
-
-def configure_cli(name: str, parser) -> None:
-    parser.description = ("RLHF with PPO: --init (or --policy) CKPT, a reward (--reward RM_CKPT, --reward_fn "
-                          "module:function, or a --task's checker) and prompts (--prompts FILE or --task NAME).")
-    configure_online_cli(parser, _sections(), "ppo-tiny", _cli)
-
-
-def _cli(args) -> int:
-    rc, cfg, resume = config_from_cli(args, _sections())
-    print_result("ppo", run_online(PPOStage, cfg, args.out, rc, resume=resume), args.out)
-    return 0

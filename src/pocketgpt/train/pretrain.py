@@ -14,32 +14,31 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
+from pydantic import Field
 
+from ..config import Config
 from ..data import check_tokenizer
 from ..errors import UserError
+from ..model import GPTConfig
 from .trainer import TrainConfig, Trainer, world_info
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Config):
     """``[data]``: where the shards are and how long a training window is."""
 
+    section: ClassVar[str] = "data"
     dir: str = ""
-    block_size: Optional[int] = None  # tokens per window; default = [model] block_size
+    block_size: Optional[int] = Field(None, ge=0)  # tokens per window; default = [model] block_size
     train_split: str = "train"
     val_split: str = "val"
 
 
-def _sections():
-    from ..model import GPTConfig
-
-    return {"model": GPTConfig, "train": TrainConfig, "data": DataConfig}
+SECTIONS = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig}
 
 
 def window_seed(seed: int, step: int, global_micro: int) -> int:
@@ -139,6 +138,7 @@ def evaluate_lm(model, shards, batch_size: int, max_batches: Optional[int], devi
 
 def build_pretrain(cfg, out: Path, init: Optional[str] = None):
     """Model, stage and tokenizer for a loaded ``RunConfig`` (sections model / train / data)."""
+    from ..checkpoint import load_model
     from ..model import GPT
     from .. import runtime
 
@@ -152,7 +152,7 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
     runtime.seed_everything(tcfg.seed)
     if init:
         check_tokenizer(init, data.dir)
-        model = GPT.from_pretrained(init)
+        model = load_model(init)
         mcfg = model.config
         if cfg.explicit.get("model"):
             print(f"note: --init {init}: the [model] settings come from the checkpoint", file=sys.stderr)
@@ -160,7 +160,6 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
     else:
         defaults = {"vocab_size": vocab} if vocab else {}
         mcfg = cfg.rebuild("model", **defaults)
-        mcfg.validate(f"{cfg.path or 'config'}: [model]")
         model = GPT(mcfg)
     if vocab and mcfg.vocab_size < vocab:
         raise UserError(f"[model] vocab_size ({mcfg.vocab_size}) is smaller than the data's vocabulary "
@@ -187,86 +186,31 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
     return model, stage, tokenizer
 
 
-def run_pretrain(args) -> int:
-    from ..config import config_from_args, resume_from_args
-
-    cfg = config_from_args(args, _sections())
-    name = Path(cfg.path).stem if cfg.path else "pretrain"
-    out = Path(args.out) if args.out else Path("runs") / name
-    model, stage, tokenizer = build_pretrain(cfg, out, init=args.init)
-    if resume_from_args(args) is not False and (out / "ckpt").is_dir():
-        check_tokenizer(out / "ckpt", cfg["data"].dir, fix="start over with --restart, or choose another --out")
-    rank, world, _ = world_info()
-    if rank == 0:
-        n = model.num_params()
-        print(f"pretrain: {n / 1e6:.2f}M parameters, {world} process(es), run dir {out}", file=sys.stderr)
-    trainer = Trainer(model, stage, cfg["train"], out, tokenizer=tokenizer, run_config=cfg.to_dict(),
-                      resume=resume_from_args(args))
-    try:
-        result = trainer.fit()
-    finally:
-        trainer.close()
-    if rank == 0:
-        parts = [f"step {result['step']}"]
-        for k in ("train_loss", "val_loss", "val_ppl"):
-            if k in result:
-                parts.append(f"{k} {result[k]:.4f}")
-        parts.append(f"{result['tok_per_s']:,.0f} tok/s")
-        print("done: " + ", ".join(parts))
-        print(f"final model: {out / 'ckpt'}" + (f"   best val: {out / 'best'}" if (out / "best").exists() else ""))
-    return 0
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # eval
 
 
-def run_eval(args) -> int:
-    from ..model import GPT
+def evaluate_checkpoint(ckpt, data, split: str = "val", *, batch_size: int = 8, max_batches: int = 0,
+                        block_size: Optional[int] = None, device: str = "auto", dtype: str = "auto") -> dict:
+    """``val_loss`` and ``val_ppl`` of a checkpoint on one split of a data directory (``pocketgpt eval``)."""
+    from ..checkpoint import load_model
     from .. import runtime
 
-    device = runtime.pick_device(args.device)
-    dtype = runtime.pick_dtype(args.dtype, device)
-    check_tokenizer(args.ckpt, args.data)
-    model = GPT.from_pretrained(args.ckpt, device=device)
+    device = runtime.pick_device(device)
+    dtype = runtime.pick_dtype(dtype, device)
+    check_tokenizer(ckpt, data)
+    model = load_model(ckpt, device=device)
     model.eval()
-    block = args.block_size or model.config.block_size
+    block = block_size or model.config.block_size
     if block > model.config.block_size:
         raise UserError(f"--block_size ({block}) is larger than the model's context ({model.config.block_size})")
-    meta = read_meta(args.data) if (Path(args.data) / "meta.json").exists() else {}
+    meta = read_meta(data) if (Path(data) / "meta.json").exists() else {}
     if meta.get("vocab_size") and int(meta["vocab_size"]) > model.config.vocab_size:
-        raise UserError(f"{args.data}: token ids go up to {meta['vocab_size']} but {args.ckpt} has a vocabulary of "
+        raise UserError(f"{data}: token ids go up to {meta['vocab_size']} but {ckpt} has a vocabulary of "
                         f"{model.config.vocab_size} (different tokenizer?)")
-    shards = open_shards(args.data, args.split, block, where="--data")
+    shards = open_shards(data, split, block, where="--data")
     with torch.no_grad(), runtime.autocast(device, dtype):
-        m = evaluate_lm(model, shards, args.batch_size, args.max_batches, device)
+        m = evaluate_lm(model, shards, batch_size, max_batches, device)
     if not m:
-        raise UserError(f"{args.data}: split '{args.split}' has fewer than {block + 1} tokens")
-    print(f"{args.split} loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def configure_cli(name: str, p) -> None:
-    if name == "eval":
-        p.add_argument("--ckpt", required=True, help="checkpoint directory (e.g. RUN/ckpt or RUN/best)")
-        p.add_argument("--data", required=True, help="data directory made by 'pocketgpt prepare'")
-        p.add_argument("--split", default="val", help="train | val | test (default: val)")
-        p.add_argument("--batch_size", "--batch-size", type=int, default=8)
-        p.add_argument("--max_batches", "--max-batches", type=int, default=0, help="0 = the whole split")
-        p.add_argument("--block_size", "--block-size", type=int, default=None, help="window (default: model context)")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
-        p.set_defaults(func=run_eval)
-        return
-    from ..config import add_config_arguments, add_resume_arguments
-    from ..model import GPTConfig
-
-    p.add_argument("--out", default=None, help="run directory (default: runs/CONFIG_NAME)")
-    add_resume_arguments(p)
-    p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (fresh optimizer)")
-    add_config_arguments(p, {"model": GPTConfig, "train": TrainConfig, "data": DataConfig})
-    p.set_defaults(func=run_pretrain)
+        raise UserError(f"{data}: split '{split}' has fewer than {block + 1} tokens")
+    return m

@@ -9,7 +9,7 @@ template exactly as a chat model would see it: the prompt, ``<|assistant|>``, th
 read at that final ``<|end|>`` (rows are right-padded, so the last real token sees the whole sequence).
 
 A reward-model checkpoint is an ordinary GPT checkpoint directory (``config.json`` + ``model.safetensors`` +
-``tokenizer/``; loadable by ``GPT.from_pretrained``) plus ``reward_head.safetensors`` (the head) and
+``tokenizer/``; loadable by ``checkpoint.load_model``) plus ``reward_head.safetensors`` (the head) and
 ``reward_model.json`` (``{"kind": "reward_model", "val_accuracy": ...}``). ``load_reward_model(dir)`` loads both.
 
 Metrics (TRL's RewardTrainer names): per step ``loss``, ``accuracy`` (fraction of pairs with r_chosen > r_rejected)
@@ -23,19 +23,21 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
-import random
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pydantic import Field
+
+from ..config import Config
+from ..chat import render, stop_id
 from ..errors import UserError
-from .rl import read_jsonl_records, resolve_file
+from .trainer import TrainConfig
+from ..records import Pair, check_messages, fit, pad, pair, read, read_pairs, split
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
@@ -82,10 +84,11 @@ class RewardModel(nn.Module):
         """Backbone files + head + metadata into an existing directory (use inside ``atomic_dir``)."""
         from safetensors.torch import save_file
 
+        from ..checkpoint import write_model
         from ..io import write_json
 
         directory = Path(directory)
-        self.backbone.write_files(directory)
+        write_model(self.backbone, directory)
         head = {k: v.detach().float().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
         write_json(directory / META_FILE, {"kind": "reward_model", **(meta or {})})
@@ -99,22 +102,18 @@ class RewardModel(nn.Module):
                 tokenizer.save(tmp / "tokenizer")
 
 
-def is_reward_checkpoint(directory: str | Path) -> bool:
-    return (Path(directory) / HEAD_FILE).is_file()
-
-
 def load_reward_model(directory: str | Path, device=None, dtype=None) -> RewardModel:
     """Load a reward-model checkpoint (eval mode). UserError if the directory has no reward head."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..model import GPT
+    from ..checkpoint import load_model
 
     directory = Path(directory)
     head_path = directory / HEAD_FILE
     if directory.is_dir() and (directory / "config.json").is_file() and not head_path.is_file():
         raise UserError(f"{directory}: not a reward model (no {HEAD_FILE}); train one with pocketgpt rm --init ...")
-    backbone = GPT.from_pretrained(directory, device=device, dtype=dtype)
+    backbone = load_model(directory, device=device, dtype=dtype)
     rm = RewardModel(backbone)
     try:
         sd = load_file(str(head_path))
@@ -131,85 +130,22 @@ def load_reward_model(directory: str | Path, device=None, dtype=None) -> RewardM
 # ---- data --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Pair:
-    prompt: list[dict]
-    chosen: str
-    rejected: str
-    where: str  # "file:line"
-
-
-def read_pairs(path: str | Path) -> list[Pair]:
-    """Read preference pairs; a bad line is a UserError naming ``file:line`` and the field."""
-    path = Path(path)
-    pairs = []
-    for lineno, obj in read_jsonl_records(path):
-        where = f"{path}:{lineno}"
-        pairs.append(parse_pair(obj, where))
-    if not pairs:
-        raise UserError(f"{path}: no preference pairs in this file")
-    return pairs
-
-
-def parse_pair(obj, where: str) -> Pair:
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
-    for key in ("prompt", "chosen", "rejected"):
-        if key not in obj:
-            raise UserError(f"{where}: missing '{key}' (expected {{\"prompt\": [messages], \"chosen\": str, "
-                            f"\"rejected\": str}})")
-    prompt = obj["prompt"]
-    if isinstance(prompt, str):
-        raise UserError(f"{where}: 'prompt' must be a list of messages, got a string "
-                        f"(use [{{\"role\": \"user\", \"content\": ...}}])")
-    from ..chat import validate_messages
-
-    prompt = validate_messages(prompt, where)
-    for key in ("chosen", "rejected"):
-        v = obj[key]
-        if not isinstance(v, str):
-            raise UserError(f"{where}: '{key}' must be a string")
-        if not v.strip():
-            raise UserError(f"{where}: '{key}' is empty")
-    return Pair(prompt, obj["chosen"], obj["rejected"], where)
-
-
 def encode_reply(prompt: list[dict], reply: str, tokenizer, block_size: int) -> list[int]:
-    """prompt + ``<|assistant|>`` reply ``<|end|>`` as ids; an over-long row keeps its end (the reply)."""
-    from ..chat import render
-
-    ids, _ = render(list(prompt) + [{"role": "assistant", "content": reply}], tokenizer)
-    return ids if len(ids) <= block_size else ids[len(ids) - block_size:]
+    """prompt + ``<|assistant|>`` reply ``<|end|>`` as ids, cut by ``records.fit`` (the prompt loses its oldest
+    tokens; a reply too long for half the context loses its end)."""
+    p, r = fit(render(prompt, tokenizer, add_generation_prompt=True)[0], block_size,
+               (tokenizer.encode(reply) if reply else []) + [stop_id(tokenizer)])
+    return p + r
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest row → (idx (B, T), lengths (B,))."""
-    T = max(1, max(len(r) for r in rows))
-    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        idx[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    lengths = torch.tensor([max(1, len(r)) for r in rows], dtype=torch.long)
-    if device is not None:
-        idx, lengths = idx.to(device), lengths.to(device)
-    return idx, lengths
+    return pad(rows, pad_id).to(device), torch.tensor([max(1, len(r)) for r in rows]).to(device)
 
 
 def encode_pairs(pairs: list[Pair], tokenizer, block_size: int) -> list[tuple[list[int], list[int]]]:
     return [(encode_reply(p.prompt, p.chosen, tokenizer, block_size),
              encode_reply(p.prompt, p.rejected, tokenizer, block_size)) for p in pairs]
-
-
-def split_pairs(pairs: list, val_fraction: float, seed: int = 0, min_val: int = 1) -> tuple[list, list]:
-    """A fixed shuffled split (same seed → same split); at least ``min_val`` pairs held out when there are ≥ 2."""
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_val = int(round(len(pairs) * val_fraction))
-    if val_fraction > 0 and len(pairs) >= 2:
-        n_val = max(min_val, n_val)
-    n_val = min(n_val, len(pairs) - 1)
-    val = [pairs[i] for i in order[:n_val]]
-    train = [pairs[i] for i in order[n_val:]]
-    return train, val
 
 
 def bradley_terry(model: RewardModel, chosen: list[list[int]], rejected: list[list[int]], pad_id: int):
@@ -247,25 +183,18 @@ def pairwise_accuracy(model: RewardModel, encoded: list[tuple[list[int], list[in
 # ---- the training stage ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RMConfig:
+class RMConfig(Config):
     """Reward-model options (TOML section ``[rm]``)."""
 
-    val_fraction: float = 0.1  # pairs held out for pairwise accuracy (when no --val-data is given)
-    split_seed: int = 0  # the held-out split is fixed by this seed
-    max_pairs: int = 0  # use only the first N pairs of --data (0 = all)
-    max_len: int = 0  # tokens per rendered reply (0 = the model's context); longer rows keep their end
-    eval_batch_size: int = 16
+    section: ClassVar[str] = "rm"
+    val_fraction: float = Field(0.1, ge=0, lt=1)  # pairs held out for pairwise accuracy (when no --val-data is given)
+    split_seed: int = Field(0, ge=0)  # the held-out split is fixed by this seed
+    max_pairs: int = Field(0, ge=0)  # use only the first N pairs of --data (0 = all)
+    max_len: int = Field(0, ge=0)  # tokens per rendered reply (0 = the model's context); longer rows keep their end
+    eval_batch_size: int = Field(16, gt=0)
 
-    def validate(self, where: str = "[rm]") -> "RMConfig":
-        if not 0 <= self.val_fraction < 1:
-            raise UserError(f"{where}: field 'val_fraction' must be in [0, 1), got {self.val_fraction!r}")
-        for name in ("max_pairs", "max_len", "split_seed"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{where}: field '{name}' must be >= 0")
-        if self.eval_batch_size <= 0:
-            raise UserError(f"{where}: field 'eval_batch_size' must be > 0")
-        return self
+
+SECTIONS = {"train": TrainConfig, "rm": RMConfig}  # the config of `pocketgpt rm`
 
 
 class RewardStage:
@@ -355,25 +284,25 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
                        val_data: Optional[str | Path] = None, resume: Optional[bool] = None) -> dict:
     """Train a reward model from ``init`` (an SFT checkpoint) on a pairs file; returns the final metrics."""
     from ..chat import find_checkpoint
-    from ..model import GPT
+    from ..checkpoint import load_model
     from ..tokenizer import load_tokenizer_for
     from .trainer import Trainer, world_info
 
-    cfg, rmcfg = run_config["train"], run_config["rm"].validate()
+    cfg, rmcfg = run_config["train"], run_config["rm"]
     main = world_info()[0] == 0
     init = find_checkpoint(init)
     tokenizer = load_tokenizer_for(init)
-    backbone = GPT.from_pretrained(init)
+    backbone = load_model(init)
     if tokenizer.vocab_size > backbone.config.vocab_size:
         raise UserError(f"{init}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{backbone.config.vocab_size}")
-    pairs = read_pairs(resolve_file(data))
+    pairs = read_pairs(data)
     if rmcfg.max_pairs:
         pairs = pairs[: rmcfg.max_pairs]
     if val_data is not None:
-        train_pairs, val_pairs = pairs, read_pairs(resolve_file(val_data))
+        train_pairs, val_pairs = pairs, read_pairs(val_data)
     else:
-        train_pairs, val_pairs = split_pairs(pairs, rmcfg.val_fraction, rmcfg.split_seed)
+        train_pairs, val_pairs = split(pairs, rmcfg.val_fraction, rmcfg.split_seed)
     block = min(rmcfg.max_len or backbone.config.block_size, backbone.config.block_size)
     pad_id = tokenizer.pad_id
     stage = RewardStage(encode_pairs(train_pairs, tokenizer, block), encode_pairs(val_pairs, tokenizer, block),
@@ -406,7 +335,7 @@ def score_file(ckpt: str | Path, data: str | Path, *, device: str = "auto", batc
 
     Returns ``{"kind": "pairs"|"conversations", "rows": [...], "accuracy"?: float}``.
     """
-    from ..chat import find_checkpoint, render, validate_messages
+    from ..chat import find_checkpoint
     from ..runtime import pick_device
     from ..tokenizer import load_tokenizer_for
 
@@ -414,107 +343,23 @@ def score_file(ckpt: str | Path, data: str | Path, *, device: str = "auto", batc
     rm = load_reward_model(ckpt, device=pick_device(device))
     tokenizer = load_tokenizer_for(ckpt)
     block = rm.config.block_size
-    path = resolve_file(data)
-    records = read_jsonl_records(path)
-    if not records:
-        raise UserError(f"{path}: no records in this file")
-    first = records[0][1]
-    if isinstance(first, dict) and "chosen" in first:
-        pairs = [parse_pair(obj, f"{path}:{ln}") for ln, obj in records]
+    records = read(data, lambda value, where: (value, where), what="records")
+    if isinstance(records[0][0], dict) and "chosen" in records[0][0]:
+        pairs = [pair(value, where) for value, where in records]
         enc = encode_pairs(pairs, tokenizer, block)
         rc = rm.score_ids([c for c, _ in enc], tokenizer.pad_id, batch_size)
         rr = rm.score_ids([r for _, r in enc], tokenizer.pad_id, batch_size)
         rows = [{"where": p.where, "chosen": a, "rejected": b, "correct": a > b} for p, a, b in zip(pairs, rc, rr)]
         return {"kind": "pairs", "rows": rows, "accuracy": sum(r["correct"] for r in rows) / len(rows)}
     rows_ids, wheres = [], []
-    for ln, obj in records:
-        where = f"{path}:{ln}"
+    for obj, where in records:
         if not isinstance(obj, dict) or "messages" not in obj:
             raise UserError(f"{where}: expected {{\"messages\": [...]}} (a conversation) or a preference pair "
                             f"{{\"prompt\", \"chosen\", \"rejected\"}}")
-        msgs = validate_messages(obj["messages"], where, need_assistant=True)
+        msgs = check_messages(obj["messages"], where, need_assistant=True)
         if msgs[-1]["role"] != "assistant":
             raise UserError(f"{where}: the conversation must end with the assistant reply to score")
-        ids, _ = render(msgs, tokenizer)
-        rows_ids.append(ids if len(ids) <= block else ids[len(ids) - block:])
+        rows_ids.append(encode_reply(msgs[:-1], msgs[-1]["content"], tokenizer, block))
         wheres.append(where)
     scores = rm.score_ids(rows_ids, tokenizer.pad_id, batch_size)
     return {"kind": "conversations", "rows": [{"where": w, "score": s} for w, s in zip(wheres, scores)]}
-
-
-# ---- CLI ---------------------------------------------------------------------------------------------------------------
-
-
-def _sections() -> dict:
-    from .trainer import TrainConfig
-
-    return {"train": TrainConfig, "rm": RMConfig}
-
-
-def configure_cli(name: str, parser: argparse.ArgumentParser) -> None:
-    from ..config import add_config_arguments, add_resume_arguments
-
-    parser.description = ("Train a reward model on preference pairs (default action 'train'), or 'score' a pairs / "
-                          "conversations file with a trained one.")
-    parser.add_argument("action", nargs="?", choices=["train", "score"], default="train",
-                        help="train (default) or score")
-    parser.add_argument("--init", metavar="CKPT", help="train: the SFT checkpoint to start from")
-    parser.add_argument("--data", metavar="FILE",
-                        help="train: preference pairs JSONL ({prompt, chosen, rejected}); score: pairs or "
-                             "conversations JSONL (a bundled corpus name works too)")
-    parser.add_argument("--val-data", metavar="FILE", help="train: held-out pairs (default: a split of --data)")
-    parser.add_argument("--out", metavar="DIR", default="runs/rm", help="train: run directory (default runs/rm)")
-    add_resume_arguments(parser)
-    parser.add_argument("--ckpt", metavar="RM", help="score: the reward-model checkpoint")
-    parser.add_argument("--json", action="store_true", help="score: print JSON lines instead of a table")
-    add_config_arguments(parser, _sections(), default_config="rm-tiny")
-    parser.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    if args.action == "score":
-        if not args.ckpt or not args.data:
-            raise UserError("rm score: needs --ckpt RM and --data FILE")
-        return _cli_score(args)
-    if not args.init or not args.data:
-        raise UserError("rm: needs --init SFT_CKPT and --data PAIRS (or 'pocketgpt rm score --ckpt RM --data FILE')")
-    from ..config import config_from_args, resume_from_args
-
-    run_config = config_from_args(args, _sections())
-    resume = resume_from_args(args)
-    result = train_reward_model(args.init, args.data, args.out, run_config, val_data=args.val_data, resume=resume)
-    from .trainer import world_info
-
-    if world_info()[0] != 0:  # under torchrun rank 0 reports
-        return 0
-    acc = result.get("eval_accuracy")
-    print(f"reward model saved in {Path(args.out) / 'ckpt'}"
-          + (f"; held-out pairwise accuracy {acc:.3f}" if acc is not None else ""))
-    return 0
-
-
-def _cli_score(args) -> int:
-    import json
-
-    device = "auto"
-    for key, val in getattr(args, "config_overrides", None) or []:
-        if key in ("device", "train.device"):
-            device = val
-    res = score_file(args.ckpt, args.data, device=device)
-    out = sys.stdout
-    if res["kind"] == "pairs":
-        for r in res["rows"]:
-            if args.json:
-                out.write(json.dumps(r) + "\n")
-            else:
-                out.write(f"{r['where']}\tchosen {r['chosen']:+.4f}\trejected {r['rejected']:+.4f}\t"
-                          f"{'ok' if r['correct'] else 'WRONG'}\n")
-        summary = f"pairwise accuracy {res['accuracy']:.4f} ({len(res['rows'])} pairs)"
-        if args.json:
-            out.write(json.dumps({"accuracy": res["accuracy"], "pairs": len(res["rows"])}) + "\n")
-        else:
-            out.write(summary + "\n")
-    else:
-        for r in res["rows"]:
-            out.write(json.dumps(r) + "\n" if args.json else f"{r['where']}\t{r['score']:+.4f}\n")
-    return 0

@@ -21,7 +21,6 @@ of the checkpoint (``state_tensors``), so a run killed in the middle of a rollou
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib
 import math
 import numbers
@@ -30,12 +29,16 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn as nn
 
+from pydantic import Field
+
+from ..config import Config
 from ..errors import UserError
+from ..records import fit, read_prompts, split
 
 RewardFn = Callable[[list[dict], str], float]
 
@@ -44,86 +47,7 @@ class RewardFunctionError(UserError):
     """A reward function raised or returned something that is not a finite number."""
 
 
-# ---- records: JSONL, prompts, the held-out split ---------------------------------------------------------------------
-
-
-def resolve_file(name: str | Path) -> Path:
-    """A JSONL file path, or the name of a bundled file corpus (``pocketgpt.data.builtin_path``, e.g. ``prefs``)."""
-    from ..data import BUILTINS, builtin_path
-
-    p = Path(name)
-    if p.exists():
-        return p
-    if str(name) in BUILTINS:
-        found = Path(builtin_path(str(name)))
-        if found.is_file():
-            return found
-        raise UserError(f"{name}: this bundled corpus is a folder; give one of its files")
-    raise UserError(f"{name}: file not found (nor a bundled corpus: {', '.join(BUILTINS)})")
-
-
-def read_jsonl_records(path: str | Path) -> list[tuple[int, Any]]:
-    """``(line_number, object)`` for each non-blank line of a JSONL file (``.gz`` allowed); UserError on bad JSON."""
-    import gzip
-    import json
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: file not found")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, expected a JSONL file")
-    records = []
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append((lineno, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    except (OSError, EOFError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
-    return records
-
-
-def read_prompts(path: str | Path) -> tuple[list[list[dict]], list[str]]:
-    """RL prompts from JSONL: ``{"messages": [...]}``, ``{"prompt": [...]}`` or ``{"prompt": "text"}`` per line.
-
-    Returns the prompts and their ``file:line`` names. A conversation that ends with assistant turns (an SFT file)
-    is used up to its last user turn."""
-    from ..chat import validate_messages
-
-    path = resolve_file(path)
-    prompts, where = [], []
-    for lineno, obj in read_jsonl_records(path):
-        at = f"{path}:{lineno}"
-        if not isinstance(obj, dict) or not ("messages" in obj or "prompt" in obj):
-            raise UserError(f"{at}: expected a 'messages' list or a 'prompt' (list of messages or text)")
-        p = obj.get("messages", obj.get("prompt"))
-        if isinstance(p, str):
-            if not p.strip():
-                raise UserError(f"{at}: 'prompt' is empty")
-            p = [{"role": "user", "content": p}]
-        msgs = validate_messages(p, at)
-        while msgs and msgs[-1]["role"] == "assistant":
-            msgs = msgs[:-1]
-        if not msgs or msgs[-1]["role"] != "user":
-            raise UserError(f"{at}: the prompt must end with a user message")
-        prompts.append(msgs)
-        where.append(at)
-    if not prompts:
-        raise UserError(f"{path}: no prompts in this file")
-    return prompts, where
-
-
-def split_heldout(items: list, n_heldout: int, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Indices ``(train, heldout)`` of a fixed seeded shuffle; at least one item stays for training."""
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n = max(0, min(n_heldout, len(items) - 1))
-    return sorted(order[n:]), sorted(order[:n])
+# ---- prompts ---------------------------------------------------------------------------------------------------------
 
 
 class Prompts:
@@ -148,7 +72,7 @@ class Prompts:
             self.eval, self.eval_where = read_prompts(eval_path)
             self.eval, self.eval_where = self.eval[:n_eval], self.eval_where[:n_eval]
         else:
-            tr, ev = split_heldout(prompts, min(n_eval, len(prompts) // 5), seed)  # at most a fifth held out
+            tr, ev = split(range(len(prompts)), seed=seed, count=min(n_eval, len(prompts) // 5))  # <= a fifth
             self.train, self.train_where = [prompts[i] for i in tr], [where[i] for i in tr]
             self.eval, self.eval_where = [prompts[i] for i in ev], [where[i] for i in ev]
 
@@ -274,7 +198,7 @@ def rollout(model: nn.Module, tokenizer, prompts: list[list[dict]], *, n: int = 
     """``n`` replies per prompt through the engine (prompt-major rows); ``temperature=0`` is greedy. Prompts are
     rendered with the chat template and cut (oldest tokens first) to leave room for the reply."""
     from ..chat import render
-    from ..engine import generate
+    from ..engine import SamplingParams, generate
 
     end_id = tokenizer.token_id("<|end|>")
     block = model.config.block_size
@@ -282,10 +206,10 @@ def rollout(model: nn.Module, tokenizer, prompts: list[list[dict]], *, n: int = 
     prompt_ids = []
     for m in prompts:
         ids, _ = render(m, tokenizer, add_generation_prompt=True)
-        prompt_ids.append(list(ids[-(block - max_new_tokens):]))
-    results = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
-                       top_p=top_p if top_p and top_p < 1 else None, n=n, stop_ids=[end_id], seed=seed,
-                       return_logprobs=True, **sampling)
+        prompt_ids.append(fit(ids, block, max_new_tokens)[0])
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
+                            stop_ids=end_id, seed=seed, **sampling)
+    results = generate(model, prompt_ids, params, return_logprobs=True)
     out = []
     for row, res in enumerate(results):
         tokens = [int(t) for t in res.tokens]
@@ -343,7 +267,9 @@ def save_policy(model: Policy, directory: Path) -> None:
     """The policy as a plain GPT checkpoint (chat / export load it) + ``value_head.safetensors`` (PPO, for resume)."""
     from safetensors.torch import save_file
 
-    model.gpt.write_files(directory)
+    from ..checkpoint import write_model
+
+    write_model(model.gpt, directory)
     if model.value_head is not None:
         sd = {k: v.detach().float().cpu().contiguous() for k, v in model.value_head.state_dict().items()}
         save_file(sd, str(Path(directory) / VALUE_HEAD_FILE))
@@ -382,11 +308,11 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 # ---- configuration --------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RLConfig:
+class RLConfig(Config):
     """Options every on-policy stage has (sections ``[ppo]`` / ``[grpo]`` add their own)."""
 
-    init: str = ""  # the chat (SFT) checkpoint to improve; also the frozen reference
+    section: ClassVar[str] = "rl"
+    init: str = Field("", description="the chat (SFT) checkpoint to improve; also the frozen reference")
     task: str = ""  # built-in task: training + held-out prompts; its checker is the reward unless reward/reward_fn
     task_digits: int = 2  # arithmetic: operands have 1..task_digits digits
     task_ops: str = "+-"  # arithmetic: operators drawn from
@@ -395,41 +321,19 @@ class RLConfig:
     reward_fn: str = ""  # or a Python reward "module:function" / "path/file.py:function"
     prompts: str = ""  # prompts JSONL (without --task)
     eval_prompts: str = ""  # held-out prompts JSONL (default: n_eval prompts split off --prompts)
-    n_eval: int = 64  # held-out prompts evaluated (greedy) at every evaluation
-    rollout_prompts: int = 16  # prompts per rollout, per process
-    samples_per_prompt: int = 1  # replies sampled per prompt
-    epochs: int = 1  # passes over each rollout's replies
-    max_new_tokens: int = 32
-    temperature: float = 1.0  # sampling temperature; log-probs, ratios and KL use logits / temperature too
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    kl_coef: float = 0.05  # weight of the KL to the reference (0 = no reference model)
-    clip_range: float = 0.2  # ε of the clipped policy ratio
-    eval_max_new_tokens: int = 0  # 0 = max_new_tokens
-    score_batch_size: int = 32  # rows per no-grad forward (reward model, evaluation)
+    n_eval: int = Field(64, ge=1)  # held-out prompts evaluated (greedy) at every evaluation
+    rollout_prompts: int = Field(16, ge=1)  # prompts per rollout, per process
+    samples_per_prompt: int = Field(1, ge=1)  # replies sampled per prompt
+    epochs: int = Field(1, ge=1)  # passes over each rollout's replies
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)  # rollouts are sampled; log-probs, ratios and KL use logits / temperature
+    top_k: int = Field(0, ge=0)  # 0 = off
+    top_p: float = Field(1.0, gt=0, le=1)  # 1 = off
+    kl_coef: float = Field(0.05, ge=0)  # weight of the KL to the reference (0 = no reference model)
+    clip_range: float = Field(0.2, gt=0, lt=1)  # ε of the clipped policy ratio
+    eval_max_new_tokens: int = Field(0, ge=0)  # 0 = max_new_tokens
+    score_batch_size: int = Field(32, ge=1)  # rows per no-grad forward (reward model, evaluation)
     seed: int = 0
-
-    def validate(self, where: str) -> "RLConfig":
-        def bad(name: str, msg: str) -> UserError:
-            return UserError(f"{where}: field '{name}' {msg}")
-
-        for name in ("rollout_prompts", "samples_per_prompt", "epochs", "max_new_tokens", "n_eval", "score_batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise bad(name, f"must be a positive integer, got {v!r}")
-        if self.top_k < 0 or self.eval_max_new_tokens < 0:
-            raise bad("top_k", "and eval_max_new_tokens must be >= 0")
-        if not self.temperature > 0:
-            raise bad("temperature", f"must be > 0 (rollouts are sampled), got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.kl_coef < 0:
-            raise bad("kl_coef", f"must be >= 0, got {self.kl_coef!r}")
-        if not 0 < self.clip_range < 1:
-            raise bad("clip_range", f"must be in (0, 1), got {self.clip_range!r}")
-        if not self.init:
-            raise UserError("--init: required (the chat checkpoint to improve, e.g. runs/sft/ckpt)")
-        return self
 
     def get_task(self):
         """The built-in task named by ``task`` with every ``task_*`` option (None without a task)."""
@@ -437,7 +341,7 @@ class RLConfig:
             return None
         from ..tasks import get_task
 
-        opts = {f.name[5:]: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("task_")}
+        opts = {f[5:]: getattr(self, f) for f in type(self).model_fields if f.startswith("task_")}
         return get_task(self.task, n_eval=self.n_eval, **opts)
 
 
@@ -629,7 +533,8 @@ def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume:
     from .trainer import Trainer
 
     section = stage_cls.name
-    cfg.validate(f"[{section}]")
+    if not cfg.init:
+        raise UserError("--init: required (the chat checkpoint to improve, e.g. runs/sft/ckpt)")
     task = cfg.get_task()
     prompts = Prompts(task=task, path=cfg.prompts, eval_path=cfg.eval_prompts, n_eval=cfg.n_eval, seed=cfg.seed)
     reward = RewardSource(reward_model=cfg.reward, reward_fn=cfg.reward_fn, task=task,
@@ -663,37 +568,3 @@ def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume:
     if curve:
         result[f"initial_{stage.best_metric}"] = curve[0][stage.best_metric]
     return result
-
-
-def configure_online_cli(parser, sections: dict, default_config: str, run) -> None:
-    """The command line every on-policy stage shares: ``--init`` (``--policy``), ``--out``, resume, the config."""
-    from ..config import add_config_arguments, add_resume_arguments
-
-    parser.add_argument("--policy", dest="policy", default=None, metavar="CKPT",
-                        help="the chat (SFT) checkpoint to improve (same as --init)")
-    parser.add_argument("--out", default=f"runs/{next(iter(sections))}", metavar="RUN",
-                        help="run directory; the policy ends up in RUN/ckpt")
-    add_resume_arguments(parser)
-    add_config_arguments(parser, sections, default_config=default_config)
-    parser.set_defaults(func=run)
-
-
-def config_from_cli(args, sections: dict):
-    from ..config import config_from_args, resume_from_args
-
-    rc = config_from_args(args, sections)
-    cfg = rc[next(iter(sections))]
-    if args.policy:
-        cfg.init = args.policy
-    return rc, cfg, resume_from_args(args)
-
-
-def print_result(section: str, result: dict, out) -> None:
-    parts = [f"{section}: done at step {result['step']}"]
-    for key in ("eval_accuracy", "eval_reward"):
-        if key in result:
-            before = result.get(f"initial_{key}")
-            parts.append(f"held-out {key[5:]} (greedy) " + (f"{before:.3f} -> " if before is not None else "")
-                         + f"{result[key]:.3f}")
-    print("; ".join(parts))
-    print(f"chat with it: pocketgpt chat --ckpt {Path(out) / 'ckpt'}")

@@ -28,68 +28,38 @@ from __future__ import annotations
 import math
 import random
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 
-from ..chat import IGNORE, FitStats, fit_to_context, read_conversations, resolve_data
+from ..chat import IGNORE, FitStats, fit_to_context
+from pydantic import Field
+
+from ..config import Config, StrList
 from ..errors import UserError
+from .trainer import TrainConfig
+from ..records import pad, read_conversations, split
 
-OVERFLOW_MODES = ("split", "truncate")
-
-
-@dataclass
-class SFTConfig:
+class SFTConfig(Config):
     """The ``[sft]`` section of a config: what to train on and how to cut it."""
 
-    init: str = ""  # checkpoint to start from (--init overrides)
-    data: list = field(default_factory=list)  # conversation files or bundled corpus names (--data overrides)
-    val_data: list = field(default_factory=list)  # held-out conversation files (else a fraction of data)
-    block_size: int = 0  # training context; 0 = the model's
-    val_fraction: float = 0.05  # held-out conversations (when val_data is empty)
-    val_max: int = 200  # at most this many held-out conversations
-    overflow: str = "split"  # split | truncate (conversations longer than the context)
+    section: ClassVar[str] = "sft"
+    init: str = Field("", description="checkpoint to fine-tune: a pocketgpt checkpoint or a local Hugging Face GPT-2 "
+                                      "directory")
+    data: StrList = Field([], description="conversation JSONL files ({\"messages\": [...]} per line, .jsonl or "
+                                          ".jsonl.gz) or bundled corpus names")
+    val_data: StrList = Field([], description="held-out conversation files (default: a val_fraction of --data)")
+    block_size: int = Field(0, ge=0)  # training context; 0 = the model's
+    val_fraction: float = Field(0.05, ge=0, lt=1)  # held-out conversations (when val_data is empty)
+    val_max: int = Field(200, ge=0)  # at most this many held-out conversations
+    overflow: Literal["split", "truncate"] = "split"  # conversations longer than the context
     skip_bad: bool = False  # skip bad JSONL lines (with a count) instead of stopping
-    max_conversations: int = 0  # 0 = all; else a seeded sample of this many (quick runs)
+    max_conversations: int = Field(0, ge=0)  # 0 = all; else a seeded sample of this many (quick runs)
 
-    def validate(self, where: str = "[sft]") -> "SFTConfig":
-        def bad(name: str, msg: str) -> UserError:
-            return UserError(f"{where}: field '{name}' {msg}")
 
-        if not isinstance(self.init, str):
-            raise bad("init", f"must be a checkpoint directory path, got {self.init!r}")
-        if isinstance(self.data, str):
-            self.data = [self.data]
-        if isinstance(self.val_data, str):
-            self.val_data = [self.val_data]
-        for name in ("data", "val_data"):
-            v = getattr(self, name)
-            if not isinstance(v, list) or not all(isinstance(d, str) for d in v):
-                raise bad(name, "must be a list of file paths or bundled corpus names")
-        for name in ("block_size", "val_max", "max_conversations"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise bad(name, f"must be an integer >= 0, got {v!r}")
-        if not 0 <= float(self.val_fraction) < 1:
-            raise bad("val_fraction", f"must be in [0, 1), got {self.val_fraction!r}")
-        if self.overflow not in OVERFLOW_MODES:
-            raise bad("overflow", f"must be one of {', '.join(OVERFLOW_MODES)}, got {self.overflow!r}")
-        if not isinstance(self.skip_bad, bool):
-            raise bad("skip_bad", f"must be true or false, got {self.skip_bad!r}")
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "[sft]") -> "SFTConfig":
-        import difflib
-
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                hint = difflib.get_close_matches(key, sorted(known), n=1)
-                raise UserError(f"{where}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-        return cls(**d).validate(where)
+SECTIONS = {"sft": SFTConfig, "train": TrainConfig}  # the config of `pocketgpt sft`
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -99,11 +69,11 @@ class SFTConfig:
 def load_init(path: str | Path, device=None):
     """Model + tokenizer of ``--init``; adds the chat special tokens (and embedding rows) when the tokenizer lacks
     them. Returns ``(model, tokenizer, added_token_names)``."""
-    from ..model import GPT
+    from ..checkpoint import load_model
     from ..tokenizer import SPECIAL_TOKENS, load_tokenizer_for
 
     path = Path(path)
-    model = GPT.from_pretrained(path, device=device)
+    model = load_model(path, device=device)
     tokenizer = load_tokenizer_for(path)
     added = tokenizer.add_special_tokens(SPECIAL_TOKENS)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -114,30 +84,6 @@ def load_init(path: str | Path, device=None):
 
 # --------------------------------------------------------------------------------------------------------------------
 # data
-
-
-def load_conversations(sources: list[str], *, skip_bad: bool = False, report=None) -> list[list[dict]]:
-    """Read every file / bundled corpus in ``sources`` (in order)."""
-    if not sources:
-        raise UserError("--data: no conversation files given (files or bundled corpus names)")
-    convs = []
-    for src in sources:
-        for path in resolve_data(src):
-            convs += read_conversations(path, skip_bad=skip_bad, report=report)
-    return convs
-
-
-def split_conversations(convs: list, val_fraction: float, val_max: int, seed: int) -> tuple[list, list]:
-    """Seeded split by conversation: ``(train, val)``; at least one training conversation."""
-    order = list(range(len(convs)))
-    random.Random(seed).shuffle(order)
-    n_val = min(val_max, int(round(len(convs) * val_fraction))) if val_fraction > 0 else 0
-    if val_fraction > 0 and len(convs) >= 2:
-        n_val = max(1, n_val)
-    n_val = min(n_val, len(convs) - 1)
-    val = [convs[i] for i in sorted(order[:n_val])]
-    train = [convs[i] for i in sorted(order[n_val:])]
-    return train, val
 
 
 def build_examples(convs: list, tokenizer, block_size: int, overflow: str = "split") -> tuple[list, FitStats]:
@@ -151,14 +97,7 @@ def build_examples(convs: list, tokenizer, block_size: int, overflow: str = "spl
 
 def collate(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``(x, y)``: x = ids[:-1] (pad ``pad_id``), y = labels[1:] (pad -100)."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-    for i, (ids, labels) in enumerate(examples):
-        n = len(ids) - 1
-        x[i, :n] = torch.tensor(ids[:-1], dtype=torch.long)
-        y[i, :n] = torch.tensor(labels[1:], dtype=torch.long)
-    return x, y
+    return pad([ids[:-1] for ids, _ in examples], pad_id), pad([labels[1:] for _, labels in examples], IGNORE)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -276,13 +215,13 @@ def prepare_sft(init: str | Path, sft: SFTConfig, train_seed: int, device=None, 
     if block > model.config.block_size:
         raise UserError(f"[sft] block_size: {block} is larger than the model's context of "
                         f"{model.config.block_size} tokens")
-    convs = load_conversations(sft.data, skip_bad=sft.skip_bad, report=log)
+    convs = read_conversations(sft.data, skip_bad=sft.skip_bad, report=log)
     if sft.max_conversations and len(convs) > sft.max_conversations:
         convs = random.Random(train_seed).sample(convs, sft.max_conversations)
     if sft.val_data:
-        train_convs, val_convs = convs, load_conversations(sft.val_data, skip_bad=sft.skip_bad, report=log)
+        train_convs, val_convs = convs, read_conversations(sft.val_data, skip_bad=sft.skip_bad, report=log)
     else:
-        train_convs, val_convs = split_conversations(convs, sft.val_fraction, sft.val_max, train_seed)
+        train_convs, val_convs = split(convs, sft.val_fraction, train_seed, most=sft.val_max)
     train_ex, tstats = build_examples(train_convs, tokenizer, block, sft.overflow)
     val_ex, vstats = build_examples(val_convs, tokenizer, block, sft.overflow)
     log(f"sft: train {tstats.summary()}")
@@ -302,11 +241,10 @@ def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_con
     from .trainer import Trainer
 
     log = log or _stderr_on_rank0
-    sft.validate()
     model, tokenizer, train_ex, val_ex, info = prepare_sft(init, sft, train.seed, log=log)
     stage = SFTStage(train_ex, val_ex, tokenizer.pad_id, train.batch_size, seed=train.seed)
     cfg = run_config if run_config is not None else {}
-    cfg = {**cfg, "sft": {**asdict(sft), "init": str(init)}, "train": asdict(train)}
+    cfg = {**cfg, "sft": {**sft.to_dict(), "init": str(init)}, "train": train.to_dict()}
     log(f"sft: {model.num_params() / 1e6:.2f}M parameters, context {info['block_size']}, "
         f"{len(train_ex)} training / {len(val_ex)} held-out examples -> {out}")
     trainer = Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=cfg, resume=resume)
@@ -316,67 +254,3 @@ def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_con
         trainer.close()
     result["data"] = info
     return result
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# command line
-
-# defaults of an SFT run where the config file / command line says nothing (a fine-tune, not a pretraining)
-TRAIN_DEFAULTS = dict(max_steps=300, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.0,
-                      eval_interval=50, eval_batches=20, ckpt_interval=100, log_interval=10)
-
-
-def _sections():
-    from .trainer import TrainConfig
-
-    return {"sft": SFTConfig, "train": TrainConfig}
-
-
-def configure_cli(name: str, parser) -> None:
-    from ..config import add_config_arguments, add_resume_arguments
-
-    parser.add_argument("--init", metavar="CKPT", default=None,
-                        help="checkpoint to fine-tune: a pocketgpt checkpoint or a local Hugging Face GPT-2 directory")
-    parser.add_argument("--data", nargs="+", metavar="FILE", default=None,
-                        help="conversation JSONL files ({\"messages\": [...]} per line, .jsonl or .jsonl.gz) or "
-                             "bundled corpus names")
-    parser.add_argument("--val-data", "--val_data", nargs="+", metavar="FILE", default=None, dest="val_data_files",
-                        help="held-out conversation files (default: a val_fraction of --data)")
-    parser.add_argument("--out", default="runs/sft", metavar="RUN",
-                        help="run directory (default runs/sft); the model ends up in RUN/ckpt")
-    add_resume_arguments(parser)
-    add_config_arguments(parser, _sections())
-    parser.set_defaults(func=_cli_sft)
-
-
-def _cli_sft(args) -> int:
-    from ..config import config_from_args, resume_from_args
-
-    rc = config_from_args(args, _sections())
-    train = rc.rebuild("train", **TRAIN_DEFAULTS).validate()
-    sft = rc["sft"]
-    if args.init:
-        sft.init = args.init
-    if args.data:
-        sft.data = list(args.data)
-    if args.val_data_files:
-        sft.val_data = list(args.val_data_files)
-    sft.validate()
-    if not sft.init:
-        raise UserError("--init: required (a pocketgpt checkpoint or a local Hugging Face GPT-2 directory)")
-    if not sft.data:
-        raise UserError("--data: required (conversation JSONL files or bundled corpus names)")
-    resume = resume_from_args(args)
-    result = run_sft(sft.init, args.out, sft, train, run_config=rc.to_dict(), resume=resume)
-    from .trainer import world_info
-
-    if world_info()[0] != 0:  # under torchrun rank 0 reports
-        return 0
-    ckpt = Path(args.out) / "ckpt"
-    val = result.get("val_loss")
-    line = f"sft: done at step {result['step']}"
-    if val is not None:
-        line += f", held-out assistant-token loss {val:.4f} (ppl {result.get('val_ppl', math.exp(min(val, 50))):.2f})"
-    print(line)
-    print(f"chat with it: pocketgpt chat --ckpt {ckpt}")
-    return 0

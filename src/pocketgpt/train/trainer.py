@@ -83,7 +83,7 @@ The run directory
     RUN/best/              weights of the best validation step (no optimizer state)
 
 **Pass ``RUN/ckpt`` (the final model) or ``RUN/best`` to the next stage / chat / export.** Both are complete
-checkpoint directories (``config.json`` + ``model.safetensors`` + ``tokenizer/``) that ``GPT.from_pretrained`` loads.
+checkpoint directories (``config.json`` + ``model.safetensors`` + ``tokenizer/``) that ``checkpoint.load_model`` loads.
 ``ckpt/`` also holds ``optimizer.safetensors``, ``rng.safetensors``, ``stage.safetensors`` (stages with
 ``state_tensors``) and ``trainer_state.json`` (step, schedule, scaler, RNG, the stage's ``state_dict()``): running the
 same command again resumes exactly where it stopped.
@@ -118,82 +118,63 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Literal, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from pydantic import Field, model_validator
+
+from ..checkpoint import write_model
+from ..config import Config, FieldError
 from ..errors import UserError
 from ..io import atomic_dir, read_json, write_json
+from ..model import GPT
 from .. import runtime
 
-SCHEDULES = ("cosine", "linear", "constant")
 # [train] fields a resumed run may change: how long, how often and where it runs, never what it trains
 RESUMABLE = frozenset({"max_steps", "max_minutes", "eval_interval", "eval_batches", "ckpt_interval", "log_interval",
                        "keep_best", "progress", "device", "dtype", "compile", "optimizer_impl", "ddp_find_unused"})
 MEASURED_STEPS = 5  # steps timed (after a process's first) before a time budget sizes the schedule
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """All optimisation and loop knobs (TOML section ``[train]``)."""
 
-    max_steps: int = 1000
-    batch_size: int = 16  # sequences per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | linear | constant (after linear warmup)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    section: ClassVar[str] = "train"
+    max_steps: int = Field(1000, gt=0)
+    batch_size: int = Field(16, gt=0)  # sequences per micro-batch per process
+    grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step
+    lr: float = Field(6e-4, gt=0)
+    min_lr: float = Field(6e-5, ge=0)  # at most lr
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after linear warmup
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = no clipping
-    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; master weights stay fp32). auto: bf16 on CUDA
-    #                      and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 on other CPUs
+    grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
+    # autocast; master weights stay fp32. auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32
+    dtype: Literal["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     compile: bool = False
-    eval_interval: int = 100  # 0 = only at the end
-    eval_batches: int = 20
-    ckpt_interval: int = 100  # 0 = only at the end
-    log_interval: int = 10
+    eval_interval: int = Field(100, ge=0)  # 0 = only at the end
+    eval_batches: int = Field(20, ge=0)
+    ckpt_interval: int = Field(100, ge=0)  # 0 = only at the end
+    log_interval: int = Field(10, ge=0)
     seed: int = 1337
     keep_best: bool = True
-    max_minutes: float = 0.0  # wall-clock budget (0 = none): the schedule is sized to the steps that fit in it
-    optimizer_impl: str = "auto"  # auto | fused | foreach | for-loop (AdamW implementation)
+    max_minutes: float = Field(0.0, ge=0)  # wall-clock budget (0 = none): the schedule is sized to the steps that fit
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # AdamW implementation
     ddp_find_unused: bool = False  # DDP find_unused_parameters (wrapper models with unused heads)
     progress: bool = True  # tqdm bar (also off when stderr is not a terminal or CI is set)
 
-    def validate(self, where: str = "[train]") -> "TrainConfig":
-        def bad(field: str, msg: str) -> UserError:
-            return UserError(f"{where}: field '{field}' {msg}")
-
-        for name in ("max_steps", "batch_size", "grad_accum"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise bad(name, f"must be a positive integer, got {v!r}")
-        for name in ("warmup_steps", "eval_interval", "eval_batches", "ckpt_interval", "log_interval"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise bad(name, f"must be an integer >= 0, got {v!r}")
-        if not self.lr > 0:
-            raise bad("lr", f"must be > 0, got {self.lr!r}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise bad("min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr!r}")
-        if self.schedule not in SCHEDULES:
-            raise bad("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):
-            raise bad("dtype", f"must be one of auto, fp32, bf16, fp16, got {self.dtype!r}")
-        if self.optimizer_impl not in ("auto", "fused", "foreach", "for-loop"):
-            raise bad("optimizer_impl", f"must be auto, fused, foreach or for-loop, got {self.optimizer_impl!r}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise bad("beta1", "and beta2 must be in [0, 1)")
-        if self.grad_clip < 0 or self.max_minutes < 0 or self.weight_decay < 0:
-            raise bad("grad_clip", "max_minutes and weight_decay must be >= 0")
+    @model_validator(mode="after")
+    def _min_lr_at_most_lr(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise FieldError("min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr!r}")
         return self
 
 
@@ -277,9 +258,9 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def default_save_model(model: nn.Module, directory: Path) -> None:
-    """``model.write_files(dir)`` for a GPT; otherwise the state dict as ``model.safetensors``."""
-    if hasattr(model, "write_files"):
-        model.write_files(directory)
+    """``checkpoint.write_model`` for a GPT; otherwise the state dict as ``model.safetensors``."""
+    if isinstance(unwrap(model), GPT):
+        write_model(unwrap(model), directory)
         return
     from safetensors.torch import save_model
 
@@ -404,7 +385,7 @@ class Trainer:
 
     model: any ``nn.Module`` (a GPT, or a wrapper such as policy + value head); AdamW covers the parameters with
         ``requires_grad`` — tensors with dim >= 2 get weight decay, biases / norms / 1-d tensors do not.
-    save_model(model, dir): writes the weights into a checkpoint dir (default ``model.write_files``);
+    save_model(model, dir): writes the weights into a checkpoint dir (default ``checkpoint.write_model``);
     load_model(model, dir): its inverse for resume (default: ``model.safetensors`` by state-dict name).
     tokenizer: saved as ``tokenizer/`` in every checkpoint (via ``tokenizer.save(dir)``).
     run_config: the full configuration (``{section: {key: value}}``) recorded in the run directory.
@@ -425,14 +406,13 @@ class Trainer:
         run_config: Optional[dict] = None,
         resume: Optional[bool] = None,
     ):
-        cfg.validate()
         self.cfg = cfg
         self.stage = stage
         self.run_dir = Path(run_dir)
         self.tokenizer = tokenizer
         self.save_model_fn = save_model or default_save_model
         self.load_model_fn = load_model or default_load_model
-        self.run_config = run_config if run_config is not None else {"train": asdict(cfg)}
+        self.run_config = run_config if run_config is not None else {"train": cfg.to_dict()}
         self.resume = resume
 
         self.device = runtime.pick_device(cfg.device)
@@ -515,8 +495,8 @@ class Trainer:
         ident = {f"{s}.{k}": v for s, sec in self.run_config.items() if isinstance(sec, dict)
                  for k, v in sec.items() if not (s == "train" and k in RESUMABLE)}
         config = getattr(unwrap(self.model), "config", None)
-        if is_dataclass(config):
-            ident.update({f"model.{k}": v for k, v in asdict(config).items()})
+        if hasattr(config, "to_dict"):
+            ident.update({f"model.{k}": v for k, v in config.to_dict().items()})
         ident["stage.fingerprint"] = getattr(self.stage, "fingerprint", None)
         return json.loads(json.dumps(ident, default=str))  # as read back from trainer_state.json
 
@@ -559,7 +539,7 @@ class Trainer:
                 "best": self.best,
                 "last_eval": self.last_eval,
                 "last_train": self.last_train,
-                "train_config": asdict(self.cfg),
+                "train_config": self.cfg.to_dict(),
                 "run_config": self.run_config,
                 "identity": self._identity(),
                 "schedule": self.schedule,
@@ -670,7 +650,7 @@ class Trainer:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg = dict(self.run_config)
-        cfg["train"] = asdict(self.cfg)
+        cfg["train"] = self.cfg.to_dict()
         atomic_write_text(self.run_dir / "run_config.toml", dump_toml(cfg))
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
@@ -735,7 +715,7 @@ class Trainer:
             return cfg
         if s is None or s["for"] != [cfg.max_steps, cfg.max_minutes]:  # a resumed run changed them: decide again
             return None
-        return replace(cfg, max_steps=s["max_steps"], warmup_steps=s["warmup_steps"])
+        return cfg.model_copy(update={"max_steps": s["max_steps"], "warmup_steps": s["warmup_steps"]})
 
     def _fit_budget(self, per_step: float) -> TrainConfig:
         """Size the schedule to the steps that fit in the rest of the time budget at ``per_step`` seconds a step."""
