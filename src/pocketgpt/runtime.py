@@ -93,5 +93,4 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     if os.environ.get("POCKETGPT_PEAK_FLOPS"):
         return float(os.environ["POCKETGPT_PEAK_FLOPS"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peaks = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
-    return peaks and peaks[dtype != torch.float32]
+    return next((v[dtype != torch.float32] for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
