@@ -41,6 +41,7 @@ def build_checkpoint(directory: Path, n_layer: int, n_embd: int, block_size: int
     import torch
 
     from pocketgpt import GPT, GPTConfig
+    from pocketgpt.checkpoint import save_model
     from pocketgpt.tokenizer import Tokenizer
 
     corpus = []
@@ -55,7 +56,7 @@ def build_checkpoint(directory: Path, n_layer: int, n_embd: int, block_size: int
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer, n_head=4,
                           n_embd=n_embd))
-    model.save_pretrained(directory)
+    save_model(model, directory)
     tok.save(directory / "tokenizer")
     return directory
 

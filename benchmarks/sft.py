@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pocketgpt import GPT, GPTConfig  # noqa: E402
+from pocketgpt.checkpoint import load_model
 from pocketgpt.chat import ChatSession  # noqa: E402
 from pocketgpt.io import atomic_write_text  # noqa: E402
 from pocketgpt.train.sft import (SFTConfig, assistant_loss, build_examples, load_conversations,  # noqa: E402
@@ -149,7 +150,7 @@ def main() -> int:
 
     # 3. held-out assistant-token loss of the base model (rendered with the chat template)
     held_ex, _ = build_examples(held, tok, args.block_size)
-    base = GPT.from_pretrained(base_dir)
+    base = load_model(base_dir)
     before, n_tok = assistant_loss(base, held_ex, tok.pad_id)
 
     # 4. SFT on the training conversations, evaluated on the same held-out file
@@ -160,7 +161,7 @@ def main() -> int:
     t = time.time()
     result = run_sft(base_dir, out / "sft", sft, sft_train, resume=False, log=log)
     t_sft = time.time() - t
-    tuned = GPT.from_pretrained(out / "sft" / "ckpt")
+    tuned = load_model(out / "sft" / "ckpt")
     after, _ = assistant_loss(tuned, held_ex, tok.pad_id)
 
     # 5. sample replies (same seed for both models)

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pocketgpt import GPT, GPTConfig, Tokenizer, generate
+    from pocketgpt.checkpoint import load_model
     from pocketgpt.config import load_config
     from pocketgpt.data import prepare
     from pocketgpt.errors import UserError
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["samples"] = {}
     for name in CONFIGS:
         ckpt = out / name / "ckpt"
-        model = GPT.from_pretrained(ckpt).eval()
+        model = load_model(ckpt).eval()
         tok = Tokenizer.load(ckpt / "tokenizer")
         rows = generate(model, [tok.encode(p) for p in PROMPTS], max_new_tokens=n_new, temperature=0.8, top_k=40,
                         seed=1337, stop_ids=[tok.eos_id])

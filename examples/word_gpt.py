@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pocketgpt import GPT, GPTConfig, Tokenizer, generate
+    from pocketgpt.checkpoint import load_model
     from pocketgpt.data import TokenShards, prepare, read_text_file
     from pocketgpt.errors import UserError
     from pocketgpt.io import write_json
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
           f"model in {out / 'run' / 'ckpt'}, curve in {out / 'run' / 'loss.png'}")
 
     # 4. greedy generation from the saved checkpoint
-    model = GPT.from_pretrained(out / "run" / "ckpt").eval()
+    model = load_model(out / "run" / "ckpt").eval()
     tok = Tokenizer.load(out / "run" / "ckpt" / "tokenizer")
     eos = tok.eos_id
     prompts = args.prompt or DEFAULT_PROMPTS

@@ -8,6 +8,7 @@ import torch
 
 from conftest import tiny_config
 from pocketgpt import GPT
+from pocketgpt.checkpoint import save_model
 from pocketgpt.cli import main
 
 
@@ -41,13 +42,13 @@ def test_toml_keys_share_the_aliases(tmp_path):
 
 
 def test_written_files_have_ordinary_permissions(tmp_path):
-    from pocketgpt.hf import export_hf
+    from pocketgpt.checkpoint import export_hf
 
     old = os.umask(0o022)
     try:
         torch.manual_seed(0)
         model = GPT(tiny_config())
-        model.save_pretrained(tmp_path / "ckpt")
+        save_model(model, tmp_path / "ckpt")
         export_hf(model, tmp_path / "hf")
     finally:
         os.umask(old)

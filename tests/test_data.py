@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pocketgpt import Tokenizer, UserError
+from pocketgpt.checkpoint import save_model
 from pocketgpt.cli import main as cli_main
 from pocketgpt.data import (BUILTINS, TokenShards, builtin_files, builtin_path, iter_jsonl, load_conversations,
                             load_preferences, prepare, shard_dtype, text_documents)
@@ -239,8 +240,8 @@ def test_a_model_and_data_of_different_tokenizers_are_refused(tmp_path, char_tok
     prepare([tmp_path / "in.txt"], tmp_path / "b", tmp_path / "other", verbose=False)
     tok = Tokenizer.load(char_tok)
     torch.manual_seed(0)
-    GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)).save_pretrained(
-        tmp_path / "m")
+    save_model(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)),
+               tmp_path / "m")
     tok.save(tmp_path / "m" / "tokenizer")
 
     def error(argv) -> str:

@@ -10,8 +10,14 @@ from transformers.generation import logits_process as lp
 
 from conftest import run_cli, tiny_config
 from pocketgpt import GPT, UserError
-from pocketgpt.engine import (GenerationResult, generate, min_p_filter, score, sequence_logprobs, stream_generate,
+from pocketgpt.checkpoint import load_model, save_model
+from pocketgpt.engine import (GenerationResult, SamplingParams, generate, min_p_filter, score, sequence_logprobs,
                               top_k_filter, top_p_filter)
+from pocketgpt.fastdecode import Decoder, RowsLinear, applies
+
+
+def stream(model, tok, prompt, **kw):
+    return list(generate(model, [prompt], tokenizer=tok, stream=True, **kw))
 
 
 class ByteTokenizer:
@@ -128,7 +134,7 @@ def test_sampling_draws_tokens_with_the_model_probabilities():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
     logits = probs.log().expand(20000, -1)  # 20000 independent rows, one draw each
     for temperature, top_k in ((1.0, None), (0.5, 2)):
-        draws = _Sampler([[0]], 20000, 5, "cpu", temperature, top_k, None, None, 1.0, 0, 0, seed=0)(logits)
+        draws = _Sampler([[0]], 5, "cpu", SamplingParams(temperature=temperature, top_k=top_k, n=20000, seed=0))(logits)
         freq = torch.bincount(draws, minlength=5).float() / len(draws)
         want = (probs.log() / temperature).softmax(-1)
         if top_k:
@@ -185,15 +191,15 @@ def test_stream_joins_to_final_text_with_chinese_never_split():
     text = "你好，世界! héllo 🙂 end"
     prompt = [65]
     model = scripted(text.encode() + b"\x00", prompt)
-    pieces = list(stream_generate(model, tok, prompt, max_new_tokens=200, temperature=0, stop_ids=[0]))
+    pieces = stream(model, tok, prompt, max_new_tokens=200, temperature=0, stop_ids=[0])
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces) and len(pieces) > 5
     (full,) = generate(model, [prompt], max_new_tokens=200, temperature=0, stop_ids=[0])
     assert tok.decode(full) == text
     # with a stop string, text that could start it is held back, and the pieces still join exactly
-    pieces = list(stream_generate(model, tok, prompt, max_new_tokens=200, temperature=0, stop=["界! hé", "🙂 x"]))
+    pieces = stream(model, tok, prompt, max_new_tokens=200, temperature=0, stop=["界! hé", "🙂 x"])
     assert "".join(pieces) == "你好，世"
-    pieces = list(stream_generate(model, tok, prompt, max_new_tokens=200, temperature=0, stop=["🙂 x"], stop_ids=[0]))
+    pieces = stream(model, tok, prompt, max_new_tokens=200, temperature=0, stop=["🙂 x"], stop_ids=[0])
     assert "".join(pieces) == text
 
 
@@ -223,7 +229,7 @@ def test_generated_text_is_valid_utf8_by_construction_greedy_sampled_beams():
     for kw in runs[:4]:
         for r in generate(model, prompts, max_new_tokens=24, tokenizer=tok, return_logprobs=True, **kw):
             assert "\ufffd" not in r.text
-        pieces = list(stream_generate(model, tok, prompts[0], max_new_tokens=24, **{**kw, "n": 1}))
+        pieces = stream(model, tok, prompts[0], max_new_tokens=24, **{**kw, "n": 1})
         assert "\ufffd" not in "".join(pieces)
     # the log-probs are still those of the unmasked model
     (r,) = generate(model, [prompts[0]], max_new_tokens=12, temperature=1.0, seed=1, tokenizer=tok,
@@ -293,7 +299,7 @@ def hf_pair(tmp_path_factory):
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     d = tmp_path_factory.mktemp("hf") / "gpt2"
     hf.save_pretrained(d)
-    return hf, GPT.from_pretrained(d)
+    return hf, load_model(d)
 
 
 def hf_generate(hf, prompt, **kw):
@@ -346,7 +352,7 @@ def test_sample_cli_streams_and_reports_errors(tmp_path, capsys):
 
     tok = Tokenizer.train("char", ["hello world, 你好世界. the quick brown fox."])
     torch.manual_seed(0)
-    GPT(tiny_config(vocab_size=tok.vocab_size, block_size=64)).save_pretrained(tmp_path / "m")
+    save_model(GPT(tiny_config(vocab_size=tok.vocab_size, block_size=64)), tmp_path / "m")
     tok.save(tmp_path / "m" / "tokenizer")
     args = ["sample", "--ckpt", str(tmp_path / "m"), "--prompt", "你好", "--max-new-tokens", "12", "--seed", "3",
             "--top-k", "5", "--n", "2"]
@@ -377,7 +383,7 @@ def test_fast_decode_step_equals_model_forward(kw):
             model(idx[:, :8], kv_cache=c2)
             kw2 = dict(position_ids=pos, attn_mask=mask) if use_pad else {}
             ref, _ = model(idx[:, 8:], kv_cache=c1, last_only=True, **kw2)
-            decoder = model.decoder(groups)
+            decoder = Decoder(model, groups)
             assert (decoder.head.tail is not None) == (groups > 1)  # 97 = 2 blocks of 48 + a tail of 1
             got = decoder(idx[:, 8], c2, *(kw2.values()))
             torch.testing.assert_close(got, ref[:, -1], atol=1e-5, rtol=1e-5)
@@ -387,12 +393,10 @@ def test_fast_decode_step_equals_model_forward(kw):
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_rows_linear_equals_f_linear_with_uneven_split(rows):
-    from pocketgpt.model import _RowsLinear
-
     torch.manual_seed(0)
     for bias in (True, False):
         lin = torch.nn.Linear(48, 64 * 5 + 3, bias=bias)  # 323 outputs: 4 blocks of 80 and a tail of 3
-        fast = _RowsLinear(lin, 4)
+        fast = RowsLinear(lin, 4)
         assert fast.blocks is not None and fast.tail is not None
         x = torch.randn(rows, 48)
         torch.testing.assert_close(fast(x), F.linear(x, lin.weight, lin.bias))

@@ -19,6 +19,7 @@ import torch
 
 from conftest import run_cli
 from pocketgpt.cli import main as cli_main
+from pocketgpt.checkpoint import save_model
 
 ENV = {"OMP_NUM_THREADS": "1", "CI": "1", "PYTHONUNBUFFERED": "1"}  # tiny models: one thread, deterministic
 TIMING = {"elapsed_s", "tok_per_s", "mfu"}  # the only fields allowed to differ between two runs
@@ -36,7 +37,7 @@ def make_inputs(d: Path, tie: bool = True) -> dict:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=32,
                           tie_embeddings=tie))
-    model.save_pretrained(d / "init")
+    save_model(model, d / "init")
     tok.save(d / "init" / "tokenizer")
     rng = random.Random(0)
 

@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT, run_cli
 from pocketgpt import GPT, GPTConfig, UserError
+from pocketgpt.checkpoint import load_model, save_model
 from pocketgpt.train.grpo import group_advantages, grpo_loss
 from pocketgpt.train.ppo import gae
 
@@ -44,7 +45,7 @@ def make_policy(path):
     tok = Tokenizer.train("char", ["abcqz "])
     tok.add_special_tokens(SPECIAL_TOKENS)
     torch.manual_seed(0)
-    GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32)).save_pretrained(path)
+    save_model(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32)), path)
     tok.save(path / "tokenizer")
     return path
 
@@ -69,7 +70,7 @@ def p_first(ckpt, token="z"):
     from pocketgpt.chat import render
     from pocketgpt.tokenizer import load_tokenizer_for
 
-    tok, model = load_tokenizer_for(ckpt), GPT.from_pretrained(ckpt).eval()
+    tok, model = load_tokenizer_for(ckpt), load_model(ckpt).eval()
     ids, _ = render([{"role": "user", "content": "ab c"}], tok, add_generation_prompt=True)
     with torch.no_grad():
         logits, _ = model(torch.tensor([ids]))
@@ -134,7 +135,7 @@ def test_rollout_keeps_end_and_logprobs_are_those_of_the_tempered_policy(setup):
     from pocketgpt.train.rl import rollout
 
     _, policy, _, _ = setup
-    tok, model = load_tokenizer_for(policy), GPT.from_pretrained(policy)
+    tok, model = load_tokenizer_for(policy), load_model(policy)
     end = tok.token_id("<|end|>")
     msgs = [[{"role": "user", "content": "ab"}], [{"role": "user", "content": "c ab ca"}]]
     rolls = rollout(model, tok, msgs, n=3, max_new_tokens=12, temperature=0.7, seed=0)
@@ -208,7 +209,7 @@ def test_ppo_on_a_reward_model_with_a_task_monitoring_accuracy(tmp_path):
     evals = [r for r in records(run) if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2] and all("eval_reward" in r for r in evals)
     assert all(0 <= r["eval_accuracy"] <= 1 for r in evals)
-    GPT.from_pretrained(run / "ckpt")  # the policy is an ordinary checkpoint (chat / export load it)
+    load_model(run / "ckpt")  # the policy is an ordinary checkpoint (chat / export load it)
     assert (run / "ckpt" / "value_head.safetensors").is_file()
     for name in ("eval_reward.png", "eval_accuracy.png", "loss.png", "run_config.toml"):
         assert (run / name).is_file(), name
@@ -228,7 +229,7 @@ def test_reward_fn_that_raises_stops_naming_record_and_step(setup):
     step = int(msg.split("(step ")[1].split(")")[0])
     state = json.loads((d / "run" / "ckpt" / "trainer_state.json").read_text())
     assert state["step"] == step - 1 and f"checkpoint of step {step - 1}" in msg  # nothing lost
-    GPT.from_pretrained(d / "run" / "ckpt")
+    load_model(d / "run" / "ckpt")
 
 
 def test_reward_fn_results_and_imports_are_checked(setup):

@@ -20,6 +20,7 @@ import torch
 
 from conftest import tiny_config
 from pocketgpt import GPT
+from pocketgpt.checkpoint import save_model
 from pocketgpt.chat import CHAT_DEFAULTS, render
 from pocketgpt.engine import generate
 from pocketgpt.serve import load_backend
@@ -39,7 +40,7 @@ def make_checkpoint(path: Path, block_size: int = 128, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     # untied: a random model with tied embeddings mostly repeats its last input token (<|assistant|>: an empty reply)
     model = GPT(tiny_config(vocab_size=tok.vocab_size, block_size=block_size, tie_embeddings=False))
-    model.save_pretrained(path)
+    save_model(model, path)
     tok.save(path / "tokenizer")
     return path
 

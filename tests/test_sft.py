@@ -12,6 +12,7 @@ import torch
 
 from conftest import run_cli
 from pocketgpt import GPT, GPTConfig
+from pocketgpt.checkpoint import load_model, save_model
 from pocketgpt.chat import IGNORE, ChatSession, render
 from pocketgpt.tokenizer import Tokenizer
 from pocketgpt.train.sft import SFTConfig, SFTStage, build_examples, collate, epoch_batches, run_sft
@@ -63,7 +64,7 @@ def make_init(directory, text, block_size=96, n_embd=64, seed=0):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=4, n_embd=n_embd,
                           pos="rope"))  # relative positions: answers do not depend on how much history precedes
-    model.save_pretrained(directory)
+    save_model(model, directory)
     tok.save(directory / "tokenizer")
     return directory
 
@@ -273,7 +274,7 @@ def test_resume_continues_the_run(tmp_path, tok):
 
 
 def test_init_from_a_gpt2_directory_adds_the_chat_tokens(tmp_path):
-    from pocketgpt.hf import export_hf
+    from pocketgpt.checkpoint import export_hf
     from pocketgpt.tokenizer import _bytes_to_unicode
 
     # a Hugging Face GPT-2 directory: weights + vocab.json/merges.txt that know only <|endoftext|>
@@ -294,7 +295,7 @@ def test_init_from_a_gpt2_directory_adds_the_chat_tokens(tmp_path):
             TrainConfig(max_steps=2, batch_size=4, lr=1e-3, warmup_steps=1, dtype="fp32", device="cpu",
                         eval_interval=0, progress=False), log=logs.append)
     assert any("added chat tokens" in line for line in logs)
-    tuned = GPT.from_pretrained(tmp_path / "run" / "ckpt")
+    tuned = load_model(tmp_path / "run" / "ckpt")
     tok = Tokenizer.load(tmp_path / "run" / "ckpt" / "tokenizer")
     assert tok.vocab_size == len(vocab) + 5 == tuned.config.vocab_size
     ids, _ = render([{"role": "user", "content": "hi 你好"}], tok, add_generation_prompt=True)
@@ -324,7 +325,7 @@ def test_cli_errors_name_file_and_line(tmp_path, trained, capsys):
     from pocketgpt.tokenizer import _bytes_to_unicode
 
     plain = tmp_path / "plain"
-    GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=16)).save_pretrained(plain)
+    save_model(GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=16)), plain)
     vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
     (plain / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (plain / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from pocketgpt.errors import UserError
+from pocketgpt.checkpoint import save_model
 from pocketgpt.tasks import get_task, make_pairs
 
 from conftest import run_cli
@@ -86,7 +87,7 @@ def chat_ckpt(tmp_path_factory):
     text.write_text("What is 12 + 34? 46. 0123456789 + = ?\n" * 50)
     tok = Tokenizer.train("char", [str(text)])
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32))
-    model.save_pretrained(d / "ckpt")
+    save_model(model, d / "ckpt")
     tok.save(d / "ckpt" / "tokenizer")
     return d / "ckpt"
 

@@ -2,10 +2,12 @@
 
 Public API::
 
-    from pocketgpt import GPT, GPTConfig, Tokenizer, generate
+    from pocketgpt import GPT, GPTConfig, SamplingParams, Tokenizer, generate, load_model, save_model
 
 Names are imported lazily, so that e.g. ``pocketgpt prepare`` never pays for importing torch.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
@@ -15,8 +17,10 @@ _LAZY = {
     "KVCache": "model",
     "UserError": "errors",
     "Tokenizer": "tokenizer",
+    "SamplingParams": "engine",
     "generate": "engine",
-    "stream_generate": "engine",
+    "load_model": "checkpoint",
+    "save_model": "checkpoint",
 }
 
 __all__ = sorted(_LAZY)
@@ -24,8 +28,6 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'pocketgpt' has no attribute {name!r}")
 

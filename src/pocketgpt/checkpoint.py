@@ -1,26 +1,59 @@
-"""Loading checkpoints: pocketgpt directories and local Hugging Face GPT-2 / Llama directories.
+"""Saving and loading models: pocketgpt checkpoint directories, and Hugging Face GPT-2 / Llama directories both ways.
 
 A pocketgpt checkpoint is a directory with ``config.json`` (``"model_type": "pocketgpt"`` + ``GPTConfig`` fields)
 and ``model.safetensors``; stages may add ``tokenizer/`` and ``trainer_state.json`` beside them.
+
+    save_model(model, dir)          atomic; keeps the other files already in ``dir``
+    write_model(model, tmpdir)      the two files, inside your own ``atomic_dir``
+    load_model(dir, device, dtype)  ours, or a local Hugging Face GPT-2 / Llama directory
+    export_hf(model, dir, arch)     a ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` directory (names mapped in ``hf.py``)
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .io import read_json
+from .hf import gpt2_config_to_ours, gpt2_state_to_ours, llama_config_to_ours, llama_state_to_ours, ours_to_gpt2, \
+    ours_to_llama
+from .io import atomic_dir, read_json, write_json
+from .model import GPT, GPTConfig
+
+
+def _state_for_save(model: GPT) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # safetensors stores no shared tensors; it is wte.weight
+    return sd
+
+
+def write_model(model: GPT, directory: str | Path) -> None:
+    """Write ``config.json`` + ``model.safetensors`` into an existing directory (not atomic on its own)."""
+    directory = Path(directory)
+    write_json(directory / "config.json", {"model_type": "pocketgpt", **model.config.to_dict()})
+    save_file(_state_for_save(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_model(model: GPT, directory: str | Path) -> None:
+    """Save as a checkpoint directory, atomically (temp dir + rename), keeping the files other stages wrote beside
+    the weights (``tokenizer/``, trainer state)."""
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        write_model(model, tmp)
+        for item in directory.iterdir() if directory.exists() else ():
+            if not (tmp / item.name).exists():
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
 
 
 def load_state_file(directory: Path) -> dict[str, torch.Tensor]:
     """Read ``model.safetensors`` (or a Hugging Face ``pytorch_model.bin``, with ``weights_only=True``)."""
     st = directory / "model.safetensors"
     if st.exists():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(st))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -39,9 +72,6 @@ def load_state_file(directory: Path) -> dict[str, torch.Tensor]:
 
 def read_model_config(directory: str | Path):
     """Return the ``GPTConfig`` and the source kind (pocketgpt | gpt2 | llama) of a checkpoint directory."""
-    from .hf import gpt2_config_to_ours, llama_config_to_ours
-    from .model import GPTConfig
-
     directory = Path(directory)
     if not directory.exists():
         raise UserError(f"{directory}: checkpoint directory not found")
@@ -66,10 +96,8 @@ def read_model_config(directory: str | Path):
     raise UserError(f"{where}: model_type {kind!r} is not supported (pocketgpt, gpt2, llama)")
 
 
-def load_model(directory: str | Path, device=None, dtype=None):
-    from .hf import gpt2_state_to_ours, llama_state_to_ours
-    from .model import GPT
-
+def load_model(directory: str | Path, device=None, dtype=None) -> GPT:
+    """Load a pocketgpt checkpoint, or a local Hugging Face GPT-2 / Llama directory (fp32 unless ``dtype``)."""
     directory = Path(directory)
     config, kind = read_model_config(directory)
     sd = load_state_file(directory)
@@ -82,7 +110,7 @@ def load_model(directory: str | Path, device=None, dtype=None):
         raise UserError(f"{directory}: weight {e} missing from the checkpoint") from None
     with torch.device("meta"):
         model = GPT(config, init_weights=False)
-    expected = model.state_dict_for_save()
+    expected = _state_for_save(model)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
@@ -108,3 +136,25 @@ def load_model(directory: str | Path, device=None, dtype=None):
     model.to(device=device or "cpu", dtype=target_dtype)
     model.eval()
     return model
+
+
+def export_hf(model: GPT, out_dir: str | Path, fmt: str = "auto", tokenizer_dir: str | Path | None = None) -> str:
+    """Write a Hugging Face directory (config.json + model.safetensors [+ tokenizer files]); returns the architecture."""
+    c = model.config
+    if fmt == "auto":
+        fmt = "llama" if c.pos == "rope" else "gpt2"
+    if fmt == "gpt2":
+        cfg, sd = ours_to_gpt2(model)
+    elif fmt == "llama":
+        cfg, sd = ours_to_llama(model)
+    else:
+        raise UserError(f"unknown export architecture {fmt!r} (gpt2, llama or auto)")
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "config.json", cfg)
+        save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "generation_config.json", {"_from_model_config": True})
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+            for f in Path(tokenizer_dir).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+    return cfg["architectures"][0]

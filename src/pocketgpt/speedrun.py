@@ -304,7 +304,7 @@ class Speedrun:
         sample chats. Runs in this process (peak RSS reported from the whole process)."""
         import resource
 
-        from .model import GPT
+        from .checkpoint import load_model
         from .runtime import pick_device
         from .tokenizer import load_tokenizer_for
         from .train.reward import load_reward_model
@@ -319,7 +319,7 @@ class Speedrun:
         rm = load_reward_model(self.p("rm", "ckpt"), device=device)
         _, held_p = self.split_prefs()
         prompts = read_prompts(held_p)
-        models = {name: GPT.from_pretrained(self.p(name, "ckpt"), device=device) for name in ("sft", "ppo", "dpo")}
+        models = {name: load_model(self.p(name, "ckpt"), device=device) for name in ("sft", "ppo", "dpo")}
 
         def replies(model):
             rs = rollout(model, tok, prompts, n=1, max_new_tokens=max_new, temperature=temperature, top_k=50,
@@ -340,7 +340,7 @@ class Speedrun:
         # GRPO: exact-answer accuracy (greedy) on the task's held-out prompts, SFT model vs GRPO model
         task = self.task()
         eval_prompts = task.eval_prompts()
-        grpo = GPT.from_pretrained(self.p("grpo", "ckpt"), device=device)
+        grpo = load_model(self.p("grpo", "ckpt"), device=device)
         for name, m in (("sft", models["sft"]), ("grpo", grpo)):
             rs = rollout(m, tok, eval_prompts, n=1, max_new_tokens=8, temperature=0.0, recompute_logprobs=False)
             out[f"arith_acc_{name}"] = sum(task.reward(p, r.text) for p, r in zip(eval_prompts, rs)) / len(rs)

@@ -253,7 +253,7 @@ def collect_pairs(ckpt, task, *, split: str = "train", prompts: int | None = Non
     """Load ``ckpt``, sample replies to the task's ``split`` prompts ("train": ``prompts`` distinct training
     prompts drawn from ``seed``; "eval": the held-out set, or its first ``prompts``), check them, form pairs."""
     from .chat import find_checkpoint
-    from .model import GPT
+    from .checkpoint import load_model
     from .runtime import pick_device
     from .tokenizer import load_tokenizer_for
 
@@ -268,7 +268,7 @@ def collect_pairs(ckpt, task, *, split: str = "train", prompts: int | None = Non
     else:
         raise UserError(f"--split: 'train' or 'eval', got {split!r}")
     ckpt = find_checkpoint(ckpt)
-    model = GPT.from_pretrained(ckpt, device=pick_device(device))
+    model = load_model(ckpt, device=pick_device(device))
     tok = load_tokenizer_for(ckpt)
     reps = sample_replies(model, tok, ps, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, seed=seed)

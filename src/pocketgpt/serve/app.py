@@ -159,16 +159,10 @@ class Backend:
             if not live:
                 raise _BatchOver()  # every job is answered or gone: stop decoding
 
-        p = lead.params
         try:
-            engine.generate(
-                self.model, [job.prompt for job in jobs], max_new_tokens=max(job.max_tokens for job in jobs),
-                temperature=float(p["temperature"]), top_k=p["top_k"] or None,
-                top_p=p["top_p"] if p["top_p"] is not None and p["top_p"] < 1 else None,
-                repetition_penalty=float(p["repetition_penalty"]), presence_penalty=float(p["presence_penalty"]),
-                frequency_penalty=float(p["frequency_penalty"]), n=n, stop_ids=self.stop_ids, stop=stops or None,
-                tokenizer=self.tokenizer, seed=p["seed"], on_step=step,
-            )
+            params = engine.SamplingParams(**lead.params, max_new_tokens=max(job.max_tokens for job in jobs), n=n,
+                                           stop_ids=self.stop_ids)
+            engine.generate(self.model, [job.prompt for job in jobs], params, tokenizer=self.tokenizer, on_step=step)
         except _BatchOver:
             pass
         except Exception as e:

@@ -1,0 +1,155 @@
+"""The engine's fast one-token decoding step on a CPU (opt-in: ``engine`` uses it where ``applies(model)``).
+
+A decode step of a small model on a CPU is dominated by per-op Python and dispatch cost, and MKL's fp32
+matrix-vector product streams the weights on one core. ``Decoder`` is ``GPT.forward`` for one new token per row,
+written with functional ops on the model's own weights (no module calls, no dropout no-ops, one copy per layer into
+the KV cache) and with fp32 matmuls split into row blocks for one ``bmm`` (``RowsLinear``). It computes exactly what
+``GPT.forward`` computes, so it applies only to a model whose forward is ``GPT.forward``; everything else (other
+devices, subclasses with their own forward, wrapped models) is decoded through the model's forward over the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import GPT, KVCache, activate, apply_rope, rope_cos_sin, sinusoidal_embedding
+
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)  # enable_gqa=
+
+
+def applies(model) -> bool:
+    """Whether ``Decoder`` computes this model's forward on this device (a plain GPT's forward, on a CPU)."""
+    return type(model).forward is GPT.forward and model.wte.weight.device.type == "cpu"
+
+
+def gemv_groups(weight: torch.Tensor) -> int:
+    """Into how many blocks of output rows a few-row matmul with ``weight`` is split (1 = plain ``F.linear``).
+
+    MKL's fp32 matrix-vector product runs on one core; viewing the weight as ``g`` blocks of rows multiplied by one
+    ``bmm`` lets every core stream its own blocks (timings: ``benchmarks/README.md``). bf16/fp16 weights (oneDNN)
+    are fastest with ``F.linear`` and are left alone.
+    """
+    if weight.dtype != torch.float32:
+        return 1
+    threads = torch.get_num_threads()
+    return 1 if threads < 2 else 2 * threads
+
+
+class RowsLinear:
+    """``F.linear(x, weight, bias)`` for a few rows ``x`` (R, K) as one batched matmul over ``groups`` blocks of the
+    weight's output rows (views, no copy); the last ``N mod groups`` rows go through ``F.linear``."""
+
+    MAX_ROWS = 64  # measured faster than F.linear up to 64 rows (2-core CPU); bigger GEMMs are left to MKL
+
+    __slots__ = ("weight", "bias", "blocks", "block_bias", "tail")
+
+    def __init__(self, linear: nn.Linear, groups: int):
+        weight, bias = linear.weight, linear.bias
+        self.weight, self.bias = weight, bias
+        self.blocks = self.block_bias = self.tail = None
+        N, K = weight.shape
+        if groups > 1 and N >= 32 * groups:
+            main = N - N % groups
+            self.blocks = weight[:main].view(groups, main // groups, K).transpose(1, 2)  # (g, K, N/g)
+            if bias is not None:
+                self.block_bias = bias[:main].view(groups, 1, main // groups)
+            if main < N:
+                self.tail = (weight[main:], None if bias is None else bias[main:])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        R = x.shape[0]
+        if self.blocks is None or R > self.MAX_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        xe = x.expand(self.blocks.shape[0], R, x.shape[1])
+        if self.block_bias is None:
+            y = torch.bmm(xe, self.blocks)
+        else:
+            y = torch.baddbmm(self.block_bias, xe, self.blocks)
+        y = y.view(R, -1) if R == 1 else y.transpose(0, 1).reshape(R, -1)
+        if self.tail is not None:
+            y = torch.cat((y, F.linear(x, *self.tail)), dim=1)
+        return y
+
+
+class Decoder:
+    """One decoding step, one new token per row, written with functional ops on the model's own weights.
+
+    ``decoder(tokens, cache, position_ids=None, attn_mask=None)`` returns the (R, V) next-token logits and equals
+    ``model(tokens[:, None], kv_cache=cache, position_ids=..., attn_mask=..., last_only=True)[0][:, -1]`` (tests
+    hold them together for every model kind). It exists for speed: at small sizes a decode step is dominated by
+    per-op Python and dispatch cost, so it skips the module calls, dropout no-ops, transposes and copies of the
+    general forward, writes each layer's key and value with one copy, and runs fp32 CPU matmuls as ``RowsLinear``.
+    ``position_ids`` (R, 1) are the positions of the fed tokens (left-padded batches; must be < block_size for
+    learned positions); None means ``cache.pos`` for every row. Build one per generation call: it holds views of the
+    current weights.
+    """
+
+    def __init__(self, model: GPT, groups: Optional[int] = None):
+        self.model = model
+        self.c = c = model.config
+        g = gemv_groups(model.wte.weight) if groups is None else groups
+        self.rms, self.shape = c.norm == "rmsnorm", [c.n_embd]
+
+        def norm(m):
+            return m.weight, getattr(m, "bias", None)
+
+        self.layers = [
+            (norm(b.ln_1), RowsLinear(b.attn.c_attn, g), RowsLinear(b.attn.c_proj, g), norm(b.ln_2),
+             RowsLinear(b.mlp.c_fc, g), RowsLinear(b.mlp.c_proj, g))
+            for b in model.h
+        ]
+        self.ln_f = norm(model.ln_f)
+        self.head = RowsLinear(model.lm_head, g)
+
+    def _norm(self, x, wb):  # the torch.* builtins skip the Python wrappers of F.layer_norm / F.rms_norm
+        if self.rms:
+            return torch.rms_norm(x, self.shape, wb[0], self.c.norm_eps)
+        return torch.layer_norm(x, self.shape, wb[0], wb[1], self.c.norm_eps)
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, position_ids=None, attn_mask=None) -> torch.Tensor:
+        c, m = self.c, self.model
+        R, H, Hkv, D = tokens.shape[0], c.n_head, c.n_kv_head, c.head_dim
+        p = cache.pos
+        if p >= cache.max_len:
+            raise ValueError(f"the KV cache is full ({cache.max_len} positions)")
+        x = torch.embedding(m.wte.weight, tokens)
+        rope = None
+        if c.pos == "learned":
+            if position_ids is None:
+                if p >= c.block_size:
+                    raise ValueError(f"position {p} is beyond the model's context of {c.block_size} tokens")
+                x = x + m.wpe.weight[p]
+            else:
+                x = x + F.embedding(position_ids[:, 0], m.wpe.weight)
+        else:
+            pos = position_ids if position_ids is not None else torch.full((R, 1), p, device=tokens.device)
+            if c.pos == "sinusoidal":
+                x = x + sinusoidal_embedding(pos[:, 0], c.n_embd).to(x.dtype)
+            else:
+                cos, sin = rope_cos_sin(pos, D, c.rope_theta)
+                rope = (cos[:, None], sin[:, None])  # (R, 1, 1, D)
+        gqa, qd, kd = Hkv != H, H * D, Hkv * D
+        gqa_kw = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
+        for i, (n1, attn_in, attn_out, n2, mlp_in, mlp_out) in enumerate(self.layers):
+            qkv = attn_in(self._norm(x, n1))
+            q = qkv[:, :qd].view(R, H, 1, D)
+            if rope is None:  # keys and values side by side in qkv: one copy into the cache
+                cache.kv[i].select(3, p).copy_(qkv[:, qd:].view(R, 2, Hkv, D).transpose(0, 1))
+            else:
+                q, k = apply_rope(q, *rope), apply_rope(qkv[:, qd : qd + kd].view(R, Hkv, 1, D), *rope)
+                cache.k[i].select(2, p).copy_(k[:, :, 0])
+                cache.v[i].select(2, p).copy_(qkv[:, qd + kd :].view(R, Hkv, D))
+            keys, values = cache.k[i].narrow(2, 0, p + 1), cache.v[i].narrow(2, 0, p + 1)
+            if keys.dtype != q.dtype:
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            if gqa and not _SDPA_HAS_GQA:
+                keys, values = keys.repeat_interleave(H // Hkv, 1), values.repeat_interleave(H // Hkv, 1)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, **gqa_kw)
+            x = x + attn_out(y.reshape(R, qd))
+            x = x + mlp_out(activate(mlp_in(self._norm(x, n2)), c.mlp))
+        cache.pos = p + 1
+        return self.head(self._norm(x, self.ln_f))
