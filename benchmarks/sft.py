@@ -34,8 +34,8 @@ from pocketgpt import GPT, GPTConfig  # noqa: E402
 from pocketgpt.checkpoint import load_model
 from pocketgpt.chat import ChatSession  # noqa: E402
 from pocketgpt.io import atomic_write_text  # noqa: E402
-from pocketgpt.train.sft import (SFTConfig, assistant_loss, build_examples, load_conversations,  # noqa: E402
-                                 run_sft, split_conversations)
+from pocketgpt.records import read_conversations, split  # noqa: E402
+from pocketgpt.train.sft import SFTConfig, assistant_loss, build_examples, run_sft  # noqa: E402
 from pocketgpt.train.trainer import TrainConfig, Trainer, world_info  # noqa: E402
 
 SAMPLES = [
@@ -117,8 +117,8 @@ def main() -> int:
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
 
     # 1. data, split by conversation
-    convs = load_conversations(args.data)
-    train_convs, held = split_conversations(convs, args.heldout / len(convs), args.heldout, args.seed)
+    convs = read_conversations(args.data)
+    train_convs, held = split(convs, args.heldout / len(convs), args.seed, most=args.heldout)
     write_jsonl(out / "train.jsonl", train_convs)
     write_jsonl(out / "heldout.jsonl", held)
     log(f"{len(train_convs)} training / {len(held)} held-out conversations")

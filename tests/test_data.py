@@ -11,8 +11,8 @@ import torch
 from pocketgpt import Tokenizer, UserError
 from pocketgpt.checkpoint import save_model
 from pocketgpt.cli import main as cli_main
-from pocketgpt.data import (BUILTINS, TokenShards, builtin_files, builtin_path, iter_jsonl, load_conversations,
-                            load_preferences, prepare, shard_dtype, text_documents)
+from pocketgpt.data import BUILTINS, TokenShards, builtin_path, prepare, shard_dtype, text_documents
+from pocketgpt.records import builtin_files
 
 
 def _corpus(n=120):
@@ -144,14 +144,7 @@ def test_builtin_corpora_and_cli(tmp_path, capsys):
     for name in BUILTINS:
         assert builtin_path(name).exists()
         assert builtin_files(name)
-    convs = load_conversations([builtin_path("chat")])
-    assert len(convs) == sum(1 for f in builtin_files("chat") for _ in iter_jsonl(f))
-    for conv in convs:
-        roles = [m["role"] for m in conv]
-        assert roles[0] == "user" and roles[-1] == "assistant" and len(roles) % 2 == 0
-    pairs = load_preferences([builtin_path("prefs")])
-    assert len(pairs) == 300 and all(p["chosen"] != p["rejected"] and p["prompt"][-1]["role"] == "user"
-                                     for p in pairs)
+    # (their records through the live readers: test_records.py)
     assert [p.name for p in builtin_files("chat_zh")] == ["chatterbot_zh.jsonl", "kdconv.jsonl"]
     with pytest.raises(UserError, match="unknown corpus 'nope'"):
         builtin_path("nope")
@@ -180,7 +173,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, char_tok, ca
     bad.write_bytes("Speaker fox\n\nthe lazy dög\n".encode("latin-1"))
     err = _error(["prepare", *tok, "--out", str(out), str(bad)], capsys)
     offset = len("Speaker fox\n\nthe lazy d")
-    assert f"{bad}: not valid utf-8 text at byte {offset}" in err and "--errors replace" in err
+    assert f"{bad}:3: not valid utf-8 text at byte {offset}" in err and "--errors replace" in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     assert cli_main(["prepare", *tok, "--out", str(out), "--errors", "replace", "--val-fraction", "0", str(bad)]) == 0
     assert cli_main(["prepare", *tok, "--out", str(tmp_path / "l1"), "--encoding", "latin-1", "--val-fraction",
@@ -216,18 +209,6 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, char_tok, ca
     assert "--vocab-size: 100" in _error(["prepare", "--vocab-size", "100", "--out", str(tmp_path / "v"), str(good)],
                                          capsys)
     assert not (tmp_path / "v").exists()
-
-
-def test_conversation_and_preference_errors(tmp_path):
-    f = tmp_path / "c.jsonl"
-    f.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "bot", "content": "x"}]}\n')
-    with pytest.raises(UserError, match=r"c.jsonl:2: messages\[0\] must be"):
-        load_conversations([f])
-    f.write_text('{"prompt": "hi", "chosen": "a"}\n')
-    with pytest.raises(UserError, match="c.jsonl:1: record has no field 'rejected'"):
-        load_preferences([f])
-    f.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n')
-    assert load_preferences([f]) == [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}]
 
 
 def test_a_model_and_data_of_different_tokenizers_are_refused(tmp_path, char_tok, capsys, monkeypatch):
