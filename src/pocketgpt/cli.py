@@ -384,7 +384,7 @@ def _rm_run(args) -> int:
     if args.action == "score":
         if not args.ckpt or not args.data:
             raise UserError("rm score: needs --ckpt RM and --data FILE")
-        device = next((v for k, v in args.config_overrides if k in ("device", "train.device")), "auto")
+        device = next((v for k, v, _ in args.config_overrides if k in ("device", "train.device")), "auto")
         return _rm_print(score_file(args.ckpt, args.data, device=device), args.json)
     if not args.init or not args.data:
         raise UserError("rm: needs --init SFT_CKPT and --data PAIRS (or 'pocketgpt rm score --ckpt RM --data FILE')")

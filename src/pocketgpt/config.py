@@ -273,7 +273,7 @@ def load_config(
             values[sec][key] = val
             origin[sec][key] = _key_line(path, sec, key)
 
-    for key, raw, from_cli in _normalise_overrides(overrides):
+    for key, raw, from_cli, flag in _normalise_overrides(overrides):
         sec, _, name = key.rpartition(".")
         if sec and sec not in sections:
             raise UserError(f"--{key}: unknown section '{sec}'{did_you_mean(sec, sections)}")
@@ -286,9 +286,9 @@ def load_config(
         for s in targets:
             val = raw
             if from_cli and fields_of[s] is not None:
-                val = _from_cli(raw, fields_of[s][name].annotation, f"--{key}")
+                val = _from_cli(raw, fields_of[s][name].annotation, flag)
             values[s][name] = val
-            origin[s][name] = f"--{key}"
+            origin[s][name] = flag
 
     built: dict[str, Any] = {}
     for sec, cls in sections.items():
@@ -297,14 +297,16 @@ def load_config(
     return RunConfig(built, values, path, sections, origin)
 
 
-def _normalise_overrides(overrides) -> list[tuple[str, Any, bool]]:
+def _normalise_overrides(overrides) -> list[tuple[str, Any, bool, str]]:
+    """``(key, value, from the command line, --flag as typed)`` of each override."""
     if not overrides:
         return []
     if isinstance(overrides, dict):
-        return [(k.replace("-", "_"), v, False) for k, v in overrides.items()]
+        return [(k.replace("-", "_"), v, False, f"--{k}") for k, v in overrides.items()]
     items = list(overrides)
     if items and isinstance(items[0], (tuple, list)):
-        return [(str(k).lstrip("-").replace("-", "_"), v, isinstance(v, (str, list))) for k, v in items]
+        return [(str(k).lstrip("-").replace("-", "_"), v, isinstance(v, (str, list)),
+                 flag[0] if flag else "--" + str(k).lstrip("-")) for k, v, *flag in items]
     out, i = [], 0
     while i < len(items):
         tok = str(items[i])
@@ -320,7 +322,7 @@ def _normalise_overrides(overrides) -> list[tuple[str, Any, bool]]:
         else:
             key, val = tok, "true"
             i += 1
-        out.append((key.replace("-", "_"), val, True))
+        out.append((key.replace("-", "_"), val, True, f"--{key}"))
     return out
 
 
@@ -331,7 +333,7 @@ def _normalise_overrides(overrides) -> list[tuple[str, Any, bool]]:
 class _Override(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         lst = list(getattr(namespace, "config_overrides", None) or [])
-        lst.append((self.key, "true" if values is None else values))
+        lst.append((self.key, "true" if values is None else values, option_string))
         namespace.config_overrides = lst
 
 
