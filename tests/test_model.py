@@ -84,6 +84,21 @@ def test_param_count_and_flops_match_independent_counts():
         assert counter.get_total_flops() / (2 * T) + 6 * vector_params == model.flops_per_token(T), (kw, T)
 
 
+def test_mfu_peak_is_known_or_absent(monkeypatch):
+    """MFU is reported only against a known peak: the environment's, or a CUDA GPU's data sheet, never a CPU guess."""
+    from pocketgpt.runtime import peak_flops
+
+    monkeypatch.delenv("POCKETGPT_PEAK_FLOPS", raising=False)
+    assert peak_flops(torch.device("cpu"), torch.float32) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert peak_flops(torch.device("cuda", 0), torch.bfloat16) == 756e12
+    assert peak_flops(torch.device("cuda", 0), torch.float32) == 51e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    assert peak_flops(torch.device("cuda", 0), torch.bfloat16) is None
+    monkeypatch.setenv("POCKETGPT_PEAK_FLOPS", "2.5e12")
+    assert peak_flops(torch.device("cpu"), torch.float32) == 2.5e12
+
+
 def test_save_load_round_trip_exact(tmp_path):
     torch.manual_seed(0)
     for i, kw in enumerate(ALL_KINDS):
