@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from pocketgpt import GPT, GPTConfig, UserError
-from pocketgpt.checkpoint import load_model
+from pocketgpt.checkpoint import load_model, save_model
 from pocketgpt.cli import main as cli_main
 
 LETTERS = "abcdefghij"
-
-
 
 
 def make_init_checkpoint(path, block_size=64):
@@ -22,7 +20,7 @@ def make_init_checkpoint(path, block_size=64):
     tok = Tokenizer.train("char", [LETTERS + " !.?" + LETTERS.upper()])
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
-    model.save_pretrained(path)
+    save_model(model, path)
     tok.save(path / "tokenizer")
     return path
 

@@ -93,14 +93,6 @@ class RewardModel(nn.Module):
         save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
         write_json(directory / META_FILE, {"kind": "reward_model", **(meta or {})})
 
-    def save_pretrained(self, directory: str | Path, tokenizer=None, meta: Optional[dict] = None) -> None:
-        from ..io import atomic_dir
-
-        with atomic_dir(directory) as tmp:
-            self.write_files(tmp, meta)
-            if tokenizer is not None:
-                tokenizer.save(tmp / "tokenizer")
-
 
 def load_reward_model(directory: str | Path, device=None, dtype=None) -> RewardModel:
     """Load a reward-model checkpoint (eval mode). UserError if the directory has no reward head."""
