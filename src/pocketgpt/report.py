@@ -1,17 +1,34 @@
-"""The speedrun's report card: ``RUN/report.md`` with one table of every stage's figures, plots and sample chats.
+"""The speedrun's report card: ``RUN/report.md`` (tables, verdicts, plots, sample chats) and ``RUN/report.json``.
 
-Every figure comes from files the run wrote (each stage's ``metrics.jsonl``, ``speedrun_state.json``); a figure
-that is missing is written as ``n/a`` rather than invented.
+Every figure comes from files the run wrote (each stage's ``metrics.jsonl``, the pairs' counts,
+``speedrun_state.json`` with the evaluation's per-prompt results); a figure that is missing is ``n/a`` rather than
+invented. ``report.json`` holds every figure of ``report.md`` as ``{stage: {metric: {"value", "n", "ci95"}}}``:
+accuracies and other proportions carry a Wilson 95% interval, means a normal-approximation one (±1.96 SE), and
+counts / losses / timings ``n`` and ``ci95`` of ``null``.
+
+The report says in words whether each stage beat its baseline: a policy "beat SFT" only when the 95% interval of its
+paired accuracy difference (same held-out prompts) lies above 0; a reward model is "above chance" only when the
+interval of its pairwise accuracy lies above 0.5.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from .io import atomic_write_text
+from .io import atomic_write_text, write_json
 from .train.plots import draw_losses, pyplot, read_metrics, save_figure, series
+
+POLICIES = ("sft", "ppo", "dpo", "grpo")
+TRAINED = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo", "rm_hh")
+GAIN_GOAL = 0.10  # issue 14: each RL stage raises held-out accuracy by >= 10 points over SFT
+RM_GOAL = 0.85  # issue 14: the task reward model's held-out pairwise accuracy
+
+
+def fig(value, n: Optional[int] = None, ci95=None) -> dict:
+    return {"value": value, "n": n, "ci95": ci95}
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -24,15 +41,33 @@ def _fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
-def _first(rows, key):
-    for r in rows:
-        if isinstance(r.get(key), (int, float)):
-            return float(r[key])
+def _ci(f: Optional[dict], digits: int = 3) -> str:
+    """``0.412 [0.364, 0.461] (n=400)``"""
+    if not f or f.get("value") is None:
+        return "n/a"
+    s = _fmt(f["value"], digits)
+    if f.get("ci95"):
+        s += f" [{_fmt(f['ci95'][0], digits)}, {_fmt(f['ci95'][1], digits)}]"
+    if f.get("n") is not None:
+        s += f" (n={f['n']})"
+    return s
+
+
+def _last(rows, *keys):
+    for key in keys:
+        for r in reversed(rows):
+            if isinstance(r.get(key), (int, float)):
+                return float(r[key])
     return None
 
 
-def _last(rows, key):
-    for r in reversed(rows):
+def _step(rows):
+    s = _last(rows, "step")
+    return int(s) if s is not None else None
+
+
+def _first(rows, key):
+    for r in rows:
         if isinstance(r.get(key), (int, float)):
             return float(r[key])
     return None
@@ -43,137 +78,313 @@ def _mean_tok_s(rows) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# figures
+
+
+def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
+    """Every figure of the report, ``{stage: {metric: fig}}`` (what report.json holds)."""
+    from .io import read_json
+    from .speedrun import distinct_n, mean_ci, paired_diff, proportion
+
+    done = state.get("done", {})
+    ev = done.get("eval", {})
+    metrics = {s: read_metrics(run / s) for s in TRAINED}
+    figs: dict[str, dict[str, dict]] = {}
+
+    def stage(name) -> dict:
+        d = figs.setdefault(name, {})
+        info = done.get(name, {})
+        if "wall_s" in info:
+            d["wall_s"] = fig(info["wall_s"])
+        if info.get("peak_rss_mb"):
+            d["peak_rss_mb"] = fig(info["peak_rss_mb"])
+        return d
+
+    meta = read_json(run / "data" / "meta.json") if (run / "data" / "meta.json").exists() else {}
+    stage("tokenizer")["vocab_size"] = fig(meta.get("vocab_size"))
+    stage("prepare")["train_tokens"] = fig((meta.get("counts") or {}).get("train"))
+    d = stage("pretrain")
+    vl = _last(metrics["pretrain"], "val_loss")
+    d["val_loss"] = fig(vl)
+    d["val_perplexity"] = fig(math.exp(vl) if vl is not None else None)
+    d["steps"] = fig(_step(metrics["pretrain"]))
+    d["tok_per_s"] = fig(_mean_tok_s(metrics["pretrain"]))
+    d = stage("sft")
+    d["val_loss_first"] = fig(_first(metrics["sft"], "val_loss"))
+    d["val_loss_last"] = fig(_last(metrics["sft"], "val_loss"))
+    d["steps"] = fig(_step(metrics["sft"]))
+
+    d = stage("pairs")
+    for split, key in (("train", "pairs_train.stats.json"), ("heldout", "pairs_heldout.stats.json")):
+        if (run / key).exists():
+            st = read_json(run / key)
+            d[f"{split}_prompts"] = fig(st["prompts"])
+            d[f"{split}_pairs"] = fig(st["pairs"])
+            d[f"{split}_prompts_with_pairs"] = fig(st["prompts_with_pairs"])
+            k = round(st["sample_accuracy"] * st["replies"])
+            d[f"{split}_sample_accuracy"] = proportion([True] * k + [False] * (st["replies"] - k))
+
+    per = ev.get("per_model", {})
+    for name in POLICIES:
+        if name not in per:
+            continue
+        r = per[name]
+        d = stage(name)
+        d["heldout_accuracy"] = proportion(r["correct"])
+        d["rm_score"] = mean_ci(r["rm_scores"])
+        d["kl_to_sft"] = mean_ci(r["kl"])
+        d["reply_tokens"] = mean_ci([float(x) for x in r["lengths"]])
+        if name != "sft" and "sft" in per:
+            a = [1.0 if c else 0.0 for c in r["correct"]]
+            b = [1.0 if c else 0.0 for c in per["sft"]["correct"]]
+            d["accuracy_gain_vs_sft"] = paired_diff(a, b)
+            d["rm_score_gain_vs_sft"] = paired_diff(r["rm_scores"], per["sft"]["rm_scores"])
+        if name in ("ppo", "dpo", "grpo"):
+            d["steps"] = fig(_step(metrics[name]))
+    for name, key in (("rm", "rm_heldout"), ("rm_hh", "rm_hh_heldout")):
+        if key in ev:
+            d = stage(name)
+            d["heldout_pairwise_accuracy"] = proportion(ev[key]["correct"])
+            d["heldout_margin"] = mean_ci(ev[key]["margins"])
+            d["steps"] = fig(_step(metrics[name]))
+    if ev.get("samples"):
+        d = stage("eval")
+        texts = [s["assistant"] for s in ev["samples"]]
+        d["sample_chats"] = fig(len(texts))
+        # distinct-2 over the model's own tokens (words would not split Chinese); per model as well
+        d["distinct_2"] = distinct_n([s.get("token_ids", []) for s in ev["samples"]], 2, tokenize=list)
+        for m in dict.fromkeys(s["model"] for s in ev["samples"]):
+            d[f"distinct_2_{m}"] = distinct_n([s.get("token_ids", []) for s in ev["samples"] if s["model"] == m], 2,
+                                              tokenize=list)
+        d["degenerate_replies"] = proportion([_degenerate(s) for s in ev["samples"]])
+        d["empty_replies"] = proportion([s["assistant"] == "" for s in ev["samples"]])
+    total = sum(v.get("wall_s", 0) for k, v in done.items() if k != "report")
+    figs["speedrun"] = {"total_wall_s": fig(round(total, 1)),
+                        "peak_rss_mb": fig(max((v.get("peak_rss_mb") or 0) for v in done.values()) if done else None)}
+    return figs
+
+
+def _degenerate(sample: dict) -> bool:
+    """One token repeated back to back for most of a reply of some length ("我我我我…", "I I I I ...")."""
+    n = sample.get("tokens", 0)
+    return n >= 4 and sample.get("longest_run", 0) >= max(4, n // 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# verdicts in words
+
+
+def verdicts(figs: dict) -> list[str]:
+    out = []
+    rm = figs.get("rm", {}).get("heldout_pairwise_accuracy")
+    if rm:
+        lo = rm["ci95"][0]
+        ok = "meets" if rm["value"] >= RM_GOAL else "**misses**"
+        side = "above chance" if lo > 0.5 else "**not above chance**"
+        out.append(f"- Task reward model: held-out pairwise accuracy {_ci(rm)} — {side}; {ok} the {RM_GOAL:.2f} goal.")
+    for name in ("ppo", "dpo", "grpo"):
+        g = figs.get(name, {}).get("accuracy_gain_vs_sft")
+        if not g:
+            continue
+        lo, hi = g["ci95"]
+        pts = f"{100 * g['value']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        if lo > 0:
+            head = f"beat SFT: {pts}"
+        elif hi < 0:
+            head = f"**made held-out accuracy worse than SFT**: {pts}"
+        else:
+            head = f"**did not beat SFT** (the interval includes 0): {pts}"
+        goal = "meets" if g["value"] >= GAIN_GOAL else "**misses**"
+        acc = figs[name]["heldout_accuracy"]
+        out.append(f"- {name.upper()} {head}; held-out accuracy {_ci(acc)}; {goal} the +{100 * GAIN_GOAL:.0f}-point goal.")
+    hh = figs.get("rm_hh", {}).get("heldout_pairwise_accuracy")
+    if hh:
+        lo, hi = hh["ci95"]
+        what = ("above chance" if lo > 0.5 else "**below chance**" if hi < 0.5 else
+                "**chance level** (the interval includes 0.5): telling helpful-and-harmless replies apart is beyond "
+                "a model of this size trained on a few hundred pairs; it is kept to show what the chat RM is")
+        out.append(f"- HH-RLHF (chat) reward model: held-out pairwise accuracy {_ci(hh)} — {what}.")
+    ev = figs.get("eval", {})
+    if ev.get("degenerate_replies"):
+        k = round(ev["degenerate_replies"]["value"] * ev["degenerate_replies"]["n"])
+        out.append(f"- Sample chats: {k} of {ev['degenerate_replies']['n']} replies degenerate into one repeated token; "
+                   f"distinct-2 (tokens) {_fmt(ev['distinct_2']['value'])}.")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# plots
+
+
 def plot_overview(run: Path, metrics: dict[str, list[dict]]) -> list[str]:
-    """``plots/losses.png`` (training loss of every stage) and ``plots/rewards.png`` (PPO reward/KL, GRPO reward)."""
+    """``plots/losses.png`` (every stage's losses), ``plots/rewards.png`` (RL curves) and
+    ``plots/ppo_rm_vs_accuracy.png``: the reward model's score and the checker's accuracy over PPO steps."""
     if (plt := pyplot()) is None:  # the `plots` extra is not installed
         return []
     written = []
     (run / "plots").mkdir(exist_ok=True)
-    stages = [s for s in ("pretrain", "sft", "rm", "ppo", "dpo", "grpo") if metrics.get(s)]
-    if stages:
-        fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-        for ax, s in zip(axes.flat, ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")):
+    if any(metrics.get(s) for s in TRAINED):
+        fig_, axes = plt.subplots(2, 4, figsize=(16, 7))
+        for ax, s in zip(axes.flat, TRAINED):
             draw_losses(ax, metrics.get(s, []))
             ax.set_title(s)
-        fig.tight_layout()
-        save_figure(fig, run / "plots" / "losses.png", dpi=90)
+        axes.flat[-1].axis("off")
+        fig_.tight_layout()
+        save_figure(fig_, run / "plots" / "losses.png", dpi=80)
         written.append("plots/losses.png")
 
-    curves = [(s, k) for s, ks in (("ppo", ("reward", "kl")), ("grpo", ("reward", "val_accuracy", "accuracy")),
-                                   ("dpo", ("val_reward_accuracy", "val_margin")))
-              for k in ks if series(metrics.get(s, []), k)[0]]
+    wanted = (("ppo", ("objective/scores", "reward", "objective/kl", "kl")),
+              ("grpo", ("reward", "eval_accuracy", "accuracy", "val_accuracy")),
+              ("dpo", ("eval_rewards/accuracies", "val_reward_accuracy", "eval_rewards/margins", "val_margin")),
+              ("rm", ("eval_accuracy", "val_accuracy")))
+    curves = [(s, k) for s, ks in wanted for k in ks if series(metrics.get(s, []), k)[0]]
     if curves:
-        fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+        fig_, axes = plt.subplots(1, len(curves), figsize=(3.8 * len(curves), 3.2), squeeze=False)
         for ax, (s, k) in zip(axes[0], curves):
             x, y = series(metrics[s], k)
             ax.plot(x, y, lw=1.2)
-            ax.set_title(f"{s}: {k}")
+            ax.set_title(f"{s}: {k}", fontsize=9)
             ax.set_xlabel("step")
-        fig.tight_layout()
-        save_figure(fig, run / "plots" / "rewards.png", dpi=90)
+        fig_.tight_layout()
+        save_figure(fig_, run / "plots" / "rewards.png", dpi=80)
         written.append("plots/rewards.png")
+
+    m = metrics.get("ppo", [])
+    rx, ry = series(m, "eval_reward")
+    ax_, ay = series(m, "eval_accuracy")
+    if rx or ax_:
+        fig_, a1 = plt.subplots(figsize=(6.5, 3.6))
+        if rx:
+            a1.plot(rx, ry, "o-", color="tab:blue", ms=3, label="reward-model score (what PPO optimises)")
+        a1.set_xlabel("PPO step")
+        a1.set_ylabel("mean RM score, held-out greedy replies", color="tab:blue", fontsize=8)
+        if ax_:
+            a2 = a1.twinx()
+            a2.plot(ax_, ay, "s-", color="tab:red", ms=3, label="true accuracy (checker, not optimised)")
+            a2.set_ylabel("held-out accuracy (checker)", color="tab:red", fontsize=8)
+            a2.set_ylim(0, 1)
+        else:
+            a1.set_title("(this ppo logs no eval_accuracy: the checker's curve is missing)", fontsize=8)
+        fig_.legend(loc="lower right", fontsize=7)
+        fig_.tight_layout()
+        save_figure(fig_, run / "plots" / "ppo_rm_vs_accuracy.png", dpi=90)
+        written.append("plots/ppo_rm_vs_accuracy.png")
     return written
 
 
-def collect_figures(run: Path, state: dict) -> tuple[list[tuple[str, ...]], dict[str, list[dict]]]:
-    """Rows of (stage, figure, value, tokens/s, wall s, peak MB) for the report table, and each stage's metrics."""
-    metrics = {s: read_metrics(run / s) for s in ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")}
-    done = state.get("done", {})
-    ev = done.get("eval", {})
+# ---------------------------------------------------------------------------------------------------------------------
+# the report
 
-    def res(stage):
-        d = done.get(stage, {})
-        return _fmt(d.get("wall_s"), 1), _fmt(d.get("peak_rss_mb"), 0)
 
-    rows = []
-
-    def add(stage, figure, value, tok=None):
-        w, m = res(stage)
-        rows.append((stage, figure, value, _fmt(tok, 0) if tok is not None else "", w, m))
-
-    add("tokenizer", "vocabulary size", _fmt(state.get("vocab_size")))
-    add("prepare", "training tokens", _fmt(state.get("train_tokens")))
-    m = metrics["pretrain"]
-    vl = _last(m, "val_loss")
-    add("pretrain", "val loss / perplexity", f"{_fmt(vl)} / {_fmt(math.exp(vl) if vl is not None else None, 1)}",
-        _mean_tok_s(m))
-    m = metrics["sft"]
-    add("sft", "held-out assistant loss (first eval → last)",
-        f"{_fmt(_first(m, 'val_loss'))} → {_fmt(_last(m, 'val_loss'))}", _mean_tok_s(m))
-    m = metrics["rm"]
-    acc_key = next((k for k in ("val_accuracy", "val_acc", "accuracy") if _last(m, k) is not None), "val_accuracy")
-    add("rm", "held-out pairwise accuracy", _fmt(_last(m, acc_key)), _mean_tok_s(m))
-    add("ppo", "mean RM reward: PPO vs SFT (held-out)", f"{_fmt(ev.get('ppo_rm_reward'))} vs {_fmt(ev.get('sft_rm_reward'))}",
-        _mean_tok_s(metrics["ppo"]))
-    add("ppo", "RM-judged win rate vs SFT", _fmt(ev.get("ppo_win_rate_vs_sft")))
-    add("dpo", "mean RM reward: DPO vs SFT (held-out)", f"{_fmt(ev.get('dpo_rm_reward'))} vs {_fmt(ev.get('sft_rm_reward'))}",
-        _mean_tok_s(metrics["dpo"]))
-    add("dpo", "RM-judged win rate vs SFT", _fmt(ev.get("dpo_win_rate_vs_sft")))
-    add("grpo", "arithmetic exact-answer accuracy (greedy): SFT → GRPO",
-        f"{_fmt(ev.get('arith_acc_sft'))} → {_fmt(ev.get('arith_acc_grpo'))}", _mean_tok_s(metrics["grpo"]))
-    add("eval", "held-out prompts judged", _fmt(ev.get("heldout_prompts")))
-    return rows, metrics
+def _quote(text: str) -> str:
+    """A reply exactly as written (JSON-quoted: spaces, newlines and repeats stay visible; nothing stripped)."""
+    return "`" + json.dumps(text, ensure_ascii=False).replace("`", "\\`") + "`"
 
 
 def write_report(sr) -> Path:
-    """Write ``RUN/report.md`` for a ``Speedrun`` (its ``out``, ``state``, ``preset_name``)."""
+    """Write ``RUN/report.md`` and ``RUN/report.json`` for a ``Speedrun`` (its ``out``, ``state``, ``preset_name``)."""
     run: Path = sr.out
     state = sr.state
-    # a few facts read from the artefacts themselves
-    from .io import read_json
-
-    tok_json = run / "tokenizer"
-    if (run / "data" / "meta.json").exists():
-        meta = read_json(run / "data" / "meta.json")
-        state["vocab_size"] = meta.get("vocab_size")
-        state["train_tokens"] = (meta.get("counts") or {}).get("train")
-    elif tok_json.exists():
-        state["vocab_size"] = None
-
-    rows, metrics = collect_figures(run, state)
+    figs = collect(run, state)
+    metrics = {s: read_metrics(run / s) for s in TRAINED}
     plots = plot_overview(run, metrics)
-    total = sum(v.get("wall_s", 0) for k, v in state.get("done", {}).items() if k != "report")
-    peak = max((v.get("peak_rss_mb") or 0) for v in state.get("done", {}).values()) if state.get("done") else None
+    write_json(run / "report.json", figs)
+    ev = state.get("done", {}).get("eval", {})
+    try:
+        task_desc = f"{sr.task_name()} {json.dumps(sr.task_options())}"
+    except Exception:  # noqa: BLE001 - a report of a run directory from another version
+        task_desc = "n/a"
 
+    def g(stage, key):
+        return figs.get(stage, {}).get(key)
+
+    total = g("speedrun", "total_wall_s")["value"]
     lines = [
         f"# pocketgpt speedrun report — preset `{sr.preset_name}`",
         "",
-        f"Total wall time: **{total / 60:.1f} min**; peak memory of any stage: **{_fmt(peak, 0)} MB** (max RSS).",
+        f"Total wall time: **{total / 60:.1f} min**; peak memory of any stage: "
+        f"**{_fmt(g('speedrun', 'peak_rss_mb')['value'], 0)} MB** (max RSS). Every stage runs on a step budget, so "
+        f"the figures do not depend on the machine's speed; only the wall times do. Every figure is also in "
+        f"`report.json`; intervals are 95% (Wilson for proportions).",
         "",
-        "| stage | figure | value | tokens/s | wall s | peak MB |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
+        "## Did each stage beat its baseline?",
+        "",
+        *verdicts(figs),
+        "",
+        f"## RLHF against ground truth: task `{task_desc}`",
+        "",
+        f"Held-out prompts: {ev.get('heldout_prompts', 'n/a')} (the task's fixed held-out set: no stage trains on them). "
+        "Accuracy = greedy reply checked by the task; RM score = the task reward model's mean score of the same "
+        "replies; KL = KL(model ‖ SFT) in nats per reply, estimated on one temperature-1 sample per prompt; "
+        "gain = paired difference against SFT on the same prompts.",
+        "",
+        "| model | held-out accuracy [95% CI] | gain vs SFT (points) | RM score | KL to SFT | reply tokens | steps | wall s |",
+        "| --- | --- | --- | --- | --- | --- | ---: | ---: |",
     ]
-    lines += [f"| {' | '.join(r)} |" for r in rows]
-    lines += ["", "## Plots", ""]
-    lines += [f"![{p}]({p})" for p in plots]
-    for s in ("pretrain", "sft", "rm", "ppo", "dpo", "grpo"):
-        if (run / s / "loss.png").exists():
-            lines.append(f"- {s}: [{s}/loss.png]({s}/loss.png)")
-    ev = state.get("done", {}).get("eval", {})
-    if ev.get("samples"):
-        lines += ["", "## Sample chats (greedy)", ""]
-        for smp in ev["samples"]:
-            a = smp["assistant"].replace("\n", " ").strip() or "(empty)"
-            lines.append(f"- **{smp['model']}** — user: {smp['user']}  \n  assistant: {a}")
-    if ev.get("heldout_examples"):
-        lines += ["", "## Held-out preference prompts (sampled, as judged by the RM)", ""]
-        for ex in ev["heldout_examples"]:
-            lines.append(f"- user: {ex['user'].replace(chr(10), ' ')}")
-            for n in ("sft", "ppo", "dpo"):
-                if n in ex:
-                    lines.append(f"  - {n}: {ex[n].replace(chr(10), ' ') or '(empty)'}")
-    lines += ["", "## Commands run", ""]
-    for name, info in state.get("done", {}).items():
-        if info.get("command"):
-            lines.append(f"- `{info['command']}`")
+    for name in POLICIES:
+        d = figs.get(name, {})
+        if "heldout_accuracy" not in d:
+            continue
+        gain = d.get("accuracy_gain_vs_sft")
+        gain_s = (f"{100 * gain['value']:+.1f} [{100 * gain['ci95'][0]:+.1f}, {100 * gain['ci95'][1]:+.1f}]"
+                  if gain else "(baseline)")
+        lines.append(f"| {name.upper()} | {_ci(d['heldout_accuracy'])} | {gain_s} | {_ci(d['rm_score'], 2)} | "
+                     f"{_ci(d['kl_to_sft'], 3)} | {_fmt(d['reply_tokens']['value'], 1)} | "
+                     f"{_fmt((d.get('steps') or {}).get('value'), 0)} | {_fmt((d.get('wall_s') or {}).get('value'), 1)} |")
+    p = figs.get("pairs", {})
     lines += [
         "",
-        "## Next",
+        "Preference pairs, collected as RLHF collects them: the SFT model samples replies (temperature 1) to task "
+        "prompts, the checker labels them, a right reply is paired with a wrong one of the same prompt. Training "
+        "pairs come from training prompts only; held-out pairs from the held-out prompts.",
         "",
-        f"- chat: `pocketgpt chat --ckpt {run / 'dpo' / 'ckpt'}`",
-        f"- serve: `pocketgpt serve --ckpt {run / 'dpo' / 'ckpt'}`",
-        "",
+        "| pairs | prompts | prompts with a pair | pairs | SFT sample accuracy |",
+        "| --- | ---: | ---: | ---: | --- |",
     ]
+    for split in ("train", "heldout"):
+        if f"{split}_pairs" in p:
+            lines.append(f"| {split} | {p[f'{split}_prompts']['value']} | {p[f'{split}_prompts_with_pairs']['value']} | "
+                         f"{p[f'{split}_pairs']['value']} | {_ci(p[f'{split}_sample_accuracy'])} |")
+
+    lines += ["", "## Every stage", "", "| stage | figure | value | wall s | peak MB |", "| --- | --- | --- | ---: | ---: |"]
+    for stage, d in figs.items():
+        if stage == "speedrun":
+            continue
+        w = _fmt((d.get("wall_s") or {}).get("value"), 1)
+        pk = _fmt((d.get("peak_rss_mb") or {}).get("value"), 0)
+        for key, f in d.items():
+            if key in ("wall_s", "peak_rss_mb"):
+                continue
+            lines.append(f"| {stage} | {key} | {_ci(f)} | {w} | {pk} |")
+    lines += ["", "## Plots", ""]
+    lines += [f"![{pl}]({pl})" for pl in plots]
+    if "plots/ppo_rm_vs_accuracy.png" in plots:
+        lines += ["", "`plots/ppo_rm_vs_accuracy.png`: if the reward-model score rises while the true accuracy does not, "
+                      "PPO is hacking the reward model."]
+    for s in TRAINED:
+        if (run / s / "loss.png").exists():
+            lines.append(f"- {s}: [{s}/loss.png]({s}/loss.png)")
+    per = ev.get("per_model", {})
+    if per:
+        lines += ["", "## Held-out task replies (greedy, first prompts)", ""]
+        for i, ex in enumerate(per.get("sft", {}).get("examples", [])):
+            lines.append(f"- user: {ex['user']}")
+            for name in POLICIES:
+                if name in per and i < len(per[name]["examples"]):
+                    lines.append(f"  - {name}: {_quote(per[name]['examples'][i]['reply'])}")
+    if ev.get("samples"):
+        lines += ["", "## Sample chats (sampled with `pocketgpt chat`'s defaults; replies exactly as written)", ""]
+        for smp in ev["samples"]:
+            lines.append(f"- **{smp['model']}** — user: {smp['user']}  \n  assistant: {_quote(smp['assistant'])}")
+    lines += ["", "## Commands run", ""]
+    for name, info in state.get("done", {}).items():
+        for cmd in str(info.get("command", "")).splitlines():
+            if cmd:
+                lines.append(f"- `{cmd}`")
+    chat = str(sr.table("speedrun").get("chat_model", "dpo"))
+    lines += ["", "## Next", "", f"- chat: `pocketgpt chat --ckpt {run / chat / 'ckpt'}`",
+              f"- serve: `pocketgpt serve --ckpt {run / chat / 'ckpt'}`", ""]
     path = run / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

@@ -17,6 +17,7 @@ methods at this size; PPO's and GRPO's models are kept beside it and compared in
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -29,7 +30,7 @@ from .errors import UserError
 from .io import atomic_write_text, read_json, write_json
 
 PRESETS = ("cpu-tiny", "cpu-small", "gpu-124m")
-STAGES = ("tokenizer", "prepare", "pretrain", "sft", "rm", "ppo", "dpo", "grpo", "eval", "report")
+STAGES = ("tokenizer", "prepare", "pretrain", "sft", "pairs", "rm", "ppo", "dpo", "grpo", "rm_hh", "eval", "report")
 
 # Sample prompts for the report's chats (English and Chinese)
 CHAT_PROMPTS = [
@@ -53,9 +54,9 @@ def load_preset(name: str) -> dict[str, dict[str, Any]]:
         name = f"speedrun-{name}"
     path = resolve_config_path(name)
     data = read_toml(path)
-    unknown = sorted(set(data) - set(STAGES) - {"speedrun"})
+    unknown = sorted(set(data) - set(STAGES) - {"speedrun", "task"})
     if unknown:
-        raise UserError(f"{path}: unknown section [{unknown[0]}] (sections: {', '.join(('speedrun',) + STAGES)})")
+        raise UserError(f"{path}: unknown section [{unknown[0]}] (sections: {', '.join(('speedrun', 'task') + STAGES)})")
     data.setdefault("speedrun", {})
     data["_path"] = {"path": str(path)}
     return data
@@ -108,6 +109,65 @@ def run_child(args: list[str], log_path: Path) -> tuple[int, float, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# statistics of the report (95% intervals)
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> list[float]:
+    """Wilson score interval of a proportion k/n (the interval stays inside [0, 1] and is sane at 0 and n)."""
+    if n <= 0:
+        return [float("nan"), float("nan")]
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return [max(0.0, mid - half), min(1.0, mid + half)]
+
+
+def proportion(hits: list[bool] | list[float]) -> dict:
+    """``{"value", "n", "ci95"}`` of a proportion (Wilson interval)."""
+    n, k = len(hits), float(sum(1.0 if h else 0.0 for h in hits))
+    return {"value": k / n if n else float("nan"), "n": n, "ci95": wilson(k, n)}
+
+
+def mean_ci(xs: list[float]) -> dict:
+    """``{"value", "n", "ci95"}`` of a mean (normal approximation: mean ± 1.96 standard errors)."""
+    n = len(xs)
+    if n == 0:
+        return {"value": float("nan"), "n": 0, "ci95": [float("nan"), float("nan")]}
+    m = sum(xs) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    h = 1.96 * sd / math.sqrt(n)
+    return {"value": m, "n": n, "ci95": [m - h, m + h]}
+
+
+def paired_diff(a: list[float], b: list[float]) -> dict:
+    """Mean of ``a - b`` over the same items, with its 95% interval (paired: both models answer the same prompts)."""
+    return mean_ci([float(x) - float(y) for x, y in zip(a, b)])
+
+
+def distinct_n(texts: list[str], n: int = 2, tokenize: Callable[[str], list] | None = None) -> dict:
+    """distinct-n: distinct n-grams / all n-grams over the replies (1.0 = no n-gram repeats; near 0 = loops)."""
+    grams, total = set(), 0
+    for t in texts:
+        toks = tokenize(t) if tokenize else list(t)
+        for i in range(len(toks) - n + 1):
+            grams.add(tuple(toks[i: i + n]))
+            total += 1
+    return {"value": len(grams) / total if total else float("nan"), "n": total, "ci95": None}
+
+
+def longest_run(tokens: list) -> int:
+    """The longest run of one token repeated back to back (a reply "degenerates" when this is most of it)."""
+    best = run = 0
+    prev = object()
+    for t in tokens:
+        run = run + 1 if t == prev else 1
+        prev = t
+        best = max(best, run)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # the pipeline
 
 
@@ -142,6 +202,33 @@ class Speedrun:
     def table(self, stage: str) -> dict:
         return dict(self.preset.get(stage, {}))
 
+    # ---- the checkable task ------------------------------------------------------------------------------------------
+
+    def task_options(self) -> dict:
+        """The ``[task]`` table without its name: the options every stage gets (``--task_<option>``)."""
+        t = self.table("task")
+        t.pop("name", None)
+        return t
+
+    def task_name(self) -> str:
+        return str(self.table("task").get("name", "arithmetic"))
+
+    def task(self):
+        from .tasks import get_task
+
+        return get_task(self.task_name(), **self.task_options())
+
+    def task_args(self, n_eval: bool = True) -> list[str]:
+        """``--task NAME --task_digits 2 ...`` for a stage command. The RL stages evaluate their own ``n_eval``
+        (a prefix of the same held-out set; training prompts avoid the whole held-out pool either way)."""
+        args = ["--task", self.task_name()]
+        for k, v in self.task_options().items():
+            if k != "n_eval":
+                args += [f"--task_{k}", str(v)]
+            elif n_eval:
+                args += ["--task_n_eval", str(v)]
+        return args
+
     # ---- stage commands --------------------------------------------------------------------------------------------
 
     def _common(self) -> list[str]:
@@ -172,38 +259,38 @@ class Speedrun:
         return ["pretrain", "--config", cfg, "--dir", str(self.p("data")), "--out", str(self.p("pretrain")),
                 *_opts(t), *self._common()]
 
-    def write_sft_extra(self) -> Path:
-        """The arithmetic task's format as SFT conversations, so GRPO starts from a model that knows the format."""
-        task = self.task()
-        n = int(self.table("speedrun").get("arithmetic_sft", 400))
-        path = self.p("arithmetic_sft.jsonl")
-        convs = task.sft_conversations(n, seed=1)
+    def write_task_sft(self) -> Path:
+        """Worked examples of the task (training problems only) for SFT, mixed with the dialogues."""
+        n = int(self.table("speedrun").get("task_sft", 400))
+        path = self.p("task_sft.jsonl")
+        convs = self.task().sft_conversations(n, seed=1)
         atomic_write_text(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs))
         return path
-
-    def task(self):
-        """The GRPO stage's arithmetic task, with the options the grpo command will see (its preset + ours)."""
-        from .config import read_toml, resolve_config_path
-        from .tasks import get_task
-
-        t = self.table("grpo")
-        opts = dict(read_toml(resolve_config_path(t.get("config", "grpo-arithmetic"))).get("grpo", {}))
-        opts.update(t)
-        return get_task("arithmetic", digits=int(opts.get("task_digits", 2)), ops=str(opts.get("task_ops", "+-")),
-                        n_eval=int(opts.get("n_eval", 64)))
 
     def cmd_sft(self) -> list[str]:
         t = self.table("sft")
         cfg = t.pop("config", "sft-small")
         data = t.pop("data", ["chat_en", "chat_zh"])
-        return ["sft", "--init", str(self.p("pretrain", "ckpt")), "--data", *data, str(self.write_sft_extra()),
+        # the task's examples first: a max_conversations cap (cpu-tiny) keeps some of them
+        return ["sft", "--init", str(self.p("pretrain", "ckpt")), "--data", str(self.write_task_sft()), *data,
                 "--config", cfg, "--out", str(self.p("sft")), *_opts(t), *self._common()]
 
-    def split_prefs(self) -> tuple[Path, Path]:
-        """Bundled HH-RLHF pairs → training pairs + held-out prompts (never seen by RM, PPO or DPO)."""
+    def cmds_pairs(self) -> list[list[str]]:
+        """The SFT model answers task prompts (sampled), the checker labels the replies, pairs are formed: from
+        training prompts for RM / DPO, and from the held-out prompts for the RM's held-out accuracy."""
+        t = self.table("pairs")
+        n_train = int(t.pop("prompts", 1000))
+        base = ["pairs", "--ckpt", str(self.p("sft", "ckpt")), *self.task_args(), *_opts(t), *self._common()]
+        return [base + ["--split", "train", "--prompts", str(n_train), "--out", str(self.p("pairs_train.jsonl")),
+                        "--stats", str(self.p("pairs_train.stats.json"))],
+                base + ["--split", "eval", "--out", str(self.p("pairs_heldout.jsonl")),
+                        "--stats", str(self.p("pairs_heldout.stats.json"))]]
+
+    def split_hh(self) -> tuple[Path, Path]:
+        """Bundled HH-RLHF pairs → training pairs + held-out pairs (the chat reward model's accuracy)."""
         from .data import builtin_path
 
-        train_p, held_p = self.p("prefs_train.jsonl"), self.p("heldout_prompts.jsonl")
+        train_p, held_p = self.p("hh_train.jsonl"), self.p("hh_heldout.jsonl")
         if train_p.exists() and held_p.exists():
             return train_p, held_p
         import gzip
@@ -212,45 +299,69 @@ class Speedrun:
         opener = gzip.open if src.suffix == ".gz" else open
         with opener(src, "rt", encoding="utf-8") as f:
             lines = [ln for ln in f.read().splitlines() if ln.strip()]
-        n_held = int(self.table("speedrun").get("heldout_prompts", 32))
-        held = [json.loads(ln) for ln in lines[-n_held:]]
+        n_held = int(self.table("speedrun").get("hh_heldout_pairs", 60))
         atomic_write_text(train_p, "\n".join(lines[:-n_held]) + "\n")
-        atomic_write_text(held_p, "".join(json.dumps({"prompt": r["prompt"]}, ensure_ascii=False) + "\n" for r in held))
+        atomic_write_text(held_p, "\n".join(lines[-n_held:]) + "\n")
         return train_p, held_p
-
-    def ppo_prompts(self) -> Path:
-        train_p, _ = self.split_prefs()
-        path = self.p("ppo_prompts.jsonl")
-        if not path.exists():
-            rows = [json.loads(ln) for ln in train_p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            atomic_write_text(path, "".join(json.dumps({"prompt": r["prompt"]}, ensure_ascii=False) + "\n" for r in rows))
-        return path
 
     def cmd_rm(self) -> list[str]:
         t = self.table("rm")
         cfg = t.pop("config", "rm-tiny")
-        train_p, _ = self.split_prefs()
-        return ["rm", "--init", str(self.p("sft", "ckpt")), "--data", str(train_p), "--config", cfg,
-                "--out", str(self.p("rm")), *_opts(t), *self._common()]
+        return ["rm", "--init", str(self.p("sft", "ckpt")), "--data", str(self.p("pairs_train.jsonl")),
+                "--val-data", str(self.p("pairs_heldout.jsonl")), "--config", cfg, "--out", str(self.p("rm")),
+                *_opts(t), *self._common()]
+
+    def cmd_rm_hh(self) -> list[str]:
+        t = self.table("rm_hh")
+        cfg = t.pop("config", "rm-tiny")
+        train_p, held_p = self.split_hh()
+        return ["rm", "--init", str(self.p("sft", "ckpt")), "--data", str(train_p), "--val-data", str(held_p),
+                "--config", cfg, "--out", str(self.p("rm_hh")), *_opts(t), *self._common()]
+
+    def rl_task_args(self, command: str, monitor: int, checker_reward: bool) -> list[str]:
+        """How an RL command gets the task: ``--task NAME --task_<option> ...`` when it knows every option the
+        preset sets; otherwise the same training / held-out prompts as files (and, for GRPO, the checker as a
+        ``--reward_fn``), so a task option the RL commands do not know yet still runs."""
+        if all(_accepts(command, f"--task_{k}") for k in self.task_options() if k != "n_eval"):
+            return self.task_args(n_eval=False)
+        args = ["--task", "", "--prompts", str(self.task_prompts_file()),
+                "--eval_prompts", str(self.task_eval_file(monitor))]
+        return args + (["--reward_fn", "pocketgpt.tasks:arithmetic_reward"] if checker_reward else [])
+
+    def task_prompts_file(self) -> Path:
+        path = self.p("task_train_prompts.jsonl")
+        if not path.exists():
+            rows = self.task().train_prompts(int(self.table("speedrun").get("rl_prompts", 4000)), seed=2)
+            atomic_write_text(path, "".join(json.dumps({"prompt": r}, ensure_ascii=False) + "\n" for r in rows))
+        return path
+
+    def task_eval_file(self, n: int) -> Path:
+        path = self.p(f"task_heldout_{n}.jsonl")
+        if not path.exists():
+            rows = self.task().eval_prompts(n)
+            atomic_write_text(path, "".join(json.dumps({"prompt": r}, ensure_ascii=False) + "\n" for r in rows))
+        return path
 
     def cmd_ppo(self) -> list[str]:
+        """PPO against the *trained* reward model (never the checker): prompts from the task's training problems;
+        the checker only monitors held-out accuracy (``eval_accuracy`` beside ``eval_reward``)."""
         t = self.table("ppo")
         cfg = t.pop("config", "ppo-tiny")
-        return ["ppo", "--policy", str(self.p("sft", "ckpt")), "--reward", str(self.p("rm", "ckpt")),
-                "--prompts", str(self.ppo_prompts()), "--config", cfg, "--out", str(self.p("ppo")), *_opts(t),
-                *self._common()]
+        src = self.rl_task_args("ppo", int(t.get("n_eval", 64)), checker_reward=False)
+        return ["ppo", "--init", str(self.p("sft", "ckpt")), "--reward", str(self.p("rm", "ckpt")), *src,
+                "--config", cfg, "--out", str(self.p("ppo")), *_opts(t), *self._common()]
 
     def cmd_dpo(self) -> list[str]:
         t = self.table("dpo")
         cfg = t.pop("config", "dpo-tiny")
-        train_p, _ = self.split_prefs()
-        return ["dpo", "--init", str(self.p("sft", "ckpt")), "--data", str(train_p), "--config", cfg,
-                "--out", str(self.p("dpo")), *_opts(t), *self._common()]
+        return ["dpo", "--init", str(self.p("sft", "ckpt")), "--data", str(self.p("pairs_train.jsonl")),
+                "--config", cfg, "--out", str(self.p("dpo")), *_opts(t), *self._common()]
 
     def cmd_grpo(self) -> list[str]:
         t = self.table("grpo")
-        cfg = t.pop("config", "grpo-tiny")
-        return ["grpo", "--init", str(self.p("sft", "ckpt")), "--task", "arithmetic", "--config", cfg,
+        cfg = t.pop("config", "grpo-arithmetic")
+        src = self.rl_task_args("grpo", int(t.get("n_eval", 64)), checker_reward=True)
+        return ["grpo", "--init", str(self.p("sft", "ckpt")), *src, "--config", cfg,
                 "--out", str(self.p("grpo")), *_opts(t), *self._common()]
 
     # ---- driver ------------------------------------------------------------------------------------------------------
@@ -264,13 +375,16 @@ class Speedrun:
             ("prepare", lambda: self._child("prepare", self.cmd_prepare())),
             ("pretrain", lambda: self._child("pretrain", self.cmd_pretrain())),
             ("sft", lambda: self._child("sft", self.cmd_sft())),
+            ("pairs", lambda: self._children("pairs", self.cmds_pairs())),
             ("rm", lambda: self._child("rm", self.cmd_rm())),
             ("ppo", lambda: self._child("ppo", self.cmd_ppo())),
             ("dpo", lambda: self._child("dpo", self.cmd_dpo())),
             ("grpo", lambda: self._child("grpo", self.cmd_grpo())),
+            ("rm_hh", lambda: self._child("rm_hh", self.cmd_rm_hh())),
             ("eval", self._eval),
             ("report", self._report),
         ]
+        assert [n for n, _ in steps] == list(STAGES)
         for i, (name, fn) in enumerate(steps, 1):
             if name in self.state["done"] and name != "report":
                 print(f"[{i}/{len(steps)}] {name}: done earlier, skipped", file=sys.stderr)
@@ -289,76 +403,147 @@ class Speedrun:
         return self.p("report.md")
 
     def _child(self, name: str, args: list[str]) -> dict:
-        rc, wall, peak = run_child(args, self.log_path)
-        if rc != 0:
-            raise UserError(
-                f"stage '{name}' failed (exit {rc}); its output is in {self.log_path}. Fix the cause and run the same "
-                f"speedrun command again: finished stages are skipped and '{name}' resumes from its last checkpoint"
-            )
-        return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak, 1), "command": "pocketgpt " + " ".join(args)}
+        return self._children(name, [args])
+
+    def _children(self, name: str, commands: list[list[str]]) -> dict:
+        wall, peak = 0.0, 0.0
+        for args in commands:
+            rc, w, pk = run_child(args, self.log_path)
+            if rc != 0:
+                raise UserError(
+                    f"stage '{name}' failed (exit {rc}); its output is in {self.log_path}. Fix the cause and run the "
+                    f"same speedrun command again: finished stages are skipped and '{name}' resumes from its last "
+                    f"checkpoint"
+                )
+            wall += w
+            peak = max(peak, pk)
+        return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak, 1),
+                "command": "\n".join("pocketgpt " + " ".join(shlex.quote(a) for a in args) for args in commands)}
 
     # ---- evaluation ----------------------------------------------------------------------------------------------------
 
     def _eval(self) -> dict:
-        """Held-out comparisons that need models side by side: PPO/DPO vs SFT judged by the RM; GRPO accuracy;
-        sample chats. Runs in this process (peak RSS reported from the whole process)."""
+        """Every model against ground truth it did not optimise, side by side on the same held-out prompts:
+        greedy task accuracy (the checker), the task reward model's score, KL to the SFT model, reply length; the
+        reward models' held-out pairwise accuracy; sample chats as ``pocketgpt chat`` samples them."""
         import resource
+
+        import torch
 
         from .checkpoint import load_model
         from .runtime import pick_device
         from .tokenizer import load_tokenizer_for
         from .train.reward import load_reward_model
-        from .train.rl_common import read_prompts, rollout
 
         ev = self.table("eval")
         seed = int(ev.get("seed", 0))
-        max_new = int(ev.get("max_new_tokens", 48))
-        temperature = float(ev.get("temperature", 0.7))
         device = pick_device(self.device)
         tok = load_tokenizer_for(self.p("sft", "ckpt"))
-        rm = load_reward_model(self.p("rm", "ckpt"), device=device)
-        _, held_p = self.split_prefs()
-        prompts = read_prompts(held_p)
-        models = {name: load_model(self.p(name, "ckpt"), device=device) for name in ("sft", "ppo", "dpo")}
-
-        def replies(model):
-            rs = rollout(model, tok, prompts, n=1, max_new_tokens=max_new, temperature=temperature, top_k=50,
-                         seed=seed, recompute_logprobs=False)
-            return [r.prompt_ids + r.reply_ids for r in rs], [r.text for r in rs]
-
-        rows, texts, scores = {}, {}, {}
-        for name, m in models.items():
-            rows[name], texts[name] = replies(m)
-            scores[name] = rm.score_ids(rows[name], tok.pad_id)
-        out: dict[str, Any] = {"heldout_prompts": len(prompts)}
-        for name in ("sft", "ppo", "dpo"):
-            out[f"{name}_rm_reward"] = sum(scores[name]) / len(scores[name])
-        for name in ("ppo", "dpo"):
-            wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores[name], scores["sft"]))
-            out[f"{name}_win_rate_vs_sft"] = wins / len(prompts)
-
-        # GRPO: exact-answer accuracy (greedy) on the task's held-out prompts, SFT model vs GRPO model
         task = self.task()
-        eval_prompts = task.eval_prompts()
-        grpo = load_model(self.p("grpo", "ckpt"), device=device)
-        for name, m in (("sft", models["sft"]), ("grpo", grpo)):
-            rs = rollout(m, tok, eval_prompts, n=1, max_new_tokens=8, temperature=0.0, recompute_logprobs=False)
-            out[f"arith_acc_{name}"] = sum(task.reward(p, r.text) for p, r in zip(eval_prompts, rs)) / len(rs)
+        prompts = task.eval_prompts()
+        max_new = int(ev.get("task_max_new_tokens", 8))
+        rm = load_reward_model(self.p("rm", "ckpt"), device=device)
+        names = ("sft", "ppo", "dpo", "grpo")
+        models = {n: load_model(self.p(n, "ckpt"), device=device) for n in names}
+        out: dict[str, Any] = {"heldout_prompts": len(prompts), "per_model": {}}
 
-        # sample chats with the final chat model (DPO) and the SFT model, greedy-ish, English and Chinese
-        samples = []
-        for name in ("sft", "dpo"):
-            rs = rollout(models[name], tok, CHAT_PROMPTS, n=1, max_new_tokens=max_new, temperature=0.0,
-                         recompute_logprobs=False)
-            for p, r in zip(CHAT_PROMPTS, rs):
-                samples.append({"model": name, "user": p[-1]["content"], "assistant": r.text})
-        out["samples"] = samples
-        out["heldout_examples"] = [
-            {"user": prompts[i][-1]["content"][:200], **{n: texts[n][i][:200] for n in texts}}
-            for i in range(min(3, len(prompts)))
-        ]
+        with torch.inference_mode():
+            for n, m in models.items():
+                greedy = self._generate(m, tok, prompts, max_new, temperature=0.0)
+                texts = [t for t, _ in greedy]
+                correct = [task.reward(p, r) > 0 for p, r in zip(prompts, texts)]
+                scores = self._rm_scores(rm, tok, prompts, texts)
+                # KL(model || SFT) per prompt, estimated on one reply sampled from the model at temperature 1: the
+                # sum over the tokens it wrote of log pi(y_t) - log pi_sft(y_t) (TRL's objective/kl); 0 for SFT
+                if n == "sft":
+                    kl = [0.0] * len(prompts)
+                else:
+                    sampled = self._generate(m, tok, prompts, max_new, temperature=1.0, seed=seed + 7)
+                    kl = self._seq_kl(m, models["sft"], tok, prompts, [ids for _, ids in sampled])
+                lengths = [len(ids) for _, ids in greedy]
+                out["per_model"][n] = {"correct": correct, "rm_scores": scores, "kl": kl, "lengths": lengths,
+                                       "examples": [{"user": p[-1]["content"], "reply": r} for p, r in
+                                                    list(zip(prompts, texts))[:4]]}
+
+        # the reward models: pairwise accuracy on pairs of held-out prompts (task) / held-out HH-RLHF pairs
+        out["rm_heldout"] = self._pair_accuracy(rm, tok, self.p("pairs_heldout.jsonl"))
+        del rm
+        rm_hh = load_reward_model(self.p("rm_hh", "ckpt"), device=device)
+        out["rm_hh_heldout"] = self._pair_accuracy(rm_hh, tok, self.split_hh()[1])
+        del rm_hh
+
+        out["samples"] = self._sample_chats(models, tok, seed)
         out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return out
+
+    @staticmethod
+    def _generate(model, tok, prompts, max_new: int, temperature: float, seed: int = 0, batch: int = 64
+                  ) -> list[tuple[str, list[int]]]:
+        """(text, token ids as written: the closing ``<|end|>`` included when the model stopped) per prompt."""
+        from .chat import render, stop_id
+        from .engine import generate
+
+        end = stop_id(tok)
+        out = []
+        for b, i in enumerate(range(0, len(prompts), batch)):
+            ids = [render(p, tok, add_generation_prompt=True)[0] for p in prompts[i: i + batch]]
+            res = generate(model, ids, max_new_tokens=max_new, temperature=temperature, stop_ids=[end],
+                           seed=seed + b, return_logprobs=True)
+            for r in res:
+                toks = [int(t) for t in r.tokens if t != end]
+                out.append((tok.decode(toks), toks + ([end] if r.finish_reason == "stop" else [])))
+        return out
+
+    def _rm_scores(self, rm, tok, prompts, replies) -> list[float]:
+        from .chat import render
+
+        rows = [render(p + [{"role": "assistant", "content": r}], tok)[0] for p, r in zip(prompts, replies)]
+        return rm.score_ids(rows, tok.pad_id, batch_size=64)
+
+    def _seq_kl(self, model, ref, tok, prompts, replies: list[list[int]], batch: int = 64) -> list[float]:
+        from .chat import render
+        from .engine import pack_replies, token_logprobs
+
+        out: list[float] = []
+        for i in range(0, len(prompts), batch):
+            ps = [render(p, tok, add_generation_prompt=True)[0] for p in prompts[i: i + batch]]
+            rs = replies[i: i + batch]
+            dev = next(model.parameters()).device
+            packed = pack_replies(ps, rs, pad_id=tok.pad_id, device=dev)
+            lp, _, _ = token_logprobs(model, *packed)
+            lr, _, _ = token_logprobs(ref, *packed)
+            out += (lp - lr).sum(-1).tolist()
+        return out
+
+    def _pair_accuracy(self, rm, tok, path: Path) -> dict:
+        from .chat import render
+
+        rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        block = rm.config.block_size
+
+        def ids(prompt, reply):
+            msgs = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])
+            r = render(msgs + [{"role": "assistant", "content": reply}], tok)[0]
+            return r if len(r) <= block else r[len(r) - block:]
+
+        sc = rm.score_ids([ids(r["prompt"], r["chosen"]) for r in rows], tok.pad_id, batch_size=32)
+        sr = rm.score_ids([ids(r["prompt"], r["rejected"]) for r in rows], tok.pad_id, batch_size=32)
+        return {"correct": [a > b for a, b in zip(sc, sr)], "margins": [a - b for a, b in zip(sc, sr)]}
+
+    def _sample_chats(self, models, tok, seed: int) -> list[dict]:
+        """Replies to the report's chat prompts, sampled with ``pocketgpt chat``'s defaults (whatever they are)."""
+        from .chat import ChatSession
+
+        ev = self.table("eval")
+        samples = []
+        for n in ("sft", str(self.table("speedrun").get("chat_model", "dpo"))):
+            for i, p in enumerate(CHAT_PROMPTS):
+                s = ChatSession(models[n], tok, max_new_tokens=int(ev.get("max_new_tokens", 48)), seed=seed + i)
+                reply = s.reply_text(p[-1]["content"])
+                ids = [int(t) for t in tok.encode(reply)]
+                samples.append({"model": n, "user": p[-1]["content"], "assistant": reply, "token_ids": ids,
+                                "tokens": len(ids), "longest_run": longest_run(ids)})
+        return samples
 
     # ---- report ----------------------------------------------------------------------------------------------------------
 
@@ -366,7 +551,16 @@ class Speedrun:
         from .report import write_report
 
         path = write_report(self)
-        return {"report": str(path)}
+        return {"report": str(path), "json": str(self.p("report.json"))}
+
+
+def _accepts(command: str, flag: str) -> bool:
+    """Whether ``pocketgpt COMMAND`` takes ``flag``."""
+    from .cli import build_parser
+
+    parser = build_parser(only=command)
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return flag in sub.choices[command]._option_string_actions
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ class ArithmeticTask:
     nonnegative: bool = True
     n_eval: int = 64
     operands: int = 2
+    second_digits: int = 0  # the operands after the first have 1..second_digits digits (0 = digits)
 
     name = "arithmetic"
 
@@ -57,6 +58,9 @@ class ArithmeticTask:
             raise UserError(f"task arithmetic: ops must be made of '+' and '-', got {self.ops!r}")
         if not isinstance(self.operands, int) or not 2 <= self.operands <= 6:
             raise UserError(f"task arithmetic: operands must be an integer in 2..6, got {self.operands!r}")
+        if not isinstance(self.second_digits, int) or not 0 <= self.second_digits <= self.digits:
+            raise UserError(f"task arithmetic: second_digits must be an integer in 0..digits ({self.digits}), "
+                            f"got {self.second_digits!r}")
         if self.operands > 2 and self.ops != "+":
             raise UserError(f"task arithmetic: with {self.operands} operands ops must be '+', got {self.ops!r}")
         if self.n_eval < 1 or self.n_eval > self.held_out_pool:
@@ -68,8 +72,8 @@ class ArithmeticTask:
 
     @property
     def num_problems(self) -> int:
-        n = 10**self.digits
-        return n**self.operands * len(set(self.ops)) ** (self.operands - 1)
+        n, m = 10**self.digits, 10 ** (self.second_digits or self.digits)
+        return n * m ** (self.operands - 1) * len(set(self.ops)) ** (self.operands - 1)
 
     @property
     def held_out_pool(self) -> int:
@@ -80,15 +84,15 @@ class ArithmeticTask:
 
     def _draw(self, rng: random.Random) -> tuple:
         """A problem as a flat tuple ``(a, op, b[, op, c ...])``."""
-        hi = 10**self.digits - 1
+        hi, hi2 = 10**self.digits - 1, 10 ** (self.second_digits or self.digits) - 1
         if self.operands > 2:
             out: list = [rng.randint(0, hi)]
             for _ in range(self.operands - 1):
-                out += ["+", rng.randint(0, hi)]
+                out += ["+", rng.randint(0, hi2)]
             return tuple(out)
-        a, b = rng.randint(0, hi), rng.randint(0, hi)
+        a, b = rng.randint(0, hi), rng.randint(0, hi2)
         op = rng.choice(self.ops)
-        if op == "-" and self.nonnegative and b > a:
+        if op == "-" and self.nonnegative and b > a and not self.second_digits:
             a, b = b, a
         return a, op, b
 
@@ -193,7 +197,7 @@ def get_task(name: str, **options) -> ArithmeticTask:
 # (up to ``max_pairs_per_prompt``). Training and held-out pairs come from disjoint prompt sets, so a reward model
 # or DPO trained on the first is measured on prompts it never saw.
 
-TASK_OPTIONS = ("digits", "ops", "n_eval", "operands")  # exposed on command lines as --task_<option>
+TASK_OPTIONS = ("digits", "ops", "n_eval", "operands", "second_digits")  # exposed on command lines as --task_<option>
 
 
 def task_from_args(args) -> "ArithmeticTask":
@@ -285,6 +289,8 @@ def configure_cli(name, p) -> None:
     p.add_argument("--task_ops", "--task-ops", dest="task_ops", default=None, help="arithmetic: operators ('+-')")
     p.add_argument("--task_operands", "--task-operands", dest="task_operands", type=int, default=None,
                    help="arithmetic: operands per question (default 2)")
+    p.add_argument("--task_second_digits", "--task-second-digits", dest="task_second_digits", type=int, default=None,
+                   help="arithmetic: digits of the operands after the first (default: as many as the first)")
     p.add_argument("--task_n_eval", "--task-n-eval", "--n_eval", dest="task_n_eval", type=int, default=None,
                    help="size of the task's fixed held-out set (default 64)")
     p.add_argument("--split", choices=("train", "eval"), default="train",
@@ -322,3 +328,10 @@ def _pairs_cli(args) -> int:
     print(f"{stats['pairs']} pairs from {stats['prompts_with_pairs']} of {stats['prompts']} {args.split} prompts "
           f"({stats['replies']} replies, {stats['sample_accuracy']:.1%} right) → {args.out}", file=sys.stderr)
     return 0
+
+
+def arithmetic_reward(prompt: list[dict], reply: str) -> float:
+    """The arithmetic checker as a reward function (``--reward_fn pocketgpt.tasks:arithmetic_reward``): reads the
+    question back from the prompt, so it checks any operands / digits this task writes."""
+    return 1.0 if first_integer(reply) == ArithmeticTask.answer(*_QUESTION.search(prompt[-1]["content"]).group(1)
+                                                                .split(" ")) else 0.0
