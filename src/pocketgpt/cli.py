@@ -298,11 +298,9 @@ def _chat(p) -> None:
 
 
 def _chat_run(args) -> int:
-    import io
-
     import torch
 
-    from .chat import ChatSession, _interactive, _scripted, find_checkpoint, load_chat_model
+    from .chat import ChatSession, find_checkpoint, load_chat_model, terminal
 
     model, tokenizer = load_chat_model(args.ckpt, args.device, args.dtype)
     if args.max_new_tokens < 1:
@@ -321,12 +319,12 @@ def _chat_run(args) -> int:
             s.reconfigure(errors="replace")
         except (AttributeError, ValueError):
             pass
+    banner = None
     if sys.stdin.isatty():
-        _interactive(session, f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M "
-                              f"parameters, {model.config.block_size}-token context). /help for commands, /exit or "
-                              "Ctrl-D to quit.")
-    else:
-        _scripted(session, io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace"))
+        banner = (f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M "
+                  f"parameters, {model.config.block_size}-token context). /help for commands, /exit or "
+                  "Ctrl-D to quit.")
+    terminal(session, banner)
     return 0
 
 
