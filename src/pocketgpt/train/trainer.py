@@ -2,8 +2,8 @@
 
 A *stage* supplies batches and a loss; the ``Trainer`` owns everything else: AdamW with decay / no-decay groups,
 warmup + cosine/linear decay, gradient accumulation, clipping, autocast (bf16 / fp16 + GradScaler / fp32),
-optional ``torch.compile``, DistributedDataParallel or FSDP2 under ``torchrun``, periodic evaluation, checkpoints with exact
-resume, the best-validation copy, ``metrics.jsonl``, loss plots and a progress bar (loss, tokens/s, MFU).
+optional ``torch.compile``, DistributedDataParallel or FSDP2 under ``torchrun``, periodic evaluation, checkpoints
+with exact resume, the best-validation copy, ``metrics.jsonl``, loss plots and a progress bar (loss, tokens/s, MFU).
 
 The Stage protocol
 ------------------
@@ -745,7 +745,7 @@ class Trainer:
     # ---- evaluation ------------------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Run the stage's evaluation (rank 0), log it, refresh plots, and update ``best/``."""
+        """Run the stage's evaluation (rank 0; every rank under FSDP), log it, refresh plots, and update ``best/``."""
         if not self.is_main and not self.fsdp:
             return {}
         was_training = self.model.training
