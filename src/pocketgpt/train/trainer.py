@@ -301,7 +301,8 @@ def default_load_model(model: nn.Module, directory: Path) -> None:
             own[k].copy_(v)
 
 
-def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt if isinstance(opt, dict) else opt.state_dict()  # (a dict: the full state gathered under FSDP)
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for pid, st in sd["state"].items():
@@ -564,10 +565,10 @@ class Trainer:
         full.load_state_dict(sd, assign=True)
         return full
 
-    def _optimizer_state(self) -> dict:
-        """The full optimizer state dict on rank 0 (keys: parameter indices, as ``optimizer.state_dict()``)."""
+    def _optimizer_state(self) -> torch.optim.Optimizer | dict:
+        """The optimizer, or under FSDP its full state dict on rank 0 (keys: parameter indices, as its own)."""
         if not self.fsdp:
-            return self.optimizer.state_dict()
+            return self.optimizer
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         sd = get_optimizer_state_dict(self.model, self.optimizer,
