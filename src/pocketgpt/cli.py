@@ -154,7 +154,7 @@ def _prepare_run(args) -> int:
 
 
 def _pretrain(p) -> None:
-    p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (fresh optimizer)")
+    p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (fresh optimizer; hf:NAME for a Hub model)")
     _training(p, "pocketgpt.train.pretrain", _pretrain_run, out=None)
 
 
@@ -349,7 +349,7 @@ def _sft_run(args) -> int:
     rc, resume = _load(args, defaults={"train": SFT_TRAIN})
     sft = rc["sft"]
     if not sft.init:
-        raise UserError("--init: required (a pocketgpt checkpoint or a local Hugging Face GPT-2 directory)")
+        raise UserError("--init: required (a pocketgpt checkpoint, a Hugging Face directory or hf:NAME)")
     if not sft.data:
         raise UserError("--data: required (conversation JSONL files or bundled corpus names)")
     result = run_sft(sft.init, args.out, sft, rc["train"], run_config=rc.to_dict(), resume=resume)
@@ -536,10 +536,17 @@ def _export(p) -> None:
 
 
 def _export_run(args) -> int:
+    from .chat import find_checkpoint
     from .checkpoint import export_hf, load_model
 
-    tok = Path(args.ckpt) / "tokenizer"
-    arch = export_hf(load_model(args.ckpt), args.out, args.arch, tokenizer_dir=tok if tok.is_dir() else None)
+    from .tokenizer import load_tokenizer_for
+
+    ckpt = find_checkpoint(args.ckpt)
+    try:
+        tok = load_tokenizer_for(ckpt)
+    except UserError:  # weights only: the export has no tokenizer either
+        tok = None
+    arch = export_hf(load_model(ckpt), args.out, args.arch, tokenizer=tok)
     print(f"wrote {arch} to {args.out}")
     return 0
 
