@@ -62,8 +62,7 @@ def test_exported_tokenizer_gives_our_ids_and_renders_our_chat(tmp_path, tokeniz
             assert hf.decode(ids) == tok.decode(ids) == text
         for name, messages in CHATS.items():
             for prompt in (True, False):
-                got = hf.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True)
-                got = got["input_ids"] if isinstance(got, dict) or hasattr(got, "keys") else got
+                got = hf.apply_chat_template(messages, add_generation_prompt=prompt, return_dict=True)["input_ids"]
                 assert got == render(messages, tok, add_generation_prompt=prompt)[0], (arch, name, prompt)
         sp = tok.special_ids
         assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (sp["<|endoftext|>"], sp["<|end|>"],
@@ -175,29 +174,39 @@ def _hub_cache(tmp_path, name, source):
         (snap / f.name).write_bytes(f.read_bytes())
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
-    return {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    return tmp_path / "hub"
 
 
-def test_init_hf_name_uses_the_cache_and_offline_misses_fail_in_one_line(tmp_path, tokenizers):
+def test_init_hf_name_uses_the_cache_and_offline_misses_fail_in_one_line(tmp_path, tokenizers, monkeypatch, capsys):
+    import huggingface_hub
+
+    from pocketgpt.cli import main
     from test_sft import make_pairs, write_conversations
 
     tok = tokenizers["char"]
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
     export_hf(gpt, tmp_path / "export", "gpt2", tokenizer=tok)
-    env = _hub_cache(tmp_path, "someone/tiny-gpt2", tmp_path / "export")
+    cache = _hub_cache(tmp_path, "someone/tiny-gpt2", tmp_path / "export")
+    # what HF_HUB_OFFLINE=1 HF_HUB_CACHE=... set when huggingface_hub is imported (already done in this process)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     data = write_conversations(tmp_path / "qa.jsonl", make_pairs(4, 0))
-    argv = ["--data", data, "--max_steps", 1, "--batch_size", 2, "--eval_interval", 0, "--device", "cpu",
-            "--dtype", "fp32", "--sft.val_fraction", 0, "--progress", "false"]
-    run_cli("sft", "--init", "hf:someone/tiny-gpt2", "--out", tmp_path / "run", *argv, env=env)
+    argv = [f"--{k}={v}" for k, v in dict(data=data, max_steps=1, batch_size=2, eval_interval=0, device="cpu",
+                                          dtype="fp32", progress="false").items()] + ["--sft.val_fraction=0"]
+    assert main(["sft", "--init", "hf:someone/tiny-gpt2", "--out", str(tmp_path / "run"), *argv]) == 0
     tuned = load_model(tmp_path / "run" / "ckpt")
     assert tuned.config.vocab_size == gpt.config.vocab_size
     assert Tokenizer.load(tmp_path / "run" / "ckpt" / "tokenizer").encode(TEXTS[0]) == tok.encode(TEXTS[0])
-    run_cli("sft", "--init", tmp_path / "export", "--out", tmp_path / "run2", *argv)  # a local directory as before
+    assert main(["sft", "--init", str(tmp_path / "export"), "--out", str(tmp_path / "run2"), *argv]) == 0  # local
+    capsys.readouterr()
+    assert main(["sft", "--init", "hf:nobody/missing", "--out", str(tmp_path / "run3"), *argv]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "hf:nobody/missing" in line and "huggingface-cli download nobody/missing" in line, line
 
-    for cmd in (["sft", "--init", "hf:nobody/missing", "--out", tmp_path / "r3", *argv],
-                ["export", "hf:nobody/missing", tmp_path / "out"]):
-        p = run_cli(*cmd, env=env, check=False)
-        assert p.returncode == 2 and "Traceback" not in p.stderr
-        [line] = p.stderr.strip().splitlines()
-        assert "hf:nobody/missing" in line and "huggingface-cli download nobody/missing" in line, line
+    # the same through the environment variables a user sets, in a fresh process
+    p = run_cli("export", "hf:nobody/missing", tmp_path / "out", check=False,
+                env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    [line] = p.stderr.strip().splitlines()
+    assert line.startswith("pocketgpt export: error: hf:nobody/missing: ") and "huggingface-cli download" in line
