@@ -166,7 +166,6 @@ def load_model(directory: str | Path, device=None, dtype=None) -> GPT:
 def export_hf(model: GPT, out_dir: str | Path, fmt: str = "auto", tokenizer=None) -> str:
     """Write a Hugging Face directory (config.json + model.safetensors + generation_config.json [+ ``tokenizer`` with
     its chat template]) that ``transformers`` / vLLM load and chat with; returns the architecture."""
-    tok = tokenizer
     c = model.config
     if fmt == "auto":
         fmt = "llama" if c.pos == "rope" else "gpt2"
@@ -178,12 +177,12 @@ def export_hf(model: GPT, out_dir: str | Path, fmt: str = "auto", tokenizer=None
         raise UserError(f"unknown export architecture {fmt!r} (gpt2, llama or auto)")
     with atomic_dir(out_dir) as tmp:
         gen = {"_from_model_config": True}
-        if tok is not None:
-            tok.write_files(tmp)
-            ids = tok.write_hf_config(tmp, c.block_size)
+        if tokenizer is not None:
+            tokenizer.write_files(tmp)
+            ids = tokenizer.write_hf_config(tmp, c.block_size)
             cfg.update(ids)
             # a chat reply ends at <|end|>, a document at <|endoftext|>: generation stops at either
-            stops = [tok.special_ids[n] for n in ("<|end|>", "<|endoftext|>") if n in tok.special_ids]
+            stops = [tokenizer.special_ids[n] for n in ("<|end|>", "<|endoftext|>") if n in tokenizer.special_ids]
             gen = {**ids, "eos_token_id": stops}
         write_json(tmp / "config.json", cfg)
         save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})

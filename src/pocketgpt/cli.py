@@ -154,7 +154,8 @@ def _prepare_run(args) -> int:
 
 
 def _pretrain(p) -> None:
-    p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (fresh optimizer; hf:NAME for a Hub model)")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from these weights (fresh optimizer); hf:NAME for a Hugging Face Hub model")
     _training(p, "pocketgpt.train.pretrain", _pretrain_run, out=None)
 
 
@@ -527,7 +528,7 @@ def _serve_run(args) -> int:
 
 
 def _export(p) -> None:
-    p.add_argument("ckpt", help="pocketgpt checkpoint directory")
+    p.add_argument("ckpt", help="checkpoint directory (or a run directory, or hf:NAME)")
     p.add_argument("out", help="output directory (written atomically)")
     p.add_argument("--format", default="hf", choices=["hf"], help="output format (hf = Hugging Face transformers)")
     p.add_argument("--arch", default="auto", choices=["auto", "gpt2", "llama"],
@@ -538,7 +539,6 @@ def _export(p) -> None:
 def _export_run(args) -> int:
     from .chat import find_checkpoint
     from .checkpoint import export_hf, load_model
-
     from .tokenizer import load_tokenizer_for
 
     ckpt = find_checkpoint(args.ckpt)
