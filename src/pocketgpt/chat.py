@@ -289,8 +289,11 @@ HELP = """commands:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory holding one (``RUN/ckpt``, else ``RUN/best``)."""
-    p = Path(path)
+    """A checkpoint directory (``hf:NAME`` included), or a run directory holding one (``RUN/ckpt``, else
+    ``RUN/best``)."""
+    from .checkpoint import local_dir
+
+    p = local_dir(path)
     if not p.exists():
         raise UserError(f"{p}: checkpoint directory not found")
     if (p / "config.json").exists():

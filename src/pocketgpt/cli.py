@@ -154,7 +154,8 @@ def _prepare_run(args) -> int:
 
 
 def _pretrain(p) -> None:
-    p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (fresh optimizer)")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from these weights (fresh optimizer); hf:NAME for a Hugging Face Hub model")
     _training(p, "pocketgpt.train.pretrain", _pretrain_run, out=None)
 
 
@@ -347,7 +348,7 @@ def _sft_run(args) -> int:
     rc, resume = _load(args, defaults={"train": SFT_TRAIN})
     sft = rc["sft"]
     if not sft.init:
-        raise UserError("--init: required (a pocketgpt checkpoint or a local Hugging Face GPT-2 directory)")
+        raise UserError("--init: required (a pocketgpt checkpoint, a Hugging Face directory or hf:NAME)")
     if not sft.data:
         raise UserError("--data: required (conversation JSONL files or bundled corpus names)")
     result = run_sft(sft.init, args.out, sft, rc["train"], run_config=rc.to_dict(), resume=resume)
@@ -525,7 +526,7 @@ def _serve_run(args) -> int:
 
 
 def _export(p) -> None:
-    p.add_argument("ckpt", help="pocketgpt checkpoint directory")
+    p.add_argument("ckpt", help="checkpoint directory (or a run directory, or hf:NAME)")
     p.add_argument("out", help="output directory (written atomically)")
     p.add_argument("--format", default="hf", choices=["hf"], help="output format (hf = Hugging Face transformers)")
     p.add_argument("--arch", default="auto", choices=["auto", "gpt2", "llama"],
@@ -534,10 +535,16 @@ def _export(p) -> None:
 
 
 def _export_run(args) -> int:
+    from .chat import find_checkpoint
     from .checkpoint import export_hf, load_model
+    from .tokenizer import load_tokenizer_for
 
-    tok = Path(args.ckpt) / "tokenizer"
-    arch = export_hf(load_model(args.ckpt), args.out, args.arch, tokenizer_dir=tok if tok.is_dir() else None)
+    ckpt = find_checkpoint(args.ckpt)
+    try:
+        tok = load_tokenizer_for(ckpt)
+    except UserError:  # weights only: the export has no tokenizer either
+        tok = None
+    arch = export_hf(load_model(ckpt), args.out, args.arch, tokenizer=tok)
     print(f"wrote {arch} to {args.out}")
     return 0
 
