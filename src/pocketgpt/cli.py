@@ -528,16 +528,28 @@ def _serve_run(args) -> int:
 
 def _export(p) -> None:
     p.add_argument("ckpt", help="pocketgpt checkpoint directory")
-    p.add_argument("out", help="output directory (written atomically)")
-    p.add_argument("--format", default="hf", choices=["hf"], help="output format (hf = Hugging Face transformers)")
+    p.add_argument("out", help="output directory (hf) or OUT.gguf file (gguf), written atomically")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf = Hugging Face transformers; gguf = llama.cpp / Ollama")
     p.add_argument("--arch", default="auto", choices=["auto", "gpt2", "llama"],
                    help="auto: learned positions → GPT-2, rope → Llama")
+    p.add_argument("--dtype", default=None, choices=["f32", "f16", "q8_0"], help="GGUF weights (default f32)")
     p.set_defaults(func=_export_run)
 
 
 def _export_run(args) -> int:
     from .checkpoint import export_hf, load_model
 
+    if args.format == "gguf":
+        from .gguf_export import export_gguf
+        from .tokenizer import load_tokenizer_for
+
+        arch = export_gguf(load_model(args.ckpt), load_tokenizer_for(args.ckpt), args.out, args.dtype or "f32",
+                           args.arch)
+        print(f"wrote {arch} GGUF ({args.dtype or 'f32'}) to {args.out}")
+        return 0
+    if args.dtype:
+        raise UserError("--dtype: only for --format gguf (the Hugging Face export is f32)")
     tok = Path(args.ckpt) / "tokenizer"
     arch = export_hf(load_model(args.ckpt), args.out, args.arch, tokenizer_dir=tok if tok.is_dir() else None)
     print(f"wrote {arch} to {args.out}")
@@ -566,7 +578,7 @@ COMMANDS = [
                      {"samples_per_prompt": ["--n", "--group-size"]}),
      "group relative policy optimisation on a verifiable task"),
     ("serve", _serve, "OpenAI-compatible HTTP API and web chat page"),
-    ("export", _export, "export a checkpoint as a Hugging Face GPT-2 / Llama directory"),
+    ("export", _export, "export a checkpoint as a Hugging Face GPT-2 / Llama directory or a GGUF file"),
     ("speedrun", "pocketgpt.speedrun", "the whole pipeline on bundled data, with a report card"),
 ]
 
