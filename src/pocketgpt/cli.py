@@ -186,9 +186,16 @@ def _pretrain_run(args) -> int:
 
 
 def _eval(p) -> None:
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (e.g. RUN/ckpt or RUN/best)")
-    p.add_argument("--data", required=True, help="data directory made by 'pocketgpt prepare'")
+    p.add_argument("ckpt", nargs="?", help="checkpoint directory (e.g. RUN/ckpt or RUN/best); or --ckpt")
+    p.add_argument("--ckpt", dest="ckpt_opt", metavar="CKPT", help=argparse.SUPPRESS)
+    p.add_argument("--data", help="data directory made by 'pocketgpt prepare': loss and perplexity of a split")
     p.add_argument("--split", default="val", help="train | val | test (default: val)")
+    p.add_argument("--text", metavar="FILE", help="a text file: loss and bits per byte (compares tokenizers)")
+    p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (pip install 'pocketgpt[eval]')")
+    p.add_argument("--include_path", "--include-path", metavar="DIR", help="folder of local lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="at most N items per task (a fraction if < 1)")
+    p.add_argument("--num_fewshot", "--num-fewshot", type=int, default=None)
+    p.add_argument("--out", metavar="FILE.json", help="also write the results here (--tasks, --text)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=8)
     p.add_argument("--max_batches", "--max-batches", type=int, default=0, help="0 = the whole split")
     p.add_argument("--block_size", "--block-size", type=int, default=None, help="window (default: model context)")
@@ -198,9 +205,29 @@ def _eval(p) -> None:
 
 
 def _eval_run(args) -> int:
+    ckpt = args.ckpt or args.ckpt_opt
+    if not ckpt or sum(x is not None for x in (args.data, args.text, args.tasks)) != 1:
+        raise UserError("give a checkpoint and one of --data DIR, --text FILE or --tasks T1,T2")
+    if args.data is None:
+        from . import evaluate
+        from .io import write_json
+
+        if args.text:
+            res = evaluate.text_metrics(ckpt, args.text, args.batch_size, args.device)
+            print(f"{args.text}: loss {res['loss']:.4f}  bits/byte {res['bits_per_byte']:.4f}  "
+                  f"({res['tokens']} tokens, {res['bytes']} bytes)")
+        else:
+            res = evaluate.run_tasks(ckpt, args.tasks, args.include_path, args.limit, args.num_fewshot,
+                                     args.batch_size, args.device)
+            for task, m in res.items():
+                print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)) +
+                      f"  (n={m['n']})")
+        if args.out:
+            write_json(args.out, res)
+        return 0
     from .train.pretrain import evaluate_checkpoint
 
-    m = evaluate_checkpoint(args.ckpt, args.data, args.split, batch_size=args.batch_size,
+    m = evaluate_checkpoint(ckpt, args.data, args.split, batch_size=args.batch_size,
                             max_batches=args.max_batches, block_size=args.block_size, device=args.device,
                             dtype=args.dtype)
     print(f"{args.split} loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}")
@@ -542,10 +569,8 @@ def _export_run(args) -> int:
 
     if args.format == "gguf":
         from .gguf_export import export_gguf
-        from .tokenizer import load_tokenizer_for
 
-        arch = export_gguf(load_model(args.ckpt), load_tokenizer_for(args.ckpt), args.out, args.dtype or "f32",
-                           args.arch)
+        arch = export_gguf(args.ckpt, args.out, args.dtype or "f32", args.arch)
         print(f"wrote {arch} GGUF ({args.dtype or 'f32'}) to {args.out}")
         return 0
     if args.dtype:
@@ -563,7 +588,7 @@ COMMANDS = [
     ("tokenizer", _tokenizer, "train a tokenizer (bpe, char, word, unigram) or inspect one"),
     ("prepare", _prepare, "tokenize text/JSONL into train/val token shards"),
     ("pretrain", _pretrain, "pretrain a GPT on prepared shards (TOML presets, resume, DDP)"),
-    ("eval", _eval, "print loss and perplexity of a checkpoint on a data split"),
+    ("eval", _eval, "evaluate a checkpoint: loss on a data split or text file (bits/byte), lm-eval tasks"),
     ("sample", _sample, "generate text from a checkpoint (streams to the terminal)"),
     ("sft", _sft, "supervised chat fine-tuning on conversation JSONL"),
     ("chat", _chat, "talk to a chat model in the terminal"),

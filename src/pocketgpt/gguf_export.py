@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp / Ollama: ``export_gguf(model, tokenizer, path, dtype, arch)``.
+"""GGUF export for llama.cpp / Ollama: ``export_gguf(ckpt, path, dtype, arch)``.
 
 It follows llama.cpp's own converter (``convert_hf_to_gguf.py``) and is written with its ``gguf`` package: the
 Hugging Face weights of ``hf.ours_to_llama`` / ``hf.ours_to_gpt2`` are renamed by ``gguf``'s tensor name map;
@@ -120,10 +120,16 @@ def _store(w, name: str, a, dtype: str) -> None:
         w.add_tensor(name, a.astype(np.float32))
 
 
-def export_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "f32", arch: str = "auto") -> str:
-    """Write ``model`` + ``tokenizer`` as one GGUF file (atomically); returns the llama.cpp architecture."""
-    import gguf
+def export_gguf(ckpt, path: str | os.PathLike, dtype: str = "f32", arch: str = "auto") -> str:
+    """Write a checkpoint (model + tokenizer) as one GGUF file, atomically; returns the llama.cpp architecture."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("gguf is not installed: pip install 'pocketgpt[gguf]'") from None
+    from .checkpoint import load_model
+    from .tokenizer import load_tokenizer_for
 
+    model, tokenizer = load_model(ckpt), load_tokenizer_for(ckpt)
     c = model.config
     if dtype not in DTYPES:
         raise UserError(f"--dtype: {dtype!r} is not a GGUF type ({', '.join(DTYPES)})")
