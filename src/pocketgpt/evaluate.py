@@ -3,7 +3,7 @@
     run_tasks(ckpt, tasks, include_path=None, limit=None) -> {task: {metric: value}}   (``pocketgpt eval --tasks``)
     text_metrics(ckpt, path) -> {"loss", "bits_per_byte", "tokens", "bytes"}            (``pocketgpt eval --text``)
 
-pocketgpt is the lm-eval model ``pocketgpt`` (``PocketGPTLM``; ``--model_args ckpt=DIR[,batch_size=16,device=cpu]``).
+pocketgpt is the lm-eval model ``pocketgpt`` (``PocketGPTLM``; ``--model_args ckpt=DIR`` + lm-eval's ``--batch_size``, ``--device``).
 lm-eval 0.4.13 finds no model outside its own tree, so its command line runs through this module, which registers
 the model first: ``python -m pocketgpt.evaluate --model pocketgpt --model_args ckpt=DIR --tasks ...`` (every
 ``lm_eval`` option works); releases that read the ``lm_eval.models`` entry point find ``lm_eval --model pocketgpt``
@@ -175,6 +175,8 @@ def run_tasks(ckpt, tasks: Sequence[str] | str, include_path=None, limit: Option
 
 if __name__ == "__main__":  # lm-eval's own command line, with the pocketgpt model registered
     _harness_model()
+    if not any(a.startswith("--device") for a in sys.argv):
+        sys.argv += ["--device", "auto"]  # lm-eval's default is cuda, even on a machine without one
     from lm_eval.__main__ import cli_evaluate
 
     sys.exit(cli_evaluate())
