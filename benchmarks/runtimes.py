@@ -1,5 +1,6 @@
 """The same checkpoint and prompt in each runtime: pocketgpt's engine, transformers on the HF export, llama.cpp on the
-GGUF export (``llama-cpp-python`` or ``llama-cli``, when installed), greedy, measured in the same run.
+GGUF export (``llama-cpp-python``, or llama.cpp's ``llama-completion`` / older ``llama-cli`` on PATH, when installed),
+greedy, measured in the same run.
 
     python benchmarks/runtimes.py --ckpt RUN/ckpt [--prompt TEXT] [--new 128] [--threads 2] [--gguf-dtype f32 q8_0]
 
@@ -58,6 +59,7 @@ def runners(args, ids, tok, work: Path):
 
     yield "transformers (HF export)", hf_generate
 
+    binary = next((b for b in ("llama-completion", "llama-cli") if shutil.which(b)), None)
     for dtype in args.gguf_dtype:
         path = work / f"m-{dtype}.gguf"
         export_gguf(args.ckpt, path, dtype)
@@ -74,19 +76,23 @@ def runners(args, ids, tok, work: Path):
                 return out["choices"][0]["text"]
 
             yield f"llama.cpp {dtype} (llama-cpp-python)", run
-        elif shutil.which("llama-cli"):
-            yield f"llama.cpp {dtype} (llama-cli)", lambda path=path: llama_cli(path, args, tok.decode(ids[1:]))
+        elif binary:
+            yield f"llama.cpp {dtype} ({binary})", lambda path=path: llama_cli(binary, path, args, tok.decode(ids[1:]))
         else:
             yield f"llama.cpp {dtype}", None
 
 
-def llama_cli(path: Path, args, prompt: str):
-    """(text, seconds of prompt eval + eval) from llama-cli's own timing lines (loading the model excluded)."""
-    p = subprocess.run(["llama-cli", "-m", str(path), "-p", prompt, "-n", str(args.new), "--temp", "0",
-                        "--ignore-eos", "-t", str(args.threads), "-no-cnv", "--no-warmup"],
-                       capture_output=True, text=True, timeout=600)
-    ms = [float(m) for m in re.findall(r"(?:prompt eval|\beval) time =\s*([\d.]+) ms", p.stderr)]
-    return p.stdout.removeprefix(prompt), sum(ms) / 1000 if ms else float("nan")
+def llama_cli(binary: str, path: Path, args, prompt: str):
+    """(text, seconds of prompt eval + eval) from llama.cpp's own timing lines (loading the model excluded)."""
+    p = subprocess.run([binary, "-m", str(path), "-p", prompt, "-n", str(args.new), "--temp", "0", "--ignore-eos",
+                        "-t", str(args.threads), "-no-cnv", "--no-display-prompt", "--simple-io"],
+                       capture_output=True, timeout=600)
+    err = p.stderr.decode(errors="replace")
+    ms = [float(m) for m in re.findall(r"(?:prompt eval|\beval) time =\s*([\d.]+) ms", err)]
+    if p.returncode or len(ms) != 2:
+        raise SystemExit(f"{binary} failed ({p.returncode}): {err[-2000:]}")
+    # llama-completion ends its output with two newlines of its own
+    return p.stdout.decode("utf-8", errors="replace").removesuffix("\n\n"), sum(ms) / 1000
 
 
 def main() -> None:
@@ -107,7 +113,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for name, fn in list(runners(args, ids, tok, Path(work))):
             if fn is None:
-                print(f"== {name}: not installed (pip install llama-cpp-python, or llama-cli on PATH)\n")
+                print(f"== {name}: not installed (pip install llama-cpp-python, or llama-completion on PATH)\n")
                 continue
             fn()  # warm-up
             out, seconds = best(fn, args.repeats)
