@@ -182,14 +182,15 @@ def test_gguf_tensors_metadata_and_tokenizer(tmp_path, toks, kind, arch):
     assert [kv["tokenizer.ggml.tokens"][i] for i in sp.values()] == list(sp)
     assert set(types[tok.vocab_size:]) == {gguf.TokenType.UNUSED}
 
-    # the chat template: llama.cpp renders it, prepends BOS (add_bos_token) and parses the special tokens
+    # the chat template renders chat.render's ids (llama.cpp parses the special tokens in it; its Jinja mode drops
+    # the leading BOS and adds one by add_bos_token, so there is one either way)
     template = jinja2.Environment().from_string(kv["tokenizer.chat_template"])
     for messages in ([{"role": "user", "content": "你好，世界"}],
                      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"},
                       {"role": "assistant", "content": "What, ho!"}, {"role": "user", "content": "again\n"}]):
-        text = template.render(messages=messages, add_generation_prompt=True)
-        assert [kv["tokenizer.ggml.bos_token_id"]] + tok.encode(text, allow_special=True) == \
-            render(messages, tok, add_generation_prompt=True)[0]
+        for gen in (True, False):
+            text = template.render(messages=messages, add_generation_prompt=gen, bos_token="<|endoftext|>")
+            assert tok.encode(text, allow_special=True) == render(messages, tok, add_generation_prompt=gen)[0]
 
 
 def test_gguf_f16_and_q8_0_are_within_their_quantisation_error(tmp_path, toks):

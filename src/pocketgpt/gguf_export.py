@@ -11,7 +11,8 @@ is expressed in it too: each character is the token of its UTF-8 bytes, with mer
 characters only (llama.cpp drops characters unseen in training, where pocketgpt gives ``<unk>``). ``unigram`` and
 ``word`` split text differently from every llama.cpp tokenizer and are refused. ``<|endoftext|>`` is BOS (added
 before every prompt, as before every pocketgpt document), ``<|end|>`` EOS (llama.cpp also ends at
-``<|endoftext|>`` by its name).
+``<|endoftext|>`` by its name). ``CHAT_TEMPLATE`` is the chat template: llama.cpp's Jinja mode (the default of
+llama-cli / llama-server) renders exactly ``chat.render``'s ids; without it llama.cpp guesses Phi-3's, which differs.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def export_gguf(ckpt, path: str | os.PathLike, dtype: str = "f32", arch: str = "
     w.add_add_eos_token(False)
     if "<|end|>" in special:
         w.add_eot_token_id(special["<|end|>"])
-        w.add_chat_template(CHAT_TEMPLATE.removeprefix("{{ bos_token }}"))  # llama.cpp adds the BOS itself
+        w.add_chat_template(CHAT_TEMPLATE)  # llama.cpp drops its leading BOS and adds one by add_bos_token
     for name, a in tensors.items():
         _store(w, name, a, dtype)
     try:
