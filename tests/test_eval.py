@@ -1,6 +1,7 @@
 """`pocketgpt eval`: lm-evaluation-harness runs pocketgpt (model `pocketgpt`) on a local multiple-choice task and its
 accuracy equals the one pocketgpt's own scorer (`engine.score` over the choices) gives; `lm_eval`'s command line
-finds the model through `python -m pocketgpt.evaluate`; a rolling task's bits-per-byte equals `eval --text`'s, and
+finds the model through `python -m pocketgpt.evaluate`; `generate_until` stops at stop strings and special tokens,
+`loglikelihood` knows a greedy continuation; a rolling task's bits-per-byte equals `eval --text`'s, and
 `--text` is the model's own loss on a text that fits one window. No download: the task and data are written here."""
 
 import json
@@ -118,3 +119,27 @@ def test_eval_errors_are_one_line(setup, tmp_path):
     p = run_cli("eval", d / "ckpt", check=False)
     assert (p.returncode, p.stderr) == (2, "pocketgpt eval: error: give a checkpoint and one of --data DIR, "
                                            "--text FILE or --tasks T1,T2\n")
+
+
+def test_harness_model_generates_greedily_until_a_stop_and_knows_greedy_continuations(setup):
+    d, _, model, tok = setup
+    from types import SimpleNamespace
+
+    from pocketgpt.engine import generate
+    from pocketgpt.evaluate import PocketGPTLM
+
+    lm = PocketGPTLM(str(d / "ckpt"))
+    ctx = "Q7: which word comes after river? A:"
+    prompt = [tok.eos_id] + tok.encode(ctx)
+    ids = generate(model, [prompt], temperature=0, max_new_tokens=20)[0]
+    special = set(tok.special_ids.values())
+    cut = next(i for i, t in enumerate(ids) if t in special)  # this random model soon writes a special token
+    free = tok.decode(ids[:cut])
+    assert free
+    for until, want in ((["never"], free), ([free[-2:]], free[:free.index(free[-2:])])):
+        (out,) = lm.generate_until([SimpleNamespace(args=(ctx, {"until": until, "max_gen_toks": 20}))])
+        assert out == want  # special tokens end it, as the stop strings do, and are never text
+    other = ("z" if free[0] != "z" else "y") + free[1:]
+    (greedy, g), (_, not_g) = lm.loglikelihood([SimpleNamespace(args=(ctx, free)), SimpleNamespace(args=(ctx, other))])
+    assert g is True and not_g is False
+    assert greedy == pytest.approx(sum(score(model, [prompt], [tok.encode(free)])[0]), rel=1e-5)
