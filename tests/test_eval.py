@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT
+from pocketgpt.cli import main
 from pocketgpt.checkpoint import save_model
 from pocketgpt.engine import score, sequence_logprobs
 from pocketgpt.model import GPT, GPTConfig
@@ -67,24 +68,30 @@ def env(d):
     return {"HF_DATASETS_CACHE": str(d / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def test_lm_eval_accuracy_equals_pocketgpts_own_scorer(setup):
+def test_lm_eval_accuracy_equals_pocketgpts_own_scorer(setup, monkeypatch, capsys):
     d, items, model, tok = setup
     want = own_accuracy(model, tok, items)
     assert 0 < want < 1  # a random model: some right, some wrong
-    run_cli("eval", d / "ckpt", "--tasks", "pocket_mc,pocket_story", "--include_path", d / "tasks",
-            "--out", d / "res.json", env=env(d))
+    for k, v in env(d).items():
+        monkeypatch.setenv(k, v)
+    assert main(["eval", str(d / "ckpt"), "--tasks", "pocket_mc,pocket_story", "--include_path", str(d / "tasks"),
+                 "--out", str(d / "res.json")]) == 0
     res = json.loads((d / "res.json").read_text())
     assert res["pocket_mc"]["acc"] == pytest.approx(want, abs=1e-9) and res["pocket_mc"]["n"] == len(items)
     assert 0 < res["pocket_mc"]["acc_stderr"] < 0.5
 
     # bits per byte: lm-eval's rolling task over the story == pocketgpt eval --text on the same text
-    p = run_cli("eval", d / "ckpt", "--text", d / "story.txt", "--out", d / "text.json")
+    capsys.readouterr()
+    assert main(["eval", str(d / "ckpt"), "--text", str(d / "story.txt"), "--out", str(d / "text.json")]) == 0
     text = json.loads((d / "text.json").read_text())
     assert res["pocket_story"]["bits_per_byte"] == pytest.approx(text["bits_per_byte"], rel=1e-6)
     assert text["tokens"] > 2 * 64 and text["bytes"] == len((d / "story.txt").read_bytes())
-    assert f"bits/byte {text['bits_per_byte']:.4f}" in p.stdout
+    assert f"bits/byte {text['bits_per_byte']:.4f}" in capsys.readouterr().out
 
-    # lm-eval's own command line, with --model pocketgpt (the CLI route for lm-eval 0.4.13)
+
+def test_lm_eval_command_line_finds_model_pocketgpt(setup):
+    """lm-eval's own command line, with --model pocketgpt (the CLI route for lm-eval 0.4.13)."""
+    d, items, model, tok = setup
     import subprocess
 
     out = d / "cli"
@@ -110,15 +117,14 @@ def test_eval_text_is_the_models_loss_on_a_text_in_one_window(setup, tmp_path):
     assert res["bits_per_byte"] == pytest.approx(-logp / math.log(2) / len(text.encode()), rel=1e-5)
 
 
-def test_eval_errors_are_one_line(setup, tmp_path):
+def test_eval_errors_are_one_line(setup, capsys):
     d = setup[0]
-    p = run_cli("eval", d / "ckpt", "--tasks", "no_such_task", "--include_path", d / "tasks", check=False,
-                env=env(d))
-    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+    assert main(["eval", str(d / "ckpt"), "--tasks", "no_such_task", "--include_path", str(d / "tasks")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"pocketgpt eval: error: --tasks: unknown task 'no_such_task' under {d / 'tasks'}")
-    p = run_cli("eval", d / "ckpt", check=False)
-    assert (p.returncode, p.stderr) == (2, "pocketgpt eval: error: give a checkpoint and one of --data DIR, "
-                                           "--text FILE or --tasks T1,T2\n")
+    assert main(["eval", str(d / "ckpt")]) == 2
+    assert capsys.readouterr().err == ("pocketgpt eval: error: give a checkpoint and one of --data DIR, --text FILE "
+                                       "or --tasks T1,T2\n")
 
 
 def test_harness_model_generates_greedily_until_a_stop_and_knows_greedy_continuations(setup):
