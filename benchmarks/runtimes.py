@@ -3,6 +3,8 @@ GGUF export (``llama-cpp-python``, or llama.cpp's ``llama-completion`` / older `
 greedy, measured in the same run.
 
     python benchmarks/runtimes.py --ckpt RUN/ckpt [--prompt TEXT] [--new 128] [--threads 2] [--gguf-dtype f32 q8_0]
+    python benchmarks/runtimes.py        # no --ckpt: random weights of issue 17's shape (12.2M, 6L/384d Llama-style,
+                                         # byte-level BPE of 4,096 ids trained on the bundled corpora)
 
 Prints each runtime's text and tokens/s (prefill + ``--new`` decode steps, batch 1, best of ``--repeats``, the
 runtimes alternating). Every runtime gets the same ids (``<|endoftext|>`` + the prompt's) and generates exactly
@@ -95,9 +97,24 @@ def llama_cli(binary: str, path: Path, args, prompt: str):
     return p.stdout.decode("utf-8", errors="replace").removesuffix("\n\n"), sum(ms) / 1000
 
 
+def random_checkpoint(work: Path) -> Path:
+    from pocketgpt.checkpoint import save_model
+    from pocketgpt.data import builtin_path
+    from pocketgpt.model import GPT, GPTConfig
+    from pocketgpt.tokenizer import Tokenizer
+
+    tok = Tokenizer.train("bpe", [builtin_path("shakespeare"), builtin_path("shuihu")], 4096)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=6, n_head=6, n_embd=384, pos="rope",
+                          norm="rmsnorm", mlp="swiglu"))
+    save_model(model, work / "ckpt")
+    tok.save(work / "ckpt" / "tokenizer")
+    return work / "ckpt"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--ckpt", help="checkpoint (default: random weights of a 12.2M Llama-style model)")
     ap.add_argument("--prompt", default="ROMEO:\n")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -105,12 +122,13 @@ def main() -> None:
     ap.add_argument("--gguf-dtype", nargs="+", default=["f32", "q8_0"], choices=["f32", "f16", "q8_0"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tok = load_tokenizer_for(args.ckpt)
-    ids = [tok.eos_id] + tok.encode(args.prompt)
-    print(f"{args.ckpt}: prompt {args.prompt!r} ({len(ids)} ids), {args.new} new tokens, greedy, batch 1, "
-          f"{args.threads} threads, best of {args.repeats}\n")
     rows = []
     with tempfile.TemporaryDirectory() as work:
+        args.ckpt = args.ckpt or random_checkpoint(Path(work))
+        tok = load_tokenizer_for(args.ckpt)
+        ids = [tok.eos_id] + tok.encode(args.prompt)
+        print(f"{args.ckpt}: prompt {args.prompt!r} ({len(ids)} ids), {args.new} new tokens, greedy, batch 1, "
+              f"{args.threads} threads, best of {args.repeats}\n")
         for name, fn in list(runners(args, ids, tok, Path(work))):
             if fn is None:
                 print(f"== {name}: not installed (pip install llama-cpp-python, or llama-completion on PATH)\n")
