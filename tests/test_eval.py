@@ -6,6 +6,7 @@ finds the model through `python -m pocketgpt.evaluate`; `generate_until` stops a
 
 import json
 import math
+import os
 import random
 import sys
 
@@ -96,9 +97,9 @@ def test_lm_eval_command_line_finds_model_pocketgpt(setup):
 
     out = d / "cli"
     subprocess.run([sys.executable, "-m", "pocketgpt.evaluate", "--model", "pocketgpt", "--model_args",
-                    f"ckpt={d / 'ckpt'}", "--batch_size", "4", "--tasks", "pocket_mc", "--include_path", str(d / "tasks"),
-                    "--output_path", str(out), "--limit", "10"], check=True, capture_output=True, cwd=ROOT,
-                   env={**__import__("os").environ, **env(d)}, timeout=300)
+                    f"ckpt={d / 'ckpt'}", "--batch_size", "4", "--tasks", "pocket_mc", "--include_path",
+                    str(d / "tasks"), "--output_path", str(out), "--limit", "10"], check=True, capture_output=True,
+                   cwd=ROOT, env={**os.environ, **env(d)}, timeout=300)
     (results,) = out.rglob("results_*.json")
     acc = json.loads(results.read_text())["results"]["pocket_mc"]["acc,none"]
     assert acc == pytest.approx(own_accuracy(model, tok, items[:10]), abs=1e-9)

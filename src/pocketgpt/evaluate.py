@@ -3,11 +3,11 @@
     run_tasks(ckpt, tasks, include_path=None, limit=None) -> {task: {metric: value}}   (``pocketgpt eval --tasks``)
     text_metrics(ckpt, path) -> {"loss", "bits_per_byte", "tokens", "bytes"}            (``pocketgpt eval --text``)
 
-pocketgpt is the lm-eval model ``pocketgpt`` (``PocketGPTLM``; ``--model_args ckpt=DIR`` + lm-eval's ``--batch_size``, ``--device``).
-lm-eval 0.4.13 finds no model outside its own tree, so its command line runs through this module, which registers
-the model first: ``python -m pocketgpt.evaluate --model pocketgpt --model_args ckpt=DIR --tasks ...`` (every
-``lm_eval`` option works); releases that read the ``lm_eval.models`` entry point find ``lm_eval --model pocketgpt``
-directly. Every scored text starts with ``<|endoftext|>``, as every pretraining document does.
+pocketgpt is the lm-eval model ``pocketgpt`` (``PocketGPTLM``: ``--model_args ckpt=DIR``, lm-eval's own
+``--batch_size`` / ``--device``). lm-eval 0.4.13 finds no model outside its own tree, so its command line runs
+through this module, which registers the model first: ``python -m pocketgpt.evaluate --model pocketgpt --model_args
+ckpt=DIR --tasks ...`` (every ``lm_eval`` option works); releases that read the ``lm_eval.models`` entry point find
+``lm_eval --model pocketgpt`` directly. Every scored text starts with ``<|endoftext|>``, as every pretraining document does.
 ``loglikelihood`` is one padded forward per batch (``engine.pack_replies`` + ``logprobs_from_logits``; whether the
 continuation is the greedy one needs the logits' argmax too), ``loglikelihood_rolling`` scores windows of the
 context, ``generate_until`` is ``engine.generate`` (greedy unless the task samples), batched per set of options.
