@@ -1,8 +1,8 @@
 """`pocketgpt export --format gguf`: the file read back with `gguf.GGUFReader` holds every tensor bit-exact (f32) or
 within its quantisation error (f16, q8_0), and what a llama.cpp loader needs. A numpy forward pass that follows
 llama.cpp's graphs (interleaved RoPE for llama, fused qkv + learned positions for gpt2) and reads only the file gives
-pocketgpt's logits; a reference of llama.cpp's gpt2 BPE (regex split, lowest-rank merges) over the file's tokens and
-merges gives pocketgpt's ids; the chat template renders `chat.render`'s ids."""
+pocketgpt's logits; references of llama.cpp's gpt2 BPE (regex split, lowest-rank merges) and unigram (Viterbi over
+scored pieces) over the file's vocabulary give pocketgpt's ids for bpe, char and unigram tokenizers; the chat template renders `chat.render`'s ids."""
 
 import math
 
@@ -28,7 +28,8 @@ GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddin
 
 @pytest.fixture(scope="module")
 def toks():
-    return {kind: Tokenizer.train(kind, CORPUS, 340 if kind == "bpe" else None) for kind in ("bpe", "char")}
+    return {kind: Tokenizer.train(kind, CORPUS, size) for kind, size in (("bpe", 340), ("char", None),
+                                                                           ("unigram", 80))}
 
 
 def checkpoint(tmp_path, tok, vocab_pad=7, **arch):
@@ -127,7 +128,26 @@ def llamacpp_tokenize(kv, text: str) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("kind,arch", [("bpe", LLAMA), ("char", GPT2)])
+def llamacpp_unigram_tokenize(kv, text: str) -> list[int]:
+    """llama.cpp's unigram ("t5", no space prefix): ' ' as '▁', then the best-scoring split into pieces (Viterbi)."""
+    tokens, scores, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.scores"], kv["tokenizer.ggml.token_type"]
+    pieces = {t: (i, scores[i]) for i, t in enumerate(tokens) if types[i] == gguf.TokenType.NORMAL}
+    s = text.replace(" ", "▁")
+    best = [(0.0, None)] + [(-math.inf, None)] * len(s)
+    for end in range(1, len(s) + 1):
+        for start in range(end):
+            i, score = pieces.get(s[start:end], (None, 0.0))
+            if i is not None and best[start][0] + score > best[end][0]:
+                best[end] = (best[start][0] + score, (start, i))
+    out, end = [], len(s)
+    while end:
+        end, i = best[end][1]
+        out.append(i)
+    return out[::-1]
+
+
+@pytest.mark.parametrize("kind,arch", [("bpe", LLAMA), ("char", GPT2),
+                                       ("unigram", dict(GPT2, tie_embeddings=False, bias=False))])
 def test_gguf_tensors_metadata_and_tokenizer(tmp_path, toks, kind, arch):
     tok = toks[kind]
     model, ckpt = checkpoint(tmp_path, tok, **arch)
@@ -149,12 +169,12 @@ def test_gguf_tensors_metadata_and_tokenizer(tmp_path, toks, kind, arch):
     wq, wk, _ = sd["h.0.attn.c_attn.weight"].split([32, 16, 16]) if name == "llama" else (None, None, None)
     exact = {"token_embd.weight": sd["wte.weight"], "output_norm.weight": sd["ln_f.weight"],
              "blk.1.attn_norm.weight": sd["h.1.ln_1.weight"], "blk.0.ffn_down.weight": sd["h.0.mlp.c_proj.weight"],
-             "blk.1.attn_output.weight": sd["h.1.attn.c_proj.weight"]}
-    if name == "gpt2":
+             "blk.1.attn_output.weight": sd["h.1.attn.c_proj.weight"],
+             "output.weight": sd["wte.weight" if c.tie_embeddings else "lm_head.weight"]}
+    if name == "gpt2":  # GPT-2 in llama.cpp always has biases: zeros stand for none
         exact |= {"position_embd.weight": sd["wpe.weight"], "blk.0.attn_qkv.weight": sd["h.0.attn.c_attn.weight"],
-                  "output.weight": sd["wte.weight"], "blk.0.attn_qkv.bias": sd["h.0.attn.c_attn.bias"]}
+                  "blk.0.attn_qkv.bias": sd.get("h.0.attn.c_attn.bias", torch.zeros(96))}
     else:
-        exact |= {"output.weight": sd["lm_head.weight"]}
         for t, w in (("attn_q", wq), ("attn_k", wk)):
             got = tensors[f"blk.0.{t}.weight"].data
             assert np.array_equal(np.sort(got, axis=None), np.sort(w.numpy(), axis=None)) and not np.array_equal(got, w)
@@ -168,11 +188,12 @@ def test_gguf_tensors_metadata_and_tokenizer(tmp_path, toks, kind, arch):
         want = model(torch.tensor([ids]))[0][0].double().numpy()
     np.testing.assert_allclose(llamacpp_logits(kv, tensors, ids), want, atol=2e-5, rtol=1e-4)
 
-    # vocabulary: pocketgpt's ids from llama.cpp's BPE, the special ids, unused padding rows
+    # vocabulary: pocketgpt's ids from llama.cpp's tokenizer, the special ids, unused padding rows
+    model = {"bpe": "gpt2", "char": "gpt2", "unigram": "t5"}[kind]
+    assert kv["tokenizer.ggml.model"] == model and kv.get("tokenizer.ggml.pre") == {"gpt2": "gpt-2"}.get(model)
     for text in TEXTS:
-        assert llamacpp_tokenize(kv, text) == tok.encode(text), text
+        assert {"gpt2": llamacpp_tokenize, "t5": llamacpp_unigram_tokenize}[model](kv, text) == tok.encode(text), text
     sp = tok.special_ids
-    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
     assert len(kv["tokenizer.ggml.tokens"]) == c.vocab_size
     assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"],
             kv["tokenizer.ggml.padding_token_id"]) == (sp["<|endoftext|>"], sp["<|end|>"], sp["<|pad|>"])
@@ -219,15 +240,15 @@ def test_gguf_f16_and_q8_0_are_within_their_quantisation_error(tmp_path, toks):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(kind="unigram"), "a 'unigram' tokenizer splits text unlike any llama.cpp tokenizer; train the tokenizer "
-                           "with --kind bpe (or char)"),
+    (dict(kind="word"), "a 'word' tokenizer splits text unlike any llama.cpp tokenizer; train the tokenizer with "
+                        "--kind bpe, unigram or char"),
     (dict(pos="sinusoidal"), "GGUF gpt2: not exportable as GPT-2: pos='sinusoidal' (GPT-2 needs 'learned')"),
     (dict(mlp="relu"), "GGUF gpt2: mlp='relu' (llama.cpp's gpt2 has GELU: train with --mlp gelu, or rope + rmsnorm "
                        "+ swiglu for llama)"),
 ])
 def test_gguf_refuses_what_llama_cpp_cannot_run_in_one_line(tmp_path, toks, change, message):
     kind = change.pop("kind", "char")
-    tok = toks[kind] if kind in toks else Tokenizer.train(kind, CORPUS, 80)
+    tok = toks[kind] if kind in toks else Tokenizer.train(kind, CORPUS, 60)
     _, ckpt = checkpoint(tmp_path, tok, **{**GPT2, **change})
     p = run_cli("export", "--format", "gguf", ckpt, tmp_path / "m.gguf", check=False)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and message in p.stderr, p.stderr

@@ -8,8 +8,9 @@ weights are transposed back and its ``output.weight`` is written even when tied 
 
 The vocabulary is llama.cpp's ``gpt2`` BPE (byte-level tokens + merges, GPT-2 pre-tokenizer). A ``char`` tokenizer
 is expressed in it too: each character is the token of its UTF-8 bytes, with merges that rebuild multi-byte
-characters only (llama.cpp drops characters unseen in training, where pocketgpt gives ``<unk>``). ``unigram`` and
-``word`` split text differently from every llama.cpp tokenizer and are refused. ``<|endoftext|>`` is BOS (added
+characters only (llama.cpp drops characters unseen in training, where pocketgpt gives ``<unk>``). ``unigram`` is
+llama.cpp's unigram tokenizer (``t5``: pieces + scores, no space prefix, spaces kept). ``word`` splits text unlike
+any llama.cpp tokenizer and is refused. ``<|endoftext|>`` is BOS (added
 before every prompt, as before every pocketgpt document), ``<|end|>`` EOS (llama.cpp also ends at
 ``<|endoftext|>`` by its name). ``CHAT_TEMPLATE`` is the chat template: llama.cpp's Jinja mode (the default of
 llama-cli / llama-server) renders exactly ``chat.render``'s ids; without it llama.cpp guesses Phi-3's, which differs.
@@ -73,8 +74,8 @@ def _byte_level(text: str) -> str:
     return "".join(table[b] for b in text.encode("utf-8"))
 
 
-def _vocab(tok, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens, token types, merges) of llama.cpp's gpt2 BPE for ``tok``, padded with unused rows to ``n_vocab``."""
+def _write_vocab(w, tok, n_vocab: int) -> None:
+    """The tokenizer keys: llama.cpp's gpt2 BPE (bpe, char) or its unigram "t5" (unigram); padding rows unused."""
     import gguf
 
     spec = json.loads(tok._hf.to_str())  # the Hugging Face tokenizer.json behind a pocketgpt Tokenizer
@@ -84,28 +85,33 @@ def _vocab(tok, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
     if n > n_vocab:
         raise UserError(f"the tokenizer has {n} ids but the model only {n_vocab} rows")
     types = [gguf.TokenType.CONTROL if i in added else gguf.TokenType.NORMAL for i in range(n)]
+    tokens, merges = [added.get(i) or tok._hf.id_to_token(i) for i in range(n)], []
     if model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) \
             and not pre.get("add_prefix_space") and spec.get("normalizer") is None:
-        tokens = [added.get(i) or tok._hf.id_to_token(i) for i in range(n)]
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     elif tok.kind == "char":
-        unk = model.get("unk_token")
-        tokens, merges = [], []
-        for i in range(n):
-            piece = added.get(i) or tok._hf.id_to_token(i)
-            if i in added or piece == unk:
-                tokens.append(piece)
+        for i, piece in enumerate(tokens):
+            if i in added or piece == model.get("unk_token"):
                 types[i] = gguf.TokenType.CONTROL if i in added else gguf.TokenType.UNKNOWN
                 continue
-            tokens.append(_byte_level(piece))
-            chars = list(tokens[-1])  # a multi-byte character: merge its bytes left to right
-            merges += [f"{''.join(chars[:k])} {chars[k]}" for k in range(1, len(chars))]
+            tokens[i] = chars = _byte_level(piece)  # a multi-byte character: merge its bytes left to right
+            merges += [f"{chars[:k]} {chars[k]}" for k in range(1, len(chars))]
+    elif tok.kind == "unigram":  # llama.cpp's Viterbi over the text with ' ' as '▁' = HF's Metaspace split
+        types[model["unk_id"]] = gguf.TokenType.UNKNOWN
+        w.add_token_scores([0.0 if i in added else float(model["vocab"][i][1]) for i in range(n)] +
+                           [-1e9] * (n_vocab - n))
+        w.add_unk_token_id(model["unk_id"])
+        w.add_add_space_prefix(False)
+        w.add_remove_extra_whitespaces(False)
     else:
         raise UserError(f"GGUF: a {tok.kind!r} tokenizer splits text unlike any llama.cpp tokenizer; train the "
-                        "tokenizer with --kind bpe (or char)")
-    pad = n_vocab - n
-    return (tokens + [f"[PAD{i}]" for i in range(n, n_vocab)], types + [gguf.TokenType.UNUSED] * pad,
-            list(dict.fromkeys(merges)))
+                        "tokenizer with --kind bpe, unigram or char")
+    w.add_tokenizer_model("t5" if tok.kind == "unigram" else "gpt2")
+    if tok.kind != "unigram":
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_merges(list(dict.fromkeys(merges)))
+    w.add_token_list(tokens + [f"[PAD{i}]" for i in range(n, n_vocab)])
+    w.add_token_types(types + [gguf.TokenType.UNUSED] * (n_vocab - n))
 
 
 def _store(w, name: str, a, dtype: str) -> None:
@@ -139,7 +145,6 @@ def export_gguf(ckpt, path: str | os.PathLike, dtype: str = "f32", arch: str = "
     if arch not in ("gpt2", "llama"):
         raise UserError(f"--arch: {arch!r} (gpt2, llama or auto)")
     tensors = _tensors(model, arch)
-    tokens, types, merges = _vocab(tokenizer, c.vocab_size)
     special = tokenizer.special_ids
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -160,11 +165,7 @@ def export_gguf(ckpt, path: str | os.PathLike, dtype: str = "f32", arch: str = "
         w.add_vocab_size(c.vocab_size)
     else:
         w.add_layer_norm_eps(c.norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    _write_vocab(w, tokenizer, c.vocab_size)
     w.add_bos_token_id(tokenizer.eos_id)  # <|endoftext|>: every pocketgpt document starts with it
     w.add_eos_token_id(special.get("<|end|>", tokenizer.eos_id))
     w.add_pad_token_id(tokenizer.pad_id)
