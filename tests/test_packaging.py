@@ -1,5 +1,5 @@
-"""Packaging: `serve` (fastapi, uvicorn) and `plots` (matplotlib) are extras. Without them `pocketgpt serve` says in
-one line how to install the extra, and training goes on without plots after one warning line (the missing packages
+"""Packaging: `serve` (fastapi, uvicorn), `plots` (matplotlib), `gguf` and `eval` (lm-eval) are extras. Without them
+`pocketgpt serve` / `export --format gguf` / `eval --tasks` say in one line how to install the extra, and training goes on without plots after one warning line (the missing packages
 are simulated in a child process by a ``sys.modules`` block)."""
 
 import json
@@ -25,11 +25,14 @@ def run_without(modules, *argv):
 def test_extras_are_declared_and_make_test_installs_them():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = " ".join(project["dependencies"])
-    assert not any(name in core for name in ("fastapi", "uvicorn", "matplotlib"))
+    assert not any(name in core for name in ("fastapi", "uvicorn", "matplotlib", "gguf", "lm-eval"))
     extras = project["optional-dependencies"]
     assert [d.split(">")[0] for d in extras["serve"]] == ["fastapi", "uvicorn"]
     assert [d.split(">")[0] for d in extras["plots"]] == ["matplotlib"]
-    assert "pocketgpt[serve,plots]" in extras["test"]  # what `make test` and `make demo` install
+    assert [d.split(">")[0] for d in extras["gguf"] + extras["eval"]] == ["gguf", "lm-eval"]
+    assert {"pocketgpt[serve,plots]", "pocketgpt[gguf,eval]"} <= set(extras["test"])  # what `make test` installs
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lm_eval.models"]
+    assert entry == {"pocketgpt": "pocketgpt.evaluate:PocketGPTLM"}
     assert 'pip install -q -e ".[test]"' in (ROOT / "Makefile").read_text()
 
 
@@ -38,6 +41,15 @@ def test_serve_without_the_extra_says_how_to_install_it(tmp_path):
         p = run_without([missing], "serve", "--ckpt", tmp_path)
         assert p.returncode == 2 and p.stdout == ""
         assert p.stderr == f"pocketgpt serve: error: {missing} is not installed: pip install 'pocketgpt[serve]'\n"
+
+
+def test_gguf_and_lm_eval_without_their_extras_say_how_to_install_them(tmp_path):
+    p = run_without(["gguf"], "export", "--format", "gguf", tmp_path, tmp_path / "m.gguf")
+    assert (p.returncode, p.stderr) == (2, "pocketgpt export: error: gguf is not installed: pip install "
+                                           "'pocketgpt[gguf]'\n")
+    p = run_without(["lm_eval"], "eval", tmp_path, "--tasks", "hellaswag")
+    assert (p.returncode, p.stderr) == (2, "pocketgpt eval: error: lm-eval is not installed: pip install "
+                                           "'pocketgpt[eval]'\n")
 
 
 def test_training_without_matplotlib_skips_plots_with_one_warning(tmp_path):

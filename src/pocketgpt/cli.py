@@ -187,9 +187,16 @@ def _pretrain_run(args) -> int:
 
 
 def _eval(p) -> None:
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (e.g. RUN/ckpt or RUN/best)")
-    p.add_argument("--data", required=True, help="data directory made by 'pocketgpt prepare'")
+    p.add_argument("ckpt", nargs="?", help="checkpoint directory (e.g. RUN/ckpt or RUN/best); or --ckpt")
+    p.add_argument("--ckpt", dest="ckpt_opt", metavar="CKPT", help=argparse.SUPPRESS)
+    p.add_argument("--data", help="data directory made by 'pocketgpt prepare': loss and perplexity of a split")
     p.add_argument("--split", default="val", help="train | val | test (default: val)")
+    p.add_argument("--text", metavar="FILE", help="a text file: loss and bits per byte (compares tokenizers)")
+    p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (pip install 'pocketgpt[eval]')")
+    p.add_argument("--include_path", "--include-path", metavar="DIR", help="folder of local lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="at most N items per task (a fraction if < 1)")
+    p.add_argument("--num_fewshot", "--num-fewshot", type=int, default=None)
+    p.add_argument("--out", metavar="FILE.json", help="also write the results here (--tasks, --text)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=8)
     p.add_argument("--max_batches", "--max-batches", type=int, default=0, help="0 = the whole split")
     p.add_argument("--block_size", "--block-size", type=int, default=None, help="window (default: model context)")
@@ -199,9 +206,29 @@ def _eval(p) -> None:
 
 
 def _eval_run(args) -> int:
+    ckpt = args.ckpt or args.ckpt_opt
+    if not ckpt or sum(x is not None for x in (args.data, args.text, args.tasks)) != 1:
+        raise UserError("give a checkpoint and one of --data DIR, --text FILE or --tasks T1,T2")
+    if args.data is None:
+        from . import evaluate
+        from .io import write_json
+
+        if args.text:
+            res = evaluate.text_metrics(ckpt, args.text, args.batch_size, args.device)
+            print(f"{args.text}: loss {res['loss']:.4f}  bits/byte {res['bits_per_byte']:.4f}  "
+                  f"({res['tokens']} tokens, {res['bytes']} bytes)")
+        else:
+            res = evaluate.run_tasks(ckpt, args.tasks, args.include_path, args.limit, args.num_fewshot,
+                                     args.batch_size, args.device)
+            for task, m in res.items():
+                print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)) +
+                      f"  (n={m['n']})")
+        if args.out:
+            write_json(args.out, res)
+        return 0
     from .train.pretrain import evaluate_checkpoint
 
-    m = evaluate_checkpoint(args.ckpt, args.data, args.split, batch_size=args.batch_size,
+    m = evaluate_checkpoint(ckpt, args.data, args.split, batch_size=args.batch_size,
                             max_batches=args.max_batches, block_size=args.block_size, device=args.device,
                             dtype=args.dtype)
     print(f"{args.split} loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}")
@@ -527,10 +554,12 @@ def _serve_run(args) -> int:
 
 def _export(p) -> None:
     p.add_argument("ckpt", help="checkpoint directory (or a run directory, or hf:NAME)")
-    p.add_argument("out", help="output directory (written atomically)")
-    p.add_argument("--format", default="hf", choices=["hf"], help="output format (hf = Hugging Face transformers)")
+    p.add_argument("out", help="output directory (hf) or OUT.gguf file (gguf), written atomically")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf = Hugging Face transformers; gguf = llama.cpp / Ollama")
     p.add_argument("--arch", default="auto", choices=["auto", "gpt2", "llama"],
                    help="auto: learned positions → GPT-2, rope → Llama")
+    p.add_argument("--dtype", default=None, choices=["f32", "f16", "q8_0"], help="GGUF weights (default f32)")
     p.set_defaults(func=_export_run)
 
 
@@ -540,6 +569,14 @@ def _export_run(args) -> int:
     from .tokenizer import load_tokenizer_for
 
     ckpt = find_checkpoint(args.ckpt)
+    if args.format == "gguf":
+        from .gguf_export import export_gguf
+
+        arch = export_gguf(ckpt, args.out, args.dtype or "f32", args.arch)
+        print(f"wrote {arch} GGUF ({args.dtype or 'f32'}) to {args.out}")
+        return 0
+    if args.dtype:
+        raise UserError("--dtype: only for --format gguf (the Hugging Face export is f32)")
     try:
         tok = load_tokenizer_for(ckpt)
     except UserError:  # weights only: the export has no tokenizer either
@@ -556,7 +593,7 @@ COMMANDS = [
     ("tokenizer", _tokenizer, "train a tokenizer (bpe, char, word, unigram) or inspect one"),
     ("prepare", _prepare, "tokenize text/JSONL into train/val token shards"),
     ("pretrain", _pretrain, "pretrain a GPT on prepared shards (TOML presets, resume, DDP)"),
-    ("eval", _eval, "print loss and perplexity of a checkpoint on a data split"),
+    ("eval", _eval, "evaluate a checkpoint: loss on a data split or text file (bits/byte), lm-eval tasks"),
     ("sample", _sample, "generate text from a checkpoint (streams to the terminal)"),
     ("sft", _sft, "supervised chat fine-tuning on conversation JSONL"),
     ("chat", _chat, "talk to a chat model in the terminal"),
@@ -571,7 +608,7 @@ COMMANDS = [
                      {"samples_per_prompt": ["--n", "--group-size"]}),
      "group relative policy optimisation on a verifiable task"),
     ("serve", _serve, "OpenAI-compatible HTTP API and web chat page"),
-    ("export", _export, "export a checkpoint as a Hugging Face GPT-2 / Llama directory"),
+    ("export", _export, "export a checkpoint as a Hugging Face GPT-2 / Llama directory or a GGUF file"),
     ("speedrun", "pocketgpt.speedrun", "the whole pipeline on bundled data, with a report card"),
 ]
 
