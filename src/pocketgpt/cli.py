@@ -568,15 +568,15 @@ def _export_run(args) -> int:
     from .checkpoint import export_hf, load_model
     from .tokenizer import load_tokenizer_for
 
-    ckpt = find_checkpoint(args.ckpt)
     if args.format == "gguf":
         from .gguf_export import export_gguf
 
-        arch = export_gguf(ckpt, args.out, args.dtype or "f32", args.arch)
+        arch = export_gguf(args.ckpt, args.out, args.dtype or "f32", args.arch)
         print(f"wrote {arch} GGUF ({args.dtype or 'f32'}) to {args.out}")
         return 0
     if args.dtype:
         raise UserError("--dtype: only for --format gguf (the Hugging Face export is f32)")
+    ckpt = find_checkpoint(args.ckpt)
     try:
         tok = load_tokenizer_for(ckpt)
     except UserError:  # weights only: the export has no tokenizer either

@@ -128,9 +128,11 @@ def export_gguf(ckpt, path: str | os.PathLike, dtype: str = "f32", arch: str = "
         import gguf
     except ImportError:
         raise UserError("gguf is not installed: pip install 'pocketgpt[gguf]'") from None
+    from .chat import find_checkpoint
     from .checkpoint import load_model
     from .tokenizer import CHAT_TEMPLATE, load_tokenizer_for
 
+    ckpt = find_checkpoint(ckpt)
     model, tokenizer = load_model(ckpt), load_tokenizer_for(ckpt)
     c = model.config
     if dtype not in DTYPES:
