@@ -128,11 +128,11 @@ import torch.nn as nn
 from pydantic import Field, model_validator
 
 from ..checkpoint import write_model
-from ..config import Config, FieldError
+from ..config import Config, FieldError, StrList
 from ..errors import UserError
 from ..io import atomic_dir, read_json, write_json
 from ..model import GPT
-from .. import runtime
+from .. import lora, runtime
 
 # [train] fields a resumed run may change: how long, how often and where it runs, never what it trains
 RESUMABLE = frozenset({"max_steps", "max_minutes", "eval_interval", "eval_batches", "ckpt_interval", "log_interval",
@@ -170,6 +170,9 @@ class TrainConfig(Config):
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # AdamW implementation
     ddp_find_unused: bool = False  # DDP find_unused_parameters (wrapper models with unused heads)
     progress: bool = True  # tqdm bar (also off when stderr is not a terminal or CI is set)
+    lora_r: int = Field(0, ge=0)  # LoRA adapters of this rank for sft, dpo, rm (0 = train every weight; lora.py)
+    lora_alpha: float = Field(16.0, gt=0)  # the adapters' update is scaled by lora_alpha / lora_r
+    lora_targets: StrList = ["c_attn", "c_proj", "c_fc"]  # linear layers (name suffixes) given adapters
 
     @model_validator(mode="after")
     def _min_lr_at_most_lr(self) -> "TrainConfig":
@@ -425,6 +428,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         self.model = model.to(self.device)  # the plain module: saved, evaluated
+        if cfg.lora_r and not lora.adapted(model):  # the stages that support LoRA apply it to their model
+            raise UserError(f"--lora_r: stage '{stage.name}' does not train LoRA adapters (sft, dpo and rm do)")
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=(self.dtype == torch.float16))
 
