@@ -154,3 +154,33 @@ def test_lora_errors_are_one_line(inputs, tmp_path, capsys):
 
     with pytest.raises(UserError, match="sft, dpo and rm"):  # a stage that never applies them refuses lora_r
         Trainer(tied, Pretrain(), TrainConfig(lora_r=4, device="cpu"), tmp_path / "p")
+
+
+def test_lora_sft_from_gpt2_trains_the_chat_tokens_it_adds(inputs, tmp_path):
+    """A GPT-2 vocabulary lacks the chat tokens: SFT appends them with one shared mean-embedding start, so under
+    LoRA their rows train too (else <|user|>, <|assistant|> and <|end|> stay one token)."""
+    from pocketgpt.checkpoint import export_hf, save_model
+    from pocketgpt.tokenizer import SPECIAL_TOKENS, _bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    vocab["<|endoftext|>"] = len(vocab)
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=len(vocab), block_size=48, n_layer=1, n_head=2, n_embd=32))
+    with torch.no_grad():
+        base.wte.weight.mul_(10)  # tied: an output layer scaled like a trained one (see the inputs fixture)
+    export_hf(base, tmp_path / "gpt2", "gpt2")
+    (tmp_path / "gpt2" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "gpt2" / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    ckpt = run("sft", {**inputs, "init": tmp_path / "gpt2"}, tmp_path / "run", max_steps=8)
+    saved = load_file(str(ckpt / "model.safetensors"))
+    rows = saved["wte.lora_rows"]  # one tied table: the input and output rows of the 5 new tokens
+    assert rows.shape == (len(SPECIAL_TOKENS) - 1, 32) and int(saved["wte.lora_first"]) == len(vocab)
+    assert not torch.equal(rows[3], rows[4])  # <|assistant|> and <|end|> have become different tokens
+    assert torch.equal(saved["wte.weight"][: len(vocab)], base.wte.weight)  # the old rows stay frozen
+    assert optimizer_params(ckpt) == 8 + 1
+    x = torch.tensor([[len(vocab), 5, 7, len(vocab) + 4, 9, len(vocab) + 3]])
+    config, _ = read_model_config(ckpt)
+    model = apply(GPT(config), TrainConfig(lora_r=LORA["lora_r"]), new_tokens=range(len(vocab), len(vocab) + 5))
+    default_load_model(model, ckpt)
+    with torch.no_grad():
+        assert (load_model(ckpt)(x)[0] - model.eval()(x)[0]).abs().max() <= 1e-5

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
-SUFFIXES = (".lora_A", ".lora_B", ".lora_scale")
+SUFFIXES = (".lora_A", ".lora_B", ".lora_scale", ".lora_rows", ".lora_first")
 RESUME_FILES = {"optimizer.safetensors", "rng.safetensors", "stage.safetensors", "trainer_state.json"}
 
 
@@ -53,15 +53,66 @@ class LoRALinear(nn.Linear):
         return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale.to(y.dtype)
 
 
-def apply(model: nn.Module, train, log=None) -> nn.Module:
+class RowsEmbedding(nn.Embedding):
+    """``base`` (frozen) whose rows ``first : first + n`` are read from the trainable ``lora_rows`` instead."""
+
+    def __init__(self, base: nn.Embedding, first: int, n: int):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = base.padding_idx, base.max_norm, base.norm_type
+        self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
+        self.weight, self.first, self.n, self.enabled = base.weight, first, n, True
+        self.lora_rows = nn.Parameter(base.weight[first: first + n].detach().clone())
+        self.register_buffer("lora_first", torch.tensor(first))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(idx, self.weight)
+        if not self.enabled:
+            return out
+        new = ((idx >= self.first) & (idx < self.first + self.n)).unsqueeze(-1)
+        return torch.where(new, F.embedding((idx - self.first).clamp(0, self.n - 1), self.lora_rows), out)
+
+
+class RowsHead(nn.Linear):
+    """The output layer ``base`` (frozen) whose logits ``first : first + n`` come from trainable rows: its own
+    ``lora_rows``, or the embedding's when the two are tied."""
+
+    def __init__(self, base: nn.Linear, first: int, n: int, tied: RowsEmbedding | None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias, self.first, self.n, self.enabled = base.weight, base.bias, first, n, True
+        if tied is None:
+            self.lora_rows = nn.Parameter(base.weight[first: first + n].detach().clone())
+            self.register_buffer("lora_first", torch.tensor(first))
+        object.__setattr__(self, "tied", tied)  # not a submodule: its rows are saved once, as the embedding's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        rows = self.tied.lora_rows if self.tied is not None else self.lora_rows
+        return torch.cat([y[..., : self.first], F.linear(x, rows), y[..., self.first + self.n:]], -1)
+
+
+ADAPTERS = (LoRALinear, RowsEmbedding, RowsHead)
+
+
+def apply(model: nn.Module, train, log=None, new_tokens: range = range(0)) -> nn.Module:
     """Freeze ``model`` and put adapters of rank ``train.lora_r`` on its ``train.lora_targets`` (module-name
     suffixes: ``c_attn``, ``c_proj`` (attention and MLP), ``mlp.c_proj``, ``c_fc``, ``lm_head`` when untied, ...).
-    Seeded by ``train.seed``: every process (DDP, a resumed run) builds the same adapters. No-op when r = 0."""
+    ``new_tokens``: ids a stage just added to the vocabulary (SFT from GPT-2); their embedding and output rows
+    train too, since frozen at their shared mean-embedding start they would be one token the model cannot tell
+    apart. Seeded by ``train.seed``: every process (DDP, a resumed run) builds the same adapters. No-op when r = 0."""
     if not train.lora_r:
         return model
     model.requires_grad_(False)
+    if new_tokens:
+        first, n = new_tokens.start, len(new_tokens)
+        tied = model.lm_head.weight is model.wte.weight
+        model.wte = RowsEmbedding(model.wte, first, n)
+        model.lm_head = RowsHead(model.lm_head, first, n, model.wte if tied else None)
     g = torch.Generator().manual_seed(train.seed)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, RowsHead)}
     for target in train.lora_targets:
         names = [n for n in linears if n == target or n.endswith("." + target)]
         if not names:
@@ -84,7 +135,7 @@ def apply(model: nn.Module, train, log=None) -> nn.Module:
 
 
 def adapted(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
+    return any(isinstance(m, ADAPTERS) for m in model.modules())
 
 
 class WithoutAdapters(nn.Module):
@@ -96,7 +147,7 @@ class WithoutAdapters(nn.Module):
         self.model = model
 
     def forward(self, *args, **kwargs):
-        layers = [m for m in self.model.modules() if isinstance(m, LoRALinear)]
+        layers = [m for m in self.model.modules() if isinstance(m, ADAPTERS)]
         was = self.model.training
         self.model.eval()  # no dropout, as a frozen copy
         for m in layers:
@@ -110,8 +161,8 @@ class WithoutAdapters(nn.Module):
 
 
 def fold_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict with every adapter folded into its weight (W + scale · B A, computed in fp32) and the adapter
-    tensors dropped; unchanged when there are none."""
+    """A state dict with every adapter folded into its weight (W + scale · B A, computed in fp32; trained token
+    rows in place) and the adapter tensors dropped; unchanged when there are none."""
     out = {k: v for k, v in sd.items() if not k.endswith(SUFFIXES)}
     for key in sd:
         if key.endswith(".lora_A"):
@@ -119,6 +170,11 @@ def fold_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             w = out[prefix + ".weight"]
             delta = sd[prefix + ".lora_scale"].float() * (sd[prefix + ".lora_B"].float() @ sd[key].float())
             out[prefix + ".weight"] = (w.float() + delta).to(w.dtype)
+        elif key.endswith(".lora_rows"):
+            prefix, rows = key[: -len(".lora_rows")], sd[key]
+            first = int(sd[prefix + ".lora_first"])
+            out[prefix + ".weight"] = w = out[prefix + ".weight"].clone()
+            w[first: first + rows.shape[0]] = rows.to(w.dtype)
     return out
 
 
