@@ -6,8 +6,8 @@ with GPT-2-format tokenizer files (``vocab.json`` + ``merges.txt``: a byte-level
 chats and pairs, its ids padded to GPT-2's 50,257 with ``<|endoftext|>`` last). The shapes, so the step times, are
 the real model's; sequence lengths are close (an in-domain BPE compresses these texts about as well as GPT-2's).
 
-    python benchmarks/lora_laptop.py                                # the recipe's steps (README)
-    python benchmarks/lora_laptop.py --sft-steps 4 --dpo-steps 4    # a short version: per-step times
+    python benchmarks/lora_laptop.py                                    # a short version: per-step times
+    python benchmarks/lora_laptop.py --sft-steps 300 --dpo-steps 100    # the whole recipe (README)
 """
 
 from __future__ import annotations
@@ -61,18 +61,16 @@ def timed(argv: list[str], run: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/pocketgpt-lora-bench", help="where the stand-in model and runs go")
-    ap.add_argument("--sft-steps", type=int, default=300)
-    ap.add_argument("--dpo-steps", type=int, default=100)
+    ap.add_argument("--sft-steps", type=int, default=4, help="the recipe: 300")
+    ap.add_argument("--dpo-steps", type=int, default=4, help="the recipe: 100")
     args = ap.parse_args()
     d = Path(args.dir)
     make_gpt2(d / "gpt2-random")
     # the README recipe, with --init the local stand-in instead of hf:gpt2
     sft = timed(["sft", "--init", str(d / "gpt2-random"), "--data", "chat", "--lora_r", "8", "--lr", "3e-4",
-                 "--batch_size", "8", "--block_size", "512", "--max_steps", str(args.sft_steps),
-                 "--eval_interval", "0", "--ckpt_interval", "0"], d / "sft")
+                 "--batch_size", "8", "--block_size", "512", "--max_steps", str(args.sft_steps)], d / "sft")
     dpo = timed(["dpo", "--init", str(d / "sft" / "ckpt"), "--data", "prefs", "--lora_r", "8", "--lr", "5e-5",
-                 "--batch_size", "4", "--block_size", "512", "--max_steps", str(args.dpo_steps),
-                 "--eval_interval", "0", "--ckpt_interval", "0"], d / "dpo")
+                 "--batch_size", "4", "--block_size", "512", "--max_steps", str(args.dpo_steps)], d / "dpo")
     print(json.dumps({"threads": os.environ.get("OMP_NUM_THREADS", "all"), "load_avg": os.getloadavg()[0],
                       "sft": sft, "dpo": dpo}, indent=1))
 
