@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -46,7 +47,8 @@ def make_gpt2(d: Path) -> None:
 
 
 def timed(argv: list[str], run: Path) -> dict:
-    """Run ``pocketgpt ARGV --out run``; wall time, and the mean time of a training step after the first."""
+    """Run ``pocketgpt ARGV --out run``: wall time, the mean time of a training step after the first, and the peak
+    memory of the largest child so far (for dpo: the larger of sft and dpo)."""
     t = time.time()
     subprocess.run([sys.executable, "-m", "pocketgpt", *argv, "--out", str(run), "--restart", "--log_interval", "1",
                     "--progress", "false"], check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -54,7 +56,8 @@ def timed(argv: list[str], run: Path) -> dict:
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r and "elapsed_s" in r]
     per_step = (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]) / max(1, len(steps) - 1)
-    return {"wall_s": round(wall, 1), "steps": len(steps), "s_per_step": round(per_step, 2),
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return {"wall_s": round(wall, 1), "steps": len(steps), "s_per_step": round(per_step, 2), "peak_gb": round(peak, 2),
             "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"]}
 
 
