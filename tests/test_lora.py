@@ -104,8 +104,9 @@ def test_a_lora_checkpoint_loads_folded_everywhere(sft_ckpt, inputs, tmp_path):
     assert main(["sample", "--ckpt", str(sft_ckpt), "--max-new-tokens", "4", "--temperature", "0"]) == 0
 
 
-def test_lora_sft_resumes_exactly(inputs, tmp_path):
-    check_exact_resume(stage_argv("sft", inputs, **LORA), tmp_path)
+@pytest.mark.parametrize("stage", ["sft", "rm"])  # the trainer's own save/load, and the reward model's
+def test_lora_runs_resume_exactly(stage, inputs, tmp_path):
+    check_exact_resume(stage_argv(stage, inputs, **LORA), tmp_path)
 
 
 def test_lora_dpo_runs_on_a_lora_sft_checkpoint_against_the_base_without_a_copy(sft_ckpt, inputs, tmp_path):
