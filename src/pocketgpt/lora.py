@@ -6,8 +6,9 @@
 ``apply(model, train)`` swaps each targeted ``nn.Linear`` for a ``LoRALinear`` that keeps the *same* ``weight`` and
 ``bias`` parameters (same state-dict names) and adds ``lora_A``, ``lora_B`` and the buffer ``lora_scale``; every
 other parameter of the model is frozen, so the optimizer holds state for the adapters only (and for heads a stage
-adds afterwards, such as the reward head). A LoRA checkpoint is an ordinary one whose ``model.safetensors`` also
-holds those three tensors per adapted layer: the trainer saves and resumes it like any other, and
+adds afterwards, such as the reward head). Chat tokens SFT appends to a pretrained vocabulary get trainable rows
+(``RowsEmbedding`` / ``RowsHead``: ``lora_rows`` + ``lora_first``). A LoRA checkpoint is an ordinary one whose
+``model.safetensors`` also holds these extra tensors: the trainer saves and resumes it like any other, and
 ``checkpoint.load_model`` folds them into the weights (``fold_state``), so chat, sample, serve, every export and
 the next stage's ``--init`` see a plain model. ``merge(ckpt, out)`` (``pocketgpt merge``) writes the folded one.
 
