@@ -5,7 +5,7 @@ and ``model.safetensors``; stages may add ``tokenizer/`` and ``trainer_state.jso
 
     save_model(model, dir)          atomic; keeps the other files already in ``dir``
     write_model(model, tmpdir)      the two files, inside your own ``atomic_dir``
-    load_model(dir, device, dtype)  ours, or a Hugging Face GPT-2 / Llama directory (local, or ``hf:NAME``)
+    load_model(dir, device, dtype)  ours (LoRA adapters folded in), or a Hugging Face GPT-2 / Llama directory (local, or ``hf:NAME``)
     local_dir(path)                 ``hf:NAME`` → its snapshot in the Hugging Face cache; other paths unchanged
     export_hf(model, dir, arch, tokenizer)  a ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` directory that chats
                                     (names mapped in ``hf.py``; tokenizer files, chat template, stop ids)
@@ -24,6 +24,7 @@ from .errors import UserError
 from .hf import gpt2_config_to_ours, gpt2_state_to_ours, llama_config_to_ours, llama_state_to_ours, ours_to_gpt2, \
     ours_to_llama
 from .io import atomic_dir, read_json, write_json
+from .lora import fold_state
 from .model import GPT, GPTConfig
 
 
@@ -125,7 +126,7 @@ def load_model(directory: str | Path, device=None, dtype=None) -> GPT:
     ``dtype``)."""
     directory = local_dir(directory)
     config, kind = read_model_config(directory)
-    sd = load_state_file(directory)
+    sd = fold_state(load_state_file(directory))  # a LoRA checkpoint's adapters become plain weights (lora.py)
     try:
         if kind == "gpt2":
             sd = gpt2_state_to_ours(sd, config)

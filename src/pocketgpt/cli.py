@@ -586,6 +586,20 @@ def _export_run(args) -> int:
     return 0
 
 
+def _merge(p) -> None:
+    p.add_argument("ckpt", help="checkpoint trained with LoRA adapters (--lora_r)")
+    p.add_argument("out", help="output directory: the same checkpoint with the adapters folded into the weights")
+    p.set_defaults(func=_merge_run)
+
+
+def _merge_run(args) -> int:
+    from .lora import merge
+
+    merge(args.ckpt, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 # ---- the command -------------------------------------------------------------------------------------------------------
 
 # name, configure(parser) (or a module with configure_cli(name, parser)), one-line help; in pipeline order
@@ -609,6 +623,7 @@ COMMANDS = [
      "group relative policy optimisation on a verifiable task"),
     ("serve", _serve, "OpenAI-compatible HTTP API and web chat page"),
     ("export", _export, "export a checkpoint as a Hugging Face GPT-2 / Llama directory or a GGUF file"),
+    ("merge", _merge, "fold a checkpoint's LoRA adapters into its weights (a plain checkpoint)"),
     ("speedrun", "pocketgpt.speedrun", "the whole pipeline on bundled data, with a report card"),
 ]
 

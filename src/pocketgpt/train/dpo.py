@@ -13,7 +13,8 @@ Over-long pairs keep their replies (cut to fit when they alone are too long) and
 
 The reference log-probs are computed once, before training, with the init model in the training precision and
 cached in ``RUN/ref_logprobs.safetensors`` (``reference = "precomputed"``, the default; a resumed run reuses the
-cache), or on the fly from a frozen copy (``reference = "online"``: no up-front pass, one extra forward per step).
+cache), or on the fly from a frozen copy (``reference = "online"``: no up-front pass, one extra forward per step;
+with LoRA the copy is the same weights with the adapters off).
 
 Metrics, named as TRL's DPOTrainer logs them: per step ``loss``, ``rewards/chosen`` and ``rewards/rejected`` (mean
 implicit rewards β·(log π − log π_ref)), ``rewards/accuracies`` (fraction of pairs whose chosen reply has the higher
@@ -186,9 +187,10 @@ class DPOStage:
         self._initial_eval_done = False
         self._epoch_cache: tuple[int, list[int]] = (-1, [])
         if opts.reference == "online":
+            from ..lora import WithoutAdapters, adapted
             from .rl import frozen_copy
 
-            self.ref = frozen_copy(model)
+            self.ref = WithoutAdapters(model) if adapted(model) else frozen_copy(model)  # LoRA: no second copy
 
     # ---- reference --------------------------------------------------------------------------------------------------
 
@@ -377,6 +379,7 @@ def prepare_dpo(opts: DPOConfig, seed: int, log=print):
 def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dict] = None,
             resume: Optional[bool] = None, log=None) -> dict:
     """Train ``opts.init`` with DPO on ``opts.data`` through the Trainer; returns the final metrics."""
+    from ..lora import apply as apply_lora
     from .sft import _stderr_on_rank0
     from .trainer import Trainer
 
@@ -384,6 +387,7 @@ def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dic
     if not opts.init:
         raise UserError("--init: required (the SFT checkpoint to improve; it is also the reference model)")
     model, tokenizer, train_pairs, val_pairs, key = prepare_dpo(opts, train.seed, log)
+    apply_lora(model, train, log)
     stage = DPOStage(model, train_pairs, val_pairs, opts, train.batch_size, seed=train.seed, cache_key=key)
     cfg = dict(run_config or {})
     cfg.update({"dpo": {**opts.to_dict(), "init": str(opts.init)}, "train": train.to_dict()})

@@ -277,6 +277,7 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
     """Train a reward model from ``init`` (an SFT checkpoint) on a pairs file; returns the final metrics."""
     from ..chat import find_checkpoint
     from ..checkpoint import load_model
+    from ..lora import apply as apply_lora
     from ..tokenizer import load_tokenizer_for
     from .trainer import Trainer, world_info
 
@@ -302,7 +303,8 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
     if main:
         print(f"reward model: {len(train_pairs)} training pairs, {len(val_pairs)} held out; init {init}",
               file=sys.stderr)
-    model = RewardModel(backbone, seed=cfg.seed)
+    apply_lora(backbone, cfg, log=lambda line: print(line, file=sys.stderr) if main else None)
+    model = RewardModel(backbone, seed=cfg.seed)  # after the adapters: the head stays trainable
     trainer = Trainer(model, stage, cfg, out, tokenizer=tokenizer, save_model=_save_rm, load_model=_load_rm,
                       run_config=run_config.to_dict(), resume=resume)
     try:

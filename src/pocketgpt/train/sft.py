@@ -239,10 +239,13 @@ def prepare_sft(init: str | Path, sft: SFTConfig, train_seed: int, device=None, 
 def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_config: Optional[dict] = None,
             resume: Optional[bool] = None, log=None) -> dict:
     """Fine-tune ``init`` on ``sft.data`` with the Trainer; returns the Trainer's final metrics (+ data counts)."""
+    from ..lora import apply as apply_lora
     from .trainer import Trainer
 
     log = log or _stderr_on_rank0
     model, tokenizer, train_ex, val_ex, info = prepare_sft(init, sft, train.seed, log=log)
+    ids = sorted(tokenizer.token_id(name) for name in info["added_tokens"])  # appended: one run of ids
+    apply_lora(model, train, log, range(ids[0], ids[-1] + 1) if ids else range(0))
     stage = SFTStage(train_ex, val_ex, tokenizer.pad_id, train.batch_size, seed=train.seed)
     cfg = run_config if run_config is not None else {}
     cfg = {**cfg, "sft": {**sft.to_dict(), "init": str(init)}, "train": train.to_dict()}

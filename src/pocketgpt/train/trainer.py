@@ -133,11 +133,11 @@ import torch.nn as nn
 from pydantic import Field, model_validator
 
 from ..checkpoint import write_model
-from ..config import Config, FieldError
+from ..config import Config, FieldError, StrList
 from ..errors import UserError
 from ..io import atomic_dir, read_json, write_json
 from ..model import GPT
-from .. import runtime
+from .. import lora, runtime
 
 # [train] fields a resumed run may change: how long, how often and where it runs, never what it trains
 RESUMABLE = frozenset({"max_steps", "max_minutes", "eval_interval", "eval_batches", "ckpt_interval", "log_interval",
@@ -178,6 +178,9 @@ class TrainConfig(Config):
     # under torchrun: each rank holds the whole model (ddp) or a 1/N shard of weights, grads and optimizer (fsdp)
     parallel: Literal["ddp", "fsdp"] = "ddp"
     progress: bool = True  # tqdm bar (also off when stderr is not a terminal or CI is set)
+    lora_r: int = Field(0, ge=0)  # LoRA adapters of this rank for sft, dpo, rm (0 = train every weight; lora.py)
+    lora_alpha: float = Field(16.0, gt=0)  # the adapters' update is scaled by lora_alpha / lora_r
+    lora_targets: StrList = ["c_attn", "c_proj", "c_fc"]  # linear layers (name suffixes) given adapters
 
     @model_validator(mode="after")
     def _min_lr_at_most_lr(self) -> "TrainConfig":
@@ -447,6 +450,8 @@ class Trainer:
             model = self._shard(model)
 
         self.model = model.to(self.device)  # the plain module: saved, evaluated
+        if cfg.lora_r and not lora.adapted(model):  # the stages that support LoRA apply it to their model
+            raise UserError(f"--lora_r: stage '{stage.name}' does not train LoRA adapters (sft, dpo and rm do)")
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=(self.dtype == torch.float16))
 

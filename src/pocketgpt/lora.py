@@ -1,0 +1,194 @@
+"""LoRA: low-rank adapters on the GPT's linear layers for ``sft``, ``dpo`` and ``rm`` (``[train] lora_r``,
+``lora_alpha``, ``lora_targets``).
+
+    y = x Wᵀ + b + (alpha / r) · (x Aᵀ) Bᵀ      A (r, in) random, B (out, r) zero: training starts at the base model
+
+``apply(model, train)`` swaps each targeted ``nn.Linear`` for a ``LoRALinear`` that keeps the *same* ``weight`` and
+``bias`` parameters (same state-dict names) and adds ``lora_A``, ``lora_B`` and the buffer ``lora_scale``; every
+other parameter of the model is frozen, so the optimizer holds state for the adapters only (and for heads a stage
+adds afterwards, such as the reward head). Chat tokens SFT appends to a pretrained vocabulary get trainable rows
+(``RowsEmbedding`` / ``RowsHead``: ``lora_rows`` + ``lora_first``). A LoRA checkpoint is an ordinary one whose
+``model.safetensors`` also holds these extra tensors: the trainer saves and resumes it like any other, and
+``checkpoint.load_model`` folds them into the weights (``fold_state``), so chat, sample, serve, every export and
+the next stage's ``--init`` see a plain model. ``merge(ckpt, out)`` (``pocketgpt merge``) writes the folded one.
+
+Our own module, not peft's: peft renames the base weights (``c_attn.base_layer.weight``) and keeps the scale out of
+the state dict, so checkpoints would need a name map and a side file, and its import adds seconds to every run.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UserError
+
+SUFFIXES = (".lora_A", ".lora_B", ".lora_scale", ".lora_rows", ".lora_first")
+RESUME_FILES = {"optimizer.safetensors", "rng.safetensors", "stage.safetensors", "trainer_state.json"}
+
+
+class LoRALinear(nn.Linear):
+    """``base`` (its own weight and bias, frozen) plus a trainable rank-``r`` update scaled by ``alpha / r``."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, generator: torch.Generator):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        w = base.weight
+        bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform(a=sqrt(5)), nn.Linear's and peft's choice for A
+        a = torch.empty(r, self.in_features, dtype=w.dtype).uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
+        self.register_buffer("lora_scale", torch.tensor(alpha / r, device=w.device, dtype=torch.float32))
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale.to(y.dtype)
+
+
+class RowsEmbedding(nn.Embedding):
+    """``base`` (frozen) whose rows ``first : first + n`` are read from the trainable ``lora_rows`` instead."""
+
+    def __init__(self, base: nn.Embedding, first: int, n: int):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = base.padding_idx, base.max_norm, base.norm_type
+        self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
+        self.weight, self.first, self.n, self.enabled = base.weight, first, n, True
+        self.lora_rows = nn.Parameter(base.weight[first: first + n].detach().clone())
+        self.register_buffer("lora_first", torch.tensor(first))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(idx, self.weight)
+        if not self.enabled:
+            return out
+        new = ((idx >= self.first) & (idx < self.first + self.n)).unsqueeze(-1)
+        return torch.where(new, F.embedding((idx - self.first).clamp(0, self.n - 1), self.lora_rows), out)
+
+
+class RowsHead(nn.Linear):
+    """The output layer ``base`` (frozen) whose logits ``first : first + n`` come from trainable rows: its own
+    ``lora_rows``, or the embedding's when the two are tied."""
+
+    def __init__(self, base: nn.Linear, first: int, n: int, tied: RowsEmbedding | None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias, self.first, self.n, self.enabled = base.weight, base.bias, first, n, True
+        if tied is None:
+            self.lora_rows = nn.Parameter(base.weight[first: first + n].detach().clone())
+            self.register_buffer("lora_first", torch.tensor(first))
+        object.__setattr__(self, "tied", tied)  # not a submodule: its rows are saved once, as the embedding's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        rows = self.tied.lora_rows if self.tied is not None else self.lora_rows
+        return torch.cat([y[..., : self.first], F.linear(x, rows), y[..., self.first + self.n:]], -1)
+
+
+ADAPTERS = (LoRALinear, RowsEmbedding, RowsHead)
+
+
+def apply(model: nn.Module, train, log=None, new_tokens: range = range(0)) -> nn.Module:
+    """Freeze ``model`` and put adapters of rank ``train.lora_r`` on its ``train.lora_targets`` (module-name
+    suffixes: ``c_attn``, ``c_proj`` (attention and MLP), ``mlp.c_proj``, ``c_fc``, ``lm_head`` when untied, ...).
+    ``new_tokens``: ids a stage just added to the vocabulary (SFT from GPT-2); their embedding and output rows
+    train too, since frozen at their shared mean-embedding start they would be one token the model cannot tell
+    apart. Seeded by ``train.seed``: every process (DDP, a resumed run) builds the same adapters. No-op when r = 0."""
+    if not train.lora_r:
+        return model
+    model.requires_grad_(False)
+    if new_tokens:
+        first, n = new_tokens.start, len(new_tokens)
+        tied = model.lm_head.weight is model.wte.weight
+        model.wte = RowsEmbedding(model.wte, first, n)
+        model.lm_head = RowsHead(model.lm_head, first, n, model.wte if tied else None)
+    g = torch.Generator().manual_seed(train.seed)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, RowsHead)}
+    for target in train.lora_targets:
+        names = [n for n in linears if n == target or n.endswith("." + target)]
+        if not names:
+            known = sorted({n.rsplit(".", 1)[-1] for n in linears} | {".".join(n.split(".")[-2:]) for n in linears})
+            raise UserError(f"--lora_targets: no linear layer is named '{target}' (the model's: {', '.join(known)})")
+        for name in names:
+            base = linears[name]
+            if base.weight is getattr(getattr(model, "wte", None), "weight", None):
+                raise UserError(f"--lora_targets: '{name}' shares its weight with the token embedding "
+                                "(tie_embeddings): its adapter would also change the input embedding")
+            if not isinstance(base, LoRALinear):
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, LoRALinear(base, train.lora_r, train.lora_alpha, g))
+    if log is not None:
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log(f"lora: rank {train.lora_r}, alpha {train.lora_alpha:g} on {', '.join(train.lora_targets)}: {n:,} "
+            f"trainable parameters ({100 * n / total:.2f}% of {total:,})")
+    return model
+
+
+def adapted(model: nn.Module) -> bool:
+    return any(isinstance(m, ADAPTERS) for m in model.modules())
+
+
+class WithoutAdapters(nn.Module):
+    """``model`` in eval mode with its adapters switched off for each forward: the frozen base model (DPO's
+    reference) without a second copy of the weights."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        layers = [m for m in self.model.modules() if isinstance(m, ADAPTERS)]
+        was = self.model.training
+        self.model.eval()  # no dropout, as a frozen copy
+        for m in layers:
+            m.enabled = False
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.model.train(was)
+            for m in layers:
+                m.enabled = True
+
+
+def fold_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every adapter folded into its weight (W + scale · B A, computed in fp32; trained token
+    rows in place) and the adapter tensors dropped; unchanged when there are none."""
+    out = {k: v for k, v in sd.items() if not k.endswith(SUFFIXES)}
+    for key in sd:
+        if key.endswith(".lora_A"):
+            prefix = key[: -len(".lora_A")]
+            w = out[prefix + ".weight"]
+            delta = sd[prefix + ".lora_scale"].float() * (sd[prefix + ".lora_B"].float() @ sd[key].float())
+            out[prefix + ".weight"] = (w.float() + delta).to(w.dtype)
+        elif key.endswith(".lora_rows"):
+            prefix, rows = key[: -len(".lora_rows")], sd[key]
+            first = int(sd[prefix + ".lora_first"])
+            out[prefix + ".weight"] = w = out[prefix + ".weight"].clone()
+            w[first: first + rows.shape[0]] = rows.to(w.dtype)
+    return out
+
+
+def merge(ckpt: str | Path, out: str | Path) -> None:
+    """Write ``ckpt`` with its adapters folded in as a plain checkpoint ``out`` (atomic), with the files beside the
+    weights (``tokenizer/``, a reward head) but not the training state."""
+    from .checkpoint import load_model, write_model
+    from .io import atomic_dir
+
+    ckpt = Path(ckpt)
+    model = load_model(ckpt)
+    with atomic_dir(out) as tmp:
+        write_model(model, tmp)
+        for item in ckpt.iterdir():
+            if item.name not in RESUME_FILES and not (tmp / item.name).exists():
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
