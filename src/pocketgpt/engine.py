@@ -50,6 +50,7 @@ from .records import fit, pad
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DecodeBatch",
     "GenerationResult",
     "SamplingParams",
     "generate",
@@ -569,9 +570,10 @@ class DecodeBatch:
     copied, not the cache); columns no row uses any more are dropped when the cache is full, before it grows.
     """
 
-    def __init__(self, model, text: Optional[_TokenText] = None, want_logprobs: bool = False):
-        self.model, self.text, self.want_logprobs = model, text, want_logprobs
+    def __init__(self, model, tokenizer=None, want_logprobs: bool = False):
+        self.model, self.want_logprobs = model, want_logprobs
         self.device = model.wte.weight.device
+        text = self.text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, self.device)
         self.rows: list[_Row] = []
         utf8 = _Utf8Mask(text, 0) if text is not None and text.blocked is not None else None
         self.sampler = _Sampler([], model.config.vocab_size, self.device, None, utf8)
@@ -716,10 +718,9 @@ class DecodeBatch:
         return logits
 
 
-def _decode(model, prompts: list[list[int]], p: SamplingParams, text: Optional[_TokenText],
-            want_logprobs: bool) -> Iterator[list[_Row]]:
+def _decode(model, prompts: list[list[int]], p: SamplingParams, tokenizer, want_logprobs: bool) -> Iterator[list[_Row]]:
     """Generator: yields the rows after every decoding step (streaming reads them); rows are prompt-major."""
-    batch = DecodeBatch(model, text, want_logprobs)
+    batch = DecodeBatch(model, tokenizer, want_logprobs)
     rows = batch.add(prompts, p)
     if not batch.rows:
         yield rows
@@ -865,7 +866,7 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Optional[SamplingP
     if p.stop and tokenizer is None:
         raise UserError("stop: stop strings need a tokenizer (pass tokenizer=)")
     text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, model.wte.weight.device)
-    steps = _steps(model, _fit_prompts(model, prompts, p.max_new_tokens), p, text, return_logprobs)
+    steps = _steps(model, _fit_prompts(model, prompts, p.max_new_tokens), p, tokenizer, text, return_logprobs)
     if stream:
         if len(prompts) != 1 or p.n != 1:
             raise UserError("n: streaming generates one sequence (one prompt, n=1)")
@@ -881,7 +882,7 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Optional[SamplingP
     return [GenerationResult(r.tokens, r.logprobs, r.reason, r.text) for r in rows]
 
 
-def _steps(model, prompts: list[list[int]], p: SamplingParams, text: Optional[_TokenText],
+def _steps(model, prompts: list[list[int]], p: SamplingParams, tokenizer, text: Optional[_TokenText],
            want_logprobs: bool) -> Iterator[list[_Row]]:
     """The rows after every decoding step (beam search: once, at the end), the model in eval and inference mode."""
     was_training = model.training
@@ -891,7 +892,7 @@ def _steps(model, prompts: list[list[int]], p: SamplingParams, text: Optional[_T
             if p.num_beams > 1:
                 yield [row for ids in prompts for row in _beam_search(model, ids, p, text)]
             else:
-                yield from _decode(model, prompts, p, text, want_logprobs)
+                yield from _decode(model, prompts, p, tokenizer, want_logprobs)
     finally:
         model.train(was_training)
 
