@@ -668,9 +668,12 @@ class DecodeBatch:
                 filled.index_copy_(1, h_t, filled.index_select(1, m_t))
         idx = torch.tensor(order, dtype=torch.long, device=self.device)
         self.rows = [rows[i] for i in order]
-        self.start, self.logits = self.start[idx], self.logits[idx]
+        self.start = self.start[idx]
+        self.logits = None if self.logits is None else self.logits[idx]
         self.sampler.keep(order)
         self.view = None
+        if not self.rows:  # an idle server holds no cache
+            self.cache = self.logits = None
         return idx
 
     def _room(self, first: int, span: int, rows: int) -> None:
@@ -718,7 +721,8 @@ class DecodeBatch:
         return logits
 
 
-def _decode(model, prompts: list[list[int]], p: SamplingParams, tokenizer, want_logprobs: bool) -> Iterator[list[_Row]]:
+def _decode(model, prompts: list[list[int]], p: SamplingParams, tokenizer,
+            want_logprobs: bool) -> Iterator[list[_Row]]:
     """Generator: yields the rows after every decoding step (streaming reads them); rows are prompt-major."""
     batch = DecodeBatch(model, tokenizer, want_logprobs)
     rows = batch.add(prompts, p)
