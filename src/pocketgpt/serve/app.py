@@ -296,6 +296,7 @@ class Scheduler:
                 job.admitted = True
                 self.rows_used += job.n
                 admit.append(job)
+            self.active += admit  # running from now on (their prefill comes next)
         for fn, on_done in calls:
             try:
                 out.append((on_done, fn()))
@@ -307,8 +308,7 @@ class Scheduler:
                     self._end(job, Cancelled(), out)
                     continue
                 job.rows = self.batch.add([job.prompt], job.params)
-                self.active.append(job)
-            gone = [job for job in self.active if job.cancelled]
+            gone = [job for job in self.active if job.cancelled and not job.ended]
             if gone:
                 self.batch.drop([r for job in gone for r in job.rows])
                 for job in gone:
@@ -321,7 +321,7 @@ class Scheduler:
                 if not job.ended:
                     self._emit(job, out)
         except Exception as e:  # a failed step fails the requests in it, not the server
-            for job in [*admit, *self.active]:
+            for job in self.active:
                 self._end(job, e, out)
             self.batch = self.new_batch()
         self.active = [job for job in self.active if not job.ended]
