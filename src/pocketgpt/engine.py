@@ -584,11 +584,13 @@ class DecodeBatch:
         self.start = torch.zeros(0, dtype=torch.long, device=self.device)
         self.logits = None  # (R, V): the next-token logits of every row
 
-    def add(self, prompts: list[list[int]], p: SamplingParams) -> list[_Row]:
-        """Prefill ``prompts`` and join their rows (prompt-major, ``p.n`` each); returns them."""
-        model, n = self.model, p.n
-        rows = [_Row(_row_limit(model, len(ids), p.max_new_tokens), self.text is not None) for ids in prompts
-                for _ in range(n)]
+    def add(self, prompts: list[list[int]], p: Union[SamplingParams, list[SamplingParams]]) -> list[_Row]:
+        """Prefill ``prompts`` (one forward) and join their rows (prompt-major, ``n`` each); returns them. ``p`` is
+        one ``SamplingParams`` for all (with a seed: one generator for all their rows, as ``generate``) or one per
+        prompt (separate requests: each its own generator)."""
+        model, ps = self.model, p if isinstance(p, list) else [p] * len(prompts)
+        rows = [_Row(_row_limit(model, len(ids), q.max_new_tokens), self.text is not None)
+                for ids, q in zip(prompts, ps) for _ in range(q.n)]
         if all(r.done for r in rows):
             return rows
         lens = [len(ids) for ids in prompts]
@@ -613,13 +615,15 @@ class DecodeBatch:
         self._room(P, max(r.limit for r in rows), R + new)
         if P > self.pos:
             self._move(0, P - self.pos)
-        src = torch.arange(len(prompts), device=self.device).repeat_interleave(n)
+        src = torch.arange(len(prompts), device=self.device).repeat_interleave(
+            torch.tensor([q.n for q in ps], device=self.device))
         for big, t in zip(self.cache.kv, cache.kv):
             big[:, R : R + new, :, self.pos - P : self.pos] = t.index_select(1, src)
         self.start = torch.cat([self.start, self.pos - P + torch.tensor(pads, device=self.device)[src]])
         last = logits[:, -1].index_select(0, src)
         self.logits = last if self.logits is None or R == 0 else torch.cat([self.logits, last])
-        self.sampler.add(prompts, p)
+        for ids, q in ([(prompts, p)] if not isinstance(p, list) else [([x], q) for x, q in zip(prompts, p)]):
+            self.sampler.add(ids, q)
         self.rows += rows
         self.view = None
         return rows

@@ -200,8 +200,8 @@ class Metrics:
 class Scheduler:
     """The one decode loop. A thread that owns the model runs decode steps over the rows of every active request
     (``engine.DecodeBatch``: one forward per step for all rows, each row with its own sampling options). Between two
-    steps it runs queued calls (scoring), prefills each newly arrived request alone (so its rows start exactly as if
-    it were served alone) and lets it join, and removes the rows of requests whose client left; a finished row
+    steps it runs queued calls (scoring), prefills the requests that arrived (one left-padded forward for all of
+    them, so a burst of arrivals costs one forward, not one each) and lets them join, and removes the rows of requests whose client left; a finished row
     leaves at once. At most ``max_rows`` rows decode together (a request larger than that runs when the batch is
     empty); more requests wait, at most ``max_queue`` of them (``submit`` answers 429 beyond). After each step the
     new text of every request goes out in one ``post`` (``loop.call_soon_threadsafe`` once ``start``-ed; tests call
@@ -306,8 +306,11 @@ class Scheduler:
             for job in admit:
                 if job.cancelled:
                     self._end(job, Cancelled(), out)
-                    continue
-                job.rows = self.batch.add([job.prompt], job.params)
+            joining = [job for job in admit if not job.ended]
+            if joining:  # one prefill forward for all the requests that arrived during the last step
+                rows = iter(self.batch.add([job.prompt for job in joining], [job.params for job in joining]))
+                for job in joining:
+                    job.rows = [next(rows) for _ in range(job.n)]
             gone = [job for job in self.active if job.cancelled and not job.ended]
             if gone:
                 self.batch.drop([r for job in gone for r in job.rows])
