@@ -42,6 +42,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import ctypes
 import functools
 import hmac
 import itertools
@@ -270,6 +271,8 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.lock:
+                    if not (self.closed or self.waiting or self.calls or self.active):
+                        _trim_heap()  # idle: give the freed cache back to the system
                     while not (self.closed or self.waiting or self.calls or self.active):
                         self.lock.wait()
                     if self.closed:
@@ -748,6 +751,14 @@ def _params(backend: Backend, body, max_tokens: int) -> SamplingParams:
     return SamplingParams(**sampling, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                           seed=body.seed, stop=body.stop_list(), max_new_tokens=max_tokens, n=body.n,
                           stop_ids=backend.stop_ids)
+
+
+def _trim_heap() -> None:
+    """glibc keeps freed mid-sized blocks in its arenas (an idle server would keep its peak RSS): hand them back."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _settle(future: asyncio.Future, result: Any) -> None:
