@@ -1,6 +1,7 @@
 """Every stage under torchrun (gloo on the CPU): 2 processes x grad_accum 2 log the same training curve as 1 process
-x grad_accum 4 (the same global batch), with tied and untied embeddings; each rank's stage tensors come back to it
-on resume; a parameter the loss never uses is a one-line error on every rank, not DDP's RuntimeError."""
+x grad_accum 4 (the same global batch), with tied and untied embeddings, and so does SFT under FSDP; each rank's stage
+tensors come back to it on resume; a parameter the loss never uses is a one-line error on every rank, not DDP's
+RuntimeError."""
 
 import os
 import subprocess
@@ -26,10 +27,12 @@ def inputs(tmp_path_factory):
     return {tie: make_inputs(tmp_path_factory.mktemp(f"tie{tie}"), tie=tie) for tie in (True, False)}
 
 
-@pytest.mark.parametrize("stage, tie", [("sft", True), ("rm", False), ("dpo", False)])
-def test_two_processes_equal_one_with_double_accumulation(stage, tie, inputs, tmp_path, capsys):
+@pytest.mark.parametrize("stage, tie, parallel", [("sft", True, "ddp"), ("rm", False, "ddp"), ("dpo", False, "ddp"),
+                                                  ("sft", True, "fsdp")])
+def test_two_processes_equal_one_with_double_accumulation(stage, tie, parallel, inputs, tmp_path, capsys):
     short = dict(max_steps=3, batch_size=2, eval_interval=0, ckpt_interval=0)  # one evaluation, at the end
-    p = torchrun("-m", "pocketgpt", *stage_argv(stage, inputs[tie], grad_accum=2, **short), "--out", tmp_path / "ddp")
+    argv = stage_argv(stage, inputs[tie], grad_accum=2, parallel=parallel, **short)
+    p = torchrun("-m", "pocketgpt", *argv, "--out", tmp_path / "ddp")
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count(str(tmp_path / "ddp" / "ckpt")) == 1  # rank 0 reports, once
     argv = stage_argv(stage, inputs[tie], grad_accum=4, **short)

@@ -3,10 +3,8 @@ the loss falls on Tiny Shakespeare, clear one-line errors."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import torch
 
 from conftest import run_cli
 from pocketgpt.cli import main as cli_main
+from test_resume import check_exact_resume
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "CI": "1"}  # small models: 1 thread is fastest and deterministic
 
@@ -86,35 +85,8 @@ def test_loss_falls_and_eval_reports_perplexity(straight, char_data):
 
 
 def test_exact_resume_after_sigkill(tmp_path, straight):
-    cfg, straight_run, _ = straight
-    run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pocketgpt", "pretrain", "--config", str(cfg), "--out", str(run)]
-    env = {**os.environ, **ONE_THREAD}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    state = run / "ckpt" / "trainer_state.json"
-    killed_at = None
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            step = json.loads(state.read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            step = 0
-        if 15 <= step < 30:
-            proc.send_signal(signal.SIGKILL)
-            killed_at = step
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert killed_at is not None, f"the run ended before it could be killed: {proc.stderr.read()}"
-    assert proc.returncode == -signal.SIGKILL
-
-    p = run_cli("pretrain", "--config", cfg, "--out", run, env=ONE_THREAD)  # same command: resumes
-    assert "resuming" in p.stderr
-    a, b = train_losses(straight_run), train_losses(run)
-    assert sorted(b) == list(range(1, 31))  # no duplicated or missing steps in metrics.jsonl
-    assert [b[s] for s in range(16, 31)] == [a[s] for s in range(16, 31)]  # bitwise (JSON floats round-trip)
-    wa, wb = weights(straight_run / "ckpt"), weights(run / "ckpt")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    records = check_exact_resume(["pretrain", "--config", straight[0]], tmp_path, kill_after=15, timeout=120)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))  # every step, once
 
 
 def test_ddp_two_processes_equal_one_with_double_accumulation(tmp_path, char_data):

@@ -29,6 +29,7 @@ commands still work and print nothing there.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from dataclasses import dataclass, field
@@ -288,8 +289,11 @@ HELP = """commands:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory holding one (``RUN/ckpt``, else ``RUN/best``)."""
-    p = Path(path)
+    """A checkpoint directory (``hf:NAME`` included), or a run directory holding one (``RUN/ckpt``, else
+    ``RUN/best``)."""
+    from .checkpoint import local_dir
+
+    p = local_dir(path)
     if not p.exists():
         raise UserError(f"{p}: checkpoint directory not found")
     if (p / "config.json").exists():
@@ -360,56 +364,46 @@ def _command(session: ChatSession, line: str, interactive: bool) -> bool:
     return True
 
 
-def _interactive(session: ChatSession, banner: str) -> None:
-    try:
-        import readline  # noqa: F401 - line editing and history for input(), wide characters included
-    except ImportError:
-        pass
-    print(banner, file=sys.stderr)
+def terminal(session: ChatSession, banner: Optional[str] = None) -> None:
+    """The chat loop. With a ``banner`` (stdin is a terminal): prompts, notes and command output on stderr, line
+    editing. Without: one user message per input line, one reply per output line (newlines -> spaces)."""
+    interactive = banner is not None
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input(), wide characters included
+        except ImportError:
+            pass
+        print(banner, file=sys.stderr)
+    lines = sys.stdin if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
     while True:
         try:
-            line = input("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
+            line = input("you> ") if interactive else next(lines, None)
+        except (EOFError, KeyboardInterrupt):
+            line = None
+        if line is None:
+            if interactive:
+                print(file=sys.stderr)
             return
         line = line.strip()
         if not line:
             continue
         if line.startswith("/"):
-            if not _command(session, line, True):
+            if not _command(session, line, interactive):
                 return
             continue
-        sys.stdout.write("bot> ")
-        sys.stdout.flush()
+        if interactive:
+            sys.stdout.write("bot> ")
+            sys.stdout.flush()
         try:
             for piece in session.reply(line):
-                sys.stdout.write(piece)
+                sys.stdout.write(piece if interactive else piece.replace("\r", " ").replace("\n", " "))
                 sys.stdout.flush()
         except KeyboardInterrupt:
+            if not interactive:
+                raise
             print("\n(interrupted)", file=sys.stderr)
         sys.stdout.write("\n")
         sys.stdout.flush()
-        for note in session.notes:
+        for note in session.notes if interactive else ():
             print(note, file=sys.stderr)
-        session.notes.clear()
-
-
-def _scripted(session: ChatSession, stream) -> None:
-    """stdin is not a terminal: one user message per input line, one reply per output line (newlines -> spaces)."""
-    for raw in stream:
-        line = raw.rstrip("\r\n").strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            if not _command(session, line, False):
-                return
-            continue
-        for piece in session.reply(line):
-            sys.stdout.write(piece.replace("\r", " ").replace("\n", " "))
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
         session.notes.clear()

@@ -5,8 +5,10 @@ and ``model.safetensors``; stages may add ``tokenizer/`` and ``trainer_state.jso
 
     save_model(model, dir)          atomic; keeps the other files already in ``dir``
     write_model(model, tmpdir)      the two files, inside your own ``atomic_dir``
-    load_model(dir, device, dtype)  ours, or a local Hugging Face GPT-2 / Llama directory
-    export_hf(model, dir, arch)     a ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` directory (names mapped in ``hf.py``)
+    load_model(dir, device, dtype)  ours, or a Hugging Face GPT-2 / Llama directory (local, or ``hf:NAME``)
+    local_dir(path)                 ``hf:NAME`` → its snapshot in the Hugging Face cache; other paths unchanged
+    export_hf(model, dir, arch, tokenizer)  a ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` directory that chats
+                                    (names mapped in ``hf.py``; tokenizer files, chat template, stop ids)
 """
 
 from __future__ import annotations
@@ -96,9 +98,32 @@ def read_model_config(directory: str | Path):
     raise UserError(f"{where}: model_type {kind!r} is not supported (pocketgpt, gpt2, llama)")
 
 
+HUB_FILES = ["*.json", "*.safetensors", "merges.txt"]  # weights, configs and tokenizer; not the TF / Flax copies
+
+
+def local_dir(path: str | Path) -> Path:
+    """The local directory of a checkpoint argument: ``hf:NAME`` (any Hugging Face Hub id) is downloaded once into
+    the usual Hugging Face cache (``HF_HOME``; ``HF_HUB_OFFLINE=1`` uses only the cache); anything else is a path."""
+    if not str(path).startswith("hf:"):
+        return Path(path)
+    name = str(path)[3:]
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"{path}: hub models need huggingface_hub: pip install 'pocketgpt[hub]'") from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, no access, network: all mean "not available here"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: cannot get {name!r} from the Hugging Face Hub ({reason}); download it where there "
+                        f"is network with `huggingface-cli download {name}` (later runs, HF_HUB_OFFLINE=1 included, "
+                        f"use the cache) or pass a local directory") from None
+
+
 def load_model(directory: str | Path, device=None, dtype=None) -> GPT:
-    """Load a pocketgpt checkpoint, or a local Hugging Face GPT-2 / Llama directory (fp32 unless ``dtype``)."""
-    directory = Path(directory)
+    """Load a pocketgpt checkpoint, or a Hugging Face GPT-2 / Llama directory, local or ``hf:NAME`` (fp32 unless
+    ``dtype``)."""
+    directory = local_dir(directory)
     config, kind = read_model_config(directory)
     sd = load_state_file(directory)
     try:
@@ -138,8 +163,9 @@ def load_model(directory: str | Path, device=None, dtype=None) -> GPT:
     return model
 
 
-def export_hf(model: GPT, out_dir: str | Path, fmt: str = "auto", tokenizer_dir: str | Path | None = None) -> str:
-    """Write a Hugging Face directory (config.json + model.safetensors [+ tokenizer files]); returns the architecture."""
+def export_hf(model: GPT, out_dir: str | Path, fmt: str = "auto", tokenizer=None) -> str:
+    """Write a Hugging Face directory (config.json + model.safetensors + generation_config.json [+ ``tokenizer`` with
+    its chat template]) that ``transformers`` / vLLM load and chat with; returns the architecture."""
     c = model.config
     if fmt == "auto":
         fmt = "llama" if c.pos == "rope" else "gpt2"
@@ -150,11 +176,15 @@ def export_hf(model: GPT, out_dir: str | Path, fmt: str = "auto", tokenizer_dir:
     else:
         raise UserError(f"unknown export architecture {fmt!r} (gpt2, llama or auto)")
     with atomic_dir(out_dir) as tmp:
+        gen = {"_from_model_config": True}
+        if tokenizer is not None:
+            tokenizer.write_files(tmp)
+            ids = tokenizer.write_hf_config(tmp, c.block_size)
+            cfg.update(ids)
+            # a chat reply ends at <|end|>, a document at <|endoftext|>: generation stops at either
+            stops = [tokenizer.special_ids[n] for n in ("<|end|>", "<|endoftext|>") if n in tokenizer.special_ids]
+            gen = {**ids, "eos_token_id": stops}
         write_json(tmp / "config.json", cfg)
         save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "generation_config.json", {"_from_model_config": True})
-        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-            for f in Path(tokenizer_dir).iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
+        write_json(tmp / "generation_config.json", gen)
     return cfg["architectures"][0]

@@ -154,7 +154,8 @@ def _prepare_run(args) -> int:
 
 
 def _pretrain(p) -> None:
-    p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (fresh optimizer)")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from these weights (fresh optimizer); hf:NAME for a Hugging Face Hub model")
     _training(p, "pocketgpt.train.pretrain", _pretrain_run, out=None)
 
 
@@ -298,11 +299,9 @@ def _chat(p) -> None:
 
 
 def _chat_run(args) -> int:
-    import io
-
     import torch
 
-    from .chat import ChatSession, _interactive, _scripted, find_checkpoint, load_chat_model
+    from .chat import ChatSession, find_checkpoint, load_chat_model, terminal
 
     model, tokenizer = load_chat_model(args.ckpt, args.device, args.dtype)
     if args.max_new_tokens < 1:
@@ -321,12 +320,12 @@ def _chat_run(args) -> int:
             s.reconfigure(errors="replace")
         except (AttributeError, ValueError):
             pass
+    banner = None
     if sys.stdin.isatty():
-        _interactive(session, f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M "
-                              f"parameters, {model.config.block_size}-token context). /help for commands, /exit or "
-                              "Ctrl-D to quit.")
-    else:
-        _scripted(session, io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace"))
+        banner = (f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M "
+                  f"parameters, {model.config.block_size}-token context). /help for commands, /exit or "
+                  "Ctrl-D to quit.")
+    terminal(session, banner)
     return 0
 
 
@@ -349,7 +348,7 @@ def _sft_run(args) -> int:
     rc, resume = _load(args, defaults={"train": SFT_TRAIN})
     sft = rc["sft"]
     if not sft.init:
-        raise UserError("--init: required (a pocketgpt checkpoint or a local Hugging Face GPT-2 directory)")
+        raise UserError("--init: required (a pocketgpt checkpoint, a Hugging Face directory or hf:NAME)")
     if not sft.data:
         raise UserError("--data: required (conversation JSONL files or bundled corpus names)")
     result = run_sft(sft.init, args.out, sft, rc["train"], run_config=rc.to_dict(), resume=resume)
@@ -528,7 +527,7 @@ def _serve_run(args) -> int:
 
 
 def _export(p) -> None:
-    p.add_argument("ckpt", help="pocketgpt checkpoint directory")
+    p.add_argument("ckpt", help="checkpoint directory (or a run directory, or hf:NAME)")
     p.add_argument("out", help="output directory (written atomically)")
     p.add_argument("--format", default="hf", choices=["hf"], help="output format (hf = Hugging Face transformers)")
     p.add_argument("--arch", default="auto", choices=["auto", "gpt2", "llama"],
@@ -537,10 +536,16 @@ def _export(p) -> None:
 
 
 def _export_run(args) -> int:
+    from .chat import find_checkpoint
     from .checkpoint import export_hf, load_model
+    from .tokenizer import load_tokenizer_for
 
-    tok = Path(args.ckpt) / "tokenizer"
-    arch = export_hf(load_model(args.ckpt), args.out, args.arch, tokenizer_dir=tok if tok.is_dir() else None)
+    ckpt = find_checkpoint(args.ckpt)
+    try:
+        tok = load_tokenizer_for(ckpt)
+    except UserError:  # weights only: the export has no tokenizer either
+        tok = None
+    arch = export_hf(load_model(ckpt), args.out, args.arch, tokenizer=tok)
     print(f"wrote {arch} to {args.out}")
     return 0
 

@@ -92,8 +92,6 @@ def ours_to_gpt2(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
         "tie_word_embeddings": c.tie_embeddings,
-        "bos_token_id": c.vocab_size - 1,
-        "eos_token_id": c.vocab_size - 1,
     }
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     sd = {}
@@ -207,8 +205,6 @@ def ours_to_llama(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
         "attention_bias": c.bias,
         "mlp_bias": c.bias,
         "tie_word_embeddings": c.tie_embeddings,
-        "bos_token_id": None,
-        "eos_token_id": None,
     }
     sd_in = model.state_dict()
     H, K, D = c.n_head, c.n_kv_head, c.head_dim

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import UserError
-from .io import atomic_dir, read_json
+from .io import atomic_dir, read_json, write_json
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 UNK = "<unk>"
@@ -47,6 +47,14 @@ META_FILE = "pocketgpt_tokenizer.json"
 TOKENIZER_FILES = {"tokenizer.json", META_FILE, "vocab.json", "merges.txt", "tokenizer_config.json",
                    "special_tokens_map.json"}
 
+# The Jinja twin of ``chat.render`` for exported tokenizers (the tests compare both on every tokenizer kind)
+CHAT_TEMPLATE = (
+    "{{ '<|endoftext|>' }}{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + m['role'] + ' (expected system, user or assistant)') }}{% endif %}"
+    "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 # GPT-2's pre-tokenizer split (what HF's ByteLevel(use_regex=True) applies)
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # words (a leading space attached), each Chinese character alone, single punctuation marks, whitespace runs
@@ -220,6 +228,29 @@ class Tokenizer:
         (directory / "tokenizer.json").write_text(self._hf.to_str(pretty=True), encoding="utf-8")
         meta = {"format": 1, "kind": self.kind, "vocab_size": self.vocab_size, "special_ids": self.special_ids}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    def write_hf_config(self, directory: str | os.PathLike, context: int) -> dict[str, int]:
+        """Write ``tokenizer_config.json`` (special tokens, the chat template) beside ``tokenizer.json`` so that
+        ``transformers.AutoTokenizer`` gives our ids and renders our chat; returns the bos/eos/pad ids for
+        ``config.json``."""
+        ids = self.special_ids
+        chat = all(n in ids for n in ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
+        names = {"bos": "<|endoftext|>", "eos": "<|end|>" if chat else "<|endoftext|>", "pad": "<|pad|>"}
+        names = {k: v for k, v in names.items() if v in ids}
+        cfg = {
+            # without a class named here a GPT-2 config makes transformers rebuild GPT-2's byte-level tokenizer
+            # from tokenizer.json's vocabulary, which mangles char / word / unigram ids (spaces and newlines vanish)
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **{f"{k}_token": v for k, v in names.items()},
+            "model_max_length": context,
+            "clean_up_tokenization_spaces": False,  # decode must give back the text exactly
+        }
+        if self._hf.token_to_id(UNK) is not None:
+            cfg["unk_token"] = UNK
+        if chat:
+            cfg["chat_template"] = CHAT_TEMPLATE
+        write_json(Path(directory) / "tokenizer_config.json", cfg)
+        return {f"{k}_token_id": ids[v] for k, v in names.items()}
 
     def add_special_tokens(self, names: Sequence[str] = tuple(SPECIAL_TOKENS)) -> list[str]:
         """Append the special tokens this tokenizer lacks (e.g. the chat tokens to GPT-2's); returns those added.

@@ -138,7 +138,7 @@ def evaluate_lm(model, shards, batch_size: int, max_batches: Optional[int], devi
 
 def build_pretrain(cfg, out: Path, init: Optional[str] = None):
     """Model, stage and tokenizer for a loaded ``RunConfig`` (sections model / train / data)."""
-    from ..checkpoint import load_model
+    from ..checkpoint import load_model, local_dir
     from ..model import GPT
     from .. import runtime
 
@@ -151,6 +151,7 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
 
     runtime.seed_everything(tcfg.seed)
     if init:
+        init = local_dir(init)
         check_tokenizer(init, data.dir)
         model = load_model(init)
         mcfg = model.config

@@ -533,6 +533,9 @@ def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume:
     from .trainer import Trainer
 
     section = stage_cls.name
+    if run_config["train"].parallel == "fsdp":  # FSDP forwards are collective: every rank must decode in step
+        raise UserError(f"{section}: train.parallel = fsdp is not supported: rollouts decode a different number of "
+                        "tokens on each rank; use ddp")
     if not cfg.init:
         raise UserError("--init: required (the chat checkpoint to improve, e.g. runs/sft/ckpt)")
     task = cfg.get_task()

@@ -17,8 +17,9 @@
 * Held-out evaluation: a seeded fraction of the *conversations* (never pieces of a training conversation) gives
   ``val_loss`` (assistant-token cross-entropy, token-weighted) and ``val_ppl``.
 
-``--init`` takes a pocketgpt checkpoint or a local Hugging Face GPT-2 directory; a tokenizer without the chat
-tokens (GPT-2's) gets them appended and the model's embedding rows are grown to match (``GPT.resize_vocab``).
+``--init`` takes a pocketgpt checkpoint or a Hugging Face GPT-2 / Llama directory (or ``hf:NAME`` from the Hub); a
+tokenizer without the chat tokens (GPT-2's) gets them appended and the model's embedding rows are grown to match
+(``GPT.resize_vocab``).
 The run directory is the Trainer's: ``RUN/ckpt`` (final model, with ``tokenizer/``) is what ``pocketgpt chat
 --ckpt RUN/ckpt`` talks to; ``RUN/best`` holds the best held-out weights.
 """
@@ -46,8 +47,8 @@ class SFTConfig(Config):
     """The ``[sft]`` section of a config: what to train on and how to cut it."""
 
     section: ClassVar[str] = "sft"
-    init: str = Field("", description="checkpoint to fine-tune: a pocketgpt checkpoint or a local Hugging Face GPT-2 "
-                                      "directory")
+    init: str = Field("", description="checkpoint to fine-tune: a pocketgpt checkpoint, a Hugging Face GPT-2 / "
+                                      "Llama directory or hf:NAME (a Hub model)")
     data: StrList = Field([], description="conversation JSONL files ({\"messages\": [...]} per line, .jsonl or "
                                           ".jsonl.gz) or bundled corpus names")
     val_data: StrList = Field([], description="held-out conversation files (default: a val_fraction of --data)")
@@ -69,10 +70,10 @@ SECTIONS = {"sft": SFTConfig, "train": TrainConfig}  # the config of `pocketgpt 
 def load_init(path: str | Path, device=None):
     """Model + tokenizer of ``--init``; adds the chat special tokens (and embedding rows) when the tokenizer lacks
     them. Returns ``(model, tokenizer, added_token_names)``."""
-    from ..checkpoint import load_model
+    from ..checkpoint import load_model, local_dir
     from ..tokenizer import SPECIAL_TOKENS, load_tokenizer_for
 
-    path = Path(path)
+    path = local_dir(path)
     model = load_model(path, device=device)
     tokenizer = load_tokenizer_for(path)
     added = tokenizer.add_special_tokens(SPECIAL_TOKENS)

@@ -2,8 +2,8 @@
 
 A *stage* supplies batches and a loss; the ``Trainer`` owns everything else: AdamW with decay / no-decay groups,
 warmup + cosine/linear decay, gradient accumulation, clipping, autocast (bf16 / fp16 + GradScaler / fp32),
-optional ``torch.compile``, DistributedDataParallel under ``torchrun``, periodic evaluation, checkpoints with exact
-resume, the best-validation copy, ``metrics.jsonl``, loss plots and a progress bar (loss, tokens/s, MFU).
+optional ``torch.compile``, DistributedDataParallel or FSDP2 under ``torchrun``, periodic evaluation, checkpoints
+with exact resume, the best-validation copy, ``metrics.jsonl``, loss plots and a progress bar (loss, tokens/s, MFU).
 
 The Stage protocol
 ------------------
@@ -46,6 +46,10 @@ The Stage protocol
 Under DDP every trainable parameter must receive a gradient at every step (no ``find_unused_parameters``): a
 stage whose loss never uses some parameters (a reward head never uses ``lm_head``) freezes them
 (``requires_grad=False``); otherwise the first step stops with a one-line error naming them.
+
+Under FSDP (``parallel = "fsdp"``) every forward gathers weights from all ranks, so ``evaluate`` runs on every rank
+(rank 0's metrics decide) and a stage must run the same forwards on every rank outside ``loss`` (RL rollouts do not).
+Checkpoints hold the full weights and optimizer state, as under DDP: either resumes the other's run.
 
 Adding a stage (example)
 ------------------------
@@ -110,6 +114,7 @@ the run still stops when the budget is spent (a machine that slows down later).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -136,7 +141,8 @@ from .. import runtime
 
 # [train] fields a resumed run may change: how long, how often and where it runs, never what it trains
 RESUMABLE = frozenset({"max_steps", "max_minutes", "eval_interval", "eval_batches", "ckpt_interval", "log_interval",
-                       "keep_best", "progress", "device", "dtype", "compile", "optimizer_impl", "ddp_find_unused"})
+                       "keep_best", "progress", "device", "dtype", "compile", "optimizer_impl", "ddp_find_unused",
+                       "parallel"})
 MEASURED_STEPS = 5  # steps timed (after a process's first) before a time budget sizes the schedule
 
 
@@ -169,6 +175,8 @@ class TrainConfig(Config):
     max_minutes: float = Field(0.0, ge=0)  # wall-clock budget (0 = none): the schedule is sized to the steps that fit
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # AdamW implementation
     ddp_find_unused: bool = False  # DDP find_unused_parameters (wrapper models with unused heads)
+    # under torchrun: each rank holds the whole model (ddp) or a 1/N shard of weights, grads and optimizer (fsdp)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     progress: bool = True  # tqdm bar (also off when stderr is not a terminal or CI is set)
 
     @model_validator(mode="after")
@@ -294,7 +302,7 @@ def default_load_model(model: nn.Module, directory: Path) -> None:
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+    sd = opt if isinstance(opt, dict) else opt.state_dict()  # (a dict: the full state gathered under FSDP)
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for pid, st in sd["state"].items():
@@ -318,6 +326,16 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dic
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     return {"state": state, "param_groups": groups}
+
+
+def _copy_to(module: nn.Module, device: str) -> nn.Module:
+    """An uninitialised copy of ``module`` on ``device`` ("meta": no memory), with tied weights still tied."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # swap in place: shared Parameters stay shared
+    try:
+        return copy.deepcopy(module).to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -424,6 +442,10 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
+        self.fsdp = self.ddp and cfg.parallel == "fsdp"
+        if self.fsdp:
+            model = self._shard(model)
+
         self.model = model.to(self.device)  # the plain module: saved, evaluated
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=(self.dtype == torch.float16))
@@ -466,9 +488,28 @@ class Trainer:
             kw["foreach"] = False
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
 
+    def _shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2: each transformer block, then the root, keeps 1/N of its weights, grads and optimizer state per
+        rank (a block's weights are gathered for its forward and backward only); the model moves to the device."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from ..model import Block
+
+        if self.dtype == torch.float16:  # GradScaler's inf check would see one rank's shard only
+            raise UserError("train.parallel = fsdp: fp16 loss scaling is not supported on sharded gradients; "
+                            "use --dtype bf16 or fp32")
+        mp = MixedPrecisionPolicy()
+        if self.device.type == "cuda" and self.dtype != torch.float32:  # bf16 compute, fp32 master weights + reduce
+            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        self._skeleton = _copy_to(model, "meta")  # the module's structure, for full-weight save / load
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+
     def _wrap(self) -> nn.Module:
         model = self.model
-        if self.ddp:
+        if self.ddp and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -510,8 +551,56 @@ class Trainer:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def _write_weights(self, tmp: Path) -> None:
-        self.save_model_fn(self.model, tmp)
+    def _full_model(self) -> Optional[nn.Module]:
+        """The model with all its weights on rank 0 (None elsewhere); under FSDP gathered (every rank calls this)
+        into a CPU copy that ``save_model`` writes like any unsharded model."""
+        if not self.fsdp:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return None
+        full = copy.deepcopy(self._skeleton)
+        full.load_state_dict(sd, assign=True)
+        return full
+
+    def _optimizer_state(self) -> torch.optim.Optimizer | dict:
+        """The optimizer, or under FSDP its full state dict on rank 0 (keys: parameter indices, as its own)."""
+        if not self.fsdp:
+            return self.optimizer
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        sd = get_optimizer_state_dict(self.model, self.optimizer,
+                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return {}
+        index = {n: i for i, n in enumerate(n for g in sd["param_groups"] for n in g["params"])}
+        return {"state": {index[n]: st for n, st in sd["state"].items()},
+                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}
+
+    def _load_state(self, optimizer_sd: dict) -> None:
+        """Load ``ckpt/`` weights and a full optimizer state dict; under FSDP each rank keeps its shards."""
+        if not self.fsdp:
+            self.load_model_fn(self.model, self.ckpt_dir)
+            self.optimizer.load_state_dict(optimizer_sd)
+            return
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        full = _copy_to(self._skeleton, "cpu")
+        self.load_model_fn(full, self.ckpt_dir)
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, full.state_dict(), options=options)
+        name = {p: n for n, p in self.model.named_parameters()}
+        fqns = [name[p] for g in self.optimizer.param_groups for p in g["params"]]
+        set_optimizer_state_dict(self.model, self.optimizer, {
+            "state": {fqns[i]: st for i, st in optimizer_sd["state"].items()},
+            "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in optimizer_sd["param_groups"]],
+        }, options=options)
+
+    def _write_weights(self, tmp: Path, model: nn.Module) -> None:
+        self.save_model_fn(model, tmp)
         if self.tokenizer is not None:
             if hasattr(self.tokenizer, "write_files"):
                 self.tokenizer.write_files(tmp / "tokenizer")
@@ -522,6 +611,7 @@ class Trainer:
         """Write ``run_dir/ckpt`` atomically (every rank must call this; rank 0 writes)."""
         from safetensors.torch import save_file
 
+        model, opt_sd = self._full_model(), self._optimizer_state()  # (collectives under FSDP)
         rng_t, rng_j = _rng_state()
         all_rng = self._gather(({k: v.tolist() for k, v in rng_t.items()}, rng_j))
         stage_t = None
@@ -529,7 +619,7 @@ class Trainer:
             mine = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.stage.state_tensors().items()}
             stage_t = {f"rank{r}.{k}": v for r, t in enumerate(self._gather(mine)) for k, v in t.items()}
         if self.is_main:
-            opt_t, opt_meta = _optimizer_tensors(self.optimizer)
+            opt_t, opt_meta = _optimizer_tensors(opt_sd)
             state = {
                 "step": self.step,
                 "stage": self.stage.name,
@@ -552,7 +642,7 @@ class Trainer:
                 f"rank{r}.{k}": torch.tensor(v, dtype=torch.uint8) for r, (t, _) in enumerate(all_rng) for k, v in t.items()
             }
             with atomic_dir(self.ckpt_dir) as tmp:
-                self._write_weights(tmp)
+                self._write_weights(tmp, model)
                 save_file(opt_t, str(tmp / "optimizer.safetensors"))
                 save_file(rng_tensors, str(tmp / "rng.safetensors"))
                 if stage_t is not None:
@@ -562,10 +652,11 @@ class Trainer:
             torch.distributed.barrier()
 
     def save_best(self) -> None:
+        model = self._full_model()
         if not self.is_main:
             return
         with atomic_dir(self.best_dir) as tmp:
-            self._write_weights(tmp)
+            self._write_weights(tmp, model)
             write_json(tmp / "trainer_state.json", {"step": self.step, "stage": self.stage.name,
                                                     "metrics": self.last_eval, "run_config": self.run_config})
 
@@ -583,10 +674,9 @@ class Trainer:
             shown = "; ".join(f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in diff[:3])
             raise UserError(f"{self.run_dir} holds another run ({shown}{'; ...' if len(diff) > 3 else ''}): start "
                             "over there with --restart (its checkpoint is replaced), or choose another --out")
-        self.load_model_fn(self.model, self.ckpt_dir)
         opt_t = load_file(str(self.ckpt_dir / "optimizer.safetensors"))
         try:
-            self.optimizer.load_state_dict(_optimizer_from_tensors(opt_t, state["optimizer"]))
+            self._load_state(_optimizer_from_tensors(opt_t, state["optimizer"]))
         except (ValueError, KeyError) as e:
             raise UserError(f"{self.ckpt_dir}: optimizer state does not match the model ({e})") from None
         if state.get("scaler") and self.scaler.is_enabled():
@@ -656,13 +746,15 @@ class Trainer:
     # ---- evaluation ------------------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Run the stage's evaluation (rank 0), log it, refresh plots, and update ``best/``."""
-        if not self.is_main:
+        """Run the stage's evaluation (rank 0; every rank under FSDP), log it, refresh plots, and update ``best/``."""
+        if not self.is_main and not self.fsdp:
             return {}
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), runtime.autocast(self.device, self.dtype):
             metrics = {k: float(v) for k, v in self.stage.evaluate(self.model).items()}
+        if self.fsdp:  # every rank evaluated (the forwards are collective); all take rank 0's decisions
+            metrics = self._gather(metrics)[0]
         self.model.train(was_training)
         if not metrics:
             return metrics
@@ -785,8 +877,9 @@ class Trainer:
                     if seq_len is None:
                         seq_len = _seq_len(batch)
                     batch = _to_device(batch, self.device)
-                    # DDP all-reduces the gradients in the backward of the last micro-batch only
-                    sync = (not self.ddp) or micro == cfg.grad_accum - 1
+                    # DDP all-reduces the gradients in the backward of the last micro-batch only; FSDP
+                    # reduce-scatters every backward so that no rank ever holds a whole model's gradients
+                    sync = (not self.ddp) or self.fsdp or micro == cfg.grad_accum - 1
                     with (nullcontext() if sync else self._ddp_model.no_sync()):
                         with runtime.autocast(self.device, self.dtype):
                             try:
