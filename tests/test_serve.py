@@ -635,6 +635,7 @@ def test_cli_serve_with_api_key_from_env(ckpt, monkeypatch):
 @pytest.mark.parametrize("args,where", [
     (["--ckpt", "{tmp}/missing"], "missing: checkpoint directory not found"),
     (["--ckpt", "{ckpt}", "--max-concurrency", "0"], "--max-concurrency"),
+    (["--ckpt", "{ckpt}", "--max-batch", "8"], "--max-batch: gone, the server batches continuously; --max-concurrency"),
     (["--ckpt", "{ckpt}", "--port", "70000"], "--port"),
     (["--ckpt", "{ckpt}", "--dtype", "fp8"], "--dtype"),
 ])
