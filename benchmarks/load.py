@@ -1,13 +1,16 @@
 """Load test of ``pocketgpt serve`` on loopback: many concurrent streaming clients, then many that hang up.
 
-    .venv/bin/python benchmarks/load.py                  # 64 clients x 4 streamed chat requests, small random model
+    .venv/bin/python benchmarks/load.py                  # 1, then 16 and 64 clients x 4 streamed chats of 128 tokens
     .venv/bin/python benchmarks/load.py --ckpt runs/sft  # against a real checkpoint
-    .venv/bin/python benchmarks/load.py --clients 128 --requests 8 --max-tokens 64 --max-concurrency 8
+    .venv/bin/python benchmarks/load.py --clients 8,128 --requests 8 --max-tokens 64 --max-concurrency 32
 
-Phase 1: every client sends its requests one after another (``stream: true``, usage included); reports errors,
-time-to-first-token p50/p99 (from sending the request to the first content piece), and aggregate tokens/s, beside
-one client alone measured in the same run (the ratio is what concurrent serving buys).
-Phase 2: the same number of clients start long streams and disconnect after a few events; the server must drop
+The default model is random, of the 10.7M shape (6L/384d, context 256; 11.5M with its 1024-token BPE vocabulary, untied),
+made never to write a special token, so every reply is ``--max-tokens`` long.
+Phase 1: one client alone, then each ``--clients`` count: every client sends its requests one after another
+(``stream: true``, usage included); reports errors, time-to-first-token p50/p99 (from sending the request to the
+first content piece) and aggregate tokens/s as a ratio to one client alone, measured in the same run, beside the
+goals of issue 17 (>= 8x one client at 16 and 64 clients, p99 TTFT <= 1 s at 16, 0 errors).
+Phase 2: as many clients as the largest count start long streams and disconnect after a few events; the server must drop
 every one of them (``/health`` running and queued back to 0), answer a follow-up request normally, and its RSS
 must come back to the baseline taken before phase 1.
 
@@ -37,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_checkpoint(directory: Path, n_layer: int, n_embd: int, block_size: int) -> Path:
-    """A small random GPT and a BPE tokenizer (trained on a slice of the bundled Shakespeare + Chinese text)."""
+    """A random GPT and a BPE tokenizer (trained on a slice of the bundled Shakespeare + Chinese text); the model
+    never writes a special token (every reply runs to max_tokens)."""
     import torch
 
     from pocketgpt import GPT, GPTConfig
@@ -54,8 +58,12 @@ def build_checkpoint(directory: Path, n_layer: int, n_embd: int, block_size: int
     corpus.append("The quick brown fox jumps over the lazy dog. Hello there, how are you today? " * 50)
     tok = Tokenizer.train("bpe", corpus, vocab_size=1024)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer, n_head=4,
-                          n_embd=n_embd))
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer,
+                          n_head=max(1, n_embd // 64), n_embd=n_embd, tie_embeddings=False))
+    with torch.no_grad():  # a final-norm bias along u and special-token rows along -u: their logits sit near -50
+        u = torch.nn.functional.normalize(torch.randn(n_embd), dim=0)
+        model.ln_f.bias.copy_(10 * u)
+        model.lm_head.weight[sorted(tok.special_ids.values())] = -5 * u
     save_model(model, directory)
     tok.save(directory / "tokenizer")
     return directory
@@ -169,15 +177,16 @@ async def run_hangups(url: str, clients: int, max_tokens: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", default=None, help="checkpoint to serve (default: a small random model, built here)")
-    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--clients", default="16,64", help="concurrent streaming clients, one run per count (1,2,...)")
     ap.add_argument("--requests", type=int, default=4, help="streamed requests per client (one after another)")
-    ap.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each phase-1 request")
-    ap.add_argument("--max-concurrency", type=int, default=2, help="the server's --max-concurrency")
-    ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--n-embd", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=128, help="max_tokens of each phase-1 request")
+    ap.add_argument("--max-concurrency", type=int, default=64, help="the server's --max-concurrency")
+    ap.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own)")
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--n-embd", type=int, default=384)
     ap.add_argument("--timeout", type=float, default=150.0, help="deadline of each phase, seconds")
     args = ap.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
 
     tmp = tempfile.TemporaryDirectory(prefix="pocketgpt-load-")
     ckpt = Path(args.ckpt) if args.ckpt else build_checkpoint(Path(tmp.name) / "load-model", args.n_layer,
@@ -189,8 +198,8 @@ def main() -> int:
     log = open(Path(tmp.name) / "server.log", "w+")
     server = subprocess.Popen(
         [sys.executable, "-m", "pocketgpt", "serve", "--ckpt", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
-         "--max-concurrency", str(args.max_concurrency), "--max-batch", str(args.max_batch),
-         "--max-queue", str(max(256, 2 * args.clients)),
+         "--max-concurrency", str(args.max_concurrency), "--max-queue", str(max(256, 2 * max(counts))),
+         *(["--threads", str(args.threads)] if args.threads else []),
          "--device", "cpu"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     failures = []
     try:
@@ -206,33 +215,35 @@ def main() -> int:
                 print(log.read(), file=sys.stderr)
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
-        print(f"server: pid {server.pid}, {url}, --max-concurrency {args.max_concurrency} --max-batch "
-              f"{args.max_batch}, model {ckpt.name} ({args.n_layer} layers, {args.n_embd} wide)")
+        print(f"server: pid {server.pid}, {url}, --max-concurrency {args.max_concurrency}, model {ckpt.name} "
+              f"({args.n_layer} layers, {args.n_embd} wide)")
 
         def within(coro):
             return asyncio.run(asyncio.wait_for(coro, timeout=args.timeout))
 
-        within(run_load(url, args.clients, 1, 8))  # warm up (first allocations of full batches), then the baseline
+        within(run_load(url, max(counts), 1, 8))  # warm up (first allocations of full batches), then the baseline
         baseline = rss_mb(server.pid)
 
         single = within(run_load(url, 1, args.requests, args.max_tokens))
-        print(f"one client alone: {single['tokens'] / single['seconds']:.0f} tokens/s, "
-              f"TTFT p50 {statistics.median(single['ttft']) * 1e3:.0f} ms")
+        one = single["tokens"] / single["seconds"]
+        print(f"one client alone: {one:.0f} tokens/s, TTFT p50 {statistics.median(single['ttft']) * 1e3:.0f} ms")
+        goals, peak = [], baseline
+        for clients in counts:
+            load = within(run_load(url, clients, args.requests, args.max_tokens))
+            tps, p99 = load["tokens"] / load["seconds"], pct(load["ttft"], 99)
+            peak = max(peak, rss_mb(server.pid))
+            print(f"{clients} streaming clients x {args.requests} requests (max_tokens {args.max_tokens}): "
+                  f"{len(load['errors'])} errors, {load['seconds']:.1f} s")
+            print(f"  time to first token: p50 {pct(load['ttft'], 50) * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
+            print(f"  aggregate: {tps:.0f} tokens/s ({load['tokens']} tokens) = {tps / one:.2f}x one client alone")
+            goals.append(f"{clients} clients: {tps / one:.1f}x one client (goal >= 8x) {'✔' if tps >= 8 * one else '✘'}")
+            if clients == 16:
+                goals.append(f"16 clients: p99 TTFT {p99:.2f} s (goal <= 1 s) {'✔' if p99 <= 1 else '✘'}")
+            if load["errors"]:
+                failures.append(f"{len(load['errors'])} errors with {clients} clients, e.g. {load['errors'][0]}")
+        print("goals (issue 17): " + "; ".join(goals))
 
-        load = within(run_load(url, args.clients, args.requests, args.max_tokens))
-        n_req = args.clients * args.requests
-        tps = load["tokens"] / load["seconds"]
-        peak = rss_mb(server.pid)
-        print(f"{args.clients} streaming clients x {args.requests} requests ({n_req} requests, max_tokens "
-              f"{args.max_tokens}): {len(load['errors'])} errors, {load['seconds']:.1f} s")
-        print(f"  time to first token: p50 {pct(load['ttft'], 50) * 1e3:.0f} ms, "
-              f"p99 {pct(load['ttft'], 99) * 1e3:.0f} ms")
-        print(f"  aggregate: {tps:.0f} tokens/s ({load['tokens']} tokens; "
-              f"{tps / (single['tokens'] / single['seconds']):.2f}x one client alone)")
-        if load["errors"]:
-            failures.append(f"{len(load['errors'])} errors under load, e.g. {load['errors'][0]}")
-
-        hang = within(run_hangups(url, args.clients, max_tokens=200))
+        hang = within(run_hangups(url, max(counts), max_tokens=200))
         t0 = time.perf_counter()
         while True:
             h = httpx.get(url + "/health", timeout=5).json()
@@ -248,7 +259,7 @@ def main() -> int:
         ok = follow.status_code == 200 and follow.json()["choices"][0]["message"]["role"] == "assistant"
         time.sleep(0.5)
         after = rss_mb(server.pid)
-        print(f"{args.clients} clients disconnecting mid-stream: {hang['dropped']} dropped, {len(hang['errors'])} "
+        print(f"{max(counts)} clients disconnecting mid-stream: {hang['dropped']} dropped, {len(hang['errors'])} "
               f"errors; slots free {drained * 1e3:.0f} ms after the last hang-up; follow-up request: "
               f"{'200 OK' if ok else f'FAILED ({follow.status_code})'}")
         print(f"server RSS: baseline (after warm-up) {baseline:.0f} MiB, after load {peak:.0f} MiB, "

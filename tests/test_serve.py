@@ -357,7 +357,7 @@ def test_bad_completion_requests_and_routes(base_url, client, backend):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# concurrency: the queue, 503 when full, a disconnecting client frees its slot at once
+# concurrency: the queue, 429 when full, a disconnecting client frees its row at once; requests join a running batch
 
 
 def _next_event(lines) -> str:
@@ -378,7 +378,7 @@ def _wait(cond, timeout: float = 5.0) -> float:
     return time.monotonic() - t0
 
 
-def test_queue_full_503_and_disconnect_frees_slot(ckpt):
+def test_queue_full_429_and_disconnect_frees_slot(ckpt):
     slow = never_stop(load_backend(ckpt, device="cpu"), delay=0.02)  # ~50 tokens/s, never ends by itself
     with live_server(create_app(slow, max_concurrency=1, max_queue=1)) as url:
         health = lambda: httpx.get(url + "/health").json()  # noqa: E731
@@ -391,9 +391,9 @@ def test_queue_full_503_and_disconnect_frees_slot(ckpt):
                     b_lines = rb.iter_lines()
                     _wait(lambda: health()["queued"] == 1)  # B waits in the queue
                     full = httpx.post(url + "/v1/chat/completions", json=long)
-                    assert full.status_code == 503
-                    assert full.json()["error"]["code"] == "server_overloaded"
-                    assert full.headers["retry-after"]
+                    assert full.status_code == 429
+                    assert full.json()["error"]["code"] == "rate_limit_exceeded"
+                    assert int(full.headers["retry-after"]) >= 1
                     ra.close()  # A's client disconnects mid-stream
                     t0 = time.monotonic()
                     _next_event(b_lines)  # ... and B starts at once
@@ -410,9 +410,9 @@ def test_queue_full_503_and_disconnect_frees_slot(ckpt):
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
 
 
-def test_simultaneous_requests_decode_as_one_batch(ckpt):
+def test_requests_join_a_running_batch_and_keep_their_own_answers(ckpt):
     slow = never_stop(load_backend(ckpt, device="cpu"), delay=0.02)
-    with live_server(create_app(slow, max_concurrency=1, max_batch=8)) as url:
+    with live_server(create_app(slow, max_concurrency=8)) as url:
         health = lambda: httpx.get(url + "/health").json()  # noqa: E731
         prompts = ["Hello there", "你好，世界", "To be, or not to be"]
         body = lambda p, n: {"messages": [{"role": "user", "content": p}], "stream": True,  # noqa: E731
@@ -420,22 +420,19 @@ def test_simultaneous_requests_decode_as_one_batch(ckpt):
         with httpx.Client(timeout=30) as c:
             with c.stream("POST", url + "/v1/chat/completions", json=body("wait", 100)) as blocker:
                 lines = blocker.iter_lines()
-                _next_event(lines)  # the only thread is busy: the next three requests queue up together
+                _next_event(lines)  # the blocker is decoding: the next three requests join its batch
                 streams = [httpx.Client(timeout=30) for _ in prompts]
                 responses = [s.stream("POST", url + "/v1/chat/completions", json=body(p, 16 + i))
                              for i, (s, p) in enumerate(zip(streams, prompts))]
                 opened = [r.__enter__() for r in responses]
-                _wait(lambda: health()["queued"] == 3)
-                blocker.close()
-                snapshots = []
-                _wait(lambda: snapshots.append(health()) or snapshots[-1]["running"] == 3)
-                assert snapshots[-1]["busy_slots"] == 1  # three requests, one batch
+                _wait(lambda: health()["sequences"] == 4)  # joined while the blocker still runs
                 texts, usages = [], []
                 for r in opened:
                     events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
                     texts.append("".join(e["choices"][0]["delta"].get("content") or ""
                                          for e in events if e["choices"]))
                     usages.append(events[-1]["usage"]["completion_tokens"])
+                assert health()["sequences"] == 1  # the three left as they finished; the blocker goes on
                 for r, s in zip(responses, streams):
                     r.__exit__(None, None, None)
                     s.close()
@@ -444,6 +441,149 @@ def test_simultaneous_requests_decode_as_one_batch(ckpt):
         for p, i, text in zip(prompts, range(3), texts):
             alone = httpx.post(url + "/v1/chat/completions", json=dict(body(p, 16 + i), stream=False), timeout=30)
             assert alone.json()["choices"][0]["message"]["content"] == text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the scheduler itself, stepped by the test: requests arriving at different steps, each as if alone
+
+
+def run_scheduler(sched, arrivals: dict[int, list], steps: int = 200) -> dict:
+    """Submit ``arrivals[step]`` jobs before that step, step until every job is answered; returns job → result."""
+    from pocketgpt.serve.app import Job
+
+    results, jobs = {}, []
+    for step in range(steps):
+        for prompt, params in arrivals.get(step, []):
+            job = Job(prompt, params)
+            job.on_done = lambda res, job=job: results.__setitem__(job, res)
+            sched.submit([job])
+            jobs.append(job)
+        sched.step()
+        if len(results) == sum(map(len, arrivals.values())):
+            return [results[j] for j in jobs]
+    raise AssertionError("the scheduler did not answer every job")
+
+
+@pytest.mark.parametrize("model_kind", ["fastdecode", "forward"])
+def test_scheduler_greedy_requests_arriving_mid_decode_equal_alone(ckpt, model_kind):
+    from pocketgpt.engine import SamplingParams
+    from pocketgpt.serve.app import Scheduler
+
+    backend = load_backend(ckpt, device="cpu")
+    if model_kind == "forward":
+        never_stop(backend)  # replies run to max_tokens, decoded through the model's own forward
+    tok = backend.tokenizer
+    texts = ("To be, or not", "你好，世界！今天天气很好，我们去公园散步吧。", "Hello", "The quick brown fox")
+    prompts = [tok.encode(t) for t in texts]
+    greedy = dict(temperature=0, stop_ids=backend.stop_ids)
+    params = [SamplingParams(max_new_tokens=m, **greedy) for m in (30, 12, 25, 40)]
+    alone = [generate(backend.model, [p], q, tokenizer=tok, return_logprobs=True)[0] for p, q in zip(prompts, params)]
+    # a stop string from the middle of D's reply cuts it there, inside the shared batch too
+    d_text = alone[3].text
+    assert len(d_text) >= 8
+    params[3] = SamplingParams(max_new_tokens=40, stop=[d_text[4:7]], **greedy)
+    alone[3] = generate(backend.model, [prompts[3]], params[3], tokenizer=tok, return_logprobs=True)[0]
+    assert alone[3].finish_reason == "stop" and alone[3].text == d_text[: d_text.index(d_text[4:7])]
+
+    sched = Scheduler(backend, max_rows=8, max_queue=8)
+    with torch.inference_mode():
+        got = run_scheduler(sched, {0: [(prompts[0], params[0])], 3: [(prompts[1], params[1])],
+                                    4: [(prompts[2], params[2])], 9: [(prompts[3], params[3])]})
+    for (res,), want in zip(got, alone):
+        assert res["tokens"] == want.tokens  # token ids equal to the request served alone
+        assert res["text"] == want.text and res["finish_reason"] == want.finish_reason
+    assert sched.batch.rows == [] and sched.rows_used == 0
+
+
+def test_scheduler_mixed_sampling_options_with_seeds_reproduce_alone(ckpt):
+    from pocketgpt.engine import SamplingParams
+    from pocketgpt.serve.app import Scheduler
+
+    backend = never_stop(load_backend(ckpt, device="cpu"))
+    tok = backend.tokenizer
+    prompts = [tok.encode(t) for t in ("To be", "你好，世界", "Hello there, how", "The quick")]
+    params = [SamplingParams(max_new_tokens=20, temperature=0.7, top_k=20, seed=1, repetition_penalty=1.2),
+              SamplingParams(max_new_tokens=15, temperature=0),
+              SamplingParams(max_new_tokens=24, temperature=1.3, top_p=0.8, seed=2, n=3, frequency_penalty=0.5),
+              SamplingParams(max_new_tokens=18, temperature=1.0, min_p=0.05, seed=3, presence_penalty=1.0)]
+    alone = [generate(backend.model, [p], q, tokenizer=tok) for p, q in zip(prompts, params)]
+    assert len({tuple(x) for x in alone[2]}) > 1  # the n samples of one request differ
+    sched = Scheduler(backend, max_rows=16, max_queue=8)
+    with torch.inference_mode():
+        got = run_scheduler(sched, {0: [(prompts[0], params[0])], 2: [(prompts[1], params[1])],
+                                    5: [(prompts[2], params[2]), (prompts[3], params[3])]})
+    assert [[r["tokens"] for r in res] for res in got] == alone
+
+
+def test_scheduler_disconnect_frees_its_rows_at_the_next_step(ckpt):
+    from pocketgpt.engine import SamplingParams
+    from pocketgpt.serve.app import Cancelled, Job, Scheduler
+
+    backend = never_stop(load_backend(ckpt, device="cpu"))
+    sched = Scheduler(backend, max_rows=8, max_queue=0)
+    done = {}
+    a, b = (Job(backend.tokenizer.encode(t), SamplingParams(max_new_tokens=50, temperature=0, n=n))
+            for t, n in (("To be", 1), ("Hello", 3)))
+    for job in (a, b):
+        job.on_done = lambda res, job=job: done.__setitem__(job, res)
+    sched.submit([a, b])
+    with torch.inference_mode():
+        for _ in range(3):
+            sched.step()
+        assert len(sched.batch.rows) == 4 and sched.rows_used == 4
+        sched.drop(b)  # its client went away mid-stream
+        sched.step()
+        assert len(sched.batch.rows) == 1 and sched.rows_used == 1  # freed at the next step; A goes on
+        assert isinstance(done[b], Cancelled) and a not in done
+        assert len(a.rows[0].tokens) == 4
+        # the queue: 8 rows, no waiting room: a request that would have to wait is refused at once
+        sched.submit([Job([1, 2], SamplingParams(max_new_tokens=5, n=7))])
+        with pytest.raises(Exception) as e:
+            sched.submit([Job([1, 2], SamplingParams(max_new_tokens=5))])
+        assert e.value.status == 429 and e.value.headers["Retry-After"]
+
+
+def test_per_row_filters_equal_the_filters_row_by_row():
+    from pocketgpt.engine import min_p_filter, top_k_filter, top_p_filter
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 100) * 3
+    ks, ps, ms = [0, 1, 5, 50, 200], [1.0, 0.1, 0.5, 0.9, 0.99], [0.0, 0.05, 0.3, 0.0, 0.9]
+    by_row = lambda f, vs: torch.stack([f(logits[i : i + 1], v)[0] for i, v in enumerate(vs)])  # noqa: E731
+    assert torch.equal(top_k_filter(logits, torch.tensor(ks)),
+                       torch.stack([logits[0]] + [top_k_filter(logits[i : i + 1], k)[0] for i, k in enumerate(ks)
+                                                  if k]))
+    assert torch.equal(top_p_filter(logits, torch.tensor(ps)), by_row(top_p_filter, ps))
+    assert torch.equal(min_p_filter(logits, torch.tensor(ms)), by_row(min_p_filter, ms))
+
+
+def test_metrics_are_prometheus_text_and_count_requests(base_url):
+    import re
+
+    line_re = re.compile(r'^(# (HELP|TYPE) pocketgpt_\w+ .+|pocketgpt_\w+(\{\w+="[^"]*"\})? -?[0-9.e+-]+)$')
+
+    def scrape() -> dict:
+        r = httpx.get(base_url + "/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        lines = r.text.strip().split("\n")
+        assert all(line_re.match(x) for x in lines), [x for x in lines if not line_re.match(x)]
+        types = dict(x.split()[2:4] for x in lines if x.startswith("# TYPE"))
+        assert types["pocketgpt_time_to_first_token_seconds"] == "histogram"
+        assert types["pocketgpt_generated_tokens_total"] == "counter"
+        assert types["pocketgpt_queue_depth"] == types["pocketgpt_active_sequences"] == "gauge"
+        return {x.rsplit(" ", 1)[0]: float(x.rsplit(" ", 1)[1]) for x in lines if not x.startswith("#")}
+
+    before = scrape()
+    r = httpx.post(base_url + "/v1/chat/completions", timeout=30,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}).json()
+    after = scrape()
+    grew = {k: after[k] - before[k] for k in before}
+    assert grew["pocketgpt_generated_tokens_total"] >= r["usage"]["completion_tokens"]
+    assert grew["pocketgpt_time_to_first_token_seconds_count"] == 1
+    assert grew['pocketgpt_requests_total{outcome="completed"}'] == 1
+    ttft = "pocketgpt_time_to_first_token_seconds"
+    assert after[ttft + '_bucket{le="+Inf"}'] == after[ttft + "_count"] >= after[ttft + '_bucket{le="0.025"}']
+    assert after["pocketgpt_tokens_per_second"] > 0
 
 
 def test_concurrent_requests_are_all_answered(base_url, client):
@@ -495,6 +635,7 @@ def test_cli_serve_with_api_key_from_env(ckpt, monkeypatch):
 @pytest.mark.parametrize("args,where", [
     (["--ckpt", "{tmp}/missing"], "missing: checkpoint directory not found"),
     (["--ckpt", "{ckpt}", "--max-concurrency", "0"], "--max-concurrency"),
+    (["--ckpt", "{ckpt}", "--max-batch", "8"], "--max-batch: gone, the server batches continuously; --max-concurrency"),
     (["--ckpt", "{ckpt}", "--port", "70000"], "--port"),
     (["--ckpt", "{ckpt}", "--dtype", "fp8"], "--dtype"),
 ])

@@ -503,16 +503,15 @@ def _serve(p) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set, else none)")
-    p.add_argument("--max-concurrency", type=int, default=1,
-                   help="batches decoding at once, each in a worker thread (default 1)")
-    p.add_argument("--max-batch", type=int, default=16,
-                   help="simultaneous requests with the same sampling options decoded together (default 16)")
+    p.add_argument("--max-concurrency", type=int, default=64,
+                   help="sequences decoded together in the one continuous batch (default 64)")
+    p.add_argument("--max-batch", type=int, help=argparse.SUPPRESS)  # gone: explained in _serve_run
     p.add_argument("--max-queue", type=int, default=256,
-                   help="requests waiting for a slot before the server answers 503 (default 256)")
+                   help="requests waiting to join the batch before the server answers 429 (default 256)")
     p.add_argument("--model-name", default=None,
                    help="model id the API reports (default: the run's name, e.g. speedrun-dpo for runs/speedrun/dpo)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per forward pass (default: cores / max-concurrency, at least 1)")
+                   help="CPU threads of the decode loop (default: all cores but one, which serves HTTP)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
     p.set_defaults(func=_serve_run)
@@ -529,21 +528,23 @@ def _serve_run(args) -> int:
         raise UserError(f"{e.name} is not installed: pip install 'pocketgpt[serve]'") from None
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port: {args.port} is not a TCP port (0-65535)")
-    for flag, least in (("max_concurrency", 1), ("max_batch", 1), ("max_queue", 0), ("threads", 1)):
+    if args.max_batch is not None:
+        raise UserError("--max-batch: gone, the server batches continuously; --max-concurrency N sets how many "
+                        "sequences decode together")
+    for flag, least in (("max_concurrency", 1), ("max_queue", 0), ("threads", 1)):
         value = getattr(args, flag)
         if value is not None and value < least:
             raise UserError(f"--{flag.replace('_', '-')}: must be at least {least}, got {value}")
     import torch
 
-    # concurrency comes from the worker threads: oversubscribing the cores with intra-op threads is much slower
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.max_concurrency))
-    # the event loop and the decoding threads share the GIL: switch often, so that a decoding step never waits
+    # intra-op threads that spin at every barrier starve the event loop thread (and stall when it takes their core)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
+    # the event loop and the decode thread share the GIL: switch often, so that a decoding step never waits
     # the default 5 ms each time the loop thread is busy sending events
     sys.setswitchinterval(0.0005)
     api_key = args.api_key if args.api_key is not None else os.environ.get(serve.API_KEY_ENV) or None
     backend = serve.load_backend(args.ckpt, args.device, args.dtype, args.model_name)
-    app = create_app(backend, api_key=api_key, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                     max_batch=args.max_batch)
+    app = create_app(backend, api_key=api_key, max_concurrency=args.max_concurrency, max_queue=args.max_queue)
     shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
     print(f"pocketgpt serve: model '{backend.model_id}' ({backend.model.num_params() / 1e6:.1f}M params, context "
           f"{backend.context}) on http://{shown}:{args.port}/  (API: /v1, "

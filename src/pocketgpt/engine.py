@@ -32,6 +32,7 @@ where the length counts the stop token, the same early-stopping rules), so both 
 from __future__ import annotations
 
 import codecs
+import copy
 import logging
 import math
 import warnings
@@ -49,6 +50,7 @@ from .records import fit, pad
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DecodeBatch",
     "GenerationResult",
     "SamplingParams",
     "generate",
@@ -82,17 +84,24 @@ class GenerationResult:
 # logits filters (each returns new logits with removed entries set to -inf; same semantics as transformers' warpers)
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest logits of each row (ties with the k-th are kept), the rest become -inf."""
-    k = min(int(k), logits.size(-1))
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+def top_k_filter(logits: torch.Tensor, k) -> torch.Tensor:
+    """Keep the ``k`` largest logits of each row (ties with the k-th are kept), the rest become -inf; ``k`` is an int
+    or one per row (a (R,) tensor, 0 = keep all: rows of different requests share a step)."""
+    k = torch.as_tensor(k, device=logits.device).expand(logits.shape[:-1])
+    top = min(int(k.max()), logits.size(-1))
+    kth = torch.topk(logits, max(top, 1), dim=-1).values.gather(-1, (k.clamp(1, max(top, 1)) - 1).unsqueeze(-1))
+    kth = kth.masked_fill((k == 0).unsqueeze(-1), float("-inf"))
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the most likely tokens until their probability mass reaches ``p`` (at least one)."""
-    if p >= 1.0:
-        return logits
+def top_p_filter(logits: torch.Tensor, p) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens until their probability mass reaches ``p`` (at least one); ``p`` is
+    a float or one per row (a (R,) tensor; >= 1 = keep all)."""
+    if not torch.is_tensor(p):
+        if p >= 1.0:
+            return logits
+        p = torch.tensor(p, device=logits.device)
+    p = p.masked_fill(p >= 1.0, float("inf")).unsqueeze(-1)  # a row at 1 keeps even what rounding puts past 1
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked strictly above
@@ -102,12 +111,15 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Keep tokens whose probability is at least ``min_p`` times the most likely token's probability."""
-    if min_p <= 0.0:
-        return logits
+def min_p_filter(logits: torch.Tensor, min_p) -> torch.Tensor:
+    """Keep tokens whose probability is at least ``min_p`` times the most likely token's probability; ``min_p`` is a
+    float or one per row (a (R,) tensor, 0 = keep all)."""
+    if not torch.is_tensor(min_p):
+        if min_p <= 0.0:
+            return logits
+        min_p = torch.tensor(min_p, device=logits.device)
     probs = logits.softmax(dim=-1)
-    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    threshold = min_p.unsqueeze(-1) * probs.max(dim=-1, keepdim=True).values
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
@@ -412,48 +424,112 @@ def _row_limit(model, prompt_len: int, max_new_tokens: int) -> int:
 
 
 class _Sampler:
-    """Turns one step's logits (R, V) into tokens, holding the penalty state across steps."""
+    """Turns one step's logits (R, V) into tokens, each row with its own options (rows of different requests share a
+    step), holding the penalty state and the generators of seeded rows across steps.
 
-    def __init__(self, prompts, V: int, device, p: SamplingParams, utf8: Optional[_Utf8Mask] = None):
-        self.p, self.utf8, n = p, utf8, p.n
-        R = len(prompts) * n
-        self.seen = None
-        if p.repetition_penalty != 1.0:  # every token of the prompt and the output so far (as transformers)
-            self.seen = torch.zeros(R, V, dtype=torch.bool, device=device)
+    Options live in one (R, 7) tensor, so a step applies every filter to all rows at once (``add`` appends rows,
+    ``keep`` reorders/drops them). The rows of one seeded ``add`` share a generator that draws for all of them every
+    step, finished or not, so their samples never depend on what else is in the batch."""
+
+    def __init__(self, prompts, V: int, device, p: Optional[SamplingParams], utf8: Optional[_Utf8Mask] = None):
+        self.V, self.device, self.utf8 = V, device, utf8
+        self.params: list[SamplingParams] = []
+        self.opts = torch.empty(0, 7, device=device)  # temperature, top_k, top_p, min_p, repetition, presence, freq.
+        self.seen = self.counts = None  # (R, V): prompt + output tokens (repetition), output counts (presence/freq.)
+        self.draws: list = []  # per row: (generator, rows drawn, this row's index in the draw) or None
+        if prompts:
+            self.add(prompts, p)
+
+    def add(self, prompts, p: SamplingParams) -> None:
+        n, R0, R, V, dev = p.n, len(self.params), len(prompts) * p.n, self.V, self.device
+        row = [p.temperature, p.top_k or 0, 2.0 if p.top_p is None else p.top_p, p.min_p or 0.0,
+               p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
+        self.opts = torch.cat([self.opts, torch.tensor([row], device=dev).expand(R, -1)])
+        self.params += [p] * R
+        if p.repetition_penalty != 1.0 or self.seen is not None:  # rows without the penalty ignore theirs
+            seen = torch.zeros(R, V, dtype=torch.bool, device=dev)
             for i, ids in enumerate(prompts):
-                self.seen[i * n : (i + 1) * n, torch.tensor(sorted(set(ids)), device=device)] = True
-        self.counts = None
-        if p.presence_penalty or p.frequency_penalty:  # generated tokens only (as the OpenAI API)
-            self.counts = torch.zeros(R, V, dtype=torch.float32, device=device)
-        self.generator = None
+                seen[i * n : (i + 1) * n, torch.tensor(sorted(set(ids)), device=dev)] = True
+            old = self.seen if self.seen is not None else torch.zeros(R0, V, dtype=torch.bool, device=dev)
+            self.seen = torch.cat([old, seen])
+        if p.presence_penalty or p.frequency_penalty or self.counts is not None:
+            old = self.counts if self.counts is not None else torch.zeros(R0, V, device=dev)
+            self.counts = torch.cat([old, torch.zeros(R, V, device=dev)])
         if p.seed is not None and p.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(int(p.seed))
+            g = torch.Generator(device=dev)
+            g.manual_seed(int(p.seed))
+            self.draws += [(g, R, i) for i in range(R)]
+        else:
+            self.draws += [None] * R
+        if self.utf8 is not None:
+            self.utf8.state = torch.cat([self.utf8.state, torch.zeros(R, dtype=torch.long, device=dev)])
+        self._plan()
+
+    def keep(self, order: list[int]) -> None:
+        """Row ``i`` becomes old row ``order[i]`` (rows not named leave)."""
+        idx = torch.tensor(order, dtype=torch.long, device=self.device)
+        self.params = [self.params[i] for i in order]
+        self.draws = [self.draws[i] for i in order]
+        self.opts = self.opts[idx]
+        self.seen = None if self.seen is None else self.seen[idx]
+        self.counts = None if self.counts is None else self.counts[idx]
+        if self.utf8 is not None:
+            self.utf8.reorder(idx)
+        self._plan()
+
+    def _plan(self) -> None:
+        """What this set of rows needs each step (Python flags: no work for options no row uses)."""
+        ps = self.params
+        sampled = [p for p in ps if p.temperature > 0]
+        self.greedy = None if len(sampled) == len(ps) else self.opts[:, 0] == 0
+        self.top_k = any(p.top_k for p in sampled)
+        self.top_p = any(p.top_p is not None for p in sampled)
+        self.min_p = any(p.min_p for p in sampled)
+        if not any(p.repetition_penalty != 1.0 for p in ps):
+            self.seen = None
+        if not any(p.presence_penalty or p.frequency_penalty for p in ps):
+            self.counts = None
+        groups: dict = {}
+        for r, d in enumerate(self.draws):
+            if d is not None:
+                groups.setdefault(d[0], (d[1], [], []))
+                groups[d[0]][1].append(r)
+                groups[d[0]][2].append(d[2])
+        self.groups = [(g, size, torch.tensor(rows, device=self.device), torch.tensor(at, device=self.device))
+                       for g, (size, rows, at) in groups.items()]
+        self.unseeded = any(d is None for d in self.draws)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        p = self.p
+        o = self.opts
         if self.utf8 is not None:
             logits = self.utf8.mask(logits)
         if self.seen is not None:
-            rep = p.repetition_penalty
+            rep = o[:, 4:5]
             logits = torch.where(self.seen, torch.where(logits < 0, logits * rep, logits / rep), logits)
         if self.counts is not None:
-            logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
-        if p.temperature == 0.0:
+            logits = logits - o[:, 6:7] * self.counts - o[:, 5:6] * (self.counts > 0).float()
+        if self.greedy is not None and bool(self.greedy.all()):
             return logits.argmax(dim=-1)
-        if p.temperature != 1.0:
-            logits = logits / p.temperature
-        if p.top_k:
-            logits = top_k_filter(logits, p.top_k)
-        if p.top_p is not None:
-            logits = top_p_filter(logits, p.top_p)
-        if p.min_p is not None:
-            logits = min_p_filter(logits, p.min_p)
+        best = None if self.greedy is None else logits.argmax(dim=-1)
+        t = o[:, 0:1] if self.greedy is None else o[:, 0:1].masked_fill(self.greedy[:, None], 1.0)
+        logits = logits / t
+        if self.top_k:
+            logits = top_k_filter(logits, o[:, 1].long())
+        if self.top_p:
+            logits = top_p_filter(logits, o[:, 2])
+        if self.min_p:
+            logits = min_p_filter(logits, o[:, 3])
         # one draw per row by an exponential race: argmax(p_i / E_i), E_i ~ Exp(1), picks i with probability p_i
         # (the trick torch.multinomial uses inside, minus its input checks and extra passes over the row)
         probs = logits.softmax(dim=-1)
-        race = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(1e-30)  # never 0/0
-        return probs.div_(race).argmax(dim=-1)
+        race = torch.empty_like(probs)
+        if self.unseeded:
+            race.exponential_()
+        for g, size, rows, at in self.groups:
+            race[rows] = torch.empty(size, probs.shape[1], dtype=probs.dtype, device=probs.device).exponential_(
+                generator=g)[at]
+        tokens = probs.div_(race.clamp_min_(1e-30)).argmax(dim=-1)  # never 0/0
+        return tokens if best is None else torch.where(self.greedy, best, tokens)
 
     def update(self, tokens: torch.Tensor) -> None:
         if self.utf8 is not None:
@@ -479,77 +555,186 @@ def _step_fn(model):
     return step
 
 
-def _decode(model, prompts: list[list[int]], p: SamplingParams, text: Optional[_TokenText],
-            want_logprobs: bool) -> Iterator[list[_Row]]:
-    """Generator: yields the rows after every decoding step (streaming reads them); rows are prompt-major."""
-    device = model.wte.weight.device
-    B, n = len(prompts), p.n
-    lens = [len(ids) for ids in prompts]
-    P = max(lens)
-    rows = [_Row(_row_limit(model, lens[i], p.max_new_tokens), text is not None) for i in range(B) for _ in range(n)]
-    max_steps = max(r.limit for r in rows)
-    if max_steps <= 0:
-        yield rows
-        return
+class DecodeBatch:
+    """Sequences decoding together over one KV cache; rows join and leave between steps (continuous batching).
 
-    # ---- prefill (left padding when lengths differ)
-    padded = any(L != P for L in lens)
-    idx = torch.tensor([[0] * (P - len(ids)) + ids for ids in prompts], dtype=torch.long, device=device)
-    cache = model.new_kv_cache(B, max_len=P + max_steps)
-    pos_ids = key_ok = None
-    if padded:
-        pads = torch.tensor([P - L for L in lens], device=device)
-        ar = torch.arange(P, device=device)
-        pos_ids = (ar[None, :] - pads[:, None]).clamp_min(0)
-        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        valid_key = ar[None, :] >= pads[:, None]  # (B, P)
-        mask = (causal[None] & valid_key[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)[None]
-        logits, _ = model(idx, kv_cache=cache, position_ids=pos_ids, attn_mask=mask[:, None], last_only=True)
-        logits = logits[:, -1]
-        # decode-time mask over the whole cache: pad slots stay masked, every later slot is valid
-        key_ok = torch.ones(B, 1, 1, cache.max_len, dtype=torch.bool, device=device)
-        key_ok[:, 0, 0, :P] = valid_key
-        pos_ids = torch.tensor(lens, device=device).unsqueeze(1)  # position of the next fed token
-    else:
-        logits = model(idx, kv_cache=cache, last_only=True)[0][:, -1]
-    if n > 1:
-        cache.repeat(n)
-        logits = logits.repeat_interleave(n, dim=0)
-        if padded:
-            key_ok = key_ok.repeat_interleave(n, dim=0)
-            pos_ids = pos_ids.repeat_interleave(n, dim=0)
-    if padded and model.config.pos == "learned":
-        pos_cap = model.config.block_size - 1  # finished rows keep being fed; keep their positions in range
-    else:
-        pos_cap = None
+    ``add(prompts, params)`` prefills the prompts (one left-padded forward) and their ``params.n`` rows each join;
+    ``step()`` gives every row one token (each with its own options: ``_Sampler``), finishes rows (stop ids and
+    strings, limits), removes the finished ones and feeds the rest in one forward; ``drop(rows)`` removes rows now.
+    ``rows`` are the live ``_Row``s. ``generate`` is one ``add`` then ``step`` until done; the server adds requests as
+    they come. Call it under ``torch.inference_mode()`` with the model in eval mode.
 
-    utf8 = _Utf8Mask(text, B * n) if text is not None and text.blocked is not None else None
-    sampler = _Sampler(prompts, model.config.vocab_size, device, p, utf8)
-    step_fn = _step_fn(model)
-    for _ in range(max_steps):
-        last = logits.float()
-        tokens = sampler(last)
-        sampler.update(tokens)
-        tok_list = tokens.tolist()
-        lp_list = logprobs_from_logits(last, tokens).tolist() if want_logprobs else None
-        for i, r in enumerate(rows):
-            if r.done:
-                continue
-            if tok_list[i] in p.stop_ids:
+    Layout: every row writes its new key/value at the same cache column ``pos``; row r's keys are the columns
+    ``[start_r, pos]`` (a joining prompt is written to end at ``pos``; a longer one first shifts the others right),
+    its positions are ``column - start_r``, the rest is masked. A leaving row's slot gets the last row (one row
+    copied, not the cache); columns no row uses any more are dropped when the cache is full, before it grows.
+    """
+
+    def __init__(self, model, tokenizer=None, want_logprobs: bool = False):
+        self.model, self.want_logprobs = model, want_logprobs
+        self.device = model.wte.weight.device
+        text = self.text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, self.device)
+        self.rows: list[_Row] = []
+        utf8 = _Utf8Mask(text, 0) if text is not None and text.blocked is not None else None
+        self.sampler = _Sampler([], model.config.vocab_size, self.device, None, utf8)
+        self.step_fn = _step_fn(model)
+        self.cache = None  # KVCache (2, capacity rows, Hkv, capacity columns, D); rows [0, R) are live
+        self.view = None  # the KVCache of rows [0, R) the forward writes into
+        self.pos = 0
+        self.start = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.logits = None  # (R, V): the next-token logits of every row
+
+    def add(self, prompts: list[list[int]], p: Union[SamplingParams, list[SamplingParams]]) -> list[_Row]:
+        """Prefill ``prompts`` (one forward) and join their rows (prompt-major, ``n`` each); returns them. ``p`` is
+        one ``SamplingParams`` for all (with a seed: one generator for all their rows, as ``generate``) or one per
+        prompt (separate requests: each its own generator)."""
+        model, ps = self.model, p if isinstance(p, list) else [p] * len(prompts)
+        rows = [_Row(_row_limit(model, len(ids), q.max_new_tokens), self.text is not None)
+                for ids, q in zip(prompts, ps) for _ in range(q.n)]
+        if all(r.done for r in rows):
+            return rows
+        lens = [len(ids) for ids in prompts]
+        P, pads = max(lens), [max(lens) - L for L in lens]
+        idx = torch.tensor([[0] * pad_ + ids for pad_, ids in zip(pads, prompts)], dtype=torch.long,
+                           device=self.device)
+        cache = model.new_kv_cache(len(prompts), max_len=P)
+        if any(pads):
+            pad_t = torch.tensor(pads, device=self.device)
+            ar = torch.arange(P, device=self.device)
+            valid_key = ar[None, :] >= pad_t[:, None]  # (k, P)
+            causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
+            mask = (causal[None] & valid_key[:, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)[None]
+            logits, _ = model(idx, kv_cache=cache, position_ids=(ar[None, :] - pad_t[:, None]).clamp_min(0),
+                              attn_mask=mask[:, None], last_only=True)
+        else:
+            logits, _ = model(idx, kv_cache=cache, last_only=True)
+        # the prompts' keys/values go to columns [pos - P, pos) of new rows (n copies each)
+        R, new = len(self.rows), len(rows)
+        if R == 0:
+            self.pos = 0
+        self._room(P, max(r.limit for r in rows), R + new)
+        if P > self.pos:
+            self._move(0, P - self.pos)
+        src = torch.arange(len(prompts), device=self.device).repeat_interleave(
+            torch.tensor([q.n for q in ps], device=self.device))
+        for big, t in zip(self.cache.kv, cache.kv):
+            big[:, R : R + new, :, self.pos - P : self.pos] = t.index_select(1, src)
+        self.start = torch.cat([self.start, self.pos - P + torch.tensor(pads, device=self.device)[src]])
+        last = logits[:, -1].index_select(0, src)
+        self.logits = last if self.logits is None or R == 0 else torch.cat([self.logits, last])
+        for ids, q in ([(prompts, p)] if not isinstance(p, list) else [([x], q) for x, q in zip(prompts, p)]):
+            self.sampler.add(ids, q)
+        self.rows += rows
+        self.view = None
+        return rows
+
+    def step(self) -> None:
+        """One token for every row; finished rows leave; the others are fed (their next logits computed)."""
+        if not self.rows:
+            return
+        s, text = self.sampler, self.text
+        logits = self.logits.float()
+        tokens = s(logits)
+        s.update(tokens)
+        toks = tokens.tolist()
+        lps = logprobs_from_logits(logits, tokens).tolist() if self.want_logprobs else None
+        for i, r in enumerate(self.rows):
+            p = s.params[i]
+            if toks[i] in p.stop_ids:
                 r.finish("stop")
             else:
-                r.add(tok_list[i], lp_list[i] if lp_list else None, text, p.stop)
-        if all(r.done for r in rows):
-            break
-        yield rows
-        if padded:
-            mask = key_ok[..., : cache.pos + 1]
-            pos = pos_ids if pos_cap is None else pos_ids.clamp_max(pos_cap)
-            logits = step_fn(tokens, cache, pos, mask)
-            pos_ids = pos_ids + 1
+                r.add(toks[i], lps[i] if lps else None, text, p.stop)
+        if any(r.done for r in self.rows):
+            tokens = tokens[self._compact()]
+        if self.rows:
+            self.logits = self._forward(tokens)
+
+    def drop(self, rows: Sequence[_Row]) -> None:
+        """Remove ``rows`` from the batch now (finished as ``"cancelled"``)."""
+        for r in rows:
+            if not r.done:
+                r.finish("cancelled")
+        self._compact()
+
+    def _compact(self) -> torch.Tensor:
+        """Drop the finished rows: the last live rows move into their slots. Returns the old index of each row."""
+        rows = self.rows
+        live = sum(not r.done for r in rows)
+        holes = [i for i in range(live) if rows[i].done]
+        movers = [i for i in range(live, len(rows)) if not rows[i].done]
+        order = list(range(live))
+        for h, m in zip(holes, movers):
+            order[h] = m
+        if holes:
+            h_t, m_t = (torch.tensor(x, device=self.device) for x in (holes, movers))
+            for t in self.cache.kv:
+                filled = t[:, :, :, : self.pos]
+                filled.index_copy_(1, h_t, filled.index_select(1, m_t))
+        idx = torch.tensor(order, dtype=torch.long, device=self.device)
+        self.rows = [rows[i] for i in order]
+        self.start = self.start[idx]
+        self.logits = None if self.logits is None else self.logits[idx]
+        self.sampler.keep(order)
+        self.view = None
+        if not self.rows:  # an idle server holds no cache
+            self.cache = self.logits = None
+        return idx
+
+    def _room(self, first: int, span: int, rows: int) -> None:
+        """Make the cache hold ``rows`` rows and ``max(pos, first) + span`` columns: first drop the columns no row
+        uses any more, then grow (doubling)."""
+        if self.cache is not None and max(self.pos, first) + span > self.cache.max_len and self.rows:
+            unused = int(self.start.min())
+            if unused:
+                self._move(unused, -unused)
+        cols = max(self.pos, first) + span
+        R0, L0 = (0, 0) if self.cache is None else (self.cache.batch_size, self.cache.max_len)
+        if rows <= R0 and cols <= L0:
+            return
+        old = self.cache
+        self.cache = self.model.new_kv_cache(R0 if rows <= R0 else max(rows, 2 * R0),
+                                             max_len=L0 if cols <= L0 else max(cols, 2 * L0))
+        if old is not None and self.rows:
+            for t, o in zip(self.cache.kv, old.kv):
+                t[:, : len(self.rows), :, : self.pos] = o[:, : len(self.rows), :, : self.pos]
+        self.view = None
+
+    def _move(self, first: int, by: int) -> None:
+        """Shift the live rows' columns ``[first, pos)`` by ``by`` (their starts and ``pos`` follow)."""
+        R, width = len(self.rows), self.pos - first
+        if R:
+            for t in self.cache.kv:
+                t[:, :R, :, first + by : first + by + width] = t[:, :R, :, first : first + width].clone()
+        self.start = self.start + by
+        self.pos += by
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pos >= self.cache.max_len:
+            self._room(0, 1, len(self.rows))
+        if self.view is None:
+            self.view = copy.copy(self.cache)
+            self.view._set([t[:, : len(self.rows)] for t in self.cache.kv])
+        self.view.pos = self.pos
+        if bool(self.start.any()):
+            cols = torch.arange(self.pos + 1, device=self.device)
+            mask = (cols[None, :] >= self.start[:, None])[:, None, None, :]
+            logits = self.step_fn(tokens, self.view, (self.pos - self.start)[:, None], mask)
         else:
-            logits = step_fn(tokens, cache)
-    yield rows
+            logits = self.step_fn(tokens, self.view)
+        self.pos += 1
+        return logits
+
+
+def _decode(model, prompts: list[list[int]], p: SamplingParams, tokenizer,
+            want_logprobs: bool) -> Iterator[list[_Row]]:
+    """Generator: yields the rows after every decoding step (streaming reads them); rows are prompt-major."""
+    batch = DecodeBatch(model, tokenizer, want_logprobs)
+    rows = batch.add(prompts, p)
+    if not batch.rows:
+        yield rows
+    while batch.rows:
+        batch.step()
+        yield rows
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -689,7 +874,7 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Optional[SamplingP
     if p.stop and tokenizer is None:
         raise UserError("stop: stop strings need a tokenizer (pass tokenizer=)")
     text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, model.wte.weight.device)
-    steps = _steps(model, _fit_prompts(model, prompts, p.max_new_tokens), p, text, return_logprobs)
+    steps = _steps(model, _fit_prompts(model, prompts, p.max_new_tokens), p, tokenizer, text, return_logprobs)
     if stream:
         if len(prompts) != 1 or p.n != 1:
             raise UserError("n: streaming generates one sequence (one prompt, n=1)")
@@ -705,7 +890,7 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Optional[SamplingP
     return [GenerationResult(r.tokens, r.logprobs, r.reason, r.text) for r in rows]
 
 
-def _steps(model, prompts: list[list[int]], p: SamplingParams, text: Optional[_TokenText],
+def _steps(model, prompts: list[list[int]], p: SamplingParams, tokenizer, text: Optional[_TokenText],
            want_logprobs: bool) -> Iterator[list[_Row]]:
     """The rows after every decoding step (beam search: once, at the end), the model in eval and inference mode."""
     was_training = model.training
@@ -715,7 +900,7 @@ def _steps(model, prompts: list[list[int]], p: SamplingParams, text: Optional[_T
             if p.num_beams > 1:
                 yield [row for ids in prompts for row in _beam_search(model, ids, p, text)]
             else:
-                yield from _decode(model, prompts, p, text, want_logprobs)
+                yield from _decode(model, prompts, p, tokenizer, want_logprobs)
     finally:
         model.train(was_training)
 

@@ -1,6 +1,7 @@
 """``pocketgpt serve``: an OpenAI-compatible HTTP API and a web chat page for one checkpoint.
 
     pocketgpt serve --ckpt runs/sft [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-concurrency N]
+                    [--max-queue N]
 
 Then ``openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)`` works, and the page at
 ``http://127.0.0.1:8000/`` chats in the browser. The app itself is ``pocketgpt.serve.app.create_app``.
@@ -48,19 +49,11 @@ def run_name(ckpt: Path) -> str:
 def serve_forever(app, host: str, port: int) -> None:
     """Run ``app`` with uvicorn until Ctrl+C / SIGTERM. On the signal every queued or running generation is dropped
     first, so open streams end at once and the server stops without waiting for them."""
-    import asyncio
-
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            sched = app.state.scheduler
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-            if loop is not None:
-                loop.call_soon_threadsafe(lambda: [sched.drop(j) for j in [*sched.waiting, *sched.running]])
+            app.state.scheduler.close()
             super().handle_exit(sig, frame)
 
     Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()

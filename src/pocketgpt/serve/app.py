@@ -7,6 +7,7 @@ Endpoints
                                 streamed completions carry text only (no ``logprobs``)
     GET  /v1/models             the one served model
     GET  /health                liveness + load (never needs the API key)
+    GET  /metrics               Prometheus text: queue depth, active sequences, tokens, TTFT histogram (no API key)
     GET  /                      the web chat page (``serve/static/``)
 
 Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``:
@@ -14,21 +15,18 @@ Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``:
          ``messages``, prompt or ``max_tokens`` beyond the context, bad token ids (as OpenAI: never 422)
     401  missing or wrong ``Authorization: Bearer KEY`` (when the server has an API key)
     404  unknown model (code ``model_not_found``), unknown route
-    503  the queue is full (code ``server_overloaded``, with ``Retry-After``)
+    429  the queue is full (code ``rate_limit_exceeded``, with ``Retry-After``)
 
 Sampling fields a request leaves out take pocketgpt's chat defaults (``pocketgpt.chat.CHAT_DEFAULTS``, with a mild
 repetition penalty against the loops of small models), not OpenAI's temperature 1; ``top_k`` and
 ``repetition_penalty`` (1 = off) are accepted as in vLLM (``extra_body=`` in the openai client).
 
-Concurrency: the event loop never runs the model. Requests become jobs in a queue (at most ``max_queue`` waiting;
-one more is answered 503 at once). Each of ``max_concurrency`` worker threads decodes one *batch* at a time: when a
-thread is free it takes the oldest waiting job plus up to ``max_batch - 1`` more that share its sampling options
-(temperature, top_p, penalties, stop strings; jobs with a ``seed`` or ``n > 1`` run alone so their output does not
-depend on who else is served) and decodes them together through the engine, which is several times cheaper than one
-after another. Every job gets its text after each token step and its answer as soon as its own rows are done. A
-client that disconnects (mid-stream, or while waiting for a non-streamed answer) drops its job at once: it leaves
-the queue, or stops receiving tokens at the next step; a batch whose jobs are all gone stops decoding and frees its
-thread.
+Concurrency: the event loop never runs the model; one decode thread does (``Scheduler``). It batches continuously: a
+request is prefilled and joins the running batch at the next decode step, every step is one forward for all active
+sequences (each with its own sampling options, stop strings and ``n``), and a sequence leaves the batch as soon as it
+finishes or its client disconnects (mid-stream, or while waiting for a non-streamed answer). At most
+``max_concurrency`` sequences decode together; up to ``max_queue`` more requests wait, one more is answered 429 with
+``Retry-After``. ``GET /metrics`` shows the queue, the batch, tokens/s and time to first token (Prometheus text).
 
 Special tokens are never text: every special token (``<|end|>``, ``<|user|>``, ``<|endoftext|>``...) ends a reply or
 a completion (a model that writes one has finished its text), and an echoed prompt shows its text only (special
@@ -41,25 +39,28 @@ forward pass over prompt + completion (``engine.sequence_logprobs``), whatever s
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
+import ctypes
+import functools
 import hmac
+import itertools
 import json
 import math
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import stop_prefix_len
+from ..engine import SamplingParams, stop_prefix_len
 from ..errors import UserError
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest
 
@@ -71,14 +72,11 @@ class Cancelled(Exception):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# the model side: everything here runs in worker threads
+# the model side: everything here runs on the decode thread
 
 
 class Backend:
-    """The served model + tokenizer: chat rendering, generation through the engine, prompt scoring.
-
-    Thread-safe: the weights are only read, every call builds its own KV cache inside the engine.
-    """
+    """The served model + tokenizer: chat rendering, prompt scoring (on the decode thread, which owns the model)."""
 
     def __init__(self, model, tokenizer, model_id: str):
         self.model = model.eval()
@@ -110,67 +108,6 @@ class Backend:
     def token_bytes(self, i: int) -> bytes:
         return self.tokenizer.decode_bytes([int(i)])
 
-    def _context(self):
-        return torch.inference_mode()  # per thread: every worker enters it itself
-
-    # ---- generation ------------------------------------------------------------------------------------------------
-
-    def run_batch(self, jobs: list["Job"], finish: Callable[["Job", Any], None]) -> None:
-        """Decode ``jobs`` (same sampling options) as one batch through the engine; runs in a worker thread.
-
-        After every token step each job gets its new text (``job.on_text``, streaming) and is finished as soon as
-        its own rows are done: ``finish(job, [{"tokens", "text", "finish_reason"}, ...])`` (one per sample), or
-        ``finish(job, Cancelled())`` once its client is gone. The batch stops when no job is left to serve.
-        Uses the engine's per-step hook (``generate(..., on_step=)``).
-        """
-        from .. import engine
-
-        lead = jobs[0]
-        n, stops = lead.n, lead.params["stop"]
-
-        def step(rows) -> None:
-            live = False
-            for j, job in enumerate(jobs):
-                if job.finished:
-                    continue
-                if job.cancel.is_set():
-                    job.finished = True
-                    finish(job, Cancelled())
-                    continue
-                for k, r in enumerate(rows[j * n : (j + 1) * n]):
-                    if job.results[k] is not None:
-                        continue
-                    done = r.done or len(r.tokens) >= job.max_tokens
-                    text = r.text if r.text is not None else self.decode(r.tokens)
-                    if job.on_text is not None:
-                        end = len(text) if done else len(text) - stop_prefix_len(text, stops)
-                        if end > job.emitted[k]:
-                            job.on_text(k, text[job.emitted[k] : end])
-                            job.emitted[k] = end
-                    if done:
-                        reason = "stop" if r.done and r.reason == "stop" else "length"
-                        job.results[k] = {"tokens": [int(t) for t in r.tokens[: job.max_tokens]], "text": text,
-                                          "finish_reason": reason}
-                if all(res is not None for res in job.results):
-                    job.finished = True
-                    finish(job, job.results)
-                else:
-                    live = True
-            if not live:
-                raise _BatchOver()  # every job is answered or gone: stop decoding
-
-        try:
-            params = engine.SamplingParams(**lead.params, max_new_tokens=max(job.max_tokens for job in jobs), n=n,
-                                           stop_ids=self.stop_ids)
-            engine.generate(self.model, [job.prompt for job in jobs], params, tokenizer=self.tokenizer, on_step=step)
-        except _BatchOver:
-            pass
-        except Exception as e:
-            for job in jobs:
-                if not job.finished:
-                    job.finished = True
-                    finish(job, e)
-
     # ---- scoring ---------------------------------------------------------------------------------------------------
 
     def score(self, ids: list[int], top: int) -> tuple[list[Optional[float]], list[Optional[list[tuple[int, float]]]]]:
@@ -180,12 +117,11 @@ class Backend:
 
         if not ids:
             return [], []
-        with self._context():
-            (chosen,) = engine.sequence_logprobs(self.model, [ids])
+        (chosen,) = engine.sequence_logprobs(self.model, [ids])
         lps: list[Optional[float]] = [None, *chosen]
         tops: list[Optional[list[tuple[int, float]]]] = [None] + [[] for _ in chosen]
         if top > 0 and len(ids) > 1:
-            with self._context():
+            with torch.inference_mode():
                 logits, _ = self.model(torch.tensor([ids[:-1]], dtype=torch.long, device=self.device))
                 vals, idx = torch.log_softmax(logits[0].float(), dim=-1).topk(min(top, logits.shape[-1]), dim=-1)
             tops = [None] + [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
@@ -193,126 +129,263 @@ class Backend:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# jobs and the scheduler: bounded concurrency, a bounded queue, batching of simultaneous requests
-
-
-class _BatchOver(Exception):
-    """Raised from the engine's step callback to end a batch early (every job answered or gone)."""
+# jobs and the scheduler: one decode loop over every active request (continuous batching), a bounded queue
 
 
 class Job:
-    """One prompt to continue (``n`` samples): the unit the scheduler queues and batches.
+    """One prompt to continue with ``params`` (``params.n`` rows): the unit the scheduler queues and decodes.
 
-    ``on_text(sample, piece)`` (streaming only) is called from the worker thread; ``future`` resolves on the event
-    loop with ``[{"tokens", "text", "finish_reason"}] * n`` or an exception (``Cancelled`` when the client left).
-    """
+    ``on_text([(sample, piece), ...])`` (streaming) and ``on_done(results | exception)`` are called through the
+    scheduler's ``post`` (on the event loop); results are ``[{"tokens", "text", "finish_reason"}] * n``, the
+    exception ``Cancelled`` when the client left."""
 
-    def __init__(self, prompt: list[int], max_tokens: int, params: dict, n: int = 1,
-                 on_text: Optional[Callable[[int, str], None]] = None):
-        self.prompt, self.max_tokens, self.params, self.n = prompt, max_tokens, params, n
-        self.on_text = on_text
-        self.cancel = threading.Event()
-        self.emitted = [0] * n
-        self.results: list[Optional[dict]] = [None] * n
-        self.finished = False  # set by the worker thread
-        self.future: Optional[asyncio.Future] = None
+    def __init__(self, prompt: list[int], params: SamplingParams):
+        self.prompt, self.params, self.n = prompt, params, params.n
+        self.on_text: Optional[Callable[[list], None]] = None
+        self.on_done: Callable[[Any], None] = lambda result: None
+        self.cancelled = self.admitted = self.ended = self.started = False
+        self.rows: list = []
+        self.emitted = [0] * self.n
+        self.submitted = time.perf_counter()
+        self.future: Optional[asyncio.Future] = None  # the app's
 
-    def batch_key(self) -> Optional[tuple]:
-        """Jobs with equal keys may share a batch; ``None`` = always alone (a seed, or several samples, must give
-        the same output whoever else is being served)."""
-        if self.n > 1 or self.params["seed"] is not None:
-            return None
-        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(self.params.items()))
+
+class Metrics:
+    """What ``/metrics`` shows (Prometheus text format): counters kept by the decode thread."""
+
+    TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+    WINDOW = 10.0  # seconds the tokens/s gauge averages over
+
+    def __init__(self):
+        self.tokens = 0
+        self.recent: collections.deque = collections.deque()  # (time, tokens) of each step in the window
+        self.ttft = [0] * len(self.TTFT_BUCKETS)
+        self.ttft_sum = 0.0
+        self.requests = collections.Counter()  # by outcome
+
+    def step(self, now: float, tokens: int) -> None:
+        self.tokens += tokens
+        self.recent.append((now, tokens))
+        while self.recent[0][0] < now - self.WINDOW:
+            self.recent.popleft()
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft[bisect.bisect_left(self.TTFT_BUCKETS, seconds)] += 1
+        self.ttft_sum += seconds
+
+    def render(self, queued: int, requests: int, sequences: int) -> str:
+        now = time.perf_counter()
+        rate = sum(n for t, n in list(self.recent) if t >= now - self.WINDOW) / self.WINDOW
+        lines = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.extend([f"# HELP pocketgpt_{name} {help_}", f"# TYPE pocketgpt_{name} {kind}"])
+            lines.extend(f"pocketgpt_{name}{labels} {value:g}" for labels, value in samples)
+
+        metric("queue_depth", "gauge", "Requests waiting to join the running batch.", [("", queued)])
+        metric("active_requests", "gauge", "Requests in the running batch.", [("", requests)])
+        metric("active_sequences", "gauge", "Sequences (rows) in the running batch.", [("", sequences)])
+        metric("generated_tokens_total", "counter", "Tokens generated.", [("", self.tokens)])
+        metric("tokens_per_second", "gauge", f"Tokens generated per second over the last {self.WINDOW:g} s.",
+               [("", rate)])
+        metric("requests_total", "counter", "Requests by outcome.",
+               [(f'{{outcome="{k}"}}', self.requests[k]) for k in ("completed", "cancelled", "rejected", "failed")])
+        cumulative = list(itertools.accumulate(self.ttft))
+        metric("time_to_first_token_seconds", "histogram", "From arrival to the first generated token.",
+               [(f'_bucket{{le="{"+Inf" if b == float("inf") else f"{b:g}"}"}}', c)
+                for b, c in zip(self.TTFT_BUCKETS, cumulative)]
+               + [("_sum", self.ttft_sum), ("_count", cumulative[-1])])
+        return "\n".join(lines) + "\n"
 
 
 class Scheduler:
-    """Runs jobs on ``slots`` worker threads, each decoding one batch of up to ``max_batch`` jobs that share their
-    sampling options; at most ``max_queue`` jobs wait, beyond that ``submit`` answers 503 at once. A batch is formed
-    when a slot frees up, from the jobs waiting then (the oldest first); a job that arrives later waits for the next
-    free slot. Lives on the event loop: only ``Backend.run_batch`` runs in the threads."""
+    """The one decode loop. A thread that owns the model runs decode steps over the rows of every active request
+    (``engine.DecodeBatch``: one forward per step for all rows, each row with its own sampling options). Between two
+    steps it runs queued calls (scoring), prefills the requests that arrived (one left-padded forward for all of
+    them, so a burst of arrivals costs one forward, not one each) and lets them join, and removes the rows of requests whose client left; a finished row
+    leaves at once. At most ``max_rows`` rows decode together (a request larger than that runs when the batch is
+    empty); more requests wait, at most ``max_queue`` of them (``submit`` answers 429 beyond). After each step the
+    new text of every request goes out in one ``post`` (``loop.call_soon_threadsafe`` once ``start``-ed; tests call
+    ``step()`` themselves)."""
 
-    def __init__(self, backend: Backend, slots: int, max_queue: int, max_batch: int):
-        self.backend, self.slots, self.max_queue, self.max_batch = backend, slots, max_queue, max_batch
-        self.free = slots
-        self.waiting: list[Job] = []
-        self.running: set[Job] = set()
-        self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="pocketgpt-gen")
+    def __init__(self, backend: Backend, max_rows: int, max_queue: int):
+        from ..engine import DecodeBatch
+
+        self.backend, self.max_rows, self.max_queue = backend, max_rows, max_queue
+        self.new_batch = lambda: DecodeBatch(backend.model, backend.tokenizer)
+        self.batch = self.new_batch()
+        self.lock = threading.Condition()
+        self.waiting: collections.deque = collections.deque()  # guarded by lock
+        self.calls: list = []  # (fn, on_done), guarded by lock
+        self.rows_used = 0  # rows of admitted jobs, guarded by lock
+        self.active: list[Job] = []  # the decode thread's
+        self.closed = False
+        self.thread: Optional[threading.Thread] = None
+        self.post: Callable = lambda fn, *args: fn(*args)
+        self.metrics = Metrics()
+
+    def start(self, post: Callable) -> None:
+        if self.thread is None:
+            self.post = post
+            self.thread = threading.Thread(target=self._run, name="pocketgpt-decode", daemon=True)
+            self.thread.start()
 
     def submit(self, jobs: list[Job]) -> None:
-        if self.free == 0 and len(self.waiting) + len(jobs) > self.max_queue:
-            raise APIError(503, f"server is at capacity ({len(self.running)} requests running, {len(self.waiting)} "
-                                "queued); retry shortly", type="server_error", code="server_overloaded",
-                           headers={"Retry-After": "1"})
-        loop = asyncio.get_running_loop()
-        for job in jobs:
-            job.future = loop.create_future()
-            self.waiting.append(job)
-        self._dispatch()
+        """Queue ``jobs`` (all or none): an ``APIError`` 429 with ``Retry-After`` when they would wait in a full
+        queue."""
+        with self.lock:
+            rows = self.rows_used + sum(j.n for j in self.waiting) + sum(j.n for j in jobs)
+            if self.closed or (rows > self.max_rows and len(self.waiting) + len(jobs) > self.max_queue):
+                self.metrics.requests["rejected"] += len(jobs)
+                raise APIError(429, f"server is at capacity ({self.rows_used} sequences decoding, "
+                                    f"{len(self.waiting)} requests queued); retry shortly", type="requests",
+                               code="rate_limit_exceeded", headers={"Retry-After": "1"})
+            self.waiting.extend(jobs)
+            self.lock.notify()
 
     def drop(self, job: Job) -> None:
-        """The client went away: forget a waiting job now, stop a running one at its next decoding step."""
-        job.cancel.set()
-        if job in self.waiting:
-            self.waiting.remove(job)
-            self._resolve(job, Cancelled())
+        """The client went away: a waiting job is forgotten now, an active one leaves before the next step."""
+        job.cancelled = True
+        with self.lock:
+            waiting = job in self.waiting
+            if waiting:
+                self.waiting.remove(job)
+        if waiting:
+            out: list = []
+            self._end(job, Cancelled(), out)
+            self._deliver(out)
 
-    def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self.free > 0 and self.waiting:
-            batch = [self.waiting.pop(0)]
-            key = batch[0].batch_key()
-            if key is not None:
-                for job in list(self.waiting):
-                    if len(batch) >= self.max_batch:
+    def call(self, fn: Callable[[], Any], on_done: Callable[[Any], None]) -> None:
+        """Run ``fn`` on the decode thread before the next step; ``on_done(result or exception)`` via ``post``."""
+        with self.lock:
+            self.calls.append((fn, on_done))
+            self.lock.notify()
+
+    def close(self) -> None:
+        """Stop the loop (from any thread): every job still queued or running ends as ``Cancelled``."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.lock:
+                    if not (self.closed or self.waiting or self.calls or self.active):
+                        _trim_heap()  # idle: give the freed cache back to the system
+                    while not (self.closed or self.waiting or self.calls or self.active):
+                        self.lock.wait()
+                    if self.closed:
                         break
-                    if job.batch_key() == key:
-                        batch.append(job)
-                        self.waiting.remove(job)
-            self.free -= 1
-            self.running.update(batch)
+                self.step()
+        out: list = []
+        with self.lock:
+            jobs, calls = [*self.active, *self.waiting], self.calls
+            self.waiting.clear()
+            self.calls = []
+        for job in jobs:
+            self._end(job, Cancelled(), out)
+        out += [(on_done, Cancelled()) for _, on_done in calls]
+        self.post(self._deliver, out)
 
-            def finish(job: Job, result: Any) -> None:  # from the worker thread
-                loop.call_soon_threadsafe(self._resolve, job, result)
+    def step(self) -> None:
+        """Calls, joins and departures, then one decode step; what it produced goes out in one ``post``."""
+        out: list = []  # (callback, argument), run on the event loop in this order
+        with self.lock:
+            calls, self.calls = self.calls, []
+            admit = []
+            while self.waiting and (self.rows_used == 0 or self.rows_used + self.waiting[0].n <= self.max_rows):
+                job = self.waiting.popleft()
+                job.admitted = True
+                self.rows_used += job.n
+                admit.append(job)
+            self.active += admit  # running from now on (their prefill comes next)
+        for fn, on_done in calls:
+            try:
+                out.append((on_done, fn()))
+            except Exception as e:  # noqa: BLE001 - the caller's error, answered to the caller
+                out.append((on_done, e))
+        try:
+            for job in admit:
+                if job.cancelled:
+                    self._end(job, Cancelled(), out)
+            joining = [job for job in admit if not job.ended]
+            if joining:  # one prefill forward for all the requests that arrived during the last step
+                rows = iter(self.batch.add([job.prompt for job in joining], [job.params for job in joining]))
+                for job in joining:
+                    job.rows = [next(rows) for _ in range(job.n)]
+            gone = [job for job in self.active if job.cancelled and not job.ended]
+            if gone:
+                self.batch.drop([r for job in gone for r in job.rows])
+                for job in gone:
+                    self._end(job, Cancelled(), out)
+            rows = len(self.batch.rows)
+            self.batch.step()
+            if rows:
+                self.metrics.step(time.perf_counter(), rows)
+            for job in self.active:
+                if not job.ended:
+                    self._emit(job, out)
+        except Exception as e:  # a failed step fails the requests in it, not the server
+            for job in self.active:
+                self._end(job, e, out)
+            self.batch = self.new_batch()
+        self.active = [job for job in self.active if not job.ended]
+        if out:
+            self.post(self._deliver, out)
 
-            done = loop.run_in_executor(self.pool, self.backend.run_batch, batch, finish)
-            done.add_done_callback(lambda f, batch=batch: self._batch_done(batch, f))
+    def _emit(self, job: Job, out: list) -> None:
+        """The job's new text (held back while it may be the start of a stop string), its answer once done."""
+        pieces, stops = [], job.params.stop
+        for k, r in enumerate(job.rows):
+            end = len(r.text) if r.done else len(r.text) - stop_prefix_len(r.text, stops)
+            if end > job.emitted[k]:
+                pieces.append((k, r.text[job.emitted[k] : end]))
+                job.emitted[k] = end
+        if not job.started and any(r.tokens or r.done for r in job.rows):
+            job.started = True
+            self.metrics.first_token(time.perf_counter() - job.submitted)
+        if pieces and job.on_text is not None:
+            out.append((job.on_text, pieces))
+        if all(r.done for r in job.rows):
+            self._end(job, [{"tokens": list(r.tokens), "text": r.text,
+                             "finish_reason": "stop" if r.reason == "stop" else "length"} for r in job.rows], out)
 
-    def _resolve(self, job: Job, result: Any) -> None:
-        self.running.discard(job)
-        if job.future is not None and not job.future.done():
-            if isinstance(result, BaseException):
-                job.future.set_exception(result)
-                if isinstance(result, Cancelled):
-                    job.future.exception()  # nobody is waiting for a dropped job: not an error to log
-            else:
-                job.future.set_result(result)
+    def _end(self, job: Job, result: Any, out: list) -> None:
+        if job.ended:
+            return
+        job.ended = True
+        if job.admitted:
+            with self.lock:
+                self.rows_used -= job.n
+        outcome = "completed" if isinstance(result, list) else "cancelled" if isinstance(result, Cancelled) \
+            else "failed"
+        self.metrics.requests[outcome] += 1
+        out.append((job.on_done, result))
 
-    def _batch_done(self, batch: list[Job], f: asyncio.Future) -> None:
-        self.free += 1
-        for job in batch:  # normally every job was resolved already
-            err = f.exception() if not f.cancelled() else Cancelled()
-            self._resolve(job, err or RuntimeError("generation ended without a result"))
-        if not self.pool._shutdown:
-            self._dispatch()
+    @staticmethod
+    def _deliver(out: list) -> None:
+        for fn, arg in out:
+            fn(arg)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # the app
 
 
-def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurrency: int = 2,
-               max_queue: int = 256, max_batch: int = 16) -> FastAPI:
-    """The FastAPI app serving ``backend``: ``max_concurrency`` batches decode at once (worker threads), each of up
-    to ``max_batch`` requests; ``max_queue`` more may wait. ``api_key`` guards every ``/v1/*`` route."""
-    sched = Scheduler(backend, max_concurrency, max_queue, max_batch)
+def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurrency: int = 64,
+               max_queue: int = 256) -> FastAPI:
+    """The FastAPI app serving ``backend``: up to ``max_concurrency`` sequences decode together in one continuous
+    batch; ``max_queue`` more requests may wait. ``api_key`` guards every ``/v1/*`` route."""
+    sched = Scheduler(backend, max_concurrency, max_queue)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        sched.start(asyncio.get_running_loop().call_soon_threadsafe)
         yield
-        for job in [*sched.waiting, *sched.running]:  # shutting down: stop every batch at its next step
-            sched.drop(job)
-        sched.pool.shutdown(wait=False, cancel_futures=True)
+        sched.close()  # shutting down: every queued or running request ends now
+        await asyncio.to_thread(sched.thread.join, 5)
 
     app = FastAPI(title="pocketgpt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.backend, app.state.scheduler = backend, sched
@@ -364,9 +437,13 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": backend.model_id, "running": len(sched.running),
-                "queued": len(sched.waiting), "busy_slots": sched.slots - sched.free, "max_concurrency": sched.slots,
-                "max_batch": sched.max_batch, "max_queue": sched.max_queue}
+        return {"status": "ok", "model": backend.model_id, "running": len(sched.active), "queued": len(sched.waiting),
+                "sequences": len(sched.batch.rows), "max_concurrency": sched.max_rows, "max_queue": sched.max_queue}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        text = sched.metrics.render(len(sched.waiting), len(sched.active), len(sched.batch.rows))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
@@ -379,10 +456,27 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
 
     # ---- generation --------------------------------------------------------------------------------------------
 
+    def submit(jobs: list[Job]) -> list[asyncio.Future]:
+        """Queue ``jobs`` (429 now if the queue is full); each future resolves with its job's answer."""
+        loop = asyncio.get_running_loop()
+        sched.start(loop.call_soon_threadsafe)  # (normally started by the lifespan)
+        futures = []
+        for job in jobs:
+            job.future = loop.create_future()
+            job.on_done = functools.partial(_settle, job.future)
+            futures.append(job.future)
+        sched.submit(jobs)
+        return futures
+
+    async def on_model(fn: Callable[[], Any]) -> Any:
+        """``fn()`` run on the decode thread (the one that owns the model), between two steps."""
+        future = asyncio.get_running_loop().create_future()
+        sched.call(fn, functools.partial(_settle, future))
+        return await future
+
     async def answer(request: Request, jobs: list[Job]) -> list[list[dict]]:
         """Queue ``jobs`` and wait for all of them; if the client goes away meanwhile, drop them."""
-        sched.submit(jobs)
-        futures = [job.future for job in jobs]
+        futures = submit(jobs)
         try:
             while True:
                 done, pending = await asyncio.wait(futures, timeout=0.25)
@@ -402,7 +496,6 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         ``first(index)`` (events before any text), ``piece(index, text)``, ``last(index, result)`` build the events
         of choice ``index`` (= job number * n + sample); ``usage(completion_tokens)`` the closing one, if any.
         """
-        loop = asyncio.get_running_loop()
         inbox: collections.deque = collections.deque()  # (choice index, text) pieces, then each job's future
         wake = asyncio.Event()
 
@@ -410,9 +503,9 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
             inbox.append(item)
             wake.set()
 
-        for j, job in enumerate(jobs):  # text pieces come from the worker thread
-            job.on_text = lambda k, text, base=j * job.n: loop.call_soon_threadsafe(put, (base + k, text))
-        sched.submit(jobs)  # 503 now, before the response starts, if the queue is full
+        for j, job in enumerate(jobs):  # each step's pieces, delivered on the loop
+            job.on_text = lambda pieces, base=j * job.n: [put((base + k, text)) for k, text in pieces]
+        submit(jobs)  # 429 now, before the response starts, if the queue is full
         for job in jobs:  # resolved after every piece of text it produced has been put in the inbox
             job.future.add_done_callback(put)
 
@@ -473,7 +566,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                     for m in body.messages]
         prompt = backend.chat_prompt(messages)
         max_tokens = _max_tokens(backend, len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
-        job = Job(prompt, max_tokens, _params(body), n=body.n)
+        job = Job(prompt, _params(backend, body, max_tokens))
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         top = (body.top_logprobs or 0) if body.logprobs else 0
 
@@ -503,7 +596,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
             choice = {"index": i, "message": {"role": "assistant", "content": o["text"]}, "logprobs": None,
                       "finish_reason": o["finish_reason"]}
             if body.logprobs:
-                content = await asyncio.to_thread(_chat_logprobs, backend, prompt, o["tokens"], top)
+                content = await on_model(functools.partial(_chat_logprobs, backend, prompt, o["tokens"], top))
                 choice["logprobs"] = {"content": content}
             choices.append(choice)
         return {"id": rid, "object": "chat.completion", "created": now, "model": backend.model_id,
@@ -519,7 +612,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         if body.max_tokens == 0 and body.stream:
             raise APIError(400, "'max_tokens': 0 only scores the prompt; use it without 'stream'",
                            param="max_tokens", code="invalid_value")
-        params = _params(body)
+        params = _params(backend, body, body.max_tokens)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         n_prompt = sum(map(len, prompts))
 
@@ -535,7 +628,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                 return chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": finish}])
 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            jobs = [Job(p, body.max_tokens, params, n=body.n) for p in prompts]
+            jobs = [Job(p, params) for p in prompts]
             return stream(
                 jobs,
                 first=lambda i: [text_chunk(i, backend.decode(prompts[i // body.n]))] if body.echo else [],
@@ -547,7 +640,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         if body.max_tokens == 0:  # score the prompt only
             outs = [[{"tokens": [], "text": "", "finish_reason": "length"}] * body.n for _ in prompts]
         else:
-            outs = await answer(request, [Job(p, body.max_tokens, params, n=body.n) for p in prompts])
+            outs = await answer(request, [Job(p, params) for p in prompts])
         choices, completion_tokens = [], 0
         for pi, (prompt, samples) in enumerate(zip(prompts, outs)):
             for j, o in enumerate(samples):
@@ -555,8 +648,8 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                 choice = {"index": pi * body.n + j, "text": (backend.decode(prompt) if body.echo else "") + o["text"],
                           "logprobs": None, "finish_reason": o["finish_reason"]}
                 if body.logprobs is not None:
-                    choice["logprobs"] = await asyncio.to_thread(_completion_logprobs, backend, prompt, o["tokens"],
-                                                                 body.logprobs, body.echo)
+                    choice["logprobs"] = await on_model(functools.partial(
+                        _completion_logprobs, backend, prompt, o["tokens"], body.logprobs, body.echo))
                 choices.append(choice)
         return {"id": rid, "object": "text_completion", "created": now, "model": backend.model_id,
                 "system_fingerprint": None, "choices": choices, "usage": _usage(n_prompt, completion_tokens)}
@@ -651,12 +744,33 @@ def _max_tokens(backend: Backend, prompt_len: int, requested: Optional[int], pro
     return requested
 
 
-def _params(body) -> dict:
+def _params(backend: Backend, body, max_tokens: int) -> SamplingParams:
     from ..chat import CHAT_DEFAULTS
 
     sampling = {k: CHAT_DEFAULTS[k] if getattr(body, k) is None else getattr(body, k) for k in CHAT_DEFAULTS}
-    return {**sampling, "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
-            "seed": body.seed, "stop": body.stop_list()}
+    return SamplingParams(**sampling, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          seed=body.seed, stop=body.stop_list(), max_new_tokens=max_tokens, n=body.n,
+                          stop_ids=backend.stop_ids)
+
+
+def _trim_heap() -> None:
+    """glibc keeps freed mid-sized blocks in its arenas (an idle server would keep its peak RSS): hand them back."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _settle(future: asyncio.Future, result: Any) -> None:
+    """Resolve ``future`` with a job's or call's outcome (an exception is raised to whoever awaits it)."""
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+        if isinstance(result, Cancelled):
+            future.exception()  # nobody may be waiting for a dropped job: not an error to log
+    else:
+        future.set_result(result)
 
 
 def _completion_prompts(backend: Backend, body: CompletionRequest) -> list[list[int]]:
