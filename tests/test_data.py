@@ -159,6 +159,29 @@ def test_builtin_corpora_and_cli(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_tail_raw_split_is_nanogpts_shakespeare_char_task(tmp_path, capsys):
+    """nanoGPT's data/shakespeare_char/prepare.py: the raw text, first 90% of the characters train, last 10% val."""
+    src = builtin_path("shakespeare")
+    assert cli_main(["prepare", "--kind", "char", "--split", "tail", "--raw", "--out", str(tmp_path / "n"),
+                     str(src)]) == 0
+    meta = json.loads((tmp_path / "n" / "meta.json").read_text())
+    assert meta["counts"] == {"train": 1_003_854, "val": 111_540}
+    tok = Tokenizer.load(tmp_path / "n" / "tokenizer")
+    text = src.read_text(encoding="utf-8")
+    assert len(set(text)) == 65 and tok.vocab_size == 65 + len(tok.special_ids) + 1  # + <unk>
+    got = {s: tok.decode(np.fromfile(tmp_path / "n" / f"{s}.bin", dtype=meta["dtype"]).tolist())
+           for s in ("train", "val")}
+    assert got["train"] == text[:1_003_854] and got["val"] == text[1_003_854:]  # byte-for-byte, no separators
+    # not raw: the last documents (cleaned, each after <|endoftext|>) are val, in order
+    meta = prepare([src], tmp_path / "docs", tmp_path / "n" / "tokenizer", split="tail", verbose=False)
+    docs = text_documents(text)
+    assert _shard_docs(tmp_path / "docs", "val", tok) == docs[-round(0.1 * len(docs)):]
+    capsys.readouterr()
+    assert "add --split tail" in _error(["prepare", "--raw", "--kind", "char", "--out", str(tmp_path / "r"),
+                                         str(src)], capsys)
+    assert not (tmp_path / "r").exists()
+
+
 def _error(argv, capsys) -> str:
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()  # progress lines may come before the error
