@@ -117,6 +117,15 @@ def test_exact_resume_after_sigkill(tmp_path, straight):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_muon_pretrain_learns_and_resumes_exactly_after_sigkill(tmp_path, char_data):
+    from test_resume import check_exact_resume
+
+    cfg = write_config(tmp_path / "c.toml", char_data, optimizer="muon", max_steps=20, eval_interval=10)
+    records = check_exact_resume(["pretrain", "--config", cfg], tmp_path, kill_after=10)
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert np.mean([losses[s] for s in range(16, 21)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.5
+
+
 def test_ddp_two_processes_equal_one_with_double_accumulation(tmp_path, char_data):
     cfg = write_config(tmp_path / "c.toml", char_data, max_steps=4, ckpt_interval=0)
     env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}

@@ -130,6 +130,41 @@ def test_resume_in_process_is_exact(tmp_path):
     assert losses("a") == losses("b")
 
 
+def test_muon_trains_hidden_matrices_learns_and_resumes_exactly(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(tie_embeddings=False))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    t = Trainer(model, CopyStage(), cfg(max_steps=8, ckpt_interval=4, optimizer="muon"), tmp_path / "a")
+    muon, adamw = t.optimizer.opts
+    names = {p: n for n, p in model.named_parameters()}
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert sorted(names[p] for g in muon.param_groups for p in g["params"]) == sorted(
+        n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("h."))  # the blocks' matrices
+    assert {names[p] for p in adamw.param_groups[0]["params"]} == {"wte.weight", "wpe.weight", "lm_head.weight"}
+    t.fit()
+    losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+                        if '"loss"' in x]
+    assert losses("a")[-1] < losses("a")[0] - 0.5
+    assert json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[2])["lr"] > 0
+
+    first = GPT(tiny_config(tie_embeddings=False))  # Ctrl-C after step 4, then the same run again: bitwise equal
+    first.load_state_dict(init)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(first, CopyStage(interrupt_at=4), cfg(max_steps=8, ckpt_interval=4, optimizer="muon"),
+                tmp_path / "b").fit()
+    second = GPT(tiny_config(tie_embeddings=False))
+    resumed = Trainer(second, CopyStage(), cfg(max_steps=8, ckpt_interval=4, optimizer="muon"), tmp_path / "b")
+    resumed.fit()
+    torch.testing.assert_close(second.state_dict(), model.state_dict(), rtol=0, atol=0)
+    assert losses("b") == losses("a")
+    torch.testing.assert_close(resumed.optimizer.state_dict()["state"], t.optimizer.state_dict()["state"],
+                               rtol=0, atol=0)
+
+    monkeypatch.delattr(torch.optim, "Muon")  # an older torch: one line saying what to do
+    with pytest.raises(UserError, match="no torch.optim.Muon; upgrade torch .* or use optimizer = 'adamw'"):
+        Trainer(GPT(tiny_config()), CopyStage(), cfg(optimizer="muon"), tmp_path / "c")
+
+
 class BufferStage(CopyStage):
     """Keeps a tensor (like a rollout buffer) that each step's end redraws and the next batches use: resume is
     exact only if the trainer saves and restores it."""

@@ -156,6 +156,9 @@ class TrainConfig(Config):
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = 1e-8
     grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
+    # muon: torch.optim.Muon for the hidden weight matrices (at muon_lr, same schedule), AdamW (lr) for the rest
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = Field(0.02, gt=0)
     # autocast; master weights stay fp32. auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32
     dtype: Literal["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
@@ -291,6 +294,55 @@ def default_load_model(model: nn.Module, directory: Path) -> None:
             if own[k].shape != v.shape:
                 raise UserError(f"{path}: tensor '{k}' has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
             own[k].copy_(v)
+
+
+def _hidden_matrices(model: nn.Module) -> set:
+    """What Muon trains (nanochat's split): the weight matrices of ``nn.Linear`` layers with more than one row and
+    column, except the output head and anything shared with an embedding (AdamW keeps those, norms and biases)."""
+    embeddings = {p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return {m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear) and min(m.weight.shape) > 1
+            and name.rsplit(".", 1)[-1] != "lm_head" and m.weight not in embeddings}
+
+
+class _Chained:
+    """Muon + AdamW as one optimizer for the loop, the GradScaler and checkpoints: ``param_groups`` and the state
+    dict list Muon's first, parameter ids numbered across both (the layout of a single optimizer's state dict)."""
+
+    def __init__(self, *opts: torch.optim.Optimizer):
+        self.opts = opts
+
+    @property
+    def param_groups(self) -> list[dict]:  # (load_state_dict replaces each optimizer's group dicts)
+        return [g for o in self.opts for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        out: dict = {"state": {}, "param_groups": []}
+        base = 0
+        for o in self.opts:
+            sd = o.state_dict()
+            out["state"].update({base + k: v for k, v in sd["state"].items()})
+            out["param_groups"] += [{**g, "params": [base + i for i in g["params"]]} for g in sd["param_groups"]]
+            base += sum(len(g["params"]) for g in o.param_groups)
+        return out
+
+    def load_state_dict(self, sd: dict) -> None:
+        groups, base = list(sd["param_groups"]), 0
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{len(groups)} parameter groups saved, {len(self.param_groups)} here")
+        for o in self.opts:
+            mine, groups = groups[:len(o.param_groups)], groups[len(o.param_groups):]
+            n = sum(len(g["params"]) for g in o.param_groups)
+            o.load_state_dict({"state": {k - base: v for k, v in sd["state"].items() if base <= k < base + n},
+                               "param_groups": [{**g, "params": [i - base for i in g["params"]]} for g in mine]})
+            base += n
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -446,13 +498,19 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        decay, no_decay = [], []
+        hidden = _hidden_matrices(self.model) if cfg.optimizer == "muon" else set()
+        decay, no_decay, muon = [], [], []
         for _, p in self.model.named_parameters():
             if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        if not decay and not no_decay:
+                (muon if p in hidden else decay if p.dim() >= 2 else no_decay).append(p)
+        if not decay and not no_decay and not muon:
             raise UserError("the model has no trainable parameters (all have requires_grad=False)")
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.optimizer == "muon":
+            if not hasattr(torch.optim, "Muon"):
+                raise UserError(f"train.optimizer = 'muon': torch {torch.__version__} has no torch.optim.Muon; "
+                                "upgrade torch (2.9 or newer) or use optimizer = 'adamw'")
+            groups = [g for g in groups if g["params"]]  # (a model may have no bias or norm)
         impl = cfg.optimizer_impl
         if impl == "auto":
             # fused on CUDA and on CPU (the fastest: benchmarks/train_step.py --optim-only); elsewhere (MPS) foreach
@@ -464,7 +522,12 @@ class Trainer:
             kw["foreach"] = True
         else:
             kw["foreach"] = False
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
+        adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
+        if not muon:
+            return adamw
+        # lr_scale: the schedule sets lr × lr_scale in every group, so Muon follows the same warm-up and decay
+        return _Chained(torch.optim.Muon([{"params": muon, "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
+                                         weight_decay=cfg.weight_decay), adamw)
 
     def _wrap(self) -> nn.Module:
         model = self.model
@@ -774,7 +837,7 @@ class Trainer:
                 step = self.step
                 lr = lr_at(sched or cfg, step)
                 for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
 
                 loss_sum = torch.zeros((), device=self.device)
                 metric_sums: dict[str, float] = {}
