@@ -183,8 +183,8 @@ def _pretrain_run(args) -> int:
     finally:
         trainer.close()
     if rank == 0:
-        parts = [f"step {result['step']}"] + [f"{k} {result[k]:.4f}" for k in ("train_loss", "val_loss", "val_ppl")
-                                              if k in result]
+        parts = [f"step {result['step']}", f"{result['tokens']:,} tokens"] + [
+            f"{k} {result[k]:.4f}" for k in ("train_loss", "val_loss", "val_ppl", "val_bpb") if k in result]
         print("done: " + ", ".join(parts + [f"{result['tok_per_s']:,.0f} tok/s"]))
         print(f"final model: {out / 'ckpt'}" + (f"   best val: {out / 'best'}" if (out / "best").exists() else ""))
     return 0
@@ -208,7 +208,8 @@ def _eval_run(args) -> int:
     m = evaluate_checkpoint(args.ckpt, args.data, args.split, batch_size=args.batch_size,
                             max_batches=args.max_batches, block_size=args.block_size, device=args.device,
                             dtype=args.dtype)
-    print(f"{args.split} loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}")
+    print(f"{args.split} loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}"
+          + (f"  bits/byte {m['val_bpb']:.4f}" if "val_bpb" in m else ""))
     return 0
 
 
