@@ -123,7 +123,11 @@ def test_token_shards_batches_and_eval_windows(tmp_path, char_tok):
     ex = torch.cat([b[0] for b in windows]).reshape(-1)
     ey = torch.cat([b[1] for b in windows]).reshape(-1)
     assert torch.equal(ex, torch.from_numpy(data[: n * 16])) and torch.equal(ey, torch.from_numpy(data[1: n * 16 + 1]))
-    assert len(list(shards.iter_eval(5, max_batches=2))) == 2
+    some = list(shards.iter_eval(5, max_batches=2))  # 10 windows spread over the whole split
+    assert len(some) == 2 and all(len(b[0]) == 5 for b in some)
+    rows = [r.tolist() for b in some for r in b[0]]
+    starts = [i * n // 10 * 16 for i in range(10)]
+    assert rows == [data[s:s + 16].tolist() for s in starts] and starts[-1] >= 0.9 * (n - 1) * 16 - 16
     val = TokenShards(tmp_path / "out", "val", block_size=8)
     assert len(val) == meta["counts"]["val"]
 

@@ -372,8 +372,8 @@ class TokenShards:
     """Windows of ``block_size`` tokens from one split of a shard directory, read through a memmap (no full copy).
 
     ``get_batch(batch_size, generator)`` → ``(x, y)`` int64 tensors ``(B, block_size)`` at random offsets
-    (``y`` is ``x`` shifted by one); ``iter_eval(batch_size, max_batches)`` → the same from consecutive,
-    non-overlapping windows from the start (deterministic). ``len(shards)`` is the number of tokens in the split.
+    (``y`` is ``x`` shifted by one); ``iter_eval(batch_size, max_batches)`` → the same from non-overlapping windows
+    (deterministic): all of them in order, or ``max_batches`` batches of windows spread evenly over the split. ``len(shards)`` is the number of tokens in the split.
     """
 
     def __init__(self, directory: str | os.PathLike, split: str = "train", block_size: int = 256):
@@ -438,10 +438,12 @@ class TokenShards:
         return self._windows(starts)
 
     def iter_eval(self, batch_size: int, max_batches: int | None = None):
-        """Consecutive non-overlapping windows from the start of the split, ``batch_size`` at a time (the last batch
-        may be smaller); at most ``max_batches`` batches."""
+        """Non-overlapping windows of the split in order, ``batch_size`` at a time (the last batch may be smaller); with
+        ``max_batches``, that many batches of windows spread evenly over the whole split (not its beginning only, so
+        a few batches estimate the whole split's loss)."""
         starts = list(range(0, self.num_windows * self.block_size, self.block_size))
-        for b, i in enumerate(range(0, len(starts), batch_size)):
-            if max_batches is not None and b >= max_batches:
-                return
+        k = (max_batches or len(starts)) * batch_size
+        if k < len(starts):
+            starts = [starts[i * len(starts) // k] for i in range(k)]
+        for i in range(0, len(starts), batch_size):
             yield self._windows(starts[i:i + batch_size])

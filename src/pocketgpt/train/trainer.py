@@ -104,8 +104,12 @@ Time budgets
 With ``max_minutes`` the schedule (warm-up included) is sized from the measured step time: after the first step
 of the process and ``MEASURED_STEPS`` more, the steps that fit in what is left of the budget become the total
 (at most ``max_steps``), warm-up shrinks with it in proportion, and one log line says how many steps the run will
-take. The decision is kept in the checkpoint (exact resume) while ``max_steps`` and ``max_minutes`` are unchanged;
-the run still stops when the budget is spent (a machine that slows down later).
+take. With ``eval_interval`` set, one evaluation + checkpoint is timed right then, and the evaluations (each with a
+checkpoint) are spaced so that all of them, the final one included, take at most ``PAUSE_SHARE`` of the budget
+(``eval_interval`` is then the closest spacing allowed); the steps that fit are counted after that time. The
+decision is kept in the checkpoint (exact resume) while ``max_steps`` and ``max_minutes`` are unchanged; the run
+still stops when the budget is spent (a machine that slows down later), and its last line gives the steps and tokens
+reached, which compare machines of different speed.
 """
 
 from __future__ import annotations
@@ -138,6 +142,7 @@ from .. import runtime
 RESUMABLE = frozenset({"max_steps", "max_minutes", "eval_interval", "eval_batches", "ckpt_interval", "log_interval",
                        "keep_best", "progress", "device", "dtype", "compile", "optimizer_impl", "ddp_find_unused"})
 MEASURED_STEPS = 5  # steps timed (after a process's first) before a time budget sizes the schedule
+PAUSE_SHARE = 0.04  # of a time budget, at most, for evaluations + checkpoints (the measured one included)
 
 
 class TrainConfig(Config):
@@ -778,26 +783,51 @@ class Trainer:
             return cfg
         if s is None or s["for"] != [cfg.max_steps, cfg.max_minutes]:  # a resumed run changed them: decide again
             return None
-        return cfg.model_copy(update={"max_steps": s["max_steps"], "warmup_steps": s["warmup_steps"]})
+        return cfg.model_copy(update={k: s[k] for k in ("max_steps", "warmup_steps", "eval_interval", "ckpt_interval")
+                                      if k in s})
 
     def _fit_budget(self, per_step: float) -> TrainConfig:
-        """Size the schedule to the steps that fit in the rest of the time budget at ``per_step`` seconds a step."""
-        cfg, elapsed = self.cfg, self.elapsed
+        """Size the schedule to the steps that fit in the rest of the time budget at ``per_step`` seconds a step, and
+        space evaluations + checkpoints by the measured cost of one (module docstring)."""
+        cfg, pause = self.cfg, 0.0
+        if cfg.eval_interval:
+            t = time.time()
+            self._pause()
+            pause = time.time() - t
+        elapsed = self.elapsed + pause
         if self.ddp:  # every rank must take the same decision
-            t = torch.tensor([per_step, elapsed], dtype=torch.float64, device=self.device)
+            t = torch.tensor([per_step, elapsed, pause], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            per_step, elapsed = t.tolist()
-        fit = self.step + int(max(0.0, 60 * cfg.max_minutes - elapsed) / max(per_step, 1e-9))
+            per_step, elapsed, pause = t.tolist()
+        budget = 60 * cfg.max_minutes
+        pauses = max(1, int((PAUSE_SHARE * budget - pause) / pause)) if pause else 0  # the final one included
+        fit = self.step + int(max(0.0, budget - elapsed - pauses * pause) / max(per_step, 1e-9))
         total = max(self.step, min(cfg.max_steps, fit))
         warmup = min(cfg.warmup_steps, math.ceil(cfg.warmup_steps * total / cfg.max_steps))
-        self.schedule = {"max_steps": total, "warmup_steps": warmup, "for": [cfg.max_steps, cfg.max_minutes]}
+        every = max(cfg.eval_interval, math.ceil(total / pauses)) if pauses else 0
+        self.schedule = {"max_steps": total, "warmup_steps": warmup, "eval_interval": every,
+                         "ckpt_interval": max(cfg.ckpt_interval, every) if cfg.ckpt_interval else 0,
+                         "for": [cfg.max_steps, cfg.max_minutes]}
         if self.is_main:
             from tqdm import tqdm  # (a line above the progress bar)
 
             tqdm.write(f"{self.stage.name}: time budget {cfg.max_minutes:g} min at {per_step:.3g} s/step: the run will "
                        f"take {total} steps" + (f" (warm-up {warmup}; max_steps {cfg.max_steps} do not fit)"
-                                                if total < cfg.max_steps else " (max_steps)"), file=sys.stderr)
+                                                if total < cfg.max_steps else " (max_steps)")
+                       + (f", evaluating every {every} ({pause:.2g} s each)" if every else ""), file=sys.stderr)
         return self._schedule()
+
+    def _pause(self) -> None:
+        """Evaluate (rank 0, then every rank waits), print the metrics, checkpoint."""
+        self.evaluate()
+        if self.ddp:
+            torch.distributed.barrier()
+        if self.last_eval and self.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()),
+                       file=sys.stderr)
+        self.save_checkpoint()
 
     def fit(self) -> dict:
         """Train to ``cfg.max_steps`` (or the steps that fit in the time budget); returns the final metrics.
@@ -906,8 +936,10 @@ class Trainer:
                     if self.step == step0 + 1:
                         t_first = time.time()
                     elif self.step == step0 + 1 + MEASURED_STEPS:
-                        sched = self._fit_budget((time.time() - t_first) / MEASURED_STEPS)
+                        t_pause = time.time()
+                        sched = self._fit_budget((t_pause - t_first) / MEASURED_STEPS)
                         bar.total = total = sched.max_steps
+                        t_log += time.time() - t_pause  # (its timed evaluation is no training time)
 
                 train_metrics = {k: v / cfg.grad_accum for k, v in metric_sums.items()}
                 self.last_train = {"loss": step_loss, **train_metrics}
@@ -938,14 +970,10 @@ class Trainer:
 
                 last = self.step == total or bool(stop)
                 t_pause = time.time()
-                if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
-                    self.evaluate()
-                    if self.ddp:
-                        torch.distributed.barrier()
-                    if self.last_eval and self.is_main:
-                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()),
-                                  file=sys.stderr)
-                if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last:
+                every = sched or cfg  # (a time budget spaces them)
+                if (every.eval_interval and self.step % every.eval_interval == 0) or last:
+                    self._pause()
+                elif every.ckpt_interval and self.step % every.ckpt_interval == 0:
                     self.save_checkpoint()
                 t_log += time.time() - t_pause  # tokens/s counts training time only
                 if stop:
@@ -955,6 +983,10 @@ class Trainer:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
 
+        if cfg.max_minutes and self.is_main:
+            print(f"{self.stage.name}: reached step {self.step}, {self.tokens_seen:,} tokens in "
+                  f"{self.elapsed / 60:.2f} min ({self.tokens_seen / max(self.elapsed, 1e-9):,.0f} tokens/s)",
+                  file=sys.stderr)
         if self._stop_reason == "interrupt":
             if self.is_main:
                 print(f"stopped at step {self.step}; checkpoint saved in {self.ckpt_dir} "
