@@ -1,6 +1,7 @@
 """The one training loop. Every stage (pretrain, SFT, reward model, DPO, PPO, GRPO) reuses it.
 
-A *stage* supplies batches and a loss; the ``Trainer`` owns everything else: AdamW with decay / no-decay groups,
+A *stage* supplies batches and a loss; the ``Trainer`` owns everything else: AdamW with decay / no-decay groups (or
+``optimizer = "muon"``: Muon for the hidden weight matrices, AdamW for the rest),
 warmup + cosine/linear decay, gradient accumulation, clipping, autocast (bf16 / fp16 + GradScaler / fp32),
 optional ``torch.compile``, DistributedDataParallel under ``torchrun``, periodic evaluation, checkpoints with exact
 resume, the best-validation copy, ``metrics.jsonl``, loss plots and a progress bar (loss, tokens/s, MFU).
