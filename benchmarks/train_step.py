@@ -8,7 +8,7 @@ hurts both alike (on a shared machine absolute figures are pessimistic; the rati
 
     python benchmarks/train_step.py                 # ~2 minutes on 2 cores
     python benchmarks/train_step.py --steps 10 --rounds 5 --optim fused
-    python benchmarks/train_step.py --optim-only    # AdamW fused vs foreach vs for-loop on this device
+    python benchmarks/train_step.py --optim-only    # AdamW fused vs foreach vs for-loop (and Muon) on this device
 """
 
 from __future__ import annotations
@@ -90,6 +90,19 @@ def optim_only(a) -> None:
         for _ in range(20):
             opt.step()
         print(f"  {impl:9s} {1e3 * (time.perf_counter() - t) / 20:7.2f} ms")
+    if hasattr(torch.optim, "Muon"):  # what [train] optimizer = "muon" steps: Muon on the hidden matrices + AdamW
+        from pocketgpt.train.trainer import _hidden_matrices
+
+        hidden = _hidden_matrices(model)
+        opts = [torch.optim.Muon(list(hidden), lr=0.02),
+                torch.optim.AdamW([p for p in model.parameters() if p not in hidden], lr=1e-4, fused=True)]
+        for i in range(23):
+            if i == 3:
+                t = time.perf_counter()
+            for o in opts:
+                o.step()
+        print(f"  muon + fused AdamW {1e3 * (time.perf_counter() - t) / 20:7.2f} ms "
+              f"({len(hidden)} matrices through Newton-Schulz)")
 
 
 def main() -> None:

@@ -123,7 +123,11 @@ def test_token_shards_batches_and_eval_windows(tmp_path, char_tok):
     ex = torch.cat([b[0] for b in windows]).reshape(-1)
     ey = torch.cat([b[1] for b in windows]).reshape(-1)
     assert torch.equal(ex, torch.from_numpy(data[: n * 16])) and torch.equal(ey, torch.from_numpy(data[1: n * 16 + 1]))
-    assert len(list(shards.iter_eval(5, max_batches=2))) == 2
+    some = list(shards.iter_eval(5, max_batches=2))  # 10 windows spread over the whole split
+    assert len(some) == 2 and all(len(b[0]) == 5 for b in some)
+    rows = [r.tolist() for b in some for r in b[0]]
+    starts = [i * n // 10 * 16 for i in range(10)]
+    assert rows == [data[s:s + 16].tolist() for s in starts] and starts[-1] >= 0.9 * (n - 1) * 16 - 16
     val = TokenShards(tmp_path / "out", "val", block_size=8)
     assert len(val) == meta["counts"]["val"]
 
@@ -157,6 +161,29 @@ def test_builtin_corpora_and_cli(tmp_path, capsys):
     assert cli_main(["prepare", "--builtin", "chat_zh", "--tokenizer", str(tmp_path / "ts"),
                      "--out", str(tmp_path / "zh"), "--val-fraction", "0.05"]) == 0
     capsys.readouterr()
+
+
+def test_tail_raw_split_is_nanogpts_shakespeare_char_task(tmp_path, capsys):
+    """nanoGPT's data/shakespeare_char/prepare.py: the raw text, first 90% of the characters train, last 10% val."""
+    src = builtin_path("shakespeare")
+    assert cli_main(["prepare", "--kind", "char", "--split", "tail", "--raw", "--out", str(tmp_path / "n"),
+                     str(src)]) == 0
+    meta = json.loads((tmp_path / "n" / "meta.json").read_text())
+    assert meta["counts"] == {"train": 1_003_854, "val": 111_540}
+    tok = Tokenizer.load(tmp_path / "n" / "tokenizer")
+    text = src.read_text(encoding="utf-8")
+    assert len(set(text)) == 65 and tok.vocab_size == 65 + len(tok.special_ids) + 1  # + <unk>
+    got = {s: tok.decode(np.fromfile(tmp_path / "n" / f"{s}.bin", dtype=meta["dtype"]).tolist())
+           for s in ("train", "val")}
+    assert got["train"] == text[:1_003_854] and got["val"] == text[1_003_854:]  # byte-for-byte, no separators
+    # not raw: the last documents (cleaned, each after <|endoftext|>) are val, in order
+    meta = prepare([src], tmp_path / "docs", tmp_path / "n" / "tokenizer", split="tail", verbose=False)
+    docs = text_documents(text)
+    assert _shard_docs(tmp_path / "docs", "val", tok) == docs[-round(0.1 * len(docs)):]
+    capsys.readouterr()
+    assert "add --split tail" in _error(["prepare", "--raw", "--kind", "char", "--out", str(tmp_path / "r"),
+                                         str(src)], capsys)
+    assert not (tmp_path / "r").exists()
 
 
 def _error(argv, capsys) -> str:

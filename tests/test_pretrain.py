@@ -89,6 +89,43 @@ def test_exact_resume_after_sigkill(tmp_path, straight):
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))  # every step, once
 
 
+def test_muon_pretrain_learns_and_resumes_exactly_after_sigkill(tmp_path, char_data):
+    from test_resume import check_exact_resume
+
+    cfg = write_config(tmp_path / "c.toml", char_data, optimizer="muon", max_steps=20, eval_interval=10)
+    records = check_exact_resume(["pretrain", "--config", cfg], tmp_path, kill_after=10)
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert np.mean([losses[s] for s in range(16, 21)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.5
+
+
+def test_bits_per_byte_beside_every_val_loss(tmp_path, capsys):
+    from pocketgpt.data import builtin_path, prepare
+    from pocketgpt.tokenizer import Tokenizer
+    from pocketgpt.train.pretrain import bytes_per_token
+
+    tok = Tokenizer.train("char", ["ab水"])
+    assert bytes_per_token(tok, tok.encode("ab水水") + [tok.eos_id]) == (1 + 1 + 3 + 3) / 5  # specials: no bytes
+    src = tmp_path / "in.txt"
+    src.write_text(builtin_path("shakespeare").read_text(encoding="utf-8")[:40_000] + "水浒传" * 300)
+    meta = prepare([src], tmp_path / "data", kind="char", split="tail", raw=True, verbose=False)
+    val = np.fromfile(tmp_path / "data" / "val.bin", dtype=meta["dtype"])
+    per_token = len(Tokenizer.load(tmp_path / "data" / "tokenizer").decode(val.tolist()).encode()) / len(val)
+    assert per_token > 1.2  # the Chinese tail is 3 bytes a character
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "data", max_steps=4, ckpt_interval=0, eval_interval=2)
+    assert cli_main(["pretrain", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / (np.log(2) * per_token), rel=1e-9)
+    assert f"val_bpb {evals[-1]['val_bpb']:.4f}" in capsys.readouterr().out
+    assert cli_main(["eval", "--ckpt", str(tmp_path / "run" / "ckpt"), "--data", str(tmp_path / "data"),
+                     "--dtype", "fp32"]) == 0
+    words = capsys.readouterr().out.split()  # "val loss X  perplexity Y  bits/byte Z"
+    assert words[5] == "bits/byte" and float(words[6]) == pytest.approx(float(words[2]) / (np.log(2) * per_token),
+                                                                        abs=2e-4)
+
+
 def test_ddp_two_processes_equal_one_with_double_accumulation(tmp_path, char_data):
     cfg = write_config(tmp_path / "c.toml", char_data, max_steps=4, ckpt_interval=0)
     env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}

@@ -130,6 +130,41 @@ def test_resume_in_process_is_exact(tmp_path):
     assert losses("a") == losses("b")
 
 
+def test_muon_trains_hidden_matrices_learns_and_resumes_exactly(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(tie_embeddings=False))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    t = Trainer(model, CopyStage(), cfg(max_steps=8, ckpt_interval=4, optimizer="muon"), tmp_path / "a")
+    muon, adamw = t.optimizer.opts
+    names = {p: n for n, p in model.named_parameters()}
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert sorted(names[p] for g in muon.param_groups for p in g["params"]) == sorted(
+        n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("h."))  # the blocks' matrices
+    assert {names[p] for p in adamw.param_groups[0]["params"]} == {"wte.weight", "wpe.weight", "lm_head.weight"}
+    t.fit()
+    losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+                        if '"loss"' in x]
+    assert losses("a")[-1] < losses("a")[0] - 0.5
+    assert json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[2])["lr"] > 0
+
+    first = GPT(tiny_config(tie_embeddings=False))  # Ctrl-C after step 4, then the same run again: bitwise equal
+    first.load_state_dict(init)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(first, CopyStage(interrupt_at=4), cfg(max_steps=8, ckpt_interval=4, optimizer="muon"),
+                tmp_path / "b").fit()
+    second = GPT(tiny_config(tie_embeddings=False))
+    resumed = Trainer(second, CopyStage(), cfg(max_steps=8, ckpt_interval=4, optimizer="muon"), tmp_path / "b")
+    resumed.fit()
+    torch.testing.assert_close(second.state_dict(), model.state_dict(), rtol=0, atol=0)
+    assert losses("b") == losses("a")
+    torch.testing.assert_close(resumed.optimizer.state_dict()["state"], t.optimizer.state_dict()["state"],
+                               rtol=0, atol=0)
+
+    monkeypatch.delattr(torch.optim, "Muon")  # an older torch: one line saying what to do
+    with pytest.raises(UserError, match="no torch.optim.Muon; upgrade torch .* or use optimizer = 'adamw'"):
+        Trainer(GPT(tiny_config()), CopyStage(), cfg(optimizer="muon"), tmp_path / "c")
+
+
 class BufferStage(CopyStage):
     """Keeps a tensor (like a rollout buffer) that each step's end redraws and the next batches use: resume is
     exact only if the trainer saves and restores it."""
@@ -337,7 +372,8 @@ def test_time_budget_sizes_the_whole_schedule_and_resumes_exactly(tmp_path, monk
     assert "time budget 1 min at 1 s/step: the run will take 60 steps (warm-up 6; max_steps 1000 do not fit)" \
         in capsys.readouterr().err
     state = json.loads((tmp_path / "a" / "ckpt" / "trainer_state.json").read_text())
-    assert state["schedule"] == {"max_steps": 60, "warmup_steps": 6, "for": [1000, 1.0]}
+    assert state["schedule"] == {"max_steps": 60, "warmup_steps": 6, "eval_interval": 0, "ckpt_interval": 10,
+                                 "for": [1000, 1.0]}
     recs = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
     sized = c.model_copy(update={"max_steps": 60, "warmup_steps": 6})  # the measured steps ran on the configured warm-up
     lrs = [r["lr"] for r in recs("a") if "lr" in r]
@@ -365,3 +401,30 @@ def test_time_budget_that_fits_max_steps_says_so(tmp_path, monkeypatch, capsys):
     c = cfg(max_steps=12, warmup_steps=4, max_minutes=1.0, eval_interval=0, ckpt_interval=0)
     assert Trainer(GPT(tiny_config()), TimedStage(clock), c, tmp_path / "r").fit()["step"] == 12
     assert "the run will take 12 steps (max_steps)" in capsys.readouterr().err
+
+
+def test_time_budget_spaces_evaluations_and_checkpoints_to_a_small_share(tmp_path, monkeypatch, capsys):
+    """1 s a step, 2 s an evaluation, 10 minutes: the evaluation timed at sizing says 11 more fit in 4% of the budget
+    (24 s), so they come every ceil(576 / 11) = 53 steps, each with the only checkpoints, and the whole run fits."""
+    from pocketgpt.train import trainer as trainer_mod
+
+    class SlowEval(TimedStage):
+        def evaluate(self, model):  # 1 s more than its batch
+            self.clock.now += 1.0
+            return super().evaluate(model)
+
+    clock = FakeClock()
+    monkeypatch.setattr(trainer_mod, "time", clock)
+    saved = []
+    save = trainer_mod.Trainer.save_checkpoint
+    monkeypatch.setattr(trainer_mod.Trainer, "save_checkpoint", lambda self: (saved.append(self.step), save(self)))
+    start = clock.now
+    c = cfg(max_steps=10_000, warmup_steps=10, max_minutes=10.0, eval_interval=10, ckpt_interval=8, log_interval=0)
+    out = Trainer(GPT(tiny_config()), SlowEval(clock), c, tmp_path / "r").fit()
+    evals = [r["step"] for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
+             if "val_loss" in r]
+    assert out["step"] == 576 and evals == [6, *range(53, 576, 53), 576] and saved == evals
+    assert 2.0 * len(evals) <= trainer_mod.PAUSE_SHARE * 600 and clock.now - start <= 600
+    err = capsys.readouterr().err
+    assert "the run will take 576 steps (warm-up 1; max_steps 10000 do not fit), evaluating every 53 (2 s each)" in err
+    assert "reached step 576, 36,864 tokens in " in err

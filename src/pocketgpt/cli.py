@@ -126,6 +126,11 @@ def _prepare(p) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents for val (default 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.0, help="fraction of documents for test (default 0)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the document split (default 1337)")
+    p.add_argument("--split", default="random", choices=["random", "tail"],
+                   help="held-out documents: a seeded random choice (default), or the last ones (tail)")
+    p.add_argument("--raw", action="store_true", help="keep the text byte-for-byte: no whitespace cleaning, no "
+                                                      "<|endoftext|> between documents; with --split tail the last "
+                                                      "fraction of the characters is val (nanoGPT's split)")
     p.add_argument("--split-sentences", action="store_true",
                    help="put each sentence on its own line (English .!? and Chinese 。！？…)")
     p.add_argument("--encoding", default="utf-8", help="input text encoding (default utf-8)")
@@ -146,7 +151,7 @@ def _prepare_run(args) -> int:
     prepare(args.inputs, args.out, args.tokenizer, builtins=args.builtin, field=args.field,
             val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
             split_sentences=args.split_sentences, encoding=args.encoding, errors=args.errors, kind=args.kind,
-            vocab_size=vocab, force=args.force)
+            vocab_size=vocab, split=args.split, raw=args.raw, force=args.force)
     return 0
 
 
@@ -179,8 +184,8 @@ def _pretrain_run(args) -> int:
     finally:
         trainer.close()
     if rank == 0:
-        parts = [f"step {result['step']}"] + [f"{k} {result[k]:.4f}" for k in ("train_loss", "val_loss", "val_ppl")
-                                              if k in result]
+        parts = [f"step {result['step']}", f"{result['tokens']:,} tokens"] + [
+            f"{k} {result[k]:.4f}" for k in ("train_loss", "val_loss", "val_ppl", "val_bpb") if k in result]
         print("done: " + ", ".join(parts + [f"{result['tok_per_s']:,.0f} tok/s"]))
         print(f"final model: {out / 'ckpt'}" + (f"   best val: {out / 'best'}" if (out / "best").exists() else ""))
     return 0
@@ -231,7 +236,8 @@ def _eval_run(args) -> int:
     m = evaluate_checkpoint(ckpt, args.data, args.split, batch_size=args.batch_size,
                             max_batches=args.max_batches, block_size=args.block_size, device=args.device,
                             dtype=args.dtype)
-    print(f"{args.split} loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}")
+    print(f"{args.split} loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}"
+          + (f"  bits/byte {m['val_bpb']:.4f}" if "val_bpb" in m else ""))
     return 0
 
 

@@ -13,7 +13,11 @@ What is a document: in a ``.txt`` file with blank lines, each blank-line-separat
 Shakespeare); in a ``.txt`` file without blank lines, each line (a section of 水浒传); in a ``.jsonl`` file, each line
 (its ``--field``: a string, or a list of chat messages whose contents are joined by newlines). Whitespace runs inside
 a line become one space, lines are stripped, empty lines dropped. Documents go to train / val / test by a seeded
-random permutation, so the split is deterministic.
+random permutation, so the split is deterministic; ``split="tail"`` holds out the last documents instead.
+
+``raw=True`` (``--raw``, with ``--split tail``) keeps the text byte-for-byte: no cleaning, no ``<|endoftext|>``; the
+inputs are concatenated (a text file whole, a JSONL record's field as is) and the last fraction of the characters
+is val (then test), nanoGPT's ``data/shakespeare_char/prepare.py``.
 
 Bundled corpora (``builtin_path(name)``; ``builtin_files(name)`` lists the files of a folder entry):
 
@@ -52,7 +56,8 @@ import numpy as np
 
 from .errors import UserError
 from .io import atomic_dir, read_json
-from .records import ASSETS, BUILTINS, JSONL_SUFFIXES, builtin_path, expand_inputs, read, read_text_file, split, suffix
+from .records import ASSETS, BUILTINS, JSONL_SUFFIXES, builtin_path, expand_inputs, read, read_text_file, suffix
+from .records import split as _split
 
 PREPARE_FORMAT = 2  # 2: documents split by records.split
 
@@ -103,12 +108,13 @@ def _record_text(record: Any, field: str, where: str) -> str:
 
 
 def jsonl_documents(path: Path, field: str = "text", encoding: str = "utf-8", errors: str = "strict",
-                    split_sentences: bool = False) -> list[str]:
-    """One document per JSONL line (its ``field``), cleaned like text."""
+                    split_sentences: bool = False, raw: bool = False) -> list[str]:
+    """One document per JSONL line (its ``field``), cleaned like text (unless ``raw``)."""
     docs = []
     for lineno, record in read(path, encoding=encoding, errors=errors):
-        lines = _clean_lines(_record_text(record, field, f"{path}:{lineno}"), split_sentences)
-        if lines:
+        text = _record_text(record, field, f"{path}:{lineno}")
+        lines = [text] if raw else _clean_lines(text, split_sentences)
+        if lines and lines[0]:
             docs.append("\n".join(lines))
     return docs
 
@@ -135,19 +141,21 @@ def _resolve_sources(inputs: Sequence[str | os.PathLike], builtins: Sequence[str
 
 
 def collect_documents(inputs: Sequence[str | os.PathLike], builtins: Sequence[str] = (), field: str = "text",
-                      encoding: str = "utf-8", errors: str = "strict",
-                      split_sentences: bool = False) -> tuple[list[str], list[dict]]:
-    """Read and clean every input; returns (documents, sources) where sources are ``{"path", "sha256", "bytes",
-    "documents"}``. Bundled chat corpora are read with field ``messages``."""
+                      encoding: str = "utf-8", errors: str = "strict", split_sentences: bool = False,
+                      raw: bool = False) -> tuple[list[str], list[dict]]:
+    """Read and clean (unless ``raw``: a text file is one document, as is) every input; returns (documents, sources)
+    where sources are ``{"path", "sha256", "bytes", "documents"}``. Bundled chat corpora are read with field
+    ``messages``."""
     docs: list[str] = []
     sources = []
     for display, path in _resolve_sources(inputs, builtins):
         if suffix(path) in JSONL_SUFFIXES:
             bundled_chat = display.startswith("builtin:") and path.is_relative_to(ASSETS / "chat")
             f = "messages" if bundled_chat and field == "text" else field
-            new = jsonl_documents(path, f, encoding, errors, split_sentences)
+            new = jsonl_documents(path, f, encoding, errors, split_sentences, raw)
         else:
-            new = text_documents(read_text_file(path, encoding, errors), split_sentences)
+            text = read_text_file(path, encoding, errors)
+            new = ([text] if text else []) if raw else text_documents(text, split_sentences)
         docs.extend(new)
         sources.append({"path": display, "sha256": _sha256(path), "bytes": path.stat().st_size, "documents": len(new)})
     if not docs:
@@ -156,22 +164,28 @@ def collect_documents(inputs: Sequence[str | os.PathLike], builtins: Sequence[st
     return docs, sources
 
 
-def split_documents(n_docs: int, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """Split label per document (0 train, 1 val, 2 test) from a seeded permutation; val/test get at least one
-    document each when their fraction is > 0 (and at least one stays for training)."""
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     for name, frac in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0.0 <= frac < 1.0:
             raise UserError(f"{name}: must be in [0, 1), got {frac}")
     if val_fraction + test_fraction >= 1.0:
         raise UserError("--val-fraction + --test-fraction must leave documents for training (sum < 1)")
+
+
+def split_documents(n_docs: int, val_fraction: float, test_fraction: float, seed: int,
+                    tail: bool = False) -> np.ndarray:
+    """Split label per document (0 train, 1 val, 2 test) from a seeded permutation (``tail``: the last documents are
+    val, then test); val/test get at least one document each when their fraction is > 0 (and at least one stays for
+    training)."""
+    _check_fractions(val_fraction, test_fraction)
     n_val = max(1, round(n_docs * val_fraction)) if val_fraction > 0 else 0
     n_test = max(1, round(n_docs * test_fraction)) if test_fraction > 0 else 0
     if n_val + n_test >= n_docs:
         raise UserError(f"only {n_docs} document(s): too few for a train/val/test split; add text or pass "
                         f"--val-fraction 0 --test-fraction 0")
-    held, test = (split(range(n_docs), seed=seed, count=k)[1] for k in (n_val + n_test, n_test))  # test ⊂ held
+    held, test = (list(_split(range(n_docs), seed=seed, count=k, tail=tail)[1]) for k in (n_val + n_test, n_test))
     labels = np.zeros(n_docs, dtype=np.int8)
-    labels[held] = 1
+    labels[held] = 1  # test ⊂ held
     labels[test] = 2
     return labels
 
@@ -191,12 +205,13 @@ def shard_dtype(vocab_size: int) -> str:
 def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokenizer: str | os.PathLike | Any = None,
             *, builtins: Sequence[str] = (), field: str = "text", val_fraction: float = 0.1,
             test_fraction: float = 0.0, seed: int = 1337, split_sentences: bool = False, encoding: str = "utf-8",
-            errors: str = "strict", kind: str = "bpe", vocab_size: int | None = None, batch_docs: int = 1024,
-            force: bool = False, verbose: bool = True) -> dict:
+            errors: str = "strict", kind: str = "bpe", vocab_size: int | None = None, split: str = "random",
+            raw: bool = False, batch_docs: int = 1024, force: bool = False, verbose: bool = True) -> dict:
     """Tokenise ``inputs`` (+ ``builtins``) into shards in ``out``; returns the meta dict.
 
     ``tokenizer`` is a directory (or a ``Tokenizer``); if None, one of ``kind`` / ``vocab_size`` is trained on the
-    training documents and saved into ``out/tokenizer/``. Re-running with the same inputs, options and tokenizer does
+    training documents and saved into ``out/tokenizer/``. ``split``: ``random`` (seeded, by document) or ``tail``;
+    ``raw`` keeps the text as is (module docstring). Re-running with the same inputs, options and tokenizer does
     nothing. An ``out`` holding shards of a different tokenizer is an error unless ``force``.
     """
     from .tokenizer import Tokenizer, load_tokenizer_for
@@ -205,6 +220,10 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
     log = (lambda msg: print(msg, file=sys.stderr)) if verbose else (lambda msg: None)
     if errors not in ("strict", "replace"):
         raise UserError(f"--errors: must be strict or replace, got {errors!r}")
+    if split not in ("random", "tail"):
+        raise UserError(f"--split: must be random or tail, got {split!r}")
+    if raw and split != "tail":
+        raise UserError("--raw keeps the text in one piece, which only a contiguous split can cut: add --split tail")
     tok = None
     if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer_for(tokenizer)
@@ -213,6 +232,8 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
     sources = _resolve_sources(inputs, builtins)
     options = dict(field=field, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                    split_sentences=split_sentences, encoding=encoding, errors=errors)
+    if split != "random" or raw:  # only when set, so shards prepared before these options stay valid
+        options.update(split=split, raw=raw)
     if tok is None:
         options.update(train_tokenizer=dict(kind=kind, vocab_size=vocab_size))
     fingerprint = hashlib.sha256(json.dumps(
@@ -233,8 +254,15 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
         if not same_tok and not force:
             raise UserError(f"{out}: holds shards made with another tokenizer; choose another --out or pass --force")
 
-    docs, source_meta = collect_documents(inputs, builtins, field, encoding, errors, split_sentences)
-    labels = split_documents(len(docs), val_fraction, test_fraction, seed)
+    docs, source_meta = collect_documents(inputs, builtins, field, encoding, errors, split_sentences, raw)
+    if raw:  # one text cut by characters: train | val | test, nothing between them
+        _check_fractions(val_fraction, test_fraction)
+        text, held = _split("".join(docs), val_fraction + test_fraction, tail=True)
+        docs = [text, *(_split(held, test_fraction / (val_fraction + test_fraction), tail=True) if test_fraction
+                        else [held])]
+        labels = np.arange(len(docs), dtype=np.int8)
+    else:
+        labels = split_documents(len(docs), val_fraction, test_fraction, seed, tail=split == "tail")
     trained = False
     if tok is None:
         # trained on every document (as nanoGPT's char level does) so val/test hold no unknown characters
@@ -254,7 +282,8 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
         batch = docs[start:start + batch_docs]
         flat: dict[int, list[int]] = {0: [], 1: [], 2: []}
         for ids, lab in zip(tok.encode_batch(batch), labels[start:start + batch_docs].tolist()):
-            flat[lab].append(eos)
+            if not raw:
+                flat[lab].append(eos)
             flat[lab].extend(ids)
             ndocs[lab] += 1
         for lab, ids in flat.items():
@@ -265,11 +294,11 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
 
     counts, documents = {}, {}
     with atomic_dir(out) as tmp:
-        for i, split in enumerate(splits):
+        for i, name in enumerate(splits):
             arr = np.concatenate(parts[i]) if parts[i] else np.zeros(0, dtype=dtype)
-            arr.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(tmp / f"{split}.bin")
-            counts[split] = int(arr.size)
-            documents[split] = ndocs[i]
+            arr.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(tmp / f"{name}.bin")
+            counts[name] = int(arr.size)
+            documents[name] = ndocs[i]
         tok.write_files(tmp / "tokenizer")
         meta = {
             "format": PREPARE_FORMAT,
@@ -343,8 +372,8 @@ class TokenShards:
     """Windows of ``block_size`` tokens from one split of a shard directory, read through a memmap (no full copy).
 
     ``get_batch(batch_size, generator)`` → ``(x, y)`` int64 tensors ``(B, block_size)`` at random offsets
-    (``y`` is ``x`` shifted by one); ``iter_eval(batch_size, max_batches)`` → the same from consecutive,
-    non-overlapping windows from the start (deterministic). ``len(shards)`` is the number of tokens in the split.
+    (``y`` is ``x`` shifted by one); ``iter_eval(batch_size, max_batches)`` → the same from non-overlapping windows
+    (deterministic): all of them in order, or ``max_batches`` batches of windows spread evenly over the split. ``len(shards)`` is the number of tokens in the split.
     """
 
     def __init__(self, directory: str | os.PathLike, split: str = "train", block_size: int = 256):
@@ -409,10 +438,12 @@ class TokenShards:
         return self._windows(starts)
 
     def iter_eval(self, batch_size: int, max_batches: int | None = None):
-        """Consecutive non-overlapping windows from the start of the split, ``batch_size`` at a time (the last batch
-        may be smaller); at most ``max_batches`` batches."""
+        """Non-overlapping windows of the split in order, ``batch_size`` at a time (the last batch may be smaller); with
+        ``max_batches``, that many batches of windows spread evenly over the whole split (not its beginning only, so
+        a few batches estimate the whole split's loss)."""
         starts = list(range(0, self.num_windows * self.block_size, self.block_size))
-        for b, i in enumerate(range(0, len(starts), batch_size)):
-            if max_batches is not None and b >= max_batches:
-                return
+        k = (max_batches or len(starts)) * batch_size
+        if k < len(starts):
+            starts = [starts[i * len(starts) // k] for i in range(k)]
+        for i in range(0, len(starts), batch_size):
             yield self._windows(starts[i:i + batch_size])

@@ -17,7 +17,7 @@ folder (its ``.jsonl`` / ``.jsonl.gz`` files) or the name of a bundled corpus (`
 ``.gz`` files are decompressed. ``skip_bad=True`` skips bad lines and reports their count instead of stopping.
 
 ``split(items, fraction, seed)`` is the one seeded train / held-out split (SFT, reward model, DPO, RL prompts, the
-documents of ``prepare``). ``fit(prompt, limit, *replies)`` is the one truncation rule of a prompt and its replies
+documents of ``prepare``); ``tail=True`` holds out the contiguous end instead (``prepare --split tail``). ``fit(prompt, limit, *replies)`` is the one truncation rule of a prompt and its replies
 (engine, chat, RL rollouts, reward model, DPO): the replies keep their beginning, the prompt its newest tokens (so
 the ``<|assistant|>`` that ends a generation prompt always stays). SFT's conversations are first split at turn
 boundaries (``chat.fit_to_context``, the template's side of the same rule). ``pad(rows, value)`` right-pads rows.
@@ -262,16 +262,22 @@ def read_prompts(sources, **options) -> tuple[list[list[dict]], list[str]]:
 
 
 def split(items: Sequence, fraction: float = 0.0, seed: int = 0, *, most: Optional[int] = None,
-          count: Optional[int] = None) -> tuple[list, list]:
+          count: Optional[int] = None, tail: bool = False) -> tuple[list, list]:
     """The one seeded split: ``(train, held_out)``, each in the order of ``items``; same seed, same split.
 
     Held out: ``count`` items, or ``round(fraction × n)`` (at least one when ``fraction > 0`` and n ≥ 2), at most
     ``most``; at least one item always stays for training. Which items: the first of a ``random.Random(seed)``
-    shuffle, so a larger held-out set contains a smaller one."""
+    shuffle, so a larger held-out set contains a smaller one. ``tail=True``: the last items instead, as slices of
+    ``items`` (a string stays a string); train keeps the first ``int(n × (1 - fraction))``, nanoGPT's rule."""
     n = len(items)
     if count is None:
-        count = max(1, round(n * fraction)) if fraction > 0 and n >= 2 else round(n * fraction)
+        if tail:
+            count = n - int(n * (1 - fraction)) if fraction > 0 else 0
+        else:
+            count = max(1, round(n * fraction)) if fraction > 0 and n >= 2 else round(n * fraction)
     count = max(0, min(count, n - 1, n if most is None else most))
+    if tail:
+        return items[:n - count], items[n - count:]
     order = list(range(n))
     random.Random(seed).shuffle(order)
     held = set(order[:count])

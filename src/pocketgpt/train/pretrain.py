@@ -80,13 +80,14 @@ class PretrainStage:
     name = "pretrain"
 
     def __init__(self, train, val, batch_size: int, seed: int = 1337, eval_batches: int = 20,
-                 fingerprint: Optional[str] = None):
+                 fingerprint: Optional[str] = None, bytes_per_token: Optional[float] = None):
         self.train = train
         self.fingerprint = fingerprint  # the prepared data's (meta.json): a run resumes on the same data only
         self.val = val
         self.batch_size = batch_size
         self.seed = seed
         self.eval_batches = eval_batches
+        self.bytes_per_token = bytes_per_token  # of the val split, for bits per byte
         self.device = torch.device("cpu")
 
     def setup(self, trainer: Trainer) -> None:
@@ -108,7 +109,7 @@ class PretrainStage:
     def evaluate(self, model) -> dict[str, float]:
         if self.val is None:
             return {}
-        return evaluate_lm(model, self.val, self.batch_size, self.eval_batches, self.device)
+        return evaluate_lm(model, self.val, self.batch_size, self.eval_batches, self.device, self.bytes_per_token)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed}  # windows depend only on (seed, step, micro): nothing else to restore
@@ -117,8 +118,26 @@ class PretrainStage:
         self.seed = int(state.get("seed", self.seed))
 
 
-def evaluate_lm(model, shards, batch_size: int, max_batches: Optional[int], device) -> dict[str, float]:
-    """Mean next-token loss over sequential windows (token-weighted) and its perplexity."""
+def bytes_per_token(tokenizer, ids) -> Optional[float]:
+    """UTF-8 bytes per token of the text ``ids`` encode (special tokens count none: they are not text): bits per
+    byte = loss / (ln 2 × this), comparable across tokenizers. None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    special = set(tokenizer.special_ids.values())
+    lengths = np.array([0 if i in special else len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size)])
+    counts = np.bincount(np.asarray(ids, dtype=np.int64), minlength=len(lengths))[:len(lengths)]
+    n_bytes = int(counts @ lengths)
+    return n_bytes / int(counts.sum()) if n_bytes else None
+
+
+def bits_per_byte(loss: float, bytes_per_token: Optional[float]) -> dict[str, float]:
+    """``{"val_bpb": ...}`` for a mean loss in nats per token (empty without ``bytes_per_token``)."""
+    return {"val_bpb": loss / (math.log(2) * bytes_per_token)} if bytes_per_token else {}
+
+
+def evaluate_lm(model, shards, batch_size: int, max_batches: Optional[int], device,
+                bytes_per_token: Optional[float] = None) -> dict[str, float]:
+    """Mean next-token loss over sequential windows (token-weighted), its perplexity and bits per byte."""
     total, count = 0.0, 0
     for x, y in shards.iter_eval(batch_size, max_batches or None):
         x, y = x.to(device), y.to(device)
@@ -129,7 +148,7 @@ def evaluate_lm(model, shards, batch_size: int, max_batches: Optional[int], devi
     if count == 0:
         return {}
     mean = total / count
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0))}
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), **bits_per_byte(mean, bytes_per_token)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -183,7 +202,8 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
         from ..tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(Path(data.dir) / "tokenizer")
-    stage = PretrainStage(train, val, tcfg.batch_size, tcfg.seed, tcfg.eval_batches, meta.get("fingerprint"))
+    stage = PretrainStage(train, val, tcfg.batch_size, tcfg.seed, tcfg.eval_batches, meta.get("fingerprint"),
+                          bytes_per_token(tokenizer, val.data) if val is not None else None)
     return model, stage, tokenizer
 
 
@@ -193,7 +213,8 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
 
 def evaluate_checkpoint(ckpt, data, split: str = "val", *, batch_size: int = 8, max_batches: int = 0,
                         block_size: Optional[int] = None, device: str = "auto", dtype: str = "auto") -> dict:
-    """``val_loss`` and ``val_ppl`` of a checkpoint on one split of a data directory (``pocketgpt eval``)."""
+    """``val_loss``, ``val_ppl`` (and ``val_bpb`` when the data has its tokenizer) of a checkpoint on one split of a
+    data directory (``pocketgpt eval``)."""
     from ..checkpoint import load_model
     from .. import runtime
 
@@ -210,8 +231,13 @@ def evaluate_checkpoint(ckpt, data, split: str = "val", *, batch_size: int = 8, 
         raise UserError(f"{data}: token ids go up to {meta['vocab_size']} but {ckpt} has a vocabulary of "
                         f"{model.config.vocab_size} (different tokenizer?)")
     shards = open_shards(data, split, block, where="--data")
+    tok = None
+    if shards.tokenizer_dir.is_dir():
+        from ..tokenizer import Tokenizer
+
+        tok = Tokenizer.load(shards.tokenizer_dir)
     with torch.no_grad(), runtime.autocast(device, dtype):
-        m = evaluate_lm(model, shards, batch_size, max_batches, device)
+        m = evaluate_lm(model, shards, batch_size, max_batches, device, bytes_per_token(tok, shards.data))
     if not m:
         raise UserError(f"{data}: split '{split}' has fewer than {block + 1} tokens")
     return m

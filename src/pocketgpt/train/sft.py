@@ -15,7 +15,8 @@
   and the epoch, so resume is exact with no data state to save.
 * With gradient accumulation the step loss is the mean of the micro-batches' token means.
 * Held-out evaluation: a seeded fraction of the *conversations* (never pieces of a training conversation) gives
-  ``val_loss`` (assistant-token cross-entropy, token-weighted) and ``val_ppl``.
+  ``val_loss`` (assistant-token cross-entropy, token-weighted), ``val_ppl`` and ``val_bpb`` (bits per UTF-8 byte
+  of the replies).
 
 ``--init`` takes a pocketgpt checkpoint or a Hugging Face GPT-2 / Llama directory (or ``hf:NAME`` from the Hub); a
 tokenizer without the chat tokens (GPT-2's) gets them appended and the model's embedding rows are grown to match
@@ -40,6 +41,7 @@ from pydantic import Field
 
 from ..config import Config, StrList
 from ..errors import UserError
+from .pretrain import bits_per_byte, bytes_per_token
 from .trainer import TrainConfig
 from ..records import pad, read_conversations, split
 
@@ -149,6 +151,7 @@ class SFTStage:
         self.seed = seed
         self.grad_accum = 1
         self.eval_batches: Optional[int] = None
+        self.bytes_per_token: Optional[float] = None  # of the held-out replies (run_sft sets it), for bits per byte
         self._epoch_cache: tuple[int, list] = (-1, [])
 
     def setup(self, trainer) -> None:
@@ -183,7 +186,7 @@ class SFTStage:
         if not self.val:
             return {}
         loss, _ = assistant_loss(model, self.val, self.pad_id, self.batch_size, self.eval_batches)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), **bits_per_byte(loss, self.bytes_per_token)}
 
     def state_dict(self) -> dict:  # batches are a pure function of (seed, step): nothing else to save
         return {"train_examples": len(self.train), "seed": self.seed}
@@ -247,6 +250,7 @@ def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_con
     ids = sorted(tokenizer.token_id(name) for name in info["added_tokens"])  # appended: one run of ids
     apply_lora(model, train, log, range(ids[0], ids[-1] + 1) if ids else range(0))
     stage = SFTStage(train_ex, val_ex, tokenizer.pad_id, train.batch_size, seed=train.seed)
+    stage.bytes_per_token = bytes_per_token(tokenizer, [t for _, labels in val_ex for t in labels if t != IGNORE])
     cfg = run_config if run_config is not None else {}
     cfg = {**cfg, "sft": {**sft.to_dict(), "init": str(init)}, "train": train.to_dict()}
     log(f"sft: {model.num_params() / 1e6:.2f}M parameters, context {info['block_size']}, "

@@ -1,6 +1,7 @@
 """The one training loop. Every stage (pretrain, SFT, reward model, DPO, PPO, GRPO) reuses it.
 
-A *stage* supplies batches and a loss; the ``Trainer`` owns everything else: AdamW with decay / no-decay groups,
+A *stage* supplies batches and a loss; the ``Trainer`` owns everything else: AdamW with decay / no-decay groups (or
+``optimizer = "muon"``: Muon for the hidden weight matrices, AdamW for the rest),
 warmup + cosine/linear decay, gradient accumulation, clipping, autocast (bf16 / fp16 + GradScaler / fp32),
 optional ``torch.compile``, DistributedDataParallel or FSDP2 under ``torchrun``, periodic evaluation, checkpoints
 with exact resume, the best-validation copy, ``metrics.jsonl``, loss plots and a progress bar (loss, tokens/s, MFU).
@@ -108,8 +109,12 @@ Time budgets
 With ``max_minutes`` the schedule (warm-up included) is sized from the measured step time: after the first step
 of the process and ``MEASURED_STEPS`` more, the steps that fit in what is left of the budget become the total
 (at most ``max_steps``), warm-up shrinks with it in proportion, and one log line says how many steps the run will
-take. The decision is kept in the checkpoint (exact resume) while ``max_steps`` and ``max_minutes`` are unchanged;
-the run still stops when the budget is spent (a machine that slows down later).
+take. With ``eval_interval`` set, one evaluation + checkpoint is timed right then, and the evaluations (each with a
+checkpoint) are spaced so that all of them, the final one included, take at most ``PAUSE_SHARE`` of the budget
+(``eval_interval`` is then the closest spacing allowed); the steps that fit are counted after that time. The
+decision is kept in the checkpoint (exact resume) while ``max_steps`` and ``max_minutes`` are unchanged; the run
+still stops when the budget is spent (a machine that slows down later), and its last line gives the steps and tokens
+reached, which compare machines of different speed.
 """
 
 from __future__ import annotations
@@ -144,6 +149,7 @@ RESUMABLE = frozenset({"max_steps", "max_minutes", "eval_interval", "eval_batche
                        "keep_best", "progress", "device", "dtype", "compile", "optimizer_impl", "ddp_find_unused",
                        "parallel"})
 MEASURED_STEPS = 5  # steps timed (after a process's first) before a time budget sizes the schedule
+PAUSE_SHARE = 0.04  # of a time budget, at most, for evaluations + checkpoints (the measured one included)
 
 
 class TrainConfig(Config):
@@ -162,6 +168,9 @@ class TrainConfig(Config):
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = 1e-8
     grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
+    # muon: torch.optim.Muon for the hidden weight matrices (at muon_lr, same schedule), AdamW (lr) for the rest
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = Field(0.02, gt=0)
     # autocast; master weights stay fp32. auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32
     dtype: Literal["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
@@ -302,6 +311,55 @@ def default_load_model(model: nn.Module, directory: Path) -> None:
             if own[k].shape != v.shape:
                 raise UserError(f"{path}: tensor '{k}' has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
             own[k].copy_(v)
+
+
+def _hidden_matrices(model: nn.Module) -> set:
+    """What Muon trains (nanochat's split): the weight matrices of ``nn.Linear`` layers with more than one row and
+    column, except the output head and anything shared with an embedding (AdamW keeps those, norms and biases)."""
+    embeddings = {p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return {m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear) and min(m.weight.shape) > 1
+            and name.rsplit(".", 1)[-1] != "lm_head" and m.weight not in embeddings}
+
+
+class _Chained:
+    """Muon + AdamW as one optimizer for the loop, the GradScaler and checkpoints: ``param_groups`` and the state
+    dict list Muon's first, parameter ids numbered across both (the layout of a single optimizer's state dict)."""
+
+    def __init__(self, *opts: torch.optim.Optimizer):
+        self.opts = opts
+
+    @property
+    def param_groups(self) -> list[dict]:  # (load_state_dict replaces each optimizer's group dicts)
+        return [g for o in self.opts for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        out: dict = {"state": {}, "param_groups": []}
+        base = 0
+        for o in self.opts:
+            sd = o.state_dict()
+            out["state"].update({base + k: v for k, v in sd["state"].items()})
+            out["param_groups"] += [{**g, "params": [base + i for i in g["params"]]} for g in sd["param_groups"]]
+            base += sum(len(g["params"]) for g in o.param_groups)
+        return out
+
+    def load_state_dict(self, sd: dict) -> None:
+        groups, base = list(sd["param_groups"]), 0
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{len(groups)} parameter groups saved, {len(self.param_groups)} here")
+        for o in self.opts:
+            mine, groups = groups[:len(o.param_groups)], groups[len(o.param_groups):]
+            n = sum(len(g["params"]) for g in o.param_groups)
+            o.load_state_dict({"state": {k - base: v for k, v in sd["state"].items() if base <= k < base + n},
+                               "param_groups": [{**g, "params": [i - base for i in g["params"]]} for g in mine]})
+            base += n
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -473,13 +531,19 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        decay, no_decay = [], []
+        hidden = _hidden_matrices(self.model) if cfg.optimizer == "muon" else set()
+        decay, no_decay, muon = [], [], []
         for _, p in self.model.named_parameters():
             if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        if not decay and not no_decay:
+                (muon if p in hidden else decay if p.dim() >= 2 else no_decay).append(p)
+        if not decay and not no_decay and not muon:
             raise UserError("the model has no trainable parameters (all have requires_grad=False)")
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.optimizer == "muon":
+            if not hasattr(torch.optim, "Muon"):
+                raise UserError(f"train.optimizer = 'muon': torch {torch.__version__} has no torch.optim.Muon; "
+                                "upgrade torch (2.9 or newer) or use optimizer = 'adamw'")
+            groups = [g for g in groups if g["params"]]  # (a model may have no bias or norm)
         impl = cfg.optimizer_impl
         if impl == "auto":
             # fused on CUDA and on CPU (the fastest: benchmarks/train_step.py --optim-only); elsewhere (MPS) foreach
@@ -491,7 +555,12 @@ class Trainer:
             kw["foreach"] = True
         else:
             kw["foreach"] = False
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
+        adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
+        if not muon:
+            return adamw
+        # lr_scale: the schedule sets lr × lr_scale in every group, so Muon follows the same warm-up and decay
+        return _Chained(torch.optim.Muon([{"params": muon, "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
+                                         weight_decay=cfg.weight_decay), adamw)
 
     def _shard(self, model: nn.Module) -> nn.Module:
         """FSDP2: each transformer block, then the root, keeps 1/N of its weights, grads and optimizer state per
@@ -576,7 +645,7 @@ class Trainer:
             return self.optimizer
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        sd = get_optimizer_state_dict(self.model, self.optimizer,
+        sd = get_optimizer_state_dict(self.model, getattr(self.optimizer, "opts", self.optimizer),  # Muon: both
                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_main:
             return {}
@@ -599,7 +668,7 @@ class Trainer:
         set_model_state_dict(self.model, full.state_dict(), options=options)
         name = {p: n for n, p in self.model.named_parameters()}
         fqns = [name[p] for g in self.optimizer.param_groups for p in g["params"]]
-        set_optimizer_state_dict(self.model, self.optimizer, {
+        set_optimizer_state_dict(self.model, getattr(self.optimizer, "opts", self.optimizer), {
             "state": {fqns[i]: st for i, st in optimizer_sd["state"].items()},
             "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in optimizer_sd["param_groups"]],
         }, options=options)
@@ -812,26 +881,51 @@ class Trainer:
             return cfg
         if s is None or s["for"] != [cfg.max_steps, cfg.max_minutes]:  # a resumed run changed them: decide again
             return None
-        return cfg.model_copy(update={"max_steps": s["max_steps"], "warmup_steps": s["warmup_steps"]})
+        return cfg.model_copy(update={k: s[k] for k in ("max_steps", "warmup_steps", "eval_interval", "ckpt_interval")
+                                      if k in s})
 
     def _fit_budget(self, per_step: float) -> TrainConfig:
-        """Size the schedule to the steps that fit in the rest of the time budget at ``per_step`` seconds a step."""
-        cfg, elapsed = self.cfg, self.elapsed
+        """Size the schedule to the steps that fit in the rest of the time budget at ``per_step`` seconds a step, and
+        space evaluations + checkpoints by the measured cost of one (module docstring)."""
+        cfg, pause = self.cfg, 0.0
+        if cfg.eval_interval:
+            t = time.time()
+            self._pause()
+            pause = time.time() - t
+        elapsed = self.elapsed + pause
         if self.ddp:  # every rank must take the same decision
-            t = torch.tensor([per_step, elapsed], dtype=torch.float64, device=self.device)
+            t = torch.tensor([per_step, elapsed, pause], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            per_step, elapsed = t.tolist()
-        fit = self.step + int(max(0.0, 60 * cfg.max_minutes - elapsed) / max(per_step, 1e-9))
+            per_step, elapsed, pause = t.tolist()
+        budget = 60 * cfg.max_minutes
+        pauses = max(1, int((PAUSE_SHARE * budget - pause) / pause)) if pause else 0  # the final one included
+        fit = self.step + int(max(0.0, budget - elapsed - pauses * pause) / max(per_step, 1e-9))
         total = max(self.step, min(cfg.max_steps, fit))
         warmup = min(cfg.warmup_steps, math.ceil(cfg.warmup_steps * total / cfg.max_steps))
-        self.schedule = {"max_steps": total, "warmup_steps": warmup, "for": [cfg.max_steps, cfg.max_minutes]}
+        every = max(cfg.eval_interval, math.ceil(total / pauses)) if pauses else 0
+        self.schedule = {"max_steps": total, "warmup_steps": warmup, "eval_interval": every,
+                         "ckpt_interval": max(cfg.ckpt_interval, every) if cfg.ckpt_interval else 0,
+                         "for": [cfg.max_steps, cfg.max_minutes]}
         if self.is_main:
             from tqdm import tqdm  # (a line above the progress bar)
 
             tqdm.write(f"{self.stage.name}: time budget {cfg.max_minutes:g} min at {per_step:.3g} s/step: the run will "
                        f"take {total} steps" + (f" (warm-up {warmup}; max_steps {cfg.max_steps} do not fit)"
-                                                if total < cfg.max_steps else " (max_steps)"), file=sys.stderr)
+                                                if total < cfg.max_steps else " (max_steps)")
+                       + (f", evaluating every {every} ({pause:.2g} s each)" if every else ""), file=sys.stderr)
         return self._schedule()
+
+    def _pause(self) -> None:
+        """Evaluate (rank 0, then every rank waits), print the metrics, checkpoint."""
+        self.evaluate()
+        if self.ddp:
+            torch.distributed.barrier()
+        if self.last_eval and self.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()),
+                       file=sys.stderr)
+        self.save_checkpoint()
 
     def fit(self) -> dict:
         """Train to ``cfg.max_steps`` (or the steps that fit in the time budget); returns the final metrics.
@@ -871,7 +965,7 @@ class Trainer:
                 step = self.step
                 lr = lr_at(sched or cfg, step)
                 for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
 
                 loss_sum = torch.zeros((), device=self.device)
                 metric_sums: dict[str, float] = {}
@@ -941,8 +1035,10 @@ class Trainer:
                     if self.step == step0 + 1:
                         t_first = time.time()
                     elif self.step == step0 + 1 + MEASURED_STEPS:
-                        sched = self._fit_budget((time.time() - t_first) / MEASURED_STEPS)
+                        t_pause = time.time()
+                        sched = self._fit_budget((t_pause - t_first) / MEASURED_STEPS)
                         bar.total = total = sched.max_steps
+                        t_log += time.time() - t_pause  # (its timed evaluation is no training time)
 
                 train_metrics = {k: v / cfg.grad_accum for k, v in metric_sums.items()}
                 self.last_train = {"loss": step_loss, **train_metrics}
@@ -973,14 +1069,10 @@ class Trainer:
 
                 last = self.step == total or bool(stop)
                 t_pause = time.time()
-                if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
-                    self.evaluate()
-                    if self.ddp:
-                        torch.distributed.barrier()
-                    if self.last_eval and self.is_main:
-                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()),
-                                  file=sys.stderr)
-                if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last:
+                every = sched or cfg  # (a time budget spaces them)
+                if (every.eval_interval and self.step % every.eval_interval == 0) or last:
+                    self._pause()
+                elif every.ckpt_interval and self.step % every.ckpt_interval == 0:
                     self.save_checkpoint()
                 t_log += time.time() - t_pause  # tokens/s counts training time only
                 if stop:
@@ -990,6 +1082,10 @@ class Trainer:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
 
+        if cfg.max_minutes and self.is_main:
+            print(f"{self.stage.name}: reached step {self.step}, {self.tokens_seen:,} tokens in "
+                  f"{self.elapsed / 60:.2f} min ({self.tokens_seen / max(self.elapsed, 1e-9):,.0f} tokens/s)",
+                  file=sys.stderr)
         if self._stop_reason == "interrupt":
             if self.is_main:
                 print(f"stopped at step {self.step}; checkpoint saved in {self.ckpt_dir} "
