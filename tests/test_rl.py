@@ -202,7 +202,7 @@ def test_ppo_on_a_reward_model_with_a_task_monitoring_accuracy(tmp_path):
             env={"CI": "1"})
     run = tmp_path / "ppo"
     p = run_cli("ppo", "--policy", sft, "--reward", tmp_path / "rm" / "ckpt", "--task", "arithmetic",
-                "--task_digits", 1, "--out", run, "--rollout_prompts", 8, "--n_eval", 4, "--max_new_tokens", 4,
+                "--task_options", "digits=1", "--out", run, "--rollout_prompts", 8, "--n_eval", 4, "--max_new_tokens", 4,
                 "--batch_size", 4, "--epochs", 1, "--max_steps", 2, "--eval_interval", 2, "--ckpt_interval", 2,
                 "--ref_dtype", "bf16", env={"CI": "1"})
     assert "reward model" in p.stderr and "arithmetic task" in p.stderr

@@ -121,7 +121,7 @@ def test_report_figures_are_real_numbers_from_this_run(speedrun):
 
 def test_report_says_when_a_stage_did_not_beat_its_baseline():
     from pocketgpt.report import verdicts
-    from pocketgpt.speedrun import paired_diff, proportion
+    from pocketgpt.report import paired_diff, proportion
 
     worse = {"heldout_accuracy": proportion([False] * 300 + [True] * 100),
              "accuracy_gain_vs_sft": paired_diff([0.0] * 100 + [1.0] * 300, [1.0] * 100 + [1.0] * 300)}
@@ -140,7 +140,7 @@ def test_report_says_when_a_stage_did_not_beat_its_baseline():
 
 
 def test_wilson_interval():
-    from pocketgpt.speedrun import wilson
+    from pocketgpt.report import wilson
 
     lo, hi = wilson(120, 400)
     assert abs(lo - 0.2572) < 1e-3 and abs(hi - 0.3466) < 1e-3  # textbook values

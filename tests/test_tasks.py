@@ -60,6 +60,27 @@ def test_checker_reads_the_answer_from_the_question():
         assert task.reward(c["messages"][:1], c["messages"][1]["content"]) == 1.0
 
 
+def test_largest_task_and_options_as_text():
+    task = get_task("largest", "k=4,n_eval=400")
+    assert (task.k, task.digits, task.n_eval) == (4, 2, 400)
+    assert get_task("arithmetic", "digits=1,ops=+").ops == "+"
+    held = task.eval_prompts()
+    assert len(set(_texts(held))) == 400 and not set(_texts(task.train_prompts(5000, seed=0))) & set(_texts(held))
+    q = [{"role": "user", "content": "Which is the largest: 47, 82, 15, 80?"}]
+    assert task.target(q) == 82
+    assert task.reward(q, "82") == 1.0 and task.reward(q, "80") == 0.0 and task.reward(q, "") == 0.0
+    nums = [int(x) for x in held[0][-1]["content"].split(": ")[1][:-1].split(", ")]
+    assert len(nums) == 4 and all(10 <= x <= 99 for x in nums) and task.target(held[0]) == max(nums)
+    for c in task.sft_conversations(50, seed=0):
+        assert task.reward(c["messages"][:1], c["messages"][1]["content"]) == 1.0
+    with pytest.raises(UserError, match="k must be"):
+        get_task("largest", k=1)
+    with pytest.raises(UserError, match="--task_options: expected name=value"):
+        get_task("largest", "k=3,digits")
+    with pytest.raises(ValueError, match="not a largest question"):
+        task.target([{"role": "user", "content": "What is 2 + 3?"}])
+
+
 def test_make_pairs_pairs_right_with_wrong_replies_of_the_same_prompt():
     task = get_task("arithmetic", digits=1, ops="+", n_eval=16)
     p1 = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -93,10 +114,11 @@ def chat_ckpt(tmp_path_factory):
 
 
 def test_pairs_command_writes_standard_pairs_split_by_prompt(chat_ckpt, tmp_path):
-    opts = ["--ckpt", chat_ckpt, "--task", "arithmetic", "--task_digits", "1", "--task_ops", "+", "--task_n_eval", "30",
+    opts = ["--ckpt", chat_ckpt, "--task", "arithmetic", "--task_options", "digits=1,ops=+",
             "--samples", "8", "--max-new-tokens", "2", "--temperature", "3.0"]
     run_cli("pairs", *opts, "--prompts", "50", "--out", tmp_path / "train.jsonl", "--stats", tmp_path / "tr.json")
-    run_cli("pairs", *opts, "--split", "eval", "--out", tmp_path / "held.jsonl", "--stats", tmp_path / "ho.json")
+    run_cli("pairs", *opts, "--split", "eval", "--prompts", "30", "--out", tmp_path / "held.jsonl",
+            "--stats", tmp_path / "ho.json")
     task = get_task("arithmetic", digits=1, ops="+", n_eval=30)
     held = set(_texts(task.eval_prompts()))
     seen = {}
@@ -125,3 +147,6 @@ def test_pairs_command_bad_input_is_one_line(chat_ckpt, tmp_path):
     p = run_cli("pairs", "--ckpt", chat_ckpt, "--task", "nope", "--prompts", "4", "--out", tmp_path / "x.jsonl",
                 check=False)
     assert p.returncode == 2 and "unknown task" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("pairs", "--ckpt", chat_ckpt, "--task_options", "k3", "--prompts", "4", "--out", tmp_path / "x.jsonl",
+                check=False)
+    assert p.returncode == 2 and "--task_options" in p.stderr and "'k3'" in p.stderr and "Traceback" not in p.stderr

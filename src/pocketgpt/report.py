@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .io import atomic_write_text, write_json
 from .train.plots import draw_losses, pyplot, read_metrics, save_figure, series
@@ -79,13 +79,71 @@ def _mean_tok_s(rows) -> Optional[float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# statistics of the report (95% intervals)
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> list[float]:
+    """Wilson score interval of a proportion k/n (the interval stays inside [0, 1] and is sane at 0 and n)."""
+    if n <= 0:
+        return [float("nan"), float("nan")]
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return [max(0.0, mid - half), min(1.0, mid + half)]
+
+
+def proportion(hits: list[bool] | list[float]) -> dict:
+    """``{"value", "n", "ci95"}`` of a proportion (Wilson interval)."""
+    n, k = len(hits), float(sum(1.0 if h else 0.0 for h in hits))
+    return {"value": k / n if n else float("nan"), "n": n, "ci95": wilson(k, n)}
+
+
+def mean_ci(xs: list[float]) -> dict:
+    """``{"value", "n", "ci95"}`` of a mean (normal approximation: mean ± 1.96 standard errors)."""
+    n = len(xs)
+    if n == 0:
+        return {"value": float("nan"), "n": 0, "ci95": [float("nan"), float("nan")]}
+    m = sum(xs) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    h = 1.96 * sd / math.sqrt(n)
+    return {"value": m, "n": n, "ci95": [m - h, m + h]}
+
+
+def paired_diff(a: list[float], b: list[float]) -> dict:
+    """Mean of ``a - b`` over the same items, with its 95% interval (paired: both models answer the same prompts)."""
+    return mean_ci([float(x) - float(y) for x, y in zip(a, b)])
+
+
+def distinct_n(texts: list[str], n: int = 2, tokenize: Callable[[str], list] | None = None) -> dict:
+    """distinct-n: distinct n-grams / all n-grams over the replies (1.0 = no n-gram repeats; near 0 = loops)."""
+    grams, total = set(), 0
+    for t in texts:
+        toks = tokenize(t) if tokenize else list(t)
+        for i in range(len(toks) - n + 1):
+            grams.add(tuple(toks[i: i + n]))
+            total += 1
+    return {"value": len(grams) / total if total else float("nan"), "n": total, "ci95": None}
+
+
+def longest_run(tokens: list) -> int:
+    """The longest run of one token repeated back to back (a reply "degenerates" when this is most of it)."""
+    best = run = 0
+    prev = object()
+    for t in tokens:
+        run = run + 1 if t == prev else 1
+        prev = t
+        best = max(best, run)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # figures
 
 
 def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
     """Every figure of the report, ``{stage: {metric: fig}}`` (what report.json holds)."""
     from .io import read_json
-    from .speedrun import distinct_n, mean_ci, paired_diff, proportion
 
     done = state.get("done", {})
     ev = done.get("eval", {})

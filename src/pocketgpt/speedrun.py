@@ -17,7 +17,6 @@ methods at this size; PPO's and GRPO's models are kept beside it and compared in
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -109,65 +108,6 @@ def run_child(args: list[str], log_path: Path) -> tuple[int, float, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# statistics of the report (95% intervals)
-
-
-def wilson(k: float, n: int, z: float = 1.96) -> list[float]:
-    """Wilson score interval of a proportion k/n (the interval stays inside [0, 1] and is sane at 0 and n)."""
-    if n <= 0:
-        return [float("nan"), float("nan")]
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [max(0.0, mid - half), min(1.0, mid + half)]
-
-
-def proportion(hits: list[bool] | list[float]) -> dict:
-    """``{"value", "n", "ci95"}`` of a proportion (Wilson interval)."""
-    n, k = len(hits), float(sum(1.0 if h else 0.0 for h in hits))
-    return {"value": k / n if n else float("nan"), "n": n, "ci95": wilson(k, n)}
-
-
-def mean_ci(xs: list[float]) -> dict:
-    """``{"value", "n", "ci95"}`` of a mean (normal approximation: mean ± 1.96 standard errors)."""
-    n = len(xs)
-    if n == 0:
-        return {"value": float("nan"), "n": 0, "ci95": [float("nan"), float("nan")]}
-    m = sum(xs) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
-    h = 1.96 * sd / math.sqrt(n)
-    return {"value": m, "n": n, "ci95": [m - h, m + h]}
-
-
-def paired_diff(a: list[float], b: list[float]) -> dict:
-    """Mean of ``a - b`` over the same items, with its 95% interval (paired: both models answer the same prompts)."""
-    return mean_ci([float(x) - float(y) for x, y in zip(a, b)])
-
-
-def distinct_n(texts: list[str], n: int = 2, tokenize: Callable[[str], list] | None = None) -> dict:
-    """distinct-n: distinct n-grams / all n-grams over the replies (1.0 = no n-gram repeats; near 0 = loops)."""
-    grams, total = set(), 0
-    for t in texts:
-        toks = tokenize(t) if tokenize else list(t)
-        for i in range(len(toks) - n + 1):
-            grams.add(tuple(toks[i: i + n]))
-            total += 1
-    return {"value": len(grams) / total if total else float("nan"), "n": total, "ci95": None}
-
-
-def longest_run(tokens: list) -> int:
-    """The longest run of one token repeated back to back (a reply "degenerates" when this is most of it)."""
-    best = run = 0
-    prev = object()
-    for t in tokens:
-        run = run + 1 if t == prev else 1
-        prev = t
-        best = max(best, run)
-    return best
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # the pipeline
 
 
@@ -205,7 +145,7 @@ class Speedrun:
     # ---- the checkable task ------------------------------------------------------------------------------------------
 
     def task_options(self) -> dict:
-        """The ``[task]`` table without its name: the options every stage gets (``--task_<option>``)."""
+        """The ``[task]`` table without its name (``n_eval`` included: the report's held-out prompts)."""
         t = self.table("task")
         t.pop("name", None)
         return t
@@ -216,18 +156,13 @@ class Speedrun:
     def task(self):
         from .tasks import get_task
 
-        return get_task(self.task_name(), **self.task_options())
+        return get_task(self.task_name(), self.task_options())
 
-    def task_args(self, n_eval: bool = True) -> list[str]:
-        """``--task NAME --task_digits 2 ...`` for a stage command. The RL stages evaluate their own ``n_eval``
-        (a prefix of the same held-out set; training prompts avoid the whole held-out pool either way)."""
-        args = ["--task", self.task_name()]
-        for k, v in self.task_options().items():
-            if k != "n_eval":
-                args += [f"--task_{k}", str(v)]
-            elif n_eval:
-                args += ["--task_n_eval", str(v)]
-        return args
+    def task_args(self) -> list[str]:
+        """``--task NAME --task_options k=3,...`` for a stage command; each stage sets its own ``--n_eval`` /
+        ``--prompts`` (a prefix of the same held-out set; training prompts avoid the whole held-out pool)."""
+        opts = ",".join(f"{k}={v}" for k, v in self.task_options().items() if k != "n_eval")
+        return ["--task", self.task_name(), "--task_options", opts]
 
     # ---- stage commands --------------------------------------------------------------------------------------------
 
@@ -283,7 +218,8 @@ class Speedrun:
         base = ["pairs", "--ckpt", str(self.p("sft", "ckpt")), *self.task_args(), *_opts(t), *self._common()]
         return [base + ["--split", "train", "--prompts", str(n_train), "--out", str(self.p("pairs_train.jsonl")),
                         "--stats", str(self.p("pairs_train.stats.json"))],
-                base + ["--split", "eval", "--out", str(self.p("pairs_heldout.jsonl")),
+                base + ["--split", "eval", "--prompts", str(self.task().n_eval),
+                        "--out", str(self.p("pairs_heldout.jsonl")),
                         "--stats", str(self.p("pairs_heldout.stats.json"))]]
 
     def split_hh(self) -> tuple[Path, Path]:
@@ -318,37 +254,12 @@ class Speedrun:
         return ["rm", "--init", str(self.p("sft", "ckpt")), "--data", str(train_p), "--val-data", str(held_p),
                 "--config", cfg, "--out", str(self.p("rm_hh")), *_opts(t), *self._common()]
 
-    def rl_task_args(self, command: str, monitor: int, checker_reward: bool) -> list[str]:
-        """How an RL command gets the task: ``--task NAME --task_<option> ...`` when it knows every option the
-        preset sets; otherwise the same training / held-out prompts as files (and, for GRPO, the checker as a
-        ``--reward_fn``), so a task option the RL commands do not know yet still runs."""
-        if all(_accepts(command, f"--task_{k}") for k in self.task_options() if k != "n_eval"):
-            return self.task_args(n_eval=False)
-        args = ["--task", "", "--prompts", str(self.task_prompts_file()),
-                "--eval_prompts", str(self.task_eval_file(monitor))]
-        return args + (["--reward_fn", "pocketgpt.tasks:arithmetic_reward"] if checker_reward else [])
-
-    def task_prompts_file(self) -> Path:
-        path = self.p("task_train_prompts.jsonl")
-        if not path.exists():
-            rows = self.task().train_prompts(int(self.table("speedrun").get("rl_prompts", 4000)), seed=2)
-            atomic_write_text(path, "".join(json.dumps({"prompt": r}, ensure_ascii=False) + "\n" for r in rows))
-        return path
-
-    def task_eval_file(self, n: int) -> Path:
-        path = self.p(f"task_heldout_{n}.jsonl")
-        if not path.exists():
-            rows = self.task().eval_prompts(n)
-            atomic_write_text(path, "".join(json.dumps({"prompt": r}, ensure_ascii=False) + "\n" for r in rows))
-        return path
-
     def cmd_ppo(self) -> list[str]:
         """PPO against the *trained* reward model (never the checker): prompts from the task's training problems;
         the checker only monitors held-out accuracy (``eval_accuracy`` beside ``eval_reward``)."""
         t = self.table("ppo")
         cfg = t.pop("config", "ppo-tiny")
-        src = self.rl_task_args("ppo", int(t.get("n_eval", 64)), checker_reward=False)
-        return ["ppo", "--init", str(self.p("sft", "ckpt")), "--reward", str(self.p("rm", "ckpt")), *src,
+        return ["ppo", "--init", str(self.p("sft", "ckpt")), "--reward", str(self.p("rm", "ckpt")), *self.task_args(),
                 "--config", cfg, "--out", str(self.p("ppo")), *_opts(t), *self._common()]
 
     def cmd_dpo(self) -> list[str]:
@@ -360,8 +271,7 @@ class Speedrun:
     def cmd_grpo(self) -> list[str]:
         t = self.table("grpo")
         cfg = t.pop("config", "grpo-arithmetic")
-        src = self.rl_task_args("grpo", int(t.get("n_eval", 64)), checker_reward=True)
-        return ["grpo", "--init", str(self.p("sft", "ckpt")), *src, "--config", cfg,
+        return ["grpo", "--init", str(self.p("sft", "ckpt")), *self.task_args(), "--config", cfg,
                 "--out", str(self.p("grpo")), *_opts(t), *self._common()]
 
     # ---- driver ------------------------------------------------------------------------------------------------------
@@ -490,7 +400,7 @@ class Speedrun:
             res = generate(model, ids, max_new_tokens=max_new, temperature=temperature, stop_ids=[end],
                            seed=seed + b, return_logprobs=True)
             for r in res:
-                toks = [int(t) for t in r.tokens if t != end]
+                toks = [int(t) for t in r.tokens]
                 out.append((tok.decode(toks), toks + ([end] if r.finish_reason == "stop" else [])))
         return out
 
@@ -533,6 +443,7 @@ class Speedrun:
     def _sample_chats(self, models, tok, seed: int) -> list[dict]:
         """Replies to the report's chat prompts, sampled with ``pocketgpt chat``'s defaults (whatever they are)."""
         from .chat import ChatSession
+        from .report import longest_run
 
         ev = self.table("eval")
         samples = []
@@ -552,15 +463,6 @@ class Speedrun:
 
         path = write_report(self)
         return {"report": str(path), "json": str(self.p("report.json"))}
-
-
-def _accepts(command: str, flag: str) -> bool:
-    """Whether ``pocketgpt COMMAND`` takes ``flag``."""
-    from .cli import build_parser
-
-    parser = build_parser(only=command)
-    sub = next(a for a in parser._actions if a.dest == "command")
-    return flag in sub.choices[command]._option_string_actions
 
 
 # ---------------------------------------------------------------------------------------------------------------------

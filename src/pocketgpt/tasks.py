@@ -4,13 +4,15 @@ A task makes prompts (chat messages) from a seed, keeps a fixed held-out evaluat
 training prompts, scores a reply with an exact-answer reward, and can write SFT conversations in the same format so a
 model can first be taught the format briefly::
 
-    task = get_task("arithmetic", digits=2, ops="+-")
+    task = get_task("largest", "k=3,n_eval=400")    # or get_task("arithmetic", {"digits": 2, "ops": "+-"})
     train = task.train_prompts(256, seed=0)        # list of chat prompts (each a list of messages)
     held_out = task.eval_prompts(64)               # fixed, disjoint from every training prompt
-    task.reward(held_out[0], "95")                 # 1.0 if the first integer in the reply is the answer, else 0.0
-    task.write_sft_jsonl("arith_sft.jsonl", 2000)  # {"messages": [user question, assistant answer]} per line
+    task.reward(held_out[0], "82")                 # 1.0 if the first integer in the reply is the answer, else 0.0
+    task.write_sft_jsonl("task_sft.jsonl", 2000)   # {"messages": [user question, assistant answer]} per line
 
-The one task today is ``arithmetic``: multi-digit addition / subtraction ("What is 37 + 58?" → "95").
+Tasks: ``largest`` ("Which is the largest: 47, 82, 15?" → "82": selection and copying, which a small model learns
+fast; ``k`` numbers of ``digits`` digits) and ``arithmetic`` ("What is 37 + 58?" → "95"). On a command line a task is
+``--task NAME --task_options k=3,digits=2`` (every option of that task, ``name=value`` separated by commas).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from pathlib import Path
 
 from .errors import UserError
 
-_QUESTION = re.compile(r"What is (-?\d+(?: [+\-] -?\d+)+)\?")
 _FIRST_INT = re.compile(r"-?\d+")
 EVAL_SEED = 1_000_003  # the held-out set is always drawn from this seed
 
@@ -34,8 +35,132 @@ def first_integer(text: str) -> int | None:
     return int(m.group()) if m else None
 
 
+class Task:
+    """What every task shares: the held-out pool, training prompts that avoid it, the exact-answer reward, SFT rows.
+    A task is a frozen dataclass of its options (``n_eval`` among them) that implements ``num_problems``,
+    ``_draw(rng) -> problem tuple``, ``question(problem)``, ``answer(problem)`` and ``parse(question) -> problem``."""
+
+    name = ""
+    n_eval: int
+
+    def _check_n_eval(self) -> None:
+        if self.n_eval == 0:  # the default: 64 held-out prompts, fewer when the task has fewer problems
+            object.__setattr__(self, "n_eval", min(64, self.held_out_pool))
+        if not isinstance(self.n_eval, int) or not 1 <= self.n_eval <= self.held_out_pool:
+            raise UserError(f"task {self.name}: n_eval must be in 1..{self.held_out_pool} for these options, "
+                            f"got {self.n_eval!r}")
+
+    @property
+    def held_out_pool(self) -> int:
+        """How many problems are reserved for evaluation, whatever ``n_eval`` is: training prompts never come from
+        this pool, so a stage evaluating fewer prompts (a PPO monitoring 64) still never trains on a problem that
+        another stage evaluates (the report's 400). ``eval_prompts`` are the first ``n_eval`` of the pool."""
+        return min(self.num_problems // 2, 1000)
+
+    def _eval_problems(self, n: int | None = None) -> list[tuple]:
+        """The first ``n`` problems of the held-out pool (default: the whole pool)."""
+        rng, seen, out = random.Random(EVAL_SEED), set(), []
+        want = min(n or self.held_out_pool, self.held_out_pool)
+        while len(out) < want:
+            p = self._draw(rng)
+            if p not in seen:
+                seen.add(p)
+                out.append(p)
+        return out
+
+    def _train_problems(self, n: int, seed: int, unique: bool = False) -> list[tuple]:
+        held_out = set(self._eval_problems())
+        if unique and n > self.num_problems - len(held_out):
+            raise UserError(f"task {self.name}: only {self.num_problems - len(held_out)} distinct training problems "
+                            f"exist for these options, {n} asked for")
+        rng, out, seen = random.Random(seed), [], set()
+        while len(out) < n:  # repeats allowed unless unique (small problem spaces), held-out problems never
+            p = self._draw(rng)
+            if p in held_out or (unique and p in seen):
+                continue
+            seen.add(p)
+            out.append(p)
+        return out
+
+    def _prompt(self, problem: tuple) -> list[dict]:
+        return [{"role": "user", "content": self.question(problem)}]
+
+    def train_prompts(self, n: int, seed: int = 0, unique: bool = False) -> list[list[dict]]:
+        """``n`` training prompts drawn from ``seed`` (``unique``: no repeats); none of them is in the held-out set."""
+        return [self._prompt(p) for p in self._train_problems(n, seed, unique)]
+
+    def eval_prompts(self, n: int | None = None) -> list[list[dict]]:
+        """The fixed held-out prompts: the first ``n`` of the pool (``n_eval`` by default)."""
+        return [self._prompt(p) for p in self._eval_problems(n or self.n_eval)]
+
+    def target(self, prompt: list[dict]) -> int:
+        """The correct answer to a prompt made by this task (read back from its last user message)."""
+        problem = self.parse(prompt[-1]["content"]) if prompt else None
+        if problem is None:
+            raise ValueError(f"not a {self.name} question: {prompt[-1]['content'] if prompt else prompt!r}")
+        return self.answer(problem)
+
+    def reward(self, prompt: list[dict], reply: str) -> float:
+        """Exact-answer reward: 1.0 if the first integer in the reply equals the answer, else 0.0."""
+        return 1.0 if first_integer(reply) == self.target(prompt) else 0.0
+
+    def sft_conversations(self, n: int, seed: int = 0) -> list[dict]:
+        """``n`` worked examples in the task's chat format, for a brief SFT before RL (held-out problems excluded)."""
+        return [{"messages": self._prompt(p) + [{"role": "assistant", "content": str(self.answer(p))}]}
+                for p in self._train_problems(n, seed)]
+
+    def write_sft_jsonl(self, path: str | Path, n: int, seed: int = 0) -> Path:
+        from .io import atomic_write_text
+
+        lines = [json.dumps(c, ensure_ascii=False) for c in self.sft_conversations(n, seed)]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        return Path(path)
+
+
+_LARGEST = re.compile(r"Which is the largest: (\d+(?:, \d+)+)\?")
+
+
 @dataclass(frozen=True)
-class ArithmeticTask:
+class LargestTask(Task):
+    """The largest of ``k`` numbers of exactly ``digits`` digits each ("Which is the largest: 47, 82, 15?" → "82")."""
+
+    k: int = 3
+    digits: int = 2
+    n_eval: int = 0  # 0 = 64 (or the whole held-out pool when smaller)
+
+    name = "largest"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or not 2 <= self.k <= 10:
+            raise UserError(f"task largest: k must be an integer in 2..10, got {self.k!r}")
+        if not isinstance(self.digits, int) or not 1 <= self.digits <= 6:
+            raise UserError(f"task largest: digits must be an integer in 1..6, got {self.digits!r}")
+        self._check_n_eval()
+
+    @property
+    def num_problems(self) -> int:
+        return (9 * 10 ** (self.digits - 1)) ** self.k
+
+    def _draw(self, rng: random.Random) -> tuple:
+        lo = 10 ** (self.digits - 1) if self.digits > 1 else 0
+        return tuple(rng.randint(lo, 10**self.digits - 1) for _ in range(self.k))
+
+    def question(self, problem: tuple) -> str:
+        return f"Which is the largest: {', '.join(map(str, problem))}?"
+
+    def answer(self, problem: tuple) -> int:
+        return max(int(x) for x in problem)
+
+    def parse(self, question: str) -> tuple | None:
+        m = _LARGEST.search(question)
+        return tuple(int(x) for x in m.group(1).split(", ")) if m else None
+
+
+_QUESTION = re.compile(r"What is (-?\d+(?: [+\-] -?\d+)+)\?")
+
+
+@dataclass(frozen=True)
+class ArithmeticTask(Task):
     """Addition / subtraction of ``operands`` non-negative integers with 1..``digits`` digits each.
 
     ``ops`` is a string of operators to draw from ("+", "-" or "+-"). With ``nonnegative`` (default) a two-operand
@@ -45,7 +170,7 @@ class ArithmeticTask:
     digits: int = 2
     ops: str = "+-"
     nonnegative: bool = True
-    n_eval: int = 64
+    n_eval: int = 0  # 0 = 64 (or the whole held-out pool when smaller)
     operands: int = 2
     second_digits: int = 0  # the operands after the first have 1..second_digits digits (0 = digits)
 
@@ -54,7 +179,7 @@ class ArithmeticTask:
     def __post_init__(self) -> None:
         if not isinstance(self.digits, int) or not 1 <= self.digits <= 9:
             raise UserError(f"task arithmetic: digits must be an integer in 1..9, got {self.digits!r}")
-        if not self.ops or any(op not in "+-" for op in self.ops):
+        if not isinstance(self.ops, str) or not self.ops or any(op not in "+-" for op in self.ops):
             raise UserError(f"task arithmetic: ops must be made of '+' and '-', got {self.ops!r}")
         if not isinstance(self.operands, int) or not 2 <= self.operands <= 6:
             raise UserError(f"task arithmetic: operands must be an integer in 2..6, got {self.operands!r}")
@@ -63,24 +188,12 @@ class ArithmeticTask:
                             f"got {self.second_digits!r}")
         if self.operands > 2 and self.ops != "+":
             raise UserError(f"task arithmetic: with {self.operands} operands ops must be '+', got {self.ops!r}")
-        if self.n_eval < 1 or self.n_eval > self.held_out_pool:
-            raise UserError(
-                f"task arithmetic: n_eval must be in 1..{self.held_out_pool} for these options, got {self.n_eval}"
-            )
-
-    # ---- problems ------------------------------------------------------------------------------------------------
+        self._check_n_eval()
 
     @property
     def num_problems(self) -> int:
         n, m = 10**self.digits, 10 ** (self.second_digits or self.digits)
         return n * m ** (self.operands - 1) * len(set(self.ops)) ** (self.operands - 1)
-
-    @property
-    def held_out_pool(self) -> int:
-        """How many problems are reserved for evaluation, whatever ``n_eval`` is: training prompts never come from
-        this pool, so a stage evaluating fewer prompts (a PPO monitoring 64) still never trains on a problem that
-        another stage evaluates (the report's 400). ``eval_prompts`` are the first ``n_eval`` of the pool."""
-        return min(self.num_problems // 2, 1000)
 
     def _draw(self, rng: random.Random) -> tuple:
         """A problem as a flat tuple ``(a, op, b[, op, c ...])``."""
@@ -96,99 +209,53 @@ class ArithmeticTask:
             a, b = b, a
         return a, op, b
 
-    @staticmethod
-    def question(*problem) -> str:
+    def question(self, problem: tuple) -> str:
         return f"What is {' '.join(map(str, problem))}?"
 
-    @staticmethod
-    def answer(*problem) -> int:
+    def answer(self, problem: tuple) -> int:
         total = int(problem[0])
         for op, x in zip(problem[1::2], problem[2::2]):
             total = total + int(x) if op == "+" else total - int(x)
         return total
 
-    def _eval_problems(self, pool: bool = False) -> list[tuple]:
-        """The first ``n_eval`` problems of the held-out pool (``pool=True``: the whole pool)."""
-        rng, seen, out = random.Random(EVAL_SEED), set(), []
-        want = self.held_out_pool if pool else self.n_eval
-        while len(out) < want:
-            p = self._draw(rng)
-            if p not in seen:
-                seen.add(p)
-                out.append(p)
-        return out
-
-    def _train_problems(self, n: int, seed: int, unique: bool = False) -> list[tuple]:
-        held_out = set(self._eval_problems(pool=True))
-        if unique and n > self.num_problems - len(held_out):
-            raise UserError(f"task arithmetic: only {self.num_problems - len(held_out)} distinct training problems "
-                            f"exist for these options, {n} asked for")
-        rng, out, seen = random.Random(seed), [], set()
-        while len(out) < n:  # repeats allowed unless unique (small problem spaces), held-out problems never
-            p = self._draw(rng)
-            if p in held_out or (unique and p in seen):
-                continue
-            seen.add(p)
-            out.append(p)
-        return out
-
-    # ---- the task interface --------------------------------------------------------------------------------------
-
-    def train_prompts(self, n: int, seed: int = 0, unique: bool = False) -> list[list[dict]]:
-        """``n`` training prompts drawn from ``seed`` (``unique``: no repeats); none of them is in the held-out set."""
-        return [[{"role": "user", "content": self.question(*p)}] for p in self._train_problems(n, seed, unique)]
-
-    def eval_prompts(self, n: int | None = None) -> list[list[dict]]:
-        """The fixed held-out prompts (the first ``n`` of them; all ``n_eval`` by default)."""
-        probs = self._eval_problems()[: n or self.n_eval]
-        return [[{"role": "user", "content": self.question(*p)}] for p in probs]
-
-    def target(self, prompt: list[dict]) -> int:
-        """The correct answer to a prompt made by this task (read back from its last user message)."""
-        m = _QUESTION.search(prompt[-1]["content"]) if prompt else None
-        if not m:
-            raise ValueError(f"not an arithmetic question: {prompt[-1]['content'] if prompt else prompt!r}")
-        return self.answer(*m.group(1).split(" "))
-
-    def reward(self, prompt: list[dict], reply: str) -> float:
-        """Exact-answer reward: 1.0 if the first integer in the reply equals the answer, else 0.0."""
-        return 1.0 if first_integer(reply) == self.target(prompt) else 0.0
-
-    def sft_conversations(self, n: int, seed: int = 0) -> list[dict]:
-        """``n`` worked examples in the task's chat format, for a brief SFT before RL (held-out problems excluded)."""
-        return [
-            {"messages": [{"role": "user", "content": self.question(*p)},
-                          {"role": "assistant", "content": str(self.answer(*p))}]}
-            for p in self._train_problems(n, seed)
-        ]
-
-    def write_sft_jsonl(self, path: str | Path, n: int, seed: int = 0) -> Path:
-        from .io import atomic_write_text
-
-        lines = [json.dumps(c, ensure_ascii=False) for c in self.sft_conversations(n, seed)]
-        atomic_write_text(path, "\n".join(lines) + "\n")
-        return Path(path)
+    def parse(self, question: str) -> tuple | None:
+        m = _QUESTION.search(question)
+        return tuple(m.group(1).split(" ")) if m else None
 
 
-TASKS = {"arithmetic": ArithmeticTask}
+TASKS = {"arithmetic": ArithmeticTask, "largest": LargestTask}
 
 
-def get_task(name: str, **options) -> ArithmeticTask:
-    """Build a built-in task by name; unknown names / options are a ``UserError`` naming them."""
+def parse_task_options(text: str, where: str = "--task_options") -> dict:
+    """``"k=3,ops=+-"`` → ``{"k": 3, "ops": "+-"}`` (integer-looking values become ints)."""
+    out: dict = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"{where}: expected name=value items separated by commas, got {item!r}")
+        value = value.strip()
+        out[key.strip()] = int(value) if re.fullmatch(r"-?\d+", value) else value
+    return out
+
+
+def get_task(name: str, options: str | dict | None = None, **more) -> Task:
+    """Build a built-in task by name from options (a dict or ``"k=3,digits=2"``, plus keywords); unknown names /
+    options are a ``UserError`` naming them."""
     if name not in TASKS:
         raise UserError(f"--task: unknown task {name!r} (built-in: {', '.join(sorted(TASKS))})")
+    opts = {**(parse_task_options(options) if isinstance(options, str) else options or {}), **more}
     cls = TASKS[name]
     known = set(cls.__dataclass_fields__)
-    for key in options:
+    for key in opts:
         if key not in known:
             raise UserError(f"task {name}: unknown option {key!r} (known: {', '.join(sorted(known))})")
-    return cls(**options)
+    return cls(**opts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # replies of a chat model to a task's prompts, checked; preference pairs collected the way RLHF collects them
 #
-#   pocketgpt pairs --ckpt runs/sft/ckpt --task arithmetic --task_digits 2 --task_ops + --samples 4 --prompts 2000 \
+#   pocketgpt pairs --ckpt runs/sft/ckpt --task largest --task_options k=3 --samples 4 --prompts 2000 \
 #       --out pairs_train.jsonl                     # pairs from training prompts (never a held-out one)
 #   pocketgpt pairs ... --split eval --out pairs_heldout.jsonl     # pairs from the task's held-out prompts
 #
@@ -196,15 +263,6 @@ def get_task(name: str, **options) -> ArithmeticTask:
 # are all right (or all wrong) gives no pair; otherwise each distinct wrong reply is paired with a right one
 # (up to ``max_pairs_per_prompt``). Training and held-out pairs come from disjoint prompt sets, so a reward model
 # or DPO trained on the first is measured on prompts it never saw.
-
-TASK_OPTIONS = ("digits", "ops", "n_eval", "operands", "second_digits")  # exposed on command lines as --task_<option>
-
-
-def task_from_args(args) -> "ArithmeticTask":
-    """The task named by ``args.task`` with the ``--task_<option>`` values given (others at the task's defaults)."""
-    opts = {k: getattr(args, f"task_{k}") for k in TASK_OPTIONS if getattr(args, f"task_{k}", None) is not None}
-    return get_task(args.task, **opts)
-
 
 def sample_replies(model, tokenizer, prompts: list[list[dict]], *, samples: int = 1, max_new_tokens: int = 8,
                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -225,7 +283,7 @@ def sample_replies(model, tokenizer, prompts: list[list[dict]], *, samples: int 
                         top_p=top_p, repetition_penalty=repetition_penalty, n=samples, stop_ids=[end],
                         seed=None if seed is None else seed + b)
         for j in range(len(chunk)):
-            out.append([tokenizer.decode([t for t in rows[j * samples + k] if t != end]) for k in range(samples)])
+            out.append([tokenizer.decode(rows[j * samples + k]) for k in range(samples)])
     return out
 
 
@@ -283,19 +341,12 @@ def collect_pairs(ckpt, task, *, split: str = "train", prompts: int | None = Non
 
 def configure_cli(name, p) -> None:
     p.add_argument("--ckpt", required=True, help="the chat model that writes the replies (e.g. runs/sft/ckpt)")
-    p.add_argument("--task", default="arithmetic", help=f"built-in checkable task ({', '.join(sorted(TASKS))})")
-    p.add_argument("--task_digits", "--task-digits", dest="task_digits", type=int, default=None,
-                   help="arithmetic: operands have 1..N digits (default 2)")
-    p.add_argument("--task_ops", "--task-ops", dest="task_ops", default=None, help="arithmetic: operators ('+-')")
-    p.add_argument("--task_operands", "--task-operands", dest="task_operands", type=int, default=None,
-                   help="arithmetic: operands per question (default 2)")
-    p.add_argument("--task_second_digits", "--task-second-digits", dest="task_second_digits", type=int, default=None,
-                   help="arithmetic: digits of the operands after the first (default: as many as the first)")
-    p.add_argument("--task_n_eval", "--task-n-eval", "--n_eval", dest="task_n_eval", type=int, default=None,
-                   help="size of the task's fixed held-out set (default 64)")
+    p.add_argument("--task", default="arithmetic", help=f"built-in checkable task ({', '.join(sorted(TASKS))}; default arithmetic)")
+    p.add_argument("--task_options", "--task-options", dest="task_options", default="",
+                   help="the task's options, name=value separated by commas (e.g. k=3,digits=2)")
     p.add_argument("--split", choices=("train", "eval"), default="train",
                    help="train: prompts drawn from the training problems; eval: the held-out set (default train)")
-    p.add_argument("--prompts", type=int, default=None, help="how many prompts (eval: default the whole set)")
+    p.add_argument("--prompts", type=int, default=None, help="how many prompts (eval: the first N held-out ones, default the task's n_eval)")
     p.add_argument("--samples", type=int, default=4, help="sampled replies per prompt (default 4)")
     p.add_argument("--max-pairs-per-prompt", "--max_pairs_per_prompt", dest="max_pairs_per_prompt", type=int,
                    default=2, help="pairs kept per prompt (default 2)")
@@ -314,7 +365,7 @@ def _pairs_cli(args) -> int:
 
     from .io import atomic_write_text, write_json
 
-    task = task_from_args(args)
+    task = get_task(args.task, args.task_options)
     pairs, stats = collect_pairs(args.ckpt, task, split=args.split, prompts=args.prompts, samples=args.samples,
                                  max_pairs_per_prompt=args.max_pairs_per_prompt, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device)
@@ -328,10 +379,3 @@ def _pairs_cli(args) -> int:
     print(f"{stats['pairs']} pairs from {stats['prompts_with_pairs']} of {stats['prompts']} {args.split} prompts "
           f"({stats['replies']} replies, {stats['sample_accuracy']:.1%} right) → {args.out}", file=sys.stderr)
     return 0
-
-
-def arithmetic_reward(prompt: list[dict], reply: str) -> float:
-    """The arithmetic checker as a reward function (``--reward_fn pocketgpt.tasks:arithmetic_reward``): reads the
-    question back from the prompt, so it checks any operands / digits this task writes."""
-    return 1.0 if first_integer(reply) == ArithmeticTask.answer(*_QUESTION.search(prompt[-1]["content"]).group(1)
-                                                                .split(" ")) else 0.0

@@ -90,5 +90,5 @@ class GRPOStage(OnlineStage):
         logp, ent, _ = model(batch["idx"], batch["pos"], batch["targets"], batch["mask"])
         loss, metrics = grpo_loss(logp, batch["old_logp"], batch["advantages"], batch["mask"], self.cfg.clip_range,
                                   batch["ref_logp"] if self.reference is not None else None, self.cfg.kl_coef)
-        metrics["entropy"] = float((ent * batch["mask"]).sum() / batch["mask"].sum().clamp(min=1))
+        metrics["entropy"] = float((ent.detach() * batch["mask"]).sum() / batch["mask"].sum().clamp(min=1))
         return loss, metrics

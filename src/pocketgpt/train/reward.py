@@ -46,12 +46,24 @@ META_FILE = "reward_model.json"
 # ---- the model ---------------------------------------------------------------------------------------------------------
 
 
+class ScalarHead(nn.Linear):
+    """``Linear(n_embd, 1)`` on final hidden states → one float32 number per position: the reward model's head and
+    PPO's value head. ``std`` 0 starts at exactly 0 (a value head); a seeded ``generator`` makes every process agree."""
+
+    def __init__(self, n_embd: int, std: float = 0.0, generator: Optional[torch.Generator] = None):
+        super().__init__(n_embd, 1)
+        with torch.no_grad():
+            self.weight.normal_(0.0, std, generator=generator) if std > 0 else self.weight.zero_()
+            self.bias.zero_()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden.to(self.weight.dtype)).squeeze(-1).float()
+
+
 class RewardModel(nn.Module):
     """``GPT`` backbone + a ``ScalarHead`` read at the last real token of each (right-padded) row."""
 
     def __init__(self, backbone: nn.Module, seed: int = 0):
-        from .rl import ScalarHead
-
         super().__init__()
         self.backbone = backbone
         self.config = backbone.config

@@ -39,6 +39,7 @@ from pydantic import Field
 from ..config import Config
 from ..errors import UserError
 from ..records import fit, read_prompts, split
+from .reward import ScalarHead, encode_reply, load_reward_model
 
 RewardFn = Callable[[list[dict], str], float]
 
@@ -144,7 +145,6 @@ class RewardSource:
         if reward_model:
             from ..chat import find_checkpoint
             from ..tokenizer import load_tokenizer_for
-            from .reward import load_reward_model
 
             path = find_checkpoint(reward_model)
             self.rm = load_reward_model(path, dtype=dtype).requires_grad_(False)
@@ -166,7 +166,6 @@ class RewardSource:
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], replies: list[str], where: list[str]) -> list[float]:
         if self.rm is not None:
-            from .reward import encode_reply
 
             block = self.rm.config.block_size
             rows = [encode_reply(p, r, self.rm_tokenizer, block) for p, r in zip(prompts, replies)]
@@ -220,20 +219,6 @@ def rollout(model: nn.Module, tokenizer, prompts: list[list[dict]], *, n: int = 
 
 
 # ---- models --------------------------------------------------------------------------------------------------------------
-
-
-class ScalarHead(nn.Linear):
-    """``Linear(n_embd, 1)`` on final hidden states → one float32 number per position: the reward model's head and
-    PPO's value head. ``std`` 0 starts at exactly 0 (a value head); a seeded ``generator`` makes every process agree."""
-
-    def __init__(self, n_embd: int, std: float = 0.0, generator: Optional[torch.Generator] = None):
-        super().__init__(n_embd, 1)
-        with torch.no_grad():
-            self.weight.normal_(0.0, std, generator=generator) if std > 0 else self.weight.zero_()
-            self.bias.zero_()
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden.to(self.weight.dtype)).squeeze(-1).float()
 
 
 class Policy(nn.Module):
@@ -314,9 +299,7 @@ class RLConfig(Config):
     section: ClassVar[str] = "rl"
     init: str = Field("", description="the chat (SFT) checkpoint to improve; also the frozen reference")
     task: str = ""  # built-in task: training + held-out prompts; its checker is the reward unless reward/reward_fn
-    task_digits: int = 2  # arithmetic: operands have 1..task_digits digits
-    task_ops: str = "+-"  # arithmetic: operators drawn from
-    task_operands: int = 2  # arithmetic: numbers per question (more than 2: additions only)
+    task_options: str = ""  # the task's options, "name=value,..." (e.g. "k=3,digits=2"; n_eval is --n_eval)
     reward: str = ""  # a reward-model checkpoint (pocketgpt rm)
     reward_fn: str = ""  # or a Python reward "module:function" / "path/file.py:function"
     prompts: str = ""  # prompts JSONL (without --task)
@@ -336,13 +319,12 @@ class RLConfig(Config):
     seed: int = 0
 
     def get_task(self):
-        """The built-in task named by ``task`` with every ``task_*`` option (None without a task)."""
+        """The built-in task named by ``task`` with its ``task_options`` (None without a task)."""
         if not self.task:
             return None
         from ..tasks import get_task
 
-        opts = {f[5:]: getattr(self, f) for f in type(self).model_fields if f.startswith("task_")}
-        return get_task(self.task, n_eval=self.n_eval, **opts)
+        return get_task(self.task, self.task_options, n_eval=self.n_eval)
 
 
 # ---- the experience loop -----------------------------------------------------------------------------------------------
