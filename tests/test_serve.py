@@ -646,3 +646,13 @@ def test_cli_serve_user_errors(ckpt, tmp_path, capsys, args, where):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pocketgpt serve: error:") and where in err and "\n" not in err
+
+
+def test_streamed_text_with_unicode_line_separators_stays_one_sse_line(base_url):
+    # httpx's aiter_lines (like str.splitlines) also breaks at U+0085/2028/2029: the server must escape them
+    text = "a\u2028b\u2029c\x85d"
+    body = {"model": "tiny-chat", "prompt": text, "max_tokens": 2, "echo": True, "stream": True, "temperature": 0}
+    with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=30) as r:
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(d) for d in data if d != "[DONE]"]
+    assert chunks[0]["choices"][0]["text"] == text

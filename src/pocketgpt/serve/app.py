@@ -67,6 +67,9 @@ from .schemas import APIError, ChatCompletionRequest, CompletionRequest
 STATIC = Path(__file__).parent / "static"
 
 
+_LINE_BREAKS = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
+
+
 class Cancelled(Exception):
     """The outcome of a job whose client went away."""
 
@@ -510,8 +513,9 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
             job.future.add_done_callback(put)
 
         async def events() -> AsyncIterator[bytes]:
-            def sse(obj: dict) -> bytes:
-                return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+            def sse(obj: dict) -> bytes:  # U+0085/2028/2029 escaped: clients that split lines like splitlines() break there
+                text = json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)
+                return b"data: " + text.encode() + b"\n\n"
 
             try:
                 for j, job in enumerate(jobs):
