@@ -150,3 +150,18 @@ def test_harness_model_generates_greedily_until_a_stop_and_knows_greedy_continua
     (greedy, g), (_, not_g) = lm.loglikelihood([SimpleNamespace(args=(ctx, free)), SimpleNamespace(args=(ctx, other))])
     assert g is True and not_g is False
     assert greedy == pytest.approx(sum(score(model, [prompt], [tok.encode(free)])[0]), rel=1e-5)
+
+
+def test_speedrun_standard_tasks_section_runs_local_tasks_and_names_missing_ones(setup, monkeypatch):
+    from pocketgpt.report import standard_task_figs
+    from pocketgpt.speedrun import standard_tasks
+
+    d, items, model, tok = setup
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    st = standard_tasks({"sft": d / "ckpt"}, ["pocket_mc", "no_such_task"], include=d / "tasks", limit=10)
+    acc = st["results"]["sft"]["pocket_mc"]["acc"]
+    assert acc == pytest.approx(own_accuracy(model, tok, items[:10]), abs=1e-9)
+    assert list(st["unavailable"]) == ["no_such_task"] and "no_such_task" in st["unavailable"]["no_such_task"]
+    figs = standard_task_figs(st)
+    f = figs["sft/pocket_mc/acc"]
+    assert f["value"] == acc and f["n"] == 10 and f["ci95"][0] < acc < f["ci95"][1]

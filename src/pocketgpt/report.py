@@ -217,6 +217,8 @@ def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
                                               tokenize=list)
         d["degenerate_replies"] = proportion([_degenerate(s) for s in ev["samples"]])
         d["empty_replies"] = proportion([s["assistant"] == "" for s in ev["samples"]])
+    if ev.get("standard_tasks", {}).get("results"):
+        figs["standard_tasks"] = standard_task_figs(ev["standard_tasks"])
     total = sum(v.get("wall_s", 0) for k, v in done.items() if k != "report")
     figs["speedrun"] = {"total_wall_s": fig(round(total, 1)),
                         "peak_rss_mb": fig(max((v.get("peak_rss_mb") or 0) for v in done.values()) if done else None)}
@@ -340,6 +342,20 @@ def _quote(text: str) -> str:
     return "`" + json.dumps(text, ensure_ascii=False).replace("`", "\\`") + "`"
 
 
+def standard_task_figs(st: dict) -> dict[str, dict]:
+    """``{"MODEL/TASK/METRIC": fig}`` from ``speedrun.standard_tasks``; an interval where lm-eval gives a stderr."""
+    out = {}
+    for model, tasks in st["results"].items():
+        for task, metrics in tasks.items():
+            for key, v in metrics.items():
+                if key == "n" or key.endswith("_stderr"):
+                    continue
+                se = metrics.get(f"{key}_stderr")
+                ci = [v - 1.96 * se, v + 1.96 * se] if isinstance(se, (int, float)) else None
+                out[f"{model}/{task}/{key}"] = fig(v, metrics.get("n"), ci)
+    return out
+
+
 def write_report(sr) -> Path:
     """Write ``RUN/report.md`` and ``RUN/report.json`` for a ``Speedrun`` (its ``out``, ``state``, ``preset_name``)."""
     run: Path = sr.out
@@ -405,6 +421,11 @@ def write_report(sr) -> Path:
             lines.append(f"| {split} | {p[f'{split}_prompts']['value']} | {p[f'{split}_prompts_with_pairs']['value']} | "
                          f"{p[f'{split}_pairs']['value']} | {_ci(p[f'{split}_sample_accuracy'])} |")
 
+    st = ev.get("standard_tasks")
+    if st:
+        lines += ["", "## Standard tasks (lm-evaluation-harness, where available locally)", ""]
+        lines += [f"- {k}: {_ci(f)} (n = {f.get('n')})" for k, f in figs.get("standard_tasks", {}).items()]
+        lines += [f"- {t}: not available locally ({why})" for t, why in st.get("unavailable", {}).items()]
     lines += ["", "## Every stage", "", "| stage | figure | value | wall s | peak MB |", "| --- | --- | --- | ---: | ---: |"]
     for stage, d in figs.items():
         if stage == "speedrun":

@@ -383,6 +383,11 @@ class Speedrun:
         del rm_hh
 
         out["samples"] = self._sample_chats(models, tok, seed)
+        if ev.get("standard_tasks"):
+            chat = str(self.table("speedrun").get("chat_model", "dpo"))
+            out["standard_tasks"] = standard_tasks({n: self.p(n, "ckpt") for n in dict.fromkeys(("sft", chat))},
+                                                   ev["standard_tasks"], ev.get("standard_tasks_include"),
+                                                   ev.get("standard_tasks_limit"))
         out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return out
 
@@ -467,6 +472,24 @@ class Speedrun:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # CLI
+
+
+def standard_tasks(ckpts: dict[str, Path], tasks: list[str], include=None, limit=None) -> dict:
+    """lm-evaluation-harness ``tasks`` on each checkpoint, where they are available locally: the demo never
+    downloads (``HF_DATASETS_OFFLINE``), so a task missing from the local cache is listed with the reason instead."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .evaluate import run_tasks
+
+    out: dict[str, dict] = {"results": {n: {} for n in ckpts}, "unavailable": {}}
+    for task in tasks:
+        for name, ckpt in ckpts.items():
+            try:
+                out["results"][name].update(run_tasks(ckpt, [task], include_path=include, limit=limit))
+            except Exception as e:  # noqa: BLE001 - not installed, not cached, offline: all mean "not here"
+                out["unavailable"][task] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                break
+    return out
 
 
 def configure_cli(name, p):
