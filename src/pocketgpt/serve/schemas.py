@@ -1,9 +1,5 @@
-"""Request bodies of the OpenAI-compatible API, as pydantic models, and the OpenAI-style error object.
-
-Types are strict (``"temperature": "hot"`` or ``"n": 1.5`` is a 400, never silently coerced); unknown fields are
-ignored, as OpenAI clients send extras (``user``, ``logit_bias``...). Checks that need the model (the context length,
-the model name) happen in ``app.py``.
-"""
+"""Request bodies of the OpenAI-compatible API and its error object. Types are strict (``"n": 1.5`` is a 400, never
+coerced); unknown fields are ignored, as OpenAI clients send extras (``user``, ``logit_bias``...)."""
 
 from __future__ import annotations
 
@@ -42,11 +38,9 @@ class ChatMessage(_Body):
     name: Optional[StrictStr] = None
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
 
 
 class StreamOptions(_Body):
@@ -54,8 +48,6 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
-    """Fields shared by both generation endpoints."""
-
     model: Optional[StrictStr] = None  # None = the served model
     # None = pocketgpt.chat.CHAT_DEFAULTS; top_k and repetition_penalty are vLLM's extensions of the API
     temperature: Optional[Number] = Field(None, ge=0.0, le=2.0)
@@ -69,12 +61,6 @@ class _Sampling(_Body):
     frequency_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        return [s for s in stops if s]
 
 
 class ChatCompletionRequest(_Sampling):
