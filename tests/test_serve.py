@@ -454,9 +454,9 @@ def run_scheduler(sched, arrivals: dict[int, list], steps: int = 200) -> dict:
     results, jobs = {}, []
     for step in range(steps):
         for prompt, params in arrivals.get(step, []):
-            job = Job(prompt, params)
+            job = Job([prompt], params)
             job.on_done = lambda res, job=job: results.__setitem__(job, res)
-            sched.submit([job])
+            sched.submit(job)
             jobs.append(job)
         sched.step()
         if len(results) == sum(map(len, arrivals.values())):
@@ -522,11 +522,11 @@ def test_scheduler_disconnect_frees_its_rows_at_the_next_step(ckpt):
     backend = never_stop(load_backend(ckpt, device="cpu"))
     sched = Scheduler(backend, max_rows=8, max_queue=0)
     done = {}
-    a, b = (Job(backend.tokenizer.encode(t), SamplingParams(max_new_tokens=50, temperature=0, n=n))
+    a, b = (Job([backend.tokenizer.encode(t)], SamplingParams(max_new_tokens=50, temperature=0, n=n))
             for t, n in (("To be", 1), ("Hello", 3)))
     for job in (a, b):
         job.on_done = lambda res, job=job: done.__setitem__(job, res)
-    sched.submit([a, b])
+        sched.submit(job)
     with torch.inference_mode():
         for _ in range(3):
             sched.step()
@@ -537,9 +537,9 @@ def test_scheduler_disconnect_frees_its_rows_at_the_next_step(ckpt):
         assert isinstance(done[b], Cancelled) and a not in done
         assert len(a.rows[0].tokens) == 4
         # the queue: 8 rows, no waiting room: a request that would have to wait is refused at once
-        sched.submit([Job([1, 2], SamplingParams(max_new_tokens=5, n=7))])
+        sched.submit(Job([[1, 2]], SamplingParams(max_new_tokens=5, n=7)))
         with pytest.raises(Exception) as e:
-            sched.submit([Job([1, 2], SamplingParams(max_new_tokens=5))])
+            sched.submit(Job([[1, 2]], SamplingParams(max_new_tokens=5)))
         assert e.value.status == 429 and e.value.headers["Retry-After"]
 
 

@@ -58,12 +58,13 @@ class Backend:
 
 
 class Job:
-    """One prompt continued with ``params`` (``params.n`` rows), the unit the scheduler queues and decodes. It calls
-    ``on_text([(sample, piece), ...])`` after each step and ``on_done(results or exception)`` once, through ``post``;
-    results are ``[{"tokens", "text", "finish_reason"}] * n``, the exception ``Cancelled`` when the client left."""
+    """One request: ``prompts`` continued with ``params``, ``params.n`` rows each (row = choice ``i``, continuing
+    ``prompts[i // params.n]``). The scheduler calls ``on_text([(choice, piece), ...])`` after each step and
+    ``on_done(result)`` once, through ``post``: ``[{"tokens", "text", "finish_reason"}]`` per choice, or the
+    exception that ended it (``Cancelled`` when the client left)."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams):
-        self.prompt, self.params, self.n = prompt, params, params.n
+    def __init__(self, prompts: list[list[int]], params: SamplingParams):
+        self.prompts, self.params, self.n = prompts, params, len(prompts) * params.n
         self.on_text: Optional[Callable[[list], None]] = None
         self.on_done: Callable[[Any], None] = lambda result: None
         self.cancelled = self.admitted = self.ended = self.started = False
@@ -144,16 +145,16 @@ class Scheduler:
         self.thread = threading.Thread(target=self._run, name="pocketgpt-decode", daemon=True)
         self.thread.start()
 
-    def submit(self, jobs: list[Job]) -> None:
-        """Queue ``jobs`` (all or none), or raise a 429 ``APIError`` if they would wait in a full queue."""
+    def submit(self, job: Job) -> None:
+        """Queue ``job``, or raise a 429 ``APIError`` if it would wait in a full queue."""
         with self.lock:
-            rows = self.rows_used + sum(j.n for j in self.waiting) + sum(j.n for j in jobs)
-            if self.closed or (rows > self.max_rows and len(self.waiting) + len(jobs) > self.max_queue):
-                self.metrics.requests["rejected"] += len(jobs)
+            rows = self.rows_used + sum(j.n for j in self.waiting) + job.n
+            if self.closed or (rows > self.max_rows and len(self.waiting) >= self.max_queue):
+                self.metrics.requests["rejected"] += 1
                 raise APIError(429, f"server is at capacity ({self.rows_used} sequences decoding, "
                                     f"{len(self.waiting)} requests queued); retry shortly", type="requests",
                                code="rate_limit_exceeded", headers={"Retry-After": "1"})
-            self.waiting.extend(jobs)
+            self.waiting.append(job)
             self.lock.notify()
 
     def drop(self, job: Job) -> None:
@@ -227,7 +228,8 @@ class Scheduler:
         try:
             joining = [job for job in admit if not job.cancelled]
             if joining:  # one prefill forward for all the requests that arrived during the last step
-                rows = iter(self.batch.add([job.prompt for job in joining], [job.params for job in joining]))
+                prompts = [p for job in joining for p in job.prompts]
+                rows = iter(self.batch.add(prompts, [job.params for job in joining for _ in job.prompts]))
                 for job in joining:
                     job.rows = [next(rows) for _ in range(job.n)]
             gone = [job for job in self.active if job.cancelled and not job.ended]
@@ -283,36 +285,6 @@ class Scheduler:
     def _deliver(out: list) -> None:
         for fn, arg in out:
             fn(arg)
-
-
-class Inbox:
-    """What one request's jobs produced, filled on the event loop: each choice's text not sent yet, and each
-    finished job's ``(number, result)``. ``take`` hands over all of it at once, so pieces that piled up while the
-    last events were being sent go out as one."""
-
-    def __init__(self, jobs: list[Job], stream: bool):
-        self.text: dict[int, str] = {}
-        self.done: list = []
-        self.wake = asyncio.Event()
-        for j, job in enumerate(jobs):
-            if stream:
-                job.on_text = functools.partial(self._add_text, j * job.n)
-            job.on_done = functools.partial(self._finish, j)
-
-    def _add_text(self, first_choice: int, pieces: list) -> None:
-        for k, piece in pieces:
-            self.text[first_choice + k] = self.text.get(first_choice + k, "") + piece
-        self.wake.set()
-
-    def _finish(self, j: int, result: Any) -> None:
-        self.done.append((j, result))
-        self.wake.set()
-
-    async def take(self, timeout: Optional[float] = None) -> tuple[dict, list]:
-        await asyncio.wait_for(self.wake.wait(), timeout)
-        self.wake.clear()
-        text, done, self.text, self.done = self.text, self.done, {}, []
-        return text, done
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -395,13 +367,13 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
 
     async def generate(request: Request, body, prompts: list[list[int]], max_tokens: int, *, chat: bool,
                        logprobs: Optional[int], echo: bool = False):
-        """Both generation endpoints: ``n`` choices per prompt (choice ``j * n + k``), streamed or answered whole;
-        ``logprobs`` = how many alternatives to list per token (None: no log-probs)."""
+        """Both generation endpoints: ``n`` choices per prompt (choice ``i`` continues ``prompts[i // n]``), streamed
+        or answered whole; ``logprobs`` = how many alternatives to list per token (None: no log-probs)."""
         sampling = {k: CHAT_DEFAULTS[k] if getattr(body, k) is None else getattr(body, k) for k in CHAT_DEFAULTS}
         params = SamplingParams(**sampling, presence_penalty=body.presence_penalty, seed=body.seed, stop=body.stop,
                                 frequency_penalty=body.frequency_penalty, max_new_tokens=max_tokens, n=body.n,
                                 stop_ids=backend.stop_ids)
-        jobs = [Job(p, params) for p in prompts]
+        job = Job(prompts, params)
         obj = "chat.completion" if chat else "text_completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": obj,
                 "created": int(time.time()), "model": backend.model_id, "system_fingerprint": None}
@@ -411,86 +383,86 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
             head["object"] = obj + ".chunk" if chat else obj
             if body.stream_options and body.stream_options.include_usage:
                 head["usage"] = None
-            choices = range(len(prompts) * body.n)
-            firsts = [_delta(chat, i, None if chat else echoed[i // body.n]) for i in choices if chat or echo]
-            return stream(jobs, head, firsts, chat, n_prompt)
+            firsts = [_delta(chat, i, None if chat else echoed[i // body.n]) for i in range(job.n) if chat or echo]
+            return stream(job, head, firsts, chat, n_prompt)
 
         if max_tokens == 0:  # score the prompt only
-            outs = [[{"tokens": [], "text": "", "finish_reason": "length"}] * body.n for _ in prompts]
+            outs = [{"tokens": [], "text": "", "finish_reason": "length"}] * job.n
         else:
-            outs = await answer(request, jobs)
-        choices, n_completion = [], 0
-        for j, (prompt, samples) in enumerate(zip(prompts, outs)):
-            for k, o in enumerate(samples):
-                n_completion += len(o["tokens"])
-                content = {"message": {"role": "assistant", "content": o["text"]}} if chat else \
-                    {"text": echoed[j] + o["text"]}
-                lp = None
-                if logprobs is not None:
-                    fn = functools.partial(_logprobs, backend, prompt, o["tokens"], logprobs, chat, echo)
-                    lp = await asyncio.wrap_future(sched.call(fn))
-                choices.append({"index": j * body.n + k, **content, "logprobs": lp,
-                                "finish_reason": o["finish_reason"]})
-        return {**head, "choices": choices, "usage": _usage(n_prompt, n_completion)}
+            outs = await answer(request, job)
+        choices = []
+        for i, o in enumerate(outs):
+            content = {"message": {"role": "assistant", "content": o["text"]}} if chat else \
+                {"text": echoed[i // body.n] + o["text"]}
+            lp = None
+            if logprobs is not None:
+                fn = functools.partial(_logprobs, backend, prompts[i // body.n], o["tokens"], logprobs, chat, echo)
+                lp = await asyncio.wrap_future(sched.call(fn))
+            choices.append({"index": i, **content, "logprobs": lp, "finish_reason": o["finish_reason"]})
+        return {**head, "choices": choices, "usage": _usage(n_prompt, sum(len(o["tokens"]) for o in outs))}
 
-    async def answer(request: Request, jobs: list[Job]) -> list[list[dict]]:
-        """Queue ``jobs`` and wait for all of them; if the client goes away meanwhile, drop them."""
-        inbox = Inbox(jobs, stream=False)
-        sched.submit(jobs)
-        results: dict[int, Any] = {}
+    async def answer(request: Request, job: Job) -> list[dict]:
+        """Queue ``job`` and wait for its answer; if the client goes away meanwhile, drop it."""
+        done = asyncio.get_running_loop().create_future()
+        job.on_done = done.set_result  # called once
+        sched.submit(job)
         try:
-            while len(results) < len(jobs):
-                try:
-                    _, done = await inbox.take(timeout=0.25)
-                except TimeoutError:
-                    if await request.is_disconnected():  # nobody will read the answer
-                        raise APIError(499, "the client closed the request", code="client_closed_request")
-                    continue
-                for j, result in done:
-                    if isinstance(result, BaseException):
-                        raise result
-                    results[j] = result
-            return [results[j] for j in range(len(jobs))]
+            while not done.done():
+                await asyncio.wait([done], timeout=0.25)
+                if not done.done() and await request.is_disconnected():  # nobody will read the answer
+                    raise APIError(499, "the client closed the request", code="client_closed_request")
         finally:
-            for job in jobs:
-                sched.drop(job)
+            sched.drop(job)
+        if isinstance(done.result(), BaseException):
+            raise done.result()
+        return done.result()
 
-    def stream(jobs: list[Job], head: dict, firsts: list[dict], chat: bool, n_prompt: int) -> StreamingResponse:
-        """Server-sent events as the jobs decode: ``firsts``, the text, each choice's finish, the usage if asked,
+    def stream(job: Job, head: dict, firsts: list[dict], chat: bool, n_prompt: int) -> StreamingResponse:
+        """Server-sent events as the job decodes: ``firsts``, the text, each choice's finish, the usage if asked,
         then ``data: [DONE]``."""
-        inbox = Inbox(jobs, stream=True)
-        sched.submit(jobs)  # 429 now, before the response starts, if the queue is full
+        text: dict[int, str] = {}  # per choice, not sent yet: pieces that piled up while sending go out as one
+        ended: list = []
+        wake = asyncio.Event()
+
+        def on_text(pieces: list) -> None:
+            for i, piece in pieces:
+                text[i] = text.get(i, "") + piece
+            wake.set()
+
+        def on_done(result: Any) -> None:
+            ended.append(result)
+            wake.set()
+
+        job.on_text, job.on_done = on_text, on_done
+        sched.submit(job)  # 429 now, before the response starts, if the queue is full
 
         def sse(obj: dict) -> bytes:
             return b"data: " + json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS).encode() + b"\n\n"
 
-        def chunk(choices: list[dict]) -> bytes:
-            return sse({**head, "choices": choices})
-
         async def events():
             for c in firsts:
-                yield chunk([c])
-            left, n_completion = len(jobs), 0
-            while left:
-                text, done = await inbox.take()
-                for i, piece in text.items():
-                    yield chunk([_delta(chat, i, piece)])
-                for j, results in done:
-                    left -= 1
-                    if isinstance(results, Cancelled):
-                        return
-                    if isinstance(results, BaseException):
-                        yield sse(_api_error(None, results).body())  # the stream has started: the error goes in-band
-                        yield b"data: [DONE]\n\n"
-                        return
-                    for k, res in enumerate(results):
-                        n_completion += len(res["tokens"])
-                        yield chunk([_delta(chat, j * jobs[j].n + k, "", res["finish_reason"])])
-            if "usage" in head:
-                yield sse({**head, "choices": [], "usage": _usage(n_prompt, n_completion)})
+                yield sse({**head, "choices": [c]})
+            result = None
+            while result is None:
+                await wake.wait()
+                wake.clear()
+                pieces, result = dict(text), (ended[0] if ended else None)  # all that arrived, its end last
+                text.clear()
+                for i, piece in pieces.items():
+                    yield sse({**head, "choices": [_delta(chat, i, piece)]})
+            if isinstance(result, Cancelled):
+                return
+            if isinstance(result, BaseException):
+                yield sse(_api_error(None, result).body())  # the stream has started: the error goes in-band
+            else:
+                for i, res in enumerate(result):
+                    yield sse({**head, "choices": [_delta(chat, i, "", res["finish_reason"])]})
+                if "usage" in head:
+                    n_completion = sum(len(res["tokens"]) for res in result)
+                    yield sse({**head, "choices": [], "usage": _usage(n_prompt, n_completion)})
             yield b"data: [DONE]\n\n"
 
-        return _SSEResponse(events(), on_close=lambda: [sched.drop(job) for job in jobs])
+        return _SSEResponse(events(), on_close=lambda: sched.drop(job))
 
     return app
 
