@@ -1,11 +1,5 @@
-"""``pocketgpt serve``: an OpenAI-compatible HTTP API and a web chat page for one checkpoint.
-
-    pocketgpt serve --ckpt runs/sft [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-concurrency N]
-                    [--max-queue N]
-
-Then ``openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)`` works, and the page at
-``http://127.0.0.1:8000/`` chats in the browser. The app itself is ``pocketgpt.serve.app.create_app``.
-"""
+"""``pocketgpt serve``: an OpenAI-compatible HTTP API and a web chat page for one checkpoint (the app itself is
+``pocketgpt.serve.app.create_app``)."""
 
 from __future__ import annotations
 
@@ -35,8 +29,8 @@ def load_backend(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp
 
 
 def run_name(ckpt: Path) -> str:
-    """The name a user knows a checkpoint by: its run's (``runs/sft/ckpt`` → ``sft``; a speedrun stage's
-    ``runs/speedrun/dpo/ckpt`` → ``speedrun-dpo``), not the ``ckpt`` every run has."""
+    """The name a user knows a checkpoint by: its run's (``runs/sft/ckpt`` → ``sft``, ``runs/speedrun/dpo/ckpt`` →
+    ``speedrun-dpo``), not the ``ckpt`` every run has."""
     path = ckpt.resolve()
     if path.name not in ("ckpt", "best"):
         return path.name
@@ -47,8 +41,8 @@ def run_name(ckpt: Path) -> str:
 
 
 def serve_forever(app, host: str, port: int) -> None:
-    """Run ``app`` with uvicorn until Ctrl+C / SIGTERM. On the signal every queued or running generation is dropped
-    first, so open streams end at once and the server stops without waiting for them."""
+    """Run ``app`` with uvicorn until Ctrl+C / SIGTERM, which first drops every queued or running generation (so
+    open streams end at once)."""
     import uvicorn
 
     class Server(uvicorn.Server):

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API (FastAPI) and the web chat page over one continuously batched decode loop.
-What each endpoint answers, and its errors, are in README.md ("The HTTP API"); the design in docs/internals.md."""
+What each endpoint answers and its errors: README.md ("The HTTP API is OpenAI's"); the design: docs/internals.md."""
 
 from __future__ import annotations
 
@@ -598,7 +598,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, chat: bool, echo: bool) -> dict:
     """One choice's ``logprobs``: chat's ``content`` list, or the legacy completions' parallel lists (the prompt's
-    too with ``echo``). From one forward of the raw model (temperature 1), whatever sampling chose the tokens."""
+    too with ``echo``). The raw model's (temperature 1), whatever sampling chose the tokens: one forward gives the
+    chosen tokens' and the alternatives' (which need the whole distribution)."""
     ids = prompt + tokens
     lps, tops = [None] * len(ids), [None] * len(ids)
     if len(ids) > 1:
