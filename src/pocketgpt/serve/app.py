@@ -160,14 +160,12 @@ class Scheduler:
     def drop(self, job: Job) -> None:
         """The client went away: a waiting job ends now, an active one leaves before the next step."""
         job.cancelled = True
+        out: list = []
         with self.lock:
-            waiting = job in self.waiting
-            if waiting:
+            if job in self.waiting:
                 self.waiting.remove(job)
-        if waiting:
-            out: list = []
-            self._end(job, Cancelled(), out)
-            self._deliver(out)
+                self._end(job, Cancelled(), out)
+        self._deliver(out)
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """``fn()`` run on the decode thread (the one that owns the model) before the next step."""
@@ -196,15 +194,12 @@ class Scheduler:
                     if self.closed:
                         break
                 self.step()
-        with self.lock:
-            jobs, calls = [*self.active, *self.waiting], self.calls
-            self.waiting.clear()
-            self.calls = []
-        for _, future in calls:
-            future.cancel()
         out: list = []
-        for job in jobs:
-            self._end(job, Cancelled(), out)
+        with self.lock:  # closed: nothing more is queued
+            for _, future in self.calls:
+                future.cancel()
+            for job in [*self.active, *self.waiting]:
+                self._end(job, Cancelled(), out)
         self.post(self._deliver, out)
 
     def step(self) -> None:
