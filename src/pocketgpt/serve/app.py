@@ -301,7 +301,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         await asyncio.to_thread(sched.thread.join, 5)
 
     app = FastAPI(title="pocketgpt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.backend, app.state.scheduler = backend, sched
+    app.state.scheduler = sched  # serve_forever closes it on a signal
 
     async def error(request: Request, e: Exception) -> JSONResponse:
         return _error_response(_api_error(request, e))
@@ -381,10 +381,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
             firsts = [_delta(chat, i, None if chat else echoed[i // body.n]) for i in range(job.n) if chat or echo]
             return stream(job, head, firsts, chat, n_prompt)
 
-        if max_tokens == 0:  # score the prompt only
-            outs = [{"tokens": [], "text": "", "finish_reason": "length"}] * job.n
-        else:
-            outs = await answer(request, job)
+        outs = await answer(request, job)  # max_tokens 0 (scoring the prompt): rows that end at once
         choices = []
         for i, o in enumerate(outs):
             content = {"message": {"role": "assistant", "content": o["text"]}} if chat else \
