@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import UserError
 from .io import atomic_dir, read_json, write_json
-from .records import ASSETS, BUILTINS, JSONL_SUFFIXES, builtin_path, expand_inputs, read, read_text_file, suffix
+from .records import ASSETS, BUILTINS, JSONL_SUFFIXES, builtin_path, expand_inputs, read, read_text_file
 from .records import split as _split
 from .tokenizer import Tokenizer, load_tokenizer_for
 
@@ -71,14 +71,13 @@ def _resolve_sources(inputs: Sequence[str | os.PathLike], builtins: Sequence[str
 def collect_documents(inputs: Sequence[str | os.PathLike], builtins: Sequence[str] = (), field: str = "text",
                       encoding: str = "utf-8", errors: str = "strict", split_sentences: bool = False,
                       raw: bool = False) -> tuple[list[str], list[dict]]:
-    """(documents, sources ``{"path", "sha256", "bytes", "documents"}``) of every input, cleaned unless ``raw``.
-    Bundled chat corpora are read with field ``messages``."""
+    """(documents, sources ``{"path", "sha256", "bytes", "documents"}``) of every input, cleaned unless ``raw``."""
     docs: list[str] = []
     sources = []
     for display, path in _resolve_sources(inputs, builtins):
-        if suffix(path) in JSONL_SUFFIXES:
+        if path.name.lower().endswith(JSONL_SUFFIXES):
             bundled_chat = display.startswith("builtin:") and path.is_relative_to(ASSETS / "chat")
-            f = "messages" if bundled_chat and field == "text" else field
+            f = "messages" if bundled_chat and field == "text" else field  # a chat corpus as pretraining text
             texts = [_record_text(r, f, f"{path}:{n}") for n, r in read(path, encoding=encoding, errors=errors)]
             new = [t if raw else "\n".join(_clean_lines(t, split_sentences)) for t in texts]
         else:
@@ -115,17 +114,10 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
             test_fraction: float = 0.0, seed: int = 1337, split_sentences: bool = False, encoding: str = "utf-8",
             errors: str = "strict", kind: str = "bpe", vocab_size: int | None = None, split: str = "random",
             raw: bool = False, batch_docs: int = 1024, force: bool = False, verbose: bool = True) -> dict:
-    """Tokenise ``inputs`` (+ ``builtins``) into shards in ``out``; returns the meta dict.
-
-    ``tokenizer``: a directory or a ``Tokenizer``; None trains a ``kind`` / ``vocab_size`` one on all the documents.
-    The same inputs, options and tokenizer again do nothing; shards of another tokenizer in ``out`` need ``force``.
-    """
+    """Tokenise ``inputs`` (+ ``builtins``) into shards in ``out`` and return the meta dict; ``tokenizer`` (a directory
+    or a ``Tokenizer``) None trains a ``kind`` / ``vocab_size`` one. Same inputs, options and tokenizer: a no-op."""
     out = Path(out)
     log = (lambda msg: print(msg, file=sys.stderr)) if verbose else (lambda msg: None)
-    if errors not in ("strict", "replace"):
-        raise UserError(f"--errors: must be strict or replace, got {errors!r}")
-    if split not in ("random", "tail"):
-        raise UserError(f"--split: must be random or tail, got {split!r}")
     if raw and split != "tail":
         raise UserError("--raw keeps the text in one piece, which only a contiguous split can cut: add --split tail")
     for name, frac in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
@@ -151,15 +143,13 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
 
     old = _existing_meta(out)
     if old is not None:
-        old_tok = old.get("tokenizer") or {}
-        if tok is None:  # a tokenizer trained here again, with the same settings, counts as the same one
-            same_tok = bool(old_tok.get("trained_by_prepare")) and \
-                (old.get("options") or {}).get("train_tokenizer") == options["train_tokenizer"]
-        else:
-            same_tok = old_tok.get("sha256") == tok.fingerprint
         if old.get("fingerprint") == fingerprint and _shards_complete(out, old):
             log(f"{out}: already prepared from these inputs (nothing to do)")
             return old
+        old_tok = old.get("tokenizer") or {}
+        # a tokenizer trained here again, with the same settings, counts as the same one
+        same_tok = old_tok.get("sha256") == tok.fingerprint if tok else old_tok.get("trained_by_prepare") and \
+            (old.get("options") or {}).get("train_tokenizer") == options["train_tokenizer"]
         if not same_tok and not force:
             raise UserError(f"{out}: holds shards made with another tokenizer; choose another --out or pass --force")
 
@@ -206,19 +196,12 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
             counts[name] = int(arr.size)
             documents[name] = ndocs[i]
         tok.write_files(tmp / "tokenizer")
-        meta = {
-            "format": PREPARE_FORMAT,
-            "dtype": dtype,
-            "vocab_size": tok.vocab_size,
-            "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "sha256": tok.fingerprint,
-                          "special_ids": tok.special_ids, "eos_id": eos,
-                          "source": None if trained else str(tokenizer), "trained_by_prepare": trained},
-            "counts": counts,
-            "documents": documents,
-            "sources": source_meta,
-            "options": options,
-            "fingerprint": fingerprint,
-        }
+        meta = {"format": PREPARE_FORMAT, "dtype": dtype, "vocab_size": tok.vocab_size,
+                "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "sha256": tok.fingerprint,
+                              "special_ids": tok.special_ids, "eos_id": eos,
+                              "source": None if trained else str(tokenizer), "trained_by_prepare": trained},
+                "counts": counts, "documents": documents, "sources": source_meta, "options": options,
+                "fingerprint": fingerprint}
         write_json(tmp / "meta.json", meta)
     log(f"wrote {out}: " + ", ".join(f"{s} {counts[s]:,} tokens ({documents[s]:,} docs)" for s in splits)
         + f", {dtype}, vocab {tok.vocab_size}")
@@ -269,8 +252,7 @@ def _shards_complete(out: Path, meta: dict) -> bool:
 
 
 class TokenShards:
-    """Windows of ``block_size`` tokens from one split of a shard directory, read through a memmap (no full copy);
-    ``len()`` is the split's number of tokens."""
+    """Windows of ``block_size`` tokens of one split, through a memmap (no full copy); ``len()``: its tokens."""
 
     def __init__(self, directory: str | os.PathLike, split: str = "train", block_size: int = 256):
         self.dir = Path(directory)

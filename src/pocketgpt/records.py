@@ -15,17 +15,11 @@ from typing import Any, Callable, Optional, Sequence
 from .errors import UserError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTINS = {
-    "shakespeare": "shakespeare.txt",
-    "shuihu": "shuihu.txt.gz",
-    "chat": "chat",
-    "chat_en": "chat/en",
-    "chat_zh": "chat/zh",
-    "chatterbot_en": "chat/en/chatterbot_en.jsonl",
-    "chatterbot_zh": "chat/zh/chatterbot_zh.jsonl",
-    "dolly": "chat/en/dolly_openqa.jsonl",
-    "chitchat": "chat/en/chitchat.jsonl.gz",
-    "kdconv": "chat/zh/kdconv.jsonl",
+BUILTINS = {  # bundled corpus → its file or folder under assets/ (assets/README.md: sources and licenses)
+    "shakespeare": "shakespeare.txt", "shuihu": "shuihu.txt.gz",
+    "chat": "chat", "chat_en": "chat/en", "chat_zh": "chat/zh",
+    "chatterbot_en": "chat/en/chatterbot_en.jsonl", "chatterbot_zh": "chat/zh/chatterbot_zh.jsonl",
+    "dolly": "chat/en/dolly_openqa.jsonl", "chitchat": "chat/en/chitchat.jsonl.gz", "kdconv": "chat/zh/kdconv.jsonl",
     "prefs": "prefs/hh_rlhf_harmless.jsonl.gz",
 }
 TEXT_SUFFIXES = (".txt", ".txt.gz")
@@ -34,7 +28,7 @@ ROLES = ("system", "user", "assistant")
 
 
 def builtin_path(name: str) -> Path:
-    """Path of a bundled corpus (a file, or a folder for ``chat``, ``chat_en``, ``chat_zh``); see ``pocketgpt.data``."""
+    """Path of a bundled corpus (a file, or a folder for ``chat``, ``chat_en``, ``chat_zh``)."""
     if name not in BUILTINS:
         raise UserError(f"--builtin: unknown corpus {name!r} (choose from {', '.join(BUILTINS)})")
     path = ASSETS / BUILTINS[name]
@@ -48,19 +42,13 @@ def builtin_files(name: str) -> list[Path]:
     return expand_inputs([builtin_path(name)])
 
 
-def suffix(path: Path) -> str:
-    name = path.name.lower()
-    return next((s for s in TEXT_SUFFIXES + JSONL_SUFFIXES if name.endswith(s)), path.suffix.lower())
-
-
 def expand_inputs(inputs: Sequence[str | os.PathLike], suffixes=TEXT_SUFFIXES + JSONL_SUFFIXES) -> list[Path]:
-    """Files and folders → the list of data files (folders searched recursively for ``suffixes``, sorted by name;
-    hidden files skipped)."""
+    """Files and folders → data files (a folder's ``suffixes`` files, recursively, sorted, hidden ones skipped)."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and suffix(p) in suffixes
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes)
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
                 raise UserError(f"{path}: folder holds no {', '.join(suffixes[:-1])} or {suffixes[-1]} files")
@@ -83,11 +71,11 @@ def resolve(name: str | os.PathLike) -> list[Path]:
 
 
 def read_text_file(path: str | os.PathLike, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """A text file (``.gz`` decompressed) as str, without a BOM; bad bytes are a UserError naming file:line and the
-    byte offset."""
+    """A text file (``.gz`` decompressed) as str, without a BOM; bad bytes name file:line and the byte offset."""
     path = Path(path)
+    gz = path.name.lower().endswith(".gz")
     try:
-        data = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+        data = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except (OSError, EOFError) as e:
@@ -98,7 +86,7 @@ def read_text_file(path: str | os.PathLike, encoding: str = "utf-8", errors: str
         raise UserError(f"--encoding: unknown text encoding {encoding!r}") from None
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        where = " (uncompressed)" if path.name.lower().endswith(".gz") else ""
+        where = " (uncompressed)" if gz else ""
         raise UserError(f"{path}:{line}: not valid {encoding} text at byte {e.start}{where}; pass --encoding ENC "
                         "or --errors replace") from None
     return text[1:] if text.startswith("\ufeff") else text
@@ -197,8 +185,7 @@ def pair(value, where: str) -> Pair:
 
 
 def prompt(value, where: str) -> tuple[list[dict], str]:
-    """An RL prompt and its ``file:line``; a conversation that ends in assistant turns (an SFT file) is used up to
-    its last user turn."""
+    """An RL prompt and its ``file:line``; a conversation (an SFT file) is used up to its last user turn."""
     if not isinstance(value, dict) or not ("messages" in value or "prompt" in value):
         raise UserError(f"{where}: expected a 'messages' list or a 'prompt' (list of messages or text)")
     p = value.get("messages", value.get("prompt"))
@@ -235,10 +222,7 @@ def split(items: Sequence, fraction: float = 0.0, seed: int = 0, *, most: Option
     ``tail``: the last items as slices (a string stays a string), train keeping ``int(n × (1 - fraction))``."""
     n = len(items)
     if count is None:
-        if tail:
-            count = n - int(n * (1 - fraction)) if fraction > 0 else 0
-        else:
-            count = max(1, round(n * fraction)) if fraction > 0 and n >= 2 else round(n * fraction)
+        count = n - int(n * (1 - fraction)) if tail else max(1 if fraction > 0 else 0, round(n * fraction))
     count = max(0, min(count, n - 1, n if most is None else most))
     if tail:
         return items[:n - count], items[n - count:]

@@ -1,7 +1,5 @@
-"""Tokenizers over Hugging Face ``tokenizers``: train (bpe, unigram, char, word), load (ours, a ``tokenizer.json``,
-GPT-2's ``vocab.json`` + ``merges.txt``), save, encode, decode; docs/internals.md. Encoding takes exact faster paths
-where they apply (tiktoken's core for a GPT-2-style BPE, a numpy table for char; ``POCKETGPT_TOKENIZER_BACKEND=hf``
-turns them off)."""
+"""Tokenizers (4 kinds) over Hugging Face ``tokenizers``, see docs/internals.md; encoding takes exact faster paths where
+they apply: tiktoken's core for a GPT-2-style BPE, a numpy table for char (``POCKETGPT_TOKENIZER_BACKEND=hf``: off)."""
 
 from __future__ import annotations
 
@@ -9,6 +7,7 @@ import hashlib
 import json
 import os
 import warnings
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -68,10 +67,8 @@ def _text(item, encoding: str, errors: str) -> str:
 
 
 class Tokenizer:
-    """A trained or loaded tokenizer (``kind``: bpe / unigram / char / word, or gpt2 / hf when loaded).
-
-    The special tokens are single ids that plain text never produces: ``encode("<|user|>")`` encodes the characters,
-    ``encode(text, allow_special=True)`` the ids."""
+    """A trained or loaded tokenizer (``kind``: bpe / unigram / char / word, or gpt2 / hf when loaded); plain text never
+    gives a special id: ``encode("<|user|>")`` encodes the characters, ``encode(text, allow_special=True)`` the id."""
 
     def __init__(self, hf: HFTokenizer, kind: str = "hf"):
         self.kind = kind
@@ -79,8 +76,6 @@ class Tokenizer:
         self._hf.encode_special_tokens = False
         self._plain = HFTokenizer.from_str(hf.to_str())  # encodes them as ordinary text
         self._plain.encode_special_tokens = True
-        self._byte_table: list[bytes] | None = None
-        self._fingerprint: str | None = None
         fast = os.environ.get("POCKETGPT_TOKENIZER_BACKEND", "auto") != "hf"
         self._tt = _tiktoken_core(hf) if fast else None  # byte-level BPE through tiktoken's core
         self._chars = _char_table(hf) if fast and kind == "char" else None  # char level through numpy
@@ -89,8 +84,7 @@ class Tokenizer:
     def train(cls, kind: str, files_or_texts: Iterable[str | os.PathLike], vocab_size: int | None = None, *,
               min_frequency: int = 0, encoding: str = "utf-8", errors: str = "strict",
               show_progress: bool = False) -> "Tokenizer":
-        """Train a ``kind`` tokenizer on files (``Path`` or existing path strings) and/or texts; ``vocab_size``
-        counts the special tokens and ``<unk>`` (None for char: every character seen)."""
+        """Train on files and/or texts; ``vocab_size`` counts the special tokens (None for char: every character)."""
         if kind not in KINDS:
             raise UserError(f"--kind: unknown tokenizer kind {kind!r} (choose from {', '.join(KINDS)})")
         texts = [t for t in (_text(item, encoding, errors) for item in files_or_texts) if t]
@@ -150,8 +144,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load a directory written by ``save``, a Hugging Face ``tokenizer.json`` (file or directory), or GPT-2's
-        ``vocab.json`` + ``merges.txt``."""
+        """Load a directory written by ``save``, a ``tokenizer.json`` (or its directory), or GPT-2's vocab + merges."""
         path = Path(path)
         if path.is_file() and path.name == "tokenizer.json":
             path = path.parent
@@ -170,8 +163,7 @@ class Tokenizer:
         return cls(hf, kind)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write ``tokenizer.json`` + ``pocketgpt_tokenizer.json`` into directory ``path`` (atomically; it replaces
-        ``path``, so a directory holding anything but tokenizer files is refused)."""
+        """Write the tokenizer files as directory ``path`` (atomically, replacing it: not over other files)."""
         path = Path(path)
         if path.exists():
             if not path.is_dir():
@@ -191,21 +183,16 @@ class Tokenizer:
                                            "special_ids": self.special_ids})
 
     def write_hf_config(self, directory: str | os.PathLike, context: int) -> dict[str, int]:
-        """Write ``tokenizer_config.json`` (special tokens, the chat template) beside ``tokenizer.json`` so that
-        ``transformers.AutoTokenizer`` gives our ids and renders our chat; returns the bos/eos/pad ids for
-        ``config.json``."""
+        """Write ``tokenizer_config.json`` so that ``transformers.AutoTokenizer`` gives our ids and renders our chat;
+        returns the bos/eos/pad ids for ``config.json``."""
         ids = self.special_ids
         chat = all(n in ids for n in ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
         names = {"bos": "<|endoftext|>", "eos": "<|end|>" if chat else "<|endoftext|>", "pad": "<|pad|>"}
         names = {k: v for k, v in names.items() if v in ids}
-        cfg = {
-            # without a class named here a GPT-2 config makes transformers rebuild GPT-2's byte-level tokenizer
-            # from tokenizer.json's vocabulary, which mangles char / word / unigram ids (spaces and newlines vanish)
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **{f"{k}_token": v for k, v in names.items()},
-            "model_max_length": context,
-            "clean_up_tokenization_spaces": False,  # decode must give back the text exactly
-        }
+        # without a class named here a GPT-2 config makes transformers rebuild GPT-2's byte-level tokenizer from
+        # tokenizer.json's vocabulary, which mangles char / word / unigram ids; decode must give back the text exactly
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **{f"{k}_token": v for k, v in names.items()},
+               "model_max_length": context, "clean_up_tokenization_spaces": False}
         if self._hf.token_to_id(UNK) is not None:
             cfg["unk_token"] = UNK
         if chat:
@@ -219,16 +206,7 @@ class Tokenizer:
         missing = [n for n in names if self._hf.token_to_id(n) is None]
         if missing:
             _mark_special(self._hf, missing)
-            self.__init__(self._hf, self.kind)
-        return missing
-
-    def add_special_tokens(self, names: Sequence[str] = tuple(SPECIAL_TOKENS)) -> list[str]:
-        """Append the special tokens this tokenizer lacks (e.g. the chat tokens to GPT-2's); returns those added.
-        New ids follow the current vocabulary, so ``model.resize_vocab(tok.vocab_size)`` keeps old ids valid."""
-        missing = [n for n in names if self._hf.token_to_id(n) is None]
-        if missing:
-            _mark_special(self._hf, missing)
-            self.__init__(self._hf, self.kind)
+            self.__dict__ = Tokenizer(self._hf, self.kind).__dict__  # fresh encoders and caches
         return missing
 
     @property
@@ -259,15 +237,12 @@ class Tokenizer:
         i = self._hf.token_to_id("<|pad|>")
         return self.eos_id if i is None else i
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """sha256 of the tokenizer's canonical JSON: equal fingerprints ⇒ identical ids for every text."""
-        if self._fingerprint is None:
-            # key order and the last float digits (unigram scores) may change in a save/load round trip
-            obj = json.loads(self._hf.to_str(), parse_float=lambda x: float(f"{float(x):.9g}"))
-            canonical = json.dumps(obj, sort_keys=True, ensure_ascii=False)
-            self._fingerprint = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-        return self._fingerprint
+        # key order and the last float digits (unigram scores) may change in a save/load round trip
+        obj = json.loads(self._hf.to_str(), parse_float=lambda x: float(f"{float(x):.9g}"))
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
@@ -294,8 +269,7 @@ class Tokenizer:
         return [e.ids for e in batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        """Text of ``ids``; special tokens are rendered as their names unless ``skip_special``. Ids outside the
-        vocabulary (a model vocabulary padded beyond the tokenizer's) decode to U+FFFD."""
+        """Text of ``ids`` (special tokens by name unless ``skip_special``; ids past the vocabulary: U+FFFD)."""
         ids = _as_ints(ids)
         if self.kind == "hf":  # foreign tokenizer.json: its own decoder knows best
             return self._hf.decode(ids, skip_special_tokens=skip_special)
@@ -305,20 +279,21 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        """The UTF-8 bytes of ``ids`` token by token (a byte-level token may hold part of a character): the bytes of
-        consecutive chunks join to the bytes of the whole, so a streamer can emit only complete characters."""
-        if self._byte_table is None:
-            added = {i: t.content.encode() for i, t in self._hf.get_added_tokens_decoder().items()}
-            byte_level = isinstance(self._hf.decoder, decoders.ByteLevel)
-
-            def piece(i: int) -> bytes:
-                if byte_level:
-                    return bytes(_BYTE_DECODER.get(c, 0) for c in self._hf.id_to_token(i) or "")
-                return self._hf.decode([i], skip_special_tokens=False).encode()
-
-            self._byte_table = [added[i] if i in added else piece(i) for i in range(self.vocab_size)]
+        """The UTF-8 bytes of ``ids`` (a byte-level token may hold part of a character): chunks join to the whole."""
         table, n = self._byte_table, len(self._byte_table)
         return b"".join([table[i] if 0 <= i < n else "\ufffd".encode() for i in _as_ints(ids)])
+
+    @cached_property
+    def _byte_table(self) -> list[bytes]:
+        added = {i: t.content.encode() for i, t in self._hf.get_added_tokens_decoder().items()}
+        byte_level = isinstance(self._hf.decoder, decoders.ByteLevel)
+
+        def piece(i: int) -> bytes:
+            if byte_level:
+                return bytes(_BYTE_DECODER.get(c, 0) for c in self._hf.id_to_token(i) or "")
+            return self._hf.decode([i], skip_special_tokens=False).encode()
+
+        return [added[i] if i in added else piece(i) for i in range(self.vocab_size)]
 
 
 def _as_ints(ids) -> list[int]:
@@ -342,11 +317,9 @@ def _parallel_map(fn, texts: list[str]) -> list:
 
 
 def _tiktoken_core(hf: HFTokenizer):
-    """A ``tiktoken.Encoding`` giving ``hf``'s ids, or None.
-
-    Only for a GPT-2-style byte-level BPE (GPT-2's split, every byte a token, ids growing with merge order, all added
-    tokens special): there tiktoken's rule "merge the adjacent pair whose concatenation has the lowest id" picks the
-    merges of BPE's list (the tests check it on English, Chinese, emoji and control characters)."""
+    """A ``tiktoken.Encoding`` giving ``hf``'s ids, or None. Only for a GPT-2-style byte-level BPE (every byte a token,
+    ids growing with merge order, all added tokens special): there tiktoken's "merge the adjacent pair whose
+    concatenation has the lowest id" picks BPE's merges (tested on English, Chinese, emoji, control characters)."""
     import tiktoken
 
     spec = json.loads(hf.to_str())
@@ -420,8 +393,7 @@ def _gpt2_from_files(vocab_path: Path, merges_path: Path) -> HFTokenizer:
 
 
 def load_tokenizer_for(ckpt_dir: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a checkpoint: ``CKPT/tokenizer/``, else tokenizer files directly in ``CKPT`` (a Hugging Face
-    model directory)."""
+    """The tokenizer of a checkpoint: ``CKPT/tokenizer/``, else the files in ``CKPT`` (a Hugging Face directory)."""
     ckpt_dir = Path(ckpt_dir)
     for d in (ckpt_dir / "tokenizer", ckpt_dir):
         if (d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()):
