@@ -78,7 +78,7 @@ def collect_documents(inputs: Sequence[str | os.PathLike], builtins: Sequence[st
         if path.name.lower().endswith(JSONL_SUFFIXES):
             bundled_chat = display.startswith("builtin:") and path.is_relative_to(ASSETS / "chat")
             f = "messages" if bundled_chat and field == "text" else field  # a chat corpus as pretraining text
-            texts = [_record_text(r, f, f"{path}:{n}") for n, r in read(path, encoding=encoding, errors=errors)]
+            texts = read(path, lambda record, where: _record_text(record, f, where), encoding=encoding, errors=errors)
             new = [t if raw else "\n".join(_clean_lines(t, split_sentences)) for t in texts]
         else:
             text = read_text_file(path, encoding, errors)
@@ -173,28 +173,23 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
 
     from tqdm import tqdm
 
-    parts: list[list[np.ndarray]] = [[], [], []]
-    ndocs = [0, 0, 0]
     bar = tqdm(total=sum(map(len, docs)), desc=f"tokenizing {len(docs)} documents", unit="char", unit_scale=True,
                file=sys.stderr, leave=False, disable=not sys.stderr.isatty() or bool(os.environ.get("CI")))
-    for start in range(0, len(docs), batch_docs):
-        batch = docs[start:start + batch_docs]
-        flat: list[list[int]] = [[], [], []]
-        for ids, lab in zip(tok.encode_batch(batch), labels[start:start + batch_docs]):
-            flat[lab] += ids if raw else [eos, *ids]  # every document starts with <|endoftext|>
-            ndocs[lab] += 1
-        for lab, ids in enumerate(flat):
-            parts[lab].append(np.array(ids, dtype=dtype))
-        bar.update(sum(map(len, batch)))
-    bar.close()
-
     counts, documents = {}, {}
     with atomic_dir(out) as tmp:
-        for i, name in enumerate(splits):
-            arr = np.concatenate(parts[i])
+        for label, name in enumerate(splits):
+            mine = [d for d, lab in zip(docs, labels) if lab == label]
+            chunks = [np.zeros(0, dtype)]
+            for start in range(0, len(mine), batch_docs):
+                flat: list[int] = []
+                for ids in tok.encode_batch(mine[start:start + batch_docs]):
+                    flat += ids if raw else [eos, *ids]  # every document starts with <|endoftext|>
+                chunks.append(np.array(flat, dtype=dtype))
+                bar.update(sum(map(len, mine[start:start + batch_docs])))
+            arr = np.concatenate(chunks)
             arr.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(tmp / f"{name}.bin")
-            counts[name] = int(arr.size)
-            documents[name] = ndocs[i]
+            counts[name], documents[name] = int(arr.size), len(mine)
+        bar.close()
         tok.write_files(tmp / "tokenizer")
         meta = {"format": PREPARE_FORMAT, "dtype": dtype, "vocab_size": tok.vocab_size,
                 "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "sha256": tok.fingerprint,
@@ -255,21 +250,20 @@ class TokenShards:
     """Windows of ``block_size`` tokens of one split, through a memmap (no full copy); ``len()``: its tokens."""
 
     def __init__(self, directory: str | os.PathLike, split: str = "train", block_size: int = 256):
-        self.dir = Path(directory)
-        if not (self.dir / "meta.json").is_file():
-            raise UserError(f"{self.dir}: not a prepared data directory (no meta.json); run 'pocketgpt prepare'")
-        self.meta = read_json(self.dir / "meta.json")
+        directory = Path(directory)
+        if not (directory / "meta.json").is_file():
+            raise UserError(f"{directory}: not a prepared data directory (no meta.json); run 'pocketgpt prepare'")
+        meta = read_json(directory / "meta.json")
         self.block_size = int(block_size)
-        self.tokenizer_dir = self.dir / "tokenizer"
-        path = self.dir / f"{split}.bin"
-        counts = self.meta.get("counts", {})
+        self.tokenizer_dir = directory / "tokenizer"
+        path = directory / f"{split}.bin"
+        counts = meta.get("counts", {})
         if not path.is_file():
-            have = ", ".join(sorted(counts)) or "none"
-            raise UserError(f"{self.dir}: has no {split!r} split (available: {have})")
+            raise UserError(f"{directory}: has no {split!r} split (available: {', '.join(sorted(counts)) or 'none'})")
         try:
-            dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+            dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         except (KeyError, TypeError):
-            raise UserError(f"{self.dir / 'meta.json'}: missing or bad 'dtype'") from None
+            raise UserError(f"{directory / 'meta.json'}: missing or bad 'dtype'") from None
         n = path.stat().st_size // dtype.itemsize
         if split in counts and counts[split] != n:
             raise UserError(f"{path}: holds {n} tokens but meta.json says {counts[split]} (incomplete copy?)")

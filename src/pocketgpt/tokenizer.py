@@ -56,11 +56,11 @@ def _bytes_to_unicode() -> dict[int, str]:
 _BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 
-def _text(item, encoding: str, errors: str) -> str:
+def _text(item) -> str:
     """A training text: a ``Path`` (or a string naming an existing file) is read, another string used as it is."""
     if isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item and len(item) < 4096
                                          and os.path.isfile(item)):
-        return read_text_file(item, encoding, errors)
+        return read_text_file(item)
     if not isinstance(item, str):
         raise UserError(f"tokenizer training input must be a path or a string, got {type(item).__name__}")
     return item
@@ -82,12 +82,11 @@ class Tokenizer:
 
     @classmethod
     def train(cls, kind: str, files_or_texts: Iterable[str | os.PathLike], vocab_size: int | None = None, *,
-              min_frequency: int = 0, encoding: str = "utf-8", errors: str = "strict",
-              show_progress: bool = False) -> "Tokenizer":
+              min_frequency: int = 0, show_progress: bool = False) -> "Tokenizer":
         """Train on files and/or texts; ``vocab_size`` counts the special tokens (None for char: every character)."""
         if kind not in KINDS:
             raise UserError(f"--kind: unknown tokenizer kind {kind!r} (choose from {', '.join(KINDS)})")
-        texts = [t for t in (_text(item, encoding, errors) for item in files_or_texts) if t]
+        texts = [t for t in map(_text, files_or_texts) if t]
         if not any(t.strip() for t in texts):
             raise UserError("tokenizer training: the corpus is empty")
         if vocab_size is None and kind != "char":
@@ -260,10 +259,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
         """``encode`` for many texts at once (in parallel threads, or in Rust)."""
-        if self._tt is not None:
+        if self._tt is not None or self._chars is not None:
             return _parallel_map(lambda t: self.encode(t, allow_special), list(texts))
-        if self._chars is not None:
-            return [self.encode(t, allow_special) for t in texts]
         hf = self._hf if allow_special else self._plain
         batch = getattr(hf, "encode_batch_fast", hf.encode_batch)  # _fast (no offsets) since tokenizers 0.21
         return [e.ids for e in batch(list(texts), add_special_tokens=False)]
