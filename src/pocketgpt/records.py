@@ -249,6 +249,5 @@ def pad(rows: Sequence[Sequence[int]], value: int, width: Optional[int] = None):
     width = width or max(1, max((len(r) for r in rows), default=1))
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, r in enumerate(rows):
-        if len(r):
-            out[i, : len(r)] = torch.tensor([int(t) for t in r], dtype=torch.long)
+        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
     return out

@@ -15,7 +15,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trai
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import UserError
-from .io import atomic_dir, read_json, write_json
+from .io import atomic_dir, read_json, read_text, write_json
 from .records import read_text_file
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -58,8 +58,7 @@ _BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 def _text(item) -> str:
     """A training text: a ``Path`` (or a string naming an existing file) is read, another string used as it is."""
-    if isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item and len(item) < 4096
-                                         and os.path.isfile(item)):
+    if isinstance(item, os.PathLike) or (isinstance(item, str) and os.path.isfile(item)):
         return read_text_file(item)
     if not isinstance(item, str):
         raise UserError(f"tokenizer training input must be a path or a string, got {type(item).__name__}")
@@ -143,10 +142,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load a directory written by ``save``, a ``tokenizer.json`` (or its directory), or GPT-2's vocab + merges."""
+        """Load a directory written by ``save``, one with a Hugging Face ``tokenizer.json``, or GPT-2's vocab + merges."""
         path = Path(path)
-        if path.is_file() and path.name == "tokenizer.json":
-            path = path.parent
         if not path.is_dir():
             raise UserError(f"{path}: tokenizer directory not found")
         kind = read_json(path / META_FILE).get("kind", "hf") if (path / META_FILE).is_file() else "hf"
@@ -367,12 +364,8 @@ def _gpt2_from_files(vocab_path: Path, merges_path: Path) -> HFTokenizer:
     vocab = read_json(vocab_path)
     if not isinstance(vocab, dict):
         raise UserError(f"{vocab_path}: expected a JSON object token → id")
-    try:
-        lines = merges_path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{merges_path}: not UTF-8 text (byte {e.start})") from None
     merges = []
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(read_text(merges_path).splitlines(), 1):
         if line and not (lineno == 1 and line.startswith("#version")):
             if len(line.split(" ")) != 2:
                 raise UserError(f"{merges_path}:{lineno}: expected two tokens separated by one space")
