@@ -92,17 +92,22 @@ def collect_documents(inputs: Sequence[str | os.PathLike], builtins: Sequence[st
     return docs, sources
 
 
-def _split_labels(n_docs: int, val_fraction: float, test_fraction: float, seed: int, tail: bool) -> np.ndarray:
-    """0 train, 1 val, 2 test per document; val / test get at least one document when their fraction is > 0."""
-    n_val, n_test = (max(1, round(n_docs * f)) if f > 0 else 0 for f in (val_fraction, test_fraction))
-    if n_val + n_test >= n_docs:
-        raise UserError(f"only {n_docs} document(s): too few for a train/val/test split; add text or pass "
+def _split_documents(docs: list[str], val_fraction: float, test_fraction: float, seed: int, tail: bool,
+                     raw: bool) -> list[list[str]]:
+    """Train, val and test documents by ``records.split`` (val / test get at least one when their fraction is > 0);
+    ``raw``: the one text cut by characters, train | val | test with nothing between them (nanoGPT's)."""
+    if raw:
+        train, held = _split("".join(docs), val_fraction + test_fraction, tail=True)
+        val, test = _split(held, test_fraction / (val_fraction + test_fraction), tail=True) if test_fraction \
+            else (held, "")
+        return [[train], [val], [test]]
+    n_val, n_test = (max(1, round(len(docs) * f)) if f > 0 else 0 for f in (val_fraction, test_fraction))
+    if n_val + n_test >= len(docs):
+        raise UserError(f"only {len(docs)} document(s): too few for a train/val/test split; add text or pass "
                         f"--val-fraction 0 --test-fraction 0")
-    held, test = (_split(range(n_docs), seed=seed, count=k, tail=tail)[1] for k in (n_val + n_test, n_test))
-    labels = np.zeros(n_docs, dtype=np.int8)
-    labels[list(held)] = 1  # test ⊂ held
-    labels[list(test)] = 2
-    return labels
+    held, test = (set(_split(range(len(docs)), seed=seed, count=k, tail=tail)[1]) for k in (n_val + n_test, n_test))
+    labels = [2 if i in test else 1 if i in held else 0 for i in range(len(docs))]  # test ⊂ held
+    return [[d for d, lab in zip(docs, labels) if lab == k] for k in range(3)]
 
 
 def shard_dtype(vocab_size: int) -> str:
@@ -154,13 +159,7 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
             raise UserError(f"{out}: holds shards made with another tokenizer; choose another --out or pass --force")
 
     docs, source_meta = collect_documents(inputs, builtins, field, encoding, errors, split_sentences, raw)
-    if raw:  # one text cut by characters: train | val | test, nothing between them (nanoGPT's shakespeare_char)
-        train, held = _split("".join(docs), val_fraction + test_fraction, tail=True)
-        val, test = _split(held, test_fraction / (val_fraction + test_fraction), tail=True) if test_fraction \
-            else (held, "")
-        docs, labels = [train, val, test], [0, 1, 2]
-    else:
-        labels = _split_labels(len(docs), val_fraction, test_fraction, seed, tail=split == "tail").tolist()
+    groups = _split_documents(docs, val_fraction, test_fraction, seed, split == "tail", raw)
     trained = tok is None
     if trained:
         # trained on every document (as nanoGPT's char level does) so val/test hold no unknown characters
@@ -177,8 +176,7 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
                file=sys.stderr, leave=False, disable=not sys.stderr.isatty() or bool(os.environ.get("CI")))
     counts, documents = {}, {}
     with atomic_dir(out) as tmp:
-        for label, name in enumerate(splits):
-            mine = [d for d, lab in zip(docs, labels) if lab == label]
+        for name, mine in zip(splits, groups):
             chunks = [np.zeros(0, dtype)]
             for start in range(0, len(mine), batch_docs):
                 flat: list[int] = []
