@@ -350,7 +350,7 @@ def _char_table(hf: HFTokenizer):
 
     vocab = hf.get_vocab()
     chars = {ord(t): i for t, i in vocab.items() if len(t) == 1}
-    table = np.full(max(chars) + 2, vocab[UNK], dtype=np.int64)
+    table = np.full(max(chars) + 2, vocab[UNK], dtype=np.int32)
     table[list(chars)] = list(chars.values())
     return table
 
