@@ -164,8 +164,6 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
     if trained:
         # trained on every document (as nanoGPT's char level does) so val/test hold no unknown characters
         log(f"training a {kind} tokenizer (vocab {vocab_size or 'all characters'}) on {len(docs)} documents")
-        if kind != "char" and vocab_size is None:
-            raise UserError("--vocab-size: required to train a tokenizer (or pass --tokenizer DIR)")
         tok = Tokenizer.train(kind, docs, vocab_size)
     dtype, eos = shard_dtype(tok.vocab_size), tok.eos_id
     splits = ["train", "val"] + (["test"] if test_fraction > 0 else [])
