@@ -137,7 +137,7 @@ def test_token_shards_errors(tmp_path, char_tok):
     prepare([tmp_path / "in.txt"], tmp_path / "out", char_tok, verbose=False)
     with pytest.raises(UserError, match="no 'test' split"):
         TokenShards(tmp_path / "out", "test", 16)
-    n = TokenShards(tmp_path / "out", "val", 4).num_tokens
+    n = len(TokenShards(tmp_path / "out", "val", 4))
     with pytest.raises(UserError, match=f"val split has {n} tokens, fewer than block_size"):
         TokenShards(tmp_path / "out", "val", n)
     with pytest.raises(UserError, match="no meta.json"):

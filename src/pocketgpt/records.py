@@ -1,27 +1,5 @@
-"""Records: reading and checking every kind of input, the one seeded held-out split and the one truncation rule.
-
-Every reader names ``file:line`` (and the field) in the ``UserError`` of a bad record:
-
-==================  ===============================================================  =============================
-kind                one JSONL line                                                   reader
-==================  ===============================================================  =============================
-text                (``.txt`` / ``.txt.gz``: the whole file)                         ``read_text_file(path)``
-any JSONL           any JSON value                                                   ``read(src)`` → (line, value)
-conversation        ``{"messages": [{"role", "content"}, ...]}`` with a reply          ``read_conversations(src)``
-preference pair     ``{"prompt": [messages], "chosen": str, "rejected": str}``       ``read_pairs(src)``
-RL prompt           ``{"messages": [...]}``, ``{"prompt": [...]}`` or ``{"prompt": str}``  ``read_prompts(src)``
-==================  ===============================================================  =============================
-
-Roles are ``system``, ``user``, ``assistant``; other keys of a message are dropped. A source (``src``) is a file, a
-folder (its ``.jsonl`` / ``.jsonl.gz`` files) or the name of a bundled corpus (``builtin_path``), or a list of them;
-``.gz`` files are decompressed. ``skip_bad=True`` skips bad lines and reports their count instead of stopping.
-
-``split(items, fraction, seed)`` is the one seeded train / held-out split (SFT, reward model, DPO, RL prompts, the
-documents of ``prepare``); ``tail=True`` holds out the contiguous end instead (``prepare --split tail``). ``fit(prompt, limit, *replies)`` is the one truncation rule of a prompt and its replies
-(engine, chat, RL rollouts, reward model, DPO): the replies keep their beginning, the prompt its newest tokens (so
-the ``<|assistant|>`` that ends a generation prompt always stays). SFT's conversations are first split at turn
-boundaries (``chat.fit_to_context``, the template's side of the same rule). ``pad(rows, value)`` right-pads rows.
-"""
+"""Records: reading and checking every kind of input (``file:line`` in each error), the one seeded held-out split,
+the one truncation rule and right-padding; the record kinds are listed in docs/internals.md."""
 
 from __future__ import annotations
 
@@ -37,17 +15,11 @@ from typing import Any, Callable, Optional, Sequence
 from .errors import UserError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTINS = {
-    "shakespeare": "shakespeare.txt",
-    "shuihu": "shuihu.txt.gz",
-    "chat": "chat",
-    "chat_en": "chat/en",
-    "chat_zh": "chat/zh",
-    "chatterbot_en": "chat/en/chatterbot_en.jsonl",
-    "chatterbot_zh": "chat/zh/chatterbot_zh.jsonl",
-    "dolly": "chat/en/dolly_openqa.jsonl",
-    "chitchat": "chat/en/chitchat.jsonl.gz",
-    "kdconv": "chat/zh/kdconv.jsonl",
+BUILTINS = {  # bundled corpus → its file or folder under assets/ (assets/README.md: sources and licenses)
+    "shakespeare": "shakespeare.txt", "shuihu": "shuihu.txt.gz",
+    "chat": "chat", "chat_en": "chat/en", "chat_zh": "chat/zh",
+    "chatterbot_en": "chat/en/chatterbot_en.jsonl", "chatterbot_zh": "chat/zh/chatterbot_zh.jsonl",
+    "dolly": "chat/en/dolly_openqa.jsonl", "chitchat": "chat/en/chitchat.jsonl.gz", "kdconv": "chat/zh/kdconv.jsonl",
     "prefs": "prefs/hh_rlhf_harmless.jsonl.gz",
 }
 TEXT_SUFFIXES = (".txt", ".txt.gz")
@@ -55,11 +27,8 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 ROLES = ("system", "user", "assistant")
 
 
-# ---- files -------------------------------------------------------------------------------------------------------------
-
-
 def builtin_path(name: str) -> Path:
-    """Path of a bundled corpus (a file, or a folder for ``chat``, ``chat_en``, ``chat_zh``); see ``pocketgpt.data``."""
+    """Path of a bundled corpus (a file, or a folder for ``chat``, ``chat_en``, ``chat_zh``)."""
     if name not in BUILTINS:
         raise UserError(f"--builtin: unknown corpus {name!r} (choose from {', '.join(BUILTINS)})")
     path = ASSETS / BUILTINS[name]
@@ -73,19 +42,13 @@ def builtin_files(name: str) -> list[Path]:
     return expand_inputs([builtin_path(name)])
 
 
-def suffix(path: Path) -> str:
-    name = path.name.lower()
-    return next((s for s in TEXT_SUFFIXES + JSONL_SUFFIXES if name.endswith(s)), path.suffix.lower())
-
-
 def expand_inputs(inputs: Sequence[str | os.PathLike], suffixes=TEXT_SUFFIXES + JSONL_SUFFIXES) -> list[Path]:
-    """Files and folders → the list of data files (folders searched recursively for ``suffixes``, sorted by name;
-    hidden files skipped)."""
+    """Files and folders → data files (a folder's ``suffixes`` files, recursively, sorted, hidden ones skipped)."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and suffix(p) in suffixes
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes)
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
                 raise UserError(f"{path}: folder holds no {', '.join(suffixes[:-1])} or {suffixes[-1]} files")
@@ -108,11 +71,11 @@ def resolve(name: str | os.PathLike) -> list[Path]:
 
 
 def read_text_file(path: str | os.PathLike, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """A text file (``.gz`` decompressed) as str, without a BOM; bad bytes are a UserError naming file:line and the
-    byte offset."""
+    """A text file (``.gz`` decompressed) as str, without a BOM; bad bytes name file:line and the byte offset."""
     path = Path(path)
+    gz = path.name.lower().endswith(".gz")
     try:
-        data = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+        data = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except (OSError, EOFError) as e:
@@ -123,7 +86,7 @@ def read_text_file(path: str | os.PathLike, encoding: str = "utf-8", errors: str
         raise UserError(f"--encoding: unknown text encoding {encoding!r}") from None
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        where = " (uncompressed)" if path.name.lower().endswith(".gz") else ""
+        where = " (uncompressed)" if gz else ""
         raise UserError(f"{path}:{line}: not valid {encoding} text at byte {e.start}{where}; pass --encoding ENC "
                         "or --errors replace") from None
     return text[1:] if text.startswith("\ufeff") else text
@@ -132,12 +95,9 @@ def read_text_file(path: str | os.PathLike, encoding: str = "utf-8", errors: str
 def read(sources, parse: Optional[Callable[[Any, str], Any]] = None, *, what: Optional[str] = None,
          skip_bad: bool = False, report: Optional[Callable[[str], None]] = None, encoding: str = "utf-8",
          errors: str = "strict") -> list:
-    """The one JSONL reader: ``parse(value, "file:line")`` of every non-blank line of every file of ``sources``
-    (``(line_number, value)`` without ``parse``), in order.
-
-    A bad line (not JSON, or refused by ``parse`` with a UserError) stops with that error, or with
-    ``skip_bad=True`` is skipped and counted through ``report`` (one line of text; default stderr). With ``what``
-    (e.g. ``"conversations"``) a file that gives none is an error."""
+    """``parse(value, "file:line")`` of every non-blank line of every file of ``sources``, in order (without
+    ``parse``: ``(line_number, value)``). ``skip_bad``: bad lines are counted through ``report``, not raised; with
+    ``what`` (e.g. ``"conversations"``) a file that gives none is an error."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     if not sources:
@@ -167,9 +127,6 @@ def read(sources, parse: Optional[Callable[[Any, str], Any]] = None, *, what: Op
     return out
 
 
-# ---- record kinds ------------------------------------------------------------------------------------------------------
-
-
 def check_messages(messages, where: str = "messages", *, need_assistant: bool = False) -> list[dict]:
     """A message list (roles system/user/assistant, string content) as plain ``{role, content}`` dicts."""
     if not isinstance(messages, list):
@@ -194,7 +151,8 @@ def check_messages(messages, where: str = "messages", *, need_assistant: bool = 
 def conversation(value, where: str) -> list[dict]:
     """A ``{"messages": [...]}`` record with at least one assistant turn."""
     if not isinstance(value, dict) or "messages" not in value:
-        raise UserError(f"{where}: missing 'messages' (expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}})")
+        raise UserError(f"{where}: missing 'messages' "
+                        f"(expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}})")
     return check_messages(value["messages"], where, need_assistant=True)
 
 
@@ -227,8 +185,7 @@ def pair(value, where: str) -> Pair:
 
 
 def prompt(value, where: str) -> tuple[list[dict], str]:
-    """An RL prompt and its ``file:line``; a conversation that ends in assistant turns (an SFT file) is used up to
-    its last user turn."""
+    """An RL prompt and its ``file:line``; a conversation (an SFT file) is used up to its last user turn."""
     if not isinstance(value, dict) or not ("messages" in value or "prompt" in value):
         raise UserError(f"{where}: expected a 'messages' list or a 'prompt' (list of messages or text)")
     p = value.get("messages", value.get("prompt"))
@@ -258,23 +215,14 @@ def read_prompts(sources, **options) -> tuple[list[list[dict]], list[str]]:
     return [p for p, _ in rows], [w for _, w in rows]
 
 
-# ---- the held-out split, the truncation rule, padding ------------------------------------------------------------------
-
-
 def split(items: Sequence, fraction: float = 0.0, seed: int = 0, *, most: Optional[int] = None,
           count: Optional[int] = None, tail: bool = False) -> tuple[list, list]:
-    """The one seeded split: ``(train, held_out)``, each in the order of ``items``; same seed, same split.
-
-    Held out: ``count`` items, or ``round(fraction × n)`` (at least one when ``fraction > 0`` and n ≥ 2), at most
-    ``most``; at least one item always stays for training. Which items: the first of a ``random.Random(seed)``
-    shuffle, so a larger held-out set contains a smaller one. ``tail=True``: the last items instead, as slices of
-    ``items`` (a string stays a string); train keeps the first ``int(n × (1 - fraction))``, nanoGPT's rule."""
+    """``(train, held_out)`` in the order of ``items``: ``count`` (or ``round(fraction × n)``, ≥ 1 if fraction > 0,
+    ≤ ``most``) held out, ≥ 1 kept; the first of a seeded shuffle, so a larger held-out set contains a smaller one.
+    ``tail``: the last items as slices (a string stays a string), train keeping ``int(n × (1 - fraction))``."""
     n = len(items)
     if count is None:
-        if tail:
-            count = n - int(n * (1 - fraction)) if fraction > 0 else 0
-        else:
-            count = max(1, round(n * fraction)) if fraction > 0 and n >= 2 else round(n * fraction)
+        count = n - int(n * (1 - fraction)) if tail else max(1 if fraction > 0 else 0, round(n * fraction))
     count = max(0, min(count, n - 1, n if most is None else most))
     if tail:
         return items[:n - count], items[n - count:]
@@ -285,12 +233,9 @@ def split(items: Sequence, fraction: float = 0.0, seed: int = 0, *, most: Option
 
 
 def fit(prompt: Sequence[int], limit: int, *replies) -> tuple[list[int], ...]:
-    """The one truncation rule: ``(prompt, *replies)`` cut so that the prompt and each reply fit ``limit`` tokens.
-
-    A reply (token ids) keeps its first ``max(limit - len(prompt), limit // 2)`` tokens: it is cut only when the
-    prompt needs the rest of the context, and then keeps half of it. An int instead of a reply is the room to keep
-    free for a reply still to be written (it is returned as is). The prompt keeps its newest tokens in what the
-    longest reply leaves (at least one), so the ``<|assistant|>`` that ends a generation prompt is never cut."""
+    """``(prompt, *replies)`` cut so that the prompt and each reply fit ``limit``: a reply keeps its first
+    ``max(limit - len(prompt), limit // 2)`` tokens, the prompt its newest (the ``<|assistant|>`` that ends a generation
+    prompt stays) in what the longest reply leaves; an int is the room for a reply still to be written."""
     budget = max(limit - len(prompt), limit // 2)
     replies = [r if isinstance(r, int) else [int(t) for t in r[:budget]] for r in replies]
     keep = max(1, limit - max((r if isinstance(r, int) else len(r) for r in replies), default=0))
@@ -304,6 +249,5 @@ def pad(rows: Sequence[Sequence[int]], value: int, width: Optional[int] = None):
     width = width or max(1, max((len(r) for r in rows), default=1))
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, r in enumerate(rows):
-        if len(r):
-            out[i, : len(r)] = torch.tensor([int(t) for t in r], dtype=torch.long)
+        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
     return out

@@ -1,44 +1,22 @@
-"""Tokenizers: train, load, save, encode, decode — one class over Hugging Face ``tokenizers``.
-
-Four kinds can be trained (``Tokenizer.train(kind, ...)``):
-
-* ``bpe``     byte-level BPE exactly as GPT-2 (lossless for any UTF-8 text, Chinese and emoji included);
-* ``unigram`` SentencePiece-style unigram model (spaces become ``▁``), good for Chinese;
-* ``char``    one id per character seen in training, plus ``<unk>`` for unseen ones;
-* ``word``    words, single punctuation marks and whitespace runs (a word keeps its leading space, each Chinese
-  character is a word), plus ``<unk>``; meant for tiny teaching corpora.
-
-Every trained tokenizer reserves the chat special tokens ``SPECIAL_TOKENS`` (ids 0..5; the last six ids for
-``unigram``: use ``special_ids`` / ``token_id``, never literal numbers). They are single ids and are
-never produced from plain text: ``encode("<|user|>")`` encodes the literal characters; only
-``encode(text, allow_special=True)`` turns the literal strings into the special ids.
-
-GPT-2's own files (``vocab.json`` + ``merges.txt``, or a ``tokenizer.json``) load from a local directory with ids
-identical to ``transformers.GPT2TokenizerFast``; such a tokenizer only knows ``<|endoftext|>``, and
-``add_special_tokens()`` appends the chat tokens (then grow the model with ``model.resize_vocab(tok.vocab_size)``).
-
-A saved tokenizer is a directory: ``tokenizer.json`` (the Hugging Face file, loadable by ``transformers``) and
-``pocketgpt_tokenizer.json`` (kind and special ids).
-
-Streaming: ``decode_bytes(ids)`` returns the raw UTF-8 bytes of the tokens (a byte-level token may hold half of a
-Chinese character), so a streamer can emit only complete characters; ``decode`` = ``decode_bytes`` then UTF-8 with
-replacement of incomplete sequences.
-
-Speed: Hugging Face ``tokenizers`` trains every kind and defines the ids. Encoding a GPT-2-style byte-level BPE goes
-through tiktoken's core (identical ids: tested against the HF model and ``GPT2TokenizerFast``), a char tokenizer
-through a numpy lookup (``benchmarks/tokenizer_speed.py``); ``POCKETGPT_TOKENIZER_BACKEND=hf`` turns both off.
-"""
+"""Tokenizers (4 kinds) over Hugging Face ``tokenizers``, see docs/internals.md; encoding takes exact faster paths where
+they apply: tiktoken's core for a GPT-2-style BPE, a numpy table for char (``POCKETGPT_TOKENIZER_BACKEND=hf``: off)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import warnings
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
 from .errors import UserError
-from .io import atomic_dir, read_json, write_json
+from .io import atomic_dir, read_json, read_text, write_json
+from .records import read_text_file
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 UNK = "<unk>"
@@ -59,158 +37,129 @@ CHAT_TEMPLATE = (
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # words (a leading space attached), each Chinese character alone, single punctuation marks, whitespace runs
 _WORD_PATTERN = r"\p{Han}| ?[[\w']&&[^\p{Han}]]+| ?[^\w\s]|\s+(?!\S)|\s+"
+# why a corpus gave fewer ids than asked (a warning, not an error)
+_SMALL_REASON = {
+    "bpe": "no pair of adjacent tokens is left to merge (every word of the corpus is one token already)",
+    "unigram": "the corpus has no more pieces worth keeping",
+    "char": "that is every distinct character of the corpus plus the special tokens",
+    "word": "that is every distinct word of the corpus (at --min-frequency) plus the special tokens",
+}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters (used by byte-level BPE)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    """GPT-2's reversible map from the 256 byte values to printable characters (byte-level BPE's alphabet)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    moved = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(moved)) for b in range(256)}
 
 
 _BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 
-def _read_texts(files_or_texts: Iterable[str | os.PathLike], encoding: str = "utf-8", errors: str = "strict"):
-    """Yield the texts to train on: ``Path`` objects (and strings naming existing files) are read, other strings
-    are used as they are. ``.gz`` files are decompressed."""
-    for item in files_or_texts:
-        if isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item and len(item) < 4096
-                                             and os.path.isfile(item)):
-            from .records import read_text_file
-
-            yield read_text_file(Path(item), encoding=encoding, errors=errors)
-        elif isinstance(item, str):
-            yield item
-        else:
-            raise UserError(f"tokenizer training input must be a path or a string, got {type(item).__name__}")
+def _text(item) -> str:
+    """A training text: a ``Path`` (or a string naming an existing file) is read, another string used as it is."""
+    if isinstance(item, os.PathLike) or (isinstance(item, str) and os.path.isfile(item)):
+        return read_text_file(item)
+    if not isinstance(item, str):
+        raise UserError(f"tokenizer training input must be a path or a string, got {type(item).__name__}")
+    return item
 
 
 class Tokenizer:
-    """A trained or loaded tokenizer. Build with ``Tokenizer.train`` / ``Tokenizer.load``."""
+    """A trained or loaded tokenizer (``kind``: bpe / unigram / char / word, or gpt2 / hf when loaded); plain text never
+    gives a special id: ``encode("<|user|>")`` encodes the characters, ``encode(text, allow_special=True)`` the id."""
 
-    def __init__(self, hf, kind: str = "hf"):
-        from tokenizers import Tokenizer as HFTokenizer
-
+    def __init__(self, hf: HFTokenizer, kind: str = "hf"):
         self.kind = kind
         self._hf = hf  # encodes the special strings as special ids
         self._hf.encode_special_tokens = False
         self._plain = HFTokenizer.from_str(hf.to_str())  # encodes them as ordinary text
         self._plain.encode_special_tokens = True
-        self._byte_table: list[bytes] | None = None
-        self._fingerprint: str | None = None
         fast = os.environ.get("POCKETGPT_TOKENIZER_BACKEND", "auto") != "hf"
         self._tt = _tiktoken_core(hf) if fast else None  # byte-level BPE through tiktoken's core
         self._chars = _char_table(hf) if fast and kind == "char" else None  # char level through numpy
 
-    # ------------------------------------------------------------------ building
     @classmethod
     def train(cls, kind: str, files_or_texts: Iterable[str | os.PathLike], vocab_size: int | None = None, *,
-              min_frequency: int = 0, encoding: str = "utf-8", errors: str = "strict",
-              show_progress: bool = False) -> "Tokenizer":
-        """Train a tokenizer of ``kind`` (bpe, unigram, char, word) on files (``Path`` or existing path strings)
-        and/or literal texts. ``vocab_size`` counts everything (special tokens and ``<unk>`` included); for ``char``
-        it may be None (= every character seen)."""
-        from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-        from tokenizers import Tokenizer as HFTokenizer
-
+              min_frequency: int = 0, show_progress: bool = False) -> "Tokenizer":
+        """Train on files and/or texts; ``vocab_size`` counts the special tokens (None for char: every character)."""
         if kind not in KINDS:
             raise UserError(f"--kind: unknown tokenizer kind {kind!r} (choose from {', '.join(KINDS)})")
-        texts = [t for t in _read_texts(files_or_texts, encoding, errors) if t]
+        texts = [t for t in map(_text, files_or_texts) if t]
         if not any(t.strip() for t in texts):
             raise UserError("tokenizer training: the corpus is empty")
         if vocab_size is None and kind != "char":
             raise UserError(f"--vocab-size: required for a {kind} tokenizer")
-        n_special = len(SPECIAL_TOKENS)
+        n = len(SPECIAL_TOKENS)
+        chars = set().union(*map(set, texts)) - ({" "} if kind == "unigram" else set())  # unigram: ▁ is the space
+        corpus = f"{len(chars)} distinct characters + {n + 1} special tokens of this corpus"
+        need, what = {"bpe": (256 + n, f"256 byte symbols + {n} special tokens a byte-level BPE needs"),
+                      "unigram": (len(chars) + n + 2, corpus),  # + <unk> + ▁
+                      "char": (len(chars) + n + 1, corpus),
+                      "word": (n + 2, f"{n + 1} special tokens")}[kind]
+        if vocab_size is not None and vocab_size < need:
+            hint = "; or omit it" if kind == "char" else ""
+            raise UserError(f"--vocab-size: {vocab_size} is below the {what} (minimum {need}{hint})")
 
+        trainer = None
         if kind == "bpe":
-            if vocab_size < 256 + n_special:
-                raise UserError(f"--vocab-size: {vocab_size} is below the 256 byte symbols + {n_special} special "
-                                f"tokens a byte-level BPE needs (minimum {256 + n_special})")
             hf = HFTokenizer(models.BPE())
             hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
             hf.decoder = decoders.ByteLevel()
             trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                          special_tokens=SPECIAL_TOKENS,
-                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                          show_progress=show_progress)
+                                          special_tokens=SPECIAL_TOKENS, show_progress=show_progress,
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         elif kind == "unigram":
-            alphabet = set().union(*(set(t) for t in texts)) - {" "}
-            need = len(alphabet) + n_special + 2  # + <unk> + ▁
-            if vocab_size < need:
-                raise UserError(f"--vocab-size: {vocab_size} is below the {len(alphabet)} distinct characters + "
-                                f"{n_special + 1} special tokens of this corpus (minimum {need})")
             hf = HFTokenizer(models.Unigram())
             hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
             hf.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never", split=True)
             # the special tokens stay out of the unigram model (it would segment their literal strings as pieces):
             # they are added after training, so they take the last ids
-            trainer = trainers.UnigramTrainer(vocab_size=vocab_size - n_special, special_tokens=[UNK],
-                                              unk_token=UNK, show_progress=show_progress)
+            trainer = trainers.UnigramTrainer(vocab_size=vocab_size - n, special_tokens=[UNK], unk_token=UNK,
+                                              show_progress=show_progress)
         elif kind == "char":  # no statistics needed: every character seen, in code point order
-            alphabet = sorted(set().union(*(set(t) for t in texts)))
-            need = len(alphabet) + n_special + 1
-            if vocab_size is not None and vocab_size < need:
-                raise UserError(f"--vocab-size: {vocab_size} is below the {len(alphabet)} distinct characters + "
-                                f"{n_special + 1} special tokens of this corpus (minimum {need}; or omit it)")
-            vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + [UNK] + alphabet)}
-            hf = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+            hf = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL_TOKENS + [UNK] + sorted(chars))},
+                                              unk_token=UNK))
             hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
             hf.decoder = decoders.Fuse()
-            _mark_special(hf, SPECIAL_TOKENS)
-            return _warn_if_small(cls(hf, kind), vocab_size)
         else:  # word: a word-level model over words, punctuation marks and whitespace runs
-            need = n_special + 2
-            if vocab_size < need:
-                raise UserError(f"--vocab-size: {vocab_size} is below the {n_special + 1} special tokens "
-                                f"(minimum {need})")
             hf = HFTokenizer(models.WordLevel(unk_token=UNK))
             hf.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")
             hf.decoder = decoders.Fuse()
             trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                                 special_tokens=SPECIAL_TOKENS + [UNK], show_progress=show_progress)
-        try:
-            hf.train_from_iterator(texts, trainer)
-        except Exception as e:  # the Rust trainer reports e.g. "vocabulary is not large enough"
-            raise UserError(f"tokenizer training failed: {e}") from None
+        if trainer is not None:
+            try:
+                hf.train_from_iterator(texts, trainer)
+            except Exception as e:  # the Rust trainer reports e.g. "vocabulary is not large enough"
+                raise UserError(f"tokenizer training failed: {e}") from None
         _mark_special(hf, SPECIAL_TOKENS)
-        return _warn_if_small(cls(hf, kind), vocab_size)
+        tok = cls(hf, kind)
+        if vocab_size is not None and tok.vocab_size < vocab_size:
+            warnings.warn(f"vocabulary has {tok.vocab_size} ids, not the {vocab_size} asked for: "
+                          f"{_SMALL_REASON[kind]}; a larger corpus gives more", stacklevel=2)
+        return tok
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load a directory written by ``save``, a Hugging Face ``tokenizer.json`` (file or directory), or GPT-2's
-        ``vocab.json`` + ``merges.txt``."""
-        from tokenizers import Tokenizer as HFTokenizer
-
+        """Load a directory written by ``save``, one with a Hugging Face ``tokenizer.json``, or GPT-2's vocab + merges."""
         path = Path(path)
-        if path.is_file() and path.name == "tokenizer.json":
-            path = path.parent
         if not path.is_dir():
             raise UserError(f"{path}: tokenizer directory not found")
-        kind = "hf"
-        if (path / META_FILE).is_file():
-            kind = read_json(path / META_FILE).get("kind", "hf")
+        kind = read_json(path / META_FILE).get("kind", "hf") if (path / META_FILE).is_file() else "hf"
         if (path / "tokenizer.json").is_file():
             try:
                 hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
             except Exception as e:
                 raise UserError(f"{path / 'tokenizer.json'}: not a valid tokenizer file ({e})") from None
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            hf = _gpt2_from_files(path / "vocab.json", path / "merges.txt")
-            kind = "gpt2"
+            hf, kind = _gpt2_from_files(path / "vocab.json", path / "merges.txt"), "gpt2"
         else:
             raise UserError(f"{path}: no tokenizer.json or vocab.json + merges.txt in this directory")
         return cls(hf, kind)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write ``tokenizer.json`` + ``pocketgpt_tokenizer.json`` into directory ``path`` (atomically; it replaces
-        ``path``, so a directory holding anything but tokenizer files is refused)."""
+        """Write the tokenizer files as directory ``path`` (atomically, replacing it: not over other files)."""
         path = Path(path)
         if path.exists():
             if not path.is_dir():
@@ -226,25 +175,20 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "tokenizer.json").write_text(self._hf.to_str(pretty=True), encoding="utf-8")
-        meta = {"format": 1, "kind": self.kind, "vocab_size": self.vocab_size, "special_ids": self.special_ids}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(directory / META_FILE, {"format": 1, "kind": self.kind, "vocab_size": self.vocab_size,
+                                           "special_ids": self.special_ids})
 
     def write_hf_config(self, directory: str | os.PathLike, context: int) -> dict[str, int]:
-        """Write ``tokenizer_config.json`` (special tokens, the chat template) beside ``tokenizer.json`` so that
-        ``transformers.AutoTokenizer`` gives our ids and renders our chat; returns the bos/eos/pad ids for
-        ``config.json``."""
+        """Write ``tokenizer_config.json`` so that ``transformers.AutoTokenizer`` gives our ids and renders our chat;
+        returns the bos/eos/pad ids for ``config.json``."""
         ids = self.special_ids
         chat = all(n in ids for n in ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
         names = {"bos": "<|endoftext|>", "eos": "<|end|>" if chat else "<|endoftext|>", "pad": "<|pad|>"}
         names = {k: v for k, v in names.items() if v in ids}
-        cfg = {
-            # without a class named here a GPT-2 config makes transformers rebuild GPT-2's byte-level tokenizer
-            # from tokenizer.json's vocabulary, which mangles char / word / unigram ids (spaces and newlines vanish)
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **{f"{k}_token": v for k, v in names.items()},
-            "model_max_length": context,
-            "clean_up_tokenization_spaces": False,  # decode must give back the text exactly
-        }
+        # without a class named here a GPT-2 config makes transformers rebuild GPT-2's byte-level tokenizer from
+        # tokenizer.json's vocabulary, which mangles char / word / unigram ids; decode must give back the text exactly
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **{f"{k}_token": v for k, v in names.items()},
+               "model_max_length": context, "clean_up_tokenization_spaces": False}
         if self._hf.token_to_id(UNK) is not None:
             cfg["unk_token"] = UNK
         if chat:
@@ -258,23 +202,18 @@ class Tokenizer:
         missing = [n for n in names if self._hf.token_to_id(n) is None]
         if missing:
             _mark_special(self._hf, missing)
-            self.__init__(self._hf, self.kind)
+            self.__dict__ = Tokenizer(self._hf, self.kind).__dict__  # fresh encoders and caches
         return missing
 
-    # ------------------------------------------------------------------ properties
     @property
     def vocab_size(self) -> int:
         return self._hf.get_vocab_size(with_added_tokens=True)
 
     @property
     def special_ids(self) -> dict[str, int]:
-        """name → id for the chat special tokens this tokenizer has (all six for a trained one)."""
-        out = {}
-        for name in SPECIAL_TOKENS:
-            i = self._hf.token_to_id(name)
-            if i is not None:
-                out[name] = i
-        return out
+        """name → id of the chat special tokens this tokenizer has (all six for a trained one; unigram: the last)."""
+        ids = {name: self._hf.token_to_id(name) for name in SPECIAL_TOKENS}
+        return {name: i for name, i in ids.items() if i is not None}
 
     def token_id(self, name: str) -> int:
         """The id of a token (usually a special token such as ``<|end|>``); UserError if it is unknown."""
@@ -294,62 +233,37 @@ class Tokenizer:
         i = self._hf.token_to_id("<|pad|>")
         return self.eos_id if i is None else i
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """sha256 of the tokenizer's canonical JSON: equal fingerprints ⇒ identical ids for every text."""
-        if self._fingerprint is None:
-            # key order and the last float digits (unigram scores) may change in a save/load round trip
-            obj = json.loads(self._hf.to_str(), parse_float=lambda x: float(f"{float(x):.9g}"))
-            canonical = json.dumps(obj, sort_keys=True, ensure_ascii=False)
-            self._fingerprint = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-        return self._fingerprint
-
-    def __len__(self) -> int:
-        return self.vocab_size
+        # key order and the last float digits (unigram scores) may change in a save/load round trip
+        obj = json.loads(self._hf.to_str(), parse_float=lambda x: float(f"{float(x):.9g}"))
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
 
-    # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of ``text``. Literal special-token strings are ordinary text unless ``allow_special``."""
         if self._tt is not None:
             return self._tt.encode(text, allowed_special="all") if allow_special else self._tt.encode_ordinary(text)
-        if self._chars is not None:
-            return self._encode_chars(text, allow_special)
-        hf = self._hf if allow_special else self._plain
-        return hf.encode(text, add_special_tokens=False).ids
+        if self._chars is not None and not allow_special:
+            import numpy as np
+
+            points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            return self._chars[np.minimum(points, len(self._chars) - 1)].tolist()
+        return (self._hf if allow_special else self._plain).encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
-        """``encode`` for many texts at once (parallel in Rust)."""
-        if self._tt is not None:
+        """``encode`` for many texts at once (in parallel threads, or in Rust)."""
+        if self._tt is not None or self._chars is not None:
             return _parallel_map(lambda t: self.encode(t, allow_special), list(texts))
-        if self._chars is not None:
-            return [self._encode_chars(t, allow_special) for t in texts]
         hf = self._hf if allow_special else self._plain
         batch = getattr(hf, "encode_batch_fast", hf.encode_batch)  # _fast (no offsets) since tokenizers 0.21
         return [e.ids for e in batch(list(texts), add_special_tokens=False)]
 
-    def _encode_chars(self, text: str, allow_special: bool) -> list[int]:
-        import numpy as np
-
-        keys, values, unk, special = self._chars
-        if allow_special and special.search(text):
-            out, pos = [], 0
-            for m in special.finditer(text):
-                out += self._encode_chars(text[pos:m.start()], False) + [self._hf.token_to_id(m.group())]
-                pos = m.end()
-            return out + self._encode_chars(text[pos:], False)
-        try:
-            points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        except UnicodeEncodeError:  # lone surrogates: let Hugging Face handle them
-            return self._plain.encode(text, add_special_tokens=False).ids
-        idx = np.minimum(np.searchsorted(keys, points), len(keys) - 1)
-        return np.where(keys[idx] == points, values[idx], unk).tolist()
-
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        """Text of ``ids``; special tokens are rendered as their names unless ``skip_special``. Ids outside the
-        vocabulary (a model vocabulary padded beyond the tokenizer's) decode to U+FFFD."""
+        """Text of ``ids`` (special tokens by name unless ``skip_special``; ids past the vocabulary: U+FFFD)."""
         ids = _as_ints(ids)
         if self.kind == "hf":  # foreign tokenizer.json: its own decoder knows best
             return self._hf.decode(ids, skip_special_tokens=skip_special)
@@ -359,56 +273,26 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        """The UTF-8 bytes of ``ids`` token by token: concatenating the bytes of consecutive chunks equals the bytes of
-        the whole, so a streamer can buffer and emit only complete characters."""
-        table = self._bytes_table()
-        ids = _as_ints(ids)
-        if ids and (min(ids) < 0 or max(ids) >= len(table)):  # e.g. a model vocab padded beyond the tokenizer's
-            return b"".join([table[i] if 0 <= i < len(table) else "\ufffd".encode() for i in ids])
-        return b"".join([table[i] for i in ids])
+        """The UTF-8 bytes of ``ids`` (a byte-level token may hold part of a character): chunks join to the whole."""
+        table, n = self._byte_table, len(self._byte_table)
+        return b"".join([table[i] if 0 <= i < n else "\ufffd".encode() for i in _as_ints(ids)])
 
-    def _bytes_table(self) -> list[bytes]:
-        if self._byte_table is None:
-            n = self.vocab_size
-            byte_level = "ByteLevel" in type(self._hf.decoder).__name__ if self._hf.decoder else False
-            added = {i: t.content for i, t in self._hf.get_added_tokens_decoder().items()}
-            table = []
-            for i in range(n):
-                if i in added:
-                    table.append(added[i].encode("utf-8"))
-                    continue
-                piece = self._hf.id_to_token(i) or ""
-                if byte_level:
-                    table.append(bytes(_BYTE_DECODER.get(c, 0) for c in piece))
-                else:
-                    table.append(self._hf.decode([i], skip_special_tokens=False).encode("utf-8"))
-            self._byte_table = table
-        return self._byte_table
+    @cached_property
+    def _byte_table(self) -> list[bytes]:
+        added = {i: t.content.encode() for i, t in self._hf.get_added_tokens_decoder().items()}
+        byte_level = isinstance(self._hf.decoder, decoders.ByteLevel)
 
+        def piece(i: int) -> bytes:
+            if byte_level:
+                return bytes(_BYTE_DECODER.get(c, 0) for c in self._hf.id_to_token(i) or "")
+            return self._hf.decode([i], skip_special_tokens=False).encode()
 
-_SMALL_REASON = {
-    "bpe": "no pair of adjacent tokens is left to merge (every word of the corpus is one token already)",
-    "unigram": "the corpus has no more pieces worth keeping",
-    "char": "that is every distinct character of the corpus plus the special tokens",
-    "word": "that is every distinct word of the corpus (at --min-frequency) plus the special tokens",
-}
-
-
-def _warn_if_small(tok: "Tokenizer", asked: int | None) -> "Tokenizer":
-    """A corpus too small for the asked vocabulary gives fewer ids: say so, with the reason, instead of silently."""
-    if asked is not None and tok.vocab_size < asked:
-        import warnings
-
-        warnings.warn(f"vocabulary has {tok.vocab_size} ids, not the {asked} asked for: {_SMALL_REASON[tok.kind]}; "
-                      "a larger corpus gives more", stacklevel=3)
-    return tok
+        return [added[i] if i in added else piece(i) for i in range(self.vocab_size)]
 
 
 def _as_ints(ids) -> list[int]:
     """A list of ints from a list, numpy array or torch tensor of ids."""
-    if hasattr(ids, "tolist"):
-        ids = ids.tolist()
-    return [int(i) for i in ids]
+    return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
 
 
 def _parallel_map(fn, texts: list[str]) -> list:
@@ -426,101 +310,66 @@ def _parallel_map(fn, texts: list[str]) -> list:
     return [ids for part in parts for ids in part]
 
 
-def _tiktoken_core(hf):
-    """A ``tiktoken.Encoding`` giving the same ids as ``hf``, faster, or None.
+def _tiktoken_core(hf: HFTokenizer):
+    """A ``tiktoken.Encoding`` giving ``hf``'s ids, or None. Only for a GPT-2-style byte-level BPE (every byte a token,
+    ids growing with merge order, all added tokens special): there tiktoken's "merge the adjacent pair whose
+    concatenation has the lowest id" picks BPE's merges (tested on English, Chinese, emoji, control characters)."""
+    import tiktoken
 
-    Only for a GPT-2-style byte-level BPE (no normaliser, ByteLevel pre-tokenizer with GPT-2's split regex, every
-    byte a token, token ids growing with merge order, all added tokens special): there tiktoken's rule "merge the
-    adjacent pair whose concatenation has the lowest id" picks the same merges as BPE's merge list (checked by the
-    tests on English, Chinese, emoji and control characters). Set ``POCKETGPT_TOKENIZER_BACKEND=hf`` to turn it off.
-    """
-    try:
-        import tiktoken
-    except ImportError:
-        return None
     spec = json.loads(hf.to_str())
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if spec.get("normalizer") is not None or model.get("type") != "BPE" or model.get("dropout") is not None \
-            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") \
-            or model.get("byte_fallback") or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") \
-            or not pre.get("use_regex", True):
+    model, pre, added = spec["model"], spec.get("pre_tokenizer") or {}, spec.get("added_tokens") or []
+    if spec.get("normalizer") or model["type"] != "BPE" or pre.get("type") != "ByteLevel" \
+            or pre.get("add_prefix_space") or not pre.get("use_regex", True) \
+            or any(model.get(k) for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix",
+                                          "byte_fallback")) \
+            or not all(t["special"] and not any(t[k] for k in ("normalized", "lstrip", "rstrip", "single_word"))
+                       for t in added):
         return None
-    added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
-    if not all(t.get("special") and not t.get("normalized") and not t.get("lstrip") and not t.get("rstrip")
-               and not t.get("single_word") for t in spec.get("added_tokens") or []):
+    specials = {t["content"]: t["id"] for t in added}
+    vocab: dict[str, int] = model["vocab"]
+    pieces = [p for p in vocab if p not in specials]
+    if any(c not in _BYTE_DECODER for p in pieces for c in p):
         return None
-    vocab: dict[str, int] = model.get("vocab") or {}
-    ranks: dict[bytes, int] = {}
-    for piece, i in vocab.items():
-        if piece in added:
-            continue
-        if any(c not in _BYTE_DECODER for c in piece):
-            return None
-        b = bytes(_BYTE_DECODER[c] for c in piece)
-        if b in ranks:
-            return None
-        ranks[b] = i
-    if any(bytes([b]) not in ranks for b in range(256)):
+    ranks = {bytes(_BYTE_DECODER[c] for c in p): vocab[p] for p in pieces}
+    if len(ranks) < len(pieces) or any(bytes([b]) not in ranks for b in range(256)):
         return None
     last = -1
-    for m in model.get("merges") or []:
+    for m in model["merges"]:
         a, b = m.split(" ") if isinstance(m, str) else m
         i = vocab.get(a + b)
         if i is None or i <= last or max(vocab.get(a, i), vocab.get(b, i)) >= i:
             return None
         last = i
     return tiktoken.Encoding(name="pocketgpt-bpe", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens=added)
+                             special_tokens=specials)
 
 
-def _char_table(hf):
-    """(sorted code points, their ids, unk id, special-token regex) for a character-level WordLevel model."""
-    import re
-
+def _char_table(hf: HFTokenizer):
+    """The id of every code point up to the largest one known (others: ``<unk>``), one past it ``<unk>``."""
     import numpy as np
 
-    spec = json.loads(hf.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "WordLevel" or spec.get("normalizer") is not None:
-        return None
-    added = {t["content"] for t in spec.get("added_tokens") or []}
-    chars = {t: i for t, i in model["vocab"].items() if t not in added and t != model.get("unk_token")}
-    if not all(len(t) == 1 for t in chars) or model.get("unk_token") not in model["vocab"]:
-        return None
-    order = sorted(chars, key=ord)
-    keys = np.array([ord(c) for c in order], dtype=np.uint32)
-    values = np.array([chars[c] for c in order], dtype=np.int64)
-    special = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) or "(?!)")
-    return keys, values, model["vocab"][model["unk_token"]], special
+    vocab = hf.get_vocab()
+    chars = {ord(t): i for t, i in vocab.items() if len(t) == 1}
+    table = np.full(max(chars) + 2, vocab[UNK], dtype=np.int32)
+    table[list(chars)] = list(chars.values())
+    return table
 
 
-def _mark_special(hf, names: Sequence[str]) -> None:
-    from tokenizers import AddedToken
-
-    hf.add_special_tokens([AddedToken(n, special=True, normalized=False, single_word=False, lstrip=False,
-                                      rstrip=False) for n in names])
+def _mark_special(hf: HFTokenizer, names: Sequence[str]) -> None:
+    hf.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
 
 
-def _gpt2_from_files(vocab_path: Path, merges_path: Path):
+def _gpt2_from_files(vocab_path: Path, merges_path: Path) -> HFTokenizer:
     """A byte-level BPE tokenizer from GPT-2's ``vocab.json`` + ``merges.txt`` (as GPT2TokenizerFast builds it)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
     vocab = read_json(vocab_path)
     if not isinstance(vocab, dict):
         raise UserError(f"{vocab_path}: expected a JSON object token → id")
     merges = []
-    try:
-        lines = merges_path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{merges_path}: not UTF-8 text (byte {e.start})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line or (lineno == 1 and line.startswith("#version")):
-            continue
-        parts = line.split(" ")
-        if len(parts) != 2:
-            raise UserError(f"{merges_path}:{lineno}: expected two tokens separated by one space")
-        merges.append((parts[0], parts[1]))
+    for lineno, line in enumerate(read_text(merges_path).splitlines(), 1):
+        if line and not (lineno == 1 and line.startswith("#version")):
+            if len(line.split(" ")) != 2:
+                raise UserError(f"{merges_path}:{lineno}: expected two tokens separated by one space")
+            merges.append(tuple(line.split(" ")))
     try:
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
                                     fuse_unk=False))
@@ -534,8 +383,7 @@ def _gpt2_from_files(vocab_path: Path, merges_path: Path):
 
 
 def load_tokenizer_for(ckpt_dir: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a checkpoint: ``CKPT/tokenizer/``, else tokenizer files directly in ``CKPT`` (a Hugging Face
-    model directory)."""
+    """The tokenizer of a checkpoint: ``CKPT/tokenizer/``, else the files in ``CKPT`` (a Hugging Face directory)."""
     ckpt_dir = Path(ckpt_dir)
     for d in (ckpt_dir / "tokenizer", ckpt_dir):
         if (d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()):
