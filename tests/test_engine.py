@@ -134,7 +134,9 @@ def test_sampling_draws_tokens_with_the_model_probabilities():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
     logits = probs.log().expand(20000, -1)  # 20000 independent rows, one draw each
     for temperature, top_k in ((1.0, None), (0.5, 2)):
-        draws = _Sampler([[0]], 5, "cpu", SamplingParams(temperature=temperature, top_k=top_k, n=20000, seed=0))(logits)
+        sampler = _Sampler(5, "cpu")
+        sampler.add([[0]], SamplingParams(temperature=temperature, top_k=top_k, n=20000, seed=0))
+        draws = sampler(logits)
         freq = torch.bincount(draws, minlength=5).float() / len(draws)
         want = (probs.log() / temperature).softmax(-1)
         if top_k:
