@@ -101,15 +101,16 @@ def pack_replies(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[in
 
 
 def token_logprobs(model, idx: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
-                   temperature: float = 1.0, entropy: bool = False, hidden: bool = False):
+                   temperature: float = 1.0, entropy: bool = False, hidden: bool = False, return_argmax: bool = False):
     """``(logp, entropy or None, hidden or None)`` — (B, T), (B, T), (B, T, C), 0 where ``mask`` is False — of
     ``pack_replies`` rows: one differentiable forward of ``model`` (a GPT or a DDP / compiled wrapper), the lm_head
-    on the reply positions only."""
+    on the reply positions only. ``return_argmax``: and the most likely token at each position (B, T)."""
     logits, h = model(idx, at=pos)
     out = logprobs_from_logits(logits, targets, temperature, entropy=entropy)
     logp, ent = out if entropy else (out, None)
     m = mask.to(logp.dtype)
-    return logp * m, (ent * m if entropy else None), (h if hidden else None)
+    out = logp * m, (ent * m if entropy else None), (h if hidden else None)
+    return (*out, logits.argmax(-1)) if return_argmax else out
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -94,11 +94,8 @@ class Decoder:
         def norm(m):
             return m.weight, getattr(m, "bias", None)
 
-        self.layers = [
-            (norm(b.ln_1), RowsLinear(b.attn.c_attn, g), RowsLinear(b.attn.c_proj, g), norm(b.ln_2),
-             RowsLinear(b.mlp.c_fc, g), RowsLinear(b.mlp.c_proj, g))
-            for b in model.h
-        ]
+        self.layers = [(norm(b.ln_1), RowsLinear(b.attn.c_attn, g), RowsLinear(b.attn.c_proj, g), norm(b.ln_2),
+                        RowsLinear(b.mlp.c_fc, g), RowsLinear(b.mlp.c_proj, g)) for b in model.h]
         self.ln_f = norm(model.ln_f)
         self.head = RowsLinear(model.lm_head, g)
 
@@ -110,15 +107,11 @@ class Decoder:
     def __call__(self, tokens: torch.Tensor, cache: KVCache, position_ids=None, attn_mask=None) -> torch.Tensor:
         c, m = self.c, self.model
         R, H, Hkv, D = tokens.shape[0], c.n_head, c.n_kv_head, c.head_dim
-        p = cache.pos
-        if p >= cache.max_len:
-            raise ValueError(f"the KV cache is full ({cache.max_len} positions)")
+        p = cache.pos  # the engine keeps p inside the cache and the context (past either, indexing fails)
         x = torch.embedding(m.wte.weight, tokens)
         rope = None
         if c.pos == "learned":
             if position_ids is None:
-                if p >= c.block_size:
-                    raise ValueError(f"position {p} is beyond the model's context of {c.block_size} tokens")
                 x = x + m.wpe.weight[p]
             else:
                 x = x + F.embedding(position_ids[:, 0], m.wpe.weight)
