@@ -88,15 +88,14 @@ class KVCache:
         the next call."""
         if self._spare is None or self._spare[0].shape != self.kv[0].shape:
             self._spare = [torch.empty_like(t) for t in self.kv]
-        filled = self.pos
         for src, dst in zip(self.kv, self._spare):
-            torch.index_select(src[:, :, :, :filled], 1, index, out=dst[:, :, :, :filled])
-        spare = self.kv
+            torch.index_select(src[:, :, :, : self.pos], 1, index, out=dst[:, :, :, : self.pos])
+        old = self.kv
         self._set(self._spare)
-        self._spare = spare
+        self._spare = old
 
     def repeat(self, n: int) -> None:
-        """Every row becomes ``n`` consecutive copies of itself (n samples sharing one prefill)."""
+        """Every row becomes ``n`` consecutive copies of itself (beams sharing one prefill)."""
         self._set([t.repeat_interleave(n, dim=1) for t in self.kv])
         self._spare = None
 
@@ -318,9 +317,9 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None, dtype=None) -> KVCache:
-        p = self.wte.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, dtype or p.dtype)
+    def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        w = self.wte.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, w.device, w.dtype)
 
     # ---- resizing (adding special tokens to a pretrained vocab) -------------------------------------------------------
 
