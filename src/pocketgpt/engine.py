@@ -528,18 +528,15 @@ class DecodeBatch:
         """One token for every row; finished rows leave; the others are fed (their next logits computed)."""
         if not self.rows:
             return
-        s, text = self.sampler, self.text
         logits = self.logits.float()
-        tokens = s(logits)
-        s.update(tokens)
-        toks = tokens.tolist()
+        tokens = self.sampler(logits)
+        self.sampler.update(tokens)
         lps = logprobs_from_logits(logits, tokens).tolist() if self.want_logprobs else None
-        for i, r in enumerate(self.rows):
-            p = s.params[i]
-            if toks[i] in p.stop_ids:
+        for i, (r, p, t) in enumerate(zip(self.rows, self.sampler.params, tokens.tolist())):
+            if t in p.stop_ids:
                 r.finish("stop")
             else:
-                r.add(toks[i], lps[i] if lps else None, text, p.stop)
+                r.add(t, lps[i] if lps else None, self.text, p.stop)
         if any(r.done for r in self.rows):
             tokens = tokens[self._compact()]
         if self.rows:

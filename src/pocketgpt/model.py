@@ -127,7 +127,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """The original Transformer's fixed position signal: sin on even channels, cos on odd ones."""
-    inv_freq = torch.exp(torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    steps = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = torch.exp(steps * (-math.log(10000.0) / dim))
     angles = positions.to(torch.float32)[..., None] * inv_freq
     out = torch.empty(*positions.shape, dim, device=positions.device, dtype=torch.float32)
     out[..., 0::2] = angles.sin()
@@ -321,7 +322,7 @@ class GPT(nn.Module):
         w = self.wte.weight
         return KVCache(self.config, batch_size, max_len or self.config.block_size, w.device, w.dtype)
 
-    # ---- resizing (adding special tokens to a pretrained vocab) -------------------------------------------------------
+    # ---- resizing (adding special tokens to a pretrained vocab) -----------------------------------------------------
 
     def resize_vocab(self, new_size: int) -> None:
         """Grow (or shrink) the token table (and an untied head); new rows get the mean row (a neutral start)."""
