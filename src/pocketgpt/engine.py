@@ -409,14 +409,11 @@ class _Sampler:
             self.seen = None
         if not any(p.presence_penalty or p.frequency_penalty for p in ps):
             self.counts = None
-        groups: dict = {}
+        groups: dict = {}  # (generator, rows it draws) -> [(row, its index in the draw)]
         for r, d in enumerate(self.draws):
             if d is not None:
-                groups.setdefault(d[0], (d[1], [], []))
-                groups[d[0]][1].append(r)
-                groups[d[0]][2].append(d[2])
-        self.groups = [(g, size, torch.tensor(rows, device=self.device), torch.tensor(at, device=self.device))
-                       for g, (size, rows, at) in groups.items()]
+                groups.setdefault(d[:2], []).append((r, d[2]))
+        self.groups = [(g, size, *torch.tensor(pairs, device=self.device).T) for (g, size), pairs in groups.items()]
         self.unseeded = any(d is None for d in self.draws)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
