@@ -11,9 +11,9 @@ from transformers.generation import logits_process as lp
 from conftest import run_cli, tiny_config
 from pocketgpt import GPT, UserError
 from pocketgpt.checkpoint import load_model, save_model
-from pocketgpt.engine import (GenerationResult, SamplingParams, generate, min_p_filter, score, sequence_logprobs,
-                              top_k_filter, top_p_filter)
-from pocketgpt.fastdecode import Decoder, RowsLinear, applies
+from pocketgpt.engine import (GenerationResult, SamplingParams, generate, min_p_filter, pack_replies, score,
+                              sequence_logprobs, token_logprobs, top_k_filter, top_p_filter)
+from pocketgpt.fastdecode import Decoder, RowsLinear
 
 
 def stream(model, tok, prompt, **kw):
@@ -113,6 +113,12 @@ def test_logprobs_match_forward_and_sequence_logprobs():
     comp = score(model, prompts, [r.tokens for r in res])
     for c, r in zip(comp, res):
         torch.testing.assert_close(torch.tensor(c), torch.tensor(r.logprobs), atol=1e-4, rtol=1e-4)
+    # return_argmax: the most likely token at each reply position, from the same forward
+    with torch.no_grad():
+        *_, best = token_logprobs(model, *pack_replies(prompts, [r.tokens for r in res]), return_argmax=True)
+        for p, r, row in zip(prompts, res, best):
+            want = model(torch.tensor([p + r.tokens]))[0][0, len(p) - 1 : -1].argmax(-1)
+            assert row[: len(r.tokens)].tolist() == want.tolist()
 
 
 def test_seeds_reproduce_and_n_samples_differ():
@@ -134,7 +140,9 @@ def test_sampling_draws_tokens_with_the_model_probabilities():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
     logits = probs.log().expand(20000, -1)  # 20000 independent rows, one draw each
     for temperature, top_k in ((1.0, None), (0.5, 2)):
-        draws = _Sampler([[0]], 5, "cpu", SamplingParams(temperature=temperature, top_k=top_k, n=20000, seed=0))(logits)
+        sampler = _Sampler(5, "cpu")
+        sampler.add([[0]], SamplingParams(temperature=temperature, top_k=top_k, n=20000, seed=0))
+        draws = sampler(logits)
         freq = torch.bincount(draws, minlength=5).float() / len(draws)
         want = (probs.log() / temperature).softmax(-1)
         if top_k:

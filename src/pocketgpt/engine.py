@@ -1,42 +1,16 @@
-"""The generation engine: prefill once, decode token by token over the model's KV cache.
-
-Everything that produces text goes through here (``pocketgpt sample``, chat, the HTTP server, RL rollouts)::
-
-    generate(model, prompts, params)         batched prompts of any lengths → new token ids per prompt
-                                             (``SamplingParams``: every option; ``stream=True``: text pieces)
-    sequence_logprobs(model, sequences)      log p(token | prefix) of given sequences, one padded forward
-    score(model, prompts, completions)       log-probs of completion tokens after their prompts
-    token_logprobs(model, *pack_replies(..)) the one (temperature-aware, differentiable) log-prob function that
-                                             score, the RL stages, DPO and the reward model's rows are built on
-
-How a batch is decoded (``_decode``):
-
-    prompts ─▶ cut to the context (warning) ─▶ left-pad to one length (per-row position_ids + attention mask)
-            ─▶ one prefill forward (logits of the last position only) ─▶ cache.repeat(n) for n samples per prompt
-            ─▶ loop: penalties → temperature → top-k → top-p → min-p → sample/argmax
-                     ─▶ per-row stop checks (stop ids, stop strings, max_new_tokens, context) ─▶ feed the tokens
-                        (one token per row: ``fastdecode`` on a CPU, else the model's forward over the cache)
-
-Prompts longer than the context are cut from the left (a warning), keeping room for the answer; with learned
-positions a row stops at the context ("length"), rope/sinusoidal models may run past it (the cache grows to fit).
-
-Log-probs (``return_logprobs=True``) are always those of the *unmodified* model distribution at temperature 1
-(log-softmax of the raw logits), whatever sampling filters chose the token: PPO/GRPO need the policy's own
-probabilities, and the API's ``logprobs`` are then comparable across sampling settings.
-
-Beam search (``num_beams > 1``) follows ``transformers``' ``generate`` step for step (its v5 algorithm: keep the
-top ``2·num_beams`` continuations, a finished hypothesis scores ``sum_logprobs / generated_len**length_penalty``
-where the length counts the stop token, the same early-stopping rules), so both return the same sequences.
-"""
+"""The generation engine: one prefill, then one token per row per step over the KV cache (``generate``, beam search,
+``DecodeBatch`` under the server), and the one log-prob function (``token_logprobs``). Rules: docs/internals.md."""
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import copy
 import logging
 import math
 import warnings
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence, Union
 
@@ -49,30 +23,11 @@ from .records import fit, pad
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "DecodeBatch",
-    "GenerationResult",
-    "SamplingParams",
-    "generate",
-    "sequence_logprobs",
-    "score",
-    "logprobs_from_logits",
-    "pack_replies",
-    "token_logprobs",
-    "top_k_filter",
-    "top_p_filter",
-    "min_p_filter",
-]
-
 
 @dataclass
 class GenerationResult:
-    """One generated continuation: new tokens only (stop tokens and stop strings excluded).
-
-    ``logprobs[i]`` is log p(tokens[i]) under the raw model distribution (temperature 1, no filters).
-    ``finish_reason`` is ``"stop"`` (a stop token or stop string) or ``"length"`` (max_new_tokens or the context).
-    ``text`` is the decoded text when a tokenizer was given (cut exactly before a stop string), else None.
-    """
+    """New tokens (stop ids and strings excluded), their log-probs under the raw model (temperature 1, no filters),
+    ``"stop"`` or ``"length"``, and the text (cut exactly before a stop string) when a tokenizer was given."""
 
     tokens: list[int]
     logprobs: Optional[list[float]]
@@ -81,56 +36,47 @@ class GenerationResult:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# logits filters (each returns new logits with removed entries set to -inf; same semantics as transformers' warpers)
+# logits filters: removed entries become -inf, as transformers' warpers; one value, or one per row ((R,) tensor: rows
+# of different requests share a step)
 
 
 def top_k_filter(logits: torch.Tensor, k) -> torch.Tensor:
-    """Keep the ``k`` largest logits of each row (ties with the k-th are kept), the rest become -inf; ``k`` is an int
-    or one per row (a (R,) tensor, 0 = keep all: rows of different requests share a step)."""
+    """Keep the ``k`` largest logits of each row (and ties with the k-th); 0 keeps all."""
     k = torch.as_tensor(k, device=logits.device).expand(logits.shape[:-1])
-    top = min(int(k.max()), logits.size(-1))
-    kth = torch.topk(logits, max(top, 1), dim=-1).values.gather(-1, (k.clamp(1, max(top, 1)) - 1).unsqueeze(-1))
+    top = max(min(int(k.max()), logits.size(-1)), 1)
+    kth = torch.topk(logits, top, dim=-1).values.gather(-1, (k.clamp(1, top) - 1).unsqueeze(-1))
     kth = kth.masked_fill((k == 0).unsqueeze(-1), float("-inf"))
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def top_p_filter(logits: torch.Tensor, p) -> torch.Tensor:
-    """Nucleus filter: keep the most likely tokens until their probability mass reaches ``p`` (at least one); ``p`` is
-    a float or one per row (a (R,) tensor; >= 1 = keep all)."""
-    if not torch.is_tensor(p):
-        if p >= 1.0:
-            return logits
-        p = torch.tensor(p, device=logits.device)
+    """Nucleus: keep the most likely tokens until their probability mass reaches ``p`` (at least one); 1 keeps all."""
+    p = torch.as_tensor(p, device=logits.device)
     p = p.masked_fill(p >= 1.0, float("inf")).unsqueeze(-1)  # a row at 1 keeps even what rounding puts past 1
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked strictly above
-    remove_sorted = mass_before >= p
-    remove_sorted[..., 0] = False
-    remove = remove_sorted.scatter(-1, order, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
+    remove = probs.cumsum(dim=-1) - probs >= p  # the mass ranked strictly above a token reaches p
+    remove[..., 0] = False
+    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
 
 
 def min_p_filter(logits: torch.Tensor, min_p) -> torch.Tensor:
-    """Keep tokens whose probability is at least ``min_p`` times the most likely token's probability; ``min_p`` is a
-    float or one per row (a (R,) tensor, 0 = keep all)."""
-    if not torch.is_tensor(min_p):
-        if min_p <= 0.0:
-            return logits
-        min_p = torch.tensor(min_p, device=logits.device)
+    """Keep the tokens at least ``min_p`` times as likely as the most likely one; 0 keeps all."""
     probs = logits.softmax(dim=-1)
-    threshold = min_p.unsqueeze(-1) * probs.max(dim=-1, keepdim=True).values
+    threshold = torch.as_tensor(min_p, device=logits.device).unsqueeze(-1) * probs.max(dim=-1, keepdim=True).values
     return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# log-probs of given tokens
 
 
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                          entropy: bool = False):
-    """log p(target) under softmax(logits / temperature): ``logits`` (..., V), ``targets`` (...) → (...) float32.
+    """log p(target) under softmax(logits / temperature), float32 (``entropy=True``: and the entropy per position).
 
-    The one formula behind every log-prob in pocketgpt (sampling, ``token_logprobs``, PPO/GRPO ratios, KL, DPO).
-    Dividing by the sampling temperature (as TRL does) makes the ratios and KL those of the distribution the replies
-    were sampled from. ``entropy=True`` also returns the entropy of that distribution per position.
-    """
+    The one formula behind every log-prob (sampling, PPO/GRPO ratios and KL, DPO); dividing by the sampling
+    temperature (as TRL does) makes the ratios and KL those of the distribution the replies were sampled from."""
     logits = logits.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
@@ -142,11 +88,8 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperatur
 
 
 def pack_replies(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]], pad_id: int = 0, device=None):
-    """Right-padded ``prompt + reply`` rows for one forward → ``(idx (B, L), pos (B, T), targets (B, T), mask (B, T))``.
-
-    ``pos[b, t]`` is the position whose logits predict reply token t (``len(prompt) - 1 + t``); ``mask`` is True on
-    real reply tokens; T is the longest reply (at least 1). Right padding: causal attention never sees the pads.
-    """
+    """Right-padded ``prompt + reply`` rows for one forward → ``(idx (B, L), pos (B, T), targets (B, T), mask (B, T))``:
+    ``pos[b, t]`` predicts reply token t, ``mask`` marks real reply tokens (right pads are never attended to)."""
     for b, p in enumerate(prompts):
         if not p:
             raise UserError(f"score: row {b} has an empty prompt (the first token has no log-prob)")
@@ -158,25 +101,23 @@ def pack_replies(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[in
 
 
 def token_logprobs(model, idx: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
-                   temperature: float = 1.0, entropy: bool = False, hidden: bool = False):
-    """Per-token log-probs of ``targets`` read at positions ``pos`` of one forward over ``idx`` (``pack_replies``).
-
-    Differentiable (grad flows when enabled); the lm_head runs only on the T reply positions. Returns
-    ``(logp, entropy, hidden)`` — (B, T), (B, T) or None, (B, T, C) or None — with 0 where ``mask`` is False.
-    ``model`` is a GPT or a DDP / compiled wrapper of one (the whole computation is its forward).
-    """
+                   temperature: float = 1.0, entropy: bool = False, hidden: bool = False, return_argmax: bool = False):
+    """``(logp, entropy or None, hidden or None)`` — (B, T), (B, T), (B, T, C), 0 where ``mask`` is False — of
+    ``pack_replies`` rows: one differentiable forward of ``model`` (a GPT or a DDP / compiled wrapper), the lm_head
+    on the reply positions only. ``return_argmax``: and the most likely token at each position (B, T)."""
     logits, h = model(idx, at=pos)
     out = logprobs_from_logits(logits, targets, temperature, entropy=entropy)
     logp, ent = out if entropy else (out, None)
     m = mask.to(logp.dtype)
-    return logp * m, (ent * m if entropy else None), (h if hidden else None)
+    out = logp * m, (ent * m if entropy else None), (h if hidden else None)
+    return (*out, logits.argmax(-1)) if return_argmax else out
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# what the engine knows of a tokenizer's tokens: their bytes, and the UTF-8 masks (computed once per tokenizer)
+# valid UTF-8 by construction: each token's bytes, and which tokens may follow each state of a partial character
 
-# A row's UTF-8 state: (continuation bytes pending, allowed range of the next byte); the byte after E0, ED, F0 and
-# F4 has a narrower range than 80-BF (no overlong forms, no surrogates, nothing above U+10FFFF).
+# A state: (continuation bytes pending, allowed range of the next byte); the byte after E0, ED, F0 and F4 has a
+# narrower range than 80-BF (no overlong forms, no surrogates, nothing above U+10FFFF).
 _STATES = [(0, 0, 255), (1, 0x80, 0xBF), (2, 0x80, 0xBF), (3, 0x80, 0xBF),
            (2, 0xA0, 0xBF), (2, 0x80, 0x9F), (3, 0x90, 0xBF), (3, 0x80, 0x8F)]
 _FIRST_RANGE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
@@ -200,19 +141,13 @@ def _utf8_after(b: bytes, need: int, lo: int, hi: int):
 
 
 class _TokenText:
-    """Per-token bytes of a tokenizer (``.bytes[id]``) and, for tokenizers whose tokens can hold part of a character
-    (byte-level BPE), the tables that keep generated text valid UTF-8 by construction (``.blocked`` is None
-    otherwise): ``blocked[s, t]`` token t cannot come next in state s (``_STATES``), ``next[s, t]`` the state after
-    it. Ids beyond the tokenizer (a padded model vocabulary) are always blocked. Built once per (tokenizer, model
-    vocabulary, device), so that a step's mask is one gather.
-    """
+    """A tokenizer's bytes per token (``.bytes[id]``) and, where a token can hold part of a character (byte-level
+    BPE), ``blocked[s, t]``: token t cannot come in state s (ids past the tokenizer never can), and ``next[s, t]``;
+    ``blocked`` is None otherwise. Built once per (tokenizer, vocabulary, device): a step's mask is one gather."""
 
     def __init__(self, tokenizer, V: int, device):
-        n_tok = int(getattr(tokenizer, "vocab_size", V))
-        if callable(getattr(tokenizer, "decode_bytes", None)):
-            self.bytes = [bytes(tokenizer.decode_bytes([i])) if i < n_tok else b"" for i in range(V)]
-        else:  # exact for tokenizers whose tokens are whole characters
-            self.bytes = [tokenizer.decode([i]).encode("utf-8") if i < n_tok else b"" for i in range(V)]
+        n_tok = tokenizer.vocab_size
+        self.bytes = [bytes(tokenizer.decode_bytes([i])) if i < n_tok else b"" for i in range(V)]
         self.blocked = None
         index = {st: i for i, st in enumerate(_STATES)}
         allowed = [[False] * V for _ in _STATES]
@@ -232,11 +167,8 @@ class _TokenText:
 
     @staticmethod
     def of(tokenizer, V: int, device) -> "_TokenText":
-        try:
-            per = _TABLES.setdefault(tokenizer, {})
-        except TypeError:  # not weak-referenceable: no cache
-            return _TokenText(tokenizer, V, device)
-        key = (V, int(getattr(tokenizer, "vocab_size", V)), str(device))
+        per = _TABLES.setdefault(tokenizer, {})
+        key = (V, tokenizer.vocab_size, str(device))
         if key not in per:
             per[key] = _TokenText(tokenizer, V, device)
         return per[key]
@@ -258,6 +190,10 @@ class _Utf8Mask:
 
     def reorder(self, index: torch.Tensor) -> None:
         self.state = self.state[index]
+
+
+def _utf8_mask(text: Optional[_TokenText], R: int) -> Optional[_Utf8Mask]:
+    return _Utf8Mask(text, R) if text is not None and text.blocked is not None else None
 
 
 class _Row:
@@ -300,10 +236,7 @@ class _Row:
         if found == -1:
             return False
         self.text = self.text[:found]
-        cut_bytes = len(self.text.encode("utf-8", errors="surrogatepass"))
-        keep = 0
-        while keep < len(self.tokens) and self.byte_ends[keep] <= cut_bytes:
-            keep += 1
+        keep = bisect.bisect_right(self.byte_ends, len(self.text.encode("utf-8", errors="surrogatepass")))
         del self.tokens[keep:], self.byte_ends[keep:], self.logprobs[keep:]
         self.finish("stop")
         return True
@@ -320,17 +253,9 @@ class _Row:
 
 @dataclass
 class SamplingParams:
-    """Every option of one generation call, checked on creation (a ``UserError`` naming the field) and normalised
-    (``top_k`` 0 and ``top_p`` 1 mean off; ``stop_ids`` / ``stop`` may be one value, a list or None).
-
-    ``temperature=0`` is greedy. ``repetition_penalty`` (transformers': prompt and output tokens, 1 = off) and
-    ``presence_penalty`` / ``frequency_penalty`` (OpenAI's: generated tokens only) apply before the filters
-    ``top_k`` → ``top_p`` → ``min_p``. ``num_beams > 1`` is beam search (deterministic: the sampling options and
-    penalties are unused) returning the ``n`` best hypotheses; ``length_penalty``, ``early_stopping`` (True, False or
-    "never") and ``no_repeat_ngram_size`` are transformers'. ``n`` rows per prompt share one prefill. ``stop_ids``
-    end a row without being included; ``stop`` strings (need a tokenizer) cut the text exactly before them.
-    ``seed`` makes sampling reproducible.
-    """
+    """Every option of one generation call (what each does: docs/internals.md, "Engine"), checked on creation (a
+    ``UserError`` naming the field) and normalised (``top_k`` 0 and ``top_p`` 1 are off; ``stop_ids`` / ``stop``
+    may be one value, a list or None)."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -420,25 +345,20 @@ def _row_limit(model, prompt_len: int, max_new_tokens: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# the decoding loop (greedy / sampling, batched, n per prompt)
+# the decoding loop (greedy / sampling, batched, n per prompt, rows joining and leaving)
 
 
 class _Sampler:
-    """Turns one step's logits (R, V) into tokens, each row with its own options (rows of different requests share a
-    step), holding the penalty state and the generators of seeded rows across steps.
+    """One step's logits (R, V) → tokens, each row with its own options (one (R, 7) tensor, so every filter runs
+    once for all rows), holding the penalty state and the seeded rows' generators. The rows of one seeded ``add``
+    share a generator that draws for all of them every step, so their samples never depend on the rest of the batch."""
 
-    Options live in one (R, 7) tensor, so a step applies every filter to all rows at once (``add`` appends rows,
-    ``keep`` reorders/drops them). The rows of one seeded ``add`` share a generator that draws for all of them every
-    step, finished or not, so their samples never depend on what else is in the batch."""
-
-    def __init__(self, prompts, V: int, device, p: Optional[SamplingParams], utf8: Optional[_Utf8Mask] = None):
+    def __init__(self, V: int, device, utf8: Optional[_Utf8Mask] = None):
         self.V, self.device, self.utf8 = V, device, utf8
         self.params: list[SamplingParams] = []
         self.opts = torch.empty(0, 7, device=device)  # temperature, top_k, top_p, min_p, repetition, presence, freq.
         self.seen = self.counts = None  # (R, V): prompt + output tokens (repetition), output counts (presence/freq.)
         self.draws: list = []  # per row: (generator, rows drawn, this row's index in the draw) or None
-        if prompts:
-            self.add(prompts, p)
 
     def add(self, prompts, p: SamplingParams) -> None:
         n, R0, R, V, dev = p.n, len(self.params), len(prompts) * p.n, self.V, self.device
@@ -489,14 +409,11 @@ class _Sampler:
             self.seen = None
         if not any(p.presence_penalty or p.frequency_penalty for p in ps):
             self.counts = None
-        groups: dict = {}
+        groups: dict = {}  # (generator, rows it draws) -> [(row, its index in the draw)]
         for r, d in enumerate(self.draws):
             if d is not None:
-                groups.setdefault(d[0], (d[1], [], []))
-                groups[d[0]][1].append(r)
-                groups[d[0]][2].append(d[2])
-        self.groups = [(g, size, torch.tensor(rows, device=self.device), torch.tensor(at, device=self.device))
-                       for g, (size, rows, at) in groups.items()]
+                groups.setdefault(d[:2], []).append((r, d[2]))
+        self.groups = [(g, size, *torch.tensor(pairs, device=self.device).T) for (g, size), pairs in groups.items()]
         self.unseeded = any(d is None for d in self.draws)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
@@ -541,43 +458,23 @@ class _Sampler:
             self.counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
 
 
-def _step_fn(model):
-    """One new token per row → its (R, V) logits: ``fastdecode.Decoder`` where it applies, else the model's own
-    forward over the cache."""
-    if fastdecode.applies(model):
-        return fastdecode.Decoder(model)
-
-    def step(tokens, cache, position_ids=None, attn_mask=None):
-        logits, _ = model(tokens[:, None], kv_cache=cache, position_ids=position_ids, attn_mask=attn_mask,
-                          last_only=True)
-        return logits[:, -1]
-
-    return step
-
-
 class DecodeBatch:
-    """Sequences decoding together over one KV cache; rows join and leave between steps (continuous batching).
+    """Sequences decoding together over one KV cache; rows join (``add``) and leave (finished, ``drop``) between steps
+    (continuous batching). Call it under ``torch.inference_mode()`` with the model in eval mode.
 
-    ``add(prompts, params)`` prefills the prompts (one left-padded forward) and their ``params.n`` rows each join;
-    ``step()`` gives every row one token (each with its own options: ``_Sampler``), finishes rows (stop ids and
-    strings, limits), removes the finished ones and feeds the rest in one forward; ``drop(rows)`` removes rows now.
-    ``rows`` are the live ``_Row``s. ``generate`` is one ``add`` then ``step`` until done; the server adds requests as
-    they come. Call it under ``torch.inference_mode()`` with the model in eval mode.
-
-    Layout: every row writes its new key/value at the same cache column ``pos``; row r's keys are the columns
+    Every row writes its new key/value at the same cache column ``pos``; row r's keys are the columns
     ``[start_r, pos]`` (a joining prompt is written to end at ``pos``; a longer one first shifts the others right),
-    its positions are ``column - start_r``, the rest is masked. A leaving row's slot gets the last row (one row
-    copied, not the cache); columns no row uses any more are dropped when the cache is full, before it grows.
-    """
+    its positions ``column - start_r``, the rest is masked. A leaving row's slot gets the last row (one row copied,
+    not the cache); columns no row uses any more are dropped when the cache is full, before it grows."""
 
     def __init__(self, model, tokenizer=None, want_logprobs: bool = False):
         self.model, self.want_logprobs = model, want_logprobs
         self.device = model.wte.weight.device
-        text = self.text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, self.device)
+        V = model.config.vocab_size
+        self.text = None if tokenizer is None else _TokenText.of(tokenizer, V, self.device)
+        self.sampler = _Sampler(V, self.device, _utf8_mask(self.text, 0))
+        self.step_fn = fastdecode.step_fn(model)
         self.rows: list[_Row] = []
-        utf8 = _Utf8Mask(text, 0) if text is not None and text.blocked is not None else None
-        self.sampler = _Sampler([], model.config.vocab_size, self.device, None, utf8)
-        self.step_fn = _step_fn(model)
         self.cache = None  # KVCache (2, capacity rows, Hkv, capacity columns, D); rows [0, R) are live
         self.view = None  # the KVCache of rows [0, R) the forward writes into
         self.pos = 0
@@ -593,21 +490,17 @@ class DecodeBatch:
                 for ids, q in zip(prompts, ps) for _ in range(q.n)]
         if all(r.done for r in rows):
             return rows
-        lens = [len(ids) for ids in prompts]
-        P, pads = max(lens), [max(lens) - L for L in lens]
-        idx = torch.tensor([[0] * pad_ + ids for pad_, ids in zip(pads, prompts)], dtype=torch.long,
-                           device=self.device)
+        P = max(len(ids) for ids in prompts)
+        pads = torch.tensor([P - len(ids) for ids in prompts], device=self.device)
+        idx = torch.tensor([[0] * (P - len(ids)) + ids for ids in prompts], dtype=torch.long, device=self.device)
         cache = model.new_kv_cache(len(prompts), max_len=P)
-        if any(pads):
-            pad_t = torch.tensor(pads, device=self.device)
+        kw = {}
+        if bool(pads.any()):  # left padding: positions start at each prompt, pads are never attended to
             ar = torch.arange(P, device=self.device)
-            valid_key = ar[None, :] >= pad_t[:, None]  # (k, P)
             causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
-            mask = (causal[None] & valid_key[:, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)[None]
-            logits, _ = model(idx, kv_cache=cache, position_ids=(ar[None, :] - pad_t[:, None]).clamp_min(0),
-                              attn_mask=mask[:, None], last_only=True)
-        else:
-            logits, _ = model(idx, kv_cache=cache, last_only=True)
+            mask = (causal & (ar >= pads[:, None])[:, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)
+            kw = dict(position_ids=(ar - pads[:, None]).clamp_min(0), attn_mask=mask[:, None])
+        logits, _ = model(idx, kv_cache=cache, last_only=True, **kw)
         # the prompts' keys/values go to columns [pos - P, pos) of new rows (n copies each)
         R, new = len(self.rows), len(rows)
         if R == 0:
@@ -619,10 +512,10 @@ class DecodeBatch:
             torch.tensor([q.n for q in ps], device=self.device))
         for big, t in zip(self.cache.kv, cache.kv):
             big[:, R : R + new, :, self.pos - P : self.pos] = t.index_select(1, src)
-        self.start = torch.cat([self.start, self.pos - P + torch.tensor(pads, device=self.device)[src]])
+        self.start = torch.cat([self.start, self.pos - P + pads[src]])
         last = logits[:, -1].index_select(0, src)
         self.logits = last if self.logits is None or R == 0 else torch.cat([self.logits, last])
-        for ids, q in ([(prompts, p)] if not isinstance(p, list) else [([x], q) for x, q in zip(prompts, p)]):
+        for ids, q in (zip(([x] for x in prompts), p) if isinstance(p, list) else [(prompts, p)]):
             self.sampler.add(ids, q)
         self.rows += rows
         self.view = None
@@ -632,18 +525,15 @@ class DecodeBatch:
         """One token for every row; finished rows leave; the others are fed (their next logits computed)."""
         if not self.rows:
             return
-        s, text = self.sampler, self.text
         logits = self.logits.float()
-        tokens = s(logits)
-        s.update(tokens)
-        toks = tokens.tolist()
+        tokens = self.sampler(logits)
+        self.sampler.update(tokens)
         lps = logprobs_from_logits(logits, tokens).tolist() if self.want_logprobs else None
-        for i, r in enumerate(self.rows):
-            p = s.params[i]
-            if toks[i] in p.stop_ids:
+        for i, (r, p, t) in enumerate(zip(self.rows, self.sampler.params, tokens.tolist())):
+            if t in p.stop_ids:
                 r.finish("stop")
             else:
-                r.add(toks[i], lps[i] if lps else None, text, p.stop)
+                r.add(t, lps[i] if lps else None, self.text, p.stop)
         if any(r.done for r in self.rows):
             tokens = tokens[self._compact()]
         if self.rows:
@@ -725,18 +615,6 @@ class DecodeBatch:
         return logits
 
 
-def _decode(model, prompts: list[list[int]], p: SamplingParams, tokenizer,
-            want_logprobs: bool) -> Iterator[list[_Row]]:
-    """Generator: yields the rows after every decoding step (streaming reads them); rows are prompt-major."""
-    batch = DecodeBatch(model, tokenizer, want_logprobs)
-    rows = batch.add(prompts, p)
-    if not batch.rows:
-        yield rows
-    while batch.rows:
-        batch.step()
-        yield rows
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # beam search (transformers' algorithm)
 
@@ -755,77 +633,59 @@ def _ban_ngrams(scores: torch.Tensor, seqs: list[list[int]], size: int) -> torch
     return scores
 
 
-def _beam_search(model, prompt: list[int], p: SamplingParams, text: Optional[_TokenText]) -> list[_Row]:
-    """The ``p.n`` best hypotheses of ``p.num_beams`` beams, as finished rows (stop strings cut afterwards)."""
+def _beam_search(model, prompt: list[int], p: SamplingParams, tokenizer) -> list[_Row]:
+    """The ``p.n`` best of ``p.num_beams`` beams as finished rows, step for step as transformers' (v5) beam search:
+    ``2 * num_beams`` candidates a step, a finished hypothesis scores ``sum_logprobs / generated_len **
+    length_penalty`` (its length counts the stop token), the same early-stopping rules. Stop strings cut afterwards."""
     device = model.wte.weight.device
-    num_beams, length_penalty, early_stopping, stop_ids = p.num_beams, p.length_penalty, p.early_stopping, p.stop_ids
+    text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, device)
+    num_beams, length_penalty, early_stopping = p.num_beams, p.length_penalty, p.early_stopping
     limit = _row_limit(model, len(prompt), p.max_new_tokens)
     if limit <= 0:
         return [_Row(0, text is not None) for _ in range(p.n)]
-    K = 2 * num_beams  # candidates kept per step (enough to continue when the best ones all stop)
     cache = model.new_kv_cache(1, max_len=len(prompt) + limit)
     logits = model(torch.tensor([prompt], device=device), kv_cache=cache, last_only=True)[0][:, -1]
     cache.repeat(num_beams)
     logits = logits.expand(num_beams, -1)
-    beams: list[tuple[list[int], list[float]]] = [([], []) for _ in range(num_beams)]
+    beams: list[tuple[list[int], list[float]]] = [([], []) for _ in range(num_beams)]  # tokens, raw log-probs
     beam_scores = torch.full((num_beams,), -1e9, device=device)
     beam_scores[0] = 0.0  # only the first beam is live at the start (all beams are the same prompt)
-    finished: list[tuple[float, list[int], list[float], str]] = []  # (score, tokens, logprobs, reason)
-    improvable = True
-    step_fn = _step_fn(model)
-    stop_list = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long) if stop_ids else None
-    utf8 = _Utf8Mask(text, num_beams) if text is not None and text.blocked is not None else None
-    for step in range(limit):
-        gen_len = step + 1
+    finished: list[tuple[float, list[int], list[float], str]] = []  # (score, tokens, logprobs, reason), best first
+    step_fn = fastdecode.step_fn(model)
+    stop_ids = torch.tensor(p.stop_ids, dtype=torch.long, device=device)
+    utf8 = _utf8_mask(text, num_beams)
+    for gen_len in range(1, limit + 1):
         logp = F.log_softmax(logits.float(), dim=-1)  # (num_beams, V); the hypotheses keep these raw log-probs
-        V = logp.shape[-1]
         scores = logp if utf8 is None else utf8.mask(logp)  # as transformers' processors: on the log-probs
         scores = _ban_ngrams(scores, [prompt + b[0] for b in beams], p.no_repeat_ngram_size)
-        total = (scores + beam_scores[:, None]).view(-1)
-        top_scores, top_idx = torch.topk(total, K)
-        src_beam, tok = top_idx // V, top_idx % V
-        hits = torch.zeros(K, dtype=torch.bool, device=device)
-        if stop_list is not None:
-            hits = torch.isin(tok, stop_list)
-        if gen_len >= limit:
-            hits[:] = True
-        # finished hypotheses: only among the first num_beams candidates
-        full = len(finished) == num_beams
-        if improvable and not (full and early_stopping is True):
-            norm = top_scores / (gen_len ** length_penalty)
-            src_l, tok_l, hit_l, norm_l = src_beam.tolist(), tok.tolist(), hits.tolist(), norm.tolist()
-            for j in range(num_beams):
-                if not hit_l[j]:
-                    continue
-                toks, lps = beams[src_l[j]]
-                t = tok_l[j]
-                is_stop = t in stop_ids
-                new_lp = logp[src_l[j], t].item()
-                entry = (norm_l[j], toks + ([] if is_stop else [t]), lps + ([] if is_stop else [new_lp]),
-                         "stop" if is_stop else "length")
-                finished.append(entry)
-            finished.sort(key=lambda e: -e[0])
-            del finished[num_beams:]
-        # running beams: the best candidates that did not stop
-        run_scores = top_scores - hits.float() * 1e9
-        keep = torch.topk(run_scores, num_beams).indices
+        top_scores, top_idx = torch.topk((scores + beam_scores[:, None]).view(-1), 2 * num_beams)
+        src_beam, tok = top_idx // logp.shape[-1], top_idx % logp.shape[-1]
+        hits = torch.isin(tok, stop_ids) | (gen_len >= limit)
+        # finished hypotheses come from the first num_beams candidates only
+        norm = (top_scores / gen_len**length_penalty).tolist()
+        for j, s, t, hit in zip(range(num_beams), src_beam.tolist(), tok.tolist(), hits.tolist()):
+            if not hit:
+                continue
+            toks, lps = beams[s]
+            if t in p.stop_ids:
+                finished.append((norm[j], toks, lps, "stop"))
+            else:
+                finished.append((norm[j], toks + [t], lps + [logp[s, t].item()], "length"))
+        finished.sort(key=lambda e: -e[0])
+        del finished[num_beams:]
         if bool(hits.all()):
             break
+        # the running beams: the best candidates that did not stop
+        run_scores = top_scores - hits.float() * 1e9
+        keep = torch.topk(run_scores, num_beams).indices
         sel_src, sel_tok = src_beam[keep], tok[keep]
-        src_l, tok_l = sel_src.tolist(), sel_tok.tolist()
-        beams = [(beams[s][0] + [t], beams[s][1] + [logp[s, t].item()]) for s, t in zip(src_l, tok_l)]
+        beams = [(beams[s][0] + [t], beams[s][1] + [logp[s, t].item()])
+                 for s, t in zip(sel_src.tolist(), sel_tok.tolist())]
         beam_scores = run_scores[keep]
-        # stopping rules
-        full = len(finished) == num_beams
-        if full:
-            if early_stopping == "never" and length_penalty > 0.0:
-                best_len = limit
-            else:
-                best_len = gen_len
-            best_possible = beam_scores[0].item() / (best_len ** length_penalty)
-            improvable = improvable and best_possible > finished[-1][0]
-        if not improvable or (full and early_stopping is True):
-            break
+        if len(finished) == num_beams:  # done when no running beam can beat the worst finished one
+            best_len = limit if early_stopping == "never" and length_penalty > 0.0 else gen_len
+            if early_stopping is True or beam_scores[0].item() / best_len**length_penalty <= finished[-1][0]:
+                break
         cache.reorder(sel_src)
         if utf8 is not None:
             utf8.reorder(sel_src)
@@ -849,60 +709,56 @@ def _beam_search(model, prompt: list[int], p: SamplingParams, text: Optional[_To
 
 
 def generate(model, prompts: Sequence[Sequence[int]], params: Optional[SamplingParams] = None, *, tokenizer=None,
-             stream: bool = False, return_logprobs: bool = False, on_step=None, **options):
-    """Continue ``prompts`` (token-id lists) with the options ``params``; keyword ``options`` set fields of it
-    (``generate(model, prompts, temperature=0, max_new_tokens=20)``, or ``generate(model, prompts, params, seed=1)``).
+             stream: bool = False, return_logprobs: bool = False, **options):
+    """Continue ``prompts`` (token-id lists) with ``params``, whose fields keyword ``options`` override
+    (``generate(model, prompts, temperature=0, max_new_tokens=20)``).
 
-    Returns the new tokens of each output row, prompt-major (with ``n > 1`` row ``i*n + j`` is sample ``j`` of
-    prompt ``i``); stop ids and stop strings are never included. With ``return_logprobs=True`` a list of
-    ``GenerationResult`` comes back instead. ``stream=True`` (one prompt, ``n=1``, a tokenizer) returns an iterator
-    of text pieces: each is whole UTF-8, and text that might be the start of a stop string is held back until it
-    is known not to be one, so the pieces join to exactly the final text (beam search: one piece at the end).
-
-    With a ``tokenizer`` the generated text is valid UTF-8 by construction (greedy, sampled and beams): at each step
-    the tokens whose bytes cannot continue the pending partial character (or start a new one) are masked, so a
-    byte-level BPE never writes a stray byte (U+FFFD); log-probs stay those of the unmasked model. A character cut
-    by ``max_new_tokens`` is left out of the text.
-
-    ``on_step(rows)``, if given, is called after every decoding step (beam search: once, at the end) with the live
-    state of every output row (``.tokens``, ``.text`` (with a tokenizer), ``.done``, ``.reason``); an exception
-    raised in it stops decoding and propagates (the server uses this to stream batched requests and to drop
-    cancelled ones).
-    """
+    Returns each output row's new tokens, prompt-major (with ``n > 1`` row ``i*n + j`` is sample ``j`` of prompt
+    ``i``), or ``GenerationResult``s with ``return_logprobs=True``. ``stream=True`` (one prompt, ``n=1``, a
+    tokenizer) returns an iterator of whole-character text pieces that join to exactly the final text (text that
+    may begin a stop string is held back; beam search: one piece at the end)."""
     p = replace(params or SamplingParams(), **options)
     _check_prompts(model, prompts)
     if p.stop and tokenizer is None:
         raise UserError("stop: stop strings need a tokenizer (pass tokenizer=)")
-    text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, model.wte.weight.device)
-    steps = _steps(model, _fit_prompts(model, prompts, p.max_new_tokens), p, tokenizer, text, return_logprobs)
+    if stream and (len(prompts) != 1 or p.n != 1):
+        raise UserError("n: streaming generates one sequence (one prompt, n=1)")
+    if stream and tokenizer is None:
+        raise UserError("stream: streaming text needs a tokenizer (pass tokenizer=)")
+    steps = _steps(model, _fit_prompts(model, prompts, p.max_new_tokens), p, tokenizer, return_logprobs)
     if stream:
-        if len(prompts) != 1 or p.n != 1:
-            raise UserError("n: streaming generates one sequence (one prompt, n=1)")
-        if tokenizer is None:
-            raise UserError("stream: streaming text needs a tokenizer (pass tokenizer=)")
         return _stream(steps, p.stop)
-    rows = []
-    for rows in steps:
-        if on_step is not None:
-            on_step(rows)
+    for rows in steps:  # to the last step
+        pass
     if not return_logprobs:
         return [r.tokens for r in rows]
     return [GenerationResult(r.tokens, r.logprobs, r.reason, r.text) for r in rows]
 
 
-def _steps(model, prompts: list[list[int]], p: SamplingParams, tokenizer, text: Optional[_TokenText],
-           want_logprobs: bool) -> Iterator[list[_Row]]:
-    """The rows after every decoding step (beam search: once, at the end), the model in eval and inference mode."""
+@contextmanager
+def _inference(model):
+    """The model in eval and inference mode for one call; its mode is restored after."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            if p.num_beams > 1:
-                yield [row for ids in prompts for row in _beam_search(model, ids, p, text)]
-            else:
-                yield from _decode(model, prompts, p, tokenizer, want_logprobs)
+            yield
     finally:
         model.train(was_training)
+
+
+def _steps(model, prompts: list[list[int]], p: SamplingParams, tokenizer, want_logprobs: bool) -> Iterator[list[_Row]]:
+    """The rows (prompt-major) after the prefill and after every decoding step (beam search: once, at the end)."""
+    with _inference(model):
+        if p.num_beams > 1:
+            yield [row for ids in prompts for row in _beam_search(model, ids, p, tokenizer)]
+            return
+        batch = DecodeBatch(model, tokenizer, want_logprobs)
+        rows = batch.add(prompts, p)
+        yield rows
+        while batch.rows:
+            batch.step()
+            yield rows
 
 
 def _stream(steps: Iterator[list[_Row]], stops: tuple[str, ...]) -> Iterator[str]:
@@ -925,10 +781,6 @@ def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# scoring given sequences
-
-
 def sequence_logprobs(model, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> list[list[float]]:
     """log p(seq[t] | seq[:t]) for t = 1 .. len-1 of every sequence (the raw distribution: temperature 1)."""
     return score(model, [list(s[:1]) for s in sequences], [list(s[1:]) for s in sequences], batch_size)
@@ -943,16 +795,10 @@ def score(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequenc
     for i, (p, c) in enumerate(zip(prompts, completions)):
         if len(p) + len(c) > ctx and model.config.pos == "learned":
             raise UserError(f"score: sequence {i} has {len(p) + len(c)} tokens, more than the model's context of {ctx}")
-    device = model.wte.weight.device
     out: list[list[float]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for b0 in range(0, len(prompts), batch_size):
-                ps, cs = prompts[b0: b0 + batch_size], completions[b0: b0 + batch_size]
-                logp, _, _ = token_logprobs(model, *pack_replies(ps, cs, device=device))
-                out.extend(row[: len(c)] for row, c in zip(logp.tolist(), cs))
-    finally:
-        model.train(was_training)
+    with _inference(model):
+        for b0 in range(0, len(prompts), batch_size):
+            ps, cs = prompts[b0 : b0 + batch_size], completions[b0 : b0 + batch_size]
+            logp, _, _ = token_logprobs(model, *pack_replies(ps, cs, device=model.wte.weight.device))
+            out.extend(row[: len(c)] for row, c in zip(logp.tolist(), cs))
     return out

@@ -1,12 +1,8 @@
-"""The engine's fast one-token decoding step on a CPU (opt-in: ``engine`` uses it where ``applies(model)``).
+"""The engine's one-token decoding step: ``Decoder`` on a CPU where it applies, else the model's own forward.
 
-A decode step of a small model on a CPU is dominated by per-op Python and dispatch cost, and MKL's fp32
-matrix-vector product streams the weights on one core. ``Decoder`` is ``GPT.forward`` for one new token per row,
-written with functional ops on the model's own weights (no module calls, no dropout no-ops, one copy per layer into
-the KV cache) and with fp32 matmuls split into row blocks for one ``bmm`` (``RowsLinear``). It computes exactly what
-``GPT.forward`` computes, so it applies only to a model whose forward is ``GPT.forward``; everything else (other
-devices, subclasses with their own forward, wrapped models) is decoded through the model's forward over the cache.
-"""
+At small sizes a CPU decode step is per-op Python and dispatch cost, and MKL's fp32 matrix-vector product streams the
+weights on one core: ``Decoder`` is ``GPT.forward`` for one new token per row in functional ops on the model's own
+weights (no module calls, one copy per layer into the KV cache, fp32 matmuls as one ``bmm`` over row blocks)."""
 
 from __future__ import annotations
 
@@ -26,13 +22,22 @@ def applies(model) -> bool:
     return type(model).forward is GPT.forward and model.wte.weight.device.type == "cpu"
 
 
-def gemv_groups(weight: torch.Tensor) -> int:
-    """Into how many blocks of output rows a few-row matmul with ``weight`` is split (1 = plain ``F.linear``).
+def step_fn(model):
+    """One new token per row → its (R, V) logits: ``Decoder(model)`` where it applies, else the model's forward."""
+    if applies(model):
+        return Decoder(model)
 
-    MKL's fp32 matrix-vector product runs on one core; viewing the weight as ``g`` blocks of rows multiplied by one
-    ``bmm`` lets every core stream its own blocks (timings: ``benchmarks/README.md``). bf16/fp16 weights (oneDNN)
-    are fastest with ``F.linear`` and are left alone.
-    """
+    def step(tokens, cache, position_ids=None, attn_mask=None):
+        logits, _ = model(tokens[:, None], kv_cache=cache, position_ids=position_ids, attn_mask=attn_mask,
+                          last_only=True)
+        return logits[:, -1]
+
+    return step
+
+
+def gemv_groups(weight: torch.Tensor) -> int:
+    """Into how many blocks of output rows a few-row matmul with ``weight`` is split (1 = plain ``F.linear``): one
+    ``bmm`` over them lets every core stream its own blocks. bf16/fp16 (oneDNN) are fastest with ``F.linear``."""
     if weight.dtype != torch.float32:
         return 1
     threads = torch.get_num_threads()
@@ -76,17 +81,9 @@ class RowsLinear:
 
 
 class Decoder:
-    """One decoding step, one new token per row, written with functional ops on the model's own weights.
-
-    ``decoder(tokens, cache, position_ids=None, attn_mask=None)`` returns the (R, V) next-token logits and equals
-    ``model(tokens[:, None], kv_cache=cache, position_ids=..., attn_mask=..., last_only=True)[0][:, -1]`` (tests
-    hold them together for every model kind). It exists for speed: at small sizes a decode step is dominated by
-    per-op Python and dispatch cost, so it skips the module calls, dropout no-ops, transposes and copies of the
-    general forward, writes each layer's key and value with one copy, and runs fp32 CPU matmuls as ``RowsLinear``.
-    ``position_ids`` (R, 1) are the positions of the fed tokens (left-padded batches; must be < block_size for
-    learned positions); None means ``cache.pos`` for every row. Build one per generation call: it holds views of the
-    current weights.
-    """
+    """``decoder(tokens (R,), cache, position_ids (R, 1) or None, attn_mask)`` → the (R, V) next-token logits, equal
+    to the model's ``forward(tokens[:, None], ..., last_only=True)`` (tests hold them together for every model kind).
+    Build one per generation call: it holds views of the current weights."""
 
     def __init__(self, model: GPT, groups: Optional[int] = None):
         self.model = model
@@ -97,11 +94,8 @@ class Decoder:
         def norm(m):
             return m.weight, getattr(m, "bias", None)
 
-        self.layers = [
-            (norm(b.ln_1), RowsLinear(b.attn.c_attn, g), RowsLinear(b.attn.c_proj, g), norm(b.ln_2),
-             RowsLinear(b.mlp.c_fc, g), RowsLinear(b.mlp.c_proj, g))
-            for b in model.h
-        ]
+        self.layers = [(norm(b.ln_1), RowsLinear(b.attn.c_attn, g), RowsLinear(b.attn.c_proj, g), norm(b.ln_2),
+                        RowsLinear(b.mlp.c_fc, g), RowsLinear(b.mlp.c_proj, g)) for b in model.h]
         self.ln_f = norm(model.ln_f)
         self.head = RowsLinear(model.lm_head, g)
 
@@ -113,15 +107,11 @@ class Decoder:
     def __call__(self, tokens: torch.Tensor, cache: KVCache, position_ids=None, attn_mask=None) -> torch.Tensor:
         c, m = self.c, self.model
         R, H, Hkv, D = tokens.shape[0], c.n_head, c.n_kv_head, c.head_dim
-        p = cache.pos
-        if p >= cache.max_len:
-            raise ValueError(f"the KV cache is full ({cache.max_len} positions)")
+        p = cache.pos  # the engine keeps p inside the cache and the context (past either, indexing fails)
         x = torch.embedding(m.wte.weight, tokens)
         rope = None
         if c.pos == "learned":
             if position_ids is None:
-                if p >= c.block_size:
-                    raise ValueError(f"position {p} is beyond the model's context of {c.block_size} tokens")
                 x = x + m.wpe.weight[p]
             else:
                 x = x + F.embedding(position_ids[:, 0], m.wpe.weight)

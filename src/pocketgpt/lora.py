@@ -1,16 +1,4 @@
-"""LoRA: low-rank adapters on the GPT's linear layers for ``sft``, ``dpo`` and ``rm`` (``[train] lora_r``,
-``lora_alpha``, ``lora_targets``).
-
-    y = x Wᵀ + b + (alpha / r) · (x Aᵀ) Bᵀ      A (r, in) random, B (out, r) zero: training starts at the base model
-
-``apply(model, train)`` swaps each targeted ``nn.Linear`` for a ``LoRALinear`` that keeps the *same* ``weight`` and
-``bias`` parameters (same state-dict names) and adds ``lora_A``, ``lora_B`` and the buffer ``lora_scale``; every
-other parameter of the model is frozen, so the optimizer holds state for the adapters only (and for heads a stage
-adds afterwards, such as the reward head). Chat tokens SFT appends to a pretrained vocabulary get trainable rows
-(``RowsEmbedding`` / ``RowsHead``: ``lora_rows`` + ``lora_first``). A LoRA checkpoint is an ordinary one whose
-``model.safetensors`` also holds these extra tensors: the trainer saves and resumes it like any other, and
-``checkpoint.load_model`` folds them into the weights (``fold_state``), so chat, sample, serve, every export and
-the next stage's ``--init`` see a plain model. ``merge(ckpt, out)`` (``pocketgpt merge``) writes the folded one.
+"""LoRA for ``sft``, ``dpo`` and ``rm``: y = x Wᵀ + b + (alpha / r) · (x Aᵀ) Bᵀ, B zero at the start.
 
 Our own module, not peft's: peft renames the base weights (``c_attn.base_layer.weight``) and keeps the scale out of
 the state dict, so checkpoints would need a name map and a side file, and its import adds seconds to every run.
@@ -54,14 +42,11 @@ class LoRALinear(nn.Linear):
         return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale.to(y.dtype)
 
 
-class RowsEmbedding(nn.Embedding):
+class RowsEmbedding(nn.Module):
     """``base`` (frozen) whose rows ``first : first + n`` are read from the trainable ``lora_rows`` instead."""
 
     def __init__(self, base: nn.Embedding, first: int, n: int):
-        nn.Module.__init__(self)
-        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
-        self.padding_idx, self.max_norm, self.norm_type = base.padding_idx, base.max_norm, base.norm_type
-        self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
+        super().__init__()
         self.weight, self.first, self.n, self.enabled = base.weight, first, n, True
         self.lora_rows = nn.Parameter(base.weight[first: first + n].detach().clone())
         self.register_buffer("lora_first", torch.tensor(first))
@@ -74,13 +59,12 @@ class RowsEmbedding(nn.Embedding):
         return torch.where(new, F.embedding((idx - self.first).clamp(0, self.n - 1), self.lora_rows), out)
 
 
-class RowsHead(nn.Linear):
+class RowsHead(nn.Module):
     """The output layer ``base`` (frozen) whose logits ``first : first + n`` come from trainable rows: its own
     ``lora_rows``, or the embedding's when the two are tied."""
 
     def __init__(self, base: nn.Linear, first: int, n: int, tied: RowsEmbedding | None):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        super().__init__()
         self.weight, self.bias, self.first, self.n, self.enabled = base.weight, base.bias, first, n, True
         if tied is None:
             self.lora_rows = nn.Parameter(base.weight[first: first + n].detach().clone())
@@ -100,10 +84,9 @@ ADAPTERS = (LoRALinear, RowsEmbedding, RowsHead)
 
 def apply(model: nn.Module, train, log=None, new_tokens: range = range(0)) -> nn.Module:
     """Freeze ``model`` and put adapters of rank ``train.lora_r`` on its ``train.lora_targets`` (module-name
-    suffixes: ``c_attn``, ``c_proj`` (attention and MLP), ``mlp.c_proj``, ``c_fc``, ``lm_head`` when untied, ...).
-    ``new_tokens``: ids a stage just added to the vocabulary (SFT from GPT-2); their embedding and output rows
-    train too, since frozen at their shared mean-embedding start they would be one token the model cannot tell
-    apart. Seeded by ``train.seed``: every process (DDP, a resumed run) builds the same adapters. No-op when r = 0."""
+    suffixes: ``c_attn``, ``mlp.c_proj``, ...), seeded by ``train.seed`` (every process builds the same ones).
+    ``new_tokens`` (ids SFT just added) train their rows too: frozen at their shared mean start, the model could not
+    tell them apart. No-op when r = 0."""
     if not train.lora_r:
         return model
     model.requires_grad_(False)
@@ -113,7 +96,7 @@ def apply(model: nn.Module, train, log=None, new_tokens: range = range(0)) -> nn
         model.wte = RowsEmbedding(model.wte, first, n)
         model.lm_head = RowsHead(model.lm_head, first, n, model.wte if tied else None)
     g = torch.Generator().manual_seed(train.seed)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, RowsHead)}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     for target in train.lora_targets:
         names = [n for n in linears if n == target or n.endswith("." + target)]
         if not names:

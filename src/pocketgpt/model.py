@@ -1,16 +1,7 @@
-"""The GPT: a decoder-only Transformer, readable top to bottom.
+"""The GPT: a decoder-only Transformer (GPT-2 / Llama options in ``GPTConfig``), read top to bottom.
 
     tokens ─▶ wte (+ wpe | sinusoidal) ─▶ [Block × n_layer] ─▶ norm ─▶ lm_head ─▶ logits
     Block:  x = x + attn(norm(x));  x = x + mlp(norm(x))        (pre-norm, residual stream)
-
-Options (all in ``GPTConfig``): positions ``learned`` (GPT-2) / ``sinusoidal`` (original Transformer) / ``rope``
-(Llama); norm ``layernorm`` (optional bias) / ``rmsnorm``; MLP ``gelu`` (GPT-2's tanh form) / ``relu`` / ``swiglu``;
-grouped-query attention via ``n_kv_head``; tied or untied embeddings.
-
-The KV cache: ``forward(idx, kv_cache=cache)`` reads the past keys/values held in ``cache`` (a ``KVCache``),
-appends the new ones in place and advances ``cache.pos``; positions continue from ``cache.pos`` for all three
-position kinds (or come from ``position_ids`` for left-padded batches). The generation engine builds on this;
-saving and loading (ours and Hugging Face's) live in ``checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -72,13 +63,9 @@ class GPTConfig(Config):
 
 
 class KVCache:
-    """Pre-allocated keys and values for every layer.
-
-    ``kv[layer]`` has shape (2, B, n_kv_head, max_len, head_dim): keys then values, so one decoding step writes
-    both with a single copy; ``k[layer]`` / ``v[layer]`` are views of its two halves. ``pos`` is how many positions
-    are filled: the model writes new keys/values at ``[pos, pos+T)`` and advances ``pos`` once per forward.
-    ``reorder`` (beam search) and ``repeat`` (n samples from one prefill) act on the batch dimension.
-    """
+    """Keys and values of every layer: ``kv[layer]`` (2, B, n_kv_head, max_len, head_dim), keys then values (one
+    decoding step writes both with one copy), ``k`` / ``v`` its halves; a forward fills ``[pos, pos+T)``, then
+    advances ``pos``."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (2, batch_size, config.n_kv_head, max_len, config.head_dim)
@@ -97,19 +84,18 @@ class KVCache:
         return self.kv[0].shape[1]
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Row ``i`` becomes old row ``index[i]`` (same batch size); copies only the filled positions, into a
-        second buffer kept for the next call (beam search reorders every step)."""
+        """Row ``i`` becomes old row ``index[i]`` (beam search): the filled positions go to a second buffer, kept for
+        the next call."""
         if self._spare is None or self._spare[0].shape != self.kv[0].shape:
             self._spare = [torch.empty_like(t) for t in self.kv]
-        filled = self.pos
         for src, dst in zip(self.kv, self._spare):
-            torch.index_select(src[:, :, :, :filled], 1, index, out=dst[:, :, :, :filled])
-        spare = self.kv
+            torch.index_select(src[:, :, :, : self.pos], 1, index, out=dst[:, :, :, : self.pos])
+        old = self.kv
         self._set(self._spare)
-        self._spare = spare
+        self._spare = old
 
     def repeat(self, n: int) -> None:
-        """Every row becomes ``n`` consecutive copies of itself (n samples sharing one prefill)."""
+        """Every row becomes ``n`` consecutive copies of itself (beams sharing one prefill)."""
         self._set([t.repeat_interleave(n, dim=1) for t in self.kv])
         self._spare = None
 
@@ -141,7 +127,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """The original Transformer's fixed position signal: sin on even channels, cos on odd ones."""
-    inv_freq = torch.exp(torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    steps = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = torch.exp(steps * (-math.log(10000.0) / dim))
     angles = positions.to(torch.float32)[..., None] * inv_freq
     out = torch.empty(*positions.shape, dim, device=positions.device, dtype=torch.float32)
     out[..., 0::2] = angles.sin()
@@ -172,9 +159,8 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        past = 0
+        past = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
-            past = kv_cache.pos
             kc, vc = kv_cache.k[layer], kv_cache.v[layer]
             kc[:, :, past : past + T] = k.to(kc.dtype)
             vc[:, :, past : past + T] = v.to(vc.dtype)
@@ -185,16 +171,10 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
 
-        dropout_p = self.dropout if self.training else 0.0
-        if attn_mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-        elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        else:  # several new tokens after a cached prefix: causal with an offset
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        if attn_mask is None and past and T > 1:  # several new tokens after a cached prefix: causal with an offset
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and past == 0,
+                                           dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -244,8 +224,8 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, init_weights: bool = True):
-        """``init_weights=False`` leaves the weights uninitialised (for loading a checkpoint into them): building on
-        the meta device then never runs ``normal_`` there, whose first call imports ~2 s of PyTorch internals."""
+        """``init_weights=False`` leaves the weights uninitialised, for a checkpoint to fill: ``normal_``'s first
+        call imports seconds of PyTorch internals."""
         super().__init__()
         self.config = config
 
@@ -293,37 +273,22 @@ class GPT(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
-        *,
-        kv_cache: Optional[KVCache] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        attn_mask: Optional[torch.Tensor] = None,
-        last_only: bool = False,
-        return_hidden: bool = False,
-        at: Optional[torch.Tensor] = None,
-    ):
-        """Return ``(logits, loss)``.
-
-        idx: (B, T) token ids. targets: (B, T) next-token ids, ``-100`` = ignored; loss is None without targets.
-        kv_cache: past keys/values; the new ones are appended and ``kv_cache.pos`` advances by T.
-        position_ids: (B, T) explicit positions (left-padded batches); default ``past + arange(T)``.
-        attn_mask: boolean (B, 1, T, past+T), True = may attend; default causal.
-        last_only: compute logits for the last position only (decoding).
-        return_hidden: return the final normalised hidden states (B, T, C) instead of logits (value/reward heads).
-        at: (B, N) positions: return ``(logits, hidden)`` of those positions only — the lm_head runs on N rows, not T
-            (log-probs of reply tokens), and a DDP-wrapped model computes everything inside its forward.
-        """
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, kv_cache: Optional[KVCache] = None,
+                position_ids: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                last_only: bool = False, return_hidden: bool = False, at: Optional[torch.Tensor] = None):
+        """``(logits, loss)`` of ``idx`` (B, T); ``targets`` (B, T) next-token ids, ``-100`` ignored (no targets: loss
+        None). ``kv_cache``: past keys/values, the new ones appended; ``position_ids`` (B, T) and a boolean
+        ``attn_mask`` (B, 1, T, past+T) for left-padded rows (default ``past + arange(T)``, causal); ``last_only``:
+        the last position's logits (decoding); ``return_hidden``: ``(final hidden states, None)`` (value and reward
+        heads); ``at`` (B, N): ``(logits, hidden)`` at those positions only (the lm_head on N rows; a DDP wrapper
+        computes it all inside its forward)."""
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device).unsqueeze(0).expand(B, T)
         if self.wpe is not None and int(position_ids.max()) >= self.config.block_size:
-            raise ValueError(
-                f"position {int(position_ids.max())} is beyond the model's context of {self.config.block_size} tokens"
-            )
+            raise ValueError(f"position {int(position_ids.max())} is beyond the model's context of "
+                             f"{self.config.block_size} tokens")
 
         x = self.wte(idx)
         rope = None
@@ -353,31 +318,23 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None, dtype=None) -> KVCache:
-        p = self.wte.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, dtype or p.dtype)
+    def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        w = self.wte.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, w.device, w.dtype)
 
-    # ---- resizing (adding special tokens to a pretrained vocab) -------------------------------------------------------
+    # ---- resizing (adding special tokens to a pretrained vocab) -----------------------------------------------------
 
     def resize_vocab(self, new_size: int) -> None:
-        """Grow (or shrink) the token table; new rows get the mean embedding (a neutral start)."""
-        old = self.wte.weight.data
-        if new_size == old.shape[0]:
+        """Grow (or shrink) the token table (and an untied head); new rows get the mean row (a neutral start)."""
+
+        def resized(old: torch.Tensor) -> nn.Parameter:
+            n = min(new_size, old.shape[0])
+            return nn.Parameter(torch.cat([old[:n], old.mean(0, keepdim=True).expand(new_size - n, -1)]))
+
+        if new_size == self.wte.weight.shape[0]:
             return
-        emb = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
-        n = min(new_size, old.shape[0])
-        emb.weight.data[:n] = old[:n]
-        if new_size > n:
-            emb.weight.data[n:] = old.mean(0, keepdim=True)
-        self.wte = emb
-        if self.config.tie_embeddings:
-            self.lm_head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
-            self.lm_head.weight = self.wte.weight
-        else:
-            head_old = self.lm_head.weight.data
-            head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
-            head.weight.data[:n] = head_old[:n]
-            if new_size > n:
-                head.weight.data[n:] = head_old.mean(0, keepdim=True)
-            self.lm_head = head
+        self.wte.weight = resized(self.wte.weight.detach())
+        self.wte.num_embeddings = new_size
+        self.lm_head.weight = self.wte.weight if self.config.tie_embeddings else resized(self.lm_head.weight.detach())
+        self.lm_head.out_features = new_size
         self.config.vocab_size = new_size
