@@ -185,3 +185,24 @@ def test_lora_sft_from_gpt2_trains_the_chat_tokens_it_adds(inputs, tmp_path):
     default_load_model(model, ckpt)
     with torch.no_grad():
         assert (load_model(ckpt)(x)[0] - model.eval()(x)[0]).abs().max() <= 1e-5
+
+
+def test_unmerged_adapters_decode_through_the_forward_that_uses_them():
+    """The CPU decode step reads base weights; a model with live adapters must not take it (its logits would lose
+    the adapters)."""
+    from pocketgpt.fastdecode import applies, step_fn
+
+    torch.manual_seed(0)
+    model = apply(GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)),
+                  TrainConfig(lora_r=4)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                for p in m.parameters():
+                    if p.requires_grad:
+                        p.normal_()
+        assert not applies(model)
+        tokens = torch.tensor([3, 5])
+        full, _ = model(tokens[:, None])
+        step = step_fn(model)(tokens, model.new_kv_cache(2))
+    torch.testing.assert_close(step, full[:, -1])

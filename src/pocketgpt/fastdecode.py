@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lora import adapted
 from .model import GPT, KVCache, activate, apply_rope, rope_cos_sin, sinusoidal_embedding
 
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)  # enable_gqa=
@@ -19,7 +20,8 @@ _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")
 
 def applies(model) -> bool:
     """Whether ``Decoder`` computes this model's forward on this device (a plain GPT's forward, on a CPU)."""
-    return type(model).forward is GPT.forward and model.wte.weight.device.type == "cpu"
+    # the Decoder reads the base weights directly: a model with unmerged LoRA adapters takes the forward
+    return type(model).forward is GPT.forward and model.wte.weight.device.type == "cpu" and not adapted(model)
 
 
 def step_fn(model):
