@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import sys
 from dataclasses import dataclass, field
@@ -10,13 +11,6 @@ from typing import Iterator, Optional
 from .errors import UserError
 from .records import check_messages, fit
 
-def __getattr__(name):  # the old home of two functions of checkpoint.py
-    if name in ("find_checkpoint", "load_chat_model"):
-        from . import checkpoint
-
-        return getattr(checkpoint, name)
-    raise AttributeError(name)
-
 
 IGNORE = -100  # label of positions that carry no loss
 
@@ -24,6 +18,17 @@ IGNORE = -100  # label of positions that carry no loss
 # report. A mild repetition penalty: greedy and low-temperature replies of small models otherwise loop
 # ("And / And / And", "我我我"); 1 turns it off.
 CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_penalty": 1.1}
+
+
+def __getattr__(name):  # the old homes of checkpoint.find_checkpoint and load_checkpoint(..., chat=True)
+    from . import checkpoint
+
+    if name == "find_checkpoint":
+        return checkpoint.find_checkpoint
+    if name == "load_chat_model":
+        return functools.partial(checkpoint.load_checkpoint, chat=True)
+    raise AttributeError(name)
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # the template

@@ -155,23 +155,25 @@ def load_model(directory: str | Path, device=None, dtype=None) -> GPT:
     return model
 
 
-def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp32"):
-    """Model (eval mode) + tokenizer of a checkpoint, checking that the tokenizer has the chat tokens."""
-    from .chat import specials
+def load_checkpoint(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp32", chat: bool = False):
+    """Model (eval mode) + tokenizer of a checkpoint (a run directory, ``hf:NAME``); ``chat=True`` also checks that
+    the tokenizer has the chat tokens."""
     from .runtime import DTYPES, pick_device
     from .tokenizer import load_tokenizer_for
 
     path = find_checkpoint(ckpt)
-    dev = pick_device(device)
     if dtype not in DTYPES:
         raise UserError(f"--dtype: unknown precision {dtype!r} (fp32, bf16, fp16)")
-    model = load_model(path, device=dev, dtype=DTYPES[dtype])
+    model = load_model(path, device=pick_device(device), dtype=DTYPES[dtype])
     tokenizer = load_tokenizer_for(path)
-    try:
-        specials(tokenizer)
-    except UserError:
-        raise UserError(f"{path}: this checkpoint's tokenizer has no chat tokens; fine-tune it first "
-                        f"(pocketgpt sft --init {path} --data ...)") from None
+    if chat:
+        from .chat import specials
+
+        try:
+            specials(tokenizer)
+        except UserError:
+            raise UserError(f"{path}: this checkpoint's tokenizer has no chat tokens; fine-tune it first "
+                            f"(pocketgpt sft --init {path} --data ...)") from None
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{model.config.vocab_size}")

@@ -7,8 +7,17 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
+from .checkpoint import load_checkpoint
 from .errors import UserError
 from .hf import CONV1D, to_hf
+from .tokenizer import CHAT_TEMPLATE, _bytes_to_unicode
+
+try:
+    import gguf
+except ImportError:  # an optional extra: export_gguf says how to install it
+    gguf = None
 
 DTYPES = ("f32", "f16", "q8_0")
 
@@ -20,8 +29,6 @@ def _permute(w, n_head: int):
 
 def _tensors(model, arch: str) -> dict:
     """GGUF name → float32 numpy array, from the Hugging Face export of ``model``."""
-    import gguf
-
     c = model.config
     try:
         _, sd = to_hf(model, arch)
@@ -49,16 +56,10 @@ def _tensors(model, arch: str) -> dict:
 def _write_vocab(w, tok, n_vocab: int) -> None:
     """The tokenizer keys: llama.cpp's gpt2 BPE (bpe; char: each character the token of its UTF-8 bytes, merges
     rebuilding multi-byte ones) or its unigram "t5" (unigram); ``word`` splits text unlike any and is refused."""
-    import gguf
-
-    from .tokenizer import _bytes_to_unicode
-
     spec = json.loads(tok._hf.to_str())  # the Hugging Face tokenizer.json behind a pocketgpt Tokenizer
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     added = {t["id"]: t["content"] for t in spec.get("added_tokens") or []}
-    n = tok.vocab_size
-    if n > n_vocab:
-        raise UserError(f"the tokenizer has {n} ids but the model only {n_vocab} rows")
+    n = tok.vocab_size  # <= n_vocab (load_checkpoint); the other rows are padding
     types = [gguf.TokenType.CONTROL if i in added else gguf.TokenType.NORMAL for i in range(n)]
     tokens, merges = [added.get(i) or tok._hf.id_to_token(i) for i in range(n)], []
     if model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) \
@@ -91,9 +92,6 @@ def _write_vocab(w, tok, n_vocab: int) -> None:
 
 
 def _store(w, name: str, a, dtype: str) -> None:
-    import gguf
-    import numpy as np
-
     if a.ndim == 2 and dtype == "q8_0" and a.shape[-1] % 32 == 0:
         q = gguf.GGMLQuantizationType.Q8_0
         w.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
@@ -105,15 +103,9 @@ def _store(w, name: str, a, dtype: str) -> None:
 
 def export_gguf(ckpt, path: str | os.PathLike, dtype: str = "f32", arch: str = "auto") -> str:
     """Write a checkpoint (model + tokenizer) as one GGUF file, atomically; returns the llama.cpp architecture."""
-    try:
-        import gguf
-    except ImportError:
-        raise UserError("gguf is not installed: pip install 'pocketgpt[gguf]'") from None
-    from .checkpoint import find_checkpoint, load_model
-    from .tokenizer import CHAT_TEMPLATE, load_tokenizer_for
-
-    ckpt = find_checkpoint(ckpt)
-    model, tokenizer = load_model(ckpt), load_tokenizer_for(ckpt)
+    if gguf is None:
+        raise UserError("gguf is not installed: pip install 'pocketgpt[gguf]'")
+    model, tokenizer = load_checkpoint(ckpt, device="cpu")
     c = model.config
     if dtype not in DTYPES:
         raise UserError(f"--dtype: {dtype!r} is not a GGUF type ({', '.join(DTYPES)})")
