@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import sys
@@ -10,7 +11,6 @@ from typing import Iterator, Optional
 
 from .errors import UserError
 from .records import check_messages, fit
-
 
 IGNORE = -100  # label of positions that carry no loss
 
@@ -167,6 +167,9 @@ class ChatSession:
     notes: list = field(default_factory=list)  # things worth telling an interactive user (trimmed history...)
     _turn: int = 0
 
+    def reset(self) -> None:
+        self.messages = []
+
     def conversation(self) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.messages
@@ -235,7 +238,7 @@ def _command(session: ChatSession, line: str, interactive: bool) -> bool:
     if cmd in ("/exit", "/quit"):
         return False
     if cmd == "/reset":
-        session.messages = []
+        session.reset()
         say("(conversation reset)")
     elif cmd == "/system":
         session.system = arg or None
@@ -268,12 +271,10 @@ def terminal(session: ChatSession, banner: Optional[str] = None) -> None:
     editing. Without: one user message per input line, one reply per output line (newlines -> spaces)."""
     interactive = banner is not None
     if interactive:
-        try:
+        with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input(), wide characters included
-        except ImportError:
-            pass
         print(banner, file=sys.stderr)
-    lines = sys.stdin if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    lines = None if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
     while True:
         try:
             line = input("you> ") if interactive else next(lines, None)

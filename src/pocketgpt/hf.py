@@ -41,8 +41,8 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 # our Llama module -> the Llama modules stacked in it along dim 0
 LLAMA = {"wte": ["model.embed_tokens"], "ln_f": ["model.norm"], "lm_head": ["lm_head"],
          "ln_1": ["input_layernorm"], "ln_2": ["post_attention_layernorm"],
-         "attn.c_attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "attn.c_proj": ["self_attn.o_proj"],
-         "mlp.c_fc": ["mlp.gate_proj", "mlp.up_proj"], "mlp.c_proj": ["mlp.down_proj"]}
+         "attn.c_attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+         "attn.c_proj": ["self_attn.o_proj"], "mlp.c_fc": ["mlp.gate_proj", "mlp.up_proj"], "mlp.c_proj": ["mlp.down_proj"]}
 BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # causal masks and RoPE tables of old files
 
 
@@ -121,12 +121,11 @@ def to_hf(model: GPT, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if kind == "gpt2" and not c.bias:  # GPT-2 always has biases: zeros are the exact equivalent of none
         state |= {k.removesuffix("weight") + "bias": torch.zeros(len(v), dtype=v.dtype)
                   for k, v in state.items() if k.startswith(("h.", "ln_f"))}
-    sd = {}
+    sd, kv = {}, c.n_kv_head * c.head_dim
     for key, v in state.items():
         names = hf_names(key, kind)
         if kind == "gpt2" and key.endswith(CONV1D):
             v = v.t()
-        kv = c.n_kv_head * c.head_dim
         parts = v.split([c.n_embd, kv, kv]) if len(names) == 3 else v.chunk(len(names))  # q, k, v or gate, up
         sd.update(zip(names, parts))
     return cfg, {k: v.detach().contiguous().clone() for k, v in sd.items()}
