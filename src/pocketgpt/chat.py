@@ -111,8 +111,6 @@ def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str =
     boundaries: each starts with the system message and holds as many whole exchanges as fit. An exchange too long
     alone loses its reply's tail (skipped if not even its prompt fits); ``mode="truncate"`` keeps the first example
     only. A conversation that fits is ``[render(messages, tokenizer)]``."""
-    if mode not in ("split", "truncate"):
-        raise UserError(f"overflow: unknown mode {mode!r} (split, truncate)")
     stats = stats if stats is not None else FitStats()
     system, groups = _exchanges(messages)
     head = render(system, tokenizer)

@@ -19,9 +19,6 @@ try:
 except ImportError:  # an optional extra: export_gguf says how to install it
     gguf = None
 
-DTYPES = ("f32", "f16", "q8_0")
-
-
 def _permute(w, n_head: int):
     """convert_hf_to_gguf's LlamaModel.permute: rotate-half rows of each head → interleaved (even, odd) pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -107,8 +104,6 @@ def export_gguf(ckpt, path: str | os.PathLike, dtype: str = "f32", arch: str = "
         raise UserError("gguf is not installed: pip install 'pocketgpt[gguf]'")
     model, tokenizer = load_checkpoint(ckpt, device="cpu")
     c = model.config
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype: {dtype!r} is not a GGUF type ({', '.join(DTYPES)})")
     if arch == "auto":
         arch = "llama" if c.pos == "rope" else "gpt2"
     tensors = _tensors(model, arch)
