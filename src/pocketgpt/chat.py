@@ -290,18 +290,15 @@ def terminal(session: ChatSession, banner: Optional[str] = None) -> None:
                 return
             continue
         if interactive:
-            sys.stdout.write("bot> ")
-            sys.stdout.flush()
+            print("bot> ", end="", flush=True)
         try:
             for piece in session.reply(line):
-                sys.stdout.write(piece if interactive else piece.replace("\r", " ").replace("\n", " "))
-                sys.stdout.flush()
+                print(piece if interactive else piece.replace("\r", " ").replace("\n", " "), end="", flush=True)
         except KeyboardInterrupt:
             if not interactive:
                 raise
             print("\n(interrupted)", file=sys.stderr)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        print(flush=True)
         for note in session.notes if interactive else ():
             print(note, file=sys.stderr)
         session.notes.clear()
