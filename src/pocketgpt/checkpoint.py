@@ -16,6 +16,8 @@ from .hf import ARCHS, config_to_ours, to_hf, to_ours
 from .io import atomic_dir, read_json, write_json
 from .lora import fold_state
 from .model import GPT, GPTConfig
+from .runtime import DTYPES, pick_device
+from .tokenizer import load_tokenizer_for
 
 
 def _state_for_save(model: GPT) -> dict[str, torch.Tensor]:
@@ -145,9 +147,7 @@ def load_model(directory: str | Path, device=None, dtype=None) -> GPT:
     # assign=True puts the loaded tensors in place of the meta ones (no to_empty: its first call imports sympy)
     target_dtype = dtype or torch.float32
     sd = {k: v.to(target_dtype) for k, v in sd.items()}
-    if config.tie_embeddings:
-        sd["lm_head.weight"] = sd["wte.weight"]
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(sd, strict=False, assign=True)  # the names are checked above; a tied lm_head is wte
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     model.to(device=device or "cpu", dtype=target_dtype)
@@ -158,9 +158,6 @@ def load_model(directory: str | Path, device=None, dtype=None) -> GPT:
 def load_checkpoint(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp32", chat: bool = False):
     """Model (eval mode) + tokenizer of a checkpoint (a run directory, ``hf:NAME``); ``chat=True`` also checks that
     the tokenizer has the chat tokens."""
-    from .runtime import DTYPES, pick_device
-    from .tokenizer import load_tokenizer_for
-
     path = find_checkpoint(ckpt)
     if dtype not in DTYPES:
         raise UserError(f"--dtype: unknown precision {dtype!r} (fp32, bf16, fp16)")
