@@ -17,7 +17,7 @@ from conftest import run_cli
 from pocketgpt.chat import render
 from pocketgpt.checkpoint import save_model
 from pocketgpt.model import GPT, GPTConfig
-from pocketgpt.tokenizer import _GPT2_PATTERN, Tokenizer
+from pocketgpt.tokenizer import _GPT2_PATTERN, Tokenizer, _bytes_to_unicode
 
 CORPUS = ["ROMEO:\nWhat, ho! the quick brown fox jumps over the lazy dog.\n\n", "你好，世界！我们今天去公园。",
           "tabs\there,   runs of spaces  and\r\nnewlines\n\n\n", "It's 2024; don't panic -- 42 is the answer."] * 30
@@ -114,11 +114,10 @@ def llamacpp_tokenize(kv, text: str) -> list[int]:
     tokens = kv["tokenizer.ggml.tokens"]
     vocab = {t: i for i, t in enumerate(tokens)}
     ranks = {tuple(m.split(" ")): r for r, m in enumerate(kv["tokenizer.ggml.merges"])}
-    from pocketgpt.gguf_export import _byte_level
-
+    table = _bytes_to_unicode()  # GPT-2's byte-level symbols
     out = []
     for word in regex.findall(_GPT2_PATTERN, text):
-        syms = list(_byte_level(word))
+        syms = [table[b] for b in word.encode("utf-8")]
         while len(syms) > 1:
             r, i = min((ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(syms, syms[1:])))
             if r == math.inf:

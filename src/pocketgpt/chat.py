@@ -1,39 +1,12 @@
-"""The chat template, and ``pocketgpt chat`` (a terminal chat).
-
-The template (one function, used for training *and* inference, by SFT, the RL stages and the server)::
-
-    <|endoftext|> <|system|> ...system... <|end|> <|user|> ...question... <|end|> <|assistant|> ...reply... <|end|> ...
-
-``render(messages, tokenizer)`` returns ``(ids, labels)``: ``labels`` equals ``ids`` on assistant content and on the
-``<|end|>`` that closes each assistant turn, ``-100`` everywhere else, so every assistant turn of a multi-turn
-conversation is trained and nothing else is. With ``add_generation_prompt=True`` the ids end in ``<|assistant|>``;
-the model writes its reply and closes it with ``<|end|>`` (the stop token). A trainer feeds ``ids[:-1]`` as input
-and ``labels[1:]`` as targets.
-
-Conversations are JSONL, one per line, ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}``
-(the Hugging Face TRL / OpenAI format; other fields are ignored); ``pocketgpt.records`` reads and checks them.
-
-Conversations longer than the context (``fit_to_context``) are **split at turn boundaries** into several training
-examples: each example starts with the system message (if any) and a user turn, and holds as many consecutive
-user/assistant exchanges as fit. A single exchange that does not fit alone is cut at the token level (its reply
-loses its tail and its ``<|end|>``), or skipped when not even the prompt part fits. ``mode="truncate"`` instead keeps
-only the first example (the system message and the leading turns that fit).
-
-``pocketgpt chat --ckpt DIR`` (``ChatSession`` underneath): multi-turn history, replies streamed by the engine and
-stopped at ``<|end|>``, ``/reset``, ``/system TEXT``, ``/temperature X``, ``/history``, ``/help``, ``/exit`` (or
-Ctrl-D). Before each reply the oldest exchanges are dropped until the prompt leaves room for the reply
-(``min(max_new_tokens, context/2)`` tokens, ``records.fit``); the system message is always kept. With stdin not a terminal it reads
-one message per line and writes one reply per line (newlines in a reply become spaces), nothing else on stdout;
-commands still work and print nothing there.
-"""
+"""The chat template (one function for training and inference), a chat session, and ``pocketgpt chat``'s loop."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
-import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional
 
 from .errors import UserError
@@ -46,71 +19,58 @@ IGNORE = -100  # label of positions that carry no loss
 # ("And / And / And", "我我我"); 1 turns it off.
 CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_penalty": 1.1}
 
-Message = dict  # {"role": str, "content": str}
-Conversation = list  # list[Message]
+
+def __getattr__(name):  # the old homes of checkpoint.find_checkpoint and load_checkpoint(..., chat=True)
+    from . import checkpoint
+
+    if name == "find_checkpoint":
+        return checkpoint.find_checkpoint
+    if name == "load_chat_model":
+        return functools.partial(checkpoint.load_checkpoint, chat=True)
+    raise AttributeError(name)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # the template
 
 
-class _Specials:
-    """The ids of the template's special tokens in one tokenizer (looked up once, with a clear error)."""
-
-    def __init__(self, tokenizer):
-        names = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-        ids = {}
-        for name in names:
-            try:
-                ids[name] = tokenizer.token_id(name)
-            except (KeyError, ValueError, UserError):
-                ids[name] = None
-            if ids[name] is None:
-                raise UserError(
-                    f"tokenizer has no chat special token {name}; SFT adds them (pocketgpt sft --init CKPT) "
-                    "or train a tokenizer with pocketgpt tokenizer train"
-                )
-        self.bos = ids["<|endoftext|>"]
-        self.role = {"system": ids["<|system|>"], "user": ids["<|user|>"], "assistant": ids["<|assistant|>"]}
-        self.end = ids["<|end|>"]
+def specials(tokenizer) -> dict[str, int]:
+    """The ids of the special tokens (one clear error where the tokenizer lacks one of the template's)."""
+    ids = tokenizer.special_ids
+    for name in ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"):
+        if name not in ids:
+            raise UserError(f"tokenizer has no chat special token {name}; SFT adds them (pocketgpt sft --init CKPT) "
+                            "or train a tokenizer with pocketgpt tokenizer train")
+    return ids
 
 
-def _specials(tokenizer) -> _Specials:
-    return _Specials(tokenizer)
-
-
-def _message_pieces(messages: list[Message], tokenizer) -> list[tuple[list[int], list[int]]]:
-    """(ids, labels) of each message on its own: ``<|ROLE|>`` + content + ``<|end|>``."""
-    sp = _specials(tokenizer)
-    pieces = []
+def _pieces(messages: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each message: ``<|ROLE|>`` content ``<|end|>``, labelled on an assistant's content and end."""
+    sp = specials(tokenizer)
+    out = []
     for m in messages:
-        content = tokenizer.encode(m["content"]) if m["content"] else []
-        ids = [sp.role[m["role"]], *content, sp.end]
-        if m["role"] == "assistant":
-            labels = [IGNORE, *content, sp.end]
-        else:
-            labels = [IGNORE] * len(ids)
-        pieces.append((ids, labels))
-    return pieces
+        ids = [sp[f"<|{m['role']}|>"], *(tokenizer.encode(m["content"]) if m["content"] else []), sp["<|end|>"]]
+        out.append((ids, [IGNORE, *ids[1:]] if m["role"] == "assistant" else [IGNORE] * len(ids)))
+    return out
 
 
-def render(messages: list[Message], tokenizer, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Token ids and training labels of a conversation (see the module docstring for the layout)."""
-    messages = check_messages(messages) if messages else []
-    sp = _specials(tokenizer)
-    ids, labels = [sp.bos], [IGNORE]
-    for p_ids, p_labels in _message_pieces(messages, tokenizer):
-        ids += p_ids
-        labels += p_labels
+def _concat(pieces: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[int]]:
+    return [t for ids, _ in pieces for t in ids], [t for _, labels in pieces for t in labels]
+
+
+def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and training labels of a conversation: ``<|endoftext|>``, then each message's piece, then
+    ``<|assistant|>`` for a generation prompt. A trainer feeds ``ids[:-1]`` as input and ``labels[1:]`` as targets."""
+    sp = specials(tokenizer)
+    pieces = [([sp["<|endoftext|>"]], [IGNORE]), *_pieces(check_messages(messages) if messages else [], tokenizer)]
     if add_generation_prompt:
-        ids.append(sp.role["assistant"])
-        labels.append(IGNORE)
-    return ids, labels
+        pieces.append(([sp["<|assistant|>"]], [IGNORE]))
+    return _concat(pieces)
 
 
 def stop_id(tokenizer) -> int:
     """The id that ends an assistant reply (``<|end|>``)."""
-    return _specials(tokenizer).end
+    return specials(tokenizer)["<|end|>"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -132,54 +92,35 @@ class FitStats:
                 f"({self.split} split at turn boundaries, {self.truncated} truncated, {self.skipped} skipped)")
 
 
-def _exchanges(messages: list[Message]) -> tuple[list[Message], list[list[Message]]]:
-    """Leading system message(s), then groups that each end with an assistant message (user ... assistant).
-
-    Trailing messages after the last assistant turn carry no labels and are dropped.
-    """
-    i = 0
-    while i < len(messages) and messages[i]["role"] == "system":
-        i += 1
-    system, groups, cur = messages[:i], [], []
+def _exchanges(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
+    """The leading system message(s), and the exchanges (user ... assistant) after them; messages after the last
+    reply carry no labels and are dropped."""
+    i = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    groups, cur = [], []
     for m in messages[i:]:
         cur.append(m)
         if m["role"] == "assistant":
             groups.append(cur)
             cur = []
-    return system, groups
+    return messages[:i], groups
 
 
-def _concat(pieces: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[int]]:
-    ids, labels = [], []
-    for p_ids, p_labels in pieces:
-        ids += p_ids
-        labels += p_labels
-    return ids, labels
-
-
-def fit_to_context(messages: list[Message], tokenizer, max_tokens: int, mode: str = "split",
+def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str = "split",
                    stats: Optional[FitStats] = None) -> list[tuple[list[int], list[int]]]:
-    """Render one conversation into training examples of at most ``max_tokens`` ids each (see module docstring).
-
-    ``max_tokens`` counts ids, i.e. ``block_size + 1`` for a model whose input is ``ids[:-1]``. A conversation
-    that fits is exactly ``[render(messages, tokenizer)]`` (minus messages after the last assistant turn).
-    """
-    if mode not in ("split", "truncate"):
-        raise UserError(f"overflow: unknown mode {mode!r} (split, truncate)")
+    """Training examples of at most ``max_tokens`` ids (``block_size + 1``) from one conversation, split at turn
+    boundaries: each starts with the system message and holds as many whole exchanges as fit. An exchange too long
+    alone loses its reply's tail (skipped if not even its prompt fits); ``mode="truncate"`` keeps the first example
+    only. A conversation that fits is ``[render(messages, tokenizer)]``."""
     stats = stats if stats is not None else FitStats()
-    sp = _specials(tokenizer)
     system, groups = _exchanges(messages)
-    head = _concat([([sp.bos], [IGNORE]), *_message_pieces(system, tokenizer)])
-    group_ids = [_concat(_message_pieces(g, tokenizer)) for g in groups]
-
+    head = render(system, tokenizer)
     examples: list[tuple[list[int], list[int]]] = []
-    ids, labels = list(head[0]), list(head[1])
-    n = 0  # exchanges in the current example
-    lost = False  # some content of this conversation is not in any example
-    for k, (g_ids, g_labels) in enumerate(group_ids):
+    (ids, labels), n = head, 0  # n: exchanges in the current example
+    lost = False  # some content of this conversation is in no example
+    for g_ids, g_labels in (_concat(_pieces(g, tokenizer)) for g in groups):
         if n and len(ids) + len(g_ids) > max_tokens:  # close the example; the next restarts with the system prompt
             examples.append((ids, labels))
-            ids, labels, n = list(head[0]), list(head[1]), 0
+            (ids, labels), n = head, 0
             if mode == "truncate":
                 lost = True
                 break
@@ -189,10 +130,8 @@ def fit_to_context(messages: list[Message], tokenizer, max_tokens: int, mode: st
         # one exchange too long for an example of its own: cut its reply if the prompt part and one reply token fit
         lost = True
         room = max_tokens - len(ids)
-        first_label = next(i for i, lab in enumerate(g_labels) if lab != IGNORE)
-        if first_label < room:
+        if next(i for i, lab in enumerate(g_labels) if lab != IGNORE) < room:
             examples.append((ids + g_ids[:room], labels + g_labels[:room]))
-            ids, labels = list(head[0]), list(head[1])
         if mode == "truncate":
             break
     if n:
@@ -206,7 +145,7 @@ def fit_to_context(messages: list[Message], tokenizer, max_tokens: int, mode: st
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# a chat session: history, trimming to the context, streamed replies (shared by the terminal chat and tests)
+# a chat session: history, trimming to the context, streamed replies
 
 
 @dataclass
@@ -229,12 +168,13 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = []
 
-    def conversation(self) -> list[Message]:
+    def conversation(self) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.messages
 
     def prompt_ids(self) -> list[int]:
-        """The prompt for the next reply, dropping the oldest exchanges until prompt + reply fit the context."""
+        """The prompt for the next reply: the oldest exchanges (never the system message) are dropped until it leaves
+        room for ``min(max_new_tokens, block_size / 2)`` reply tokens."""
         block = self.model.config.block_size
         reserve = max(1, min(self.max_new_tokens, block // 2))
         dropped = 0
@@ -288,46 +228,6 @@ HELP = """commands:
   /exit             quit (Ctrl-D too)"""
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory (``hf:NAME`` included), or a run directory holding one (``RUN/ckpt``, else
-    ``RUN/best``)."""
-    from .checkpoint import local_dir
-
-    p = local_dir(path)
-    if not p.exists():
-        raise UserError(f"{p}: checkpoint directory not found")
-    if (p / "config.json").exists():
-        return p
-    for name in ("ckpt", "best"):  # a Trainer run directory: RUN/ckpt is the final model
-        if (p / name / "config.json").exists():
-            return p / name
-    raise UserError(f"{p}: not a checkpoint directory (no config.json) nor a run directory holding one")
-
-
-def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp32"):
-    """Model (eval mode) + tokenizer of a checkpoint, checking that the tokenizer has the chat tokens."""
-    from .checkpoint import load_model
-    from .runtime import DTYPES, pick_device
-    from .tokenizer import load_tokenizer_for
-
-    path = find_checkpoint(ckpt)
-    dev = pick_device(device)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype: unknown precision {dtype!r} (fp32, bf16, fp16)")
-    model = load_model(path, device=dev, dtype=DTYPES[dtype])
-    model.eval()
-    tokenizer = load_tokenizer_for(path)
-    try:
-        _specials(tokenizer)
-    except UserError:
-        raise UserError(f"{path}: this checkpoint's tokenizer has no chat tokens; fine-tune it first "
-                        f"(pocketgpt sft --init {path} --data ...)") from None
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                        f"{model.config.vocab_size}")
-    return model, tokenizer
-
-
 def _command(session: ChatSession, line: str, interactive: bool) -> bool:
     """Run a /command; return False to quit."""
     cmd, _, arg = line.partition(" ")
@@ -369,12 +269,10 @@ def terminal(session: ChatSession, banner: Optional[str] = None) -> None:
     editing. Without: one user message per input line, one reply per output line (newlines -> spaces)."""
     interactive = banner is not None
     if interactive:
-        try:
+        with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input(), wide characters included
-        except ImportError:
-            pass
         print(banner, file=sys.stderr)
-    lines = sys.stdin if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    lines = None if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
     while True:
         try:
             line = input("you> ") if interactive else next(lines, None)
@@ -392,18 +290,15 @@ def terminal(session: ChatSession, banner: Optional[str] = None) -> None:
                 return
             continue
         if interactive:
-            sys.stdout.write("bot> ")
-            sys.stdout.flush()
+            print("bot> ", end="", flush=True)
         try:
             for piece in session.reply(line):
-                sys.stdout.write(piece if interactive else piece.replace("\r", " ").replace("\n", " "))
-                sys.stdout.flush()
+                print(piece if interactive else piece.replace("\r", " ").replace("\n", " "), end="", flush=True)
         except KeyboardInterrupt:
             if not interactive:
                 raise
             print("\n(interrupted)", file=sys.stderr)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        print(flush=True)
         for note in session.notes if interactive else ():
             print(note, file=sys.stderr)
         session.notes.clear()

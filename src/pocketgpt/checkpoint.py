@@ -1,18 +1,9 @@
-"""Saving and loading models: pocketgpt checkpoint directories, and Hugging Face GPT-2 / Llama directories both ways.
-
-A pocketgpt checkpoint is a directory with ``config.json`` (``"model_type": "pocketgpt"`` + ``GPTConfig`` fields)
-and ``model.safetensors``; stages may add ``tokenizer/`` and ``trainer_state.json`` beside them.
-
-    save_model(model, dir)          atomic; keeps the other files already in ``dir``
-    write_model(model, tmpdir)      the two files, inside your own ``atomic_dir``
-    load_model(dir, device, dtype)  ours (LoRA adapters folded in), or a Hugging Face GPT-2 / Llama directory (local, or ``hf:NAME``)
-    local_dir(path)                 ``hf:NAME`` → its snapshot in the Hugging Face cache; other paths unchanged
-    export_hf(model, dir, arch, tokenizer)  a ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` directory that chats
-                                    (names mapped in ``hf.py``; tokenizer files, chat template, stop ids)
-"""
+"""Saving and loading models: pocketgpt checkpoint directories (``config.json`` + ``model.safetensors``, beside which
+stages keep ``tokenizer/`` and ``trainer_state.json``), and Hugging Face GPT-2 / Llama directories both ways."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -21,11 +12,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .hf import gpt2_config_to_ours, gpt2_state_to_ours, llama_config_to_ours, llama_state_to_ours, ours_to_gpt2, \
-    ours_to_llama
+from .hf import ARCHS, config_to_ours, to_hf, to_ours
 from .io import atomic_dir, read_json, write_json
 from .lora import fold_state
 from .model import GPT, GPTConfig
+from .runtime import DTYPES, pick_device
+from .tokenizer import load_tokenizer_for
 
 
 def _state_for_save(model: GPT) -> dict[str, torch.Tensor]:
@@ -85,18 +77,11 @@ def read_model_config(directory: str | Path):
     if not isinstance(cfg, dict):
         raise UserError(f"{cfg_path}: expected a JSON object")
     kind = cfg.get("model_type", "pocketgpt")
-    where = str(cfg_path)
     if kind == "pocketgpt":
-        fields = {k: v for k, v in cfg.items() if k != "model_type"}
-        return GPTConfig.from_dict(fields, where), kind
-    if kind == "gpt2":
-        return gpt2_config_to_ours(cfg, where), kind
-    if kind == "llama":
-        try:
-            return llama_config_to_ours(cfg, where), kind
-        except KeyError as e:
-            raise UserError(f"{where}: missing field {e}") from None
-    raise UserError(f"{where}: model_type {kind!r} is not supported (pocketgpt, gpt2, llama)")
+        return GPTConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"}, str(cfg_path)), kind
+    if kind in ARCHS:
+        return config_to_ours(cfg, kind, str(cfg_path)), kind
+    raise UserError(f"{cfg_path}: model_type {kind!r} is not supported (pocketgpt, gpt2, llama)")
 
 
 HUB_FILES = ["*.json", "*.safetensors", "merges.txt"]  # weights, configs and tokenizer; not the TF / Flax copies
@@ -121,42 +106,48 @@ def local_dir(path: str | Path) -> Path:
                         f"use the cache) or pass a local directory") from None
 
 
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory (``hf:NAME`` included), or a run directory holding one (``RUN/ckpt``, else
+    ``RUN/best``)."""
+    p = local_dir(path)
+    if not p.exists():
+        raise UserError(f"{p}: checkpoint directory not found")
+    for d in (p, p / "ckpt", p / "best"):  # RUN/ckpt is a Trainer run's final model
+        if (d / "config.json").exists():
+            return d
+    raise UserError(f"{p}: not a checkpoint directory (no config.json) nor a run directory holding one")
+
+
 def load_model(directory: str | Path, device=None, dtype=None) -> GPT:
     """Load a pocketgpt checkpoint, or a Hugging Face GPT-2 / Llama directory, local or ``hf:NAME`` (fp32 unless
     ``dtype``)."""
     directory = local_dir(directory)
     config, kind = read_model_config(directory)
     sd = fold_state(load_state_file(directory))  # a LoRA checkpoint's adapters become plain weights (lora.py)
-    try:
-        if kind == "gpt2":
-            sd = gpt2_state_to_ours(sd, config)
-        elif kind == "llama":
-            sd = llama_state_to_ours(sd, config)
-    except KeyError as e:
-        raise UserError(f"{directory}: weight {e} missing from the checkpoint") from None
     with torch.device("meta"):
         model = GPT(config, init_weights=False)
     expected = _state_for_save(model)
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+    if config.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # wte.weight
+    if kind != "pocketgpt":
+        try:
+            sd = to_ours(sd, expected, kind)
+        except KeyError as e:
+            raise UserError(f"{directory}: weight {e} missing from the checkpoint") from None
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing weights {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected weights {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        parts = [f"{what} weights {names[:3]}{'...' if len(names) > 3 else ''}"
+                 for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
         raise UserError(f"{directory}: weights do not match config.json ({'; '.join(parts)})")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise UserError(
                 f"{directory}: weight '{k}' has shape {tuple(v.shape)}, config.json implies {tuple(expected[k].shape)}"
             )
-    # assign=True puts the loaded tensors in place of the meta ones (no to_empty: its first call imports sympy, ~1 s)
+    # assign=True puts the loaded tensors in place of the meta ones (no to_empty: its first call imports sympy)
     target_dtype = dtype or torch.float32
     sd = {k: v.to(target_dtype) for k, v in sd.items()}
-    if config.tie_embeddings:
-        sd["lm_head.weight"] = sd["wte.weight"]
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(sd, strict=False, assign=True)  # the names are checked above; a tied lm_head is wte
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     model.to(device=device or "cpu", dtype=target_dtype)
@@ -164,28 +155,43 @@ def load_model(directory: str | Path, device=None, dtype=None) -> GPT:
     return model
 
 
+def load_checkpoint(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp32", chat: bool = False):
+    """Model (eval mode) + tokenizer of a checkpoint (a run directory, ``hf:NAME``); ``chat=True`` also checks that
+    the tokenizer has the chat tokens."""
+    path = find_checkpoint(ckpt)
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: unknown precision {dtype!r} (fp32, bf16, fp16)")
+    model = load_model(path, device=pick_device(device), dtype=DTYPES[dtype])
+    tokenizer = load_tokenizer_for(path)
+    if chat:
+        from .chat import specials
+
+        try:
+            specials(tokenizer)
+        except UserError:
+            raise UserError(f"{path}: this checkpoint's tokenizer has no chat tokens; fine-tune it first "
+                            f"(pocketgpt sft --init {path} --data ...)") from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.config.vocab_size}")
+    return model, tokenizer
+
+
 def export_hf(model: GPT, out_dir: str | Path, fmt: str = "auto", tokenizer=None) -> str:
     """Write a Hugging Face directory (config.json + model.safetensors + generation_config.json [+ ``tokenizer`` with
     its chat template]) that ``transformers`` / vLLM load and chat with; returns the architecture."""
-    c = model.config
-    if fmt == "auto":
-        fmt = "llama" if c.pos == "rope" else "gpt2"
-    if fmt == "gpt2":
-        cfg, sd = ours_to_gpt2(model)
-    elif fmt == "llama":
-        cfg, sd = ours_to_llama(model)
-    else:
-        raise UserError(f"unknown export architecture {fmt!r} (gpt2, llama or auto)")
+    cfg, sd = to_hf(model, fmt)
     with atomic_dir(out_dir) as tmp:
         gen = {"_from_model_config": True}
         if tokenizer is not None:
             tokenizer.write_files(tmp)
-            ids = tokenizer.write_hf_config(tmp, c.block_size)
+            ids = tokenizer.write_hf_config(tmp, model.config.block_size)
             cfg.update(ids)
             # a chat reply ends at <|end|>, a document at <|endoftext|>: generation stops at either
             stops = [tokenizer.special_ids[n] for n in ("<|end|>", "<|endoftext|>") if n in tokenizer.special_ids]
             gen = {**ids, "eos_token_id": stops}
         write_json(tmp / "config.json", cfg)
-        save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
         write_json(tmp / "generation_config.json", gen)
     return cfg["architectures"][0]

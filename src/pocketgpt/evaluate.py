@@ -1,19 +1,5 @@
-"""Evaluation on standard benchmarks (lm-evaluation-harness) and bits-per-byte on a text file.
-
-    run_tasks(ckpt, tasks, include_path=None, limit=None) -> {task: {metric: value}}   (``pocketgpt eval --tasks``)
-    text_metrics(ckpt, path) -> {"loss", "bits_per_byte", "tokens", "bytes"}            (``pocketgpt eval --text``)
-
-pocketgpt is the lm-eval model ``pocketgpt`` (``PocketGPTLM``: ``--model_args ckpt=DIR``, lm-eval's own
-``--batch_size`` / ``--device``). lm-eval 0.4.13 finds no model outside its own tree, so its command line runs
-through this module, which registers the model first: ``python -m pocketgpt.evaluate --model pocketgpt --model_args
-ckpt=DIR --tasks ...`` (every ``lm_eval`` option works); releases that read the ``lm_eval.models`` entry point find
-``lm_eval --model pocketgpt`` directly. Every scored text starts with ``<|endoftext|>``, as every pretraining document does.
-``loglikelihood`` is one padded forward per batch (``engine.pack_replies`` + ``logprobs_from_logits``; whether the
-continuation is the greedy one needs the logits' argmax too), ``loglikelihood_rolling`` scores windows of the
-context, ``generate_until`` is ``engine.generate`` (greedy unless the task samples), batched per set of options.
-Bits-per-byte (nats / ln 2 / UTF-8 bytes) compares models whose tokenizers differ; lm-eval reports it for rolling
-tasks (``bits_per_byte``), ``text_metrics`` for any text file.
-"""
+"""Evaluation: lm-evaluation-harness tasks through the lm-eval model ``pocketgpt`` (``run_tasks``, and lm-eval's own
+command line as ``python -m pocketgpt.evaluate``), and bits per byte of a text file (``text_metrics``)."""
 
 from __future__ import annotations
 
@@ -23,27 +9,18 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
+from .checkpoint import load_checkpoint
+from .engine import SamplingParams, generate, logprobs_from_logits, pack_replies
 from .errors import UserError
-
-
-def _load(ckpt, device: str = "cpu"):
-    from . import runtime
-    from .checkpoint import load_model
-    from .tokenizer import load_tokenizer_for
-
-    return load_model(ckpt, device=runtime.pick_device(device)), load_tokenizer_for(ckpt)
+from .records import fit, read_text_file
 
 
 def score_batch(model, rows: Sequence[tuple[list[int], list[int]]], batch_size: int = 16):
     """``(sum of log p(reply | prompt), reply is the greedy continuation)`` per ``(prompt, reply)``; rows longer than
-    the context keep their newest prompt tokens (``records.fit``)."""
-    import torch
-
-    from .engine import logprobs_from_logits, pack_replies
-    from .records import fit
-
-    ctx = model.config.block_size
-    rows = [fit(p, ctx, r) if len(p) + len(r) > ctx else (p, r) for p, r in rows]
+    the context keep their newest prompt tokens. ``engine.token_logprobs`` without the argmax, hence its own forward."""
+    rows = [fit(p, model.config.block_size, r) for p, r in rows]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]) - len(rows[i][1]))  # similar lengths batch
     out: list = [None] * len(rows)
     device = model.wte.weight.device
@@ -71,9 +48,7 @@ def rolling_logprob(model, ids: list[int], prefix: int, batch_size: int = 16) ->
 
 def text_metrics(ckpt, path, batch_size: int = 16, device: str = "cpu") -> dict:
     """Loss (nats per token) and bits per UTF-8 byte of a checkpoint on a text file."""
-    from .records import read_text_file
-
-    model, tok = _load(ckpt, device)
+    model, tok = load_checkpoint(ckpt, device)
     text = read_text_file(Path(path))
     ids = tok.encode(text)
     if not ids:
@@ -97,7 +72,7 @@ def _harness_model():
     class PocketGPTLM(TemplateLM):
         def __init__(self, ckpt: str, batch_size=16, device: Optional[str] = "cpu", max_gen_toks=256, **_):
             super().__init__()
-            self.model, self.tok = _load(ckpt, device or "cpu")
+            self.model, self.tok = load_checkpoint(ckpt, device or "cpu")
             self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" → 16
             self.max_gen_toks = int(max_gen_toks)
 
@@ -105,7 +80,7 @@ def _harness_model():
         def eot_token_id(self) -> int:
             return self.tok.eos_id
 
-        def tok_encode(self, string: str, add_special_tokens=None, **_) -> list[int]:
+        def tok_encode(self, string: str, add_special_tokens=None, **_) -> list[int]:  # as every document starts
             return ([] if add_special_tokens is False else [self.eot_token_id]) + self.tok.encode(string)
 
         def tok_decode(self, tokens, **_) -> str:
@@ -119,8 +94,6 @@ def _harness_model():
                     for r in requests]
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            from .engine import SamplingParams, generate
-
             groups: dict = {}
             for i, r in enumerate(requests):
                 context, kw = r.args[0], dict(r.args[1] or {})

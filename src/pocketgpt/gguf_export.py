@@ -1,20 +1,5 @@
-"""GGUF export for llama.cpp / Ollama: ``export_gguf(ckpt, path, dtype, arch)``.
-
-It follows llama.cpp's own converter (``convert_hf_to_gguf.py``) and is written with its ``gguf`` package: the
-Hugging Face weights of ``hf.ours_to_llama`` / ``hf.ours_to_gpt2`` are renamed by ``gguf``'s tensor name map;
-Llama's q/k rows go from the rotate-half RoPE layout (ours and HF's) to GGML's interleaved pairs; GPT-2's Conv1D
-weights are transposed back and its ``output.weight`` is written even when tied (its loader wants one).
-``f16`` keeps 1-D tensors (norms, biases) in f32; ``q8_0`` stores f16 where a row is not a multiple of 32.
-
-The vocabulary is llama.cpp's ``gpt2`` BPE (byte-level tokens + merges, GPT-2 pre-tokenizer). A ``char`` tokenizer
-is expressed in it too: each character is the token of its UTF-8 bytes, with merges that rebuild multi-byte
-characters only (llama.cpp drops characters unseen in training, where pocketgpt gives ``<unk>``). ``unigram`` is
-llama.cpp's unigram tokenizer (``t5``: pieces + scores, no space prefix, spaces kept). ``word`` splits text unlike
-any llama.cpp tokenizer and is refused. ``<|endoftext|>`` is BOS (added
-before every prompt, as before every pocketgpt document), ``<|end|>`` EOS (llama.cpp also ends at
-``<|endoftext|>`` by its name). ``tokenizer.CHAT_TEMPLATE`` is the chat template: llama.cpp's Jinja mode (the default of
-llama-cli / llama-server) renders exactly ``chat.render``'s ids; without it llama.cpp guesses Phi-3's, which differs.
-"""
+"""GGUF export for llama.cpp / Ollama, as llama.cpp's own ``convert_hf_to_gguf.py`` does it, with its ``gguf``
+package: ``hf.to_hf``'s tensors renamed by gguf's tensor map, and the tokenizer as one llama.cpp knows."""
 
 from __future__ import annotations
 
@@ -22,9 +7,17 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError
+import numpy as np
 
-DTYPES = ("f32", "f16", "q8_0")
+from .checkpoint import load_checkpoint
+from .errors import UserError
+from .hf import CONV1D, to_hf
+from .tokenizer import CHAT_TEMPLATE, _bytes_to_unicode
+
+try:
+    import gguf
+except ImportError:  # an optional extra: export_gguf says how to install it
+    gguf = None
 
 def _permute(w, n_head: int):
     """convert_hf_to_gguf's LlamaModel.permute: rotate-half rows of each head → interleaved (even, odd) pairs."""
@@ -33,63 +26,49 @@ def _permute(w, n_head: int):
 
 def _tensors(model, arch: str) -> dict:
     """GGUF name → float32 numpy array, from the Hugging Face export of ``model``."""
-    import gguf
-
-    from .hf import ours_to_gpt2, ours_to_llama
-
     c = model.config
     try:
-        _, sd = (ours_to_llama if arch == "llama" else ours_to_gpt2)(model)
+        _, sd = to_hf(model, arch)
     except UserError as e:
         raise UserError(f"GGUF {arch}: {e}") from None
     if arch == "gpt2" and c.mlp != "gelu":
         raise UserError(f"GGUF gpt2: mlp={c.mlp!r} (llama.cpp's gpt2 has GELU: train with --mlp gelu, or "
                         "rope + rmsnorm + swiglu for llama)")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2, c.n_layer)
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     out = {}
     for name, t in sd.items():
         t = t.detach().float().cpu()
-        if arch == "gpt2" and name.endswith(conv1d):
+        if arch == "gpt2" and name.endswith(CONV1D):  # llama.cpp's gpt2 wants them (out, in) again
             t = t.t()
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
+        if name.endswith(("q_proj.weight", "q_proj.bias")):  # rotate-half RoPE (ours, HF's) -> GGML's interleaved
             t = _permute(t, c.n_head)
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
             t = _permute(t, c.n_kv_head)
         out[names.get_name(name, try_suffixes=(".weight", ".bias"))] = t.contiguous().numpy()
-    if arch == "gpt2" and "output.weight" not in out:
+    if arch == "gpt2" and "output.weight" not in out:  # llama.cpp's gpt2 loader wants one, even when tied
         out["output.weight"] = out["token_embd.weight"]
     return out
 
 
-def _byte_level(text: str) -> str:
-    from .tokenizer import _bytes_to_unicode
-
-    table = _bytes_to_unicode()
-    return "".join(table[b] for b in text.encode("utf-8"))
-
-
 def _write_vocab(w, tok, n_vocab: int) -> None:
-    """The tokenizer keys: llama.cpp's gpt2 BPE (bpe, char) or its unigram "t5" (unigram); padding rows unused."""
-    import gguf
-
+    """The tokenizer keys: llama.cpp's gpt2 BPE (bpe; char: each character the token of its UTF-8 bytes, merges
+    rebuilding multi-byte ones) or its unigram "t5" (unigram); ``word`` splits text unlike any and is refused."""
     spec = json.loads(tok._hf.to_str())  # the Hugging Face tokenizer.json behind a pocketgpt Tokenizer
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     added = {t["id"]: t["content"] for t in spec.get("added_tokens") or []}
-    n = tok.vocab_size
-    if n > n_vocab:
-        raise UserError(f"the tokenizer has {n} ids but the model only {n_vocab} rows")
+    n = tok.vocab_size  # <= n_vocab (load_checkpoint); the other rows are padding
     types = [gguf.TokenType.CONTROL if i in added else gguf.TokenType.NORMAL for i in range(n)]
     tokens, merges = [added.get(i) or tok._hf.id_to_token(i) for i in range(n)], []
     if model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) \
             and not pre.get("add_prefix_space") and spec.get("normalizer") is None:
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     elif tok.kind == "char":
+        table = _bytes_to_unicode()
         for i, piece in enumerate(tokens):
             if i in added or piece == model.get("unk_token"):
                 types[i] = gguf.TokenType.CONTROL if i in added else gguf.TokenType.UNKNOWN
                 continue
-            tokens[i] = chars = _byte_level(piece)  # a multi-byte character: merge its bytes left to right
+            tokens[i] = chars = "".join(table[b] for b in piece.encode("utf-8"))  # merge its bytes left to right
             merges += [f"{chars[:k]} {chars[k]}" for k in range(1, len(chars))]
     elif tok.kind == "unigram":  # llama.cpp's Viterbi over the text with ' ' as '▁' = HF's Metaspace split
         types[model["unk_id"]] = gguf.TokenType.UNKNOWN
@@ -110,37 +89,23 @@ def _write_vocab(w, tok, n_vocab: int) -> None:
 
 
 def _store(w, name: str, a, dtype: str) -> None:
-    import gguf
-    import numpy as np
-
     if a.ndim == 2 and dtype == "q8_0" and a.shape[-1] % 32 == 0:
         q = gguf.GGMLQuantizationType.Q8_0
         w.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
     elif a.ndim == 2 and dtype != "f32":  # f16, and q8_0's fallback (as convert_hf_to_gguf does)
         w.add_tensor(name, a.astype(np.float16))
-    else:
+    else:  # and 1-D tensors (norms, biases) always
         w.add_tensor(name, a.astype(np.float32))
 
 
 def export_gguf(ckpt, path: str | os.PathLike, dtype: str = "f32", arch: str = "auto") -> str:
     """Write a checkpoint (model + tokenizer) as one GGUF file, atomically; returns the llama.cpp architecture."""
-    try:
-        import gguf
-    except ImportError:
-        raise UserError("gguf is not installed: pip install 'pocketgpt[gguf]'") from None
-    from .chat import find_checkpoint
-    from .checkpoint import load_model
-    from .tokenizer import CHAT_TEMPLATE, load_tokenizer_for
-
-    ckpt = find_checkpoint(ckpt)
-    model, tokenizer = load_model(ckpt), load_tokenizer_for(ckpt)
+    if gguf is None:
+        raise UserError("gguf is not installed: pip install 'pocketgpt[gguf]'")
+    model, tokenizer = load_checkpoint(ckpt, device="cpu")
     c = model.config
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype: {dtype!r} is not a GGUF type ({', '.join(DTYPES)})")
     if arch == "auto":
         arch = "llama" if c.pos == "rope" else "gpt2"
-    if arch not in ("gpt2", "llama"):
-        raise UserError(f"--arch: {arch!r} (gpt2, llama or auto)")
     tensors = _tensors(model, arch)
     special = tokenizer.special_ids
     path = Path(path)
