@@ -12,14 +12,14 @@ from typing import Optional, Sequence
 import torch
 
 from .checkpoint import load_checkpoint
-from .engine import SamplingParams, generate, logprobs_from_logits, pack_replies
+from .engine import SamplingParams, generate, pack_replies, token_logprobs
 from .errors import UserError
 from .records import fit, read_text_file
 
 
 def score_batch(model, rows: Sequence[tuple[list[int], list[int]]], batch_size: int = 16):
     """``(sum of log p(reply | prompt), reply is the greedy continuation)`` per ``(prompt, reply)``; rows longer than
-    the context keep their newest prompt tokens. ``engine.token_logprobs`` without the argmax, hence its own forward."""
+    the context keep their newest prompt tokens."""
     rows = [fit(p, model.config.block_size, r) for p, r in rows]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]) - len(rows[i][1]))  # similar lengths batch
     out: list = [None] * len(rows)
@@ -27,11 +27,9 @@ def score_batch(model, rows: Sequence[tuple[list[int], list[int]]], batch_size: 
     with torch.inference_mode():
         for b0 in range(0, len(order), batch_size):
             chunk = order[b0: b0 + batch_size]
-            idx, pos, targets, mask = pack_replies([rows[i][0] for i in chunk], [rows[i][1] for i in chunk],
-                                                   device=device)
-            logits, _ = model(idx, at=pos)
-            logp = logprobs_from_logits(logits, targets) * mask
-            greedy = ((logits.argmax(-1) == targets) | ~mask).all(-1)
+            batch = pack_replies([rows[i][0] for i in chunk], [rows[i][1] for i in chunk], device=device)
+            logp, _, _, best = token_logprobs(model, *batch, return_argmax=True)
+            greedy = ((best == batch[2]) | ~batch[3]).all(-1)
             for j, i in enumerate(chunk):
                 out[i] = (float(logp[j].sum()), bool(greedy[j]))
     return out
