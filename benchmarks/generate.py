@@ -40,13 +40,13 @@ def load_pair(cfg_kw: dict, dtype: torch.dtype):
     import transformers
     from safetensors.torch import save_file
 
-    from pocketgpt.hf import ours_to_gpt2
+    from pocketgpt.hf import to_hf
     from pocketgpt.io import write_json
 
     torch.manual_seed(0)
     ours = GPT(GPTConfig(**cfg_kw)).eval()
     with tempfile.TemporaryDirectory() as d:
-        cfg, sd = ours_to_gpt2(ours)
+        cfg, sd = to_hf(ours, "gpt2")
         write_json(Path(d) / "config.json", cfg)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(Path(d) / "model.safetensors"))
         hf = transformers.GPT2LMHeadModel.from_pretrained(d, dtype=dtype).eval()

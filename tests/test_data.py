@@ -11,7 +11,8 @@ import torch
 from pocketgpt import Tokenizer, UserError
 from pocketgpt.checkpoint import save_model
 from pocketgpt.cli import main as cli_main
-from pocketgpt.data import BUILTINS, TokenShards, builtin_path, prepare, shard_dtype, text_documents
+from pocketgpt.data import TokenShards, builtin_path, prepare, shard_dtype, text_documents
+from pocketgpt.records import BUILTINS
 from pocketgpt.records import builtin_files
 
 

@@ -6,7 +6,6 @@ naming the option at fault. ``checkpoint.load_model`` / ``export_hf`` read and w
 
 from __future__ import annotations
 
-import functools
 import re
 
 import torch
@@ -131,4 +130,3 @@ def to_hf(model: GPT, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, {k: v.detach().contiguous().clone() for k, v in sd.items()}
 
 
-ours_to_gpt2 = functools.partial(to_hf, kind="gpt2")  # benchmarks/generate.py's name for it

@@ -6,25 +6,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import UserError
-
 API_KEY_ENV = "POCKETGPT_API_KEY"
 
 
 def load_backend(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp32", model_name: str | None = None):
     """Load a checkpoint and its tokenizer into a ``Backend`` (the model side of the server)."""
-    from ..chat import find_checkpoint
-    from ..checkpoint import load_model
-    from ..runtime import DTYPES, pick_device
-    from ..tokenizer import load_tokenizer_for
+    from ..checkpoint import find_checkpoint, load_checkpoint
     from .app import Backend
 
     ckpt = find_checkpoint(ckpt)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype: unknown precision {dtype!r} (fp32, bf16, fp16)")
-    dev = pick_device(device)
-    tokenizer = load_tokenizer_for(ckpt)
-    model = load_model(ckpt, device=dev, dtype=DTYPES[dtype])
+    model, tokenizer = load_checkpoint(ckpt, device, dtype)
     return Backend(model, tokenizer, model_name or run_name(ckpt))
 
 
