@@ -202,39 +202,37 @@ def _eval(p) -> None:
     p.add_argument("--batch_size", "--batch-size", type=int, default=8)
     p.add_argument("--max_batches", "--max-batches", type=int, default=0, help="0 = the whole split")
     p.add_argument("--block_size", "--block-size", type=int, default=None, help="window (default: model context)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
     p.set_defaults(func=_eval_run)
 
 
 def _eval_run(args) -> int:
+    from . import evaluate
+    from .io import write_json
+    from .train.pretrain import evaluate_checkpoint
+
     ckpt = args.ckpt or args.ckpt_opt
     if not ckpt or sum(x is not None for x in (args.data, args.text, args.tasks)) != 1:
         raise UserError("give a checkpoint and one of --data DIR, --text FILE or --tasks T1,T2")
-    if args.data is None:
-        from . import evaluate
-        from .io import write_json
-
-        if args.text:
-            res = evaluate.text_metrics(ckpt, args.text, args.batch_size, args.device)
-            print(f"{args.text}: loss {res['loss']:.4f}  bits/byte {res['bits_per_byte']:.4f}  "
-                  f"({res['tokens']} tokens, {res['bytes']} bytes)")
-        else:
-            res = evaluate.run_tasks(ckpt, args.tasks, args.include_path, args.limit, args.num_fewshot,
-                                     args.batch_size, args.device)
-            for task, m in res.items():
-                print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)) +
-                      f"  (n={m['n']})")
-        if args.out:
-            write_json(args.out, res)
+    if args.data is not None:
+        m = evaluate_checkpoint(ckpt, args.data, args.split, batch_size=args.batch_size, max_batches=args.max_batches,
+                                block_size=args.block_size, device=args.device, dtype=args.dtype)
+        print(f"{args.split} loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}"
+              + (f"  bits/byte {m['val_bpb']:.4f}" if "val_bpb" in m else ""))
         return 0
-    from .train.pretrain import evaluate_checkpoint
-
-    m = evaluate_checkpoint(ckpt, args.data, args.split, batch_size=args.batch_size,
-                            max_batches=args.max_batches, block_size=args.block_size, device=args.device,
-                            dtype=args.dtype)
-    print(f"{args.split} loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}"
-          + (f"  bits/byte {m['val_bpb']:.4f}" if "val_bpb" in m else ""))
+    if args.text:
+        res = evaluate.text_metrics(ckpt, args.text, args.batch_size, args.device)
+        print(f"{args.text}: loss {res['loss']:.4f}  bits/byte {res['bits_per_byte']:.4f}  "
+              f"({res['tokens']} tokens, {res['bytes']} bytes)")
+    else:
+        res = evaluate.run_tasks(ckpt, args.tasks, args.include_path, args.limit, args.num_fewshot,
+                                 args.batch_size, args.device)
+        for task, m in res.items():
+            print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)) +
+                  f"  (n={m['n']})")
+    if args.out:
+        write_json(args.out, res)
     return 0
 
 
@@ -282,12 +280,11 @@ def _sample_run(args) -> int:
 
     if args.n < 1:
         raise UserError(f"--n: must be at least 1, got {args.n}")
-    ckpt = find_checkpoint(args.ckpt)
-    device = pick_device(args.device)
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype: unknown precision {args.dtype!r} (fp32, bf16, fp16)")
+    ckpt = find_checkpoint(args.ckpt)
     tokenizer = load_tokenizer_for(ckpt)
-    model = load_model(ckpt, device=device, dtype=DTYPES[args.dtype])
+    model = load_model(ckpt, device=pick_device(args.device), dtype=DTYPES[args.dtype])
     eot = tokenizer.special_ids.get("<|endoftext|>")
     prompt = tokenizer.encode(args.prompt) if args.prompt else []
     if not prompt:

@@ -94,10 +94,9 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
         return p
     name = p.name.removesuffix(".toml")
     dirs = [d for d in dict.fromkeys([Path.cwd() / "configs", PACKAGE_CONFIGS]) if d.is_dir()]
-    if len(p.parts) == 1 or (len(p.parts) == 2 and p.parts[0] == "configs"):
-        for d in dirs:
-            if (d / f"{name}.toml").exists():
-                return d / f"{name}.toml"
+    found = [d / f"{name}.toml" for d in dirs if (d / f"{name}.toml").exists()]
+    if found and p.parent in (Path("."), Path("configs")):
+        return found[0]
     presets = sorted({f.stem for d in dirs for f in d.glob("*.toml")})
     hint = difflib.get_close_matches(name, presets, n=1)
     extra = f" (did you mean '{hint[0]}'?)" if hint else (f" (presets: {', '.join(presets)})" if presets else "")
