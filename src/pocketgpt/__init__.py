@@ -1,28 +1,12 @@
-"""pocketgpt: from raw text to a GPT chat model, built from scratch.
-
-Public API::
-
-    from pocketgpt import GPT, GPTConfig, SamplingParams, Tokenizer, generate, load_model, save_model
-
-Names are imported lazily, so that e.g. ``pocketgpt prepare`` never pays for importing torch.
-"""
+"""pocketgpt: from raw text to a GPT chat model, built from scratch. The public names are imported lazily, so that
+e.g. ``pocketgpt prepare`` never pays for importing torch."""
 
 import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "GPT": "model",
-    "GPTConfig": "model",
-    "KVCache": "model",
-    "UserError": "errors",
-    "Tokenizer": "tokenizer",
-    "SamplingParams": "engine",
-    "generate": "engine",
-    "load_model": "checkpoint",
-    "save_model": "checkpoint",
-}
-
+_LAZY = {"GPT": "model", "GPTConfig": "model", "KVCache": "model", "UserError": "errors", "Tokenizer": "tokenizer",
+         "SamplingParams": "engine", "generate": "engine", "load_model": "checkpoint", "save_model": "checkpoint"}
 __all__ = sorted(_LAZY)
 
 

@@ -1,19 +1,15 @@
-"""The ``pocketgpt`` command: the command-line glue of every command, as thin calls into the library.
-
-``COMMANDS`` lists ``(name, configure, help)``: ``configure(parser)`` adds the command's options and sets
-``parser.set_defaults(func=...)``; the function receives the parsed ``argparse.Namespace`` and returns the exit code.
-The training commands' options are generated from their config models (``config.add_config_arguments``). Each
-command imports only what it needs, inside its functions (``pocketgpt prepare`` never imports torch). A
-``UserError`` anywhere becomes one line on stderr and exit code 2.
-"""
+"""The ``pocketgpt`` command: every command's glue, thin calls into the library. ``COMMANDS`` lists them; each
+imports what it needs inside its functions (``pocketgpt prepare`` never imports torch)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from .errors import UserError
@@ -31,45 +27,62 @@ def _rank0() -> bool:
 def _training(p, module: str, run, *, out: str | None, default_config: str | None = None, aliases=None) -> None:
     """The options every training command shares: ``--out``, ``--resume`` / ``--restart``, and one option per field
     of the config sections of the stage ``module`` (its ``SECTIONS``)."""
-    from .config import add_config_arguments, add_resume_arguments
+    from .config import add_config_arguments
 
     sections = importlib.import_module(module).SECTIONS
-
     p.add_argument("--out", default=out, metavar="RUN", help=f"run directory (default {out or 'runs/CONFIG_NAME'}); "
                                                              "the model ends up in RUN/ckpt")
-    add_resume_arguments(p)
+    p.add_argument("--resume", action="store_true",
+                   help="require a checkpoint in RUN/ckpt to resume from (by default a run resumes when one exists)")
+    p.add_argument("--restart", action="store_true", help="ignore a checkpoint in RUN/ckpt and start over")
     add_config_arguments(p, sections, default_config=default_config, aliases=aliases)
     p.set_defaults(func=run, sections=sections)
 
 
 def _load(args, **kw):
-    """The command's ``RunConfig`` and the Trainer's ``resume`` from the parsed options."""
-    from .config import config_from_args, resume_from_args
+    """The command's ``RunConfig``, and the Trainer's ``resume``: True (required), False (start over) or None."""
+    from .config import config_from_args
 
-    return config_from_args(args, args.sections, **kw), resume_from_args(args)
+    if args.resume and args.restart:
+        raise UserError("--resume and --restart exclude each other")
+    return config_from_args(args, args.sections, **kw), True if args.resume else (False if args.restart else None)
 
 
-# ---- tokenizer, prepare ------------------------------------------------------------------------------------------------
+def _done(args, line: str) -> int:
+    """A fine-tuning command's last words."""
+    if _rank0():
+        print(line)
+        print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
+    return 0
+
+
+# ---- tokenizer, prepare ----------------------------------------------------------------------------------------------
+
+
+def _text_inputs(p, inputs: str) -> None:
+    """The input options ``tokenizer train`` and ``prepare`` share (both read documents with ``collect_documents``)."""
+    from .records import BUILTINS
+    from .tokenizer import KINDS
+
+    p.add_argument(inputs, nargs="*", help=".txt, .txt.gz, .jsonl(.gz) files or folders")
+    p.add_argument("--builtin", action="append", default=[], metavar="NAME",
+                   help=f"a bundled corpus as input ({', '.join(BUILTINS)}); may repeat")
+    p.add_argument("--field", default="text", help="JSONL field holding the text (default text; a list of chat "
+                                                  "messages is joined)")
+    p.add_argument("--encoding", default="utf-8", help="input text encoding (default utf-8)")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace"],
+                   help="undecodable bytes: error (strict, default) or U+FFFD (replace)")
+    p.add_argument("--kind", default="bpe", choices=KINDS, help="tokenizer kind (default bpe)")
 
 
 def _tokenizer(p) -> None:
-    from .tokenizer import KINDS
-
     sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
     t = sub.add_parser("train", help="train a tokenizer on text files", allow_abbrev=False,
                        description="Train a tokenizer on text files (.txt, .txt.gz, .jsonl with --field, folders).")
-    t.add_argument("files", nargs="*", help="input files or folders")
-    t.add_argument("--builtin", action="append", default=[], metavar="NAME",
-                   help="a bundled corpus as input (shakespeare, shuihu, ...); may repeat")
-    t.add_argument("--kind", default="bpe", choices=KINDS, help="tokenizer kind (default bpe)")
-    t.add_argument("--vocab-size", type=int, default=None,
-                   help="total vocabulary incl. special tokens (required except for char)")
+    _text_inputs(t, "files")
+    t.add_argument("--vocab-size", type=int, help="total vocabulary incl. special tokens (required except for char)")
     t.add_argument("--min-frequency", type=int, default=0, help="drop pieces seen fewer times (bpe, word)")
     t.add_argument("--out", required=True, help="output directory (written atomically)")
-    t.add_argument("--field", default="text", help="JSONL field holding the text (default text)")
-    t.add_argument("--encoding", default="utf-8", help="input text encoding (default utf-8)")
-    t.add_argument("--errors", default="strict", choices=["strict", "replace"],
-                   help="on undecodable bytes: stop with an error (strict) or use U+FFFD (replace)")
     t.set_defaults(func=_tokenizer_train)
     e = sub.add_parser("encode", help="show the tokens of a text", allow_abbrev=False,
                        description="Show the token ids/pieces of a text.")
@@ -77,7 +90,7 @@ def _tokenizer(p) -> None:
     e.add_argument("--tokenizer", required=True, help="tokenizer directory (or a checkpoint directory)")
     e.add_argument("--allow-special", action="store_true", help="turn literal <|...|> strings into special ids")
     e.set_defaults(func=_tokenizer_encode)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    p.set_defaults(func=lambda args: p.print_help() or 2)  # no ACTION
 
 
 def _tokenizer_train(args) -> int:
@@ -86,7 +99,7 @@ def _tokenizer_train(args) -> int:
 
     if not args.files and not args.builtin:
         raise UserError("give input FILES or --builtin NAME")
-    docs, _ = collect_documents(list(args.files), builtins=args.builtin, field=args.field, encoding=args.encoding,
+    docs, _ = collect_documents(args.files, builtins=args.builtin, field=args.field, encoding=args.encoding,
                                 errors=args.errors)
     tok = Tokenizer.train(args.kind, docs, args.vocab_size, min_frequency=args.min_frequency,
                           show_progress=sys.stderr.isatty() and not os.environ.get("CI"))
@@ -100,42 +113,26 @@ def _tokenizer_encode(args) -> int:
 
     tok = load_tokenizer_for(args.tokenizer)
     ids = tok.encode(args.text, allow_special=args.allow_special)
-    pieces = [tok.decode_bytes([i]).decode("utf-8", errors="backslashreplace") for i in ids]
     print(f"{len(ids)} tokens: {ids}")
-    print(" | ".join(repr(p)[1:-1] for p in pieces))
+    print(" | ".join(repr(tok.decode_bytes([i]).decode("utf-8", errors="backslashreplace"))[1:-1] for i in ids))
     return 0
 
 
 def _prepare(p) -> None:
-    from .records import BUILTINS
-
-    p.add_argument("inputs", nargs="*", help=".txt, .txt.gz, .jsonl(.gz) files or folders")
-    p.add_argument("--builtin", action="append", default=[], metavar="NAME",
-                   help=f"a bundled corpus as input ({', '.join(BUILTINS)}); may repeat")
+    _text_inputs(p, "inputs")
     p.add_argument("--out", required=True, help="output directory for train.bin / val.bin / meta.json")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer directory (or checkpoint dir); if omitted, one is trained on all the input "
-                        "documents with --kind / --vocab-size and saved in OUT/tokenizer/")
-    p.add_argument("--kind", default="bpe", choices=["bpe", "unigram", "char", "word"],
-                   help="kind of tokenizer to train when --tokenizer is omitted (default bpe)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size of the tokenizer trained when --tokenizer is omitted (default 4096; "
-                        "char: every character)")
-    p.add_argument("--field", default="text", help="JSONL field holding the text (default text; a list of chat "
-                                                  "messages is joined)")
+    p.add_argument("--tokenizer", help="tokenizer (or checkpoint) directory; default: one trained on the inputs with "
+                                       "--kind / --vocab-size, saved in OUT/tokenizer/")
+    p.add_argument("--vocab-size", type=int, help="of the tokenizer trained without --tokenizer (default 4096; char: "
+                                                  "every character)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents for val (default 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.0, help="fraction of documents for test (default 0)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the document split (default 1337)")
     p.add_argument("--split", default="random", choices=["random", "tail"],
                    help="held-out documents: a seeded random choice (default), or the last ones (tail)")
-    p.add_argument("--raw", action="store_true", help="keep the text byte-for-byte: no whitespace cleaning, no "
-                                                      "<|endoftext|> between documents; with --split tail the last "
-                                                      "fraction of the characters is val (nanoGPT's split)")
-    p.add_argument("--split-sentences", action="store_true",
-                   help="put each sentence on its own line (English .!? and Chinese 。！？…)")
-    p.add_argument("--encoding", default="utf-8", help="input text encoding (default utf-8)")
-    p.add_argument("--errors", default="strict", choices=["strict", "replace"],
-                   help="undecodable bytes: error (strict, default) or U+FFFD (replace)")
+    p.add_argument("--raw", action="store_true", help="the text byte-for-byte (no cleaning, no <|endoftext|>); with "
+                                                      "--split tail, val is the last characters (nanoGPT's split)")
+    p.add_argument("--split-sentences", action="store_true", help="each sentence on its own line (.!? and 。！？…)")
     p.add_argument("--force", action="store_true", help="overwrite OUT even if it holds another tokenizer's shards")
     p.set_defaults(func=_prepare_run)
 
@@ -155,7 +152,7 @@ def _prepare_run(args) -> int:
     return 0
 
 
-# ---- pretrain, eval ----------------------------------------------------------------------------------------------------
+# ---- pretrain, eval --------------------------------------------------------------------------------------------------
 
 
 def _pretrain(p) -> None:
@@ -205,66 +202,72 @@ def _eval(p) -> None:
     p.add_argument("--batch_size", "--batch-size", type=int, default=8)
     p.add_argument("--max_batches", "--max-batches", type=int, default=0, help="0 = the whole split")
     p.add_argument("--block_size", "--block-size", type=int, default=None, help="window (default: model context)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
     p.set_defaults(func=_eval_run)
 
 
 def _eval_run(args) -> int:
+    from . import evaluate
+    from .io import write_json
+    from .train.pretrain import evaluate_checkpoint
+
     ckpt = args.ckpt or args.ckpt_opt
     if not ckpt or sum(x is not None for x in (args.data, args.text, args.tasks)) != 1:
         raise UserError("give a checkpoint and one of --data DIR, --text FILE or --tasks T1,T2")
-    if args.data is None:
-        from . import evaluate
-        from .io import write_json
-
-        if args.text:
-            res = evaluate.text_metrics(ckpt, args.text, args.batch_size, args.device)
-            print(f"{args.text}: loss {res['loss']:.4f}  bits/byte {res['bits_per_byte']:.4f}  "
-                  f"({res['tokens']} tokens, {res['bytes']} bytes)")
-        else:
-            res = evaluate.run_tasks(ckpt, args.tasks, args.include_path, args.limit, args.num_fewshot,
-                                     args.batch_size, args.device)
-            for task, m in res.items():
-                print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)) +
-                      f"  (n={m['n']})")
-        if args.out:
-            write_json(args.out, res)
+    if args.data is not None:
+        m = evaluate_checkpoint(ckpt, args.data, args.split, batch_size=args.batch_size, max_batches=args.max_batches,
+                                block_size=args.block_size, device=args.device, dtype=args.dtype)
+        print(f"{args.split} loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}"
+              + (f"  bits/byte {m['val_bpb']:.4f}" if "val_bpb" in m else ""))
         return 0
-    from .train.pretrain import evaluate_checkpoint
-
-    m = evaluate_checkpoint(ckpt, args.data, args.split, batch_size=args.batch_size,
-                            max_batches=args.max_batches, block_size=args.block_size, device=args.device,
-                            dtype=args.dtype)
-    print(f"{args.split} loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}"
-          + (f"  bits/byte {m['val_bpb']:.4f}" if "val_bpb" in m else ""))
+    if args.text:
+        res = evaluate.text_metrics(ckpt, args.text, args.batch_size, args.device)
+        print(f"{args.text}: loss {res['loss']:.4f}  bits/byte {res['bits_per_byte']:.4f}  "
+              f"({res['tokens']} tokens, {res['bytes']} bytes)")
+    else:
+        res = evaluate.run_tasks(ckpt, args.tasks, args.include_path, args.limit, args.num_fewshot,
+                                 args.batch_size, args.device)
+        for task, m in res.items():
+            print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)) +
+                  f"  (n={m['n']})")
+    if args.out:
+        write_json(args.out, res)
     return 0
 
 
-# ---- sample, chat ------------------------------------------------------------------------------------------------------
+# ---- sample, chat ----------------------------------------------------------------------------------------------------
+
+
+def _sampling(p, d: dict) -> None:
+    """The options ``sample`` and ``chat`` share, with the command's defaults ``d``."""
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (pocketgpt or Hugging Face GPT-2/Llama), or a "
+                                                 "run directory holding one")
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
+                   help="longest reply in tokens (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=d["top_k"],
+                   help="sample from the k most likely tokens; 0 = off (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling mass in (0, 1] (default off)")
+    p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"],
+                   help="> 1 discourages repeating tokens, 1 = off (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
 
 
 def _sample(p) -> None:
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (pocketgpt or Hugging Face GPT-2/Llama)")
+    _sampling(p, dict(max_new_tokens=200, temperature=0.8, top_k=0, top_p=None, repetition_penalty=1.0))
     p.add_argument("--prompt", default=None, help="prompt text (default: start from <|endoftext|>)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p × the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style presence penalty")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style frequency penalty")
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1 = off)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty (default 1)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=3,
-                   help="beam search never repeats an n-gram of this size (default 3: beams of small models loop "
-                        "otherwise; 0 = off)")
+                   help="beams never repeat an n-gram this long (default 3: small models' beams loop; 0 = off)")
     p.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
     p.set_defaults(func=_sample_run)
 
 
@@ -277,63 +280,43 @@ def _sample_run(args) -> int:
 
     if args.n < 1:
         raise UserError(f"--n: must be at least 1, got {args.n}")
-    ckpt = find_checkpoint(args.ckpt)
-    device = pick_device(args.device)
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype: unknown precision {args.dtype!r} (fp32, bf16, fp16)")
+    ckpt = find_checkpoint(args.ckpt)
     tokenizer = load_tokenizer_for(ckpt)
-    model = load_model(ckpt, device=device, dtype=DTYPES[args.dtype])
-    eot = (getattr(tokenizer, "special_ids", None) or {}).get("<|endoftext|>")
+    model = load_model(ckpt, device=pick_device(args.device), dtype=DTYPES[args.dtype])
+    eot = tokenizer.special_ids.get("<|endoftext|>")
     prompt = tokenizer.encode(args.prompt) if args.prompt else []
     if not prompt:
         if eot is None:
             raise UserError("--prompt: " + ("encodes to no tokens" if args.prompt else
                                             "this tokenizer has no <|endoftext|> token; give a prompt"))
         prompt = [eot]
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                            num_beams=args.num_beams, length_penalty=args.length_penalty,
-                            no_repeat_ngram_size=args.no_repeat_ngram_size, stop_ids=eot, stop=args.stop)
-    out = sys.stdout
+    options = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+               "frequency_penalty", "num_beams", "length_penalty", "no_repeat_ngram_size", "stop")
+    params = SamplingParams(stop_ids=eot, **{k: getattr(args, k) for k in options})
     for i in range(args.n):
         if args.n > 1:
-            out.write(f"--- sample {i + 1} ---\n")
-        out.write(args.prompt or "")
-        out.flush()
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt or "", end="", flush=True)
         seed = None if args.seed is None else args.seed + i
         for piece in generate(model, [prompt], params, tokenizer=tokenizer, stream=True, seed=seed):
-            out.write(piece)
-            out.flush()
-        out.write("\n")
-        out.flush()
+            print(piece, end="", flush=True)
+        print(flush=True)
     return 0
 
 
 def _chat(p) -> None:
-    from .chat import CHAT_DEFAULTS as d, HELP
+    from .chat import CHAT_DEFAULTS, HELP
 
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (or a run directory holding one)")
+    _sampling(p, {**CHAT_DEFAULTS, "max_new_tokens": 256})
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--temperature", type=float, default=d["temperature"],
-                   help=f"sampling temperature; 0 = greedy ({d['temperature']})")
-    p.add_argument("--top-k", type=int, default=d["top_k"],
-                   help=f"sample from the k most likely tokens; 0 = off ({d['top_k']})")
-    p.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling threshold (off)")
-    p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"],
-                   help=f"> 1 discourages repeating tokens, 1 = off ({d['repetition_penalty']})")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (256)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = "With stdin not a terminal, reads one message per line and prints one reply per line.\n\n" + HELP
     p.set_defaults(func=_chat_run)
 
 
 def _chat_run(args) -> int:
-    import torch
-
     from .chat import ChatSession, find_checkpoint, load_chat_model, terminal
 
     model, tokenizer = load_chat_model(args.ckpt, args.device, args.dtype)
@@ -346,13 +329,9 @@ def _chat_run(args) -> int:
     session = ChatSession(model, tokenizer, system=args.system, temperature=args.temperature, top_k=args.top_k or None,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           max_new_tokens=args.max_new_tokens, seed=args.seed)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    for s in (sys.stdout, sys.stderr):
-        try:
-            s.reconfigure(errors="replace")
-        except (AttributeError, ValueError):
-            pass
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets U+FFFD, not a traceback
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="replace")
     banner = None
     if sys.stdin.isatty():
         banner = (f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M "
@@ -362,17 +341,13 @@ def _chat_run(args) -> int:
     return 0
 
 
-# ---- sft, rm, ppo, dpo, grpo -------------------------------------------------------------------------------------------
+# ---- sft, rm, ppo, dpo, grpo -----------------------------------------------------------------------------------------
 
 # a fine-tune's [train] defaults where the config file / command line says nothing (not a pretraining's)
 SFT_TRAIN = dict(max_steps=300, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.0,
                  eval_interval=50, eval_batches=20, ckpt_interval=100, log_interval=10)
 DPO_TRAIN = dict(max_steps=200, batch_size=8, lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.0,
                  schedule="cosine", eval_interval=25, eval_batches=20, ckpt_interval=50, log_interval=5)
-
-
-def _sft(p) -> None:
-    _training(p, "pocketgpt.train.sft", _sft_run, out="runs/sft")
 
 
 def _sft_run(args) -> int:
@@ -385,25 +360,57 @@ def _sft_run(args) -> int:
     if not sft.data:
         raise UserError("--data: required (conversation JSONL files or bundled corpus names)")
     result = run_sft(sft.init, args.out, sft, rc["train"], run_config=rc.to_dict(), resume=resume)
-    if _rank0():
-        val = result.get("val_loss")
-        line = f"sft: done at step {result['step']}"
-        if val is not None:
-            line += (f", held-out assistant-token loss {val:.4f} "
-                     f"(ppl {result.get('val_ppl', math.exp(min(val, 50))):.2f})")
-        print(line)
-        print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
-    return 0
+    line = f"sft: done at step {result['step']}"
+    if (val := result.get("val_loss")) is not None:
+        line += f", held-out assistant-token loss {val:.4f} (ppl {result.get('val_ppl', math.exp(min(val, 50))):.2f})"
+    return _done(args, line)
+
+
+def _dpo_run(args) -> int:
+    from .train.dpo import run_dpo
+
+    rc, resume = _load(args, defaults={"train": DPO_TRAIN})
+    if not rc["dpo"].data:
+        raise UserError("--data: required (preference pairs JSONL or the bundled name 'prefs')")
+    result = run_dpo(rc["dpo"], args.out, rc["train"], run_config=rc.to_dict(), resume=resume)
+    line = f"dpo: done at step {result['step']}"
+    if "eval_rewards/accuracies" in result:
+        line += (f", held-out implicit-reward accuracy {result['eval_rewards/accuracies']:.3f}, margin "
+                 f"{result['eval_rewards/margins']:.4f}, chosen-rejected log-prob margin "
+                 f"{result['eval_logps/chosen'] - result['eval_logps/rejected']:.3f}")
+    return _done(args, line)
+
+
+def _online(name: str, description: str, aliases: dict):
+    """``ppo`` / ``grpo``: the on-policy stages share their command line (``--init`` is also ``--policy``)."""
+
+    def run(args) -> int:
+        from .train.rl import run_online
+
+        rc, resume = _load(args)
+        stage = getattr(importlib.import_module(f"pocketgpt.train.{name}"), f"{name.upper()}Stage")
+        result = run_online(stage, rc[name], args.out, rc, resume=resume)
+        parts = [f"{name}: done at step {result['step']}"]
+        for key in ("eval_accuracy", "eval_reward"):
+            if key in result:
+                before = result.get(f"initial_{key}")
+                parts.append(f"held-out {key[5:]} (greedy) " + (f"{before:.3f} -> " if before is not None else "")
+                             + f"{result[key]:.3f}")
+        return _done(args, "; ".join(parts))
+
+    def configure(p) -> None:
+        p.description = description
+        _training(p, f"pocketgpt.train.{name}", run, out=f"runs/{name}", default_config=f"{name}-tiny",
+                  aliases={"init": ["--policy"], **aliases})
+
+    return configure
 
 
 def _rm(p) -> None:
-    p.description = ("Train a reward model on preference pairs (default action 'train'), or 'score' a pairs / "
-                     "conversations file with a trained one.")
     p.add_argument("action", nargs="?", choices=["train", "score"], default="train", help="train (default) or score")
     p.add_argument("--init", metavar="CKPT", help="train: the SFT checkpoint to start from")
-    p.add_argument("--data", metavar="FILE",
-                   help="train: preference pairs JSONL ({prompt, chosen, rejected}); score: pairs or "
-                        "conversations JSONL (a bundled corpus name works too)")
+    p.add_argument("--data", metavar="FILE", help="train: preference pairs JSONL ({prompt, chosen, rejected}); "
+                                                  "score: pairs or conversations (or a bundled corpus name)")
     p.add_argument("--val-data", metavar="FILE", help="train: held-out pairs (default: a split of --data)")
     p.add_argument("--ckpt", metavar="RM", help="score: the reward-model checkpoint")
     p.add_argument("--json", action="store_true", help="score: print JSON lines instead of a table")
@@ -432,92 +439,37 @@ def _rm_run(args) -> int:
 def _rm_print(res: dict, as_json: bool) -> int:
     import json
 
-    out = sys.stdout
-    if res["kind"] != "pairs":
-        for r in res["rows"]:
-            out.write(json.dumps(r) + "\n" if as_json else f"{r['where']}\t{r['score']:+.4f}\n")
-        return 0
+    pairs = res["kind"] == "pairs"
     for r in res["rows"]:
-        out.write(json.dumps(r) + "\n" if as_json else f"{r['where']}\tchosen {r['chosen']:+.4f}\trejected "
-                                                         f"{r['rejected']:+.4f}\t{'ok' if r['correct'] else 'WRONG'}\n")
-    if as_json:
-        out.write(json.dumps({"accuracy": res["accuracy"], "pairs": len(res["rows"])}) + "\n")
-    else:
-        out.write(f"pairwise accuracy {res['accuracy']:.4f} ({len(res['rows'])} pairs)\n")
+        if as_json:
+            print(json.dumps(r))
+        elif pairs:
+            print(f"{r['where']}\tchosen {r['chosen']:+.4f}\trejected {r['rejected']:+.4f}\t"
+                  f"{'ok' if r['correct'] else 'WRONG'}")
+        else:
+            print(f"{r['where']}\t{r['score']:+.4f}")
+    if pairs:
+        print(json.dumps({"accuracy": res["accuracy"], "pairs": len(res["rows"])}) if as_json else
+              f"pairwise accuracy {res['accuracy']:.4f} ({len(res['rows'])} pairs)")
     return 0
 
 
-def _dpo(p) -> None:
-    _training(p, "pocketgpt.train.dpo", _dpo_run, out="runs/dpo")
-
-
-def _dpo_run(args) -> int:
-    from .train.dpo import run_dpo
-
-    rc, resume = _load(args, defaults={"train": DPO_TRAIN})
-    if not rc["dpo"].data:
-        raise UserError("--data: required (preference pairs JSONL or the bundled name 'prefs')")
-    result = run_dpo(rc["dpo"], args.out, rc["train"], run_config=rc.to_dict(), resume=resume)
-    if _rank0():
-        line = f"dpo: done at step {result['step']}"
-        if "eval_rewards/accuracies" in result:
-            line += (f", held-out implicit-reward accuracy {result['eval_rewards/accuracies']:.3f}, margin "
-                     f"{result['eval_rewards/margins']:.4f}, chosen-rejected log-prob margin "
-                     f"{result['eval_logps/chosen'] - result['eval_logps/rejected']:.3f}")
-        print(line)
-        print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
-    return 0
-
-
-def _online(name: str, description: str, aliases: dict):
-    """``ppo`` / ``grpo``: the on-policy stages share their command line (``--init`` is also ``--policy``)."""
-
-    def run(args) -> int:
-        from .train.rl import run_online
-
-        rc, resume = _load(args)
-        stage = getattr(importlib.import_module(f"pocketgpt.train.{name}"), f"{name.upper()}Stage")
-        result = run_online(stage, rc[name], args.out, rc, resume=resume)
-        parts = [f"{name}: done at step {result['step']}"]
-        for key in ("eval_accuracy", "eval_reward"):
-            if key in result:
-                before = result.get(f"initial_{key}")
-                parts.append(f"held-out {key[5:]} (greedy) " + (f"{before:.3f} -> " if before is not None else "")
-                             + f"{result[key]:.3f}")
-        print("; ".join(parts))
-        print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
-        return 0
-
-    def configure(p) -> None:
-        p.description = description
-        _training(p, f"pocketgpt.train.{name}", run, out=f"runs/{name}", default_config=f"{name}-tiny",
-                  aliases={"init": ["--policy"], **aliases})
-
-    return configure
-
-
-# ---- serve, export -----------------------------------------------------------------------------------------------------
+# ---- serve, export ---------------------------------------------------------------------------------------------------
 
 
 def _serve(p) -> None:
     from .serve import API_KEY_ENV
 
-    p.add_argument("--ckpt", required=True,
-                   help="checkpoint directory (with tokenizer/), a run directory holding one, or a Hugging Face dir")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (with tokenizer/), or a run directory with one")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only; 0.0.0.0: network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set, else none)")
-    p.add_argument("--max-concurrency", type=int, default=64,
-                   help="sequences decoded together in the one continuous batch (default 64)")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set)")
+    p.add_argument("--max-concurrency", type=int, default=64, help="sequences decoded together (default 64)")
     p.add_argument("--max-batch", type=int, help=argparse.SUPPRESS)  # gone: explained in _serve_run
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting to join the batch before the server answers 429 (default 256)")
-    p.add_argument("--model-name", default=None,
-                   help="model id the API reports (default: the run's name, e.g. speedrun-dpo for runs/speedrun/dpo)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of the decode loop (default: every core; measured faster than leaving one to HTTP)")
+    p.add_argument("--model-name", help="model id the API reports (default: the run's name: runs/a/b is a-b)")
+    p.add_argument("--threads", type=int, help="CPU threads of the decode loop (default: every core)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
     p.set_defaults(func=_serve_run)
@@ -607,7 +559,7 @@ def _merge_run(args) -> int:
     return 0
 
 
-# ---- the command -------------------------------------------------------------------------------------------------------
+# ---- the command -----------------------------------------------------------------------------------------------------
 
 # name, configure(parser) (or a module with configure_cli(name, parser)), one-line help; in pipeline order
 COMMANDS = [
@@ -616,14 +568,16 @@ COMMANDS = [
     ("pretrain", _pretrain, "pretrain a GPT on prepared shards (TOML presets, resume, DDP)"),
     ("eval", _eval, "evaluate a checkpoint: loss on a data split or text file (bits/byte), lm-eval tasks"),
     ("sample", _sample, "generate text from a checkpoint (streams to the terminal)"),
-    ("sft", _sft, "supervised chat fine-tuning on conversation JSONL"),
+    ("sft", partial(_training, module="pocketgpt.train.sft", run=_sft_run, out="runs/sft"),
+     "supervised chat fine-tuning on conversation JSONL"),
     ("chat", _chat, "talk to a chat model in the terminal"),
     ("pairs", "pocketgpt.tasks", "preference pairs from a model's checked replies to a checkable task"),
     ("rm", _rm, "train a reward model on preference pairs (or score conversations)"),
     ("ppo", _online("ppo", "RLHF with PPO: --init (or --policy) CKPT, a reward (--reward RM_CKPT, --reward_fn "
                     "module:function, or a --task's checker) and prompts (--prompts FILE or --task NAME).", {}),
      "RLHF with PPO against a reward model or a Python reward function"),
-    ("dpo", _dpo, "direct preference optimisation on preference pairs"),
+    ("dpo", partial(_training, module="pocketgpt.train.dpo", run=_dpo_run, out="runs/dpo"),
+     "direct preference optimisation on preference pairs"),
     ("grpo", _online("grpo", "GRPO / RLOO: --init CKPT and a task (--task arithmetic) or --reward_fn module:function "
                      "with --prompts FILE (or --reward RM_CKPT). RLOO: --advantage rloo.",
                      {"samples_per_prompt": ["--n", "--group-size"]}),
@@ -659,11 +613,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a ``UserError`` anywhere is one line on stderr and exit code 2."""
+    import warnings
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    _one_line_warnings()
-    names = {name for name, _, _ in COMMANDS}
+    # library warnings (a small vocabulary, a prompt cut to the context) as one line each, without source lines
+    warnings.showwarning = lambda message, *_, **__: print(f"pocketgpt: warning: {message}", file=sys.stderr)
     chosen = next((a for a in argv if not a.startswith("-")), "")
-    parser = build_parser(only=chosen if chosen in names else "")
+    parser = build_parser(only=chosen if chosen in {name for name, _, _ in COMMANDS} else "")
     args, extra = parser.parse_known_args(argv)
     if extra:
         print(f"pocketgpt {args.command}: error: {_unknown_argument(parser, argv, extra)}", file=sys.stderr)
@@ -672,29 +629,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     try:
-        rc = args.func(args)
-        return int(rc or 0)
+        return int(args.func(args) or 0)
     except UserError as e:
         print(f"pocketgpt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pocketgpt {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # output piped into e.g. `head` that closed early: not an error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    except BrokenPipeError:  # output piped into e.g. `head` that closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-
-
-def _one_line_warnings() -> None:
-    """Library warnings (a small vocabulary, a prompt cut to the context) as one line each, without source lines."""
-    import warnings
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"pocketgpt: warning: {message}", file=file or sys.stderr)
-
-    warnings.showwarning = show
 
 
 def _unknown_argument(parser: argparse.ArgumentParser, argv: list[str], extra: list[str]) -> str:
@@ -711,7 +655,3 @@ def _unknown_argument(parser: argparse.ArgumentParser, argv: list[str], extra: l
     flag = flag.split("=", 1)[0]
     options = [o for o in parser._option_string_actions if o.startswith("--")]
     return f"{flag}: unknown option{did_you_mean(flag, options)}"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Small file helpers shared by every module: atomic writes and JSON I/O with clear errors."""
+"""Atomic writes (a reader sees the old file or directory or the complete new one, never half of it) and text /
+JSON reading whose errors name the file."""
 
 from __future__ import annotations
 
@@ -13,19 +14,6 @@ from typing import Any, Iterator
 from .errors import UserError
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _umask() -> int:
     umask = os.umask(0)  # the only way to read it is to set it
     os.umask(umask)
@@ -34,11 +22,8 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to ``path``; on success it replaces ``path`` in one rename.
-
-    If the body raises (or the process dies), ``path`` is untouched: a reader sees either the old directory
-    or the complete new one, never a half-written one.
-    """
+    """Yield a temporary directory next to ``path``; on success it replaces ``path`` in one rename (if the body
+    raises, or the process dies, ``path`` is untouched)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -53,16 +38,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 os.chmod(f, 0o666 & ~umask)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        old = None
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
         if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
             os.rename(path, old)
         os.rename(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):  # make the rename durable, where a directory can be opened
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -109,9 +96,7 @@ def read_text(path: str | os.PathLike) -> str:
 
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; a missing or malformed file is a ``UserError`` naming the file (and line)."""
-    path = Path(path)
-    text = read_text(path)
     try:
-        return json.loads(text)
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
