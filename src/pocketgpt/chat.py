@@ -1,11 +1,9 @@
-"""The chat template (one function for training and inference), a chat session, and ``pocketgpt chat``'s loop."""
+"""The chat template (one function for training and inference) and a chat session (``pocketgpt chat``'s loop is
+in cli.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
-import sys
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -214,91 +212,3 @@ class ChatSession:
 
     def reply_text(self, text: str) -> str:
         return "".join(self.reply(text))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# the terminal chat
-
-HELP = """commands:
-  /reset            forget the conversation (keeps the system message)
-  /system TEXT      set the system message (empty TEXT removes it)
-  /temperature X    sampling temperature (0 = greedy)
-  /history          show the conversation so far
-  /help             this help
-  /exit             quit (Ctrl-D too)"""
-
-
-def _command(session: ChatSession, line: str, interactive: bool) -> bool:
-    """Run a /command; return False to quit."""
-    cmd, _, arg = line.partition(" ")
-    arg = arg.strip()
-    say = (lambda s: print(s, file=sys.stderr)) if interactive else (lambda s: None)
-    if cmd in ("/exit", "/quit"):
-        return False
-    if cmd == "/reset":
-        session.reset()
-        say("(conversation reset)")
-    elif cmd == "/system":
-        session.system = arg or None
-        say(f"(system message {'set' if arg else 'removed'})")
-    elif cmd == "/temperature":
-        try:
-            t = float(arg)
-            if t < 0 or t != t:
-                raise ValueError
-        except ValueError:
-            print(f"/temperature: expected a number >= 0, got {arg!r}", file=sys.stderr)
-            return True
-        session.temperature = t
-        say(f"(temperature {t:g})")
-    elif cmd == "/history":
-        conv = session.conversation()
-        if not conv:
-            print("(empty conversation)", file=sys.stderr)
-        for m in conv:
-            print(f"[{m['role']}] {m['content']}", file=sys.stderr)
-    elif cmd == "/help":
-        print(HELP, file=sys.stderr)
-    else:
-        print(f"unknown command {cmd} (try /help)", file=sys.stderr)
-    return True
-
-
-def terminal(session: ChatSession, banner: Optional[str] = None) -> None:
-    """The chat loop. With a ``banner`` (stdin is a terminal): prompts, notes and command output on stderr, line
-    editing. Without: one user message per input line, one reply per output line (newlines -> spaces)."""
-    interactive = banner is not None
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401 - line editing and history for input(), wide characters included
-        print(banner, file=sys.stderr)
-    lines = None if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
-    while True:
-        try:
-            line = input("you> ") if interactive else next(lines, None)
-        except (EOFError, KeyboardInterrupt):
-            line = None
-        if line is None:
-            if interactive:
-                print(file=sys.stderr)
-            return
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            if not _command(session, line, interactive):
-                return
-            continue
-        if interactive:
-            print("bot> ", end="", flush=True)
-        try:
-            for piece in session.reply(line):
-                print(piece if interactive else piece.replace("\r", " ").replace("\n", " "), end="", flush=True)
-        except KeyboardInterrupt:
-            if not interactive:
-                raise
-            print("\n(interrupted)", file=sys.stderr)
-        print(flush=True)
-        for note in session.notes if interactive else ():
-            print(note, file=sys.stderr)
-        session.notes.clear()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import math
 import os
 import sys
@@ -272,19 +273,12 @@ def _sample(p) -> None:
 
 
 def _sample_run(args) -> int:
-    from .chat import find_checkpoint
-    from .checkpoint import load_model
+    from .checkpoint import load_checkpoint
     from .engine import SamplingParams, generate
-    from .runtime import DTYPES, pick_device
-    from .tokenizer import load_tokenizer_for
 
     if args.n < 1:
         raise UserError(f"--n: must be at least 1, got {args.n}")
-    if args.dtype not in DTYPES:
-        raise UserError(f"--dtype: unknown precision {args.dtype!r} (fp32, bf16, fp16)")
-    ckpt = find_checkpoint(args.ckpt)
-    tokenizer = load_tokenizer_for(ckpt)
-    model = load_model(ckpt, device=pick_device(args.device), dtype=DTYPES[args.dtype])
+    model, tokenizer = load_checkpoint(args.ckpt, args.device, args.dtype)
     eot = tokenizer.special_ids.get("<|endoftext|>")
     prompt = tokenizer.encode(args.prompt) if args.prompt else []
     if not prompt:
@@ -307,19 +301,20 @@ def _sample_run(args) -> int:
 
 
 def _chat(p) -> None:
-    from .chat import CHAT_DEFAULTS, HELP
+    from .chat import CHAT_DEFAULTS
 
     _sampling(p, {**CHAT_DEFAULTS, "max_new_tokens": 256})
     p.add_argument("--system", default=None, help="system message")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = "With stdin not a terminal, reads one message per line and prints one reply per line.\n\n" + HELP
+    p.epilog = "With stdin not a terminal, reads one message per line and prints one reply per line.\n\n" + CHAT_HELP
     p.set_defaults(func=_chat_run)
 
 
 def _chat_run(args) -> int:
-    from .chat import ChatSession, find_checkpoint, load_chat_model, terminal
+    from .chat import ChatSession
+    from .checkpoint import find_checkpoint, load_checkpoint
 
-    model, tokenizer = load_chat_model(args.ckpt, args.device, args.dtype)
+    model, tokenizer = load_checkpoint(args.ckpt, args.device, args.dtype, chat=True)
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens: must be at least 1")
     if args.temperature < 0:
@@ -337,8 +332,93 @@ def _chat_run(args) -> int:
         banner = (f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M "
                   f"parameters, {model.config.block_size}-token context). /help for commands, /exit or "
                   "Ctrl-D to quit.")
-    terminal(session, banner)
+    _chat_loop(session, banner)
     return 0
+
+
+CHAT_HELP = """commands:
+  /reset            forget the conversation (keeps the system message)
+  /system TEXT      set the system message (empty TEXT removes it)
+  /temperature X    sampling temperature (0 = greedy)
+  /history          show the conversation so far
+  /help             this help
+  /exit             quit (Ctrl-D too)"""
+
+
+def _chat_command(session, line: str, interactive: bool) -> bool:
+    """Run a /command; return False to quit."""
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    say = (lambda s: print(s, file=sys.stderr)) if interactive else (lambda s: None)
+    if cmd in ("/exit", "/quit"):
+        return False
+    if cmd == "/reset":
+        session.reset()
+        say("(conversation reset)")
+    elif cmd == "/system":
+        session.system = arg or None
+        say(f"(system message {'set' if arg else 'removed'})")
+    elif cmd == "/temperature":
+        try:
+            t = float(arg)
+            if t < 0 or t != t:
+                raise ValueError
+        except ValueError:
+            print(f"/temperature: expected a number >= 0, got {arg!r}", file=sys.stderr)
+            return True
+        session.temperature = t
+        say(f"(temperature {t:g})")
+    elif cmd == "/history":
+        conv = session.conversation()
+        if not conv:
+            print("(empty conversation)", file=sys.stderr)
+        for m in conv:
+            print(f"[{m['role']}] {m['content']}", file=sys.stderr)
+    elif cmd == "/help":
+        print(CHAT_HELP, file=sys.stderr)
+    else:
+        print(f"unknown command {cmd} (try /help)", file=sys.stderr)
+    return True
+
+
+def _chat_loop(session, banner: str | None = None) -> None:
+    """The chat loop. With a ``banner`` (stdin is a terminal): prompts, notes and command output on stderr, line
+    editing. Without: one user message per input line, one reply per output line (newlines -> spaces)."""
+    interactive = banner is not None
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401 - line editing and history for input(), wide characters included
+        print(banner, file=sys.stderr)
+    lines = None if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    while True:
+        try:
+            line = input("you> ") if interactive else next(lines, None)
+        except (EOFError, KeyboardInterrupt):
+            line = None
+        if line is None:
+            if interactive:
+                print(file=sys.stderr)
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _chat_command(session, line, interactive):
+                return
+            continue
+        if interactive:
+            print("bot> ", end="", flush=True)
+        try:
+            for piece in session.reply(line):
+                print(piece if interactive else piece.replace("\r", " ").replace("\n", " "), end="", flush=True)
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            print("\n(interrupted)", file=sys.stderr)
+        print(flush=True)
+        for note in session.notes if interactive else ():
+            print(note, file=sys.stderr)
+        session.notes.clear()
 
 
 # ---- sft, rm, ppo, dpo, grpo -----------------------------------------------------------------------------------------
@@ -523,8 +603,7 @@ def _export(p) -> None:
 
 
 def _export_run(args) -> int:
-    from .chat import find_checkpoint
-    from .checkpoint import export_hf, load_model
+    from .checkpoint import export_hf, find_checkpoint, load_model
     from .tokenizer import load_tokenizer_for
 
     if args.format == "gguf":
