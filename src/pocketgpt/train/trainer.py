@@ -1,120 +1,6 @@
-"""The one training loop. Every stage (pretrain, SFT, reward model, DPO, PPO, GRPO) reuses it.
-
-A *stage* supplies batches and a loss; the ``Trainer`` owns everything else: AdamW with decay / no-decay groups (or
-``optimizer = "muon"``: Muon for the hidden weight matrices, AdamW for the rest),
-warmup + cosine/linear decay, gradient accumulation, clipping, autocast (bf16 / fp16 + GradScaler / fp32),
-optional ``torch.compile``, DistributedDataParallel or FSDP2 under ``torchrun``, periodic evaluation, checkpoints
-with exact resume, the best-validation copy, ``metrics.jsonl``, loss plots and a progress bar (loss, tokens/s, MFU).
-
-The Stage protocol
-------------------
-::
-
-    class Stage(Protocol):
-        name: str                                        # "pretrain", "sft", "rm", "dpo", "ppo", "grpo"
-        def get_batch(self, step: int, micro: int) -> Any
-            # micro-batch ``micro`` (0 .. grad_accum-1) of optimizer step ``step`` (0-based) on THIS rank.
-            # Return CPU tensors or any tuple/list/dict of them: the trainer moves them to the device.
-            # Called outside autocast; may roll out with the model (RL stages keep their own model reference).
-            # Under DDP use ``world_info()``: rank r of world W should draw what one process would draw at
-            # micro ``micro * W + r`` — then N processes == 1 process with N x grad_accum.
-        def loss(self, model, batch) -> tuple[Tensor, dict[str, float]]
-            # scalar loss of one micro-batch (unscaled: dividing by grad_accum is the trainer's job) + metrics
-            # (floats, logged as their mean over micro-batches and ranks: the same keys on every rank).
-            # ``model`` may be the DDP / compiled wrapper: call ``model(...)`` for the forward that needs grads.
-        def evaluate(self, model) -> dict[str, float]
-            # held-out metrics; called under torch.no_grad() with model.eval() on the plain (unwrapped) model,
-            # on rank 0 only. 'val_loss' if present, else the first key, picks the best checkpoint.
-        def state_dict(self) -> dict                      # JSON-able data position / buffers for exact resume
-        def load_state_dict(self, state: dict) -> None
-
-    Optional members:
-        tokens_in_batch(batch) -> int          # for tokens/s and MFU (default: numel of the first tensor)
-        on_step_end(step, model, metrics)      # after each optimizer step (e.g. PPO refreshes rollouts)
-        setup(trainer)                         # once, before training: trainer.device, .dtype, .rank, .world_size
-        plot_keys: list[str]                   # extra metrics plotted as RUN/<key>.png ("/" becomes "_"), each
-                                               # with its held-out twin "eval_<key>" when logged
-        best_metric: str; best_mode: "min" | "max"   # override the best-checkpoint rule
-        state_tensors() -> dict[str, Tensor]   # tensor state for exact resume (e.g. a rollout buffer)
-        load_state_tensors(tensors)            # its inverse (CPU tensors)
-        fingerprint: str                       # what it trains on (e.g. prepared data's meta.json fingerprint)
-
-    Resume order: ``load_state_dict(json_state)`` first, then ``load_state_tensors(tensors)``. ``state_dict()`` is
-    taken on rank 0 only; ``state_tensors()`` on every rank: the tensors of rank r are stored with the key prefix
-    ``rank{r}.`` in ``ckpt/stage.safetensors`` (gathered to rank 0, like the RNG states), and each rank gets back
-    its own (rank 0's when the checkpoint was written by fewer processes).
-
-Under DDP every trainable parameter must receive a gradient at every step (no ``find_unused_parameters``): a
-stage whose loss never uses some parameters (a reward head never uses ``lm_head``) freezes them
-(``requires_grad=False``); otherwise the first step stops with a one-line error naming them.
-
-Under FSDP (``parallel = "fsdp"``) every forward gathers weights from all ranks, so ``evaluate`` runs on every rank
-(rank 0's metrics decide) and a stage must run the same forwards on every rank outside ``loss`` (RL rollouts do not).
-Checkpoints hold the full weights and optimizer state, as under DDP: either resumes the other's run.
-
-Adding a stage (example)
-------------------------
-::
-
-    class MyStage:
-        name = "sft"
-        def __init__(self, data, batch_size):
-            self.data, self.batch_size = data, batch_size
-        def get_batch(self, step, micro):
-            rank, world, _ = world_info()
-            g = torch.Generator().manual_seed(hash((1337, step, micro * world + rank)) % 2**63)
-            return self.data.sample(self.batch_size, g)              # (x, y) CPU tensors
-        def loss(self, model, batch):
-            x, y = batch
-            _, loss = model(x, y)
-            return loss, {}
-        def evaluate(self, model):
-            losses = [model(x.to(next(model.parameters()).device), y.to(...))[1].item() for x, y in ...]
-            return {"val_loss": mean(losses), "val_ppl": math.exp(mean(losses))}
-        def state_dict(self):  return {}
-        def load_state_dict(self, state):  pass
-
-    cfg = TrainConfig(max_steps=200, batch_size=16, lr=1e-4)
-    Trainer(model, MyStage(data, 16), cfg, "runs/sft", tokenizer=tok, run_config=config.to_dict()).fit()
-
-The run directory
------------------
-::
-
-    RUN/run_config.toml    the configuration as actually used (also in ckpt/trainer_state.json)
-    RUN/metrics.jsonl      one JSON object per log line ({"step", "loss", "lr", ...}) and per eval ({"step", "val_loss", ...})
-    RUN/loss.png           train and validation loss, refreshed at every evaluation (+ RUN/<key>.png for plot_keys)
-    RUN/ckpt/              the latest checkpoint, replaced atomically; at the end it IS the final model
-    RUN/best/              weights of the best validation step (no optimizer state)
-
-**Pass ``RUN/ckpt`` (the final model) or ``RUN/best`` to the next stage / chat / export.** Both are complete
-checkpoint directories (``config.json`` + ``model.safetensors`` + ``tokenizer/``) that ``checkpoint.load_model`` loads.
-``ckpt/`` also holds ``optimizer.safetensors``, ``rng.safetensors``, ``stage.safetensors`` (stages with
-``state_tensors``) and ``trainer_state.json`` (step, schedule, scaler, RNG, the stage's ``state_dict()``): running the
-same command again resumes exactly where it stopped.
-
-Resuming: which run a checkpoint belongs to
--------------------------------------------
-A checkpoint resumes only the run that wrote it. Before loading any weights, the trainer compares the run's
-*identity* recorded in ``trainer_state.json`` with the new one's: every ``run_config`` field, the model's
-``config`` and the stage's ``fingerprint``. Any difference stops with one line naming the fields and ``--restart`` /
-``--out``. Only the ``[train]`` fields in ``RESUMABLE`` may differ: how long (``max_steps`` — raise it to train
-longer —, ``max_minutes``), how often (evaluation, checkpoint and log intervals, ``eval_batches``, ``keep_best``,
-``progress``) and where (``device``, ``dtype``, ``compile``, ``optimizer_impl``, ``ddp_find_unused``). What is
-trained may not: the model, the data, the seed, batch size / accumulation, optimiser and schedule knobs, every
-stage section (``[sft]``, ``[ppo]``, ...): a checkpoint resumed under those would be a different run.
-
-Time budgets
-------------
-With ``max_minutes`` the schedule (warm-up included) is sized from the measured step time: after the first step
-of the process and ``MEASURED_STEPS`` more, the steps that fit in what is left of the budget become the total
-(at most ``max_steps``), warm-up shrinks with it in proportion, and one log line says how many steps the run will
-take. With ``eval_interval`` set, one evaluation + checkpoint is timed right then, and the evaluations (each with a
-checkpoint) are spaced so that all of them, the final one included, take at most ``PAUSE_SHARE`` of the budget
-(``eval_interval`` is then the closest spacing allowed); the steps that fit are counted after that time. The
-decision is kept in the checkpoint (exact resume) while ``max_steps`` and ``max_minutes`` are unchanged; the run
-still stops when the budget is spent (a machine that slows down later), and its last line gives the steps and tokens
-reached, which compare machines of different speed.
+"""The one training loop that every stage (pretrain, SFT, reward model, DPO, PPO, GRPO) reuses: a stage supplies
+batches and a loss, the ``Trainer`` owns the rest. The Stage protocol, the run directory, resume rules and time
+budgets are described in docs/internals.md ("Trainer").
 """
 
 from __future__ import annotations
@@ -134,6 +20,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Protocol, runtime
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves, tree_map  # (torch's own nested-container walk)
 
 from pydantic import Field, model_validator
 
@@ -248,17 +135,6 @@ def init_distributed(device: torch.device) -> bool:
     return True
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup, then decay to ``min_lr``."""
     if step < cfg.warmup_steps:
@@ -279,8 +155,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 def default_save_model(model: nn.Module, directory: Path) -> None:
     """``checkpoint.write_model`` for a GPT; otherwise the state dict as ``model.safetensors``."""
-    if isinstance(unwrap(model), GPT):
-        write_model(unwrap(model), directory)
+    if isinstance(model, GPT):
+        write_model(model, directory)
         return
     from safetensors.torch import save_model
 
@@ -288,29 +164,19 @@ def default_save_model(model: nn.Module, directory: Path) -> None:
 
 
 def default_load_model(model: nn.Module, directory: Path) -> None:
-    """Load ``model.safetensors`` into ``model`` in place (tied weights that were not stored are fine)."""
-    from safetensors.torch import load_file
+    """Load ``model.safetensors`` into ``model`` in place (tied weights stored once are fine)."""
+    from safetensors.torch import load_model
 
     path = directory / "model.safetensors"
     if not path.exists():
         raise UserError(f"{directory}: no model.safetensors in this checkpoint")
-    sd = load_file(str(path))
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    # keys not stored because they share memory with a stored tensor (tied embeddings) are fine
-    stored_ptrs = {own[k].data_ptr() for k in own if k in sd}
-    missing = [k for k in missing if own[k].data_ptr() not in stored_ptrs]
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except RuntimeError as e:  # a tensor of another shape (torch's message: one line per tensor)
+        raise UserError(f"{path}: {str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
-        raise UserError(
-            f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "was the run directory made with a different [model] config?"
-        )
-    with torch.no_grad():
-        for k, v in sd.items():
-            if own[k].shape != v.shape:
-                raise UserError(f"{path}: tensor '{k}' has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
-            own[k].copy_(v)
+        raise UserError(f"{path}: does not match the model (missing {sorted(missing)[:3]}, unexpected "
+                        f"{unexpected[:3]}); was the run directory made with a different [model] config?")
 
 
 def _hidden_matrices(model: nn.Module) -> set:
@@ -319,6 +185,13 @@ def _hidden_matrices(model: nn.Module) -> set:
     embeddings = {p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     return {m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear) and min(m.weight.shape) > 1
             and name.rsplit(".", 1)[-1] != "lm_head" and m.weight not in embeddings}
+
+
+def _renumber(sd: dict, key: Callable) -> dict:
+    """An optimizer state dict with every parameter key mapped through ``key`` (offsets across optimizers, or
+    indices <-> FSDP's parameter names)."""
+    return {"state": {key(k): v for k, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [key(i) for i in g["params"]]} for g in sd["param_groups"]]}
 
 
 class _Chained:
@@ -340,26 +213,24 @@ class _Chained:
         for o in self.opts:
             o.zero_grad(set_to_none=set_to_none)
 
+    def _offsets(self) -> list[int]:
+        sizes = [sum(len(g["params"]) for g in o.param_groups) for o in self.opts]
+        return [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
     def state_dict(self) -> dict:
-        out: dict = {"state": {}, "param_groups": []}
-        base = 0
-        for o in self.opts:
-            sd = o.state_dict()
-            out["state"].update({base + k: v for k, v in sd["state"].items()})
-            out["param_groups"] += [{**g, "params": [base + i for i in g["params"]]} for g in sd["param_groups"]]
-            base += sum(len(g["params"]) for g in o.param_groups)
-        return out
+        parts = [_renumber(o.state_dict(), lambda i: b + i) for o, b in zip(self.opts, self._offsets())]
+        return {"state": {k: v for p in parts for k, v in p["state"].items()},
+                "param_groups": [g for p in parts for g in p["param_groups"]]}
 
     def load_state_dict(self, sd: dict) -> None:
-        groups, base = list(sd["param_groups"]), 0
+        groups = list(sd["param_groups"])
         if len(groups) != len(self.param_groups):
             raise ValueError(f"{len(groups)} parameter groups saved, {len(self.param_groups)} here")
-        for o in self.opts:
+        offsets = self._offsets()
+        for o, b, end in zip(self.opts, offsets, offsets[1:]):
             mine, groups = groups[:len(o.param_groups)], groups[len(o.param_groups):]
-            n = sum(len(g["params"]) for g in o.param_groups)
-            o.load_state_dict({"state": {k - base: v for k, v in sd["state"].items() if base <= k < base + n},
-                               "param_groups": [{**g, "params": [i - base for i in g["params"]]} for g in mine]})
-            base += n
+            part = {"state": {k: v for k, v in sd["state"].items() if b <= k < end}, "param_groups": mine}
+            o.load_state_dict(_renumber(part, lambda i: i - b))
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -423,36 +294,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], js: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_to_device(b, device) for b in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _count_tokens(stage: Any, batch: Any) -> int:
-    if hasattr(stage, "tokens_in_batch"):
-        return int(stage.tokens_in_batch(batch))
-    first = batch
-    while isinstance(first, (list, tuple)) and first:
-        first = first[0]
-    if isinstance(first, dict) and first:
-        first = next(iter(first.values()))
-    return int(first.numel()) if torch.is_tensor(first) else 0
-
-
-def _seq_len(batch: Any) -> Optional[int]:
-    first = batch
-    while isinstance(first, (list, tuple)) and first:
-        first = first[0]
-    if torch.is_tensor(first) and first.dim() >= 2:
-        return int(first.shape[-1])
-    return None
+def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
+    return next((t for t in tree_leaves(batch) if torch.is_tensor(t)), None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -548,13 +391,7 @@ class Trainer:
         if impl == "auto":
             # fused on CUDA and on CPU (the fastest: benchmarks/train_step.py --optim-only); elsewhere (MPS) foreach
             impl = "fused" if self.device.type in ("cuda", "cpu") else "foreach"
-        kw: dict[str, Any] = {}
-        if impl == "fused":
-            kw["fused"] = True
-        elif impl == "foreach":
-            kw["foreach"] = True
-        else:
-            kw["foreach"] = False
+        kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
         adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
         if not muon:
             return adamw
@@ -609,7 +446,7 @@ class Trainer:
         """What a checkpoint must share with the run that resumes it ('section.key' -> value; module docstring)."""
         ident = {f"{s}.{k}": v for s, sec in self.run_config.items() if isinstance(sec, dict)
                  for k, v in sec.items() if not (s == "train" and k in RESUMABLE)}
-        config = getattr(unwrap(self.model), "config", None)
+        config = getattr(self.model, "config", None)
         if hasattr(config, "to_dict"):
             ident.update({f"model.{k}": v for k, v in config.to_dict().items()})
         ident["stage.fingerprint"] = getattr(self.stage, "fingerprint", None)
@@ -650,8 +487,7 @@ class Trainer:
         if not self.is_main:
             return {}
         index = {n: i for i, n in enumerate(n for g in sd["param_groups"] for n in g["params"])}
-        return {"state": {index[n]: st for n, st in sd["state"].items()},
-                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}
+        return _renumber(sd, index.__getitem__)
 
     def _load_state(self, optimizer_sd: dict) -> None:
         """Load ``ckpt/`` weights and a full optimizer state dict; under FSDP each rank keeps its shards."""
@@ -668,18 +504,13 @@ class Trainer:
         set_model_state_dict(self.model, full.state_dict(), options=options)
         name = {p: n for n, p in self.model.named_parameters()}
         fqns = [name[p] for g in self.optimizer.param_groups for p in g["params"]]
-        set_optimizer_state_dict(self.model, getattr(self.optimizer, "opts", self.optimizer), {
-            "state": {fqns[i]: st for i, st in optimizer_sd["state"].items()},
-            "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in optimizer_sd["param_groups"]],
-        }, options=options)
+        set_optimizer_state_dict(self.model, getattr(self.optimizer, "opts", self.optimizer),
+                                 _renumber(optimizer_sd, fqns.__getitem__), options=options)
 
     def _write_weights(self, tmp: Path, model: nn.Module) -> None:
         self.save_model_fn(model, tmp)
         if self.tokenizer is not None:
-            if hasattr(self.tokenizer, "write_files"):
-                self.tokenizer.write_files(tmp / "tokenizer")
-            else:
-                self.tokenizer.save(tmp / "tokenizer")
+            self.tokenizer.write_files(tmp / "tokenizer")
 
     def save_checkpoint(self) -> None:
         """Write ``run_dir/ckpt`` atomically (every rank must call this; rank 0 writes)."""
@@ -972,10 +803,15 @@ class Trainer:
                 n_tokens = 0
                 for micro in range(cfg.grad_accum):
                     batch = self.stage.get_batch(step, micro)
-                    n_tokens += _count_tokens(self.stage, batch)
-                    if seq_len is None:
-                        seq_len = _seq_len(batch)
-                    batch = _to_device(batch, self.device)
+                    first = _first_tensor(batch)
+                    if hasattr(self.stage, "tokens_in_batch"):
+                        n_tokens += int(self.stage.tokens_in_batch(batch))
+                    elif first is not None:
+                        n_tokens += first.numel()
+                    if seq_len is None and first is not None and first.dim() >= 2:
+                        seq_len = first.shape[-1]
+                    batch = tree_map(lambda t: t.to(self.device, non_blocking=True) if torch.is_tensor(t) else t,
+                                     batch)
                     # DDP all-reduces the gradients in the backward of the last micro-batch only; FSDP
                     # reduce-scatters every backward so that no rank ever holds a whole model's gradients
                     sync = (not self.ddp) or self.fsdp or micro == cfg.grad_accum - 1
