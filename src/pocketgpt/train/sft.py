@@ -6,6 +6,7 @@ and are a pure function of (seed, step): resume is exact with no data state. The
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import sys
@@ -23,6 +24,7 @@ from ..errors import UserError
 from ..records import pad, read_conversations, split
 from .pretrain import bytes_per_token, mean_loss, val_metrics
 from .trainer import TrainConfig, world_info
+
 
 class SFTConfig(Config):
     """The ``[sft]`` section of a config: what to train on and how to cut it."""
@@ -74,6 +76,7 @@ def collate(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pad([ids[:-1] for ids, _ in examples], pad_id), pad([labels[1:] for _, labels in examples], IGNORE)
 
 
+@functools.lru_cache(maxsize=2)  # (the current epoch's, asked for at every micro-batch)
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Example indices of every batch of one epoch over ``n`` examples: one seeded shuffle, cut into batches."""
     order = list(range(n))
@@ -107,7 +110,6 @@ class SFTStage:
         self.grad_accum = 1
         self.eval_batches: Optional[int] = None
         self.bytes_per_token: Optional[float] = None  # of the held-out replies (run_sft sets it), for bits per byte
-        self._epoch_cache: tuple[int, list] = (-1, [])
 
     def setup(self, trainer) -> None:
         self.grad_accum = trainer.cfg.grad_accum
@@ -117,9 +119,7 @@ class SFTStage:
         """The k-th micro-batch of the whole run (0-based), across epochs."""
         n = math.ceil(len(self.train) / self.batch_size)
         epoch, pos = divmod(k, n)
-        if self._epoch_cache[0] != epoch:
-            self._epoch_cache = (epoch, epoch_batches(len(self.train), self.batch_size, self.seed, epoch))
-        return self._epoch_cache[1][pos]
+        return epoch_batches(len(self.train), self.batch_size, self.seed, epoch)[pos]
 
     def get_batch(self, step: int, micro: int):
         rank, world, _ = world_info()
