@@ -82,7 +82,7 @@ print(f"rank {world_info()[0]} resumed with {stage.t.tolist()}", flush=True)
 try:
     Trainer(Model(True), Stage(), cfg(3), run / "b").fit()
 except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    sys.stderr.write(f"error: {e}\\n")  # one write: the two ranks' lines cannot interleave
     sys.exit(2)
 """
 

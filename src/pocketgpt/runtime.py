@@ -33,23 +33,11 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX). Without them PyTorch emulates
-    bf16 and autocast is slower than fp32 (``benchmarks/README.md``), so ``auto`` picks fp32."""
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), oneDNN's answer. Without them
+    PyTorch emulates bf16 and autocast is slower than fp32 (``benchmarks/README.md``), so ``auto`` picks fp32."""
     if os.environ.get("POCKETGPT_CPU_BF16") in ("0", "1"):
         return os.environ["POCKETGPT_CPU_BF16"] == "1"
-    try:  # oneDNN's own answer where this torch build has it
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

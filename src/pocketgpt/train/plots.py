@@ -53,7 +53,7 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     return Path(path)
 
 
-def draw_losses(ax, records: list[dict]) -> bool:
+def draw_losses(ax, records: list[dict]) -> None:
     """Train loss (line) and every ``val*loss`` metric (dots) of ``records`` on ``ax``."""
     xs, ys = series(records, "loss")
     if xs:

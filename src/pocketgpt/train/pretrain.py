@@ -1,13 +1,6 @@
-"""Pretraining: next-token prediction on prepared token shards, driven by the one ``Trainer``.
-
-    pocketgpt prepare ...                                   # text → DIR/train.bin, DIR/val.bin, DIR/meta.json
-    pocketgpt pretrain --config shakespeare-char [--key value ...] [--out RUN] [--resume] [--init CKPT]
-    pocketgpt eval --ckpt RUN/ckpt --data DIR [--split val]
-
-Under ``torchrun --nproc_per_node=N`` the same command trains with DDP. Batches are drawn so that rank ``r`` of
-``W`` at micro-batch ``m`` of step ``s`` gets exactly the windows one process would draw at micro ``m*W + r``
-(each window set comes from a generator seeded by ``(seed, s, m*W + r)``): N processes with ``grad_accum=A`` train
-the same model as one process with ``grad_accum=N*A``, and resuming needs no data position at all.
+"""Pretraining: next-token prediction on token shards made by ``pocketgpt prepare``, driven by the one Trainer.
+Rank r of W at micro-batch m of step s draws the windows one process draws at micro m*W + r (a generator seeded by
+(seed, s, m*W + r)): N processes train what one does with N x grad_accum, and resume needs no data position.
 """
 
 from __future__ import annotations
@@ -22,10 +15,11 @@ import torch
 from pydantic import Field
 
 from ..config import Config
-from ..data import check_tokenizer
+from ..data import TokenShards, check_tokenizer
 from ..errors import UserError
+from ..io import read_json
 from ..model import GPTConfig
-from .trainer import TrainConfig, Trainer, world_info
+from .trainer import TrainConfig, world_info
 
 
 class DataConfig(Config):
@@ -47,25 +41,14 @@ def window_seed(seed: int, step: int, global_micro: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
-def open_shards(data_dir: str | Path, split: str, block_size: int, where: str = "[data] dir"):
-    """``pocketgpt.data.TokenShards`` with a clear error for a missing directory / split."""
-    d = Path(data_dir)
+def read_meta(data_dir: str | Path, where: str = "[data] dir") -> dict:
+    """``meta.json`` of a data directory, with one clear line when the directory or the file is missing."""
     if not str(data_dir):
         raise UserError(f"{where}: no data directory given (set [data] dir or --data.dir; make one with "
                         "'pocketgpt prepare')")
-    if not d.is_dir():
-        raise UserError(f"{where}: data directory {d} not found (make it with 'pocketgpt prepare')")
-    if not (d / f"{split}.bin").exists():
-        raise UserError(f"{d}: no {split}.bin in this data directory (made by 'pocketgpt prepare')")
-    from ..data import TokenShards
-
-    return TokenShards(d, split, block_size)
-
-
-def read_meta(data_dir: str | Path) -> dict:
-    from ..io import read_json
-
     path = Path(data_dir) / "meta.json"
+    if not path.parent.is_dir():
+        raise UserError(f"{where}: data directory {path.parent} not found (make it with 'pocketgpt prepare')")
     if not path.exists():
         raise UserError(f"{path}: file not found (a data directory made by 'pocketgpt prepare' has one)")
     meta = read_json(path)
@@ -88,10 +71,6 @@ class PretrainStage:
         self.seed = seed
         self.eval_batches = eval_batches
         self.bytes_per_token = bytes_per_token  # of the val split, for bits per byte
-        self.device = torch.device("cpu")
-
-    def setup(self, trainer: Trainer) -> None:
-        self.device = trainer.device
 
     def get_batch(self, step: int, micro: int):
         rank, world, _ = world_info()
@@ -109,7 +88,8 @@ class PretrainStage:
     def evaluate(self, model) -> dict[str, float]:
         if self.val is None:
             return {}
-        return evaluate_lm(model, self.val, self.batch_size, self.eval_batches, self.device, self.bytes_per_token)
+        device = next(model.parameters()).device
+        return evaluate_lm(model, self.val, self.batch_size, self.eval_batches, device, self.bytes_per_token)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed}  # windows depend only on (seed, step, micro): nothing else to restore
@@ -130,29 +110,30 @@ def bytes_per_token(tokenizer, ids) -> Optional[float]:
     return n_bytes / int(counts.sum()) if n_bytes else None
 
 
-def bits_per_byte(loss: float, bytes_per_token: Optional[float]) -> dict[str, float]:
-    """``{"val_bpb": ...}`` for a mean loss in nats per token (empty without ``bytes_per_token``)."""
-    return {"val_bpb": loss / (math.log(2) * bytes_per_token)} if bytes_per_token else {}
+def val_metrics(loss: float, bytes_per_token: Optional[float]) -> dict[str, float]:
+    """``val_loss``, its perplexity and, with ``bytes_per_token``, bits per byte (comparable across tokenizers)."""
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    if bytes_per_token:
+        out["val_bpb"] = loss / (math.log(2) * bytes_per_token)
+    return out
+
+
+def mean_loss(model, batches, device) -> tuple[float, int]:
+    """Token-weighted mean loss of ``model(x, y)`` over ``(x, y)`` batches (targets -100 ignored), and the count."""
+    total, count = 0.0, 0
+    for x, y in batches:
+        n = int((y != -100).sum())
+        if n:  # (a batch without targets has a NaN mean)
+            total += float(model(x.to(device), y.to(device))[1]) * n
+            count += n
+    return (total / count if count else float("nan")), count
 
 
 def evaluate_lm(model, shards, batch_size: int, max_batches: Optional[int], device,
                 bytes_per_token: Optional[float] = None) -> dict[str, float]:
-    """Mean next-token loss over sequential windows (token-weighted), its perplexity and bits per byte."""
-    total, count = 0.0, 0
-    for x, y in shards.iter_eval(batch_size, max_batches or None):
-        x, y = x.to(device), y.to(device)
-        _, loss = model(x, y)
-        n = int((y != -100).sum())
-        total += float(loss) * n
-        count += n
-    if count == 0:
-        return {}
-    mean = total / count
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), **bits_per_byte(mean, bytes_per_token)}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# pretrain
+    """``val_metrics`` of sequential windows of ``shards`` (all, or ``max_batches`` spread over the split)."""
+    loss, count = mean_loss(model, shards.iter_eval(batch_size, max_batches or None), device)
+    return val_metrics(loss, bytes_per_token) if count else {}
 
 
 def build_pretrain(cfg, out: Path, init: Optional[str] = None):
@@ -163,10 +144,8 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
 
     data: DataConfig = cfg["data"]
     tcfg: TrainConfig = cfg["train"]
-    meta = read_meta(data.dir) if data.dir and Path(data.dir).is_dir() else None
-    if meta is None:
-        open_shards(data.dir, data.train_split, 1)  # raises the clear error
-    vocab = int(meta.get("vocab_size", 0)) if meta else 0
+    meta = read_meta(data.dir)
+    vocab = int(meta.get("vocab_size", 0))
 
     runtime.seed_everything(tcfg.seed)
     if init:
@@ -191,10 +170,10 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
     if data.block_size is None:
         data.block_size = block
 
-    train = open_shards(data.dir, data.train_split, block)
+    train = TokenShards(data.dir, data.train_split, block)
     val = None
     if (Path(data.dir) / f"{data.val_split}.bin").exists():
-        val = open_shards(data.dir, data.val_split, block)
+        val = TokenShards(data.dir, data.val_split, block)
     elif tcfg.eval_interval:
         print(f"note: {data.dir} has no {data.val_split}.bin: no validation", file=sys.stderr)
     tokenizer = None
@@ -205,10 +184,6 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
     stage = PretrainStage(train, val, tcfg.batch_size, tcfg.seed, tcfg.eval_batches, meta.get("fingerprint"),
                           bytes_per_token(tokenizer, val.data) if val is not None else None)
     return model, stage, tokenizer
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# eval
 
 
 def evaluate_checkpoint(ckpt, data, split: str = "val", *, batch_size: int = 8, max_batches: int = 0,
@@ -226,11 +201,11 @@ def evaluate_checkpoint(ckpt, data, split: str = "val", *, batch_size: int = 8, 
     block = block_size or model.config.block_size
     if block > model.config.block_size:
         raise UserError(f"--block_size ({block}) is larger than the model's context ({model.config.block_size})")
-    meta = read_meta(data) if (Path(data) / "meta.json").exists() else {}
+    meta = read_meta(data, where="--data")
     if meta.get("vocab_size") and int(meta["vocab_size"]) > model.config.vocab_size:
         raise UserError(f"{data}: token ids go up to {meta['vocab_size']} but {ckpt} has a vocabulary of "
                         f"{model.config.vocab_size} (different tokenizer?)")
-    shards = open_shards(data, split, block, where="--data")
+    shards = TokenShards(data, split, block)
     tok = None
     if shards.tokenizer_dir.is_dir():
         from ..tokenizer import Tokenizer

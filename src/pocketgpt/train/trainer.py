@@ -1,120 +1,6 @@
-"""The one training loop. Every stage (pretrain, SFT, reward model, DPO, PPO, GRPO) reuses it.
-
-A *stage* supplies batches and a loss; the ``Trainer`` owns everything else: AdamW with decay / no-decay groups (or
-``optimizer = "muon"``: Muon for the hidden weight matrices, AdamW for the rest),
-warmup + cosine/linear decay, gradient accumulation, clipping, autocast (bf16 / fp16 + GradScaler / fp32),
-optional ``torch.compile``, DistributedDataParallel or FSDP2 under ``torchrun``, periodic evaluation, checkpoints
-with exact resume, the best-validation copy, ``metrics.jsonl``, loss plots and a progress bar (loss, tokens/s, MFU).
-
-The Stage protocol
-------------------
-::
-
-    class Stage(Protocol):
-        name: str                                        # "pretrain", "sft", "rm", "dpo", "ppo", "grpo"
-        def get_batch(self, step: int, micro: int) -> Any
-            # micro-batch ``micro`` (0 .. grad_accum-1) of optimizer step ``step`` (0-based) on THIS rank.
-            # Return CPU tensors or any tuple/list/dict of them: the trainer moves them to the device.
-            # Called outside autocast; may roll out with the model (RL stages keep their own model reference).
-            # Under DDP use ``world_info()``: rank r of world W should draw what one process would draw at
-            # micro ``micro * W + r`` — then N processes == 1 process with N x grad_accum.
-        def loss(self, model, batch) -> tuple[Tensor, dict[str, float]]
-            # scalar loss of one micro-batch (unscaled: dividing by grad_accum is the trainer's job) + metrics
-            # (floats, logged as their mean over micro-batches and ranks: the same keys on every rank).
-            # ``model`` may be the DDP / compiled wrapper: call ``model(...)`` for the forward that needs grads.
-        def evaluate(self, model) -> dict[str, float]
-            # held-out metrics; called under torch.no_grad() with model.eval() on the plain (unwrapped) model,
-            # on rank 0 only. 'val_loss' if present, else the first key, picks the best checkpoint.
-        def state_dict(self) -> dict                      # JSON-able data position / buffers for exact resume
-        def load_state_dict(self, state: dict) -> None
-
-    Optional members:
-        tokens_in_batch(batch) -> int          # for tokens/s and MFU (default: numel of the first tensor)
-        on_step_end(step, model, metrics)      # after each optimizer step (e.g. PPO refreshes rollouts)
-        setup(trainer)                         # once, before training: trainer.device, .dtype, .rank, .world_size
-        plot_keys: list[str]                   # extra metrics plotted as RUN/<key>.png ("/" becomes "_"), each
-                                               # with its held-out twin "eval_<key>" when logged
-        best_metric: str; best_mode: "min" | "max"   # override the best-checkpoint rule
-        state_tensors() -> dict[str, Tensor]   # tensor state for exact resume (e.g. a rollout buffer)
-        load_state_tensors(tensors)            # its inverse (CPU tensors)
-        fingerprint: str                       # what it trains on (e.g. prepared data's meta.json fingerprint)
-
-    Resume order: ``load_state_dict(json_state)`` first, then ``load_state_tensors(tensors)``. ``state_dict()`` is
-    taken on rank 0 only; ``state_tensors()`` on every rank: the tensors of rank r are stored with the key prefix
-    ``rank{r}.`` in ``ckpt/stage.safetensors`` (gathered to rank 0, like the RNG states), and each rank gets back
-    its own (rank 0's when the checkpoint was written by fewer processes).
-
-Under DDP every trainable parameter must receive a gradient at every step (no ``find_unused_parameters``): a
-stage whose loss never uses some parameters (a reward head never uses ``lm_head``) freezes them
-(``requires_grad=False``); otherwise the first step stops with a one-line error naming them.
-
-Under FSDP (``parallel = "fsdp"``) every forward gathers weights from all ranks, so ``evaluate`` runs on every rank
-(rank 0's metrics decide) and a stage must run the same forwards on every rank outside ``loss`` (RL rollouts do not).
-Checkpoints hold the full weights and optimizer state, as under DDP: either resumes the other's run.
-
-Adding a stage (example)
-------------------------
-::
-
-    class MyStage:
-        name = "sft"
-        def __init__(self, data, batch_size):
-            self.data, self.batch_size = data, batch_size
-        def get_batch(self, step, micro):
-            rank, world, _ = world_info()
-            g = torch.Generator().manual_seed(hash((1337, step, micro * world + rank)) % 2**63)
-            return self.data.sample(self.batch_size, g)              # (x, y) CPU tensors
-        def loss(self, model, batch):
-            x, y = batch
-            _, loss = model(x, y)
-            return loss, {}
-        def evaluate(self, model):
-            losses = [model(x.to(next(model.parameters()).device), y.to(...))[1].item() for x, y in ...]
-            return {"val_loss": mean(losses), "val_ppl": math.exp(mean(losses))}
-        def state_dict(self):  return {}
-        def load_state_dict(self, state):  pass
-
-    cfg = TrainConfig(max_steps=200, batch_size=16, lr=1e-4)
-    Trainer(model, MyStage(data, 16), cfg, "runs/sft", tokenizer=tok, run_config=config.to_dict()).fit()
-
-The run directory
------------------
-::
-
-    RUN/run_config.toml    the configuration as actually used (also in ckpt/trainer_state.json)
-    RUN/metrics.jsonl      one JSON object per log line ({"step", "loss", "lr", ...}) and per eval ({"step", "val_loss", ...})
-    RUN/loss.png           train and validation loss, refreshed at every evaluation (+ RUN/<key>.png for plot_keys)
-    RUN/ckpt/              the latest checkpoint, replaced atomically; at the end it IS the final model
-    RUN/best/              weights of the best validation step (no optimizer state)
-
-**Pass ``RUN/ckpt`` (the final model) or ``RUN/best`` to the next stage / chat / export.** Both are complete
-checkpoint directories (``config.json`` + ``model.safetensors`` + ``tokenizer/``) that ``checkpoint.load_model`` loads.
-``ckpt/`` also holds ``optimizer.safetensors``, ``rng.safetensors``, ``stage.safetensors`` (stages with
-``state_tensors``) and ``trainer_state.json`` (step, schedule, scaler, RNG, the stage's ``state_dict()``): running the
-same command again resumes exactly where it stopped.
-
-Resuming: which run a checkpoint belongs to
--------------------------------------------
-A checkpoint resumes only the run that wrote it. Before loading any weights, the trainer compares the run's
-*identity* recorded in ``trainer_state.json`` with the new one's: every ``run_config`` field, the model's
-``config`` and the stage's ``fingerprint``. Any difference stops with one line naming the fields and ``--restart`` /
-``--out``. Only the ``[train]`` fields in ``RESUMABLE`` may differ: how long (``max_steps`` — raise it to train
-longer —, ``max_minutes``), how often (evaluation, checkpoint and log intervals, ``eval_batches``, ``keep_best``,
-``progress``) and where (``device``, ``dtype``, ``compile``, ``optimizer_impl``, ``ddp_find_unused``). What is
-trained may not: the model, the data, the seed, batch size / accumulation, optimiser and schedule knobs, every
-stage section (``[sft]``, ``[ppo]``, ...): a checkpoint resumed under those would be a different run.
-
-Time budgets
-------------
-With ``max_minutes`` the schedule (warm-up included) is sized from the measured step time: after the first step
-of the process and ``MEASURED_STEPS`` more, the steps that fit in what is left of the budget become the total
-(at most ``max_steps``), warm-up shrinks with it in proportion, and one log line says how many steps the run will
-take. With ``eval_interval`` set, one evaluation + checkpoint is timed right then, and the evaluations (each with a
-checkpoint) are spaced so that all of them, the final one included, take at most ``PAUSE_SHARE`` of the budget
-(``eval_interval`` is then the closest spacing allowed); the steps that fit are counted after that time. The
-decision is kept in the checkpoint (exact resume) while ``max_steps`` and ``max_minutes`` are unchanged; the run
-still stops when the budget is spent (a machine that slows down later), and its last line gives the steps and tokens
-reached, which compare machines of different speed.
+"""The one training loop that every stage (pretrain, SFT, reward model, DPO, PPO, GRPO) reuses: a stage supplies
+batches and a loss, the ``Trainer`` owns the rest. The Stage protocol, the run directory, resume rules and time
+budgets are described in docs/internals.md ("Trainer").
 """
 
 from __future__ import annotations
@@ -126,23 +12,26 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Literal, Optional, Protocol
 
 import numpy as np
 import torch
 import torch.nn as nn
-
 from pydantic import Field, model_validator
+from torch.utils._pytree import tree_leaves, tree_map  # (torch's own walk through nested containers)
+from tqdm import tqdm
 
-from ..checkpoint import write_model
-from ..config import Config, FieldError, StrList
-from ..errors import UserError
-from ..io import atomic_dir, read_json, write_json
-from ..model import GPT
 from .. import lora, runtime
+from ..checkpoint import write_model
+from ..config import Config, FieldError, StrList, dump_toml
+from ..errors import UserError
+from ..io import atomic_dir, atomic_write_text, read_json, write_json
+from ..model import GPT
+from .plots import plot_metrics, read_metrics
 
 # [train] fields a resumed run may change: how long, how often and where it runs, never what it trains
 RESUMABLE = frozenset({"max_steps", "max_minutes", "eval_interval", "eval_batches", "ckpt_interval", "log_interval",
@@ -198,9 +87,8 @@ class TrainConfig(Config):
         return self
 
 
-@runtime_checkable
 class Stage(Protocol):
-    """What every stage supplies (see the module docstring)."""
+    """What every stage supplies (optional members: docs/internals.md)."""
 
     name: str
 
@@ -237,26 +125,14 @@ def init_distributed(device: torch.device) -> bool:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             if (device.index or 0) >= torch.cuda.device_count():
                 raise UserError(f"torchrun: this process (local rank {os.environ.get('LOCAL_RANK', 0)}) would use GPU "
                                 f"{device.index or 0}, but there are {torch.cuda.device_count()}: use "
                                 f"--nproc_per_node {torch.cuda.device_count()} or fewer, or --device cpu")
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return True
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -266,10 +142,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     progress = min(max((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps), 0.0), 1.0)
-    if cfg.schedule == "linear":
-        coeff = 1.0 - progress
-    else:
-        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    coeff = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
 
 
@@ -279,8 +152,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 def default_save_model(model: nn.Module, directory: Path) -> None:
     """``checkpoint.write_model`` for a GPT; otherwise the state dict as ``model.safetensors``."""
-    if isinstance(unwrap(model), GPT):
-        write_model(unwrap(model), directory)
+    if isinstance(model, GPT):
+        write_model(model, directory)
         return
     from safetensors.torch import save_model
 
@@ -288,29 +161,19 @@ def default_save_model(model: nn.Module, directory: Path) -> None:
 
 
 def default_load_model(model: nn.Module, directory: Path) -> None:
-    """Load ``model.safetensors`` into ``model`` in place (tied weights that were not stored are fine)."""
-    from safetensors.torch import load_file
+    """Load ``model.safetensors`` into ``model`` in place (tied weights stored once are fine)."""
+    from safetensors.torch import load_model
 
     path = directory / "model.safetensors"
     if not path.exists():
         raise UserError(f"{directory}: no model.safetensors in this checkpoint")
-    sd = load_file(str(path))
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    # keys not stored because they share memory with a stored tensor (tied embeddings) are fine
-    stored_ptrs = {own[k].data_ptr() for k in own if k in sd}
-    missing = [k for k in missing if own[k].data_ptr() not in stored_ptrs]
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except RuntimeError as e:  # a tensor of another shape (torch's message: one line per tensor)
+        raise UserError(f"{path}: {str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
-        raise UserError(
-            f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "was the run directory made with a different [model] config?"
-        )
-    with torch.no_grad():
-        for k, v in sd.items():
-            if own[k].shape != v.shape:
-                raise UserError(f"{path}: tensor '{k}' has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
-            own[k].copy_(v)
+        raise UserError(f"{path}: does not match the model (missing {sorted(missing)[:3]}, unexpected "
+                        f"{unexpected[:3]}); was the run directory made with a different [model] config?")
 
 
 def _hidden_matrices(model: nn.Module) -> set:
@@ -319,6 +182,13 @@ def _hidden_matrices(model: nn.Module) -> set:
     embeddings = {p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     return {m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear) and min(m.weight.shape) > 1
             and name.rsplit(".", 1)[-1] != "lm_head" and m.weight not in embeddings}
+
+
+def _renumber(sd: dict, key: Callable) -> dict:
+    """An optimizer state dict with every parameter key mapped through ``key`` (offsets across optimizers, or
+    indices <-> FSDP's parameter names)."""
+    return {"state": {key(k): v for k, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [key(i) for i in g["params"]]} for g in sd["param_groups"]]}
 
 
 class _Chained:
@@ -340,30 +210,28 @@ class _Chained:
         for o in self.opts:
             o.zero_grad(set_to_none=set_to_none)
 
+    def _offsets(self) -> list[int]:
+        sizes = [sum(len(g["params"]) for g in o.param_groups) for o in self.opts]
+        return [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
     def state_dict(self) -> dict:
-        out: dict = {"state": {}, "param_groups": []}
-        base = 0
-        for o in self.opts:
-            sd = o.state_dict()
-            out["state"].update({base + k: v for k, v in sd["state"].items()})
-            out["param_groups"] += [{**g, "params": [base + i for i in g["params"]]} for g in sd["param_groups"]]
-            base += sum(len(g["params"]) for g in o.param_groups)
-        return out
+        parts = [_renumber(o.state_dict(), lambda i: b + i) for o, b in zip(self.opts, self._offsets())]
+        return {"state": {k: v for p in parts for k, v in p["state"].items()},
+                "param_groups": [g for p in parts for g in p["param_groups"]]}
 
     def load_state_dict(self, sd: dict) -> None:
-        groups, base = list(sd["param_groups"]), 0
+        groups = list(sd["param_groups"])
         if len(groups) != len(self.param_groups):
             raise ValueError(f"{len(groups)} parameter groups saved, {len(self.param_groups)} here")
-        for o in self.opts:
+        offsets = self._offsets()
+        for o, b, end in zip(self.opts, offsets, offsets[1:]):
             mine, groups = groups[:len(o.param_groups)], groups[len(o.param_groups):]
-            n = sum(len(g["params"]) for g in o.param_groups)
-            o.load_state_dict({"state": {k - base: v for k, v in sd["state"].items() if base <= k < base + n},
-                               "param_groups": [{**g, "params": [i - base for i in g["params"]]} for g in mine]})
-            base += n
+            part = {"state": {k: v for k, v in sd["state"].items() if b <= k < end}, "param_groups": mine}
+            o.load_state_dict(_renumber(part, lambda i: i - b))
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt if isinstance(opt, dict) else opt.state_dict()  # (a dict: the full state gathered under FSDP)
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict as safetensors tensors ``state.ID.NAME`` + JSON (groups, non-tensor state)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for pid, st in sd["state"].items():
@@ -423,71 +291,26 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], js: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_to_device(b, device) for b in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _count_tokens(stage: Any, batch: Any) -> int:
-    if hasattr(stage, "tokens_in_batch"):
-        return int(stage.tokens_in_batch(batch))
-    first = batch
-    while isinstance(first, (list, tuple)) and first:
-        first = first[0]
-    if isinstance(first, dict) and first:
-        first = next(iter(first.values()))
-    return int(first.numel()) if torch.is_tensor(first) else 0
-
-
-def _seq_len(batch: Any) -> Optional[int]:
-    first = batch
-    while isinstance(first, (list, tuple)) and first:
-        first = first[0]
-    if torch.is_tensor(first) and first.dim() >= 2:
-        return int(first.shape[-1])
-    return None
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# the trainer
+def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
+    return next((t for t in tree_leaves(batch) if torch.is_tensor(t)), None)
 
 
 class Trainer:
-    """Runs ``cfg.max_steps`` optimizer steps of ``stage`` on ``model``, writing everything under ``run_dir``.
+    """Runs ``cfg.max_steps`` optimizer steps of ``stage`` on ``model`` (a GPT, or a wrapper such as policy + value
+    head), writing everything under ``run_dir``. ``save_model(model, dir)`` / ``load_model(model, dir)`` write and
+    read a checkpoint's weights (default: ``checkpoint.write_model`` / ``model.safetensors`` by name); ``tokenizer``
+    goes into every checkpoint; ``run_config`` (``{section: {key: value}}``) is recorded; ``resume``: None = resume
+    when ``run_dir/ckpt`` holds a checkpoint, True = require one, False = start over."""
 
-    model: any ``nn.Module`` (a GPT, or a wrapper such as policy + value head); AdamW covers the parameters with
-        ``requires_grad`` — tensors with dim >= 2 get weight decay, biases / norms / 1-d tensors do not.
-    save_model(model, dir): writes the weights into a checkpoint dir (default ``checkpoint.write_model``);
-    load_model(model, dir): its inverse for resume (default: ``model.safetensors`` by state-dict name).
-    tokenizer: saved as ``tokenizer/`` in every checkpoint (via ``tokenizer.save(dir)``).
-    run_config: the full configuration (``{section: {key: value}}``) recorded in the run directory.
-    resume: None = resume when ``run_dir/ckpt`` holds a trainer checkpoint; True = require one; False = start over
-        (an existing ``ckpt/`` is then replaced at the first checkpoint).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        stage: Stage,
-        cfg: TrainConfig,
-        run_dir: str | Path,
-        *,
-        tokenizer: Any = None,
-        save_model: Optional[Callable[[nn.Module, Path], None]] = None,
-        load_model: Optional[Callable[[nn.Module, Path], None]] = None,
-        run_config: Optional[dict] = None,
-        resume: Optional[bool] = None,
-    ):
+    def __init__(self, model: nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str | Path, *,
+                 tokenizer: Any = None, save_model: Optional[Callable[[nn.Module, Path], None]] = None,
+                 load_model: Optional[Callable[[nn.Module, Path], None]] = None, run_config: Optional[dict] = None,
+                 resume: Optional[bool] = None):
         self.cfg = cfg
         self.stage = stage
         self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "ckpt"
+        self.best_dir = self.run_dir / "best"
         self.tokenizer = tokenizer
         self.save_model_fn = save_model or default_save_model
         self.load_model_fn = load_model or default_load_model
@@ -497,17 +320,13 @@ class Trainer:
         self.device = runtime.pick_device(cfg.device)
         self.dtype = runtime.pick_dtype(cfg.dtype, self.device)  # auto: fp32 on CPUs without native bf16
         self.ddp = init_distributed(self.device)
-        self.rank, self.world_size, self.local_rank = world_info()
+        self.rank, self.world_size, _ = world_info()
         self.is_main = self.rank == 0
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-
         self.fsdp = self.ddp and cfg.parallel == "fsdp"
-        if self.fsdp:
-            model = self._shard(model)
-
-        self.model = model.to(self.device)  # the plain module: saved, evaluated
+        self.model = (self._shard(model) if self.fsdp else model).to(self.device)  # the plain module: saved, evaluated
         if cfg.lora_r and not lora.adapted(model):  # the stages that support LoRA apply it to their model
             raise UserError(f"--lora_r: stage '{stage.name}' does not train LoRA adapters (sft, dpo and rm do)")
         self.optimizer = self._make_optimizer()
@@ -520,10 +339,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
         self._stop_reason: Optional[str] = None
-        self.schedule: Optional[dict] = None  # a time budget's decision: {"max_steps", "warmup_steps", "for"}
-        self.ckpt_dir = self.run_dir / "ckpt"
-        self.best_dir = self.run_dir / "best"
-
+        self.schedule: Optional[dict] = None  # a time budget's decision: {"max_steps", "warmup_steps", ..., "for"}
         if hasattr(stage, "setup"):
             stage.setup(self)
 
@@ -533,7 +349,7 @@ class Trainer:
         cfg = self.cfg
         hidden = _hidden_matrices(self.model) if cfg.optimizer == "muon" else set()
         decay, no_decay, muon = [], [], []
-        for _, p in self.model.named_parameters():
+        for p in self.model.parameters():
             if p.requires_grad:
                 (muon if p in hidden else decay if p.dim() >= 2 else no_decay).append(p)
         if not decay and not no_decay and not muon:
@@ -545,16 +361,9 @@ class Trainer:
                                 "upgrade torch (2.9 or newer) or use optimizer = 'adamw'")
             groups = [g for g in groups if g["params"]]  # (a model may have no bias or norm)
         impl = cfg.optimizer_impl
-        if impl == "auto":
-            # fused on CUDA and on CPU (the fastest: benchmarks/train_step.py --optim-only); elsewhere (MPS) foreach
+        if impl == "auto":  # fused is the fastest on CUDA and CPU (benchmarks/train_step.py --optim-only)
             impl = "fused" if self.device.type in ("cuda", "cpu") else "foreach"
-        kw: dict[str, Any] = {}
-        if impl == "fused":
-            kw["fused"] = True
-        elif impl == "foreach":
-            kw["foreach"] = True
-        else:
-            kw["foreach"] = False
+        kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
         adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
         if not muon:
             return adamw
@@ -564,7 +373,7 @@ class Trainer:
 
     def _shard(self, model: nn.Module) -> nn.Module:
         """FSDP2: each transformer block, then the root, keeps 1/N of its weights, grads and optimizer state per
-        rank (a block's weights are gathered for its forward and backward only); the model moves to the device."""
+        rank (a block's weights are gathered for its forward and backward only)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         from ..model import Block
@@ -589,9 +398,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = DDP(model, device_ids=ids, find_unused_parameters=self.cfg.ddp_find_unused)
         self._ddp_model = model  # its no_sync() (a compiled wrapper has none)
-        if self.cfg.compile:
-            model = torch.compile(model)
-        return model
+        return torch.compile(model) if self.cfg.compile else model
 
     def _check_grads(self) -> None:
         """Under DDP (without ``ddp_find_unused``), after the first backward: name parameters the loss never used
@@ -606,10 +413,10 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------------------------------
 
     def _identity(self) -> dict:
-        """What a checkpoint must share with the run that resumes it ('section.key' -> value; module docstring)."""
+        """What a checkpoint must share with the run that resumes it ('section.key' -> value; docs/internals.md)."""
         ident = {f"{s}.{k}": v for s, sec in self.run_config.items() if isinstance(sec, dict)
                  for k, v in sec.items() if not (s == "train" and k in RESUMABLE)}
-        config = getattr(unwrap(self.model), "config", None)
+        config = getattr(self.model, "config", None)
         if hasattr(config, "to_dict"):
             ident.update({f"model.{k}": v for k, v in config.to_dict().items()})
         ident["stage.fingerprint"] = getattr(self.stage, "fingerprint", None)
@@ -639,10 +446,10 @@ class Trainer:
         full.load_state_dict(sd, assign=True)
         return full
 
-    def _optimizer_state(self) -> torch.optim.Optimizer | dict:
-        """The optimizer, or under FSDP its full state dict on rank 0 (keys: parameter indices, as its own)."""
+    def _optimizer_state(self) -> dict:
+        """The optimizer's state dict; under FSDP the full one on rank 0 (keyed by parameter index, as its own)."""
         if not self.fsdp:
-            return self.optimizer
+            return self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         sd = get_optimizer_state_dict(self.model, getattr(self.optimizer, "opts", self.optimizer),  # Muon: both
@@ -650,8 +457,7 @@ class Trainer:
         if not self.is_main:
             return {}
         index = {n: i for i, n in enumerate(n for g in sd["param_groups"] for n in g["params"])}
-        return {"state": {index[n]: st for n, st in sd["state"].items()},
-                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}
+        return _renumber(sd, index.__getitem__)
 
     def _load_state(self, optimizer_sd: dict) -> None:
         """Load ``ckpt/`` weights and a full optimizer state dict; under FSDP each rank keeps its shards."""
@@ -668,57 +474,37 @@ class Trainer:
         set_model_state_dict(self.model, full.state_dict(), options=options)
         name = {p: n for n, p in self.model.named_parameters()}
         fqns = [name[p] for g in self.optimizer.param_groups for p in g["params"]]
-        set_optimizer_state_dict(self.model, getattr(self.optimizer, "opts", self.optimizer), {
-            "state": {fqns[i]: st for i, st in optimizer_sd["state"].items()},
-            "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in optimizer_sd["param_groups"]],
-        }, options=options)
+        set_optimizer_state_dict(self.model, getattr(self.optimizer, "opts", self.optimizer),
+                                 _renumber(optimizer_sd, fqns.__getitem__), options=options)
 
     def _write_weights(self, tmp: Path, model: nn.Module) -> None:
         self.save_model_fn(model, tmp)
         if self.tokenizer is not None:
-            if hasattr(self.tokenizer, "write_files"):
-                self.tokenizer.write_files(tmp / "tokenizer")
-            else:
-                self.tokenizer.save(tmp / "tokenizer")
+            self.tokenizer.write_files(tmp / "tokenizer")
 
     def save_checkpoint(self) -> None:
         """Write ``run_dir/ckpt`` atomically (every rank must call this; rank 0 writes)."""
         from safetensors.torch import save_file
 
         model, opt_sd = self._full_model(), self._optimizer_state()  # (collectives under FSDP)
-        rng_t, rng_j = _rng_state()
-        all_rng = self._gather(({k: v.tolist() for k, v in rng_t.items()}, rng_j))
+        all_rng = self._gather(_rng_state())
         stage_t = None
         if hasattr(self.stage, "state_tensors"):  # every rank's own tensors, as CPU copies (no shared storage)
             mine = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.stage.state_tensors().items()}
             stage_t = {f"rank{r}.{k}": v for r, t in enumerate(self._gather(mine)) for k, v in t.items()}
         if self.is_main:
             opt_t, opt_meta = _optimizer_tensors(opt_sd)
-            state = {
-                "step": self.step,
-                "stage": self.stage.name,
-                "elapsed_s": self.elapsed,
-                "tokens_seen": self.tokens_seen,
-                "world_size": self.world_size,
-                "best": self.best,
-                "last_eval": self.last_eval,
-                "last_train": self.last_train,
-                "train_config": self.cfg.to_dict(),
-                "run_config": self.run_config,
-                "identity": self._identity(),
-                "schedule": self.schedule,
-                "optimizer": opt_meta,
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "rng": [j for _, j in all_rng],
-                "stage_state": self.stage.state_dict(),
-            }
-            rng_tensors = {
-                f"rank{r}.{k}": torch.tensor(v, dtype=torch.uint8) for r, (t, _) in enumerate(all_rng) for k, v in t.items()
-            }
+            state = {"step": self.step, "stage": self.stage.name, "elapsed_s": self.elapsed,
+                     "tokens_seen": self.tokens_seen, "world_size": self.world_size, "best": self.best,
+                     "last_eval": self.last_eval, "last_train": self.last_train, "train_config": self.cfg.to_dict(),
+                     "run_config": self.run_config, "identity": self._identity(), "schedule": self.schedule,
+                     "optimizer": opt_meta, "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                     "rng": [j for _, j in all_rng], "stage_state": self.stage.state_dict()}
             with atomic_dir(self.ckpt_dir) as tmp:
                 self._write_weights(tmp, model)
                 save_file(opt_t, str(tmp / "optimizer.safetensors"))
-                save_file(rng_tensors, str(tmp / "rng.safetensors"))
+                save_file({f"rank{r}.{k}": v for r, (t, _) in enumerate(all_rng) for k, v in t.items()},
+                          str(tmp / "rng.safetensors"))
                 if stage_t is not None:
                     save_file(stage_t, str(tmp / "stage.safetensors"))
                 write_json(tmp / "trainer_state.json", state)
@@ -769,55 +555,24 @@ class Trainer:
         self.last_eval = state.get("last_eval") or {}
         self.last_train = state.get("last_train") or {}
         self.schedule = state.get("schedule")
-        if self.is_main:
-            self._truncate_metrics(self.step)
+        if self.is_main:  # the lines logged after this checkpoint will be logged again (a line cut by a kill goes)
+            keep = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
+            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                pass  # a line cut by a kill
-        from ..io import atomic_write_text
-
-        atomic_write_text(path, "".join(l + "\n" for l in keep))
-
-    # ---- logging ---------------------------------------------------------------------------------------------------
+    # ---- logging and evaluation ------------------------------------------------------------------------------------
 
     def _log(self, record: dict) -> None:
-        if not self.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
     def _plot(self) -> None:
         if not self.is_main:
             return
-        from .plots import plot_metrics
-
         try:
             plot_metrics(self.run_dir, list(getattr(self.stage, "plot_keys", []) or []))
         except Exception as e:  # noqa: BLE001 - a plot must never kill a training run
             print(f"warning: could not draw plots: {e}", file=sys.stderr)
-
-    def _write_run_config(self) -> None:
-        if not self.is_main:
-            return
-        from ..config import dump_toml
-        from ..io import atomic_write_text
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = dict(self.run_config)
-        cfg["train"] = self.cfg.to_dict()
-        atomic_write_text(self.run_dir / "run_config.toml", dump_toml(cfg))
-
-    # ---- evaluation ------------------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
         """Run the stage's evaluation (rank 0; every rank under FSDP), log it, refresh plots, and update ``best/``."""
@@ -835,12 +590,9 @@ class Trainer:
         self.last_eval = metrics
         self._log({"step": self.step, **metrics})
         key = getattr(self.stage, "best_metric", None) or ("val_loss" if "val_loss" in metrics else next(iter(metrics)))
-        mode = getattr(self.stage, "best_mode", "min")
-        value = metrics.get(key)
+        value, old = metrics.get(key), self.best.get("value")
         if value is not None and math.isfinite(value):
-            old = self.best.get("value")
-            better = old is None or (value < old if mode == "min" else value > old)
-            if better:
+            if old is None or (value < old if getattr(self.stage, "best_mode", "min") == "min" else value > old):
                 self.best = {"metric": key, "value": value, "step": self.step}
                 if self.cfg.keep_best:
                     self.save_best()
@@ -850,29 +602,18 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------------------------
 
     def _install_signals(self) -> dict:
-        old = {}
-
+        """Ctrl-C / SIGTERM finish the step and checkpoint (a second Ctrl-C stops at once); returns the old handlers."""
         def handler(signum, frame):
-            if self._stop_reason == "interrupt":  # second Ctrl-C: stop now
+            if self._stop_reason == "interrupt":
                 raise KeyboardInterrupt
             self._stop_reason = "interrupt"
             if self.is_main:
                 print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to quit now)",
                       file=sys.stderr)
 
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old[sig] = signal.signal(sig, handler)
-        return old
-
-    def _progress_bar(self, total: int):
-        disable = (not self.cfg.progress or not self.is_main or not sys.stderr.isatty() or bool(os.environ.get("CI")))
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=self.step, desc=self.stage.name, disable=disable,
-                    dynamic_ncols=True, file=sys.stderr)
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _schedule(self) -> Optional[TrainConfig]:
         """The schedule's config: ``cfg``, resized by a time budget's decision; None while a budget is undecided."""
@@ -886,7 +627,7 @@ class Trainer:
 
     def _fit_budget(self, per_step: float) -> TrainConfig:
         """Size the schedule to the steps that fit in the rest of the time budget at ``per_step`` seconds a step, and
-        space evaluations + checkpoints by the measured cost of one (module docstring)."""
+        space evaluations + checkpoints by the measured cost of one (docs/internals.md)."""
         cfg, pause = self.cfg, 0.0
         if cfg.eval_interval:
             t = time.time()
@@ -907,8 +648,6 @@ class Trainer:
                          "ckpt_interval": max(cfg.ckpt_interval, every) if cfg.ckpt_interval else 0,
                          "for": [cfg.max_steps, cfg.max_minutes]}
         if self.is_main:
-            from tqdm import tqdm  # (a line above the progress bar)
-
             tqdm.write(f"{self.stage.name}: time budget {cfg.max_minutes:g} min at {per_step:.3g} s/step: the run will "
                        f"take {total} steps" + (f" (warm-up {warmup}; max_steps {cfg.max_steps} do not fit)"
                                                 if total < cfg.max_steps else " (max_steps)")
@@ -921,16 +660,46 @@ class Trainer:
         if self.ddp:
             torch.distributed.barrier()
         if self.last_eval and self.is_main:
-            from tqdm import tqdm
-
             tqdm.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()),
                        file=sys.stderr)
         self.save_checkpoint()
 
-    def fit(self) -> dict:
-        """Train to ``cfg.max_steps`` (or the steps that fit in the time budget); returns the final metrics.
+    def _accumulate(self, model: nn.Module, step: int) -> tuple[torch.Tensor, dict[str, float], int]:
+        """Forward and backward of every micro-batch of ``step``: this rank's summed loss, summed metrics, tokens."""
+        cfg = self.cfg
+        loss_sum, metric_sums, n_tokens = torch.zeros((), device=self.device), {}, 0
+        for micro in range(cfg.grad_accum):
+            batch = self.stage.get_batch(step, micro)
+            first = _first_tensor(batch)
+            if hasattr(self.stage, "tokens_in_batch"):
+                n_tokens += int(self.stage.tokens_in_batch(batch))
+            elif first is not None:
+                n_tokens += first.numel()
+            if self._seq_len is None and first is not None and first.dim() >= 2:
+                self._seq_len = first.shape[-1]  # (for MFU)
+            batch = tree_map(lambda t: t.to(self.device, non_blocking=True) if torch.is_tensor(t) else t, batch)
+            # DDP all-reduces the gradients in the backward of the last micro-batch only; FSDP reduce-scatters every
+            # backward so that no rank ever holds a whole model's gradients
+            sync = (not self.ddp) or self.fsdp or micro == cfg.grad_accum - 1
+            with nullcontext() if sync else self._ddp_model.no_sync():
+                with runtime.autocast(self.device, self.dtype):
+                    try:
+                        loss, metrics = self.stage.loss(model, batch)
+                    except RuntimeError as e:  # a parameter unused at some later step only
+                        if "finished reduction in the prior iteration" not in str(e):
+                            raise
+                        raise UserError(f"torchrun: step {step + 1}: the loss of stage '{self.stage.name}' did not "
+                                        "use every trainable parameter at the previous step; set "
+                                        "train.ddp_find_unused = true") from None
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+        return loss_sum, metric_sums, n_tokens
 
-        Resumes from ``run_dir/ckpt`` when it holds a checkpoint (see ``resume``)."""
+    def fit(self) -> dict:
+        """Train to ``cfg.max_steps`` (or the steps that fit in the time budget), resuming from ``run_dir/ckpt`` as
+        ``resume`` says; returns the final metrics."""
         cfg = self.cfg
         if self.resume is True and not self.has_checkpoint():
             raise UserError(f"{self.ckpt_dir}: no checkpoint to resume from")
@@ -943,88 +712,56 @@ class Trainer:
             if self.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "metrics.jsonl").write_text("")
-        self._write_run_config()
+        if self.is_main:
+            atomic_write_text(self.run_dir / "run_config.toml", dump_toml({**self.run_config, "train": cfg.to_dict()}))
 
-        raw = self.model
         model = self._wrap()
         model.train()
-        fpt_fn = getattr(raw, "flops_per_token", None)
+        flops_per_token = getattr(self.model, "flops_per_token", None)
         peak = runtime.peak_flops(self.device, self.dtype)
         old_handlers = self._install_signals()
         sched = self._schedule()
         total = (sched or cfg).max_steps
-        bar = self._progress_bar(total)
+        hide = not cfg.progress or not self.is_main or not sys.stderr.isatty() or bool(os.environ.get("CI"))
+        bar = tqdm(total=total, initial=self.step, desc=self.stage.name, disable=hide, dynamic_ncols=True,
+                   file=sys.stderr)
         t_start = time.time() - self.elapsed
         step0 = self.step
-        t_log, tokens_log, steps_log = time.time(), 0, 0
-        loss_log = 0.0
-        seq_len = None
-        checked = False  # unused parameters under DDP (first step of this process)
+        t_log, tokens_log, steps_log, loss_log = time.time(), 0, 0, 0.0  # since the last log line
+        self._seq_len = None
         try:
             while self.step < total:
                 step = self.step
                 lr = lr_at(sched or cfg, step)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
-
-                loss_sum = torch.zeros((), device=self.device)
-                metric_sums: dict[str, float] = {}
-                n_tokens = 0
-                for micro in range(cfg.grad_accum):
-                    batch = self.stage.get_batch(step, micro)
-                    n_tokens += _count_tokens(self.stage, batch)
-                    if seq_len is None:
-                        seq_len = _seq_len(batch)
-                    batch = _to_device(batch, self.device)
-                    # DDP all-reduces the gradients in the backward of the last micro-batch only; FSDP
-                    # reduce-scatters every backward so that no rank ever holds a whole model's gradients
-                    sync = (not self.ddp) or self.fsdp or micro == cfg.grad_accum - 1
-                    with (nullcontext() if sync else self._ddp_model.no_sync()):
-                        with runtime.autocast(self.device, self.dtype):
-                            try:
-                                loss, metrics = self.stage.loss(model, batch)
-                            except RuntimeError as e:  # a parameter unused at some later step only
-                                if "finished reduction in the prior iteration" not in str(e):
-                                    raise
-                                raise UserError(f"torchrun: step {step + 1}: the loss of stage '{self.stage.name}' "
-                                                "did not use every trainable parameter at the previous step; set "
-                                                "train.ddp_find_unused = true") from None
-                        self.scaler.scale(loss / cfg.grad_accum).backward()
-                    loss_sum += loss.detach().float()
-                    for k, v in metrics.items():
-                        metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-                if self.ddp and not cfg.ddp_find_unused and not checked:
+                loss_sum, metric_sums, n_tokens = self._accumulate(model, step)
+                if self.ddp and not cfg.ddp_find_unused and self.step == step0:
                     self._check_grads()
-                    checked = True
 
-                # one small collective per step: mean loss and metrics over ranks (NaN anywhere stops every rank)
-                # + stop flag; every rank's stage returns the same metric keys
-                stop = 1.0 if self._stop_reason else 0.0
-                if cfg.max_minutes > 0 and time.time() - t_start >= 60 * cfg.max_minutes:
-                    stop = 1.0
+                # one small collective per step: the mean loss and metrics over ranks (NaN anywhere stops every
+                # rank) and the stop flag; every rank's stage returns the same metric keys
+                if cfg.max_minutes and time.time() - t_start >= 60 * cfg.max_minutes:
                     self._stop_reason = self._stop_reason or "time"
-                packed = torch.stack([loss_sum / cfg.grad_accum, torch.tensor(stop, device=self.device)])
+                keys = sorted(metric_sums)
+                packed = torch.tensor([float(loss_sum / cfg.grad_accum), float(bool(self._stop_reason)),
+                                       *(metric_sums[k] for k in keys)], dtype=torch.float64, device=self.device)
                 if self.ddp:
-                    keys = sorted(metric_sums)
-                    packed = torch.cat([packed.double(), torch.tensor([metric_sums[k] for k in keys],
-                                                                      dtype=torch.float64, device=self.device)])
                     torch.distributed.all_reduce(packed)
-                    packed[0] /= self.world_size
-                    metric_sums = dict(zip(keys, (packed[2:] / self.world_size).tolist()))
-                step_loss, stop = packed[:2].tolist()
+                step_loss, stop, *sums = (packed / self.world_size).tolist()
                 if not math.isfinite(step_loss):
                     self.optimizer.zero_grad(set_to_none=True)
-                    last = ("no checkpoint was written yet" if not self.has_checkpoint()
-                            else f"the last good checkpoint is {self.ckpt_dir} (step {read_json(self.ckpt_dir / 'trainer_state.json')['step']})")
-                    raise TrainingDiverged(
-                        f"step {step + 1}: the training loss is {step_loss} (not finite); stopped before updating the "
-                        f"weights; {last}. Try a lower lr, a longer warmup, grad_clip, or dtype fp32"
-                    )
+                    last = (f"the last good checkpoint is {self.ckpt_dir} (step "
+                            f"{read_json(self.ckpt_dir / 'trainer_state.json')['step']})" if self.has_checkpoint()
+                            else "no checkpoint was written yet")
+                    raise TrainingDiverged(f"step {step + 1}: the training loss is {step_loss} (not finite); stopped "
+                                           f"before updating the weights; {last}. Try a lower lr, a longer warmup, "
+                                           "grad_clip, or dtype fp32")
 
                 grad_norm = None
                 if cfg.grad_clip > 0:
                     self.scaler.unscale_(self.optimizer)
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip))
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -1040,25 +777,23 @@ class Trainer:
                         bar.total = total = sched.max_steps
                         t_log += time.time() - t_pause  # (its timed evaluation is no training time)
 
-                train_metrics = {k: v / cfg.grad_accum for k, v in metric_sums.items()}
+                train_metrics = {k: v / cfg.grad_accum for k, v in zip(keys, sums)}
                 self.last_train = {"loss": step_loss, **train_metrics}
                 tokens_log += n_tokens * self.world_size
                 steps_log += 1
                 loss_log += step_loss
                 if hasattr(self.stage, "on_step_end"):
-                    self.stage.on_step_end(self.step, raw, self.last_train)
-                if not self.ddp and self._stop_reason:  # (under DDP the ranks agree at the next step)
-                    stop = 1.0
+                    self.stage.on_step_end(self.step, self.model, self.last_train)
+                stop = stop or (not self.ddp and self._stop_reason)  # (under DDP the ranks agree at the next step)
 
                 if (cfg.log_interval and self.step % cfg.log_interval == 0) or self.step == total or stop:
-                    dt = max(time.time() - t_log, 1e-9)
-                    tok_s = tokens_log / dt
+                    tok_s = tokens_log / max(time.time() - t_log, 1e-9)
                     record = {"step": self.step, "loss": step_loss, "lr": lr, **train_metrics,
                               "tok_per_s": round(tok_s, 1), "elapsed_s": round(self.elapsed, 2)}
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm
-                    if fpt_fn is not None and peak and tok_s > 0:  # MFU only against a known peak
-                        record["mfu"] = round(fpt_fn(seq_len) * tok_s / (peak * self.world_size), 4)
+                    if flops_per_token is not None and peak and tok_s > 0:  # MFU only against a known peak
+                        record["mfu"] = round(flops_per_token(self._seq_len) * tok_s / (peak * self.world_size), 4)
                     self._log(record)
                     post = {"loss": f"{loss_log / steps_log:.4f}", "tok/s": f"{tok_s:,.0f}"}
                     if "mfu" in record:
@@ -1067,10 +802,9 @@ class Trainer:
                     t_log, tokens_log, steps_log, loss_log = time.time(), 0, 0, 0.0
                 bar.update(1)
 
-                last = self.step == total or bool(stop)
                 t_pause = time.time()
                 every = sched or cfg  # (a time budget spaces them)
-                if (every.eval_interval and self.step % every.eval_interval == 0) or last:
+                if (every.eval_interval and self.step % every.eval_interval == 0) or self.step == total or stop:
                     self._pause()
                 elif every.ckpt_interval and self.step % every.ckpt_interval == 0:
                     self.save_checkpoint()
