@@ -111,10 +111,11 @@ def test_sft_learns_the_answers_and_chat_replies_with_them(trained):
 
 
 def test_template_inference_then_reply_equals_training_rendering(trained):
-    from pocketgpt.chat import load_chat_model, stop_id
+    from pocketgpt.chat import stop_id
+    from pocketgpt.checkpoint import load_checkpoint
     from pocketgpt.engine import generate
 
-    model, tok = load_chat_model(trained["run"] / "ckpt", device="cpu")
+    model, tok = load_checkpoint(trained["run"] / "ckpt", device="cpu", chat=True)
     q, a = trained["pairs"][3]
     prompt, _ = render([{"role": "user", "content": q}], tok, add_generation_prompt=True)
     (res,) = generate(model, [prompt], max_new_tokens=24, temperature=0, stop_ids=[stop_id(tok)],
@@ -127,9 +128,9 @@ def test_template_inference_then_reply_equals_training_rendering(trained):
 
 
 def test_chat_session_keeps_and_trims_history(trained):
-    from pocketgpt.chat import load_chat_model
+    from pocketgpt.checkpoint import load_checkpoint
 
-    model, tok = load_chat_model(trained["run"] / "ckpt", device="cpu")
+    model, tok = load_checkpoint(trained["run"] / "ckpt", device="cpu", chat=True)
     pairs = trained["pairs"]
     s = ChatSession(model, tok, temperature=0, max_new_tokens=16)
     assert s.reply_text(pairs[0][0]) == pairs[0][1]
