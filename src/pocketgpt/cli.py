@@ -42,11 +42,12 @@ def _training(p, module: str, run, *, out: str | None, default_config: str | Non
 
 def _load(args, **kw):
     """The command's ``RunConfig``, and the Trainer's ``resume``: True (required), False (start over) or None."""
-    from .config import config_from_args
+    from .config import load_config
 
     if args.resume and args.restart:
         raise UserError("--resume and --restart exclude each other")
-    return config_from_args(args, args.sections, **kw), True if args.resume else (False if args.restart else None)
+    cfg = load_config(args.config, args.config_overrides, args.sections, **kw)
+    return cfg, True if args.resume else (False if args.restart else None)
 
 
 def _done(args, line: str) -> int:

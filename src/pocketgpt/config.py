@@ -293,10 +293,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: dict[str, ty
                 action.key = key
 
 
-def config_from_args(args: argparse.Namespace, sections: dict[str, type], **kw) -> RunConfig:
-    return load_config(args.config, args.config_overrides, sections, **kw)
-
-
 def dump_toml(config: dict[str, Any]) -> str:
     """``{section: {key: value}}`` as TOML (``tomli_w``); ``None`` values are left out (TOML has no null)."""
     import tomli_w
