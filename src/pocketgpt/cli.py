@@ -328,13 +328,43 @@ def _chat_run(args) -> int:
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets U+FFFD, not a traceback
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="replace")
-    banner = None
-    if sys.stdin.isatty():
-        banner = (f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M "
-                  f"parameters, {model.config.block_size}-token context). /help for commands, /exit or "
-                  "Ctrl-D to quit.")
-    _chat_loop(session, banner)
-    return 0
+    # on a terminal: prompts, notes and command output on stderr, line editing; otherwise one user message per
+    # input line, one reply per output line (newlines -> spaces)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401 - line editing and history for input(), wide characters included
+        print(f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M parameters, "
+              f"{model.config.block_size}-token context). /help for commands, /exit or Ctrl-D to quit.",
+              file=sys.stderr)
+    lines = None if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    while True:
+        try:
+            line = input("you> ") if interactive else next(lines, None)
+        except (EOFError, KeyboardInterrupt):
+            line = None
+        if line is None:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if line.startswith("/"):
+            if not _chat_command(session, line, interactive):
+                return 0
+        elif line:
+            if interactive:
+                print("bot> ", end="", flush=True)
+            try:
+                for piece in session.reply(line):
+                    print(piece if interactive else piece.replace("\r", " ").replace("\n", " "), end="", flush=True)
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                print("\n(interrupted)", file=sys.stderr)
+            print(flush=True)
+            for note in session.notes if interactive else ():
+                print(note, file=sys.stderr)
+            session.notes.clear()
 
 
 CHAT_HELP = """commands:
@@ -380,46 +410,6 @@ def _chat_command(session, line: str, interactive: bool) -> bool:
     else:
         print(f"unknown command {cmd} (try /help)", file=sys.stderr)
     return True
-
-
-def _chat_loop(session, banner: str | None = None) -> None:
-    """The chat loop. With a ``banner`` (stdin is a terminal): prompts, notes and command output on stderr, line
-    editing. Without: one user message per input line, one reply per output line (newlines -> spaces)."""
-    interactive = banner is not None
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401 - line editing and history for input(), wide characters included
-        print(banner, file=sys.stderr)
-    lines = None if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
-    while True:
-        try:
-            line = input("you> ") if interactive else next(lines, None)
-        except (EOFError, KeyboardInterrupt):
-            line = None
-        if line is None:
-            if interactive:
-                print(file=sys.stderr)
-            return
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            if not _chat_command(session, line, interactive):
-                return
-            continue
-        if interactive:
-            print("bot> ", end="", flush=True)
-        try:
-            for piece in session.reply(line):
-                print(piece if interactive else piece.replace("\r", " ").replace("\n", " "), end="", flush=True)
-        except KeyboardInterrupt:
-            if not interactive:
-                raise
-            print("\n(interrupted)", file=sys.stderr)
-        print(flush=True)
-        for note in session.notes if interactive else ():
-            print(note, file=sys.stderr)
-        session.notes.clear()
 
 
 # ---- sft, rm, ppo, dpo, grpo -----------------------------------------------------------------------------------------
