@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import json
 import math
 import os
 import sys
@@ -495,7 +496,20 @@ def _rm_run(args) -> int:
         if not args.ckpt or not args.data:
             raise UserError("rm score: needs --ckpt RM and --data FILE")
         device = next((v for k, v, _ in args.config_overrides if k in ("device", "train.device")), "auto")
-        return _rm_print(score_file(args.ckpt, args.data, device=device), args.json)
+        res = score_file(args.ckpt, args.data, device=device)
+        pairs = res["kind"] == "pairs"
+        for r in res["rows"]:
+            if args.json:
+                print(json.dumps(r))
+            elif pairs:
+                print(f"{r['where']}\tchosen {r['chosen']:+.4f}\trejected {r['rejected']:+.4f}\t"
+                      f"{'ok' if r['correct'] else 'WRONG'}")
+            else:
+                print(f"{r['where']}\t{r['score']:+.4f}")
+        if pairs:
+            print(json.dumps({"accuracy": res["accuracy"], "pairs": len(res["rows"])}) if args.json else
+                  f"pairwise accuracy {res['accuracy']:.4f} ({len(res['rows'])} pairs)")
+        return 0
     if not args.init or not args.data:
         raise UserError("rm: needs --init SFT_CKPT and --data PAIRS (or 'pocketgpt rm score --ckpt RM --data FILE')")
     rc, resume = _load(args)
@@ -504,24 +518,6 @@ def _rm_run(args) -> int:
         acc = result.get("eval_accuracy")
         print(f"reward model saved in {Path(args.out) / 'ckpt'}"
               + (f"; held-out pairwise accuracy {acc:.3f}" if acc is not None else ""))
-    return 0
-
-
-def _rm_print(res: dict, as_json: bool) -> int:
-    import json
-
-    pairs = res["kind"] == "pairs"
-    for r in res["rows"]:
-        if as_json:
-            print(json.dumps(r))
-        elif pairs:
-            print(f"{r['where']}\tchosen {r['chosen']:+.4f}\trejected {r['rejected']:+.4f}\t"
-                  f"{'ok' if r['correct'] else 'WRONG'}")
-        else:
-            print(f"{r['where']}\t{r['score']:+.4f}")
-    if pairs:
-        print(json.dumps({"accuracy": res["accuracy"], "pairs": len(res["rows"])}) if as_json else
-              f"pairwise accuracy {res['accuracy']:.4f} ({len(res['rows'])} pairs)")
     return 0
 
 
