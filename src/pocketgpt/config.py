@@ -266,9 +266,8 @@ class _Override(argparse.Action):
 
 def add_config_arguments(parser: argparse.ArgumentParser, sections: dict[str, type],
                          default_config: Optional[str] = None, aliases: Optional[dict[str, list[str]]] = None) -> None:
-    """Add ``--config`` and one override option per field (``--key``, ``--section.key`` and ``aliases[key]``).
-
-    Options the parser already defines are left alone (the command's own meaning wins)."""
+    """Add ``--config`` and one override option per field (``--key``, ``--section.key`` and ``aliases[key]``),
+    except options the parser already defines (the command's own meaning wins)."""
     parser.add_argument("--config", default=default_config, metavar="NAME|FILE",
                         help="TOML preset name (configs/NAME.toml) or path" +
                              (f" (default: {default_config})" if default_config else ""))
