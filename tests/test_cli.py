@@ -45,18 +45,15 @@ def test_toml_keys_share_the_aliases(tmp_path):
 def test_options_come_from_the_config_models_once_with_their_aliases(tmp_path, capsys):
     """Each config field is one option (``--beta`` is ``--dpo.beta``; ``--policy`` is ``--init``; grpo's ``--n`` and
     ``--group-size`` are ``samples_per_prompt``), and a bad value names the flag the user typed."""
-    from pocketgpt.cli import build_parser
-    from pocketgpt.config import config_from_args
-    from pocketgpt.train import dpo, grpo
+    from pocketgpt.cli import _load, build_parser
 
     args = build_parser(only="dpo").parse_args(["dpo", "--beta", "0.3", "--data", "a.jsonl", "b.jsonl"])
-    assert config_from_args(args, dpo.SECTIONS)["dpo"].beta == 0.3
+    assert _load(args)[0]["dpo"].beta == 0.3
     args = build_parser(only="dpo").parse_args(["dpo", "--dpo.beta", "0.2", "--loss", "ipo"])
-    assert (config_from_args(args, dpo.SECTIONS)["dpo"].beta, config_from_args(args, dpo.SECTIONS)["dpo"].loss) \
-        == (0.2, "ipo")
+    assert (_load(args)[0]["dpo"].beta, _load(args)[0]["dpo"].loss) == (0.2, "ipo")
     for flag in ("--n", "--group-size", "--samples_per_prompt", "--grpo.samples_per_prompt"):
         args = build_parser(only="grpo").parse_args(["grpo", "--policy", "ckpt", flag, "4"])
-        cfg = config_from_args(args, grpo.SECTIONS)["grpo"]
+        cfg = _load(args)[0]["grpo"]
         assert (cfg.init, cfg.samples_per_prompt) == ("ckpt", 4)
     assert "'--init'" in _error(["dpo", "--inti", "x"], capsys)
     assert "--n: must be at least 2, got 1" in _error(["grpo", "--init", "x", "--n", "1"], capsys)

@@ -275,15 +275,13 @@ def test_special_tokens_are_never_text(ckpt):
 def test_model_id_is_the_run_name(ckpt, tmp_path):
     import shutil
 
-    from pocketgpt.serve import run_name
-
     shutil.copytree(ckpt, tmp_path / "runs" / "sft" / "ckpt")
     shutil.copytree(ckpt, tmp_path / "runs" / "speedrun" / "dpo" / "best")
     (tmp_path / "runs" / "speedrun" / "speedrun_state.json").write_text("{}")
     assert load_backend(tmp_path / "runs" / "sft", device="cpu").model_id == "sft"  # a run directory works too
-    assert run_name(tmp_path / "runs" / "sft" / "ckpt") == "sft"
-    assert run_name(tmp_path / "runs" / "speedrun" / "dpo" / "best") == "speedrun-dpo"
-    assert run_name(ckpt) == "tiny-chat"
+    assert load_backend(tmp_path / "runs" / "sft" / "ckpt", device="cpu").model_id == "sft"
+    assert load_backend(tmp_path / "runs" / "speedrun" / "dpo" / "best", device="cpu").model_id == "speedrun-dpo"
+    assert load_backend(ckpt, device="cpu").model_id == "tiny-chat"
     assert load_backend(tmp_path / "runs" / "sft", device="cpu", model_name="mine").model_id == "mine"
 
 

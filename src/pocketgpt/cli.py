@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import json
 import math
 import os
 import sys
@@ -42,11 +43,12 @@ def _training(p, module: str, run, *, out: str | None, default_config: str | Non
 
 def _load(args, **kw):
     """The command's ``RunConfig``, and the Trainer's ``resume``: True (required), False (start over) or None."""
-    from .config import config_from_args
+    from .config import load_config
 
     if args.resume and args.restart:
         raise UserError("--resume and --restart exclude each other")
-    return config_from_args(args, args.sections, **kw), True if args.resume else (False if args.restart else None)
+    cfg = load_config(args.config, args.config_overrides, args.sections, **kw)
+    return cfg, True if args.resume else (False if args.restart else None)
 
 
 def _done(args, line: str) -> int:
@@ -327,13 +329,43 @@ def _chat_run(args) -> int:
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets U+FFFD, not a traceback
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="replace")
-    banner = None
-    if sys.stdin.isatty():
-        banner = (f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M "
-                  f"parameters, {model.config.block_size}-token context). /help for commands, /exit or "
-                  "Ctrl-D to quit.")
-    _chat_loop(session, banner)
-    return 0
+    # on a terminal: prompts, notes and command output on stderr, line editing; otherwise one user message per
+    # input line, one reply per output line (newlines -> spaces)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401 - line editing and history for input(), wide characters included
+        print(f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M parameters, "
+              f"{model.config.block_size}-token context). /help for commands, /exit or Ctrl-D to quit.",
+              file=sys.stderr)
+    lines = None if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    while True:
+        try:
+            line = input("you> ") if interactive else next(lines, None)
+        except (EOFError, KeyboardInterrupt):
+            line = None
+        if line is None:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if line.startswith("/"):
+            if not _chat_command(session, line, interactive):
+                return 0
+        elif line:
+            if interactive:
+                print("bot> ", end="", flush=True)
+            try:
+                for piece in session.reply(line):
+                    print(piece if interactive else piece.replace("\r", " ").replace("\n", " "), end="", flush=True)
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                print("\n(interrupted)", file=sys.stderr)
+            print(flush=True)
+            for note in session.notes if interactive else ():
+                print(note, file=sys.stderr)
+            session.notes.clear()
 
 
 CHAT_HELP = """commands:
@@ -379,46 +411,6 @@ def _chat_command(session, line: str, interactive: bool) -> bool:
     else:
         print(f"unknown command {cmd} (try /help)", file=sys.stderr)
     return True
-
-
-def _chat_loop(session, banner: str | None = None) -> None:
-    """The chat loop. With a ``banner`` (stdin is a terminal): prompts, notes and command output on stderr, line
-    editing. Without: one user message per input line, one reply per output line (newlines -> spaces)."""
-    interactive = banner is not None
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401 - line editing and history for input(), wide characters included
-        print(banner, file=sys.stderr)
-    lines = None if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
-    while True:
-        try:
-            line = input("you> ") if interactive else next(lines, None)
-        except (EOFError, KeyboardInterrupt):
-            line = None
-        if line is None:
-            if interactive:
-                print(file=sys.stderr)
-            return
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            if not _chat_command(session, line, interactive):
-                return
-            continue
-        if interactive:
-            print("bot> ", end="", flush=True)
-        try:
-            for piece in session.reply(line):
-                print(piece if interactive else piece.replace("\r", " ").replace("\n", " "), end="", flush=True)
-        except KeyboardInterrupt:
-            if not interactive:
-                raise
-            print("\n(interrupted)", file=sys.stderr)
-        print(flush=True)
-        for note in session.notes if interactive else ():
-            print(note, file=sys.stderr)
-        session.notes.clear()
 
 
 # ---- sft, rm, ppo, dpo, grpo -----------------------------------------------------------------------------------------
@@ -504,7 +496,20 @@ def _rm_run(args) -> int:
         if not args.ckpt or not args.data:
             raise UserError("rm score: needs --ckpt RM and --data FILE")
         device = next((v for k, v, _ in args.config_overrides if k in ("device", "train.device")), "auto")
-        return _rm_print(score_file(args.ckpt, args.data, device=device), args.json)
+        res = score_file(args.ckpt, args.data, device=device)
+        pairs = res["kind"] == "pairs"
+        for r in res["rows"]:
+            if args.json:
+                print(json.dumps(r))
+            elif pairs:
+                print(f"{r['where']}\tchosen {r['chosen']:+.4f}\trejected {r['rejected']:+.4f}\t"
+                      f"{'ok' if r['correct'] else 'WRONG'}")
+            else:
+                print(f"{r['where']}\t{r['score']:+.4f}")
+        if pairs:
+            print(json.dumps({"accuracy": res["accuracy"], "pairs": len(res["rows"])}) if args.json else
+                  f"pairwise accuracy {res['accuracy']:.4f} ({len(res['rows'])} pairs)")
+        return 0
     if not args.init or not args.data:
         raise UserError("rm: needs --init SFT_CKPT and --data PAIRS (or 'pocketgpt rm score --ckpt RM --data FILE')")
     rc, resume = _load(args)
@@ -513,24 +518,6 @@ def _rm_run(args) -> int:
         acc = result.get("eval_accuracy")
         print(f"reward model saved in {Path(args.out) / 'ckpt'}"
               + (f"; held-out pairwise accuracy {acc:.3f}" if acc is not None else ""))
-    return 0
-
-
-def _rm_print(res: dict, as_json: bool) -> int:
-    import json
-
-    pairs = res["kind"] == "pairs"
-    for r in res["rows"]:
-        if as_json:
-            print(json.dumps(r))
-        elif pairs:
-            print(f"{r['where']}\tchosen {r['chosen']:+.4f}\trejected {r['rejected']:+.4f}\t"
-                  f"{'ok' if r['correct'] else 'WRONG'}")
-        else:
-            print(f"{r['where']}\t{r['score']:+.4f}")
-    if pairs:
-        print(json.dumps({"accuracy": res["accuracy"], "pairs": len(res["rows"])}) if as_json else
-              f"pairwise accuracy {res['accuracy']:.4f} ({len(res['rows'])} pairs)")
     return 0
 
 

@@ -266,9 +266,8 @@ class _Override(argparse.Action):
 
 def add_config_arguments(parser: argparse.ArgumentParser, sections: dict[str, type],
                          default_config: Optional[str] = None, aliases: Optional[dict[str, list[str]]] = None) -> None:
-    """Add ``--config`` and one override option per field (``--key``, ``--section.key`` and ``aliases[key]``).
-
-    Options the parser already defines are left alone (the command's own meaning wins)."""
+    """Add ``--config`` and one override option per field (``--key``, ``--section.key`` and ``aliases[key]``),
+    except options the parser already defines (the command's own meaning wins)."""
     parser.add_argument("--config", default=default_config, metavar="NAME|FILE",
                         help="TOML preset name (configs/NAME.toml) or path" +
                              (f" (default: {default_config})" if default_config else ""))
@@ -291,10 +290,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: dict[str, ty
                                             default=argparse.SUPPRESS, metavar="V",
                                             help=help_text if shown else argparse.SUPPRESS)
                 action.key = key
-
-
-def config_from_args(args: argparse.Namespace, sections: dict[str, type], **kw) -> RunConfig:
-    return load_config(args.config, args.config_overrides, sections, **kw)
 
 
 def dump_toml(config: dict[str, Any]) -> str:

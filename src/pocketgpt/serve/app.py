@@ -58,10 +58,8 @@ class Backend:
 
 
 class Job:
-    """One request: ``prompts`` continued with ``params``, ``params.n`` rows each (row = choice ``i``, continuing
-    ``prompts[i // params.n]``). The scheduler calls ``on_text([(choice, piece), ...])`` after each step and
-    ``on_done(result)`` once, through ``post``: ``[{"tokens", "text", "finish_reason"}]`` per choice, or the
-    exception that ended it (``Cancelled`` when the client left)."""
+    """One request: ``params.n`` rows per prompt (choice ``i`` continues ``prompts[i // params.n]``); its callbacks
+    get ``[(choice, piece), ...]`` after each step, then the choices' results or the exception that ended it."""
 
     def __init__(self, prompts: list[list[int]], params: SamplingParams):
         self.prompts, self.params, self.n = prompts, params, len(prompts) * params.n
@@ -121,11 +119,8 @@ class Metrics:
 
 
 class Scheduler:
-    """The one decode loop: a thread that owns the model. Between two steps of ``engine.DecodeBatch`` (one forward
-    for every row) it runs queued calls (scoring), prefills the requests that arrived in one forward, and drops the
-    rows of requests whose client left. At most ``max_rows`` rows decode together (a larger request runs alone);
-    ``submit`` answers 429 beyond ``max_queue`` waiting requests. Each step's output goes out in one ``post``
-    (``loop.call_soon_threadsafe`` once ``start``-ed; tests call ``step()`` themselves)."""
+    """The one decode loop, a thread that owns the model: between two ``DecodeBatch`` steps it runs queued calls,
+    prefills arrivals and drops rows whose client left (docs/internals.md, "Apps")."""
 
     def __init__(self, backend: Backend, max_rows: int, max_queue: int):
         self.backend, self.max_rows, self.max_queue = backend, max_rows, max_queue
@@ -362,8 +357,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
 
     async def generate(request: Request, body, prompts: list[list[int]], max_tokens: int, *, chat: bool,
                        logprobs: Optional[int], echo: bool = False):
-        """Both generation endpoints: ``n`` choices per prompt (choice ``i`` continues ``prompts[i // n]``), streamed
-        or answered whole; ``logprobs`` = how many alternatives to list per token (None: no log-probs)."""
+        """Both generation endpoints, streamed or whole; ``logprobs``: alternatives listed per token (None: none)."""
         sampling = {k: CHAT_DEFAULTS[k] if getattr(body, k) is None else getattr(body, k) for k in CHAT_DEFAULTS}
         params = SamplingParams(**sampling, presence_penalty=body.presence_penalty, seed=body.seed, stop=body.stop,
                                 frequency_penalty=body.frequency_penalty, max_new_tokens=max_tokens, n=body.n,
@@ -410,8 +404,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         return done.result()
 
     def stream(job: Job, head: dict, firsts: list[dict], chat: bool, n_prompt: int) -> StreamingResponse:
-        """Server-sent events as the job decodes: ``firsts``, the text, each choice's finish, the usage if asked,
-        then ``data: [DONE]``."""
+        """Server-sent events: ``firsts``, the text, each choice's finish, the usage if asked, ``data: [DONE]``."""
         text: dict[int, str] = {}  # per choice, not sent yet: pieces that piled up while sending go out as one
         ended: list = []
         wake = asyncio.Event()
@@ -457,10 +450,6 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         return _SSEResponse(events(), on_close=lambda: sched.drop(job))
 
     return app
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# helpers
 
 
 class _APIKeyMiddleware:
@@ -575,8 +564,7 @@ def _completion_prompts(backend: Backend, body: CompletionRequest) -> list[list[
 
 
 def _delta(chat: bool, i: int, text: Optional[str], finish: Optional[str] = None) -> dict:
-    """Choice ``i`` of a stream chunk: a piece of text, or its finish (empty text); in chat, None announces the
-    role (the first chunk of every choice)."""
+    """Choice ``i`` of a stream chunk: a piece of text, or its finish (empty text); in chat, None is the role."""
     if not chat:
         return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
     delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
@@ -589,9 +577,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, chat: bool, echo: bool) -> dict:
-    """One choice's ``logprobs``: chat's ``content`` list, or the legacy completions' parallel lists (the prompt's
-    too with ``echo``). The raw model's (temperature 1), whatever sampling chose the tokens: one forward gives the
-    chosen tokens' and the alternatives' (which need the whole distribution)."""
+    """One choice's ``logprobs`` in chat's or legacy completions' shape: the raw model's (temperature 1), whatever
+    sampling chose the tokens, from one forward (the alternatives need the whole distribution)."""
     ids = prompt + tokens
     lps, tops = [None] * len(ids), [None] * len(ids)
     if len(ids) > 1:
@@ -603,8 +590,7 @@ def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, 
         tops[1:] = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
 
     def token(i: int, special_names: bool = False) -> str:
-        """Special tokens are empty (their names among the alternatives, to tell them apart); a partial character
-        is its bytes escaped (``\\xe4``), never U+FFFD."""
+        """Special tokens are empty (named among the alternatives); a partial character is escaped, never U+FFFD."""
         if not special_names and i in backend.stop_ids:
             return ""
         return backend.tokenizer.decode_bytes([i]).decode("utf-8", errors="backslashreplace")
@@ -612,8 +598,7 @@ def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, 
     start = 0 if echo else len(prompt)
     if chat:
         def entry(i: int, lp: float, special_names: bool = False) -> dict:
-            raw = backend.tokenizer.decode_bytes([i])
-            return {"token": token(i, special_names), "logprob": lp, "bytes": list(raw)}
+            return {"token": token(i, special_names), "logprob": lp, "bytes": list(backend.tokenizer.decode_bytes([i]))}
 
         return {"content": [{**entry(ids[t], lps[t]), "top_logprobs": [entry(i, v, True) for i, v in tops[t]]}
                             for t in range(start, len(ids))]}
