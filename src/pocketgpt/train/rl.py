@@ -1,22 +1,5 @@
-"""On-policy RL: the one experience loop that PPO, GRPO and RLOO share.
-
-An on-policy stage *makes experience*, then the one ``Trainer`` runs ``epochs`` × minibatches over it::
-
-    prompts (a built-in task, or JSONL) ─▶ rollout: engine.generate, sampled at temperature T ─▶ replies
-    replies ─▶ RewardSource: a reward model | a Python module:function | a task's checker ─▶ one score per reply
-    one padded forward per model (engine.token_logprobs at T) ─▶ old log-probs, reference log-probs, values
-    stage.advantages(buffer) ─▶ buffer ── epochs × minibatches ─▶ stage.policy_loss(model, minibatch) ─▶ Trainer
-
-A stage (``ppo.PPOStage``, ``grpo.GRPOStage``) is only its advantage and its loss. Every log-prob comes from
-``engine.token_logprobs`` with the sampling temperature (logits / T, as TRL does), so the ratios and the KL are
-those of the distribution the replies were drawn from. The old log-probs are computed on exactly the minibatches the
-first epoch trains on (same rows, same padding), so the first minibatch of every rollout has a ratio of exactly 1.
-
-Rows of a rollout: ``rollout_prompts`` prompts × ``samples_per_prompt`` replies *per process*; a minibatch is
-``[train] batch_size × grad_accum`` rows, so one rollout gives ``epochs × rows / (batch_size × grad_accum)``
-optimizer steps. Under torchrun every rank rolls out its own prompts; DDP averages the gradients. The buffer is part
-of the checkpoint (``state_tensors``), so a run killed in the middle of a rollout's epochs resumes exactly.
-"""
+"""On-policy RL: the one experience loop of PPO, GRPO and RLOO (rollout → reward → old / reference log-probs →
+the stage's advantages → epochs × minibatches of its loss); the data flow is in docs/internals.md."""
 
 from __future__ import annotations
 
@@ -48,13 +31,9 @@ class RewardFunctionError(UserError):
     """A reward function raised or returned something that is not a finite number."""
 
 
-# ---- prompts ---------------------------------------------------------------------------------------------------------
-
-
 class Prompts:
-    """Training and held-out prompts: a built-in task's (fresh training prompts every rollout, a fixed held-out set),
-    or a JSONL file's (``n_eval`` of them, at most a fifth, held out by a seeded split, unless ``eval_path`` gives
-    them)."""
+    """A built-in task's prompts (fresh ones every rollout, a fixed held-out set) or a JSONL file's (``n_eval``, at
+    most a fifth, held out by a seeded split unless ``eval_path`` gives them)."""
 
     def __init__(self, *, task=None, path: str = "", eval_path: str = "", n_eval: int = 64, seed: int = 0):
         self.task, self.seed = task, seed
@@ -87,11 +66,8 @@ class Prompts:
         return [self.train[i] for i in idx], [self.train_where[i] for i in idx]
 
 
-# ---- reward sources --------------------------------------------------------------------------------------------------
-
-
 def load_reward_fn(spec: str) -> RewardFn:
-    """Import ``"module:function"`` or ``"path/to/file.py:function"``; it is called as ``fn(prompt_messages, reply)``."""
+    """Import ``"module:function"`` or ``"path/to/file.py:function"``, called as ``fn(prompt_messages, reply)``."""
     import runpy
 
     module_name, sep, fn_name = str(spec).rpartition(":")
@@ -121,9 +97,7 @@ def call_reward_fn(fn: RewardFn, prompt: list[dict], reply: str, *, record: str)
         value = fn(prompt, reply)
     except Exception as e:  # noqa: BLE001 - report whatever the user's function raised
         raise RewardFunctionError(f"{record}: reward function {name} raised {type(e).__name__}: {e}") from None
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if hasattr(value, "item") and getattr(value, "size", None) == 1:  # numpy scalars / 1-element arrays
+    if (isinstance(value, torch.Tensor) and value.numel() == 1) or getattr(value, "size", None) == 1:  # (numpy)
         value = value.item()
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)):
         return float(value)
@@ -137,9 +111,7 @@ class RewardSource:
 
     def __init__(self, *, reward_model: str = "", reward_fn: str | RewardFn = "", task=None,
                  dtype: torch.dtype = torch.float32, batch_size: int = 32):
-        self.rm = self.fn = None
-        self.task = task
-        self.batch_size = batch_size
+        self.rm, self.fn, self.task, self.batch_size = None, None, task, batch_size
         if reward_model and reward_fn:
             raise UserError("--reward RM_CKPT and --reward_fn exclude each other (one reward source)")
         if reward_model:
@@ -158,24 +130,15 @@ class RewardSource:
         else:
             raise UserError("no reward: give --reward RM_CKPT, --reward_fn module:function or --task NAME")
 
-    def to(self, device) -> "RewardSource":
-        if self.rm is not None:
-            self.rm.to(device)
-        return self
-
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], replies: list[str], where: list[str]) -> list[float]:
         if self.rm is not None:
-
             block = self.rm.config.block_size
             rows = [encode_reply(p, r, self.rm_tokenizer, block) for p, r in zip(prompts, replies)]
             return self.rm.score_ids(rows, self.rm_tokenizer.pad_id, self.batch_size)
         if self.fn is not None:
             return [call_reward_fn(self.fn, p, r, record=w) for p, r, w in zip(prompts, replies, where)]
         return [self.task.reward(p, r) for p, r in zip(prompts, replies)]
-
-
-# ---- rollouts ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -193,22 +156,18 @@ class Rollout:
 @torch.no_grad()
 def rollout(model: nn.Module, tokenizer, prompts: list[list[dict]], *, n: int = 1, max_new_tokens: int = 64,
             temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-            seed: Optional[int] = None, **sampling) -> list[Rollout]:
+            seed: Optional[int] = None) -> list[Rollout]:
     """``n`` replies per prompt through the engine (prompt-major rows); ``temperature=0`` is greedy. Prompts are
-    rendered with the chat template and cut (oldest tokens first) to leave room for the reply."""
+    rendered with the chat template and lose their oldest tokens to leave room for the reply."""
     from ..chat import render
-    from ..engine import SamplingParams, generate
+    from ..engine import generate
 
     end_id = tokenizer.token_id("<|end|>")
     block = model.config.block_size
     max_new_tokens = max(1, min(max_new_tokens, block - 8))
-    prompt_ids = []
-    for m in prompts:
-        ids, _ = render(m, tokenizer, add_generation_prompt=True)
-        prompt_ids.append(fit(ids, block, max_new_tokens)[0])
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
-                            stop_ids=end_id, seed=seed, **sampling)
-    results = generate(model, prompt_ids, params, return_logprobs=True)
+    prompt_ids = [fit(render(m, tokenizer, add_generation_prompt=True)[0], block, max_new_tokens)[0] for m in prompts]
+    results = generate(model, prompt_ids, return_logprobs=True, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, n=n, stop_ids=end_id, seed=seed)
     out = []
     for row, res in enumerate(results):
         tokens = [int(t) for t in res.tokens]
@@ -218,13 +177,9 @@ def rollout(model: nn.Module, tokenizer, prompts: list[list[dict]], *, n: int = 
     return out
 
 
-# ---- models --------------------------------------------------------------------------------------------------------------
-
-
 class Policy(nn.Module):
-    """The policy GPT (+ PPO's value head on its own backbone) whose forward gives per-token log-probs of replies.
-
-    Everything trained happens inside ``forward``, so DDP sees every parameter it reduces."""
+    """The policy GPT (+ PPO's value head on its backbone): ``forward`` gives per-token log-probs of replies, and
+    everything trained happens inside it, so DDP sees every parameter it reduces."""
 
     def __init__(self, gpt: nn.Module, value_head: bool = False, temperature: float = 1.0):
         super().__init__()
@@ -278,8 +233,6 @@ def frozen_copy(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Mod
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     m = mask.to(x.dtype)
-    if dim is None:
-        return (x * m).sum() / m.sum().clamp(min=1.0)
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
 
 
@@ -288,9 +241,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
-
-
-# ---- configuration --------------------------------------------------------------------------------------------------------
 
 
 class RLConfig(Config):
@@ -318,26 +268,18 @@ class RLConfig(Config):
     score_batch_size: int = Field(32, ge=1)  # rows per no-grad forward (reward model, evaluation)
     seed: int = 0
 
-    def get_task(self):
-        """The built-in task named by ``task`` with its ``task_options`` (None without a task)."""
-        if not self.task:
-            return None
-        from ..tasks import get_task
-
-        return get_task(self.task, self.task_options, n_eval=self.n_eval)
-
-
-# ---- the experience loop -----------------------------------------------------------------------------------------------
-
-BUFFER_KEYS = ("idx", "pos", "targets", "mask", "old_logp", "ref_logp", "values", "advantages", "returns")
-
 
 class OnlineStage:
-    """The Trainer's stage for on-policy RL. A subclass sets ``name`` and implements ``advantages(buf, scores)``
-    (fills ``buf["advantages"]`` (+ ``"returns"``), returns metrics) and ``policy_loss(model, batch)``."""
+    """The Trainer's stage for on-policy RL. A subclass sets ``name`` and implements ``advantages(buf, raw,
+    stopped)`` (fills ``buf["advantages"]`` (+ ``"returns"``), returns metrics) and ``policy_loss(model, batch)``."""
 
     value_head = False  # PPO: the policy carries a value head
     best_mode = "max"
+
+    @staticmethod
+    def dtypes(cfg) -> tuple:
+        """Precisions of the frozen reference (None: as the policy) and of the reward model."""
+        return None, torch.float32
 
     def __init__(self, cfg: RLConfig, policy: Policy, tokenizer, prompts: Prompts, reward: RewardSource,
                  reference: Optional[nn.Module]):
@@ -349,9 +291,6 @@ class OnlineStage:
         self.buffer: dict[str, torch.Tensor] = {}
         self.perms: Optional[torch.Tensor] = None
         self.stats: dict[str, float] = {}
-        self.trainer = None
-        self.batch_size, self.grad_accum, self.rank, self.world = 8, 1, 0, 1
-        self.device, self.dtype = torch.device("cpu"), torch.float32
         self._evaluated_start = False
 
     # -- Trainer hooks ---------------------------------------------------------------------------------------------
@@ -366,9 +305,9 @@ class OnlineStage:
                             f"a multiple of [train] batch_size × grad_accum = {per_step} (one minibatch per step)")
         self.minibatches = rows // per_step
         self.steps_per_rollout = self.cfg.epochs * self.minibatches
-        if self.reference is not None:
-            self.reference.to(self.device)
-        self.reward.to(self.device)
+        for frozen in (self.reference, self.reward.rm):
+            if frozen is not None:
+                frozen.to(self.device)
 
     @property
     def rows(self) -> int:
@@ -420,13 +359,10 @@ class OnlineStage:
         cfg = self.cfg
         key = iteration * self.world + self.rank
         prompts, where = self.prompts.sample(cfg.rollout_prompts, key)
-        gpt = self.model.gpt
-        was = gpt.training
         with torch.autocast(self.device.type, enabled=False):  # sample in the weights' precision
-            rolls = rollout(gpt, self.tokenizer, prompts, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                            seed=cfg.seed * 7919 + key)
-        gpt.train(was)
+            rolls = rollout(self.model.gpt, self.tokenizer, prompts, n=cfg.samples_per_prompt,
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, seed=cfg.seed * 7919 + key)
         try:
             scores = self.reward([prompts[r.prompt_index] for r in rolls], [r.text for r in rolls],
                                  [where[r.prompt_index] for r in rolls])
@@ -459,14 +395,14 @@ class OnlineStage:
         self.buffer.update(old_logp=old, ref_logp=ref if self.reference is not None else old.clone(), values=val)
         raw = torch.tensor(scores, dtype=torch.float32)
         stopped = torch.tensor([r.finish_reason == "stop" for r in rolls])
-        lengths = mask.sum(1).float()
-        self.stats = {"objective/scores": float(raw.mean()), "completions/mean_length": float(lengths.mean()),
+        length = mask.sum(1).float().mean()
+        self.stats = {"objective/scores": float(raw.mean()), "completions/mean_length": float(length),
                       "completions/clipped_ratio": float((~stopped).float().mean())}
         self.stats.update(self.advantages(self.buffer, raw, stopped))
         self.iteration = iteration
 
     def get_batch(self, step: int, micro: int):
-        if step == 0 and micro == 0 and not self._evaluated_start and self.trainer is not None:
+        if step == 0 and micro == 0 and not self._evaluated_start:
             self._evaluated_start = True  # the "before" point of the held-out curves
             self.trainer.evaluate()
         iteration, local = divmod(step, self.steps_per_rollout)
@@ -486,17 +422,16 @@ class OnlineStage:
         prompts, where = self.prompts.eval, self.prompts.eval_where
         if not prompts:
             return {}
-        gpt = model.gpt if isinstance(model, Policy) else model
         max_new = self.cfg.eval_max_new_tokens or self.cfg.max_new_tokens
         rolls, scores = [], []
         with torch.autocast(self.device.type, enabled=False):
             for i in range(0, len(prompts), self.cfg.score_batch_size):
                 chunk = prompts[i: i + self.cfg.score_batch_size]
-                rs = rollout(gpt, self.tokenizer, chunk, n=1, max_new_tokens=max_new, temperature=0.0)
+                rs = rollout(model.gpt, self.tokenizer, chunk, n=1, max_new_tokens=max_new, temperature=0.0)
                 try:
                     scores += self.reward(chunk, [r.text for r in rs], where[i: i + len(chunk)])
                 except RewardFunctionError as e:
-                    raise RewardFunctionError(f"{e} (evaluation at step {self.trainer.step if self.trainer else 0})")
+                    raise RewardFunctionError(f"{e} (evaluation at step {self.trainer.step})") from None
                 rolls += rs
         out = {"eval_mean_length": sum(len(r.reply_ids) for r in rolls) / len(rolls)}
         if self.task is not None:
@@ -506,11 +441,9 @@ class OnlineStage:
         return out
 
 
-# ---- building and running a stage --------------------------------------------------------------------------------------
-
-
 def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume: Optional[bool] = None) -> dict:
     """Load ``cfg.init``, build prompts / reward / reference, and train ``stage_cls`` with the one Trainer."""
+    from ..tasks import get_task
     from .sft import load_init
     from .trainer import Trainer
 
@@ -520,15 +453,16 @@ def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume:
                         "tokens on each rank; use ddp")
     if not cfg.init:
         raise UserError("--init: required (the chat checkpoint to improve, e.g. runs/sft/ckpt)")
-    task = cfg.get_task()
+    task = get_task(cfg.task, cfg.task_options, n_eval=cfg.n_eval) if cfg.task else None
     prompts = Prompts(task=task, path=cfg.prompts, eval_path=cfg.eval_prompts, n_eval=cfg.n_eval, seed=cfg.seed)
-    reward = RewardSource(reward_model=cfg.reward, reward_fn=cfg.reward_fn, task=task,
-                          batch_size=cfg.score_batch_size, **stage_cls.reward_options(cfg))
+    ref_dtype, rm_dtype = stage_cls.dtypes(cfg)
+    reward = RewardSource(reward_model=cfg.reward, reward_fn=cfg.reward_fn, task=task, dtype=rm_dtype,
+                          batch_size=cfg.score_batch_size)
     gpt, tokenizer, added = load_init(cfg.init)
     if added:
         print(f"{section}: added chat tokens {' '.join(added)} to the tokenizer (was --init a chat checkpoint?)",
               file=sys.stderr)
-    reference = frozen_copy(gpt, stage_cls.reference_dtype(cfg)) if cfg.kl_coef > 0 else None
+    reference = frozen_copy(gpt, ref_dtype) if cfg.kl_coef > 0 else None
     policy = Policy(gpt, value_head=stage_cls.value_head, temperature=cfg.temperature)
     stage = stage_cls(cfg, policy, tokenizer, prompts, reward, reference)
     trainer = Trainer(policy, stage, run_config["train"], out, tokenizer=tokenizer, save_model=save_policy,
@@ -544,7 +478,8 @@ def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume:
         if trainer.world_size > 1:  # the ranks may not agree on the failure: no collective checkpoint here
             raise RewardFunctionError(f"{e}; stopped; the last checkpoint is in {trainer.ckpt_dir}") from None
         trainer.save_checkpoint()  # the weights after the last completed step: the same command resumes
-        raise RewardFunctionError(f"{e}; stopped; checkpoint of step {trainer.step} saved in {trainer.ckpt_dir}") from None
+        raise RewardFunctionError(f"{e}; stopped; checkpoint of step {trainer.step} saved in {trainer.ckpt_dir}") \
+            from None
     finally:
         trainer.close()
     from .plots import read_metrics
