@@ -18,12 +18,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, model_validator
+from safetensors import safe_open
+from safetensors.torch import save
+from tqdm import tqdm
 
+from .. import runtime
 from ..chat import render, stop_id
 from ..config import Config, FieldError, StrList
+from ..engine import pack_replies, token_logprobs
 from ..errors import UserError
+from ..io import atomic_write_bytes
+from ..lora import WithoutAdapters, adapted, apply as apply_lora
 from ..records import Pair, fit, read_pairs, split
-from .trainer import TrainConfig
+from .rl import frozen_copy
+from .sft import _stderr_on_rank0, load_init
+from .trainer import Trainer, TrainConfig, world_info
 
 REF_CACHE = "ref_logprobs.safetensors"
 
@@ -85,8 +94,6 @@ def encode_pair(pair: Pair, tokenizer, block_size: int) -> tuple[list[int], list
 def sequence_scores(model: nn.Module, pairs: list[tuple]) -> torch.Tensor:
     """(B, 4) float32: the sum and the per-token mean log-probs of the chosen and rejected replies of ``pairs``
     (columns: chosen sum, rejected sum, chosen mean, rejected mean), in one forward."""
-    from ..engine import pack_replies, token_logprobs
-
     prompts = [p for p, _, _ in pairs] * 2
     replies = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
     idx, pos, targets, mask = pack_replies(prompts, replies, device=next(model.parameters()).device)
@@ -117,9 +124,6 @@ class DPOStage:
         self._initial_eval_done = False
         self._epoch_cache: tuple[int, list[int]] = (-1, [])
         if opts.reference == "online":
-            from ..lora import WithoutAdapters, adapted
-            from .rl import frozen_copy
-
             self.ref = WithoutAdapters(model) if adapted(model) else frozen_copy(model)  # LoRA: no second copy
 
     def setup(self, trainer) -> None:
@@ -131,10 +135,6 @@ class DPOStage:
 
     @torch.no_grad()
     def _score_all(self, pairs: list[tuple], trainer, desc: str) -> torch.Tensor:
-        from tqdm import tqdm
-
-        from .. import runtime
-
         chunks = [pairs[i: i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
         quiet = not sys.stderr.isatty() or bool(os.environ.get("CI"))
         was = self.model.training
@@ -148,11 +148,6 @@ class DPOStage:
     def _reference_scores(self, trainer) -> dict[str, torch.Tensor]:
         """The reference scores of every pair: from ``RUN/ref_logprobs.safetensors`` when it was made for this data
         and precision, else computed now with the (still untrained) model and cached there."""
-        from safetensors import safe_open
-        from safetensors.torch import save
-
-        from ..io import atomic_write_bytes
-
         path = Path(trainer.run_dir) / REF_CACHE
         key = f"{self.fingerprint}|{trainer.dtype}"
         if path.exists():
@@ -169,8 +164,6 @@ class DPOStage:
         return scores
 
     def get_batch(self, step: int, micro: int):
-        from .trainer import world_info
-
         if step == 0 and micro == 0 and not self._initial_eval_done:
             self._initial_eval_done = True  # the step-0 point of the held-out curves
             self.trainer.evaluate()
@@ -187,14 +180,16 @@ class DPOStage:
     def tokens_in_batch(self, batch) -> int:
         return sum(2 * len(p) + len(c) + len(r) for p, c, r in (self.train[i] for i in batch["index"].tolist()))
 
-    def _pair_metrics(self, model, split: str, index: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _scores(self, model, split: str, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 2) chosen and rejected scores of the policy and of the reference, as the loss wants them."""
         pairs = [(self.train if split == "train" else self.val)[i] for i in index]
         policy = sequence_scores(model, pairs)[:, self.columns]
-        if self.ref is not None:
-            with torch.no_grad():
-                ref = sequence_scores(self.ref, pairs)[:, self.columns]
-        else:
-            ref = self.ref_scores[split][index][:, self.columns].to(policy.device)
+        if self.ref is None:
+            return policy, self.ref_scores[split][index][:, self.columns].to(policy.device)
+        with torch.no_grad():
+            return policy, sequence_scores(self.ref, pairs)[:, self.columns]
+
+    def _metrics(self, policy: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         losses, rew_c, rew_r = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], self.opts.beta,
                                         self.opts.loss, self.opts.label_smoothing)
         logps = policy.detach()
@@ -205,18 +200,15 @@ class DPOStage:
         }
 
     def loss(self, model, batch):
-        return self._pair_metrics(model, "train", batch["index"].tolist())
+        return self._metrics(*self._scores(model, "train", batch["index"].tolist()))
 
     def evaluate(self, model) -> dict[str, float]:
         if not self.val:
             return {}
-        sums: dict[str, float] = {}
-        for i in range(0, len(self.val), self.batch_size):  # pair-weighted means over the chunks
-            index = list(range(i, min(i + self.batch_size, len(self.val))))
-            loss, m = self._pair_metrics(model, "val", index)
-            for key, v in {"val_loss": float(loss), **{f"eval_{k}": v for k, v in m.items()}}.items():
-                sums[key] = sums.get(key, 0.0) + v * len(index)
-        return {k: v / len(self.val) for k, v in sums.items()}
+        n, size = len(self.val), self.batch_size
+        scores = [self._scores(model, "val", list(range(i, min(i + size, n)))) for i in range(0, n, size)]
+        loss, metrics = self._metrics(*(torch.cat(s) for s in zip(*scores)))
+        return {"val_loss": float(loss), **{f"eval_{k}": v for k, v in metrics.items()}}
 
     def state_dict(self) -> dict:  # batches are a pure function of (seed, step)
         return {"train_pairs": len(self.train), "seed": self.seed}
@@ -232,10 +224,6 @@ class DPOStage:
 def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dict] = None,
             resume: Optional[bool] = None, log=None) -> dict:
     """Train ``opts.init`` with DPO on ``opts.data`` through the Trainer; returns the final metrics."""
-    from ..lora import apply as apply_lora
-    from .sft import _stderr_on_rank0, load_init
-    from .trainer import Trainer
-
     log = log or _stderr_on_rank0
     if not opts.init:
         raise UserError("--init: required (the SFT checkpoint to improve; it is also the reference model)")

@@ -7,21 +7,29 @@ pairs with the Bradley–Terry loss (files and metrics: docs/internals.md)::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import ClassVar, Optional
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from pydantic import Field
+from safetensors import SafetensorError
 
+from ..chat import find_checkpoint, render, stop_id
+from ..checkpoint import load_model, write_model
 from ..config import Config
-from ..chat import render, stop_id
 from ..errors import UserError
-from .trainer import TrainConfig
+from ..io import write_json
+from ..lora import apply as apply_lora
 from ..records import Pair, conversation, fit, pad, pair, read, read_pairs, split
+from ..runtime import pick_device
+from ..tokenizer import load_tokenizer_for
+from .sft import _stderr_on_rank0
+from .trainer import Trainer, TrainConfig, default_load_model, world_info
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
@@ -74,25 +82,13 @@ class RewardModel(nn.Module):
 
     def write_files(self, directory: str | Path) -> None:
         """Backbone files + head + metadata into an existing directory (the Trainer's ``save_model``)."""
-        from safetensors.torch import save_file
-
-        from ..checkpoint import write_model
-        from ..io import write_json
-
-        directory = Path(directory)
         write_model(self.backbone, directory)
-        head = {k: v.detach().float().contiguous().cpu() for k, v in self.head.state_dict().items()}
-        save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
-        write_json(directory / META_FILE, {"kind": "reward_model"})
+        safetensors.torch.save_model(self.head, str(Path(directory) / HEAD_FILE), metadata={"format": "pt"})
+        write_json(Path(directory) / META_FILE, {"kind": "reward_model"})
 
 
 def load_reward_model(directory: str | Path, device=None, dtype=None) -> RewardModel:
     """Load a reward-model checkpoint (eval mode). UserError if the directory has no reward head."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ..checkpoint import load_model
-
     directory = Path(directory)
     head_path = directory / HEAD_FILE
     if directory.is_dir() and (directory / "config.json").is_file() and not head_path.is_file():
@@ -100,7 +96,7 @@ def load_reward_model(directory: str | Path, device=None, dtype=None) -> RewardM
     backbone = load_model(directory, device=device, dtype=dtype)
     rm = RewardModel(backbone)
     try:
-        sd = load_file(str(head_path))
+        sd = safetensors.torch.load_file(str(head_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{head_path}: corrupt reward head ({str(e).splitlines()[0]})") from None
     try:
@@ -151,6 +147,11 @@ class RMConfig(Config):
 SECTIONS = {"train": TrainConfig, "rm": RMConfig}  # the config of `pocketgpt rm`
 
 
+@functools.lru_cache(maxsize=2)
+def _shuffled(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 class RewardStage:
     """Bradley–Terry training on encoded pairs; ``evaluate`` reports held-out pairwise accuracy."""
 
@@ -166,26 +167,17 @@ class RewardStage:
         self.eval_batch_size = eval_batch_size
         # what it trains on: a run directory resumes on the same pairs only
         self.fingerprint = hashlib.sha256(repr((train, val)).encode()).hexdigest()
-        self._perm_epoch, self._perm = -1, []
 
     def setup(self, trainer) -> None:
         self.grad_accum = trainer.cfg.grad_accum
 
-    def _order(self, epoch: int) -> list[int]:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-            self._perm = torch.randperm(len(self.train), generator=g).tolist()
-            self._perm_epoch = epoch
-        return self._perm
-
     def get_batch(self, step: int, micro: int):
-        from .trainer import world_info
-
         rank, world, _ = world_info()
         n = len(self.train)
         start = ((step * self.grad_accum + micro) * world + rank) * self.batch_size
-        # epochs of fixed shuffles: resumable from the step alone
-        pairs = [self.train[self._order(k // n)[k % n]] for k in range(start, start + self.batch_size)]
+        # the k-th pair of a stream of seeded epoch shuffles: resumable from the step alone
+        pairs = [self.train[_shuffled(n, self.seed * 1000003 + k // n)[k % n]]
+                 for k in range(start, start + self.batch_size)]
         idx, lengths = pad_rows([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id)
         return {"idx": idx, "lengths": lengths}
 
@@ -210,25 +202,13 @@ class RewardStage:
 
 
 def _load_rm(model: RewardModel, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    from .trainer import default_load_model
-
     default_load_model(model.backbone, directory)
-    model.head.load_state_dict(load_file(str(Path(directory) / HEAD_FILE)))
+    safetensors.torch.load_model(model.head, str(Path(directory) / HEAD_FILE))
 
 
 def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_config, *,
                        val_data: Optional[str | Path] = None, resume: Optional[bool] = None) -> dict:
     """Train a reward model from ``init`` (an SFT checkpoint) on a pairs file; returns the final metrics."""
-    from ..chat import find_checkpoint
-    from ..checkpoint import load_model
-    from ..io import write_json
-    from ..lora import apply as apply_lora
-    from ..tokenizer import load_tokenizer_for
-    from .sft import _stderr_on_rank0
-    from .trainer import Trainer
-
     cfg, rmcfg = run_config["train"], run_config["rm"]
     init = find_checkpoint(init)
     tokenizer = load_tokenizer_for(init)
@@ -266,10 +246,6 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
 def score_file(ckpt: str | Path, data: str | Path, *, device: str = "auto", batch_size: int = 16) -> dict:
     """Score a pairs file (both replies + accuracy) or a conversations file (one score per conversation) →
     ``{"kind": "pairs"|"conversations", "rows": [...], "accuracy"?: float}``."""
-    from ..chat import find_checkpoint
-    from ..runtime import pick_device
-    from ..tokenizer import load_tokenizer_for
-
     ckpt = find_checkpoint(ckpt)
     rm = load_reward_model(ckpt, device=pick_device(device))
     tokenizer = load_tokenizer_for(ckpt)

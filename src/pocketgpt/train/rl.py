@@ -9,20 +9,30 @@ import math
 import numbers
 import os
 import random
+import runpy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Optional
 
+import safetensors.torch
 import torch
 import torch.nn as nn
-
 from pydantic import Field
 
+from .. import runtime
+from ..chat import find_checkpoint, render
+from ..checkpoint import write_model
 from ..config import Config
+from ..engine import generate, pack_replies, token_logprobs
 from ..errors import UserError
 from ..records import fit, read_prompts, split
+from ..tasks import get_task
+from ..tokenizer import load_tokenizer_for
+from .plots import read_metrics
 from .reward import ScalarHead, encode_reply, load_reward_model
+from .sft import load_init
+from .trainer import Trainer, default_load_model
 
 RewardFn = Callable[[list[dict], str], float]
 
@@ -32,8 +42,8 @@ class RewardFunctionError(UserError):
 
 
 class Prompts:
-    """A built-in task's prompts (fresh ones every rollout, a fixed held-out set) or a JSONL file's (``n_eval``, at
-    most a fifth, held out by a seeded split unless ``eval_path`` gives them)."""
+    """``(messages, record name)`` prompts: a built-in task's (fresh ones every rollout, a fixed held-out set) or a
+    JSONL file's (``n_eval``, at most a fifth, held out by a seeded split unless ``eval_path`` gives them)."""
 
     def __init__(self, *, task=None, path: str = "", eval_path: str = "", n_eval: int = 64, seed: int = 0):
         self.task, self.seed = task, seed
@@ -41,35 +51,27 @@ class Prompts:
             if path or eval_path:
                 raise UserError("--prompts / --eval_prompts go with a reward function or model; "
                                 "a built-in --task makes its own prompts")
-            self.eval = task.eval_prompts(n_eval)
-            self.eval_where = [f"{task.name} held-out prompt {i + 1}" for i in range(len(self.eval))]
+            self.eval = [(p, f"{task.name} held-out prompt {i + 1}") for i, p in enumerate(task.eval_prompts(n_eval))]
             return
         if not path:
             raise UserError("--prompts FILE or --task NAME: required (where the prompts come from)")
-        prompts, where = read_prompts(path)
+        prompts = list(zip(*read_prompts(path)))
         if eval_path:
-            self.train, self.train_where = prompts, where
-            self.eval, self.eval_where = read_prompts(eval_path)
-            self.eval, self.eval_where = self.eval[:n_eval], self.eval_where[:n_eval]
+            self.train, self.eval = prompts, list(zip(*read_prompts(eval_path)))[:n_eval]
         else:
-            tr, ev = split(range(len(prompts)), seed=seed, count=min(n_eval, len(prompts) // 5))  # <= a fifth
-            self.train, self.train_where = [prompts[i] for i in tr], [where[i] for i in tr]
-            self.eval, self.eval_where = [prompts[i] for i in ev], [where[i] for i in ev]
+            self.train, self.eval = split(prompts, seed=seed, count=min(n_eval, len(prompts) // 5))  # <= a fifth
 
-    def sample(self, n: int, key: int) -> tuple[list[list[dict]], list[str]]:
-        """``n`` training prompts and their record names for rollout ``key`` (a pure function of seed and key)."""
+    def sample(self, n: int, key: int) -> list[tuple[list[dict], str]]:
+        """``n`` training prompts for rollout ``key`` (a pure function of seed and key)."""
         if self.task is not None:
             prompts = self.task.train_prompts(n, seed=self.seed * 1_000_003 + key)
-            return prompts, [f"{self.task.name} prompt {p[-1]['content']!r}" for p in prompts]
+            return [(p, f"{self.task.name} prompt {p[-1]['content']!r}") for p in prompts]
         rng = random.Random(self.seed * 1_000_003 + key)
-        idx = [rng.randrange(len(self.train)) for _ in range(n)]
-        return [self.train[i] for i in idx], [self.train_where[i] for i in idx]
+        return [self.train[rng.randrange(len(self.train))] for _ in range(n)]
 
 
 def load_reward_fn(spec: str) -> RewardFn:
     """Import ``"module:function"`` or ``"path/to/file.py:function"``, called as ``fn(prompt_messages, reply)``."""
-    import runpy
-
     module_name, sep, fn_name = str(spec).rpartition(":")
     if not sep or not module_name or not fn_name:
         raise UserError(f"--reward_fn: expected 'module:function' or 'path/to/file.py:function', got {spec!r}")
@@ -115,9 +117,6 @@ class RewardSource:
         if reward_model and reward_fn:
             raise UserError("--reward RM_CKPT and --reward_fn exclude each other (one reward source)")
         if reward_model:
-            from ..chat import find_checkpoint
-            from ..tokenizer import load_tokenizer_for
-
             path = find_checkpoint(reward_model)
             self.rm = load_reward_model(path, dtype=dtype).requires_grad_(False)
             self.rm_tokenizer = load_tokenizer_for(path)
@@ -159,9 +158,6 @@ def rollout(model: nn.Module, tokenizer, prompts: list[list[dict]], *, n: int = 
             seed: Optional[int] = None) -> list[Rollout]:
     """``n`` replies per prompt through the engine (prompt-major rows); ``temperature=0`` is greedy. Prompts are
     rendered with the chat template and lose their oldest tokens to leave room for the reply."""
-    from ..chat import render
-    from ..engine import generate
-
     end_id = tokenizer.token_id("<|end|>")
     block = model.config.block_size
     max_new_tokens = max(1, min(max_new_tokens, block - 8))
@@ -190,8 +186,6 @@ class Policy(nn.Module):
 
     def forward(self, idx, pos, targets, mask):
         """→ ``(logp, entropy, values or None)``, each (B, T), for the reply positions of a packed batch."""
-        from ..engine import token_logprobs
-
         logp, ent, h = token_logprobs(self.gpt, idx, pos, targets, mask, temperature=self.temperature,
                                       entropy=True, hidden=self.value_head is not None)
         return logp, ent, (self.value_head(h) * mask if self.value_head is not None else None)
@@ -205,24 +199,15 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 def save_policy(model: Policy, directory: Path) -> None:
     """The policy as a plain GPT checkpoint (chat / export load it) + ``value_head.safetensors`` (PPO, for resume)."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint import write_model
-
     write_model(model.gpt, directory)
     if model.value_head is not None:
-        sd = {k: v.detach().float().cpu().contiguous() for k, v in model.value_head.state_dict().items()}
-        save_file(sd, str(Path(directory) / VALUE_HEAD_FILE))
+        safetensors.torch.save_model(model.value_head, str(Path(directory) / VALUE_HEAD_FILE))
 
 
 def load_policy(model: Policy, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    from .trainer import default_load_model
-
     default_load_model(model.gpt, directory)
     if model.value_head is not None and (Path(directory) / VALUE_HEAD_FILE).is_file():
-        model.value_head.load_state_dict(load_file(str(Path(directory) / VALUE_HEAD_FILE)))
+        safetensors.torch.load_model(model.value_head, str(Path(directory) / VALUE_HEAD_FILE))
 
 
 def frozen_copy(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -286,6 +271,7 @@ class OnlineStage:
         self.cfg, self.model, self.tokenizer = cfg, policy, tokenizer
         self.prompts, self.reward, self.reference = prompts, reward, reference
         self.task = prompts.task
+        self.rows = cfg.rollout_prompts * cfg.samples_per_prompt  # replies per rollout and process
         self.best_metric = "eval_accuracy" if self.task is not None else "eval_reward"
         self.iteration = -1  # the rollout the buffer holds
         self.buffer: dict[str, torch.Tensor] = {}
@@ -293,7 +279,6 @@ class OnlineStage:
         self.stats: dict[str, float] = {}
         self._evaluated_start = False
 
-    # -- Trainer hooks ---------------------------------------------------------------------------------------------
     def setup(self, trainer) -> None:
         self.trainer = trainer
         self.device, self.dtype = trainer.device, trainer.dtype
@@ -308,10 +293,6 @@ class OnlineStage:
         for frozen in (self.reference, self.reward.rm):
             if frozen is not None:
                 frozen.to(self.device)
-
-    @property
-    def rows(self) -> int:
-        return self.cfg.rollout_prompts * self.cfg.samples_per_prompt
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "stats": self.stats, "evaluated_start": True}
@@ -338,12 +319,6 @@ class OnlineStage:
     def tokens_in_batch(self, batch) -> int:
         return int(batch["mask"].sum())
 
-    # -- experience ------------------------------------------------------------------------------------------------
-    def _rows(self, local_step: int, micro: int) -> torch.Tensor:
-        epoch, j = divmod(local_step, self.minibatches)
-        start = (j * self.grad_accum + micro) * self.batch_size
-        return self.perms[epoch][start: start + self.batch_size]
-
     def _slice(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The buffer rows of one minibatch, trimmed to the longest reply and sequence among them."""
         batch = {k: v[rows] for k, v in self.buffer.items()}
@@ -353,19 +328,16 @@ class OnlineStage:
 
     @torch.no_grad()
     def make_experience(self, iteration: int, step: int) -> None:
-        from .. import runtime
-        from ..engine import pack_replies, token_logprobs
-
         cfg = self.cfg
         key = iteration * self.world + self.rank
-        prompts, where = self.prompts.sample(cfg.rollout_prompts, key)
+        prompts = self.prompts.sample(cfg.rollout_prompts, key)
         with torch.autocast(self.device.type, enabled=False):  # sample in the weights' precision
-            rolls = rollout(self.model.gpt, self.tokenizer, prompts, n=cfg.samples_per_prompt,
+            rolls = rollout(self.model.gpt, self.tokenizer, [p for p, _ in prompts], n=cfg.samples_per_prompt,
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p, seed=cfg.seed * 7919 + key)
         try:
-            scores = self.reward([prompts[r.prompt_index] for r in rolls], [r.text for r in rolls],
-                                 [where[r.prompt_index] for r in rolls])
+            asked = [prompts[r.prompt_index] for r in rolls]
+            scores = self.reward([p for p, _ in asked], [r.text for r in rolls], [w for _, w in asked])
         except RewardFunctionError as e:
             raise RewardFunctionError(f"{e} (step {step + 1})") from None
         idx, pos, targets, mask = pack_replies([r.prompt_ids for r in rolls], [r.reply_ids for r in rolls],
@@ -378,19 +350,17 @@ class OnlineStage:
         old, ref, val = torch.zeros(len(rolls), T), torch.zeros(len(rolls), T), torch.zeros(len(rolls), T)
         self.model.eval()
         with runtime.autocast(self.device, self.dtype):
-            for j in range(self.minibatches):
-                for micro in range(self.grad_accum):
-                    rows = self._rows(j, micro)
-                    b = {k: v.to(self.device) for k, v in self._slice(rows).items()}
-                    args = (b["idx"], b["pos"], b["targets"], b["mask"])
-                    lp, _, v = self.model(*args)
-                    t = lp.size(1)
-                    old[rows, :t] = lp.float().cpu()
-                    if v is not None:
-                        val[rows, :t] = v.float().cpu()
-                    if self.reference is not None:
-                        rl, _, _ = token_logprobs(self.reference, *args, temperature=cfg.temperature)
-                        ref[rows, :t] = rl.float().cpu()
+            for rows in self.perms[0].split(self.batch_size):  # the first epoch's micro-batches, in order
+                b = {k: v.to(self.device) for k, v in self._slice(rows).items()}
+                args = (b["idx"], b["pos"], b["targets"], b["mask"])
+                lp, _, v = self.model(*args)
+                t = lp.size(1)
+                old[rows, :t] = lp.float().cpu()
+                if v is not None:
+                    val[rows, :t] = v.float().cpu()
+                if self.reference is not None:
+                    rl, _, _ = token_logprobs(self.reference, *args, temperature=cfg.temperature)
+                    ref[rows, :t] = rl.float().cpu()
         self.model.train()
         self.buffer.update(old_logp=old, ref_logp=ref if self.reference is not None else old.clone(), values=val)
         raw = torch.tensor(scores, dtype=torch.float32)
@@ -408,20 +378,20 @@ class OnlineStage:
         iteration, local = divmod(step, self.steps_per_rollout)
         if iteration != self.iteration or not self.buffer:
             self.make_experience(iteration, step)
-        return self._slice(self._rows(local, micro))
+        epoch, j = divmod(local, self.minibatches)
+        return self._slice(self.perms[epoch].split(self.batch_size)[j * self.grad_accum + micro])
 
     def loss(self, model, batch):
         loss, metrics = self.policy_loss(model, batch)
         return loss, {**metrics, **self.stats}
 
-    # -- evaluation ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
         """Greedy replies to the held-out prompts: the task's accuracy (when there is a task) and the reward source's
         mean score (the reward model's, for PPO on an RM: the pair of curves shows reward hacking)."""
-        prompts, where = self.prompts.eval, self.prompts.eval_where
-        if not prompts:
+        if not self.prompts.eval:
             return {}
+        prompts, where = zip(*self.prompts.eval)
         max_new = self.cfg.eval_max_new_tokens or self.cfg.max_new_tokens
         rolls, scores = [], []
         with torch.autocast(self.device.type, enabled=False):
@@ -443,10 +413,6 @@ class OnlineStage:
 
 def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume: Optional[bool] = None) -> dict:
     """Load ``cfg.init``, build prompts / reward / reference, and train ``stage_cls`` with the one Trainer."""
-    from ..tasks import get_task
-    from .sft import load_init
-    from .trainer import Trainer
-
     section = stage_cls.name
     if run_config["train"].parallel == "fsdp":  # FSDP forwards are collective: every rank must decode in step
         raise UserError(f"{section}: train.parallel = fsdp is not supported: rollouts decode a different number of "
@@ -482,8 +448,6 @@ def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume:
             from None
     finally:
         trainer.close()
-    from .plots import read_metrics
-
     curve = [r for r in read_metrics(out) if stage.best_metric in r]
     if curve:
         result[f"initial_{stage.best_metric}"] = curve[0][stage.best_metric]
