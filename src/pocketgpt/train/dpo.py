@@ -23,13 +23,13 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from .. import runtime
-from ..chat import render, stop_id
 from ..config import Config, FieldError, StrList
 from ..engine import pack_replies, token_logprobs
 from ..errors import UserError
 from ..io import atomic_write_bytes
 from ..lora import WithoutAdapters, adapted, apply as apply_lora
-from ..records import Pair, fit, read_pairs, split
+from ..records import read_pairs, split
+from .reward import encode_replies
 from .rl import frozen_copy
 from .sft import _stderr_on_rank0, load_init
 from .trainer import Trainer, TrainConfig, world_info
@@ -83,17 +83,9 @@ def pair_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) 
     return ((d > 0).float() + 0.5 * (d == 0).float()).mean()
 
 
-def encode_pair(pair: Pair, tokenizer, block_size: int) -> tuple[list[int], list[int], list[int]]:
-    """``(prompt, chosen, rejected)`` ids as the chat template writes them (a reply ends with ``<|end|>``), cut into
-    ``block_size`` by ``records.fit``: long replies lose their end, the prompt its oldest tokens."""
-    end = stop_id(tokenizer)
-    prompt = render(pair.prompt, tokenizer, add_generation_prompt=True)[0]
-    return fit(prompt, block_size, tokenizer.encode(pair.chosen) + [end], tokenizer.encode(pair.rejected) + [end])
-
-
 def sequence_scores(model: nn.Module, pairs: list[tuple]) -> torch.Tensor:
-    """(B, 4) float32: the sum and the per-token mean log-probs of the chosen and rejected replies of ``pairs``
-    (columns: chosen sum, rejected sum, chosen mean, rejected mean), in one forward."""
+    """(B, 4) float32: the sum and the per-token mean log-probs of the chosen and rejected replies of ``(prompt,
+    chosen, rejected)`` id triples (columns: chosen sum, rejected sum, chosen mean, rejected mean), in one forward."""
     prompts = [p for p, _, _ in pairs] * 2
     replies = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
     idx, pos, targets, mask = pack_replies(prompts, replies, device=next(model.parameters()).device)
@@ -137,12 +129,10 @@ class DPOStage:
     def _score_all(self, pairs: list[tuple], trainer, desc: str) -> torch.Tensor:
         chunks = [pairs[i: i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
         quiet = not sys.stderr.isatty() or bool(os.environ.get("CI"))
-        was = self.model.training
-        self.model.eval()
+        self.model.eval()  # (Trainer.fit sets training mode again)
         with runtime.autocast(trainer.device, trainer.dtype):
             out = [sequence_scores(self.model, c).cpu()
                    for c in tqdm(chunks, desc=desc, disable=quiet, file=sys.stderr, leave=False)]
-        self.model.train(was)
         return torch.cat(out) if out else torch.zeros(0, 4)
 
     def _reference_scores(self, trainer) -> dict[str, torch.Tensor]:
@@ -238,8 +228,8 @@ def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dic
     if opts.max_pairs and len(pairs) > opts.max_pairs:
         pairs = random.Random(train.seed).sample(pairs, opts.max_pairs)
     held_in, held_out = split(pairs, opts.val_fraction, train.seed, most=opts.val_max)
-    train_pairs = [encode_pair(p, tokenizer, block) for p in held_in]
-    val_pairs = [encode_pair(p, tokenizer, block) for p in held_out]
+    train_pairs = [encode_replies(p.prompt, [p.chosen, p.rejected], tokenizer, block) for p in held_in]
+    val_pairs = [encode_replies(p.prompt, [p.chosen, p.rejected], tokenizer, block) for p in held_out]
     data = str(Path(opts.init).resolve()) + "".join(repr(p) for p in train_pairs + val_pairs)
     log(f"dpo: {len(pairs)} pairs -> {len(train_pairs)} training / {len(val_pairs)} held-out; context {block}")
     apply_lora(model, train, log)

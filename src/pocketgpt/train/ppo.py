@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..runtime import DTYPES
 from .rl import OnlineStage, RLConfig, masked_mean, whiten
 from .trainer import TrainConfig
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class PPOConfig(RLConfig):
@@ -69,7 +68,7 @@ class PPOStage(OnlineStage):
 
     @staticmethod
     def dtypes(cfg: PPOConfig) -> tuple:
-        return _DTYPES[cfg.ref_dtype], _DTYPES[cfg.rm_dtype]
+        return DTYPES[cfg.ref_dtype], DTYPES[cfg.rm_dtype]
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "moments": list(self.moments)}
@@ -83,8 +82,8 @@ class PPOStage(OnlineStage):
         score = raw - cfg.missing_end_penalty * (~stopped).float()
         if cfg.whiten_rewards:
             every = score
-            if self.world > 1:  # every rank keeps the same moments: scale with all ranks' scores
-                every = torch.cat([torch.zeros_like(score) for _ in range(self.world)])
+            if self.trainer.world_size > 1:  # every rank keeps the same moments: scale with all ranks' scores
+                every = torch.cat([torch.zeros_like(score) for _ in range(self.trainer.world_size)])
                 torch.distributed.all_gather_into_tensor(every, score)
             self.moments = update_moments(self.moments, every.tolist())
             count, _, m2 = self.moments

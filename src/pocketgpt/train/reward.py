@@ -108,11 +108,16 @@ def load_reward_model(directory: str | Path, device=None, dtype=None) -> RewardM
     return rm.eval()
 
 
+def encode_replies(prompt: list[dict], replies: list[str], tokenizer, block_size: int) -> tuple[list[int], ...]:
+    """``(prompt ids, *reply ids)`` as the chat template writes them (prompt + ``<|assistant|>``, reply + ``<|end|>``),
+    cut by ``records.fit``: the prompt loses its oldest tokens, a reply too long for half the context its end."""
+    end = stop_id(tokenizer)
+    ids = render(prompt, tokenizer, add_generation_prompt=True)[0]
+    return fit(ids, block_size, *[tokenizer.encode(r) + [end] for r in replies])
+
+
 def encode_reply(prompt: list[dict], reply: str, tokenizer, block_size: int) -> list[int]:
-    """prompt + ``<|assistant|>`` reply ``<|end|>`` as ids, cut by ``records.fit`` (the prompt loses its oldest
-    tokens; a reply too long for half the context loses its end)."""
-    p, r = fit(render(prompt, tokenizer, add_generation_prompt=True)[0], block_size,
-               (tokenizer.encode(reply) if reply else []) + [stop_id(tokenizer)])
+    p, r = encode_replies(prompt, [reply], tokenizer, block_size)
     return p + r
 
 

@@ -111,8 +111,8 @@ def call_reward_fn(fn: RewardFn, prompt: list[dict], reply: str, *, record: str)
 class RewardSource:
     """Scores ``(prompt messages, reply text)``: a trained reward model, a Python function or a task's checker."""
 
-    def __init__(self, *, reward_model: str = "", reward_fn: str | RewardFn = "", task=None,
-                 dtype: torch.dtype = torch.float32, batch_size: int = 32):
+    def __init__(self, *, reward_model: str = "", reward_fn: str = "", task=None, dtype: torch.dtype = torch.float32,
+                 batch_size: int = 32):
         self.rm, self.fn, self.task, self.batch_size = None, None, task, batch_size
         if reward_model and reward_fn:
             raise UserError("--reward RM_CKPT and --reward_fn exclude each other (one reward source)")
@@ -122,7 +122,7 @@ class RewardSource:
             self.rm_tokenizer = load_tokenizer_for(path)
             self.kind, self.description = "model", f"reward model {path}"
         elif reward_fn:
-            self.fn = load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
+            self.fn = load_reward_fn(reward_fn)
             self.kind, self.description = "function", f"reward function {getattr(self.fn, '__name__', reward_fn)}"
         elif task is not None:
             self.kind, self.description = "task", f"the {task.name} task's checker"
@@ -180,7 +180,6 @@ class Policy(nn.Module):
     def __init__(self, gpt: nn.Module, value_head: bool = False, temperature: float = 1.0):
         super().__init__()
         self.gpt = gpt
-        self.config = gpt.config
         self.temperature = temperature
         self.value_head = ScalarHead(gpt.config.n_embd) if value_head else None
 
@@ -212,8 +211,7 @@ def load_policy(model: Policy, directory: Path) -> None:
 
 def frozen_copy(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """A reference model: a deep copy in eval mode with every parameter frozen (optionally cast, e.g. bf16)."""
-    ref = copy.deepcopy(model)
-    return (ref.to(dtype) if dtype is not None else ref).eval().requires_grad_(False)
+    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -280,15 +278,14 @@ class OnlineStage:
         self._evaluated_start = False
 
     def setup(self, trainer) -> None:
-        self.trainer = trainer
-        self.device, self.dtype = trainer.device, trainer.dtype
+        self.trainer, self.device = trainer, trainer.device
         self.batch_size, self.grad_accum = trainer.cfg.batch_size, trainer.cfg.grad_accum
-        self.rank, self.world = trainer.rank, trainer.world_size
-        rows, per_step = self.rows, self.batch_size * self.grad_accum
-        if rows % per_step:
-            raise UserError(f"[{self.name}] rollout_prompts × samples_per_prompt = {rows} replies per rollout must be "
-                            f"a multiple of [train] batch_size × grad_accum = {per_step} (one minibatch per step)")
-        self.minibatches = rows // per_step
+        per_step = self.batch_size * self.grad_accum
+        if self.rows % per_step:
+            raise UserError(f"[{self.name}] rollout_prompts × samples_per_prompt = {self.rows} replies per rollout "
+                            f"must be a multiple of [train] batch_size × grad_accum = {per_step} (one minibatch per "
+                            "step)")
+        self.minibatches = self.rows // per_step
         self.steps_per_rollout = self.cfg.epochs * self.minibatches
         for frozen in (self.reference, self.reward.rm):
             if frozen is not None:
@@ -301,20 +298,14 @@ class OnlineStage:
         self.iteration = int(state.get("iteration", -1))
         self.stats = dict(state.get("stats", {}))
         self._evaluated_start = bool(state.get("evaluated_start", True))
-        self.buffer, self.perms = {}, None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The buffer of the current rollout: a run killed between its minibatches resumes on the same replies."""
-        out = {k: v.contiguous() for k, v in self.buffer.items()}
-        if self.perms is not None:
-            out["perms"] = self.perms
-        return out
+        return {**self.buffer, "perms": self.perms} if self.buffer else {}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.buffer = {k: v for k, v in tensors.items() if k != "perms"}
+        self.buffer = {k: v for k, v in tensors.items() if k != "perms"}  # (empty: get_batch rolls out afresh)
         self.perms = tensors.get("perms")
-        if not self.buffer:
-            self.iteration = -1  # nothing saved: roll out afresh
 
     def tokens_in_batch(self, batch) -> int:
         return int(batch["mask"].sum())
@@ -329,7 +320,7 @@ class OnlineStage:
     @torch.no_grad()
     def make_experience(self, iteration: int, step: int) -> None:
         cfg = self.cfg
-        key = iteration * self.world + self.rank
+        key = iteration * self.trainer.world_size + self.trainer.rank
         prompts = self.prompts.sample(cfg.rollout_prompts, key)
         with torch.autocast(self.device.type, enabled=False):  # sample in the weights' precision
             rolls = rollout(self.model.gpt, self.tokenizer, [p for p, _ in prompts], n=cfg.samples_per_prompt,
@@ -346,10 +337,9 @@ class OnlineStage:
         g = torch.Generator().manual_seed(cfg.seed * 31 + key)
         self.perms = torch.stack([torch.randperm(len(rolls), generator=g) for _ in range(cfg.epochs)])
         # old / reference log-probs (and values) on exactly the first epoch's minibatches: the first step's ratio is 1
-        T = targets.size(1)
-        old, ref, val = torch.zeros(len(rolls), T), torch.zeros(len(rolls), T), torch.zeros(len(rolls), T)
+        old, ref, val = (torch.zeros(targets.shape) for _ in range(3))
         self.model.eval()
-        with runtime.autocast(self.device, self.dtype):
+        with runtime.autocast(self.device, self.trainer.dtype):
             for rows in self.perms[0].split(self.batch_size):  # the first epoch's micro-batches, in order
                 b = {k: v.to(self.device) for k, v in self._slice(rows).items()}
                 args = (b["idx"], b["pos"], b["targets"], b["mask"])
