@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -140,13 +141,9 @@ class DPOStage:
         and precision, else computed now with the (still untrained) model and cached there."""
         path = Path(trainer.run_dir) / REF_CACHE
         key = f"{self.fingerprint}|{trainer.dtype}"
-        if path.exists():
-            try:
-                with safe_open(str(path), "pt") as f:
-                    if (f.metadata() or {}).get("key") == key:
-                        return {k: f.get_tensor(k) for k in ("train", "val")}
-            except Exception:  # noqa: BLE001 - a bad cache is recomputed
-                pass
+        with contextlib.suppress(Exception), safe_open(str(path), "pt") as f:  # a missing or bad cache: recompute
+            if (f.metadata() or {}).get("key") == key:
+                return {k: f.get_tensor(k) for k in ("train", "val")}
         scores = {"train": self._score_all(self.train, trainer, "dpo reference (train)"),
                   "val": self._score_all(self.val, trainer, "dpo reference (held-out)")}
         if trainer.is_main:

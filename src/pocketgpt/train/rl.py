@@ -34,8 +34,6 @@ from .reward import ScalarHead, encode_reply, load_reward_model
 from .sft import load_init
 from .trainer import Trainer, default_load_model
 
-RewardFn = Callable[[list[dict], str], float]
-
 
 class RewardFunctionError(UserError):
     """A reward function raised or returned something that is not a finite number."""
@@ -70,7 +68,7 @@ class Prompts:
         return [self.train[rng.randrange(len(self.train))] for _ in range(n)]
 
 
-def load_reward_fn(spec: str) -> RewardFn:
+def load_reward_fn(spec: str) -> Callable[[list[dict], str], float]:
     """Import ``"module:function"`` or ``"path/to/file.py:function"``, called as ``fn(prompt_messages, reply)``."""
     module_name, sep, fn_name = str(spec).rpartition(":")
     if not sep or not module_name or not fn_name:
@@ -91,7 +89,7 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def call_reward_fn(fn: RewardFn, prompt: list[dict], reply: str, *, record: str) -> float:
+def call_reward_fn(fn: Callable, prompt: list[dict], reply: str, *, record: str) -> float:
     """``fn(prompt, reply)`` as a finite float; ``RewardFunctionError`` naming ``record`` if it raises or returns
     anything else (a Python / numpy number or a one-element tensor is fine)."""
     name = getattr(fn, "__name__", repr(fn))
