@@ -1,16 +1,9 @@
-"""GRPO and RLOO: RL from a reward (usually a checkable task's) without a value model.
-
-Each prompt gets a group of G sampled replies (``samples_per_prompt``; the engine prefills the prompt once); the
-advantage of a reply compares its reward with the rest of its group, and every token of the reply is pushed by it
-through PPO's clipped ratio (the experience loop in ``rl.py``)::
+"""GRPO and RLOO: RL without a value model; a reply's advantage compares its reward with the rest of its group of
+G = ``samples_per_prompt`` replies to one prompt, and pushes every token of the reply through PPO's clipped ratio::
 
     grpo:  A_i = (r_i − mean(r)) / (std(r) + eps)          rloo:  A_i = r_i − mean of the other G−1 rewards
     loss = mean_i mean_t [ −min(ρ_t·A_i, clip(ρ_t, 1±ε)·A_i) + β·KL_t ],   ρ_t = π(y_t) / π_old(y_t)
     KL_t = exp(ref_t − logp_t) − (ref_t − logp_t) − 1      (k3, to a frozen copy of --init; β = kl_coef, 0 = none)
-
-A group whose replies all score the same carries no signal (``frac_reward_zero_std`` says how many). Rewards: the
-checker of ``--task`` (exact answers), a ``--reward_fn module:function`` with ``--prompts FILE``, or a reward model
-(``--reward RM_CKPT``). RLOO is ``pocketgpt grpo --advantage rloo``. Metric names follow TRL's GRPO trainer.
 """
 
 from __future__ import annotations
@@ -20,14 +13,14 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from .rl import OnlineStage, RLConfig
+from .rl import OnlineStage, RLConfig, masked_mean
 from .trainer import TrainConfig
+
 
 class GRPOConfig(RLConfig):
     """The ``[grpo]`` section. ``[train] batch_size × grad_accum`` replies make one minibatch."""
 
     section: ClassVar[str] = "grpo"
-    # G: the group of replies to one prompt (advantages compare the replies of a group)
     samples_per_prompt: int = Field(8, ge=2, description="replies sampled per prompt (the group)")
     kl_coef: float = Field(0.0, ge=0)
     advantage: Literal["grpo", "rloo"] = "grpo"
@@ -38,7 +31,7 @@ SECTIONS = {"grpo": GRPOConfig, "train": TrainConfig}  # the config of `pocketgp
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "grpo", eps: float = 1e-4) -> torch.Tensor:
-    """One advantage per reply from consecutive groups of ``group_size`` rewards (see the module docstring)."""
+    """One advantage per reply from consecutive groups of ``group_size`` rewards (the module docstring)."""
     r = rewards.float().view(-1, group_size)
     if kind == "rloo":
         return (r - (r.sum(-1, keepdim=True) - r) / (group_size - 1)).view(-1)
@@ -46,9 +39,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "grpo",
 
 
 def grpo_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, ref_logp=None, kl_coef: float = 0.0):
-    """The clipped objective (+ β·k3 KL), averaged over each reply's tokens, then over replies → (loss, metrics).
-
-    logp, old_logp, ref_logp, mask: (B, T) per reply token; advantages: (B,)."""
+    """The clipped objective (+ β·k3 KL) averaged over each reply's tokens, then over replies → (loss, metrics).
+    ``logp``, ``old_logp``, ``ref_logp``, ``mask``: (B, T) per reply token; ``advantages``: (B,)."""
     m = mask.to(logp.dtype)
     ratio = torch.exp((logp - old_logp) * m)
     adv = advantages.to(logp.dtype).unsqueeze(-1)
@@ -58,26 +50,16 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, ref_logp=
         d = (ref_logp - logp) * m
         kl = torch.exp(d) - d - 1.0
         per_token = per_token + kl_coef * kl
-        metrics["kl"] = float((kl.detach() * m).sum() / m.sum().clamp(min=1))
-    loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    with torch.no_grad():
-        n = m.sum().clamp(min=1)
-        metrics["clip_ratio"] = float((((ratio - 1).abs() > clip_eps).to(m.dtype) * m).sum() / n)
-        metrics["val/ratio"] = float((ratio * m).sum() / n)
+        metrics["kl"] = float(masked_mean(kl.detach(), m))
+    loss = masked_mean(per_token, m, -1).mean()
+    metrics["clip_ratio"] = float(masked_mean(((ratio - 1).abs() > clip_eps).to(m.dtype), m))
+    metrics["val/ratio"] = float(masked_mean(ratio.detach(), m))
     return loss, metrics
 
 
 class GRPOStage(OnlineStage):
     name = "grpo"
     plot_keys = ["eval_accuracy", "eval_reward", "reward", "kl", "frac_reward_zero_std"]
-
-    @staticmethod
-    def reward_options(cfg) -> dict:
-        return {}
-
-    @staticmethod
-    def reference_dtype(cfg):
-        return None
 
     def advantages(self, buf: dict, raw: torch.Tensor, stopped: torch.Tensor) -> dict:
         G = self.cfg.samples_per_prompt
@@ -90,5 +72,5 @@ class GRPOStage(OnlineStage):
         logp, ent, _ = model(batch["idx"], batch["pos"], batch["targets"], batch["mask"])
         loss, metrics = grpo_loss(logp, batch["old_logp"], batch["advantages"], batch["mask"], self.cfg.clip_range,
                                   batch["ref_logp"] if self.reference is not None else None, self.cfg.kl_coef)
-        metrics["entropy"] = float((ent.detach() * batch["mask"]).sum() / batch["mask"].sum().clamp(min=1))
+        metrics["entropy"] = float(masked_mean(ent.detach(), batch["mask"]))
         return loss, metrics

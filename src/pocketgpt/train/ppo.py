@@ -1,22 +1,8 @@
-"""RLHF with PPO: push the policy towards replies a reward scores higher, near its reference.
+"""RLHF with PPO: push the policy towards replies a reward scores higher, near its reference (TRL's recipe)::
 
-One rollout (the experience loop in ``rl.py``) and then ``epochs`` passes of minibatches over it::
-
-    replies ─▶ reward model / reward function / task checker ─▶ score per reply ─▶ ÷ running std, clip
-    per-token reward   r_t = -β·(log π_old(a_t) − log π_ref(a_t))   (+ the score on the last token)
-    value head ─▶ V_t ;  GAE(γ, λ) ─▶ advantages A_t (whitened), returns R_t = A_t + V_t
+    score per reply ─▶ ÷ running std, clip;  per-token reward r_t = −β·(log π_old(a_t) − log π_ref(a_t)) (+ the score
+    on the last token);  value head V_t ─▶ GAE(γ, λ) ─▶ advantages A_t (whitened), returns R_t = A_t + V_t
     L = E[max(−A·ρ, −A·clip(ρ, 1±ε))] + c_v·E[max((V−R)², (V_clip−R)²)]/2 − c_e·H,   ρ = π(a_t) / π_old(a_t)
-
-The value head is a ``ScalarHead`` on the policy's own backbone (one transformer serves policy and value, as TRL's
-value-head models); the reference is a frozen copy of ``--init`` and the reward model is loaded frozen — neither has
-optimizer state. ``RUN/ckpt`` is a plain GPT checkpoint of the policy (chat / export load it) plus
-``value_head.safetensors`` for resuming.
-
-Rewards: ``--reward RM_CKPT`` (a ``pocketgpt rm`` checkpoint: replies are re-rendered with the RM's tokenizer),
-``--reward_fn module:function`` (``fn(prompt_messages, reply_text) -> number``), or, with neither, the checker of
-``--task``. With ``--task`` and a reward model, PPO optimises the reward model only; the checker just measures the
-held-out accuracy beside the reward model's score (``eval_accuracy`` / ``eval_reward``: reward hacking shows as the
-two curves parting). Metric names follow TRL (``objective/rlhf_reward``, ``objective/kl``, ``policy/clipfrac_avg``...).
 """
 
 from __future__ import annotations
@@ -25,12 +11,12 @@ import math
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
+from ..runtime import DTYPES
 from .rl import OnlineStage, RLConfig, masked_mean, whiten
 from .trainer import TrainConfig
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class PPOConfig(RLConfig):
@@ -55,37 +41,22 @@ SECTIONS = {"ppo": PPOConfig, "train": TrainConfig}  # the config of `pocketgpt 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation over right-padded rows → (advantages, returns), zero where masked."""
-    B, T = rewards.shape
-    m = mask.float()
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros(B, dtype=rewards.dtype)
-    for t in reversed(range(T)):
-        nxt = m[:, t + 1] if t + 1 < T else torch.zeros(B)
-        next_v = values[:, t + 1] * nxt if t + 1 < T else torch.zeros(B)
-        last = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last * nxt
+    m = F.pad(mask.float(), (0, 1))  # a zero column past the end: nothing follows a reply's last token
+    v = F.pad(values, (0, 1))
+    adv, last = torch.zeros_like(rewards), torch.zeros(len(rewards))
+    for t in reversed(range(rewards.size(1))):
+        last = rewards[:, t] + gamma * v[:, t + 1] * m[:, t + 1] - values[:, t] + gamma * lam * last * m[:, t + 1]
         adv[:, t] = last * m[:, t]
-    return adv, (adv + values) * m
+    return adv, (adv + values) * m[:, :-1]
 
 
-class RunningMoments:
-    """Running mean / variance (Chan et al.'s parallel update) of the scores, for reward scaling; JSON-able."""
-
-    def __init__(self):
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, xs: list[float]) -> None:
-        n = len(xs)
-        if not n:
-            return
-        mean = sum(xs) / n
-        delta, tot = mean - self.mean, self.count + n
-        self.m2 += sum((x - mean) ** 2 for x in xs) + delta * delta * self.count * n / tot
-        self.mean += delta * n / tot
-        self.count = tot
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
+def update_moments(moments: tuple, xs: list[float]) -> tuple:
+    """Running ``(count, mean, M2)`` of the scores, for reward scaling (Chan et al.'s parallel update)."""
+    count, mean, m2 = moments
+    n, x_mean = len(xs), sum(xs) / len(xs)
+    delta, total = x_mean - mean, count + n
+    m2 += sum((x - x_mean) ** 2 for x in xs) + delta * delta * count * n / total
+    return total, mean + delta * n / total, m2
 
 
 class PPOStage(OnlineStage):
@@ -93,36 +64,32 @@ class PPOStage(OnlineStage):
     value_head = True
     plot_keys = ["eval_reward", "eval_accuracy", "objective/rlhf_reward", "objective/kl", "policy/clipfrac_avg"]
 
-    @staticmethod
-    def reward_options(cfg: PPOConfig) -> dict:
-        return {"dtype": _DTYPES[cfg.rm_dtype]}
+    moments = (0, 0.0, 0.0)  # of every score so far (update_moments)
 
     @staticmethod
-    def reference_dtype(cfg: PPOConfig):
-        return _DTYPES[cfg.ref_dtype]
-
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self.moments = RunningMoments()
+    def dtypes(cfg: PPOConfig) -> tuple:
+        return DTYPES[cfg.ref_dtype], DTYPES[cfg.rm_dtype]
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "moments": [self.moments.count, self.moments.mean, self.moments.m2]}
+        return {**super().state_dict(), "moments": list(self.moments)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.moments.count, self.moments.mean, self.moments.m2 = state.get("moments", [0, 0.0, 0.0])
+        self.moments = tuple(state.get("moments", (0, 0.0, 0.0)))
 
     def advantages(self, buf: dict, raw: torch.Tensor, stopped: torch.Tensor) -> dict:
         cfg = self.cfg
         score = raw - cfg.missing_end_penalty * (~stopped).float()
         if cfg.whiten_rewards:
             every = score
-            if self.world > 1:  # every rank keeps the same moments: scale with all ranks' scores
-                every = torch.cat([torch.zeros_like(score) for _ in range(self.world)])
+            if self.trainer.world_size > 1:  # every rank keeps the same moments: scale with all ranks' scores
+                every = torch.cat([torch.zeros_like(score) for _ in range(self.trainer.world_size)])
                 torch.distributed.all_gather_into_tensor(every, score)
-            self.moments.update(every.tolist())
-            if self.moments.std > 1e-6:  # (all scores so far equal: nothing to rescale)
-                score = score / self.moments.std
+            self.moments = update_moments(self.moments, every.tolist())
+            count, _, m2 = self.moments
+            std = math.sqrt(m2 / count) if count > 1 else 1.0
+            if std > 1e-6:  # (all scores so far equal: nothing to rescale)
+                score = score / std
         if cfg.reward_clip > 0:
             score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
         mask = buf["mask"]

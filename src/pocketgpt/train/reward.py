@@ -1,49 +1,38 @@
-"""Reward model: a GPT backbone with a scalar head, trained on preference pairs with the Bradley–Terry loss.
+"""Reward model: a GPT backbone with a scalar head read at the reply's closing ``<|end|>``, trained on preference
+pairs with the Bradley–Terry loss (files and metrics: docs/internals.md)::
 
-    prompt + reply  ──chat template──▶ ids ──GPT (return_hidden)──▶ h[last real token] ──head──▶ r  (a scalar)
-    loss = -log σ(r_chosen - r_rejected)        (the chosen reply should score higher than the rejected one)
-
-Pairs are JSONL, one per line: ``{"prompt": [messages ending with a user turn], "chosen": str, "rejected": str}``
-(the bundled HH-RLHF file ``pref_hh_rlhf_harmless_test`` has this format). Each reply is rendered with the chat
-template exactly as a chat model would see it: the prompt, ``<|assistant|>``, the reply, ``<|end|>``; the score is
-read at that final ``<|end|>`` (rows are right-padded, so the last real token sees the whole sequence).
-
-A reward-model checkpoint is an ordinary GPT checkpoint directory (``config.json`` + ``model.safetensors`` +
-``tokenizer/``; loadable by ``checkpoint.load_model``) plus ``reward_head.safetensors`` (the head) and
-``reward_model.json`` (``{"kind": "reward_model", "val_accuracy": ...}``). ``load_reward_model(dir)`` loads both.
-
-Metrics (TRL's RewardTrainer names): per step ``loss``, ``accuracy`` (fraction of pairs with r_chosen > r_rejected)
-and ``margin`` (mean r_chosen - r_rejected); held-out ``val_loss``, ``eval_accuracy`` and ``eval_margin``.
-
-CLI::
-
-    pocketgpt rm --init SFT_CKPT --data PAIRS [--config rm-tiny] [--out runs/rm] [--key value ...]   # train
-    pocketgpt rm score --ckpt RM --data FILE    # pairs file: both scores + accuracy; conversations: one score each
+    prompt + reply ──chat template──▶ ids ──GPT──▶ h[last real token] ──head──▶ r
+    loss = −log σ(r_chosen − r_rejected)        (the chosen reply should score higher than the rejected one)
 """
 
 from __future__ import annotations
 
-import sys
+import functools
+import hashlib
 from pathlib import Path
 from typing import ClassVar, Optional
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from pydantic import Field
+from safetensors import SafetensorError
 
+from ..chat import find_checkpoint, render, stop_id
+from ..checkpoint import load_model, write_model
 from ..config import Config
-from ..chat import render, stop_id
 from ..errors import UserError
-from .trainer import TrainConfig
-from ..records import Pair, check_messages, fit, pad, pair, read, read_pairs, split
+from ..io import write_json
+from ..lora import apply as apply_lora
+from ..records import Pair, conversation, fit, pad, pair, read, read_pairs, split
+from ..runtime import pick_device
+from ..tokenizer import load_tokenizer_for
+from .sft import _stderr_on_rank0
+from .trainer import Trainer, TrainConfig, default_load_model, world_info
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
-
-
-# ---- the model ---------------------------------------------------------------------------------------------------------
 
 
 class ScalarHead(nn.Linear):
@@ -91,28 +80,15 @@ class RewardModel(nn.Module):
             out += self(idx, lengths).tolist()
         return out
 
-    # ---- checkpoints ----------------------------------------------------------------------------------------------
-    def write_files(self, directory: str | Path, meta: Optional[dict] = None) -> None:
-        """Backbone files + head + metadata into an existing directory (use inside ``atomic_dir``)."""
-        from safetensors.torch import save_file
-
-        from ..checkpoint import write_model
-        from ..io import write_json
-
-        directory = Path(directory)
+    def write_files(self, directory: str | Path) -> None:
+        """Backbone files + head + metadata into an existing directory (the Trainer's ``save_model``)."""
         write_model(self.backbone, directory)
-        head = {k: v.detach().float().contiguous().cpu() for k, v in self.head.state_dict().items()}
-        save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
-        write_json(directory / META_FILE, {"kind": "reward_model", **(meta or {})})
+        safetensors.torch.save_model(self.head, str(Path(directory) / HEAD_FILE), metadata={"format": "pt"})
+        write_json(Path(directory) / META_FILE, {"kind": "reward_model"})
 
 
 def load_reward_model(directory: str | Path, device=None, dtype=None) -> RewardModel:
     """Load a reward-model checkpoint (eval mode). UserError if the directory has no reward head."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ..checkpoint import load_model
-
     directory = Path(directory)
     head_path = directory / HEAD_FILE
     if directory.is_dir() and (directory / "config.json").is_file() and not head_path.is_file():
@@ -120,25 +96,28 @@ def load_reward_model(directory: str | Path, device=None, dtype=None) -> RewardM
     backbone = load_model(directory, device=device, dtype=dtype)
     rm = RewardModel(backbone)
     try:
-        sd = load_file(str(head_path))
+        sd = safetensors.torch.load_file(str(head_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{head_path}: corrupt reward head ({str(e).splitlines()[0]})") from None
     try:
         rm.head.load_state_dict(sd)
     except RuntimeError:
-        raise UserError(f"{head_path}: reward head does not match the backbone width {backbone.config.n_embd}") from None
+        raise UserError(f"{head_path}: reward head does not match the backbone width "
+                        f"{backbone.config.n_embd}") from None
     rm.head.to(device=device or "cpu")
     return rm.eval()
 
 
-# ---- data --------------------------------------------------------------------------------------------------------------
+def encode_replies(prompt: list[dict], replies: list[str], tokenizer, block_size: int) -> tuple[list[int], ...]:
+    """``(prompt ids, *reply ids)`` as the chat template writes them (prompt + ``<|assistant|>``, reply + ``<|end|>``),
+    cut by ``records.fit``: the prompt loses its oldest tokens, a reply too long for half the context its end."""
+    end = stop_id(tokenizer)
+    ids = render(prompt, tokenizer, add_generation_prompt=True)[0]
+    return fit(ids, block_size, *[tokenizer.encode(r) + [end] for r in replies])
 
 
 def encode_reply(prompt: list[dict], reply: str, tokenizer, block_size: int) -> list[int]:
-    """prompt + ``<|assistant|>`` reply ``<|end|>`` as ids, cut by ``records.fit`` (the prompt loses its oldest
-    tokens; a reply too long for half the context loses its end)."""
-    p, r = fit(render(prompt, tokenizer, add_generation_prompt=True)[0], block_size,
-               (tokenizer.encode(reply) if reply else []) + [stop_id(tokenizer)])
+    p, r = encode_replies(prompt, [reply], tokenizer, block_size)
     return p + r
 
 
@@ -152,39 +131,11 @@ def encode_pairs(pairs: list[Pair], tokenizer, block_size: int) -> list[tuple[li
              encode_reply(p.prompt, p.rejected, tokenizer, block_size)) for p in pairs]
 
 
-def bradley_terry(model: RewardModel, chosen: list[list[int]], rejected: list[list[int]], pad_id: int):
-    """(loss, accuracy, margin) of one batch of pairs, chosen and rejected scored in one forward."""
-    device = model.head.weight.device
-    idx, lengths = pad_rows(chosen + rejected, pad_id, device)
-    r = model(idx, lengths)
-    rc, rr = r[: len(chosen)], r[len(chosen):]
-    margin = rc - rr
-    loss = -F.logsigmoid(margin).mean()
-    acc = (margin > 0).float().mean()
-    return loss, acc, margin.mean()
-
-
-@torch.no_grad()
-def pairwise_accuracy(model: RewardModel, encoded: list[tuple[list[int], list[int]]], pad_id: int,
-                      batch_size: int = 16) -> dict[str, float]:
-    """Held-out accuracy (fraction with r_chosen > r_rejected), mean loss and margin."""
-    was = model.training
-    model.eval()
-    n, loss_sum, acc_sum, margin_sum = 0, 0.0, 0.0, 0.0
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i: i + batch_size]
-        loss, acc, margin = bradley_terry(model, [c for c, _ in chunk], [r for _, r in chunk], pad_id)
-        k = len(chunk)
-        n += k
-        loss_sum += float(loss) * k
-        acc_sum += float(acc) * k
-        margin_sum += float(margin) * k
-    model.train(was)
-    n = max(n, 1)
-    return {"accuracy": acc_sum / n, "loss": loss_sum / n, "margin": margin_sum / n}
-
-
-# ---- the training stage ------------------------------------------------------------------------------------------------
+def bradley_terry(r: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of the scores ``r`` of chosen replies, then rejected ones, and its accuracy and mean margin."""
+    margin = r[: len(r) // 2] - r[len(r) // 2:]
+    m = margin.detach()
+    return -F.logsigmoid(margin).mean(), {"accuracy": float((m > 0).float().mean()), "margin": float(m.mean())}
 
 
 class RMConfig(Config):
@@ -201,6 +152,11 @@ class RMConfig(Config):
 SECTIONS = {"train": TrainConfig, "rm": RMConfig}  # the config of `pocketgpt rm`
 
 
+@functools.lru_cache(maxsize=2)
+def _shuffled(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 class RewardStage:
     """Bradley–Terry training on encoded pairs; ``evaluate`` reports held-out pairwise accuracy."""
 
@@ -214,52 +170,34 @@ class RewardStage:
         self.train, self.val = train, val
         self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
         self.eval_batch_size = eval_batch_size
-        import hashlib  # what it trains on: a run directory resumes on the same pairs only
-
+        # what it trains on: a run directory resumes on the same pairs only
         self.fingerprint = hashlib.sha256(repr((train, val)).encode()).hexdigest()
-        self.grad_accum = 1
-        self._perm_epoch, self._perm = -1, []
 
     def setup(self, trainer) -> None:
         self.grad_accum = trainer.cfg.grad_accum
 
-    def _order(self, epoch: int) -> list[int]:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-            self._perm = torch.randperm(len(self.train), generator=g).tolist()
-            self._perm_epoch = epoch
-        return self._perm
-
     def get_batch(self, step: int, micro: int):
-        from .trainer import world_info
-
         rank, world, _ = world_info()
         n = len(self.train)
         start = ((step * self.grad_accum + micro) * world + rank) * self.batch_size
-        chosen, rejected = [], []
-        for k in range(start, start + self.batch_size):  # epochs of fixed shuffles: resumable from the step alone
-            c, r = self.train[self._order(k // n)[k % n]]
-            chosen.append(c)
-            rejected.append(r)
-        idx, lengths = pad_rows(chosen + rejected, self.pad_id)
+        # the k-th pair of a stream of seeded epoch shuffles: resumable from the step alone
+        pairs = [self.train[_shuffled(n, self.seed * 1000003 + k // n)[k % n]]
+                 for k in range(start, start + self.batch_size)]
+        idx, lengths = pad_rows([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id)
         return {"idx": idx, "lengths": lengths}
 
     def tokens_in_batch(self, batch) -> int:
         return int(batch["lengths"].sum())
 
     def loss(self, model, batch):
-        r = model(batch["idx"], batch["lengths"])
-        half = r.size(0) // 2
-        margin = r[:half] - r[half:]
-        loss = -F.logsigmoid(margin).mean()
-        m = margin.detach()
-        return loss, {"accuracy": float((m > 0).float().mean()), "margin": float(m.mean())}
+        return bradley_terry(model(batch["idx"], batch["lengths"]))
 
     def evaluate(self, model) -> dict[str, float]:
         if not self.val:
             return {}
-        m = pairwise_accuracy(model, self.val, self.pad_id, self.eval_batch_size)
-        return {"val_loss": m["loss"], "eval_accuracy": m["accuracy"], "eval_margin": m["margin"]}
+        rows = [c for c, _ in self.val] + [r for _, r in self.val]
+        loss, m = bradley_terry(torch.tensor(model.score_ids(rows, self.pad_id, self.eval_batch_size)))
+        return {"val_loss": float(loss), "eval_accuracy": m["accuracy"], "eval_margin": m["margin"]}
 
     def state_dict(self) -> dict:
         return {}  # the batch order follows from the step number alone
@@ -268,33 +206,15 @@ class RewardStage:
         pass
 
 
-def _save_rm(model: RewardModel, directory: Path) -> None:
-    model.write_files(directory)
-
-
 def _load_rm(model: RewardModel, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    from .trainer import default_load_model
-
     default_load_model(model.backbone, directory)
-    sd = load_file(str(Path(directory) / HEAD_FILE))
-    with torch.no_grad():
-        for k, v in model.head.state_dict().items():
-            v.copy_(sd[k])
+    safetensors.torch.load_model(model.head, str(Path(directory) / HEAD_FILE))
 
 
 def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_config, *,
                        val_data: Optional[str | Path] = None, resume: Optional[bool] = None) -> dict:
     """Train a reward model from ``init`` (an SFT checkpoint) on a pairs file; returns the final metrics."""
-    from ..chat import find_checkpoint
-    from ..checkpoint import load_model
-    from ..lora import apply as apply_lora
-    from ..tokenizer import load_tokenizer_for
-    from .trainer import Trainer, world_info
-
     cfg, rmcfg = run_config["train"], run_config["rm"]
-    main = world_info()[0] == 0
     init = find_checkpoint(init)
     tokenizer = load_tokenizer_for(init)
     backbone = load_model(init)
@@ -309,42 +229,28 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
     else:
         train_pairs, val_pairs = split(pairs, rmcfg.val_fraction, rmcfg.split_seed)
     block = min(rmcfg.max_len or backbone.config.block_size, backbone.config.block_size)
-    pad_id = tokenizer.pad_id
     stage = RewardStage(encode_pairs(train_pairs, tokenizer, block), encode_pairs(val_pairs, tokenizer, block),
-                        cfg.batch_size, pad_id, seed=cfg.seed, eval_batch_size=rmcfg.eval_batch_size)
-    if main:
-        print(f"reward model: {len(train_pairs)} training pairs, {len(val_pairs)} held out; init {init}",
-              file=sys.stderr)
-    apply_lora(backbone, cfg, log=lambda line: print(line, file=sys.stderr) if main else None)
+                        cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, eval_batch_size=rmcfg.eval_batch_size)
+    _stderr_on_rank0(f"reward model: {len(train_pairs)} training pairs, {len(val_pairs)} held out; init {init}")
+    apply_lora(backbone, cfg, _stderr_on_rank0)
     model = RewardModel(backbone, seed=cfg.seed)  # after the adapters: the head stays trainable
-    trainer = Trainer(model, stage, cfg, out, tokenizer=tokenizer, save_model=_save_rm, load_model=_load_rm,
-                      run_config=run_config.to_dict(), resume=resume)
+    trainer = Trainer(model, stage, cfg, out, tokenizer=tokenizer, save_model=RewardModel.write_files,
+                      load_model=_load_rm, run_config=run_config.to_dict(), resume=resume)
     try:
         result = trainer.fit()
     finally:
         trainer.close()
-    from ..io import write_json
-
     meta = {"kind": "reward_model", "init": str(init), "data": str(data), "train_pairs": len(train_pairs),
             "val_pairs": len(val_pairs), "val_accuracy": result.get("eval_accuracy"), "step": result.get("step")}
-    for d in (trainer.ckpt_dir, trainer.best_dir) if main else ():
+    for d in (trainer.ckpt_dir, trainer.best_dir) if trainer.is_main else ():
         if (d / HEAD_FILE).is_file():
             write_json(d / META_FILE, meta)
     return result
 
 
-# ---- scoring -----------------------------------------------------------------------------------------------------------
-
-
 def score_file(ckpt: str | Path, data: str | Path, *, device: str = "auto", batch_size: int = 16) -> dict:
-    """Score a pairs file (both replies + accuracy) or a conversations file (one score per conversation).
-
-    Returns ``{"kind": "pairs"|"conversations", "rows": [...], "accuracy"?: float}``.
-    """
-    from ..chat import find_checkpoint
-    from ..runtime import pick_device
-    from ..tokenizer import load_tokenizer_for
-
+    """Score a pairs file (both replies + accuracy) or a conversations file (one score per conversation) →
+    ``{"kind": "pairs"|"conversations", "rows": [...], "accuracy"?: float}``."""
     ckpt = find_checkpoint(ckpt)
     rm = load_reward_model(ckpt, device=pick_device(device))
     tokenizer = load_tokenizer_for(ckpt)
@@ -357,15 +263,11 @@ def score_file(ckpt: str | Path, data: str | Path, *, device: str = "auto", batc
         rr = rm.score_ids([r for _, r in enc], tokenizer.pad_id, batch_size)
         rows = [{"where": p.where, "chosen": a, "rejected": b, "correct": a > b} for p, a, b in zip(pairs, rc, rr)]
         return {"kind": "pairs", "rows": rows, "accuracy": sum(r["correct"] for r in rows) / len(rows)}
-    rows_ids, wheres = [], []
-    for obj, where in records:
-        if not isinstance(obj, dict) or "messages" not in obj:
-            raise UserError(f"{where}: expected {{\"messages\": [...]}} (a conversation) or a preference pair "
-                            f"{{\"prompt\", \"chosen\", \"rejected\"}}")
-        msgs = check_messages(obj["messages"], where, need_assistant=True)
+    rows = []
+    for value, where in records:
+        msgs = conversation(value, where)
         if msgs[-1]["role"] != "assistant":
             raise UserError(f"{where}: the conversation must end with the assistant reply to score")
-        rows_ids.append(encode_reply(msgs[:-1], msgs[-1]["content"], tokenizer, block))
-        wheres.append(where)
-    scores = rm.score_ids(rows_ids, tokenizer.pad_id, batch_size)
-    return {"kind": "conversations", "rows": [{"where": w, "score": s} for w, s in zip(wheres, scores)]}
+        rows.append(encode_reply(msgs[:-1], msgs[-1]["content"], tokenizer, block))
+    scores = rm.score_ids(rows, tokenizer.pad_id, batch_size)
+    return {"kind": "conversations", "rows": [{"where": w, "score": s} for (_, w), s in zip(records, scores)]}

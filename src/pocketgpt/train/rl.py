@@ -1,22 +1,5 @@
-"""On-policy RL: the one experience loop that PPO, GRPO and RLOO share.
-
-An on-policy stage *makes experience*, then the one ``Trainer`` runs ``epochs`` × minibatches over it::
-
-    prompts (a built-in task, or JSONL) ─▶ rollout: engine.generate, sampled at temperature T ─▶ replies
-    replies ─▶ RewardSource: a reward model | a Python module:function | a task's checker ─▶ one score per reply
-    one padded forward per model (engine.token_logprobs at T) ─▶ old log-probs, reference log-probs, values
-    stage.advantages(buffer) ─▶ buffer ── epochs × minibatches ─▶ stage.policy_loss(model, minibatch) ─▶ Trainer
-
-A stage (``ppo.PPOStage``, ``grpo.GRPOStage``) is only its advantage and its loss. Every log-prob comes from
-``engine.token_logprobs`` with the sampling temperature (logits / T, as TRL does), so the ratios and the KL are
-those of the distribution the replies were drawn from. The old log-probs are computed on exactly the minibatches the
-first epoch trains on (same rows, same padding), so the first minibatch of every rollout has a ratio of exactly 1.
-
-Rows of a rollout: ``rollout_prompts`` prompts × ``samples_per_prompt`` replies *per process*; a minibatch is
-``[train] batch_size × grad_accum`` rows, so one rollout gives ``epochs × rows / (batch_size × grad_accum)``
-optimizer steps. Under torchrun every rank rolls out its own prompts; DDP averages the gradients. The buffer is part
-of the checkpoint (``state_tensors``), so a run killed in the middle of a rollout's epochs resumes exactly.
-"""
+"""On-policy RL: the one experience loop of PPO, GRPO and RLOO (rollout → reward → old / reference log-probs →
+the stage's advantages → epochs × minibatches of its loss); the data flow is in docs/internals.md."""
 
 from __future__ import annotations
 
@@ -26,35 +9,39 @@ import math
 import numbers
 import os
 import random
+import runpy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Optional
 
+import safetensors.torch
 import torch
 import torch.nn as nn
-
 from pydantic import Field
 
+from .. import runtime
+from ..chat import find_checkpoint, render
+from ..checkpoint import write_model
 from ..config import Config
+from ..engine import generate, pack_replies, token_logprobs
 from ..errors import UserError
 from ..records import fit, read_prompts, split
+from ..tasks import get_task
+from ..tokenizer import load_tokenizer_for
+from .plots import read_metrics
 from .reward import ScalarHead, encode_reply, load_reward_model
-
-RewardFn = Callable[[list[dict], str], float]
+from .sft import load_init
+from .trainer import Trainer, default_load_model
 
 
 class RewardFunctionError(UserError):
     """A reward function raised or returned something that is not a finite number."""
 
 
-# ---- prompts ---------------------------------------------------------------------------------------------------------
-
-
 class Prompts:
-    """Training and held-out prompts: a built-in task's (fresh training prompts every rollout, a fixed held-out set),
-    or a JSONL file's (``n_eval`` of them, at most a fifth, held out by a seeded split, unless ``eval_path`` gives
-    them)."""
+    """``(messages, record name)`` prompts: a built-in task's (fresh ones every rollout, a fixed held-out set) or a
+    JSONL file's (``n_eval``, at most a fifth, held out by a seeded split unless ``eval_path`` gives them)."""
 
     def __init__(self, *, task=None, path: str = "", eval_path: str = "", n_eval: int = 64, seed: int = 0):
         self.task, self.seed = task, seed
@@ -62,38 +49,27 @@ class Prompts:
             if path or eval_path:
                 raise UserError("--prompts / --eval_prompts go with a reward function or model; "
                                 "a built-in --task makes its own prompts")
-            self.eval = task.eval_prompts(n_eval)
-            self.eval_where = [f"{task.name} held-out prompt {i + 1}" for i in range(len(self.eval))]
+            self.eval = [(p, f"{task.name} held-out prompt {i + 1}") for i, p in enumerate(task.eval_prompts(n_eval))]
             return
         if not path:
             raise UserError("--prompts FILE or --task NAME: required (where the prompts come from)")
-        prompts, where = read_prompts(path)
+        prompts = list(zip(*read_prompts(path)))
         if eval_path:
-            self.train, self.train_where = prompts, where
-            self.eval, self.eval_where = read_prompts(eval_path)
-            self.eval, self.eval_where = self.eval[:n_eval], self.eval_where[:n_eval]
+            self.train, self.eval = prompts, list(zip(*read_prompts(eval_path)))[:n_eval]
         else:
-            tr, ev = split(range(len(prompts)), seed=seed, count=min(n_eval, len(prompts) // 5))  # <= a fifth
-            self.train, self.train_where = [prompts[i] for i in tr], [where[i] for i in tr]
-            self.eval, self.eval_where = [prompts[i] for i in ev], [where[i] for i in ev]
+            self.train, self.eval = split(prompts, seed=seed, count=min(n_eval, len(prompts) // 5))  # <= a fifth
 
-    def sample(self, n: int, key: int) -> tuple[list[list[dict]], list[str]]:
-        """``n`` training prompts and their record names for rollout ``key`` (a pure function of seed and key)."""
+    def sample(self, n: int, key: int) -> list[tuple[list[dict], str]]:
+        """``n`` training prompts for rollout ``key`` (a pure function of seed and key)."""
         if self.task is not None:
             prompts = self.task.train_prompts(n, seed=self.seed * 1_000_003 + key)
-            return prompts, [f"{self.task.name} prompt {p[-1]['content']!r}" for p in prompts]
+            return [(p, f"{self.task.name} prompt {p[-1]['content']!r}") for p in prompts]
         rng = random.Random(self.seed * 1_000_003 + key)
-        idx = [rng.randrange(len(self.train)) for _ in range(n)]
-        return [self.train[i] for i in idx], [self.train_where[i] for i in idx]
+        return [self.train[rng.randrange(len(self.train))] for _ in range(n)]
 
 
-# ---- reward sources --------------------------------------------------------------------------------------------------
-
-
-def load_reward_fn(spec: str) -> RewardFn:
-    """Import ``"module:function"`` or ``"path/to/file.py:function"``; it is called as ``fn(prompt_messages, reply)``."""
-    import runpy
-
+def load_reward_fn(spec: str) -> Callable[[list[dict], str], float]:
+    """Import ``"module:function"`` or ``"path/to/file.py:function"``, called as ``fn(prompt_messages, reply)``."""
     module_name, sep, fn_name = str(spec).rpartition(":")
     if not sep or not module_name or not fn_name:
         raise UserError(f"--reward_fn: expected 'module:function' or 'path/to/file.py:function', got {spec!r}")
@@ -113,7 +89,7 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def call_reward_fn(fn: RewardFn, prompt: list[dict], reply: str, *, record: str) -> float:
+def call_reward_fn(fn: Callable, prompt: list[dict], reply: str, *, record: str) -> float:
     """``fn(prompt, reply)`` as a finite float; ``RewardFunctionError`` naming ``record`` if it raises or returns
     anything else (a Python / numpy number or a one-element tensor is fine)."""
     name = getattr(fn, "__name__", repr(fn))
@@ -121,9 +97,7 @@ def call_reward_fn(fn: RewardFn, prompt: list[dict], reply: str, *, record: str)
         value = fn(prompt, reply)
     except Exception as e:  # noqa: BLE001 - report whatever the user's function raised
         raise RewardFunctionError(f"{record}: reward function {name} raised {type(e).__name__}: {e}") from None
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if hasattr(value, "item") and getattr(value, "size", None) == 1:  # numpy scalars / 1-element arrays
+    if (isinstance(value, torch.Tensor) and value.numel() == 1) or getattr(value, "size", None) == 1:  # (numpy)
         value = value.item()
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)):
         return float(value)
@@ -135,47 +109,33 @@ def call_reward_fn(fn: RewardFn, prompt: list[dict], reply: str, *, record: str)
 class RewardSource:
     """Scores ``(prompt messages, reply text)``: a trained reward model, a Python function or a task's checker."""
 
-    def __init__(self, *, reward_model: str = "", reward_fn: str | RewardFn = "", task=None,
-                 dtype: torch.dtype = torch.float32, batch_size: int = 32):
-        self.rm = self.fn = None
-        self.task = task
-        self.batch_size = batch_size
+    def __init__(self, *, reward_model: str = "", reward_fn: str = "", task=None, dtype: torch.dtype = torch.float32,
+                 batch_size: int = 32):
+        self.rm, self.fn, self.task, self.batch_size = None, None, task, batch_size
         if reward_model and reward_fn:
             raise UserError("--reward RM_CKPT and --reward_fn exclude each other (one reward source)")
         if reward_model:
-            from ..chat import find_checkpoint
-            from ..tokenizer import load_tokenizer_for
-
             path = find_checkpoint(reward_model)
             self.rm = load_reward_model(path, dtype=dtype).requires_grad_(False)
             self.rm_tokenizer = load_tokenizer_for(path)
             self.kind, self.description = "model", f"reward model {path}"
         elif reward_fn:
-            self.fn = load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
+            self.fn = load_reward_fn(reward_fn)
             self.kind, self.description = "function", f"reward function {getattr(self.fn, '__name__', reward_fn)}"
         elif task is not None:
             self.kind, self.description = "task", f"the {task.name} task's checker"
         else:
             raise UserError("no reward: give --reward RM_CKPT, --reward_fn module:function or --task NAME")
 
-    def to(self, device) -> "RewardSource":
-        if self.rm is not None:
-            self.rm.to(device)
-        return self
-
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], replies: list[str], where: list[str]) -> list[float]:
         if self.rm is not None:
-
             block = self.rm.config.block_size
             rows = [encode_reply(p, r, self.rm_tokenizer, block) for p, r in zip(prompts, replies)]
             return self.rm.score_ids(rows, self.rm_tokenizer.pad_id, self.batch_size)
         if self.fn is not None:
             return [call_reward_fn(self.fn, p, r, record=w) for p, r, w in zip(prompts, replies, where)]
         return [self.task.reward(p, r) for p, r in zip(prompts, replies)]
-
-
-# ---- rollouts ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -193,22 +153,15 @@ class Rollout:
 @torch.no_grad()
 def rollout(model: nn.Module, tokenizer, prompts: list[list[dict]], *, n: int = 1, max_new_tokens: int = 64,
             temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-            seed: Optional[int] = None, **sampling) -> list[Rollout]:
+            seed: Optional[int] = None) -> list[Rollout]:
     """``n`` replies per prompt through the engine (prompt-major rows); ``temperature=0`` is greedy. Prompts are
-    rendered with the chat template and cut (oldest tokens first) to leave room for the reply."""
-    from ..chat import render
-    from ..engine import SamplingParams, generate
-
+    rendered with the chat template and lose their oldest tokens to leave room for the reply."""
     end_id = tokenizer.token_id("<|end|>")
     block = model.config.block_size
     max_new_tokens = max(1, min(max_new_tokens, block - 8))
-    prompt_ids = []
-    for m in prompts:
-        ids, _ = render(m, tokenizer, add_generation_prompt=True)
-        prompt_ids.append(fit(ids, block, max_new_tokens)[0])
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
-                            stop_ids=end_id, seed=seed, **sampling)
-    results = generate(model, prompt_ids, params, return_logprobs=True)
+    prompt_ids = [fit(render(m, tokenizer, add_generation_prompt=True)[0], block, max_new_tokens)[0] for m in prompts]
+    results = generate(model, prompt_ids, return_logprobs=True, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, n=n, stop_ids=end_id, seed=seed)
     out = []
     for row, res in enumerate(results):
         tokens = [int(t) for t in res.tokens]
@@ -218,25 +171,18 @@ def rollout(model: nn.Module, tokenizer, prompts: list[list[dict]], *, n: int = 
     return out
 
 
-# ---- models --------------------------------------------------------------------------------------------------------------
-
-
 class Policy(nn.Module):
-    """The policy GPT (+ PPO's value head on its own backbone) whose forward gives per-token log-probs of replies.
-
-    Everything trained happens inside ``forward``, so DDP sees every parameter it reduces."""
+    """The policy GPT (+ PPO's value head on its backbone): ``forward`` gives per-token log-probs of replies, and
+    everything trained happens inside it, so DDP sees every parameter it reduces."""
 
     def __init__(self, gpt: nn.Module, value_head: bool = False, temperature: float = 1.0):
         super().__init__()
         self.gpt = gpt
-        self.config = gpt.config
         self.temperature = temperature
         self.value_head = ScalarHead(gpt.config.n_embd) if value_head else None
 
     def forward(self, idx, pos, targets, mask):
         """→ ``(logp, entropy, values or None)``, each (B, T), for the reply positions of a packed batch."""
-        from ..engine import token_logprobs
-
         logp, ent, h = token_logprobs(self.gpt, idx, pos, targets, mask, temperature=self.temperature,
                                       entropy=True, hidden=self.value_head is not None)
         return logp, ent, (self.value_head(h) * mask if self.value_head is not None else None)
@@ -250,36 +196,24 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 def save_policy(model: Policy, directory: Path) -> None:
     """The policy as a plain GPT checkpoint (chat / export load it) + ``value_head.safetensors`` (PPO, for resume)."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint import write_model
-
     write_model(model.gpt, directory)
     if model.value_head is not None:
-        sd = {k: v.detach().float().cpu().contiguous() for k, v in model.value_head.state_dict().items()}
-        save_file(sd, str(Path(directory) / VALUE_HEAD_FILE))
+        safetensors.torch.save_model(model.value_head, str(Path(directory) / VALUE_HEAD_FILE))
 
 
 def load_policy(model: Policy, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    from .trainer import default_load_model
-
     default_load_model(model.gpt, directory)
     if model.value_head is not None and (Path(directory) / VALUE_HEAD_FILE).is_file():
-        model.value_head.load_state_dict(load_file(str(Path(directory) / VALUE_HEAD_FILE)))
+        safetensors.torch.load_model(model.value_head, str(Path(directory) / VALUE_HEAD_FILE))
 
 
 def frozen_copy(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """A reference model: a deep copy in eval mode with every parameter frozen (optionally cast, e.g. bf16)."""
-    ref = copy.deepcopy(model)
-    return (ref.to(dtype) if dtype is not None else ref).eval().requires_grad_(False)
+    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     m = mask.to(x.dtype)
-    if dim is None:
-        return (x * m).sum() / m.sum().clamp(min=1.0)
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
 
 
@@ -288,9 +222,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
-
-
-# ---- configuration --------------------------------------------------------------------------------------------------------
 
 
 class RLConfig(Config):
@@ -318,61 +249,45 @@ class RLConfig(Config):
     score_batch_size: int = Field(32, ge=1)  # rows per no-grad forward (reward model, evaluation)
     seed: int = 0
 
-    def get_task(self):
-        """The built-in task named by ``task`` with its ``task_options`` (None without a task)."""
-        if not self.task:
-            return None
-        from ..tasks import get_task
-
-        return get_task(self.task, self.task_options, n_eval=self.n_eval)
-
-
-# ---- the experience loop -----------------------------------------------------------------------------------------------
-
-BUFFER_KEYS = ("idx", "pos", "targets", "mask", "old_logp", "ref_logp", "values", "advantages", "returns")
-
 
 class OnlineStage:
-    """The Trainer's stage for on-policy RL. A subclass sets ``name`` and implements ``advantages(buf, scores)``
-    (fills ``buf["advantages"]`` (+ ``"returns"``), returns metrics) and ``policy_loss(model, batch)``."""
+    """The Trainer's stage for on-policy RL. A subclass sets ``name`` and implements ``advantages(buf, raw,
+    stopped)`` (fills ``buf["advantages"]`` (+ ``"returns"``), returns metrics) and ``policy_loss(model, batch)``."""
 
     value_head = False  # PPO: the policy carries a value head
     best_mode = "max"
+
+    @staticmethod
+    def dtypes(cfg) -> tuple:
+        """Precisions of the frozen reference (None: as the policy) and of the reward model."""
+        return None, torch.float32
 
     def __init__(self, cfg: RLConfig, policy: Policy, tokenizer, prompts: Prompts, reward: RewardSource,
                  reference: Optional[nn.Module]):
         self.cfg, self.model, self.tokenizer = cfg, policy, tokenizer
         self.prompts, self.reward, self.reference = prompts, reward, reference
         self.task = prompts.task
+        self.rows = cfg.rollout_prompts * cfg.samples_per_prompt  # replies per rollout and process
         self.best_metric = "eval_accuracy" if self.task is not None else "eval_reward"
         self.iteration = -1  # the rollout the buffer holds
         self.buffer: dict[str, torch.Tensor] = {}
         self.perms: Optional[torch.Tensor] = None
         self.stats: dict[str, float] = {}
-        self.trainer = None
-        self.batch_size, self.grad_accum, self.rank, self.world = 8, 1, 0, 1
-        self.device, self.dtype = torch.device("cpu"), torch.float32
         self._evaluated_start = False
 
-    # -- Trainer hooks ---------------------------------------------------------------------------------------------
     def setup(self, trainer) -> None:
-        self.trainer = trainer
-        self.device, self.dtype = trainer.device, trainer.dtype
+        self.trainer, self.device = trainer, trainer.device
         self.batch_size, self.grad_accum = trainer.cfg.batch_size, trainer.cfg.grad_accum
-        self.rank, self.world = trainer.rank, trainer.world_size
-        rows, per_step = self.rows, self.batch_size * self.grad_accum
-        if rows % per_step:
-            raise UserError(f"[{self.name}] rollout_prompts × samples_per_prompt = {rows} replies per rollout must be "
-                            f"a multiple of [train] batch_size × grad_accum = {per_step} (one minibatch per step)")
-        self.minibatches = rows // per_step
+        per_step = self.batch_size * self.grad_accum
+        if self.rows % per_step:
+            raise UserError(f"[{self.name}] rollout_prompts × samples_per_prompt = {self.rows} replies per rollout "
+                            f"must be a multiple of [train] batch_size × grad_accum = {per_step} (one minibatch per "
+                            "step)")
+        self.minibatches = self.rows // per_step
         self.steps_per_rollout = self.cfg.epochs * self.minibatches
-        if self.reference is not None:
-            self.reference.to(self.device)
-        self.reward.to(self.device)
-
-    @property
-    def rows(self) -> int:
-        return self.cfg.rollout_prompts * self.cfg.samples_per_prompt
+        for frozen in (self.reference, self.reward.rm):
+            if frozen is not None:
+                frozen.to(self.device)
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "stats": self.stats, "evaluated_start": True}
@@ -381,29 +296,17 @@ class OnlineStage:
         self.iteration = int(state.get("iteration", -1))
         self.stats = dict(state.get("stats", {}))
         self._evaluated_start = bool(state.get("evaluated_start", True))
-        self.buffer, self.perms = {}, None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The buffer of the current rollout: a run killed between its minibatches resumes on the same replies."""
-        out = {k: v.contiguous() for k, v in self.buffer.items()}
-        if self.perms is not None:
-            out["perms"] = self.perms
-        return out
+        return {**self.buffer, "perms": self.perms} if self.buffer else {}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.buffer = {k: v for k, v in tensors.items() if k != "perms"}
+        self.buffer = {k: v for k, v in tensors.items() if k != "perms"}  # (empty: get_batch rolls out afresh)
         self.perms = tensors.get("perms")
-        if not self.buffer:
-            self.iteration = -1  # nothing saved: roll out afresh
 
     def tokens_in_batch(self, batch) -> int:
         return int(batch["mask"].sum())
-
-    # -- experience ------------------------------------------------------------------------------------------------
-    def _rows(self, local_step: int, micro: int) -> torch.Tensor:
-        epoch, j = divmod(local_step, self.minibatches)
-        start = (j * self.grad_accum + micro) * self.batch_size
-        return self.perms[epoch][start: start + self.batch_size]
 
     def _slice(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The buffer rows of one minibatch, trimmed to the longest reply and sequence among them."""
@@ -414,22 +317,16 @@ class OnlineStage:
 
     @torch.no_grad()
     def make_experience(self, iteration: int, step: int) -> None:
-        from .. import runtime
-        from ..engine import pack_replies, token_logprobs
-
         cfg = self.cfg
-        key = iteration * self.world + self.rank
-        prompts, where = self.prompts.sample(cfg.rollout_prompts, key)
-        gpt = self.model.gpt
-        was = gpt.training
+        key = iteration * self.trainer.world_size + self.trainer.rank
+        prompts = self.prompts.sample(cfg.rollout_prompts, key)
         with torch.autocast(self.device.type, enabled=False):  # sample in the weights' precision
-            rolls = rollout(gpt, self.tokenizer, prompts, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                            seed=cfg.seed * 7919 + key)
-        gpt.train(was)
+            rolls = rollout(self.model.gpt, self.tokenizer, [p for p, _ in prompts], n=cfg.samples_per_prompt,
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, seed=cfg.seed * 7919 + key)
         try:
-            scores = self.reward([prompts[r.prompt_index] for r in rolls], [r.text for r in rolls],
-                                 [where[r.prompt_index] for r in rolls])
+            asked = [prompts[r.prompt_index] for r in rolls]
+            scores = self.reward([p for p, _ in asked], [r.text for r in rolls], [w for _, w in asked])
         except RewardFunctionError as e:
             raise RewardFunctionError(f"{e} (step {step + 1})") from None
         idx, pos, targets, mask = pack_replies([r.prompt_ids for r in rolls], [r.reply_ids for r in rolls],
@@ -438,65 +335,61 @@ class OnlineStage:
         g = torch.Generator().manual_seed(cfg.seed * 31 + key)
         self.perms = torch.stack([torch.randperm(len(rolls), generator=g) for _ in range(cfg.epochs)])
         # old / reference log-probs (and values) on exactly the first epoch's minibatches: the first step's ratio is 1
-        T = targets.size(1)
-        old, ref, val = torch.zeros(len(rolls), T), torch.zeros(len(rolls), T), torch.zeros(len(rolls), T)
+        old, ref, val = (torch.zeros(targets.shape) for _ in range(3))
         self.model.eval()
-        with runtime.autocast(self.device, self.dtype):
-            for j in range(self.minibatches):
-                for micro in range(self.grad_accum):
-                    rows = self._rows(j, micro)
-                    b = {k: v.to(self.device) for k, v in self._slice(rows).items()}
-                    args = (b["idx"], b["pos"], b["targets"], b["mask"])
-                    lp, _, v = self.model(*args)
-                    t = lp.size(1)
-                    old[rows, :t] = lp.float().cpu()
-                    if v is not None:
-                        val[rows, :t] = v.float().cpu()
-                    if self.reference is not None:
-                        rl, _, _ = token_logprobs(self.reference, *args, temperature=cfg.temperature)
-                        ref[rows, :t] = rl.float().cpu()
+        with runtime.autocast(self.device, self.trainer.dtype):
+            for rows in self.perms[0].split(self.batch_size):  # the first epoch's micro-batches, in order
+                b = {k: v.to(self.device) for k, v in self._slice(rows).items()}
+                args = (b["idx"], b["pos"], b["targets"], b["mask"])
+                lp, _, v = self.model(*args)
+                t = lp.size(1)
+                old[rows, :t] = lp.float().cpu()
+                if v is not None:
+                    val[rows, :t] = v.float().cpu()
+                if self.reference is not None:
+                    rl, _, _ = token_logprobs(self.reference, *args, temperature=cfg.temperature)
+                    ref[rows, :t] = rl.float().cpu()
         self.model.train()
         self.buffer.update(old_logp=old, ref_logp=ref if self.reference is not None else old.clone(), values=val)
         raw = torch.tensor(scores, dtype=torch.float32)
         stopped = torch.tensor([r.finish_reason == "stop" for r in rolls])
-        lengths = mask.sum(1).float()
-        self.stats = {"objective/scores": float(raw.mean()), "completions/mean_length": float(lengths.mean()),
+        length = mask.sum(1).float().mean()
+        self.stats = {"objective/scores": float(raw.mean()), "completions/mean_length": float(length),
                       "completions/clipped_ratio": float((~stopped).float().mean())}
         self.stats.update(self.advantages(self.buffer, raw, stopped))
         self.iteration = iteration
 
     def get_batch(self, step: int, micro: int):
-        if step == 0 and micro == 0 and not self._evaluated_start and self.trainer is not None:
+        if step == 0 and micro == 0 and not self._evaluated_start:
             self._evaluated_start = True  # the "before" point of the held-out curves
             self.trainer.evaluate()
         iteration, local = divmod(step, self.steps_per_rollout)
         if iteration != self.iteration or not self.buffer:
             self.make_experience(iteration, step)
-        return self._slice(self._rows(local, micro))
+        epoch, j = divmod(local, self.minibatches)
+        return self._slice(self.perms[epoch].split(self.batch_size)[j * self.grad_accum + micro])
 
     def loss(self, model, batch):
         loss, metrics = self.policy_loss(model, batch)
         return loss, {**metrics, **self.stats}
 
-    # -- evaluation ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
         """Greedy replies to the held-out prompts: the task's accuracy (when there is a task) and the reward source's
         mean score (the reward model's, for PPO on an RM: the pair of curves shows reward hacking)."""
-        prompts, where = self.prompts.eval, self.prompts.eval_where
-        if not prompts:
+        if not self.prompts.eval:
             return {}
-        gpt = model.gpt if isinstance(model, Policy) else model
+        prompts, where = zip(*self.prompts.eval)
         max_new = self.cfg.eval_max_new_tokens or self.cfg.max_new_tokens
         rolls, scores = [], []
         with torch.autocast(self.device.type, enabled=False):
             for i in range(0, len(prompts), self.cfg.score_batch_size):
                 chunk = prompts[i: i + self.cfg.score_batch_size]
-                rs = rollout(gpt, self.tokenizer, chunk, n=1, max_new_tokens=max_new, temperature=0.0)
+                rs = rollout(model.gpt, self.tokenizer, chunk, n=1, max_new_tokens=max_new, temperature=0.0)
                 try:
                     scores += self.reward(chunk, [r.text for r in rs], where[i: i + len(chunk)])
                 except RewardFunctionError as e:
-                    raise RewardFunctionError(f"{e} (evaluation at step {self.trainer.step if self.trainer else 0})")
+                    raise RewardFunctionError(f"{e} (evaluation at step {self.trainer.step})") from None
                 rolls += rs
         out = {"eval_mean_length": sum(len(r.reply_ids) for r in rolls) / len(rolls)}
         if self.task is not None:
@@ -506,29 +399,24 @@ class OnlineStage:
         return out
 
 
-# ---- building and running a stage --------------------------------------------------------------------------------------
-
-
 def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume: Optional[bool] = None) -> dict:
     """Load ``cfg.init``, build prompts / reward / reference, and train ``stage_cls`` with the one Trainer."""
-    from .sft import load_init
-    from .trainer import Trainer
-
     section = stage_cls.name
     if run_config["train"].parallel == "fsdp":  # FSDP forwards are collective: every rank must decode in step
         raise UserError(f"{section}: train.parallel = fsdp is not supported: rollouts decode a different number of "
                         "tokens on each rank; use ddp")
     if not cfg.init:
         raise UserError("--init: required (the chat checkpoint to improve, e.g. runs/sft/ckpt)")
-    task = cfg.get_task()
+    task = get_task(cfg.task, cfg.task_options, n_eval=cfg.n_eval) if cfg.task else None
     prompts = Prompts(task=task, path=cfg.prompts, eval_path=cfg.eval_prompts, n_eval=cfg.n_eval, seed=cfg.seed)
-    reward = RewardSource(reward_model=cfg.reward, reward_fn=cfg.reward_fn, task=task,
-                          batch_size=cfg.score_batch_size, **stage_cls.reward_options(cfg))
+    ref_dtype, rm_dtype = stage_cls.dtypes(cfg)
+    reward = RewardSource(reward_model=cfg.reward, reward_fn=cfg.reward_fn, task=task, dtype=rm_dtype,
+                          batch_size=cfg.score_batch_size)
     gpt, tokenizer, added = load_init(cfg.init)
     if added:
         print(f"{section}: added chat tokens {' '.join(added)} to the tokenizer (was --init a chat checkpoint?)",
               file=sys.stderr)
-    reference = frozen_copy(gpt, stage_cls.reference_dtype(cfg)) if cfg.kl_coef > 0 else None
+    reference = frozen_copy(gpt, ref_dtype) if cfg.kl_coef > 0 else None
     policy = Policy(gpt, value_head=stage_cls.value_head, temperature=cfg.temperature)
     stage = stage_cls(cfg, policy, tokenizer, prompts, reward, reference)
     trainer = Trainer(policy, stage, run_config["train"], out, tokenizer=tokenizer, save_model=save_policy,
@@ -544,11 +432,10 @@ def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume:
         if trainer.world_size > 1:  # the ranks may not agree on the failure: no collective checkpoint here
             raise RewardFunctionError(f"{e}; stopped; the last checkpoint is in {trainer.ckpt_dir}") from None
         trainer.save_checkpoint()  # the weights after the last completed step: the same command resumes
-        raise RewardFunctionError(f"{e}; stopped; checkpoint of step {trainer.step} saved in {trainer.ckpt_dir}") from None
+        raise RewardFunctionError(f"{e}; stopped; checkpoint of step {trainer.step} saved in {trainer.ckpt_dir}") \
+            from None
     finally:
         trainer.close()
-    from .plots import read_metrics
-
     curve = [r for r in read_metrics(out) if stage.best_metric in r]
     if curve:
         result[f"initial_{stage.best_metric}"] = curve[0][stage.best_metric]
