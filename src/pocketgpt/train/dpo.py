@@ -32,7 +32,7 @@ from ..lora import WithoutAdapters, adapted, apply as apply_lora
 from ..records import read_pairs, split
 from .reward import encode_replies
 from .rl import frozen_copy
-from .sft import _stderr_on_rank0, load_init
+from .sft import _stderr_on_rank0, context_size, load_init
 from .trainer import Trainer, TrainConfig, world_info
 
 REF_CACHE = "ref_logprobs.safetensors"
@@ -217,10 +217,7 @@ def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dic
     model, tokenizer, added = load_init(opts.init)
     if added:
         log(f"dpo: added chat tokens {' '.join(added)} to the tokenizer (was --init an SFT checkpoint?)")
-    context = model.config.block_size
-    if opts.block_size > context:
-        raise UserError(f"[dpo] block_size: {opts.block_size} is larger than the model's context of {context} tokens")
-    block = opts.block_size or context
+    block = context_size(model, opts.block_size, "dpo")
     pairs = read_pairs(opts.data)
     if opts.max_pairs and len(pairs) > opts.max_pairs:
         pairs = random.Random(train.seed).sample(pairs, opts.max_pairs)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from safetensors import SafetensorError
 
-from ..chat import find_checkpoint, render, stop_id
-from ..checkpoint import load_model, write_model
+from ..chat import render, stop_id
+from ..checkpoint import find_checkpoint, load_model, write_model
 from ..config import Config
 from ..errors import UserError
 from ..io import write_json

@@ -21,8 +21,8 @@ import torch.nn as nn
 from pydantic import Field
 
 from .. import runtime
-from ..chat import find_checkpoint, render
-from ..checkpoint import write_model
+from ..chat import render
+from ..checkpoint import find_checkpoint, write_model
 from ..config import Config
 from ..engine import generate, pack_replies, token_logprobs
 from ..errors import UserError
