@@ -9,6 +9,7 @@ from typing import Iterator, Optional
 
 from .errors import UserError
 from .records import check_messages, fit
+from .tokenizer import CHAT_TOKENS
 
 IGNORE = -100  # label of positions that carry no loss
 
@@ -35,7 +36,7 @@ def __getattr__(name):  # the old homes of checkpoint.find_checkpoint and load_c
 def specials(tokenizer) -> dict[str, int]:
     """The ids of the special tokens (one clear error where the tokenizer lacks one of the template's)."""
     ids = tokenizer.special_ids
-    for name in ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"):
+    for name in CHAT_TOKENS:
         if name not in ids:
             raise UserError(f"tokenizer has no chat special token {name}; SFT adds them (pocketgpt sft --init CKPT) "
                             "or train a tokenizer with pocketgpt tokenizer train")

@@ -20,6 +20,7 @@ from .io import atomic_dir, read_json, write_json
 from .records import read_text_file
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TOKENS = [t for t in SPECIAL_TOKENS if t != "<|pad|>"]  # what the chat template needs
 UNK = "<unk>"
 KINDS = ("bpe", "unigram", "char", "word")
 META_FILE = "pocketgpt_tokenizer.json"
@@ -184,7 +185,7 @@ class Tokenizer:
         """Write ``tokenizer_config.json`` so that ``transformers.AutoTokenizer`` gives our ids and renders our chat;
         returns the bos/eos/pad ids for ``config.json``."""
         ids = self.special_ids
-        chat = all(n in ids for n in ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
+        chat = set(CHAT_TOKENS) <= set(ids)
         names = {"bos": "<|endoftext|>", "eos": "<|end|>" if chat else "<|endoftext|>", "pad": "<|pad|>"}
         names = {k: v for k, v in names.items() if v in ids}
         # without a class named here a GPT-2 config makes transformers rebuild GPT-2's byte-level tokenizer from
