@@ -29,8 +29,7 @@ def __getattr__(name):  # the old homes of checkpoint.find_checkpoint and load_c
     raise AttributeError(name)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# the template
+# ---- the template ---------------------------------------------------------------------------------------------------
 
 
 def specials(tokenizer) -> dict[str, int]:
@@ -72,8 +71,7 @@ def stop_id(tokenizer) -> int:
     return specials(tokenizer)["<|end|>"]
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# fitting conversations into the context
+# ---- fitting conversations into the context ------------------------------------------------------------------------
 
 
 @dataclass
@@ -106,10 +104,8 @@ def _exchanges(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
 
 def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str = "split",
                    stats: Optional[FitStats] = None) -> list[tuple[list[int], list[int]]]:
-    """Training examples of at most ``max_tokens`` ids (``block_size + 1``) from one conversation, split at turn
-    boundaries: each starts with the system message and holds as many whole exchanges as fit. An exchange too long
-    alone loses its reply's tail (skipped if not even its prompt fits); ``mode="truncate"`` keeps the first example
-    only. A conversation that fits is ``[render(messages, tokenizer)]``."""
+    """Examples of at most ``max_tokens`` ids, split at turn boundaries (docs/internals.md); an exchange too long alone
+    loses its reply's tail (skipped if not even its prompt fits); ``mode="truncate"`` keeps the first example only."""
     stats = stats if stats is not None else FitStats()
     system, groups = _exchanges(messages)
     head = render(system, tokenizer)
@@ -143,8 +139,7 @@ def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str =
     return examples
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# a chat session: history, trimming to the context, streamed replies
+# ---- a chat session: history, trimming to the context, streamed replies --------------------------------------------
 
 
 @dataclass

@@ -144,7 +144,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load a directory written by ``save``, one with a Hugging Face ``tokenizer.json``, or GPT-2's vocab + merges."""
+        """Load a directory written by ``save``, a Hugging Face ``tokenizer.json`` one, or GPT-2's vocab + merges."""
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"{path}: tokenizer directory not found")
@@ -242,9 +242,6 @@ class Tokenizer:
         # key order and the last float digits (unigram scores) may change in a save/load round trip
         obj = json.loads(self._hf.to_str(), parse_float=lambda x: float(f"{float(x):.9g}"))
         return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-    def __repr__(self) -> str:
-        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of ``text``. Literal special-token strings are ordinary text unless ``allow_special``."""
