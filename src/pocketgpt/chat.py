@@ -9,6 +9,7 @@ from typing import Iterator, Optional
 
 from .errors import UserError
 from .records import check_messages, fit
+from .tokenizer import CHAT_TOKENS
 
 IGNORE = -100  # label of positions that carry no loss
 
@@ -28,14 +29,13 @@ def __getattr__(name):  # the old homes of checkpoint.find_checkpoint and load_c
     raise AttributeError(name)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# the template
+# ---- the template ---------------------------------------------------------------------------------------------------
 
 
 def specials(tokenizer) -> dict[str, int]:
     """The ids of the special tokens (one clear error where the tokenizer lacks one of the template's)."""
     ids = tokenizer.special_ids
-    for name in ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"):
+    for name in CHAT_TOKENS:
         if name not in ids:
             raise UserError(f"tokenizer has no chat special token {name}; SFT adds them (pocketgpt sft --init CKPT) "
                             "or train a tokenizer with pocketgpt tokenizer train")
@@ -71,8 +71,7 @@ def stop_id(tokenizer) -> int:
     return specials(tokenizer)["<|end|>"]
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# fitting conversations into the context
+# ---- fitting conversations into the context ------------------------------------------------------------------------
 
 
 @dataclass
@@ -105,10 +104,8 @@ def _exchanges(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
 
 def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str = "split",
                    stats: Optional[FitStats] = None) -> list[tuple[list[int], list[int]]]:
-    """Training examples of at most ``max_tokens`` ids (``block_size + 1``) from one conversation, split at turn
-    boundaries: each starts with the system message and holds as many whole exchanges as fit. An exchange too long
-    alone loses its reply's tail (skipped if not even its prompt fits); ``mode="truncate"`` keeps the first example
-    only. A conversation that fits is ``[render(messages, tokenizer)]``."""
+    """Examples of at most ``max_tokens`` ids, split at turn boundaries (docs/internals.md); an exchange too long alone
+    loses its reply's tail (skipped if not even its prompt fits); ``mode="truncate"`` keeps the first example only."""
     stats = stats if stats is not None else FitStats()
     system, groups = _exchanges(messages)
     head = render(system, tokenizer)
@@ -142,8 +139,7 @@ def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str =
     return examples
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# a chat session: history, trimming to the context, streamed replies
+# ---- a chat session: history, trimming to the context, streamed replies --------------------------------------------
 
 
 @dataclass

@@ -17,7 +17,7 @@ from .io import atomic_dir, read_json, write_json
 from .lora import fold_state
 from .model import GPT, GPTConfig
 from .runtime import DTYPES, pick_device
-from .tokenizer import load_tokenizer_for
+from .tokenizer import CHAT_TOKENS, load_tokenizer_for
 
 
 def _state_for_save(model: GPT) -> dict[str, torch.Tensor]:
@@ -163,14 +163,9 @@ def load_checkpoint(ckpt: str | os.PathLike, device: str = "auto", dtype: str = 
         raise UserError(f"--dtype: unknown precision {dtype!r} (fp32, bf16, fp16)")
     model = load_model(path, device=pick_device(device), dtype=DTYPES[dtype])
     tokenizer = load_tokenizer_for(path)
-    if chat:
-        from .chat import specials
-
-        try:
-            specials(tokenizer)
-        except UserError:
-            raise UserError(f"{path}: this checkpoint's tokenizer has no chat tokens; fine-tune it first "
-                            f"(pocketgpt sft --init {path} --data ...)") from None
+    if chat and not set(CHAT_TOKENS) <= set(tokenizer.special_ids):
+        raise UserError(f"{path}: this checkpoint's tokenizer has no chat tokens; fine-tune it first "
+                        f"(pocketgpt sft --init {path} --data ...)")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{model.config.vocab_size}")

@@ -118,7 +118,7 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
             *, builtins: Sequence[str] = (), field: str = "text", val_fraction: float = 0.1,
             test_fraction: float = 0.0, seed: int = 1337, split_sentences: bool = False, encoding: str = "utf-8",
             errors: str = "strict", kind: str = "bpe", vocab_size: int | None = None, split: str = "random",
-            raw: bool = False, batch_docs: int = 1024, force: bool = False, verbose: bool = True) -> dict:
+            raw: bool = False, force: bool = False, verbose: bool = True) -> dict:
     """Tokenise ``inputs`` (+ ``builtins``) into shards in ``out`` and return the meta dict; ``tokenizer`` (a directory
     or a ``Tokenizer``) None trains a ``kind`` / ``vocab_size`` one. Same inputs, options and tokenizer: a no-op."""
     out = Path(out)
@@ -148,7 +148,11 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
 
     old = _existing_meta(out)
     if old is not None:
-        if old.get("fingerprint") == fingerprint and _shards_complete(out, old):
+        size = np.dtype(old["dtype"]).itemsize
+        complete = (out / "tokenizer" / "tokenizer.json").is_file() and all(
+            (out / f"{s}.bin").is_file() and (out / f"{s}.bin").stat().st_size == n * size
+            for s, n in old["counts"].items())
+        if old.get("fingerprint") == fingerprint and complete:
             log(f"{out}: already prepared from these inputs (nothing to do)")
             return old
         old_tok = old.get("tokenizer") or {}
@@ -175,16 +179,14 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
     counts, documents = {}, {}
     with atomic_dir(out) as tmp:
         for name, mine in zip(splits, groups):
-            chunks = [np.zeros(0, dtype)]
-            for start in range(0, len(mine), batch_docs):
-                flat: list[int] = []
-                for ids in tok.encode_batch(mine[start:start + batch_docs]):
-                    flat += ids if raw else [eos, *ids]  # every document starts with <|endoftext|>
-                chunks.append(np.array(flat, dtype=dtype))
-                bar.update(sum(map(len, mine[start:start + batch_docs])))
-            arr = np.concatenate(chunks)
-            arr.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(tmp / f"{name}.bin")
-            counts[name], documents[name] = int(arr.size), len(mine)
+            with open(tmp / f"{name}.bin", "wb") as f:
+                for batch in (mine[i:i + 1024] for i in range(0, len(mine), 1024)):  # bounded memory
+                    flat: list[int] = []
+                    for ids in tok.encode_batch(batch):
+                        flat += ids if raw else [eos, *ids]  # every document starts with <|endoftext|>
+                    np.array(flat, np.dtype(dtype).newbyteorder("<")).tofile(f)
+                    bar.update(sum(map(len, batch)))
+                counts[name], documents[name] = f.tell() // np.dtype(dtype).itemsize, len(mine)
         bar.close()
         tok.write_files(tmp / "tokenizer")
         meta = {"format": PREPARE_FORMAT, "dtype": dtype, "vocab_size": tok.vocab_size,
@@ -217,29 +219,28 @@ def check_tokenizer(ckpt: str | os.PathLike, data_dir: str | os.PathLike, fix: s
                         f"{fix}")
 
 
+def read_meta(directory: str | os.PathLike) -> dict:
+    """``DIR/meta.json`` as ``prepare`` wrote it."""
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{directory}: not a prepared data directory (no meta.json); run 'pocketgpt prepare'")
+    meta = read_json(path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("counts"), dict) \
+            or meta.get("dtype") not in ("uint16", "uint32"):
+        raise UserError(f"{path}: not a pocketgpt shard description")
+    return meta
+
+
 def _existing_meta(out: Path) -> dict | None:
     if not out.exists():
         return None
     if not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
-    if not (out / "meta.json").is_file():
-        if any(out.iterdir()):
-            raise UserError(f"{out}: directory is not empty and holds no prepared shards (meta.json); "
-                            f"choose another --out")
-        return None
-    meta = read_json(out / "meta.json")
-    if not isinstance(meta, dict) or "counts" not in meta:
-        raise UserError(f"{out / 'meta.json'}: not a pocketgpt shard description")
-    return meta
-
-
-def _shards_complete(out: Path, meta: dict) -> bool:
-    try:
-        size = np.dtype(meta["dtype"]).itemsize
-        return all((out / f"{s}.bin").stat().st_size == n * size for s, n in meta["counts"].items()) and \
-            (out / "tokenizer" / "tokenizer.json").is_file()
-    except (OSError, KeyError, TypeError):
-        return False
+    if (out / "meta.json").is_file():
+        return read_meta(out)
+    if any(out.iterdir()):
+        raise UserError(f"{out}: directory is not empty and holds no prepared shards (meta.json); choose another --out")
+    return None
 
 
 class TokenShards:
@@ -247,24 +248,17 @@ class TokenShards:
 
     def __init__(self, directory: str | os.PathLike, split: str = "train", block_size: int = 256):
         directory = Path(directory)
-        if not (directory / "meta.json").is_file():
-            raise UserError(f"{directory}: not a prepared data directory (no meta.json); run 'pocketgpt prepare'")
-        meta = read_json(directory / "meta.json")
+        meta = read_meta(directory)
         self.block_size = int(block_size)
         self.tokenizer_dir = directory / "tokenizer"
         path = directory / f"{split}.bin"
-        counts = meta.get("counts", {})
+        counts = meta["counts"]
         if not path.is_file():
             raise UserError(f"{directory}: has no {split!r} split (available: {', '.join(sorted(counts)) or 'none'})")
-        try:
-            dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-        except (KeyError, TypeError):
-            raise UserError(f"{directory / 'meta.json'}: missing or bad 'dtype'") from None
+        dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         n = path.stat().st_size // dtype.itemsize
         if split in counts and counts[split] != n:
             raise UserError(f"{path}: holds {n} tokens but meta.json says {counts[split]} (incomplete copy?)")
-        if self.block_size < 1:
-            raise UserError(f"block_size: must be >= 1, got {block_size}")
         if n < self.block_size + 1:
             raise UserError(f"{path}: the {split} split has {n} tokens, fewer than block_size + 1 = "
                             f"{self.block_size + 1}; use a smaller block_size or more data")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -47,7 +46,7 @@ def rolling_logprob(model, ids: list[int], prefix: int, batch_size: int = 16) ->
 def text_metrics(ckpt, path, batch_size: int = 16, device: str = "cpu") -> dict:
     """Loss (nats per token) and bits per UTF-8 byte of a checkpoint on a text file."""
     model, tok = load_checkpoint(ckpt, device)
-    text = read_text_file(Path(path))
+    text = read_text_file(path)
     ids = tok.encode(text)
     if not ids:
         raise UserError(f"{path}: the file is empty")

@@ -37,7 +37,7 @@ def _tensors(model, arch: str) -> dict:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2, c.n_layer)
     out = {}
     for name, t in sd.items():
-        t = t.detach().float().cpu()
+        t = t.float()  # detached copies of the model export_gguf loads on the CPU
         if arch == "gpt2" and name.endswith(CONV1D):  # llama.cpp's gpt2 wants them (out, in) again
             t = t.t()
         if name.endswith(("q_proj.weight", "q_proj.bias")):  # rotate-half RoPE (ours, HF's) -> GGML's interleaved

@@ -1,8 +1,5 @@
-"""Hugging Face names: our config and tensors as ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` ones, both ways, by table.
-
-GPT-2 is learned positions + layernorm + gelu/relu, Llama rope + rmsnorm + swiglu; other combinations are refused,
-naming the option at fault. ``checkpoint.load_model`` / ``export_hf`` read and write the directories.
-"""
+"""Hugging Face names: our config and tensors as ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` ones, both ways, by table
+(``checkpoint`` reads and writes the directories)."""
 
 from __future__ import annotations
 

@@ -11,14 +11,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import UserError
-from .io import atomic_dir, read_json, read_text, write_json
+from .io import atomic_dir, read_json, write_json
 from .records import read_text_file
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TOKENS = [t for t in SPECIAL_TOKENS if t != "<|pad|>"]  # what the chat template needs
 UNK = "<unk>"
 KINDS = ("bpe", "unigram", "char", "word")
 META_FILE = "pocketgpt_tokenizer.json"
@@ -142,7 +144,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load a directory written by ``save``, one with a Hugging Face ``tokenizer.json``, or GPT-2's vocab + merges."""
+        """Load a directory written by ``save``, a Hugging Face ``tokenizer.json`` one, or GPT-2's vocab + merges."""
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"{path}: tokenizer directory not found")
@@ -153,9 +155,10 @@ class Tokenizer:
             except Exception as e:
                 raise UserError(f"{path / 'tokenizer.json'}: not a valid tokenizer file ({e})") from None
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            hf, kind = _gpt2_from_files(path / "vocab.json", path / "merges.txt"), "gpt2"
+            hf, kind = _gpt2_from_files(path), "gpt2"
         else:
-            raise UserError(f"{path}: no tokenizer.json or vocab.json + merges.txt in this directory")
+            raise UserError(f"{path}: no tokenizer found (no tokenizer.json or vocab.json + merges.txt in this "
+                            "directory)")
         return cls(hf, kind)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -182,7 +185,7 @@ class Tokenizer:
         """Write ``tokenizer_config.json`` so that ``transformers.AutoTokenizer`` gives our ids and renders our chat;
         returns the bos/eos/pad ids for ``config.json``."""
         ids = self.special_ids
-        chat = all(n in ids for n in ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
+        chat = set(CHAT_TOKENS) <= set(ids)
         names = {"bos": "<|endoftext|>", "eos": "<|end|>" if chat else "<|endoftext|>", "pad": "<|pad|>"}
         names = {k: v for k, v in names.items() if v in ids}
         # without a class named here a GPT-2 config makes transformers rebuild GPT-2's byte-level tokenizer from
@@ -240,16 +243,11 @@ class Tokenizer:
         obj = json.loads(self._hf.to_str(), parse_float=lambda x: float(f"{float(x):.9g}"))
         return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
-    def __repr__(self) -> str:
-        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
-
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of ``text``. Literal special-token strings are ordinary text unless ``allow_special``."""
         if self._tt is not None:
             return self._tt.encode(text, allowed_special="all") if allow_special else self._tt.encode_ordinary(text)
         if self._chars is not None and not allow_special:
-            import numpy as np
-
             points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
             return self._chars[np.minimum(points, len(self._chars) - 1)].tolist()
         return (self._hf if allow_special else self._plain).encode(text, add_special_tokens=False).ids
@@ -346,8 +344,6 @@ def _tiktoken_core(hf: HFTokenizer):
 
 def _char_table(hf: HFTokenizer):
     """The id of every code point up to the largest one known (others: ``<unk>``), one past it ``<unk>``."""
-    import numpy as np
-
     vocab = hf.get_vocab()
     chars = {ord(t): i for t, i in vocab.items() if len(t) == 1}
     table = np.full(max(chars) + 2, vocab[UNK], dtype=np.int32)
@@ -359,25 +355,17 @@ def _mark_special(hf: HFTokenizer, names: Sequence[str]) -> None:
     hf.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
 
 
-def _gpt2_from_files(vocab_path: Path, merges_path: Path) -> HFTokenizer:
+def _gpt2_from_files(directory: Path) -> HFTokenizer:
     """A byte-level BPE tokenizer from GPT-2's ``vocab.json`` + ``merges.txt`` (as GPT2TokenizerFast builds it)."""
-    vocab = read_json(vocab_path)
-    if not isinstance(vocab, dict):
-        raise UserError(f"{vocab_path}: expected a JSON object token → id")
-    merges = []
-    for lineno, line in enumerate(read_text(merges_path).splitlines(), 1):
-        if line and not (lineno == 1 and line.startswith("#version")):
-            if len(line.split(" ")) != 2:
-                raise UserError(f"{merges_path}:{lineno}: expected two tokens separated by one space")
-            merges.append(tuple(line.split(" ")))
     try:
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
-                                    fuse_unk=False))
-    except Exception as e:
-        raise UserError(f"{merges_path}: merges do not match {vocab_path.name} ({e})") from None
+        bpe = models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt"),
+                                   continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+    except Exception as e:  # the Rust reader names the bad line of merges.txt, or the token missing from vocab.json
+        raise UserError(f"{directory}: vocab.json + merges.txt are not a GPT-2 BPE ({e})") from None
+    hf = HFTokenizer(bpe)
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    if "<|endoftext|>" in vocab:
+    if hf.token_to_id("<|endoftext|>") is not None:
         _mark_special(hf, ["<|endoftext|>"])
     return hf
 
@@ -385,8 +373,4 @@ def _gpt2_from_files(vocab_path: Path, merges_path: Path) -> HFTokenizer:
 def load_tokenizer_for(ckpt_dir: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a checkpoint: ``CKPT/tokenizer/``, else the files in ``CKPT`` (a Hugging Face directory)."""
     ckpt_dir = Path(ckpt_dir)
-    for d in (ckpt_dir / "tokenizer", ckpt_dir):
-        if (d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()):
-            return Tokenizer.load(d)
-    raise UserError(f"{ckpt_dir}: no tokenizer found (expected {ckpt_dir / 'tokenizer'}/ or tokenizer.json / "
-                    f"vocab.json + merges.txt)")
+    return Tokenizer.load(ckpt_dir / "tokenizer" if (ckpt_dir / "tokenizer").is_dir() else ckpt_dir)
