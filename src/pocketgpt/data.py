@@ -219,9 +219,14 @@ def check_tokenizer(ckpt: str | os.PathLike, data_dir: str | os.PathLike, fix: s
                         f"{fix}")
 
 
-def read_meta(directory: str | os.PathLike) -> dict:
-    """``DIR/meta.json`` as ``prepare`` wrote it."""
+def read_meta(directory: str | os.PathLike, where: str = "") -> dict:
+    """``DIR/meta.json`` as ``prepare`` wrote it; ``where`` names the option that gave ``directory``."""
+    where = where or str(directory)
+    if not str(directory):
+        raise UserError(f"{where}: no data directory given (make one with 'pocketgpt prepare')")
     path = Path(directory) / "meta.json"
+    if not path.parent.is_dir():
+        raise UserError(f"{where}: data directory {path.parent} not found (make it with 'pocketgpt prepare')")
     if not path.is_file():
         raise UserError(f"{directory}: not a prepared data directory (no meta.json); run 'pocketgpt prepare'")
     meta = read_json(path)

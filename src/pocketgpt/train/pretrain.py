@@ -15,9 +15,8 @@ import torch
 from pydantic import Field
 
 from ..config import Config
-from ..data import TokenShards, check_tokenizer
+from ..data import TokenShards, check_tokenizer, read_meta
 from ..errors import UserError
-from ..io import read_json
 from ..model import GPTConfig
 from .trainer import TrainConfig, world_info
 
@@ -39,22 +38,6 @@ def window_seed(seed: int, step: int, global_micro: int) -> int:
     """A well-mixed 63-bit seed for the windows of (step, global micro-batch)."""
     state = np.random.SeedSequence([seed & 0xFFFFFFFF, step, global_micro]).generate_state(2, np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
-
-
-def read_meta(data_dir: str | Path, where: str = "[data] dir") -> dict:
-    """``meta.json`` of a data directory, with one clear line when the directory or the file is missing."""
-    if not str(data_dir):
-        raise UserError(f"{where}: no data directory given (set [data] dir or --data.dir; make one with "
-                        "'pocketgpt prepare')")
-    path = Path(data_dir) / "meta.json"
-    if not path.parent.is_dir():
-        raise UserError(f"{where}: data directory {path.parent} not found (make it with 'pocketgpt prepare')")
-    if not path.exists():
-        raise UserError(f"{path}: file not found (a data directory made by 'pocketgpt prepare' has one)")
-    meta = read_json(path)
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return meta
 
 
 class PretrainStage:
@@ -144,7 +127,7 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
 
     data: DataConfig = cfg["data"]
     tcfg: TrainConfig = cfg["train"]
-    meta = read_meta(data.dir)
+    meta = read_meta(data.dir, "[data] dir")
     vocab = int(meta.get("vocab_size", 0))
 
     runtime.seed_everything(tcfg.seed)
