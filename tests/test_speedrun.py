@@ -158,5 +158,11 @@ def test_cpu_small_speedrun_within_twenty_minutes(tmp_path):
     minutes = (time.time() - t0) / 60
     assert minutes <= 20.0, f"cpu-small took {minutes:.1f} min"
     figs = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert figs["sft"]["heldout_accuracy"]["n"] >= 300 and figs["rm"]["heldout_pairwise_accuracy"]["n"] >= 300
     assert "pocketgpt chat --ckpt" in p.stdout
+    # issue 14's goals: every RL stage proven against the checker on >= 300 held-out prompts / pairs
+    sft, rm = figs["sft"]["heldout_accuracy"], figs["rm"]["heldout_pairwise_accuracy"]
+    assert sft["n"] >= 300 and 0.20 <= sft["value"] <= 0.70, sft
+    assert rm["n"] >= 300 and rm["value"] >= 0.85, rm
+    for stage in ("ppo", "dpo", "grpo"):
+        assert figs[stage]["accuracy_gain_vs_sft"]["value"] >= 0.10, (stage, figs[stage]["accuracy_gain_vs_sft"])
+        assert "value" in figs[stage]["kl_to_sft"], stage

@@ -81,6 +81,28 @@ def test_largest_task_and_options_as_text():
         task.target([{"role": "user", "content": "What is 2 + 3?"}])
 
 
+def test_largest_imperfect_demonstrations_answer_the_first_number():
+    """demo_accuracy < 1: SFT rows answer the first number listed with probability 1 - demo_accuracy; nothing else
+    changes (held-out set, checker), and one-digit numbers are 0-9 (10**k problems)."""
+    exact = get_task("largest", "k=4,digits=1,n_eval=400")
+    task = get_task("largest", "k=4,digits=1,demo_accuracy=0.4,n_eval=400")
+    assert task.demo_accuracy == 0.4 and task.num_problems == 10_000 and task.held_out_pool == 1000
+    assert _texts(task.eval_prompts()) == _texts(exact.eval_prompts())
+    rows = task.sft_conversations(4000, seed=0)
+    nums = [[int(x) for x in c["messages"][0]["content"].split(": ")[1][:-1].split(", ")] for c in rows]
+    answers = [int(c["messages"][1]["content"]) for c in rows]
+    first = sum(a == n[0] != max(n) for a, n in zip(answers, nums)) / len(rows)
+    right = sum(a == max(n) for a, n in zip(answers, nums)) / len(rows)
+    assert all(a in (n[0], max(n)) for a, n in zip(answers, nums))
+    # P(first is not the largest) = 1 - sum((v + 1)**3) / 10**4 = 0.6975; 60% of those rows answer it
+    assert abs(first - 0.6 * 0.6975) < 0.03 and abs(right - (1 - 0.6 * 0.6975)) < 0.03
+    assert rows == task.sft_conversations(4000, seed=0)  # seeded
+    assert all(exact.reward(c["messages"][:1], c["messages"][1]["content"]) == 1.0
+               for c in exact.sft_conversations(200, seed=0))
+    with pytest.raises(UserError, match="demo_accuracy must be"):
+        get_task("largest", "demo_accuracy=1.5")
+
+
 def test_make_pairs_pairs_right_with_wrong_replies_of_the_same_prompt():
     task = get_task("arithmetic", digits=1, ops="+", n_eval=16)
     p1 = [{"role": "user", "content": "What is 2 + 3?"}]

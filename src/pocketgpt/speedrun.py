@@ -1,8 +1,8 @@
 """``pocketgpt speedrun``: the whole pipeline on bundled data in one command, with a report card.
 
-    tokenizer (byte-level BPE on English + Chinese) → prepare → pretrain → SFT (dialogues + arithmetic format)
-    → reward model (HH-RLHF pairs) → PPO and DPO (from the SFT model) → GRPO (arithmetic, from the SFT model)
-    → evaluation → RUN/report.md (+ plots, sample chats)
+    tokenizer (byte-level BPE on English + Chinese) → prepare → pretrain → SFT (the ``[task]``'s worked examples,
+    + dialogues if the preset lists them) → pairs (SFT samples checked by the task) → task reward model → PPO (on
+    that RM), DPO (on the pairs), GRPO (on the checker) → HH-RLHF reward model → evaluation → RUN/report.md
 
 Every stage is the same ``pocketgpt`` command a user would type, run as a child process with the options of the
 preset (``configs/speedrun-PRESET.toml``: one table per stage, each key an option of that stage's command). A child

@@ -104,9 +104,14 @@ class Task:
         """Exact-answer reward: 1.0 if the first integer in the reply equals the answer, else 0.0."""
         return 1.0 if first_integer(reply) == self.target(prompt) else 0.0
 
+    def demo_answer(self, problem: tuple, rng: random.Random) -> int:
+        """The demonstrator's answer in SFT rows: the right one (a task with an imperfect demonstrator overrides)."""
+        return self.answer(problem)
+
     def sft_conversations(self, n: int, seed: int = 0) -> list[dict]:
         """``n`` worked examples in the task's chat format, for a brief SFT before RL (held-out problems excluded)."""
-        return [{"messages": self._prompt(p) + [{"role": "assistant", "content": str(self.answer(p))}]}
+        rng = random.Random(seed + 1)
+        return [{"messages": self._prompt(p) + [{"role": "assistant", "content": str(self.demo_answer(p, rng))}]}
                 for p in self._train_problems(n, seed)]
 
     def write_sft_jsonl(self, path: str | Path, n: int, seed: int = 0) -> Path:
@@ -122,11 +127,17 @@ _LARGEST = re.compile(r"Which is the largest: (\d+(?:, \d+)+)\?")
 
 @dataclass(frozen=True)
 class LargestTask(Task):
-    """The largest of ``k`` numbers of exactly ``digits`` digits each ("Which is the largest: 47, 82, 15?" → "82")."""
+    """The largest of ``k`` numbers of exactly ``digits`` digits each ("Which is the largest: 47, 82, 15?" → "82";
+    one-digit numbers are 0-9).
+
+    ``demo_accuracy`` < 1 makes the SFT demonstrations imperfect, as careless human demonstrators are: each one
+    answers the *first* number listed instead of the largest with probability ``1 - demo_accuracy`` (wrong unless
+    the first number is the largest). Only SFT rows change; the checker, pairs and held-out set stay exact."""
 
     k: int = 3
     digits: int = 2
     n_eval: int = 0  # 0 = 64 (or the whole held-out pool when smaller)
+    demo_accuracy: float = 1.0
 
     name = "largest"
 
@@ -135,11 +146,16 @@ class LargestTask(Task):
             raise UserError(f"task largest: k must be an integer in 2..10, got {self.k!r}")
         if not isinstance(self.digits, int) or not 1 <= self.digits <= 6:
             raise UserError(f"task largest: digits must be an integer in 1..6, got {self.digits!r}")
+        if not isinstance(self.demo_accuracy, (int, float)) or not 0 <= self.demo_accuracy <= 1:
+            raise UserError(f"task largest: demo_accuracy must be a number in 0..1, got {self.demo_accuracy!r}")
         self._check_n_eval()
 
     @property
     def num_problems(self) -> int:
-        return (9 * 10 ** (self.digits - 1)) ** self.k
+        return (10 if self.digits == 1 else 9 * 10 ** (self.digits - 1)) ** self.k
+
+    def demo_answer(self, problem: tuple, rng: random.Random) -> int:
+        return self.answer(problem) if rng.random() < self.demo_accuracy else int(problem[0])
 
     def _draw(self, rng: random.Random) -> tuple:
         lo = 10 ** (self.digits - 1) if self.digits > 1 else 0
@@ -227,14 +243,16 @@ TASKS = {"arithmetic": ArithmeticTask, "largest": LargestTask}
 
 
 def parse_task_options(text: str, where: str = "--task_options") -> dict:
-    """``"k=3,ops=+-"`` → ``{"k": 3, "ops": "+-"}`` (integer-looking values become ints)."""
+    """``"k=3,ops=+-,demo_accuracy=0.4"`` → ``{"k": 3, "ops": "+-", "demo_accuracy": 0.4}`` (numbers become
+    numbers)."""
     out: dict = {}
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise UserError(f"{where}: expected name=value items separated by commas, got {item!r}")
         value = value.strip()
-        out[key.strip()] = int(value) if re.fullmatch(r"-?\d+", value) else value
+        out[key.strip()] = (int(value) if re.fullmatch(r"-?\d+", value)
+                            else float(value) if re.fullmatch(r"-?\d*\.\d+", value) else value)
     return out
 
 
