@@ -3,7 +3,6 @@ in cli.py)."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -17,16 +16,6 @@ IGNORE = -100  # label of positions that carry no loss
 # report. A mild repetition penalty: greedy and low-temperature replies of small models otherwise loop
 # ("And / And / And", "我我我"); 1 turns it off.
 CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_penalty": 1.1}
-
-
-def __getattr__(name):  # the old homes of checkpoint.find_checkpoint and load_checkpoint(..., chat=True)
-    from . import checkpoint
-
-    if name == "find_checkpoint":
-        return checkpoint.find_checkpoint
-    if name == "load_chat_model":
-        return functools.partial(checkpoint.load_checkpoint, chat=True)
-    raise AttributeError(name)
 
 
 # ---- the template ---------------------------------------------------------------------------------------------------

@@ -332,10 +332,7 @@ def collect_pairs(ckpt, task, *, split: str = "train", prompts: int | None = Non
                   top_k: int | None = None, seed: int = 0, device: str = "auto") -> tuple[list[dict], dict]:
     """Load ``ckpt``, sample replies to the task's ``split`` prompts ("train": ``prompts`` distinct training
     prompts drawn from ``seed``; "eval": the held-out set, or its first ``prompts``), check them, form pairs."""
-    from .chat import find_checkpoint
-    from .checkpoint import load_model
-    from .runtime import pick_device
-    from .tokenizer import load_tokenizer_for
+    from .checkpoint import find_checkpoint, load_checkpoint
 
     if samples < 2:
         raise UserError(f"--samples: a pair needs at least 2 replies per prompt, got {samples}")
@@ -348,8 +345,7 @@ def collect_pairs(ckpt, task, *, split: str = "train", prompts: int | None = Non
     else:
         raise UserError(f"--split: 'train' or 'eval', got {split!r}")
     ckpt = find_checkpoint(ckpt)
-    model = load_model(ckpt, device=pick_device(device))
-    tok = load_tokenizer_for(ckpt)
+    model, tok = load_checkpoint(ckpt, device)
     reps = sample_replies(model, tok, ps, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, seed=seed)
     pairs, stats = make_pairs(task, ps, reps, max_pairs_per_prompt)
