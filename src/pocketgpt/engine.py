@@ -772,13 +772,8 @@ def _stream(steps: Iterator[list[_Row]], stops: tuple[str, ...]) -> Iterator[str
 
 def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of ``text`` that is the beginning of some stop string (to hold back)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+    ends = (k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k]))
+    return max(ends, default=0)
 
 
 def sequence_logprobs(model, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> list[list[float]]:
