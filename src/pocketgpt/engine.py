@@ -199,8 +199,6 @@ def _utf8_mask(text: Optional[_TokenText], R: int) -> Optional[_Utf8Mask]:
 class _Row:
     """Decoding state of one output row."""
 
-    __slots__ = ("tokens", "logprobs", "done", "reason", "limit", "text", "decoder", "byte_ends", "scan_from")
-
     def __init__(self, limit: int, with_text: bool):
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
@@ -309,10 +307,13 @@ class SamplingParams:
         self.stop = tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s)
 
 
-def _check_prompts(model, prompts) -> None:
+def _checked_prompts(model, prompts, max_new_tokens: int) -> list[list[int]]:
+    """``prompts`` as int lists, checked (a ``UserError`` naming the prompt); one longer than the context is cut by
+    ``records.fit`` (keeping room to answer), with a warning."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise UserError("generate: prompts must be a non-empty list of token-id lists")
-    V = model.config.vocab_size
+    V, ctx = model.config.vocab_size, model.config.block_size
+    out = []
     for i, p in enumerate(prompts):
         if isinstance(p, (int, str)) or not hasattr(p, "__len__"):
             raise UserError(f"generate: prompt {i} must be a list of token ids, got {type(p).__name__}")
@@ -321,15 +322,9 @@ def _check_prompts(model, prompts) -> None:
         bad = [t for t in p if not (0 <= int(t) < V)]
         if bad:
             raise UserError(f"generate: prompt {i}: token id {bad[0]} is outside the vocabulary (size {V})")
-
-
-def _fit_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """Cut prompts longer than the context by ``records.fit`` (keeping room to answer), with a warning."""
-    ctx = model.config.block_size
-    out = [[int(t) for t in p] for p in prompts]
-    for i, p in enumerate(out):
+        out.append([int(t) for t in p])
         if len(p) > ctx:
-            out[i], _ = fit(p, ctx, min(max_new_tokens, ctx // 2))
+            out[i], _ = fit(out[i], ctx, min(max_new_tokens, ctx // 2))
             msg = (f"prompt {i} has {len(p)} tokens, more than the model's context of {ctx}: "
                    f"keeping its last {len(out[i])} tokens")
             warnings.warn(msg, stacklevel=3)
@@ -718,14 +713,14 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Optional[SamplingP
     tokenizer) returns an iterator of whole-character text pieces that join to exactly the final text (text that
     may begin a stop string is held back; beam search: one piece at the end)."""
     p = replace(params or SamplingParams(), **options)
-    _check_prompts(model, prompts)
+    prompts = _checked_prompts(model, prompts, p.max_new_tokens)
     if p.stop and tokenizer is None:
         raise UserError("stop: stop strings need a tokenizer (pass tokenizer=)")
     if stream and (len(prompts) != 1 or p.n != 1):
         raise UserError("n: streaming generates one sequence (one prompt, n=1)")
     if stream and tokenizer is None:
         raise UserError("stream: streaming text needs a tokenizer (pass tokenizer=)")
-    steps = _steps(model, _fit_prompts(model, prompts, p.max_new_tokens), p, tokenizer, return_logprobs)
+    steps = _steps(model, prompts, p, tokenizer, return_logprobs)
     if stream:
         return _stream(steps, p.stop)
     for rows in steps:  # to the last step
