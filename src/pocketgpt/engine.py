@@ -251,9 +251,8 @@ class _Row:
 
 @dataclass
 class SamplingParams:
-    """Every option of one generation call (what each does: docs/internals.md, "Engine"), checked on creation (a
-    ``UserError`` naming the field) and normalised (``top_k`` 0 and ``top_p`` 1 are off; ``stop_ids`` / ``stop``
-    may be one value, a list or None)."""
+    """Every option of one generation call (docs/internals.md, "Engine"), checked on creation (a ``UserError`` naming
+    the field) and normalised (``top_k`` 0 and ``top_p`` 1 are off; ``stop_ids`` / ``stop``: one, a list or None)."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -344,9 +343,8 @@ def _row_limit(model, prompt_len: int, max_new_tokens: int) -> int:
 
 
 class _Sampler:
-    """One step's logits (R, V) → tokens, each row with its own options (one (R, 7) tensor, so every filter runs
-    once for all rows), holding the penalty state and the seeded rows' generators. The rows of one seeded ``add``
-    share a generator that draws for all of them every step, so their samples never depend on the rest of the batch."""
+    """One step's logits (R, V) → tokens, per-row options in one (R, 7) tensor (each filter runs once for all rows).
+    A seeded ``add``'s rows share a generator drawing for all of them, so the rest of the batch never changes them."""
 
     def __init__(self, V: int, device, utf8: Optional[_Utf8Mask] = None):
         self.V, self.device, self.utf8 = V, device, utf8
@@ -454,13 +452,8 @@ class _Sampler:
 
 
 class DecodeBatch:
-    """Sequences decoding together over one KV cache; rows join (``add``) and leave (finished, ``drop``) between steps
-    (continuous batching). Call it under ``torch.inference_mode()`` with the model in eval mode.
-
-    Every row writes its new key/value at the same cache column ``pos``; row r's keys are the columns
-    ``[start_r, pos]`` (a joining prompt is written to end at ``pos``; a longer one first shifts the others right),
-    its positions ``column - start_r``, the rest is masked. A leaving row's slot gets the last row (one row copied,
-    not the cache); columns no row uses any more are dropped when the cache is full, before it grows."""
+    """Rows decoding together over one KV cache, joining (``add``) and leaving (finished, ``drop``) between steps;
+    every row writes at column ``pos``, row r's keys are ``[start_r, pos]`` (the rest masked). Under inference mode."""
 
     def __init__(self, model, tokenizer=None, want_logprobs: bool = False):
         self.model, self.want_logprobs = model, want_logprobs
@@ -629,9 +622,8 @@ def _ban_ngrams(scores: torch.Tensor, seqs: list[list[int]], size: int) -> torch
 
 
 def _beam_search(model, prompt: list[int], p: SamplingParams, tokenizer) -> list[_Row]:
-    """The ``p.n`` best of ``p.num_beams`` beams as finished rows, step for step as transformers' (v5) beam search:
-    ``2 * num_beams`` candidates a step, a finished hypothesis scores ``sum_logprobs / generated_len **
-    length_penalty`` (its length counts the stop token), the same early-stopping rules. Stop strings cut afterwards."""
+    """The ``p.n`` best of ``p.num_beams`` beams as finished rows, step for step as transformers' (v5) beam search
+    (a hypothesis scores ``sum_logprobs / generated_len ** length_penalty``); stop strings cut afterwards."""
     device = model.wte.weight.device
     text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, device)
     num_beams, length_penalty, early_stopping = p.num_beams, p.length_penalty, p.early_stopping
