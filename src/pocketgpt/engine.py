@@ -199,8 +199,6 @@ def _utf8_mask(text: Optional[_TokenText], R: int) -> Optional[_Utf8Mask]:
 class _Row:
     """Decoding state of one output row."""
 
-    __slots__ = ("tokens", "logprobs", "done", "reason", "limit", "text", "decoder", "byte_ends", "scan_from")
-
     def __init__(self, limit: int, with_text: bool):
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
@@ -253,9 +251,8 @@ class _Row:
 
 @dataclass
 class SamplingParams:
-    """Every option of one generation call (what each does: docs/internals.md, "Engine"), checked on creation (a
-    ``UserError`` naming the field) and normalised (``top_k`` 0 and ``top_p`` 1 are off; ``stop_ids`` / ``stop``
-    may be one value, a list or None)."""
+    """Every option of one generation call (docs/internals.md, "Engine"), checked on creation (a ``UserError`` naming
+    the field) and normalised (``top_k`` 0 and ``top_p`` 1 are off; ``stop_ids`` / ``stop``: one, a list or None)."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -309,10 +306,13 @@ class SamplingParams:
         self.stop = tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s)
 
 
-def _check_prompts(model, prompts) -> None:
+def _checked_prompts(model, prompts, max_new_tokens: int) -> list[list[int]]:
+    """``prompts`` as int lists, checked (a ``UserError`` naming the prompt); one longer than the context is cut by
+    ``records.fit`` (keeping room to answer), with a warning."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise UserError("generate: prompts must be a non-empty list of token-id lists")
-    V = model.config.vocab_size
+    V, ctx = model.config.vocab_size, model.config.block_size
+    out = []
     for i, p in enumerate(prompts):
         if isinstance(p, (int, str)) or not hasattr(p, "__len__"):
             raise UserError(f"generate: prompt {i} must be a list of token ids, got {type(p).__name__}")
@@ -321,15 +321,9 @@ def _check_prompts(model, prompts) -> None:
         bad = [t for t in p if not (0 <= int(t) < V)]
         if bad:
             raise UserError(f"generate: prompt {i}: token id {bad[0]} is outside the vocabulary (size {V})")
-
-
-def _fit_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """Cut prompts longer than the context by ``records.fit`` (keeping room to answer), with a warning."""
-    ctx = model.config.block_size
-    out = [[int(t) for t in p] for p in prompts]
-    for i, p in enumerate(out):
+        out.append([int(t) for t in p])
         if len(p) > ctx:
-            out[i], _ = fit(p, ctx, min(max_new_tokens, ctx // 2))
+            out[i], _ = fit(out[i], ctx, min(max_new_tokens, ctx // 2))
             msg = (f"prompt {i} has {len(p)} tokens, more than the model's context of {ctx}: "
                    f"keeping its last {len(out[i])} tokens")
             warnings.warn(msg, stacklevel=3)
@@ -349,9 +343,8 @@ def _row_limit(model, prompt_len: int, max_new_tokens: int) -> int:
 
 
 class _Sampler:
-    """One step's logits (R, V) → tokens, each row with its own options (one (R, 7) tensor, so every filter runs
-    once for all rows), holding the penalty state and the seeded rows' generators. The rows of one seeded ``add``
-    share a generator that draws for all of them every step, so their samples never depend on the rest of the batch."""
+    """One step's logits (R, V) → tokens, per-row options in one (R, 7) tensor (each filter runs once for all rows).
+    A seeded ``add``'s rows share a generator drawing for all of them, so the rest of the batch never changes them."""
 
     def __init__(self, V: int, device, utf8: Optional[_Utf8Mask] = None):
         self.V, self.device, self.utf8 = V, device, utf8
@@ -459,13 +452,8 @@ class _Sampler:
 
 
 class DecodeBatch:
-    """Sequences decoding together over one KV cache; rows join (``add``) and leave (finished, ``drop``) between steps
-    (continuous batching). Call it under ``torch.inference_mode()`` with the model in eval mode.
-
-    Every row writes its new key/value at the same cache column ``pos``; row r's keys are the columns
-    ``[start_r, pos]`` (a joining prompt is written to end at ``pos``; a longer one first shifts the others right),
-    its positions ``column - start_r``, the rest is masked. A leaving row's slot gets the last row (one row copied,
-    not the cache); columns no row uses any more are dropped when the cache is full, before it grows."""
+    """Rows decoding together over one KV cache, joining (``add``) and leaving (finished, ``drop``) between steps;
+    every row writes at column ``pos``, row r's keys are ``[start_r, pos]`` (the rest masked). Under inference mode."""
 
     def __init__(self, model, tokenizer=None, want_logprobs: bool = False):
         self.model, self.want_logprobs = model, want_logprobs
@@ -634,9 +622,8 @@ def _ban_ngrams(scores: torch.Tensor, seqs: list[list[int]], size: int) -> torch
 
 
 def _beam_search(model, prompt: list[int], p: SamplingParams, tokenizer) -> list[_Row]:
-    """The ``p.n`` best of ``p.num_beams`` beams as finished rows, step for step as transformers' (v5) beam search:
-    ``2 * num_beams`` candidates a step, a finished hypothesis scores ``sum_logprobs / generated_len **
-    length_penalty`` (its length counts the stop token), the same early-stopping rules. Stop strings cut afterwards."""
+    """The ``p.n`` best of ``p.num_beams`` beams as finished rows, step for step as transformers' (v5) beam search
+    (a hypothesis scores ``sum_logprobs / generated_len ** length_penalty``); stop strings cut afterwards."""
     device = model.wte.weight.device
     text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, device)
     num_beams, length_penalty, early_stopping = p.num_beams, p.length_penalty, p.early_stopping
@@ -718,14 +705,14 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Optional[SamplingP
     tokenizer) returns an iterator of whole-character text pieces that join to exactly the final text (text that
     may begin a stop string is held back; beam search: one piece at the end)."""
     p = replace(params or SamplingParams(), **options)
-    _check_prompts(model, prompts)
+    prompts = _checked_prompts(model, prompts, p.max_new_tokens)
     if p.stop and tokenizer is None:
         raise UserError("stop: stop strings need a tokenizer (pass tokenizer=)")
     if stream and (len(prompts) != 1 or p.n != 1):
         raise UserError("n: streaming generates one sequence (one prompt, n=1)")
     if stream and tokenizer is None:
         raise UserError("stream: streaming text needs a tokenizer (pass tokenizer=)")
-    steps = _steps(model, _fit_prompts(model, prompts, p.max_new_tokens), p, tokenizer, return_logprobs)
+    steps = _steps(model, prompts, p, tokenizer, return_logprobs)
     if stream:
         return _stream(steps, p.stop)
     for rows in steps:  # to the last step
@@ -772,13 +759,8 @@ def _stream(steps: Iterator[list[_Row]], stops: tuple[str, ...]) -> Iterator[str
 
 def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of ``text`` that is the beginning of some stop string (to hold back)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+    ends = (k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k]))
+    return max(ends, default=0)
 
 
 def sequence_logprobs(model, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> list[list[float]]:

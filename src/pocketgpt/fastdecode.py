@@ -1,8 +1,5 @@
-"""The engine's one-token decoding step: ``Decoder`` on a CPU where it applies, else the model's own forward.
-
-At small sizes a CPU decode step is per-op Python and dispatch cost, and MKL's fp32 matrix-vector product streams the
-weights on one core: ``Decoder`` is ``GPT.forward`` for one new token per row in functional ops on the model's own
-weights (no module calls, one copy per layer into the KV cache, fp32 matmuls as one ``bmm`` over row blocks)."""
+"""The engine's one-token decoding step: on a CPU, ``Decoder`` (``GPT.forward`` in functional ops, fp32 matmuls as one
+``bmm`` over row blocks: a small model's step is dispatch cost and MKL's gemv uses one core), else the model's own."""
 
 from __future__ import annotations
 
@@ -35,15 +32,6 @@ def step_fn(model):
         return logits[:, -1]
 
     return step
-
-
-def gemv_groups(weight: torch.Tensor) -> int:
-    """Into how many blocks of output rows a few-row matmul with ``weight`` is split (1 = plain ``F.linear``): one
-    ``bmm`` over them lets every core stream its own blocks. bf16/fp16 (oneDNN) are fastest with ``F.linear``."""
-    if weight.dtype != torch.float32:
-        return 1
-    threads = torch.get_num_threads()
-    return 1 if threads < 2 else 2 * threads
 
 
 class RowsLinear:
@@ -90,7 +78,10 @@ class Decoder:
     def __init__(self, model: GPT, groups: Optional[int] = None):
         self.model = model
         self.c = c = model.config
-        g = gemv_groups(model.wte.weight) if groups is None else groups
+        g = groups
+        if g is None:  # fp32: one bmm over blocks lets every core stream its own; bf16/fp16 (oneDNN): F.linear
+            threads = torch.get_num_threads()
+            g = 2 * threads if model.wte.weight.dtype == torch.float32 and threads > 1 else 1
         self.rms, self.shape = c.norm == "rmsnorm", [c.n_embd]
 
         def norm(m):

@@ -1,8 +1,6 @@
-"""LoRA for ``sft``, ``dpo`` and ``rm``: y = x Wᵀ + b + (alpha / r) · (x Aᵀ) Bᵀ, B zero at the start.
-
-Our own module, not peft's: peft renames the base weights (``c_attn.base_layer.weight``) and keeps the scale out of
-the state dict, so checkpoints would need a name map and a side file, and its import adds seconds to every run.
-"""
+"""LoRA for ``sft``, ``dpo`` and ``rm``: y = x Wᵀ + b + (alpha / r) · (x Aᵀ) Bᵀ, B zero at the start. Not peft's:
+it renames the base weights and keeps the scale out of the state dict (checkpoints would need a name map), and its
+import adds seconds to every run."""
 
 from __future__ import annotations
 

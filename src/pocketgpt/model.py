@@ -130,10 +130,7 @@ def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     steps = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = torch.exp(steps * (-math.log(10000.0) / dim))
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    out = torch.empty(*positions.shape, dim, device=positions.device, dtype=torch.float32)
-    out[..., 0::2] = angles.sin()
-    out[..., 1::2] = angles.cos()
-    return out
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleaved: sin, cos, sin, ...
 
 
 class CausalSelfAttention(nn.Module):
@@ -149,12 +146,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, layer: int = 0, attn_mask=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(sizes, dim=2))
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -167,9 +160,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kc[:, :, : past + T].to(q.dtype), vc[:, :, : past + T].to(q.dtype)
 
         if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
 
         if attn_mask is None and past and T > 1:  # several new tokens after a cached prefix: causal with an offset
             attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
