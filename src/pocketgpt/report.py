@@ -1,14 +1,7 @@
-"""The speedrun's report card: ``RUN/report.md`` (tables, verdicts, plots, sample chats) and ``RUN/report.json``.
+"""The speedrun's report card: ``RUN/report.md`` and ``RUN/report.json``, every figure read from the run's files.
 
-Every figure comes from files the run wrote (each stage's ``metrics.jsonl``, the pairs' counts,
-``speedrun_state.json`` with the evaluation's per-prompt results); a figure that is missing is ``n/a`` rather than
-invented. ``report.json`` holds every figure of ``report.md`` as ``{stage: {metric: {"value", "n", "ci95"}}}``:
-accuracies and other proportions carry a Wilson 95% interval, means a normal-approximation one (±1.96 SE), and
-counts / losses / timings ``n`` and ``ci95`` of ``null``.
-
-The report says in words whether each stage beat its baseline: a policy "beat SFT" only when the 95% interval of its
-paired accuracy difference (same held-out prompts) lies above 0; a reward model is "above chance" only when the
-interval of its pairwise accuracy lies above 0.5.
+Figures are ``{"value", "n", "ci95"}`` (Wilson or ±1.96 SE intervals); a stage "beats" its baseline only when its
+interval clears it. Details: docs/internals.md.
 """
 
 from __future__ import annotations
