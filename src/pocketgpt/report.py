@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from .io import atomic_write_text, write_json
 from .train.plots import draw_losses, pyplot, read_metrics, save_figure, series
