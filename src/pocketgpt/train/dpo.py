@@ -32,7 +32,7 @@ from ..lora import WithoutAdapters, adapted, apply as apply_lora
 from ..records import read_pairs, split
 from .reward import encode_replies
 from .rl import frozen_copy
-from .sft import _stderr_on_rank0, context_size, load_init
+from .sft import _stderr_on_rank0, context_size, epoch_batches, load_init
 from .trainer import Trainer, TrainConfig, world_info
 
 REF_CACHE = "ref_logprobs.safetensors"
@@ -115,7 +115,6 @@ class DPOStage:
         self.ref: Optional[nn.Module] = None  # the online reference; else precomputed reference scores:
         self.ref_scores: dict[str, torch.Tensor] = {}  # "train" / "val" → sequence_scores of every pair
         self._initial_eval_done = False
-        self._epoch_cache: tuple[int, list[int]] = (-1, [])
         if opts.reference == "online":
             self.ref = WithoutAdapters(model) if adapted(model) else frozen_copy(model)  # LoRA: no second copy
 
@@ -156,13 +155,10 @@ class DPOStage:
             self.trainer.evaluate()
         rank, world, _ = world_info()
         n = len(self.train)
+        # full batches only (fewer pairs than a batch: they repeat); batches follow from the step alone
         epoch, pos = divmod((step * self.grad_accum + micro) * world + rank, max(1, n // self.batch_size))
-        if self._epoch_cache[0] != epoch:  # one seeded shuffle per epoch: batches follow from the step alone
-            order = list(range(n))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            self._epoch_cache = (epoch, order)
-        order = self._epoch_cache[1]
-        return {"index": torch.tensor([order[(pos * self.batch_size + j) % n] for j in range(self.batch_size)])}
+        batch = epoch_batches(n, self.batch_size, self.seed, epoch)[pos]
+        return {"index": torch.tensor([batch[j % len(batch)] for j in range(self.batch_size)])}
 
     def tokens_in_batch(self, batch) -> int:
         return sum(2 * len(p) + len(c) + len(r) for p, c, r in (self.train[i] for i in batch["index"].tolist()))
@@ -197,15 +193,11 @@ class DPOStage:
         loss, metrics = self._metrics(*(torch.cat(s) for s in zip(*scores)))
         return {"val_loss": float(loss), **{f"eval_{k}": v for k, v in metrics.items()}}
 
-    def state_dict(self) -> dict:  # batches are a pure function of (seed, step)
-        return {"train_pairs": len(self.train), "seed": self.seed}
+    def state_dict(self) -> dict:  # batches are a pure function of (seed, step); the fingerprint pins the pairs
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
         self._initial_eval_done = True  # a resumed run already has its step-0 evaluation
-        n = state.get("train_pairs")
-        if n is not None and n != len(self.train):
-            print(f"warning: resuming with {len(self.train)} training pairs, the checkpoint had {n}: "
-                  "batches will differ from an uninterrupted run", file=sys.stderr)
 
 
 def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dict] = None,

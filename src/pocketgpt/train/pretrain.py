@@ -14,10 +14,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from .. import runtime
+from ..checkpoint import load_model, local_dir
 from ..config import Config
 from ..data import TokenShards, check_tokenizer, read_meta
 from ..errors import UserError
-from ..model import GPTConfig
+from ..model import GPT, GPTConfig
+from ..tokenizer import load_tokenizer_for
 from .trainer import TrainConfig, world_info
 
 
@@ -47,12 +50,8 @@ class PretrainStage:
 
     def __init__(self, train, val, batch_size: int, seed: int = 1337, eval_batches: int = 20,
                  fingerprint: Optional[str] = None, bytes_per_token: Optional[float] = None):
-        self.train = train
+        self.train, self.val, self.batch_size, self.seed, self.eval_batches = train, val, batch_size, seed, eval_batches
         self.fingerprint = fingerprint  # the prepared data's (meta.json): a run resumes on the same data only
-        self.val = val
-        self.batch_size = batch_size
-        self.seed = seed
-        self.eval_batches = eval_batches
         self.bytes_per_token = bytes_per_token  # of the val split, for bits per byte
 
     def get_batch(self, step: int, micro: int):
@@ -119,12 +118,13 @@ def evaluate_lm(model, shards, batch_size: int, max_batches: Optional[int], devi
     return val_metrics(loss, bytes_per_token) if count else {}
 
 
+def data_tokenizer(data_dir):
+    """The tokenizer ``pocketgpt prepare`` saved beside the shards, or None."""
+    return load_tokenizer_for(data_dir) if (Path(data_dir) / "tokenizer").is_dir() else None
+
+
 def build_pretrain(cfg, out: Path, init: Optional[str] = None):
     """Model, stage and tokenizer for a loaded ``RunConfig`` (sections model / train / data)."""
-    from ..checkpoint import load_model, local_dir
-    from ..model import GPT
-    from .. import runtime
-
     data: DataConfig = cfg["data"]
     tcfg: TrainConfig = cfg["train"]
     meta = read_meta(data.dir, "[data] dir")
@@ -159,11 +159,7 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
         val = TokenShards(data.dir, data.val_split, block)
     elif tcfg.eval_interval:
         print(f"note: {data.dir} has no {data.val_split}.bin: no validation", file=sys.stderr)
-    tokenizer = None
-    if (Path(data.dir) / "tokenizer").is_dir():
-        from ..tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(Path(data.dir) / "tokenizer")
+    tokenizer = data_tokenizer(data.dir)
     stage = PretrainStage(train, val, tcfg.batch_size, tcfg.seed, tcfg.eval_batches, meta.get("fingerprint"),
                           bytes_per_token(tokenizer, val.data) if val is not None else None)
     return model, stage, tokenizer
@@ -173,9 +169,6 @@ def evaluate_checkpoint(ckpt, data, split: str = "val", *, batch_size: int = 8, 
                         block_size: Optional[int] = None, device: str = "auto", dtype: str = "auto") -> dict:
     """``val_loss``, ``val_ppl`` (and ``val_bpb`` when the data has its tokenizer) of a checkpoint on one split of a
     data directory (``pocketgpt eval``)."""
-    from ..checkpoint import load_model
-    from .. import runtime
-
     device = runtime.pick_device(device)
     dtype = runtime.pick_dtype(dtype, device)
     check_tokenizer(ckpt, data)
@@ -188,14 +181,7 @@ def evaluate_checkpoint(ckpt, data, split: str = "val", *, batch_size: int = 8, 
     if meta.get("vocab_size") and int(meta["vocab_size"]) > model.config.vocab_size:
         raise UserError(f"{data}: token ids go up to {meta['vocab_size']} but {ckpt} has a vocabulary of "
                         f"{model.config.vocab_size} (different tokenizer?)")
-    shards = TokenShards(data, split, block)
-    tok = None
-    if shards.tokenizer_dir.is_dir():
-        from ..tokenizer import Tokenizer
-
-        tok = Tokenizer.load(shards.tokenizer_dir)
+    shards = TokenShards(data, split, block)  # (too short a split: its one clear line)
     with torch.no_grad(), runtime.autocast(device, dtype):
-        m = evaluate_lm(model, shards, batch_size, max_batches, device, bytes_per_token(tok, shards.data))
-    if not m:
-        raise UserError(f"{data}: split '{split}' has fewer than {block + 1} tokens")
-    return m
+        return evaluate_lm(model, shards, batch_size, max_batches, device,
+                           bytes_per_token(data_tokenizer(data), shards.data))

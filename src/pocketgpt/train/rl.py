@@ -128,14 +128,18 @@ class RewardSource:
             raise UserError("no reward: give --reward RM_CKPT, --reward_fn module:function or --task NAME")
 
     @torch.no_grad()
-    def __call__(self, prompts: list[list[dict]], replies: list[str], where: list[str]) -> list[float]:
+    def __call__(self, prompts: list[list[dict]], replies: list[str], where: list[str], when: str) -> list[float]:
+        """The scores; ``where`` names each prompt's record and ``when`` the step, for a reward function's errors."""
         if self.rm is not None:
             block = self.rm.config.block_size
             rows = [encode_reply(p, r, self.rm_tokenizer, block) for p, r in zip(prompts, replies)]
             return self.rm.score_ids(rows, self.rm_tokenizer.pad_id, self.batch_size)
-        if self.fn is not None:
+        if self.fn is None:
+            return [self.task.reward(p, r) for p, r in zip(prompts, replies)]
+        try:
             return [call_reward_fn(self.fn, p, r, record=w) for p, r, w in zip(prompts, replies, where)]
-        return [self.task.reward(p, r) for p, r in zip(prompts, replies)]
+        except RewardFunctionError as e:
+            raise RewardFunctionError(f"{e} ({when})") from None
 
 
 @dataclass
@@ -324,11 +328,8 @@ class OnlineStage:
             rolls = rollout(self.model.gpt, self.tokenizer, [p for p, _ in prompts], n=cfg.samples_per_prompt,
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p, seed=cfg.seed * 7919 + key)
-        try:
-            asked = [prompts[r.prompt_index] for r in rolls]
-            scores = self.reward([p for p, _ in asked], [r.text for r in rolls], [w for _, w in asked])
-        except RewardFunctionError as e:
-            raise RewardFunctionError(f"{e} (step {step + 1})") from None
+        asked = [prompts[r.prompt_index] for r in rolls]
+        scores = self.reward([p for p, _ in asked], [r.text for r in rolls], [w for _, w in asked], f"step {step + 1}")
         idx, pos, targets, mask = pack_replies([r.prompt_ids for r in rolls], [r.reply_ids for r in rolls],
                                                self.tokenizer.pad_id)
         self.buffer = {"idx": idx, "pos": pos, "targets": targets, "mask": mask}
@@ -386,10 +387,8 @@ class OnlineStage:
             for i in range(0, len(prompts), self.cfg.score_batch_size):
                 chunk = prompts[i: i + self.cfg.score_batch_size]
                 rs = rollout(model.gpt, self.tokenizer, chunk, n=1, max_new_tokens=max_new, temperature=0.0)
-                try:
-                    scores += self.reward(chunk, [r.text for r in rs], where[i: i + len(chunk)])
-                except RewardFunctionError as e:
-                    raise RewardFunctionError(f"{e} (evaluation at step {self.trainer.step})") from None
+                scores += self.reward(chunk, [r.text for r in rs], where[i: i + len(chunk)],
+                                      f"evaluation at step {self.trainer.step}")
                 rolls += rs
         out = {"eval_mean_length": sum(len(r.reply_ids) for r in rolls) / len(rolls)}
         if self.task is not None:

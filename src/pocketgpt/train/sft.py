@@ -19,11 +19,14 @@ import torch
 from pydantic import Field
 
 from ..chat import IGNORE, FitStats, fit_to_context
+from ..checkpoint import load_model, local_dir
 from ..config import Config, StrList
 from ..errors import UserError
+from ..lora import apply as apply_lora
 from ..records import pad, read_conversations, split
-from .pretrain import bytes_per_token, mean_loss, val_metrics
-from .trainer import TrainConfig, world_info
+from ..tokenizer import SPECIAL_TOKENS, load_tokenizer_for
+from .pretrain import PretrainStage, bytes_per_token, mean_loss, val_metrics
+from .trainer import Trainer, TrainConfig, world_info
 
 
 class SFTConfig(Config):
@@ -49,9 +52,6 @@ SECTIONS = {"sft": SFTConfig, "train": TrainConfig}  # the config of `pocketgpt 
 def load_init(path: str | Path, device=None):
     """Model + tokenizer of ``--init``; adds the chat special tokens (and embedding rows) when the tokenizer lacks
     them. Returns ``(model, tokenizer, added_token_names)``."""
-    from ..checkpoint import load_model, local_dir
-    from ..tokenizer import SPECIAL_TOKENS, load_tokenizer_for
-
     path = local_dir(path)
     model = load_model(path, device=device)
     tokenizer = load_tokenizer_for(path)
@@ -99,41 +99,30 @@ class SFTStage:
 
     name = "sft"
 
-    def __init__(self, train_examples: list, val_examples: list, pad_id: int, batch_size: int, seed: int = 1337):
+    def __init__(self, train_examples: list, val_examples: list, pad_id: int, batch_size: int, seed: int = 1337,
+                 bytes_per_token: Optional[float] = None):
         if not train_examples:
             raise UserError("sft: no training examples (every conversation was skipped; see the counts above)")
-        self.train = train_examples
-        self.val = val_examples
-        self.pad_id = pad_id
-        self.batch_size = batch_size
-        self.seed = seed
-        self.grad_accum = 1
-        self.eval_batches: Optional[int] = None
-        self.bytes_per_token: Optional[float] = None  # of the held-out replies (run_sft sets it), for bits per byte
+        self.train, self.val, self.pad_id = train_examples, val_examples, pad_id
+        self.batch_size, self.seed = batch_size, seed
+        self.bytes_per_token = bytes_per_token  # of the held-out replies, for bits per byte
+        self.grad_accum, self.eval_batches = 1, None
 
     def setup(self, trainer) -> None:
         self.grad_accum = trainer.cfg.grad_accum
         self.eval_batches = trainer.cfg.eval_batches or None
 
-    def _batch_indices(self, k: int) -> list[int]:
-        """The k-th micro-batch of the whole run (0-based), across epochs."""
-        n = math.ceil(len(self.train) / self.batch_size)
-        epoch, pos = divmod(k, n)
-        return epoch_batches(len(self.train), self.batch_size, self.seed, epoch)[pos]
-
     def get_batch(self, step: int, micro: int):
         rank, world, _ = world_info()
         k = (step * self.grad_accum + micro) * world + rank  # = micro * W + r of one process with W x grad_accum
-        return collate([self.train[i] for i in self._batch_indices(k)], self.pad_id)
+        epoch, pos = divmod(k, math.ceil(len(self.train) / self.batch_size))
+        batch = epoch_batches(len(self.train), self.batch_size, self.seed, epoch)[pos]
+        return collate([self.train[i] for i in batch], self.pad_id)
 
     def tokens_in_batch(self, batch) -> int:
-        x, _ = batch
-        return int((x != self.pad_id).sum())
+        return int((batch[0] != self.pad_id).sum())
 
-    def loss(self, model, batch):
-        x, y = batch
-        _, loss = model(x, y)
-        return loss, {}
+    loss = PretrainStage.loss  # the model's own loss of (x, y) batches
 
     def evaluate(self, model) -> dict:
         if not self.val:
@@ -169,9 +158,6 @@ def context_size(model, block_size: int, section: str) -> int:
 def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_config: Optional[dict] = None,
             resume: Optional[bool] = None, log=None) -> dict:
     """Fine-tune ``init`` on ``sft.data`` with the Trainer; returns the Trainer's final metrics (+ data counts)."""
-    from ..lora import apply as apply_lora
-    from .trainer import Trainer
-
     log = log or _stderr_on_rank0
     model, tokenizer, added = load_init(init)
     if added:
@@ -195,8 +181,8 @@ def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_con
 
     ids = sorted(tokenizer.token_id(name) for name in added)  # appended: one run of ids
     apply_lora(model, train, log, range(ids[0], ids[-1] + 1) if ids else range(0))
-    stage = SFTStage(train_ex, val_ex, tokenizer.pad_id, train.batch_size, seed=train.seed)
-    stage.bytes_per_token = bytes_per_token(tokenizer, [t for _, labels in val_ex for t in labels if t != IGNORE])
+    stage = SFTStage(train_ex, val_ex, tokenizer.pad_id, train.batch_size, seed=train.seed,
+                     bytes_per_token=bytes_per_token(tokenizer, [t for _, lab in val_ex for t in lab if t != IGNORE]))
     cfg = {**(run_config or {}), "sft": {**sft.to_dict(), "init": str(init)}, "train": train.to_dict()}
     log(f"sft: {model.num_params() / 1e6:.2f}M parameters, context {block}, "
         f"{len(train_ex)} training / {len(val_ex)} held-out examples -> {out}")
