@@ -35,9 +35,9 @@ class GenerationResult:
     text: Optional[str] = None
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# logits filters: removed entries become -inf, as transformers' warpers; one value, or one per row ((R,) tensor: rows
-# of different requests share a step)
+# ---- logits filters ------------------------------------------------------------------------------------------------
+# Removed entries become -inf, as transformers' warpers; one value, or one per row ((R,) tensor: rows of different
+# requests share a step).
 
 
 def top_k_filter(logits: torch.Tensor, k) -> torch.Tensor:
@@ -67,8 +67,7 @@ def min_p_filter(logits: torch.Tensor, min_p) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# log-probs of given tokens
+# ---- log-probs of given tokens -------------------------------------------------------------------------------------
 
 
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -113,8 +112,8 @@ def token_logprobs(model, idx: torch.Tensor, pos: torch.Tensor, targets: torch.T
     return (*out, logits.argmax(-1)) if return_argmax else out
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# valid UTF-8 by construction: each token's bytes, and which tokens may follow each state of a partial character
+# ---- valid UTF-8 by construction ------------------------------------------------------------------------------------
+# Each token's bytes, and which tokens may follow each state of a partial character.
 
 # A state: (continuation bytes pending, allowed range of the next byte); the byte after E0, ED, F0 and F4 has a
 # narrower range than 80-BF (no overlong forms, no surrogates, nothing above U+10FFFF).
@@ -245,8 +244,7 @@ class _Row:
         self.reason = reason
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# the options of a generation call
+# ---- the options of a generation call ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -338,8 +336,7 @@ def _row_limit(model, prompt_len: int, max_new_tokens: int) -> int:
     return max_new_tokens
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# the decoding loop (greedy / sampling, batched, n per prompt, rows joining and leaving)
+# ---- the decoding loop (greedy / sampling, batched, n per prompt, rows joining and leaving) ------------------------
 
 
 class _Sampler:
@@ -603,8 +600,7 @@ class DecodeBatch:
         return logits
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# beam search (transformers' algorithm)
+# ---- beam search (transformers' algorithm) -------------------------------------------------------------------------
 
 
 def _ban_ngrams(scores: torch.Tensor, seqs: list[list[int]], size: int) -> torch.Tensor:
@@ -691,8 +687,7 @@ def _beam_search(model, prompt: list[int], p: SamplingParams, tokenizer) -> list
     return rows
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# public API
+# ---- public API ----------------------------------------------------------------------------------------------------
 
 
 def generate(model, prompts: Sequence[Sequence[int]], params: Optional[SamplingParams] = None, *, tokenizer=None,

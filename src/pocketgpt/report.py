@@ -46,33 +46,13 @@ def _ci(f: Optional[dict], digits: int = 3) -> str:
     return s
 
 
-def _last(rows, *keys):
-    for key in keys:
-        for r in reversed(rows):
-            if isinstance(r.get(key), (int, float)):
-                return float(r[key])
-    return None
+def _at(rows, key, i: int = -1):
+    """The first (``i=0``) or last number logged under ``key``, or None."""
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return vals[i] if vals else None
 
 
-def _step(rows):
-    s = _last(rows, "step")
-    return int(s) if s is not None else None
-
-
-def _first(rows, key):
-    for r in rows:
-        if isinstance(r.get(key), (int, float)):
-            return float(r[key])
-    return None
-
-
-def _mean_tok_s(rows) -> Optional[float]:
-    vals = [float(r["tok_per_s"]) for r in rows if isinstance(r.get("tok_per_s"), (int, float)) and r["tok_per_s"] > 0]
-    return sum(vals) / len(vals) if vals else None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# statistics of the report (95% intervals)
+# ---- statistics of the report (95% intervals) -----------------------------------------------------------------------
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> list[float]:
@@ -130,8 +110,7 @@ def longest_run(tokens: list) -> int:
     return best
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# figures
+# ---- figures --------------------------------------------------------------------------------------------------------
 
 
 def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
@@ -156,15 +135,16 @@ def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
     stage("tokenizer")["vocab_size"] = fig(meta.get("vocab_size"))
     stage("prepare")["train_tokens"] = fig((meta.get("counts") or {}).get("train"))
     d = stage("pretrain")
-    vl = _last(metrics["pretrain"], "val_loss")
+    vl = _at(metrics["pretrain"], "val_loss")
     d["val_loss"] = fig(vl)
     d["val_perplexity"] = fig(math.exp(vl) if vl is not None else None)
-    d["steps"] = fig(_step(metrics["pretrain"]))
-    d["tok_per_s"] = fig(_mean_tok_s(metrics["pretrain"]))
+    d["steps"] = fig(_at(metrics["pretrain"], "step"))
+    speeds = [r["tok_per_s"] for r in metrics["pretrain"] if r.get("tok_per_s", 0) > 0]
+    d["tok_per_s"] = fig(sum(speeds) / len(speeds) if speeds else None)
     d = stage("sft")
-    d["val_loss_first"] = fig(_first(metrics["sft"], "val_loss"))
-    d["val_loss_last"] = fig(_last(metrics["sft"], "val_loss"))
-    d["steps"] = fig(_step(metrics["sft"]))
+    d["val_loss_first"] = fig(_at(metrics["sft"], "val_loss", 0))
+    d["val_loss_last"] = fig(_at(metrics["sft"], "val_loss"))
+    d["steps"] = fig(_at(metrics["sft"], "step"))
 
     d = stage("pairs")
     for split, key in (("train", "pairs_train.stats.json"), ("heldout", "pairs_heldout.stats.json")):
@@ -187,18 +167,16 @@ def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
         d["kl_to_sft"] = mean_ci(r["kl"])
         d["reply_tokens"] = mean_ci([float(x) for x in r["lengths"]])
         if name != "sft" and "sft" in per:
-            a = [1.0 if c else 0.0 for c in r["correct"]]
-            b = [1.0 if c else 0.0 for c in per["sft"]["correct"]]
-            d["accuracy_gain_vs_sft"] = paired_diff(a, b)
+            d["accuracy_gain_vs_sft"] = paired_diff(r["correct"], per["sft"]["correct"])
             d["rm_score_gain_vs_sft"] = paired_diff(r["rm_scores"], per["sft"]["rm_scores"])
         if name in ("ppo", "dpo", "grpo"):
-            d["steps"] = fig(_step(metrics[name]))
+            d["steps"] = fig(_at(metrics[name], "step"))
     for name, key in (("rm", "rm_heldout"), ("rm_hh", "rm_hh_heldout")):
         if key in ev:
             d = stage(name)
             d["heldout_pairwise_accuracy"] = proportion(ev[key]["correct"])
             d["heldout_margin"] = mean_ci(ev[key]["margins"])
-            d["steps"] = fig(_step(metrics[name]))
+            d["steps"] = fig(_at(metrics[name], "step"))
     if ev.get("samples"):
         d = stage("eval")
         texts = [s["assistant"] for s in ev["samples"]]
@@ -224,8 +202,7 @@ def _degenerate(sample: dict) -> bool:
     return n >= 4 and sample.get("longest_run", 0) >= max(4, n // 2)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# verdicts in words
+# ---- verdicts in words ----------------------------------------------------------------------------------------------
 
 
 def verdicts(figs: dict) -> list[str]:
@@ -266,8 +243,7 @@ def verdicts(figs: dict) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# plots
+# ---- plots ----------------------------------------------------------------------------------------------------------
 
 
 def plot_overview(run: Path, metrics: dict[str, list[dict]]) -> list[str]:
@@ -326,8 +302,7 @@ def plot_overview(run: Path, metrics: dict[str, list[dict]]) -> list[str]:
     return written
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# the report
+# ---- the report -----------------------------------------------------------------------------------------------------
 
 
 def _quote(text: str) -> str:
@@ -421,7 +396,7 @@ def write_report(sr) -> Path:
         lines += [f"- {t}: not available locally ({why})" for t, why in st.get("unavailable", {}).items()]
     lines += ["", "## Every stage", "", "| stage | figure | value | wall s | peak MB |", "| --- | --- | --- | ---: | ---: |"]
     for stage, d in figs.items():
-        if stage == "speedrun":
+        if stage in ("speedrun", "standard_tasks"):  # their own sections list them
             continue
         w = _fmt((d.get("wall_s") or {}).get("value"), 1)
         pk = _fmt((d.get("peak_rss_mb") or {}).get("value"), 0)

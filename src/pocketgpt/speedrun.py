@@ -41,8 +41,7 @@ CHAT_PROMPTS = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# presets
+# ---- presets --------------------------------------------------------------------------------------------------------
 
 
 def load_preset(name: str) -> dict[str, dict[str, Any]]:
@@ -76,8 +75,7 @@ def _opts(table: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# running stages
+# ---- running stages -------------------------------------------------------------------------------------------------
 
 
 def run_child(args: list[str], log_path: Path) -> tuple[int, float, float]:
@@ -107,8 +105,7 @@ def run_child(args: list[str], log_path: Path) -> tuple[int, float, float]:
     return rc, time.time() - t0, peak
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# the pipeline
+# ---- the pipeline ---------------------------------------------------------------------------------------------------
 
 
 class Speedrun:
@@ -330,7 +327,7 @@ class Speedrun:
         return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak, 1),
                 "command": "\n".join("pocketgpt " + " ".join(shlex.quote(a) for a in args) for args in commands)}
 
-    # ---- evaluation ----------------------------------------------------------------------------------------------------
+    # ---- evaluation --------------------------------------------------------------------------------------------------
 
     def _eval(self) -> dict:
         """Every model against ground truth it did not optimise, side by side on the same held-out prompts:
@@ -461,7 +458,7 @@ class Speedrun:
                                 "tokens": len(ids), "longest_run": longest_run(ids)})
         return samples
 
-    # ---- report ----------------------------------------------------------------------------------------------------------
+    # ---- report ------------------------------------------------------------------------------------------------------
 
     def _report(self) -> dict:
         from .report import write_report
@@ -470,8 +467,7 @@ class Speedrun:
         return {"report": str(path), "json": str(self.p("report.json"))}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# CLI
+# ---- CLI ------------------------------------------------------------------------------------------------------------
 
 
 def standard_tasks(ckpts: dict[str, Path], tasks: list[str], include=None, limit=None) -> dict:

@@ -270,8 +270,7 @@ def get_task(name: str, options: str | dict | None = None, **more) -> Task:
     return cls(**opts)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# replies of a chat model to a task's prompts, checked; preference pairs collected the way RLHF collects them
+# ---- replies of a chat model to a task's prompts, checked; preference pairs collected the way RLHF collects them ----
 #
 #   pocketgpt pairs --ckpt runs/sft/ckpt --task largest --task_options k=3 --samples 4 --prompts 2000 \
 #       --out pairs_train.jsonl                     # pairs from training prompts (never a held-out one)

@@ -53,8 +53,7 @@ class Backend:
         self.stop_ids = sorted(tokenizer.special_ids.values())
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# jobs and the scheduler: one decode loop over every active request (continuous batching), a bounded queue
+# ---- jobs and the scheduler: one decode loop over every active request (continuous batching), a bounded queue ------
 
 
 class Job:
@@ -277,8 +276,7 @@ class Scheduler:
             fn(arg)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# the app
+# ---- the app -------------------------------------------------------------------------------------------------------
 
 
 def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurrency: int = 64,

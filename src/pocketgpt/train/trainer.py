@@ -107,8 +107,7 @@ class TrainingDiverged(UserError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# distributed helpers
+# ---- distributed helpers -------------------------------------------------------------------------------------------
 
 
 def world_info() -> tuple[int, int, int]:
@@ -146,8 +145,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# checkpoint pieces: model weights, optimizer, RNG
+# ---- checkpoint pieces: model weights, optimizer, RNG --------------------------------------------------------------
 
 
 def default_save_model(model: nn.Module, directory: Path) -> None:
