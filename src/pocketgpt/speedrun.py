@@ -1,17 +1,9 @@
 """``pocketgpt speedrun``: the whole pipeline on bundled data in one command, with a report card.
 
-    tokenizer (byte-level BPE on English + Chinese) → prepare → pretrain → SFT (the ``[task]``'s worked examples,
-    + dialogues if the preset lists them) → pairs (SFT samples checked by the task) → task reward model → PPO (on
-    that RM), DPO (on the pairs), GRPO (on the checker) → HH-RLHF reward model → evaluation → RUN/report.md
-
-Every stage is the same ``pocketgpt`` command a user would type, run as a child process with the options of the
-preset (``configs/speedrun-PRESET.toml``: one table per stage, each key an option of that stage's command). A child
-process per stage gives each stage its own progress bar, its own peak memory figure (``wait4``'s max RSS) and the
-stages' own resume logic: an interrupted speedrun, run again with the same ``--out``, skips the finished stages
-(``RUN/speedrun_state.json``) and the interrupted stage resumes from its last checkpoint.
-
-The chat model at the end is the DPO model (``RUN/dpo/ckpt``): DPO is the most stable of the three preference/RL
-methods at this size; PPO's and GRPO's models are kept beside it and compared in the report.
+Every stage is the ``pocketgpt`` command a user would type, run as a child process with the preset's options
+(``configs/speedrun-PRESET.toml``, one table per stage): its own progress bar, peak memory (``wait4``'s max RSS) and
+resume; a rerun with the same ``--out`` skips finished stages (``RUN/speedrun_state.json``). The chat model at the end
+is DPO's, the most stable of the three methods at this size.
 """
 
 from __future__ import annotations

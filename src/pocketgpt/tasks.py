@@ -1,18 +1,7 @@
-"""Built-in verifiable tasks for RL (GRPO / PPO with a checkable reward).
-
-A task makes prompts (chat messages) from a seed, keeps a fixed held-out evaluation set that never appears among the
-training prompts, scores a reply with an exact-answer reward, and can write SFT conversations in the same format so a
-model can first be taught the format briefly::
-
-    task = get_task("largest", "k=3,n_eval=400")    # or get_task("arithmetic", {"digits": 2, "ops": "+-"})
-    train = task.train_prompts(256, seed=0)        # list of chat prompts (each a list of messages)
-    held_out = task.eval_prompts(64)               # fixed, disjoint from every training prompt
-    task.reward(held_out[0], "82")                 # 1.0 if the first integer in the reply is the answer, else 0.0
-    task.write_sft_jsonl("task_sft.jsonl", 2000)   # {"messages": [user question, assistant answer]} per line
-
-Tasks: ``largest`` ("Which is the largest: 47, 82, 15?" → "82": selection and copying, which a small model learns
-fast; ``k`` numbers of ``digits`` digits) and ``arithmetic`` ("What is 37 + 58?" → "95"). On a command line a task is
-``--task NAME --task_options k=3,digits=2`` (every option of that task, ``name=value`` separated by commas).
+"""Built-in verifiable tasks for RL: prompts from a seed, a fixed held-out set disjoint from every training prompt,
+an exact-answer reward, and SFT conversations in the same format (``write_sft_jsonl``). ``largest`` ("Which is the
+largest: 47, 82, 15?" → "82") and ``arithmetic`` ("What is 37 + 58?" → "95"); on a command line
+``--task NAME --task_options k=3,digits=2``.
 """
 
 from __future__ import annotations
