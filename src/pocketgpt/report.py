@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import groupby
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from .io import atomic_write_text, write_json
+from .io import atomic_write_text, read_json, write_json
 from .train.plots import draw_losses, pyplot, read_metrics, save_figure, series
 
 POLICIES = ("sft", "ppo", "dpo", "grpo")
@@ -28,9 +29,7 @@ def _fmt(v, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     if isinstance(v, float):
-        if abs(v) >= 1000:
-            return f"{v:,.0f}"
-        return f"{v:.{digits}f}"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.{digits}f}"
     return str(v)
 
 
@@ -88,26 +87,19 @@ def paired_diff(a: list[float], b: list[float]) -> dict:
     return mean_ci([float(x) - float(y) for x, y in zip(a, b)])
 
 
-def distinct_n(texts: list[str], n: int = 2, tokenize: Callable[[str], list] | None = None) -> dict:
+def distinct_n(texts: list, n: int = 2) -> dict:
     """distinct-n: distinct n-grams / all n-grams over the replies (1.0 = no n-gram repeats; near 0 = loops)."""
     grams, total = set(), 0
     for t in texts:
-        toks = tokenize(t) if tokenize else list(t)
-        for i in range(len(toks) - n + 1):
-            grams.add(tuple(toks[i: i + n]))
+        for i in range(len(t) - n + 1):
+            grams.add(tuple(t[i: i + n]))
             total += 1
     return {"value": len(grams) / total if total else float("nan"), "n": total, "ci95": None}
 
 
 def longest_run(tokens: list) -> int:
     """The longest run of one token repeated back to back (a reply "degenerates" when this is most of it)."""
-    best = run = 0
-    prev = object()
-    for t in tokens:
-        run = run + 1 if t == prev else 1
-        prev = t
-        best = max(best, run)
-    return best
+    return max((len(list(g)) for _, g in groupby(tokens)), default=0)
 
 
 # ---- figures --------------------------------------------------------------------------------------------------------
@@ -115,8 +107,6 @@ def longest_run(tokens: list) -> int:
 
 def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
     """Every figure of the report, ``{stage: {metric: fig}}`` (what report.json holds)."""
-    from .io import read_json
-
     done = state.get("done", {})
     ev = done.get("eval", {})
     metrics = {s: read_metrics(run / s) for s in TRAINED}
@@ -134,33 +124,25 @@ def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
     meta = read_json(run / "data" / "meta.json") if (run / "data" / "meta.json").exists() else {}
     stage("tokenizer")["vocab_size"] = fig(meta.get("vocab_size"))
     stage("prepare")["train_tokens"] = fig((meta.get("counts") or {}).get("train"))
-    d = stage("pretrain")
     vl = _at(metrics["pretrain"], "val_loss")
-    d["val_loss"] = fig(vl)
-    d["val_perplexity"] = fig(math.exp(vl) if vl is not None else None)
-    d["steps"] = fig(_at(metrics["pretrain"], "step"))
     speeds = [r["tok_per_s"] for r in metrics["pretrain"] if r.get("tok_per_s", 0) > 0]
-    d["tok_per_s"] = fig(sum(speeds) / len(speeds) if speeds else None)
-    d = stage("sft")
-    d["val_loss_first"] = fig(_at(metrics["sft"], "val_loss", 0))
-    d["val_loss_last"] = fig(_at(metrics["sft"], "val_loss"))
-    d["steps"] = fig(_at(metrics["sft"], "step"))
+    stage("pretrain").update(val_loss=fig(vl), val_perplexity=fig(math.exp(vl) if vl is not None else None),
+                             steps=fig(_at(metrics["pretrain"], "step")),
+                             tok_per_s=fig(sum(speeds) / len(speeds) if speeds else None))
+    stage("sft").update(val_loss_first=fig(_at(metrics["sft"], "val_loss", 0)),
+                        val_loss_last=fig(_at(metrics["sft"], "val_loss")), steps=fig(_at(metrics["sft"], "step")))
 
     d = stage("pairs")
-    for split, key in (("train", "pairs_train.stats.json"), ("heldout", "pairs_heldout.stats.json")):
-        if (run / key).exists():
-            st = read_json(run / key)
-            d[f"{split}_prompts"] = fig(st["prompts"])
-            d[f"{split}_pairs"] = fig(st["pairs"])
-            d[f"{split}_prompts_with_pairs"] = fig(st["prompts_with_pairs"])
+    for split in ("train", "heldout"):
+        if (run / f"pairs_{split}.stats.json").exists():
+            st = read_json(run / f"pairs_{split}.stats.json")
+            for key in ("prompts", "pairs", "prompts_with_pairs"):
+                d[f"{split}_{key}"] = fig(st[key])
             k = round(st["sample_accuracy"] * st["replies"])
             d[f"{split}_sample_accuracy"] = proportion([True] * k + [False] * (st["replies"] - k))
 
     per = ev.get("per_model", {})
-    for name in POLICIES:
-        if name not in per:
-            continue
-        r = per[name]
+    for name, r in ((n, per[n]) for n in POLICIES if n in per):
         d = stage(name)
         d["heldout_accuracy"] = proportion(r["correct"])
         d["rm_score"] = mean_ci(r["rm_scores"])
@@ -169,7 +151,7 @@ def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
         if name != "sft" and "sft" in per:
             d["accuracy_gain_vs_sft"] = paired_diff(r["correct"], per["sft"]["correct"])
             d["rm_score_gain_vs_sft"] = paired_diff(r["rm_scores"], per["sft"]["rm_scores"])
-        if name in ("ppo", "dpo", "grpo"):
+        if name != "sft":
             d["steps"] = fig(_at(metrics[name], "step"))
     for name, key in (("rm", "rm_heldout"), ("rm_hh", "rm_hh_heldout")):
         if key in ev:
@@ -179,13 +161,11 @@ def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
             d["steps"] = fig(_at(metrics[name], "step"))
     if ev.get("samples"):
         d = stage("eval")
-        texts = [s["assistant"] for s in ev["samples"]]
-        d["sample_chats"] = fig(len(texts))
+        d["sample_chats"] = fig(len(ev["samples"]))
         # distinct-2 over the model's own tokens (words would not split Chinese); per model as well
-        d["distinct_2"] = distinct_n([s.get("token_ids", []) for s in ev["samples"]], 2, tokenize=list)
+        d["distinct_2"] = distinct_n([s.get("token_ids", []) for s in ev["samples"]])
         for m in dict.fromkeys(s["model"] for s in ev["samples"]):
-            d[f"distinct_2_{m}"] = distinct_n([s.get("token_ids", []) for s in ev["samples"] if s["model"] == m], 2,
-                                              tokenize=list)
+            d[f"distinct_2_{m}"] = distinct_n([s.get("token_ids", []) for s in ev["samples"] if s["model"] == m])
         d["degenerate_replies"] = proportion([_degenerate(s) for s in ev["samples"]])
         d["empty_replies"] = proportion([s["assistant"] == "" for s in ev["samples"]])
     if ev.get("standard_tasks", {}).get("results"):
@@ -209,25 +189,20 @@ def verdicts(figs: dict) -> list[str]:
     out = []
     rm = figs.get("rm", {}).get("heldout_pairwise_accuracy")
     if rm:
-        lo = rm["ci95"][0]
         ok = "meets" if rm["value"] >= RM_GOAL else "**misses**"
-        side = "above chance" if lo > 0.5 else "**not above chance**"
+        side = "above chance" if rm["ci95"][0] > 0.5 else "**not above chance**"
         out.append(f"- Task reward model: held-out pairwise accuracy {_ci(rm)} — {side}; {ok} the {RM_GOAL:.2f} goal.")
     for name in ("ppo", "dpo", "grpo"):
         g = figs.get(name, {}).get("accuracy_gain_vs_sft")
         if not g:
             continue
         lo, hi = g["ci95"]
+        head = ("beat SFT" if lo > 0 else "**made held-out accuracy worse than SFT**" if hi < 0 else
+                "**did not beat SFT** (the interval includes 0)")
         pts = f"{100 * g['value']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-        if lo > 0:
-            head = f"beat SFT: {pts}"
-        elif hi < 0:
-            head = f"**made held-out accuracy worse than SFT**: {pts}"
-        else:
-            head = f"**did not beat SFT** (the interval includes 0): {pts}"
         goal = "meets" if g["value"] >= GAIN_GOAL else "**misses**"
-        acc = figs[name]["heldout_accuracy"]
-        out.append(f"- {name.upper()} {head}; held-out accuracy {_ci(acc)}; {goal} the +{100 * GAIN_GOAL:.0f}-point goal.")
+        out.append(f"- {name.upper()} {head}: {pts}; held-out accuracy {_ci(figs[name]['heldout_accuracy'])}; {goal} "
+                   f"the +{100 * GAIN_GOAL:.0f}-point goal.")
     hh = figs.get("rm_hh", {}).get("heldout_pairwise_accuracy")
     if hh:
         lo, hi = hh["ci95"]
@@ -253,15 +228,19 @@ def plot_overview(run: Path, metrics: dict[str, list[dict]]) -> list[str]:
         return []
     written = []
     (run / "plots").mkdir(exist_ok=True)
+
+    def save(f, name: str, dpi: int = 80) -> None:
+        f.tight_layout()
+        save_figure(f, run / "plots" / name, dpi=dpi)
+        written.append(f"plots/{name}")
+
     if any(metrics.get(s) for s in TRAINED):
         fig_, axes = plt.subplots(2, 4, figsize=(16, 7))
         for ax, s in zip(axes.flat, TRAINED):
             draw_losses(ax, metrics.get(s, []))
             ax.set_title(s)
         axes.flat[-1].axis("off")
-        fig_.tight_layout()
-        save_figure(fig_, run / "plots" / "losses.png", dpi=80)
-        written.append("plots/losses.png")
+        save(fig_, "losses.png")
 
     wanted = (("ppo", ("objective/scores", "reward", "objective/kl", "kl")),
               ("grpo", ("reward", "eval_accuracy", "accuracy", "val_accuracy")),
@@ -275,9 +254,7 @@ def plot_overview(run: Path, metrics: dict[str, list[dict]]) -> list[str]:
             ax.plot(x, y, lw=1.2)
             ax.set_title(f"{s}: {k}", fontsize=9)
             ax.set_xlabel("step")
-        fig_.tight_layout()
-        save_figure(fig_, run / "plots" / "rewards.png", dpi=80)
-        written.append("plots/rewards.png")
+        save(fig_, "rewards.png")
 
     m = metrics.get("ppo", [])
     rx, ry = series(m, "eval_reward")
@@ -296,9 +273,7 @@ def plot_overview(run: Path, metrics: dict[str, list[dict]]) -> list[str]:
         else:
             a1.set_title("(this ppo logs no eval_accuracy: the checker's curve is missing)", fontsize=8)
         fig_.legend(loc="lower right", fontsize=7)
-        fig_.tight_layout()
-        save_figure(fig_, run / "plots" / "ppo_rm_vs_accuracy.png", dpi=90)
-        written.append("plots/ppo_rm_vs_accuracy.png")
+        save(fig_, "ppo_rm_vs_accuracy.png", dpi=90)
     return written
 
 
@@ -329,24 +304,19 @@ def write_report(sr) -> Path:
     run: Path = sr.out
     state = sr.state
     figs = collect(run, state)
-    metrics = {s: read_metrics(run / s) for s in TRAINED}
-    plots = plot_overview(run, metrics)
+    plots = plot_overview(run, {s: read_metrics(run / s) for s in TRAINED})
     write_json(run / "report.json", figs)
     ev = state.get("done", {}).get("eval", {})
     try:
         task_desc = f"{sr.task_name()} {json.dumps(sr.task_options())}"
     except Exception:  # noqa: BLE001 - a report of a run directory from another version
         task_desc = "n/a"
-
-    def g(stage, key):
-        return figs.get(stage, {}).get(key)
-
-    total = g("speedrun", "total_wall_s")["value"]
+    sp = figs["speedrun"]
     lines = [
         f"# pocketgpt speedrun report — preset `{sr.preset_name}`",
         "",
-        f"Total wall time: **{total / 60:.1f} min**; peak memory of any stage: "
-        f"**{_fmt(g('speedrun', 'peak_rss_mb')['value'], 0)} MB** (max RSS). Every stage runs on a step budget, so "
+        f"Total wall time: **{sp['total_wall_s']['value'] / 60:.1f} min**; peak memory of any stage: "
+        f"**{_fmt(sp['peak_rss_mb']['value'], 0)} MB** (max RSS). Every stage runs on a step budget, so "
         f"the figures do not depend on the machine's speed; only the wall times do. Every figure is also in "
         f"`report.json`; intervals are 95% (Wilson for proportions).",
         "",
@@ -396,22 +366,16 @@ def write_report(sr) -> Path:
         lines += [f"- {t}: not available locally ({why})" for t, why in st.get("unavailable", {}).items()]
     lines += ["", "## Every stage", "", "| stage | figure | value | wall s | peak MB |", "| --- | --- | --- | ---: | ---: |"]
     for stage, d in figs.items():
-        if stage in ("speedrun", "standard_tasks"):  # their own sections list them
-            continue
-        w = _fmt((d.get("wall_s") or {}).get("value"), 1)
-        pk = _fmt((d.get("peak_rss_mb") or {}).get("value"), 0)
-        for key, f in d.items():
-            if key in ("wall_s", "peak_rss_mb"):
-                continue
-            lines.append(f"| {stage} | {key} | {_ci(f)} | {w} | {pk} |")
+        if stage not in ("speedrun", "standard_tasks"):  # their own sections list them
+            w, pk = _fmt((d.get("wall_s") or {}).get("value"), 1), _fmt((d.get("peak_rss_mb") or {}).get("value"), 0)
+            lines += [f"| {stage} | {key} | {_ci(f)} | {w} | {pk} |" for key, f in d.items()
+                      if key not in ("wall_s", "peak_rss_mb")]
     lines += ["", "## Plots", ""]
     lines += [f"![{pl}]({pl})" for pl in plots]
     if "plots/ppo_rm_vs_accuracy.png" in plots:
         lines += ["", "`plots/ppo_rm_vs_accuracy.png`: if the reward-model score rises while the true accuracy does not, "
                       "PPO is hacking the reward model."]
-    for s in TRAINED:
-        if (run / s / "loss.png").exists():
-            lines.append(f"- {s}: [{s}/loss.png]({s}/loss.png)")
+    lines += [f"- {s}: [{s}/loss.png]({s}/loss.png)" for s in TRAINED if (run / s / "loss.png").exists()]
     per = ev.get("per_model", {})
     if per:
         lines += ["", "## Held-out task replies (greedy, first prompts)", ""]
@@ -422,16 +386,13 @@ def write_report(sr) -> Path:
                     lines.append(f"  - {name}: {_quote(per[name]['examples'][i]['reply'])}")
     if ev.get("samples"):
         lines += ["", "## Sample chats (sampled with `pocketgpt chat`'s defaults; replies exactly as written)", ""]
-        for smp in ev["samples"]:
-            lines.append(f"- **{smp['model']}** — user: {smp['user']}  \n  assistant: {_quote(smp['assistant'])}")
+        lines += [f"- **{smp['model']}** — user: {smp['user']}  \n  assistant: {_quote(smp['assistant'])}"
+                  for smp in ev["samples"]]
     lines += ["", "## Commands run", ""]
-    for name, info in state.get("done", {}).items():
-        for cmd in str(info.get("command", "")).splitlines():
-            if cmd:
-                lines.append(f"- `{cmd}`")
+    lines += [f"- `{cmd}`" for info in state.get("done", {}).values()
+              for cmd in str(info.get("command", "")).splitlines() if cmd]
     chat = str(sr.table("speedrun").get("chat_model", "dpo"))
     lines += ["", "## Next", "", f"- chat: `pocketgpt chat --ckpt {run / chat / 'ckpt'}`",
               f"- serve: `pocketgpt serve --ckpt {run / chat / 'ckpt'}`", ""]
-    path = run / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
+    atomic_write_text(run / "report.md", "\n".join(lines))
+    return run / "report.md"

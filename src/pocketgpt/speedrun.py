@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from .errors import UserError
 from .io import atomic_write_text, read_json, write_json
@@ -24,13 +24,8 @@ PRESETS = ("cpu-tiny", "cpu-small", "gpu-124m")
 STAGES = ("tokenizer", "prepare", "pretrain", "sft", "pairs", "rm", "ppo", "dpo", "grpo", "rm_hh", "eval", "report")
 
 # Sample prompts for the report's chats (English and Chinese)
-CHAT_PROMPTS = [
-    [{"role": "user", "content": "Hello! How are you today?"}],
-    [{"role": "user", "content": "What do you like to do on weekends?"}],
-    [{"role": "user", "content": "你好，你叫什么名字？"}],
-    [{"role": "user", "content": "你喜欢看什么电影？"}],
-    [{"role": "user", "content": "What is 23 + 45?"}],
-]
+CHAT_PROMPTS = ["Hello! How are you today?", "What do you like to do on weekends?", "你好，你叫什么名字？", "你喜欢看什么电影？",
+                "What is 23 + 45?"]
 
 
 # ---- presets --------------------------------------------------------------------------------------------------------
@@ -52,18 +47,11 @@ def load_preset(name: str) -> dict[str, dict[str, Any]]:
     return data
 
 
-def _opts(table: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+def _opts(table: dict[str, Any]) -> list[str]:
     """A TOML table as command-line options: ``{"n_layer": 2, "compile": false}`` → ``--n_layer 2 --compile false``."""
     out: list[str] = []
     for k, v in table.items():
-        if k in skip:
-            continue
-        if isinstance(v, list):
-            out += [f"--{k}", *map(str, v)]
-        elif isinstance(v, bool):
-            out += [f"--{k}", "true" if v else "false"]
-        else:
-            out += [f"--{k}", str(v)]
+        out += [f"--{k}", *map(str, v if isinstance(v, list) else [str(v).lower() if isinstance(v, bool) else v])]
     return out
 
 
@@ -74,13 +62,12 @@ def run_child(args: list[str], log_path: Path) -> tuple[int, float, float]:
     """Run ``python -m pocketgpt ARGS``; stdout/stderr go to the terminal and to ``log_path``.
 
     Returns (exit code, wall seconds, peak RSS in MB of that child alone)."""
-    cmd = [sys.executable, "-m", "pocketgpt", *args]
     t0 = time.time()
     with open(log_path, "ab") as log:
-        log.write(("$ pocketgpt " + " ".join(shlex.quote(a) for a in args) + "\n").encode())
+        log.write(f"$ pocketgpt {shlex.join(args)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert proc.stdout is not None
+        proc = subprocess.Popen([sys.executable, "-m", "pocketgpt", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
         for line in iter(proc.stdout.readline, b""):
             log.write(line)
             log.flush()
@@ -116,10 +103,8 @@ class Speedrun:
         if self.state_path.exists():
             st = read_json(self.state_path)
             if st.get("preset") != self.preset_name:
-                raise UserError(
-                    f"{self.state_path}: this run directory belongs to preset {st.get('preset')!r}, not "
-                    f"{self.preset_name!r}; use another --out (or the same --preset)"
-                )
+                raise UserError(f"{self.state_path}: this run directory belongs to preset {st.get('preset')!r}, not "
+                                f"{self.preset_name!r}; use another --out (or the same --preset)")
             self.state = st
 
     def save_state(self) -> None:
@@ -135,9 +120,7 @@ class Speedrun:
 
     def task_options(self) -> dict:
         """The ``[task]`` table without its name (``n_eval`` included: the report's held-out prompts)."""
-        t = self.table("task")
-        t.pop("name", None)
-        return t
+        return {k: v for k, v in self.table("task").items() if k != "name"}
 
     def task_name(self) -> str:
         return str(self.table("task").get("name", "arithmetic"))
@@ -158,30 +141,29 @@ class Speedrun:
     def _common(self) -> list[str]:
         return ["--device", self.device] if self.device != "auto" else []
 
+    def _train(self, stage: str, t: dict, cfg: str, *args: str, prog: str = "", init: str = "sft") -> list[str]:
+        """``pocketgpt PROG --init RUN/INIT/ckpt ARGS --config CFG --out RUN/STAGE`` + the rest of table ``t``."""
+        return [prog or stage, "--init", str(self.p(init, "ckpt")), *args, "--config", t.pop("config", cfg),
+                "--out", str(self.p(stage)), *_opts(t), *self._common()]
+
     def cmd_tokenizer(self) -> list[str]:
         t = self.table("tokenizer")
-        builtins = t.pop("builtin", ["shakespeare", "shuihu", "chat"])
-        args = ["tokenizer", "train", "--kind", str(t.pop("kind", "bpe")), "--vocab-size", str(t.pop("vocab_size", 4096)),
-                "--out", str(self.p("tokenizer"))]
-        for b in builtins:
-            args += ["--builtin", b]
+        builtins = [a for b in t.pop("builtin", ["shakespeare", "shuihu", "chat"]) for a in ("--builtin", b)]
+        args = ["tokenizer", "train", "--kind", str(t.pop("kind", "bpe")), "--vocab-size",
+                str(t.pop("vocab_size", 4096)), "--out", str(self.p("tokenizer")), *builtins]
         if t:
             raise UserError(f"{self.preset['_path']['path']}: [tokenizer] unknown key '{next(iter(t))}'")
         return args
 
     def cmd_prepare(self) -> list[str]:
         t = self.table("prepare")
-        builtins = t.pop("builtin", ["shakespeare", "shuihu"])
-        args = ["prepare", "--tokenizer", str(self.p("tokenizer")), "--out", str(self.p("data"))]
-        for b in builtins:
-            args += ["--builtin", b]
-        return args + _opts(t)
+        builtins = [a for b in t.pop("builtin", ["shakespeare", "shuihu"]) for a in ("--builtin", b)]
+        return ["prepare", "--tokenizer", str(self.p("tokenizer")), "--out", str(self.p("data")), *builtins, *_opts(t)]
 
     def cmd_pretrain(self) -> list[str]:
         t = self.table("pretrain")
-        cfg = t.pop("config", "shakespeare-char")
-        return ["pretrain", "--config", cfg, "--dir", str(self.p("data")), "--out", str(self.p("pretrain")),
-                *_opts(t), *self._common()]
+        return ["pretrain", "--config", t.pop("config", "shakespeare-char"), "--dir", str(self.p("data")),
+                "--out", str(self.p("pretrain")), *_opts(t), *self._common()]
 
     def write_task_sft(self) -> Path:
         """Worked examples of the task (training problems only) for SFT, mixed with the dialogues."""
@@ -193,11 +175,9 @@ class Speedrun:
 
     def cmd_sft(self) -> list[str]:
         t = self.table("sft")
-        cfg = t.pop("config", "sft-small")
         data = t.pop("data", ["chat_en", "chat_zh"])
         # the task's examples first: a max_conversations cap (cpu-tiny) keeps some of them
-        return ["sft", "--init", str(self.p("pretrain", "ckpt")), "--data", str(self.write_task_sft()), *data,
-                "--config", cfg, "--out", str(self.p("sft")), *_opts(t), *self._common()]
+        return self._train("sft", t, "sft-small", "--data", str(self.write_task_sft()), *data, init="pretrain")
 
     def cmds_pairs(self) -> list[list[str]]:
         """The SFT model answers task prompts (sampled), the checker labels the replies, pairs are formed: from
@@ -230,38 +210,25 @@ class Speedrun:
         return train_p, held_p
 
     def cmd_rm(self) -> list[str]:
-        t = self.table("rm")
-        cfg = t.pop("config", "rm-tiny")
-        return ["rm", "--init", str(self.p("sft", "ckpt")), "--data", str(self.p("pairs_train.jsonl")),
-                "--val-data", str(self.p("pairs_heldout.jsonl")), "--config", cfg, "--out", str(self.p("rm")),
-                *_opts(t), *self._common()]
+        return self._train("rm", self.table("rm"), "rm-tiny", "--data", str(self.p("pairs_train.jsonl")),
+                           "--val-data", str(self.p("pairs_heldout.jsonl")))
 
     def cmd_rm_hh(self) -> list[str]:
-        t = self.table("rm_hh")
-        cfg = t.pop("config", "rm-tiny")
         train_p, held_p = self.split_hh()
-        return ["rm", "--init", str(self.p("sft", "ckpt")), "--data", str(train_p), "--val-data", str(held_p),
-                "--config", cfg, "--out", str(self.p("rm_hh")), *_opts(t), *self._common()]
+        return self._train("rm_hh", self.table("rm_hh"), "rm-tiny", "--data", str(train_p), "--val-data", str(held_p),
+                           prog="rm")
 
     def cmd_ppo(self) -> list[str]:
         """PPO against the *trained* reward model (never the checker): prompts from the task's training problems;
         the checker only monitors held-out accuracy (``eval_accuracy`` beside ``eval_reward``)."""
-        t = self.table("ppo")
-        cfg = t.pop("config", "ppo-tiny")
-        return ["ppo", "--init", str(self.p("sft", "ckpt")), "--reward", str(self.p("rm", "ckpt")), *self.task_args(),
-                "--config", cfg, "--out", str(self.p("ppo")), *_opts(t), *self._common()]
+        return self._train("ppo", self.table("ppo"), "ppo-tiny", "--reward", str(self.p("rm", "ckpt")),
+                           *self.task_args())
 
     def cmd_dpo(self) -> list[str]:
-        t = self.table("dpo")
-        cfg = t.pop("config", "dpo-tiny")
-        return ["dpo", "--init", str(self.p("sft", "ckpt")), "--data", str(self.p("pairs_train.jsonl")),
-                "--config", cfg, "--out", str(self.p("dpo")), *_opts(t), *self._common()]
+        return self._train("dpo", self.table("dpo"), "dpo-tiny", "--data", str(self.p("pairs_train.jsonl")))
 
     def cmd_grpo(self) -> list[str]:
-        t = self.table("grpo")
-        cfg = t.pop("config", "grpo-arithmetic")
-        return ["grpo", "--init", str(self.p("sft", "ckpt")), *self.task_args(), "--config", cfg,
-                "--out", str(self.p("grpo")), *_opts(t), *self._common()]
+        return self._train("grpo", self.table("grpo"), "grpo-arithmetic", *self.task_args())
 
     # ---- driver ------------------------------------------------------------------------------------------------------
 
@@ -269,28 +236,16 @@ class Speedrun:
         self.out.mkdir(parents=True, exist_ok=True)
         self.load_state()
         t_all = time.time()
-        steps: list[tuple[str, Callable[[], Any]]] = [
-            ("tokenizer", lambda: self._child("tokenizer", self.cmd_tokenizer())),
-            ("prepare", lambda: self._child("prepare", self.cmd_prepare())),
-            ("pretrain", lambda: self._child("pretrain", self.cmd_pretrain())),
-            ("sft", lambda: self._child("sft", self.cmd_sft())),
-            ("pairs", lambda: self._children("pairs", self.cmds_pairs())),
-            ("rm", lambda: self._child("rm", self.cmd_rm())),
-            ("ppo", lambda: self._child("ppo", self.cmd_ppo())),
-            ("dpo", lambda: self._child("dpo", self.cmd_dpo())),
-            ("grpo", lambda: self._child("grpo", self.cmd_grpo())),
-            ("rm_hh", lambda: self._child("rm_hh", self.cmd_rm_hh())),
-            ("eval", self._eval),
-            ("report", self._report),
-        ]
-        assert [n for n, _ in steps] == list(STAGES)
-        for i, (name, fn) in enumerate(steps, 1):
+        for i, name in enumerate(STAGES, 1):
             if name in self.state["done"] and name != "report":
-                print(f"[{i}/{len(steps)}] {name}: done earlier, skipped", file=sys.stderr)
+                print(f"[{i}/{len(STAGES)}] {name}: done earlier, skipped", file=sys.stderr)
                 continue
-            print(f"\n[{i}/{len(steps)}] {name} ...", file=sys.stderr, flush=True)
+            print(f"\n[{i}/{len(STAGES)}] {name} ...", file=sys.stderr, flush=True)
             t0 = time.time()
-            info = fn() or {}
+            if name in ("eval", "report"):
+                info = getattr(self, f"_{name}")()
+            else:  # stage NAME runs the command(s) of cmd_NAME (cmds_pairs: two)
+                info = self._children(name, self.cmds_pairs() if name == "pairs" else [getattr(self, f"cmd_{name}")()])
             info.setdefault("wall_s", round(time.time() - t0, 1))
             self.state["done"][name] = info
             self.save_state()
@@ -301,23 +256,18 @@ class Speedrun:
         self.save_state()
         return self.p("report.md")
 
-    def _child(self, name: str, args: list[str]) -> dict:
-        return self._children(name, [args])
-
     def _children(self, name: str, commands: list[list[str]]) -> dict:
         wall, peak = 0.0, 0.0
         for args in commands:
             rc, w, pk = run_child(args, self.log_path)
             if rc != 0:
-                raise UserError(
-                    f"stage '{name}' failed (exit {rc}); its output is in {self.log_path}. Fix the cause and run the "
-                    f"same speedrun command again: finished stages are skipped and '{name}' resumes from its last "
-                    f"checkpoint"
-                )
+                raise UserError(f"stage '{name}' failed (exit {rc}); its output is in {self.log_path}. Fix the cause "
+                                f"and run the same speedrun command again: finished stages are skipped and '{name}' "
+                                f"resumes from its last checkpoint")
             wall += w
             peak = max(peak, pk)
         return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak, 1),
-                "command": "\n".join("pocketgpt " + " ".join(shlex.quote(a) for a in args) for args in commands)}
+                "command": "\n".join(f"pocketgpt {shlex.join(args)}" for args in commands)}
 
     # ---- evaluation --------------------------------------------------------------------------------------------------
 
@@ -342,8 +292,7 @@ class Speedrun:
         prompts = task.eval_prompts()
         max_new = int(ev.get("task_max_new_tokens", 8))
         rm = load_reward_model(self.p("rm", "ckpt"), device=device)
-        names = ("sft", "ppo", "dpo", "grpo")
-        models = {n: load_model(self.p(n, "ckpt"), device=device) for n in names}
+        models = {n: load_model(self.p(n, "ckpt"), device=device) for n in ("sft", "ppo", "dpo", "grpo")}
         out: dict[str, Any] = {"heldout_prompts": len(prompts), "per_model": {}}
 
         with torch.inference_mode():
@@ -352,24 +301,18 @@ class Speedrun:
                 texts = [t for t, _ in greedy]
                 correct = [task.reward(p, r) > 0 for p, r in zip(prompts, texts)]
                 scores = self._rm_scores(rm, tok, prompts, texts)
-                # KL(model || SFT) per prompt, estimated on one reply sampled from the model at temperature 1: the
-                # sum over the tokens it wrote of log pi(y_t) - log pi_sft(y_t) (TRL's objective/kl); 0 for SFT
-                if n == "sft":
-                    kl = [0.0] * len(prompts)
-                else:
-                    sampled = self._generate(m, tok, prompts, max_new, temperature=1.0, seed=seed + 7)
-                    kl = self._seq_kl(m, models["sft"], tok, prompts, [ids for _, ids in sampled])
-                lengths = [len(ids) for _, ids in greedy]
-                out["per_model"][n] = {"correct": correct, "rm_scores": scores, "kl": kl, "lengths": lengths,
+                kl = [0.0] * len(prompts) if n == "sft" else self._seq_kl(m, models["sft"], tok, prompts, max_new,
+                                                                          seed + 7)
+                out["per_model"][n] = {"correct": correct, "rm_scores": scores, "kl": kl,
+                                       "lengths": [len(ids) for _, ids in greedy],
                                        "examples": [{"user": p[-1]["content"], "reply": r} for p, r in
-                                                    list(zip(prompts, texts))[:4]]}
+                                                    zip(prompts[:4], texts)]}
 
         # the reward models: pairwise accuracy on pairs of held-out prompts (task) / held-out HH-RLHF pairs
         out["rm_heldout"] = self._pair_accuracy(rm, tok, self.p("pairs_heldout.jsonl"))
         del rm
-        rm_hh = load_reward_model(self.p("rm_hh", "ckpt"), device=device)
-        out["rm_hh_heldout"] = self._pair_accuracy(rm_hh, tok, self.split_hh()[1])
-        del rm_hh
+        out["rm_hh_heldout"] = self._pair_accuracy(load_reward_model(self.p("rm_hh", "ckpt"), device=device), tok,
+                                                   self.split_hh()[1])
 
         out["samples"] = self._sample_chats(models, tok, seed)
         if ev.get("standard_tasks"):
@@ -381,16 +324,15 @@ class Speedrun:
         return out
 
     @staticmethod
-    def _generate(model, tok, prompts, max_new: int, temperature: float, seed: int = 0, batch: int = 64
-                  ) -> list[tuple[str, list[int]]]:
+    def _generate(model, tok, prompts, max_new: int, temperature: float, seed: int = 0) -> list[tuple[str, list[int]]]:
         """(text, token ids as written: the closing ``<|end|>`` included when the model stopped) per prompt."""
         from .chat import render, stop_id
         from .engine import generate
 
         end = stop_id(tok)
         out = []
-        for b, i in enumerate(range(0, len(prompts), batch)):
-            ids = [render(p, tok, add_generation_prompt=True)[0] for p in prompts[i: i + batch]]
+        for b, i in enumerate(range(0, len(prompts), 64)):
+            ids = [render(p, tok, add_generation_prompt=True)[0] for p in prompts[i: i + 64]]
             res = generate(model, ids, max_new_tokens=max_new, temperature=temperature, stop_ids=[end],
                            seed=seed + b, return_logprobs=True)
             for r in res:
@@ -404,19 +346,18 @@ class Speedrun:
         rows = [render(p + [{"role": "assistant", "content": r}], tok)[0] for p, r in zip(prompts, replies)]
         return rm.score_ids(rows, tok.pad_id, batch_size=64)
 
-    def _seq_kl(self, model, ref, tok, prompts, replies: list[list[int]], batch: int = 64) -> list[float]:
+    def _seq_kl(self, model, ref, tok, prompts, max_new: int, seed: int) -> list[float]:
+        """KL(model || ref) per prompt, estimated on one reply sampled from the model at temperature 1: the sum over
+        the tokens it wrote of log pi(y_t) - log pi_ref(y_t) (TRL's objective/kl)."""
         from .chat import render
         from .engine import pack_replies, token_logprobs
 
+        replies = [ids for _, ids in self._generate(model, tok, prompts, max_new, temperature=1.0, seed=seed)]
         out: list[float] = []
-        for i in range(0, len(prompts), batch):
-            ps = [render(p, tok, add_generation_prompt=True)[0] for p in prompts[i: i + batch]]
-            rs = replies[i: i + batch]
-            dev = next(model.parameters()).device
-            packed = pack_replies(ps, rs, pad_id=tok.pad_id, device=dev)
-            lp, _, _ = token_logprobs(model, *packed)
-            lr, _, _ = token_logprobs(ref, *packed)
-            out += (lp - lr).sum(-1).tolist()
+        for i in range(0, len(prompts), 64):
+            ps = [render(p, tok, add_generation_prompt=True)[0] for p in prompts[i: i + 64]]
+            packed = pack_replies(ps, replies[i: i + 64], pad_id=tok.pad_id, device=next(model.parameters()).device)
+            out += (token_logprobs(model, *packed)[0] - token_logprobs(ref, *packed)[0]).sum(-1).tolist()
         return out
 
     def _pair_accuracy(self, rm, tok, path: Path) -> dict:
@@ -426,9 +367,8 @@ class Speedrun:
         block = rm.config.block_size
 
         def ids(prompt, reply):
-            msgs = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])
-            r = render(msgs + [{"role": "assistant", "content": reply}], tok)[0]
-            return r if len(r) <= block else r[len(r) - block:]
+            msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            return render(msgs + [{"role": "assistant", "content": reply}], tok)[0][-block:]  # keep the reply's end
 
         sc = rm.score_ids([ids(r["prompt"], r["chosen"]) for r in rows], tok.pad_id, batch_size=32)
         sr = rm.score_ids([ids(r["prompt"], r["rejected"]) for r in rows], tok.pad_id, batch_size=32)
@@ -444,9 +384,9 @@ class Speedrun:
         for n in ("sft", str(self.table("speedrun").get("chat_model", "dpo"))):
             for i, p in enumerate(CHAT_PROMPTS):
                 s = ChatSession(models[n], tok, max_new_tokens=int(ev.get("max_new_tokens", 48)), seed=seed + i)
-                reply = s.reply_text(p[-1]["content"])
+                reply = s.reply_text(p)
                 ids = [int(t) for t in tok.encode(reply)]
-                samples.append({"model": n, "user": p[-1]["content"], "assistant": reply, "token_ids": ids,
+                samples.append({"model": n, "user": p, "assistant": reply, "token_ids": ids,
                                 "tokens": len(ids), "longest_run": longest_run(ids)})
         return samples
 
@@ -455,8 +395,7 @@ class Speedrun:
     def _report(self) -> dict:
         from .report import write_report
 
-        path = write_report(self)
-        return {"report": str(path), "json": str(self.p("report.json"))}
+        return {"report": str(write_report(self)), "json": str(self.p("report.json"))}
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------------
@@ -491,17 +430,12 @@ def configure_cli(name, p):
 
 
 def _cli(args) -> int:
-    preset = args.preset
-    out = Path(args.out or f"runs/speedrun-{Path(preset).stem.removeprefix('speedrun-')}")
-    sr = Speedrun(preset, out, device=args.device)
-    report = sr.run(stop_after=args.stop_after)
+    out = Path(args.out or f"runs/speedrun-{Path(args.preset).stem.removeprefix('speedrun-')}")
+    report = Speedrun(args.preset, out, device=args.device).run(stop_after=args.stop_after)
     if args.stop_after and args.stop_after != "report":
         print(f"stopped after {args.stop_after}; run the same command again to continue", file=sys.stderr)
         return 0
     chat = out / "dpo" / "ckpt"
-    print(f"\nreport: {report}")
-    print("talk to the result:")
-    print(f"  pocketgpt chat --ckpt {chat}")
-    print("serve it (OpenAI-compatible API + web page on http://127.0.0.1:8000):")
-    print(f"  pocketgpt serve --ckpt {chat}")
+    print(f"\nreport: {report}\ntalk to the result:\n  pocketgpt chat --ckpt {chat}\n"
+          f"serve it (OpenAI-compatible API + web page on http://127.0.0.1:8000):\n  pocketgpt serve --ckpt {chat}")
     return 0
