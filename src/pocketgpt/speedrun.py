@@ -51,7 +51,8 @@ def _opts(table: dict[str, Any]) -> list[str]:
     """A TOML table as command-line options: ``{"n_layer": 2, "compile": false}`` → ``--n_layer 2 --compile false``."""
     out: list[str] = []
     for k, v in table.items():
-        out += [f"--{k}", *map(str, v if isinstance(v, list) else [str(v).lower() if isinstance(v, bool) else v])]
+        values = v if isinstance(v, list) else [str(v).lower() if isinstance(v, bool) else v]
+        out += [f"--{k}", *map(str, values)]
     return out
 
 
@@ -301,8 +302,8 @@ class Speedrun:
                 texts = [t for t, _ in greedy]
                 correct = [task.reward(p, r) > 0 for p, r in zip(prompts, texts)]
                 scores = self._rm_scores(rm, tok, prompts, texts)
-                kl = [0.0] * len(prompts) if n == "sft" else self._seq_kl(m, models["sft"], tok, prompts, max_new,
-                                                                          seed + 7)
+                sft_kl = [0.0] * len(prompts)
+                kl = sft_kl if n == "sft" else self._seq_kl(m, models["sft"], tok, prompts, max_new, seed + 7)
                 out["per_model"][n] = {"correct": correct, "rm_scores": scores, "kl": kl,
                                        "lengths": [len(ids) for _, ids in greedy],
                                        "examples": [{"user": p[-1]["content"], "reply": r} for p, r in
