@@ -144,8 +144,7 @@ class _TokenText:
         self.bytes = [bytes(tokenizer.decode_bytes([i])) if i < n_tok else b"" for i in range(V)]
         self.blocked = None
         index = {st: i for i, st in enumerate(_STATES)}
-        allowed = [[False] * V for _ in _STATES]
-        nxt = [[0] * V for _ in _STATES]
+        allowed, nxt = [[False] * V for _ in _STATES], [[0] * V for _ in _STATES]
         for t, b in enumerate(self.bytes[:n_tok]):
             for s, state in enumerate(_STATES):
                 after = _utf8_after(b, *state) if b or s == 0 else None  # an empty token cannot end a character
@@ -193,14 +192,12 @@ class _Row:
     def __init__(self, limit: int, with_text: bool):
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
-        self.done, self.reason = False, "length"
+        self.done, self.reason = limit <= 0, "length"  # a row that may produce nothing is done at once
         self.limit = limit  # how many new tokens this row may produce (max_new_tokens, the context)
         self.text = "" if with_text else None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if with_text else None
         self.byte_ends: list[int] = []  # cumulative byte length after each token (to cut at a stop string)
         self.scan_from = 0
-        if limit <= 0:
-            self.finish("length")
 
     def add(self, t: int, logprob: Optional[float], text: Optional[_TokenText], stops: tuple[str, ...]) -> None:
         """Append token ``t`` (and its text with a tokenizer); finish the row at a stop string or its limit."""

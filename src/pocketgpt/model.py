@@ -235,8 +235,6 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    # ---- sizes -----------------------------------------------------------------------------------------------------
-
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (shared tensors counted once). ``non_embedding`` drops the position table."""
         n = sum(p.numel() for p in self.parameters())
@@ -246,8 +244,6 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward): 6·params + attention (12·L·d·T), as in the PaLM paper."""
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
-
-    # ---- forward -----------------------------------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, kv_cache: Optional[KVCache] = None,
                 position_ids: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
