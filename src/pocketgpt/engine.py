@@ -437,9 +437,8 @@ class DecodeBatch:
     def __init__(self, model, tokenizer=None, want_logprobs: bool = False):
         self.model, self.want_logprobs = model, want_logprobs
         self.device = model.wte.weight.device
-        V = model.config.vocab_size
-        self.text = None if tokenizer is None else _TokenText.of(tokenizer, V, self.device)
-        self.sampler = _Sampler(V, self.device, _utf8_mask(self.text, 0))
+        self.text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, self.device)
+        self.sampler = _Sampler(model.config.vocab_size, self.device, _utf8_mask(self.text, 0))
         self.step_fn = fastdecode.step_fn(model)
         self.rows: list[_Row] = []
         self.cache = None  # KVCache (2, capacity rows, Hkv, capacity columns, D); rows [0, R) are live
