@@ -12,7 +12,7 @@ from conftest import run_cli, tiny_config
 from pocketgpt import GPT, UserError
 from pocketgpt.checkpoint import load_model, save_model
 from pocketgpt.engine import (GenerationResult, SamplingParams, generate, min_p_filter, pack_replies, score,
-                              sequence_logprobs, token_logprobs, top_k_filter, top_p_filter)
+                              token_logprobs, top_k_filter, top_p_filter)
 from pocketgpt.fastdecode import Decoder, RowsLinear
 
 
@@ -92,7 +92,7 @@ def test_cached_greedy_equals_recompute_and_batched_equals_alone(kw):
     assert generate(model, prompts, max_new_tokens=10, temperature=0, n=2) == [a[0] for a in alone for _ in (0, 1)]
 
 
-def test_logprobs_match_forward_and_sequence_logprobs():
+def test_logprobs_match_forward_and_score():
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
@@ -104,12 +104,12 @@ def test_logprobs_match_forward_and_sequence_logprobs():
             logp = torch.log_softmax(model(full)[0][0, :-1].float(), -1)
         direct = logp[len(p) - 1 :].gather(-1, torch.tensor(r.tokens)[:, None]).squeeze(-1)
         torch.testing.assert_close(torch.tensor(r.logprobs), direct, atol=1e-4, rtol=1e-4)
-    # sequence_logprobs: batched (padding-aware) == one at a time == score of the completions
+    # score of whole sequences (the first token as prompt): batched (padding-aware) == one at a time
     seqs = [p + r.tokens for p, r in zip(prompts, res)]
-    both = sequence_logprobs(model, seqs)
+    both = score(model, [s[:1] for s in seqs], [s[1:] for s in seqs])
     for s, lp in zip(seqs, both):
         assert len(lp) == len(s) - 1
-        torch.testing.assert_close(torch.tensor(lp), torch.tensor(sequence_logprobs(model, [s])[0]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(lp), torch.tensor(score(model, [s[:1]], [s[1:]])[0]), atol=1e-5, rtol=0)
     comp = score(model, prompts, [r.tokens for r in res])
     for c, r in zip(comp, res):
         torch.testing.assert_close(torch.tensor(c), torch.tensor(r.logprobs), atol=1e-4, rtol=1e-4)

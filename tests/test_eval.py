@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT
 from pocketgpt.cli import main
 from pocketgpt.checkpoint import save_model
-from pocketgpt.engine import score, sequence_logprobs
+from pocketgpt.engine import score
 from pocketgpt.model import GPT, GPTConfig
 from pocketgpt.tokenizer import Tokenizer
 
@@ -113,7 +113,7 @@ def test_eval_text_is_the_models_loss_on_a_text_in_one_window(setup, tmp_path):
 
     res = text_metrics(d / "ckpt", tmp_path / "t.txt")
     ids = tok.encode(text)
-    logp = sum(sequence_logprobs(model, [[tok.eos_id] + ids])[0])
+    logp = sum(score(model, [[tok.eos_id]], [ids])[0])
     assert res["loss"] == pytest.approx(-logp / len(ids), rel=1e-5)
     assert res["bits_per_byte"] == pytest.approx(-logp / math.log(2) / len(text.encode()), rel=1e-5)
 

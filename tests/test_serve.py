@@ -60,7 +60,7 @@ def never_stop(backend, delay: float = 0.0, only: list[int] | None = None):
             logits, loss = super().forward(*args, **kw)
             if delay:
                 time.sleep(delay)
-            if logits is not None and not kw.get("return_hidden"):
+            if logits is not None:
                 logits = logits.masked_fill(banned, float("-inf"))
             return logits, loss
 

@@ -70,20 +70,16 @@ def min_p_filter(logits: torch.Tensor, min_p) -> torch.Tensor:
 # ---- log-probs of given tokens -------------------------------------------------------------------------------------
 
 
-def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                         entropy: bool = False):
-    """log p(target) under softmax(logits / temperature), float32 (``entropy=True``: and the entropy per position).
-
-    The one formula behind every log-prob (sampling, PPO/GRPO ratios and KL, DPO); dividing by the sampling
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, entropy: bool = False):
+    """``(log p(target), entropy per position if entropy else None)`` under softmax(logits / temperature), float32:
+    the one formula behind every log-prob (sampling, PPO/GRPO ratios and KL, DPO); dividing by the sampling
     temperature (as TRL does) makes the ratios and KL those of the distribution the replies were sampled from."""
     logits = logits.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if entropy:
-        return logp, -(logp_all.exp() * logp_all).sum(-1)
-    return logp
+    return logp, (-(logp_all.exp() * logp_all).sum(-1) if entropy else None)
 
 
 def pack_replies(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]], pad_id: int = 0, device=None):
@@ -105,8 +101,7 @@ def token_logprobs(model, idx: torch.Tensor, pos: torch.Tensor, targets: torch.T
     ``pack_replies`` rows: one differentiable forward of ``model`` (a GPT or a DDP / compiled wrapper), the lm_head
     on the reply positions only. ``return_argmax``: and the most likely token at each position (B, T)."""
     logits, h = model(idx, at=pos)
-    out = logprobs_from_logits(logits, targets, temperature, entropy=entropy)
-    logp, ent = out if entropy else (out, None)
+    logp, ent = logprobs_from_logits(logits, targets, temperature, entropy=entropy)
     m = mask.to(logp.dtype)
     out = logp * m, (ent * m if entropy else None), (h if hidden else None)
     return (*out, logits.argmax(-1)) if return_argmax else out
@@ -149,8 +144,7 @@ class _TokenText:
         self.bytes = [bytes(tokenizer.decode_bytes([i])) if i < n_tok else b"" for i in range(V)]
         self.blocked = None
         index = {st: i for i, st in enumerate(_STATES)}
-        allowed = [[False] * V for _ in _STATES]
-        nxt = [[0] * V for _ in _STATES]
+        allowed, nxt = [[False] * V for _ in _STATES], [[0] * V for _ in _STATES]
         for t, b in enumerate(self.bytes[:n_tok]):
             for s, state in enumerate(_STATES):
                 after = _utf8_after(b, *state) if b or s == 0 else None  # an empty token cannot end a character
@@ -166,11 +160,8 @@ class _TokenText:
 
     @staticmethod
     def of(tokenizer, V: int, device) -> "_TokenText":
-        per = _TABLES.setdefault(tokenizer, {})
-        key = (V, tokenizer.vocab_size, str(device))
-        if key not in per:
-            per[key] = _TokenText(tokenizer, V, device)
-        return per[key]
+        per, key = _TABLES.setdefault(tokenizer, {}), (V, tokenizer.vocab_size, str(device))
+        return per[key] if key in per else per.setdefault(key, _TokenText(tokenizer, V, device))
 
 
 class _Utf8Mask:
@@ -201,15 +192,12 @@ class _Row:
     def __init__(self, limit: int, with_text: bool):
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
-        self.done = False
-        self.reason = "length"
+        self.done, self.reason = limit <= 0, "length"  # a row that may produce nothing is done at once
         self.limit = limit  # how many new tokens this row may produce (max_new_tokens, the context)
         self.text = "" if with_text else None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if with_text else None
         self.byte_ends: list[int] = []  # cumulative byte length after each token (to cut at a stop string)
         self.scan_from = 0
-        if limit <= 0:
-            self.finish("length")
 
     def add(self, t: int, logprob: Optional[float], text: Optional[_TokenText], stops: tuple[str, ...]) -> None:
         """Append token ``t`` (and its text with a tokenizer); finish the row at a stop string or its limit."""
@@ -240,8 +228,7 @@ class _Row:
 
     def finish(self, reason: str) -> None:
         # no final flush of the decoder: a character cut by the length limit is left out, never shown as U+FFFD
-        self.done = True
-        self.reason = reason
+        self.done, self.reason = True, reason
 
 
 # ---- the options of a generation call ------------------------------------------------------------------------------
@@ -331,9 +318,8 @@ def _checked_prompts(model, prompts, max_new_tokens: int) -> list[list[int]]:
 
 def _row_limit(model, prompt_len: int, max_new_tokens: int) -> int:
     """New tokens a row may produce: learned positions stop at the context (the last token needs no position)."""
-    if model.config.pos == "learned":
-        return min(max_new_tokens, model.config.block_size - prompt_len + 1)
-    return max_new_tokens
+    learned = model.config.pos == "learned"
+    return min(max_new_tokens, model.config.block_size - prompt_len + 1) if learned else max_new_tokens
 
 
 # ---- the decoding loop (greedy / sampling, batched, n per prompt, rows joining and leaving) ------------------------
@@ -365,12 +351,8 @@ class _Sampler:
         if p.presence_penalty or p.frequency_penalty or self.counts is not None:
             old = self.counts if self.counts is not None else torch.zeros(R0, V, device=dev)
             self.counts = torch.cat([old, torch.zeros(R, V, device=dev)])
-        if p.seed is not None and p.temperature > 0:
-            g = torch.Generator(device=dev)
-            g.manual_seed(int(p.seed))
-            self.draws += [(g, R, i) for i in range(R)]
-        else:
-            self.draws += [None] * R
+        g = torch.Generator(device=dev).manual_seed(int(p.seed)) if p.seed is not None and p.temperature > 0 else None
+        self.draws += [None if g is None else (g, R, i) for i in range(R)]
         if self.utf8 is not None:
             self.utf8.state = torch.cat([self.utf8.state, torch.zeros(R, dtype=torch.long, device=dev)])
         self._plan()
@@ -455,9 +437,8 @@ class DecodeBatch:
     def __init__(self, model, tokenizer=None, want_logprobs: bool = False):
         self.model, self.want_logprobs = model, want_logprobs
         self.device = model.wte.weight.device
-        V = model.config.vocab_size
-        self.text = None if tokenizer is None else _TokenText.of(tokenizer, V, self.device)
-        self.sampler = _Sampler(V, self.device, _utf8_mask(self.text, 0))
+        self.text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, self.device)
+        self.sampler = _Sampler(model.config.vocab_size, self.device, _utf8_mask(self.text, 0))
         self.step_fn = fastdecode.step_fn(model)
         self.rows: list[_Row] = []
         self.cache = None  # KVCache (2, capacity rows, Hkv, capacity columns, D); rows [0, R) are live
@@ -513,7 +494,7 @@ class DecodeBatch:
         logits = self.logits.float()
         tokens = self.sampler(logits)
         self.sampler.update(tokens)
-        lps = logprobs_from_logits(logits, tokens).tolist() if self.want_logprobs else None
+        lps = logprobs_from_logits(logits, tokens)[0].tolist() if self.want_logprobs else None
         for i, (r, p, t) in enumerate(zip(self.rows, self.sampler.params, tokens.tolist())):
             if t in p.stop_ids:
                 r.finish("stop")
@@ -620,54 +601,46 @@ def _ban_ngrams(scores: torch.Tensor, seqs: list[list[int]], size: int) -> torch
 def _beam_search(model, prompt: list[int], p: SamplingParams, tokenizer) -> list[_Row]:
     """The ``p.n`` best of ``p.num_beams`` beams as finished rows, step for step as transformers' (v5) beam search
     (a hypothesis scores ``sum_logprobs / generated_len ** length_penalty``); stop strings cut afterwards."""
-    device = model.wte.weight.device
+    device, k = model.wte.weight.device, p.num_beams
     text = None if tokenizer is None else _TokenText.of(tokenizer, model.config.vocab_size, device)
-    num_beams, length_penalty, early_stopping = p.num_beams, p.length_penalty, p.early_stopping
     limit = _row_limit(model, len(prompt), p.max_new_tokens)
     if limit <= 0:
         return [_Row(0, text is not None) for _ in range(p.n)]
     cache = model.new_kv_cache(1, max_len=len(prompt) + limit)
-    logits = model(torch.tensor([prompt], device=device), kv_cache=cache, last_only=True)[0][:, -1]
-    cache.repeat(num_beams)
-    logits = logits.expand(num_beams, -1)
-    beams: list[tuple[list[int], list[float]]] = [([], []) for _ in range(num_beams)]  # tokens, raw log-probs
-    beam_scores = torch.full((num_beams,), -1e9, device=device)
-    beam_scores[0] = 0.0  # only the first beam is live at the start (all beams are the same prompt)
-    finished: list[tuple[float, list[int], list[float], str]] = []  # (score, tokens, logprobs, reason), best first
-    step_fn = fastdecode.step_fn(model)
+    logits = model(torch.tensor([prompt], device=device), kv_cache=cache, last_only=True)[0][:, -1].expand(k, -1)
+    cache.repeat(k)
+    beams: list[list[tuple[int, float]]] = [[] for _ in range(k)]  # (token, raw log-prob) per new token
+    # only the first beam is live at the start (all beams are the same prompt)
+    beam_scores = torch.tensor([0.0] + [-1e9] * (k - 1), device=device)
+    finished: list[tuple[float, list[tuple[int, float]], str]] = []  # (score, hypothesis, reason), best first
+    step_fn, utf8 = fastdecode.step_fn(model), _utf8_mask(text, k)
     stop_ids = torch.tensor(p.stop_ids, dtype=torch.long, device=device)
-    utf8 = _utf8_mask(text, num_beams)
     for gen_len in range(1, limit + 1):
-        logp = F.log_softmax(logits.float(), dim=-1)  # (num_beams, V); the hypotheses keep these raw log-probs
+        logp = F.log_softmax(logits.float(), dim=-1)  # (k, V); the hypotheses keep these raw log-probs
         scores = logp if utf8 is None else utf8.mask(logp)  # as transformers' processors: on the log-probs
-        scores = _ban_ngrams(scores, [prompt + b[0] for b in beams], p.no_repeat_ngram_size)
-        top_scores, top_idx = torch.topk((scores + beam_scores[:, None]).view(-1), 2 * num_beams)
+        scores = _ban_ngrams(scores, [prompt + [t for t, _ in b] for b in beams], p.no_repeat_ngram_size)
+        top_scores, top_idx = torch.topk((scores + beam_scores[:, None]).view(-1), 2 * k)
         src_beam, tok = top_idx // logp.shape[-1], top_idx % logp.shape[-1]
         hits = torch.isin(tok, stop_ids) | (gen_len >= limit)
-        # finished hypotheses come from the first num_beams candidates only
-        norm = (top_scores / gen_len**length_penalty).tolist()
-        for j, s, t, hit in zip(range(num_beams), src_beam.tolist(), tok.tolist(), hits.tolist()):
-            if not hit:
-                continue
-            toks, lps = beams[s]
-            if t in p.stop_ids:
-                finished.append((norm[j], toks, lps, "stop"))
-            else:
-                finished.append((norm[j], toks + [t], lps + [logp[s, t].item()], "length"))
+        cands = list(zip(src_beam.tolist(), tok.tolist(), logp[src_beam, tok].tolist()))  # (beam, token, log-prob)
+        norm = (top_scores / gen_len**p.length_penalty).tolist()
+        # finished hypotheses come from the first k candidates only
+        for (s, t, lp), score_, hit in zip(cands[:k], norm, hits.tolist()):
+            if hit:
+                stop = t in p.stop_ids
+                finished.append((score_, beams[s] if stop else beams[s] + [(t, lp)], "stop" if stop else "length"))
         finished.sort(key=lambda e: -e[0])
-        del finished[num_beams:]
+        del finished[k:]
         if bool(hits.all()):
             break
         # the running beams: the best candidates that did not stop
         run_scores = top_scores - hits.float() * 1e9
-        keep = torch.topk(run_scores, num_beams).indices
-        sel_src, sel_tok = src_beam[keep], tok[keep]
-        beams = [(beams[s][0] + [t], beams[s][1] + [logp[s, t].item()])
-                 for s, t in zip(sel_src.tolist(), sel_tok.tolist())]
-        beam_scores = run_scores[keep]
-        if len(finished) == num_beams:  # done when no running beam can beat the worst finished one
-            best_len = limit if early_stopping == "never" and length_penalty > 0.0 else gen_len
-            if early_stopping is True or beam_scores[0].item() / best_len**length_penalty <= finished[-1][0]:
+        keep = torch.topk(run_scores, k).indices
+        beams = [beams[s] + [(t, lp)] for s, t, lp in (cands[i] for i in keep.tolist())]
+        sel_src, sel_tok, beam_scores = src_beam[keep], tok[keep], run_scores[keep]
+        if len(finished) == k:  # done when no running beam can beat the worst finished one
+            best_len = limit if p.early_stopping == "never" and p.length_penalty > 0.0 else gen_len
+            if p.early_stopping is True or beam_scores[0].item() / best_len**p.length_penalty <= finished[-1][0]:
                 break
         cache.reorder(sel_src)
         if utf8 is not None:
@@ -675,13 +648,13 @@ def _beam_search(model, prompt: list[int], p: SamplingParams, tokenizer) -> list
             utf8.update(sel_tok)
         logits = step_fn(sel_tok, cache)
     rows = []
-    for _, toks, lps, reason in finished[: p.n]:
-        row = _Row(len(toks) + 1, text is not None)
-        for t, lp in zip(toks, lps):
+    for _, hyp, reason in finished[: p.n]:
+        row = _Row(len(hyp) + 1, text is not None)
+        for t, lp in hyp:
             row.add(t, lp, text, p.stop)
             if row.done:
                 break
-        if not row.done:
+        else:  # no stop string cut it
             row.finish(reason)
         rows.append(row)
     return rows
@@ -710,11 +683,8 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Optional[SamplingP
     steps = _steps(model, prompts, p, tokenizer, return_logprobs)
     if stream:
         return _stream(steps, p.stop)
-    for rows in steps:  # to the last step
-        pass
-    if not return_logprobs:
-        return [r.tokens for r in rows]
-    return [GenerationResult(r.tokens, r.logprobs, r.reason, r.text) for r in rows]
+    *_, rows = steps  # to the last step
+    return [GenerationResult(r.tokens, r.logprobs, r.reason, r.text) if return_logprobs else r.tokens for r in rows]
 
 
 @contextmanager
@@ -756,11 +726,6 @@ def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of ``text`` that is the beginning of some stop string (to hold back)."""
     ends = (k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k]))
     return max(ends, default=0)
-
-
-def sequence_logprobs(model, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> list[list[float]]:
-    """log p(seq[t] | seq[:t]) for t = 1 .. len-1 of every sequence (the raw distribution: temperature 1)."""
-    return score(model, [list(s[:1]) for s in sequences], [list(s[1:]) for s in sequences], batch_size)
 
 
 def score(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],

@@ -43,8 +43,7 @@ class RowsLinear:
     __slots__ = ("weight", "bias", "blocks", "block_bias", "tail")
 
     def __init__(self, linear: nn.Linear, groups: int):
-        weight, bias = linear.weight, linear.bias
-        self.weight, self.bias = weight, bias
+        self.weight, self.bias = weight, bias = linear.weight, linear.bias
         self.blocks = self.block_bias = self.tail = None
         N, K = weight.shape
         if groups > 1 and N >= 32 * groups:
@@ -60,14 +59,9 @@ class RowsLinear:
         if self.blocks is None or R > self.MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         xe = x.expand(self.blocks.shape[0], R, x.shape[1])
-        if self.block_bias is None:
-            y = torch.bmm(xe, self.blocks)
-        else:
-            y = torch.baddbmm(self.block_bias, xe, self.blocks)
+        y = torch.bmm(xe, self.blocks) if self.block_bias is None else torch.baddbmm(self.block_bias, xe, self.blocks)
         y = y.view(R, -1) if R == 1 else y.transpose(0, 1).reshape(R, -1)
-        if self.tail is not None:
-            y = torch.cat((y, F.linear(x, *self.tail)), dim=1)
-        return y
+        return y if self.tail is None else torch.cat((y, F.linear(x, *self.tail)), dim=1)
 
 
 class Decoder:
@@ -78,10 +72,9 @@ class Decoder:
     def __init__(self, model: GPT, groups: Optional[int] = None):
         self.model = model
         self.c = c = model.config
-        g = groups
-        if g is None:  # fp32: one bmm over blocks lets every core stream its own; bf16/fp16 (oneDNN): F.linear
-            threads = torch.get_num_threads()
-            g = 2 * threads if model.wte.weight.dtype == torch.float32 and threads > 1 else 1
+        # default groups: fp32: one bmm over blocks lets every core stream its own; bf16/fp16 (oneDNN): F.linear
+        threads, fp32 = torch.get_num_threads(), model.wte.weight.dtype == torch.float32
+        g = (2 * threads if fp32 and threads > 1 else 1) if groups is None else groups
         self.rms, self.shape = c.norm == "rmsnorm", [c.n_embd]
 
         def norm(m):
@@ -104,17 +97,13 @@ class Decoder:
         x = torch.embedding(m.wte.weight, tokens)
         rope = None
         if c.pos == "learned":
-            if position_ids is None:
-                x = x + m.wpe.weight[p]
-            else:
-                x = x + F.embedding(position_ids[:, 0], m.wpe.weight)
+            x = x + (m.wpe.weight[p] if position_ids is None else F.embedding(position_ids[:, 0], m.wpe.weight))
         else:
             pos = position_ids if position_ids is not None else torch.full((R, 1), p, device=tokens.device)
             if c.pos == "sinusoidal":
                 x = x + sinusoidal_embedding(pos[:, 0], c.n_embd).to(x.dtype)
             else:
-                cos, sin = rope_cos_sin(pos, D, c.rope_theta)
-                rope = (cos[:, None], sin[:, None])  # (R, 1, 1, D)
+                rope = tuple(t[:, None] for t in rope_cos_sin(pos, D, c.rope_theta))  # (R, 1, 1, D)
         gqa, qd, kd = Hkv != H, H * D, Hkv * D
         gqa_kw = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
         for i, (n1, attn_in, attn_out, n2, mlp_in, mlp_out) in enumerate(self.layers):

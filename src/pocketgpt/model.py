@@ -70,13 +70,11 @@ class KVCache:
         shape = (2, batch_size, config.n_kv_head, max_len, config.head_dim)
         self._set([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)])
         self._spare: Optional[list[torch.Tensor]] = None
-        self.pos = 0
-        self.max_len = max_len
+        self.pos, self.max_len = 0, max_len
 
     def _set(self, kv: list[torch.Tensor]) -> None:
         self.kv = kv
-        self.k = [t[0] for t in kv]
-        self.v = [t[1] for t in kv]
+        self.k, self.v = [t[0] for t in kv], [t[1] for t in kv]
 
     @property
     def batch_size(self) -> int:
@@ -89,9 +87,8 @@ class KVCache:
             self._spare = [torch.empty_like(t) for t in self.kv]
         for src, dst in zip(self.kv, self._spare):
             torch.index_select(src[:, :, :, : self.pos], 1, index, out=dst[:, :, :, : self.pos])
-        old = self.kv
-        self._set(self._spare)
-        self._spare = old
+        old, self._spare = self._spare, self.kv
+        self._set(old)
 
     def repeat(self, n: int) -> None:
         """Every row becomes ``n`` consecutive copies of itself (beams sharing one prefill)."""
@@ -147,8 +144,7 @@ class CausalSelfAttention(nn.Module):
         sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(sizes, dim=2))
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         past = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
@@ -203,8 +199,7 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, kv_cache=None, layer=0, attn_mask=None):
         x = x + self.attn(self.ln_1(x), rope, kv_cache, layer, attn_mask)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------
@@ -218,9 +213,7 @@ class GPT(nn.Module):
         self.config = config
 
         def embedding(n: int) -> nn.Embedding:
-            if init_weights:
-                return nn.Embedding(n, config.n_embd)
-            return nn.Embedding(n, config.n_embd, _weight=torch.empty(n, config.n_embd))
+            return nn.Embedding(n, config.n_embd, _weight=None if init_weights else torch.empty(n, config.n_embd))
 
         self.wte = embedding(config.vocab_size)
         self.wpe = embedding(config.block_size) if config.pos == "learned" else None
@@ -235,41 +228,31 @@ class GPT(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "residual_scale", False):
-                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_scale", False) else 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    # ---- sizes -----------------------------------------------------------------------------------------------------
-
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (shared tensors counted once). ``non_embedding`` drops the position table."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.wpe is not None:
-            n -= self.wpe.weight.numel()
-        return n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Training FLOPs per token (forward + backward): 6·params + attention (12·L·d·T), as in the PaLM paper."""
         c = self.config
-        T = seq_len or c.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
-
-    # ---- forward -----------------------------------------------------------------------------------------------------
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, kv_cache: Optional[KVCache] = None,
                 position_ids: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
-                last_only: bool = False, return_hidden: bool = False, at: Optional[torch.Tensor] = None):
+                last_only: bool = False, at: Optional[torch.Tensor] = None):
         """``(logits, loss)`` of ``idx`` (B, T); ``targets`` (B, T) next-token ids, ``-100`` ignored (no targets: loss
         None). ``kv_cache``: past keys/values, the new ones appended; ``position_ids`` (B, T) and a boolean
         ``attn_mask`` (B, 1, T, past+T) for left-padded rows (default ``past + arange(T)``, causal); ``last_only``:
-        the last position's logits (decoding); ``return_hidden``: ``(final hidden states, None)`` (value and reward
-        heads); ``at`` (B, N): ``(logits, hidden)`` at those positions only (the lm_head on N rows; a DDP wrapper
-        computes it all inside its forward)."""
+        the last position's logits (decoding); ``at`` (B, N): ``(logits, final hidden states)`` at those positions
+        only (the lm_head on N rows, for value and reward heads; a DDP wrapper computes it all inside its forward)."""
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
         if position_ids is None:
@@ -296,15 +279,10 @@ class GPT(nn.Module):
         if at is not None:
             x = torch.gather(x, 1, at.unsqueeze(-1).expand(-1, -1, x.size(-1)))
             return self.lm_head(x), x
-        if return_hidden:
-            return x, None
-        if last_only:
-            x = x[:, -1:, :]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        logits = self.lm_head(x[:, -1:, :] if last_only else x)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
     def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
         w = self.wte.weight
