@@ -87,8 +87,8 @@ class KVCache:
             self._spare = [torch.empty_like(t) for t in self.kv]
         for src, dst in zip(self.kv, self._spare):
             torch.index_select(src[:, :, :, : self.pos], 1, index, out=dst[:, :, :, : self.pos])
-        old, self._spare = self._spare, self.kv
-        self._set(old)
+        filled, self._spare = self._spare, self.kv
+        self._set(filled)
 
     def repeat(self, n: int) -> None:
         """Every row becomes ``n`` consecutive copies of itself (beams sharing one prefill)."""
