@@ -140,7 +140,6 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``, or raise a 429 ``APIError`` if it would wait in a full queue."""
         with self.lock:
             rows = self.rows_used + sum(j.n for j in self.waiting) + job.n
             if self.closed or (rows > self.max_rows and len(self.waiting) >= self.max_queue):
@@ -159,7 +158,7 @@ class Scheduler:
             if job in self.waiting:
                 self.waiting.remove(job)
                 self._end(job, Cancelled(), out)
-        self._deliver(out)
+        _deliver(out)
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """``fn()`` run on the decode thread (the one that owns the model) before the next step."""
@@ -194,20 +193,18 @@ class Scheduler:
                 future.cancel()
             for job in [*self.active, *self.waiting]:
                 self._end(job, Cancelled(), out)
-        self.post(self._deliver, out)
+        self.post(_deliver, out)
 
     def step(self) -> None:
         """Calls, joins and departures, then one decode step; what it produced goes out in one ``post``."""
         out: list = []  # (callback, argument), run on the event loop in this order
         with self.lock:
             calls, self.calls = self.calls, []
-            admit = []
             while self.waiting and (self.rows_used == 0 or self.rows_used + self.waiting[0].n <= self.max_rows):
                 job = self.waiting.popleft()
                 job.admitted = True
                 self.rows_used += job.n
-                admit.append(job)
-            self.active += admit  # running from now on (their prefill comes next)
+                self.active.append(job)  # running from now on (its prefill comes next)
         for fn, future in calls:
             if future.set_running_or_notify_cancel():  # False: its request was cancelled
                 try:
@@ -215,7 +212,7 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 - the caller's error, answered to the caller
                     future.set_exception(e)
         try:
-            joining = [job for job in admit if not job.cancelled]
+            joining = [job for job in self.active if not job.rows and not job.cancelled]  # admitted just now
             if joining:  # one prefill forward for all the requests that arrived during the last step
                 prompts = [p for job in joining for p in job.prompts]
                 rows = iter(self.batch.add(prompts, [job.params for job in joining for _ in job.prompts]))
@@ -228,8 +225,7 @@ class Scheduler:
                     self._end(job, Cancelled(), out)
             rows = len(self.batch.rows)
             self.batch.step()
-            if rows:
-                self.metrics.step(time.perf_counter(), rows)
+            self.metrics.step(time.perf_counter(), rows)
             for job in self.active:
                 if not job.ended:
                     self._emit(job, out)
@@ -239,7 +235,7 @@ class Scheduler:
             self.batch = DecodeBatch(self.backend.model, self.backend.tokenizer)
         self.active = [job for job in self.active if not job.ended]
         if out:
-            self.post(self._deliver, out)
+            self.post(_deliver, out)
 
     def _emit(self, job: Job, out: list) -> None:
         """The job's new text (held back while it may be the start of a stop string), its answer once done."""
@@ -265,15 +261,9 @@ class Scheduler:
         if job.admitted:
             with self.lock:
                 self.rows_used -= job.n
-        outcome = "completed" if isinstance(result, list) else "cancelled" if isinstance(result, Cancelled) \
-            else "failed"
-        self.metrics.requests[outcome] += 1
+        kind = "completed" if isinstance(result, list) else "cancelled" if isinstance(result, Cancelled) else "failed"
+        self.metrics.requests[kind] += 1
         out.append((job.on_done, result))
-
-    @staticmethod
-    def _deliver(out: list) -> None:
-        for fn, arg in out:
-            fn(arg)
 
 
 # ---- the app -------------------------------------------------------------------------------------------------------
@@ -334,8 +324,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         if not body.messages:
             raise APIError(400, "'messages' is empty: send at least one message", param="messages",
                            code="empty_messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         prompt, _ = render(messages, backend.tokenizer, add_generation_prompt=True)
         max_tokens = _max_tokens(backend, len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -357,33 +346,27 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                        logprobs: Optional[int], echo: bool = False):
         """Both generation endpoints, streamed or whole; ``logprobs``: alternatives listed per token (None: none)."""
         sampling = {k: CHAT_DEFAULTS[k] if getattr(body, k) is None else getattr(body, k) for k in CHAT_DEFAULTS}
-        params = SamplingParams(**sampling, presence_penalty=body.presence_penalty, seed=body.seed, stop=body.stop,
-                                frequency_penalty=body.frequency_penalty, max_new_tokens=max_tokens, n=body.n,
-                                stop_ids=backend.stop_ids)
-        job = Job(prompts, params)
-        obj = "chat.completion" if chat else "text_completion"
+        as_given = body.model_dump(include={"presence_penalty", "frequency_penalty", "seed", "stop", "n"})
+        job = Job(prompts, SamplingParams(**sampling, **as_given, max_new_tokens=max_tokens, stop_ids=backend.stop_ids))
+        obj = ("chat.completion.chunk" if body.stream else "chat.completion") if chat else "text_completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": obj,
                 "created": int(time.time()), "model": backend.model_id, "system_fingerprint": None}
-        n_prompt = sum(map(len, prompts))
         echoed = [backend.tokenizer.decode(p, skip_special=True) if echo else "" for p in prompts]
         if body.stream:
-            head["object"] = obj + ".chunk" if chat else obj
             if body.stream_options and body.stream_options.include_usage:
                 head["usage"] = None
             firsts = [_delta(chat, i, None if chat else echoed[i // body.n]) for i in range(job.n) if chat or echo]
-            return stream(job, head, firsts, chat, n_prompt)
+            return stream(job, head, firsts, chat, prompts)
 
         outs = await answer(request, job)  # max_tokens 0 (scoring the prompt): rows that end at once
         choices = []
         for i, o in enumerate(outs):
-            content = {"message": {"role": "assistant", "content": o["text"]}} if chat else \
-                {"text": echoed[i // body.n] + o["text"]}
-            lp = None
-            if logprobs is not None:
-                fn = functools.partial(_logprobs, backend, prompts[i // body.n], o["tokens"], logprobs, chat, echo)
-                lp = await asyncio.wrap_future(sched.call(fn))
-            choices.append({"index": i, **content, "logprobs": lp, "finish_reason": o["finish_reason"]})
-        return {**head, "choices": choices, "usage": _usage(n_prompt, sum(len(o["tokens"]) for o in outs))}
+            p = i // body.n  # the prompt it continues
+            lp = None if logprobs is None else await asyncio.wrap_future(sched.call(
+                functools.partial(_logprobs, backend, prompts[p], o["tokens"], logprobs, chat, echo)))
+            msg = {"message": {"role": "assistant", "content": o["text"]}} if chat else {"text": echoed[p] + o["text"]}
+            choices.append({"index": i, **msg, "logprobs": lp, "finish_reason": o["finish_reason"]})
+        return {**head, "choices": choices, "usage": _usage(prompts, outs)}
 
     async def answer(request: Request, job: Job) -> list[dict]:
         """Queue ``job`` and wait for its answer; if the client goes away meanwhile, drop it."""
@@ -401,7 +384,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
             raise done.result()
         return done.result()
 
-    def stream(job: Job, head: dict, firsts: list[dict], chat: bool, n_prompt: int) -> StreamingResponse:
+    def stream(job: Job, head: dict, firsts: list[dict], chat: bool, prompts: list) -> StreamingResponse:
         """Server-sent events: ``firsts``, the text, each choice's finish, the usage if asked, ``data: [DONE]``."""
         text: dict[int, str] = {}  # per choice, not sent yet: pieces that piled up while sending go out as one
         ended: list = []
@@ -441,8 +424,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                 for i, res in enumerate(result):
                     yield sse({**head, "choices": [_delta(chat, i, "", res["finish_reason"])]})
                 if "usage" in head:
-                    n_completion = sum(len(res["tokens"]) for res in result)
-                    yield sse({**head, "choices": [], "usage": _usage(n_prompt, n_completion)})
+                    yield sse({**head, "choices": [], "usage": _usage(prompts, result)})
             yield b"data: [DONE]\n\n"
 
         return _SSEResponse(events(), on_close=lambda: sched.drop(job))
@@ -569,9 +551,9 @@ def _delta(chat: bool, i: int, text: Optional[str], finish: Optional[str] = None
     return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _usage(prompts: list[list[int]], outs: list[dict]) -> dict:
+    prompt, completion = sum(map(len, prompts)), sum(len(o["tokens"]) for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, chat: bool, echo: bool) -> dict:
@@ -604,6 +586,11 @@ def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, 
     return {"tokens": strs, "token_logprobs": lps[start:],
             "top_logprobs": [None if t is None else {token(i, True): v for i, v in t} for t in tops[start:]],
             "text_offset": list(itertools.accumulate(map(len, strs), initial=0))[:-1]}
+
+
+def _deliver(out: list) -> None:
+    for fn, arg in out:
+        fn(arg)
 
 
 def _trim_heap() -> None:
