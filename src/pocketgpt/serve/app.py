@@ -118,8 +118,7 @@ class Metrics:
 
 
 class Scheduler:
-    """The one decode loop, a thread that owns the model: between two ``DecodeBatch`` steps it runs queued calls,
-    prefills arrivals and drops rows whose client left (docs/internals.md, "Apps")."""
+    """The one decode loop, a thread that owns the model (``step``; docs/internals.md, "Apps")."""
 
     def __init__(self, backend: Backend, max_rows: int, max_queue: int):
         self.backend, self.max_rows, self.max_queue = backend, max_rows, max_queue
@@ -271,8 +270,7 @@ class Scheduler:
 
 def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurrency: int = 64,
                max_queue: int = 256) -> FastAPI:
-    """The FastAPI app serving ``backend``: up to ``max_concurrency`` sequences decode together in one continuous
-    batch; ``max_queue`` more requests may wait. ``api_key`` guards every ``/v1/*`` route."""
+    """``backend`` served: up to ``max_concurrency`` sequences decode in one batch, ``max_queue`` more requests wait."""
     sched = Scheduler(backend, max_concurrency, max_queue)
     created = int(time.time())
 
@@ -487,8 +485,7 @@ def _api_error(request: Optional[Request], e: Exception) -> APIError:
 
 
 def _validation_error(errors: list[dict]) -> APIError:
-    first = errors[0]
-    kind = first["type"]
+    first, kind = errors[0], errors[0]["type"]
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error") or first["msg"]
         return APIError(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
@@ -558,15 +555,14 @@ def _usage(prompts: list[list[int]], outs: list[dict]) -> dict:
 
 def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, chat: bool, echo: bool) -> dict:
     """One choice's ``logprobs`` in chat's or legacy completions' shape: the raw model's (temperature 1), whatever
-    sampling chose the tokens, from one forward (the alternatives need the whole distribution)."""
+    sampling chose the tokens, from one forward (the alternatives need the whole distribution), on the decode thread."""
     ids = prompt + tokens
     lps, tops = [None] * len(ids), [None] * len(ids)
     if len(ids) > 1:
-        with torch.inference_mode():
-            logits, _ = backend.model(torch.tensor([ids[:-1]], device=backend.device))
-            logp = torch.log_softmax(logits[0].float(), -1).clamp(min=-9999.0)  # JSON has no -inf
-            vals, idx = logp.topk(min(top, backend.vocab_size), -1)
-            lps[1:] = logp.gather(-1, torch.tensor(ids[1:], device=backend.device)[:, None])[:, 0].tolist()
+        logits, _ = backend.model(torch.tensor([ids[:-1]], device=backend.device))
+        logp = torch.log_softmax(logits[0].float(), -1).clamp(min=-9999.0)  # JSON has no -inf
+        vals, idx = logp.topk(min(top, backend.vocab_size), -1)
+        lps[1:] = logp.gather(-1, torch.tensor(ids[1:], device=backend.device)[:, None])[:, 0].tolist()
         tops[1:] = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
 
     def token(i: int, special_names: bool = False) -> str:
