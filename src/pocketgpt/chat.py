@@ -1,5 +1,4 @@
-"""The chat template (one function for training and inference) and a chat session (``pocketgpt chat``'s loop is
-in cli.py)."""
+"""The chat template (one function for training and inference) and a chat session (``pocketgpt chat``: cli.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ from .tokenizer import CHAT_TOKENS
 IGNORE = -100  # label of positions that carry no loss
 
 # Sampling defaults of `pocketgpt chat`, ChatSession, the server (for fields a request leaves out) and the speedrun
-# report. A mild repetition penalty: greedy and low-temperature replies of small models otherwise loop
-# ("And / And / And", "我我我"); 1 turns it off.
+# report. A mild repetition penalty: small models' greedy replies otherwise loop ("And / And", "我我我"); 1 is off.
 CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_penalty": 1.1}
 
 
@@ -23,12 +21,11 @@ CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_pen
 
 def specials(tokenizer) -> dict[str, int]:
     """The ids of the special tokens (one clear error where the tokenizer lacks one of the template's)."""
-    ids = tokenizer.special_ids
-    for name in CHAT_TOKENS:
-        if name not in ids:
-            raise UserError(f"tokenizer has no chat special token {name}; SFT adds them (pocketgpt sft --init CKPT) "
-                            "or train a tokenizer with pocketgpt tokenizer train")
-    return ids
+    missing = [name for name in CHAT_TOKENS if name not in tokenizer.special_ids]
+    if missing:
+        raise UserError(f"tokenizer has no chat special token {missing[0]}; SFT adds them (pocketgpt sft --init CKPT) "
+                        "or train a tokenizer with pocketgpt tokenizer train")
+    return tokenizer.special_ids
 
 
 def _pieces(messages: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -82,20 +79,14 @@ def _exchanges(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
     """The leading system message(s), and the exchanges (user ... assistant) after them; messages after the last
     reply carry no labels and are dropped."""
     i = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    groups, cur = [], []
-    for m in messages[i:]:
-        cur.append(m)
-        if m["role"] == "assistant":
-            groups.append(cur)
-            cur = []
-    return messages[:i], groups
+    ends = [j + 1 for j, m in enumerate(messages) if m["role"] == "assistant"]  # all at or after i
+    return messages[:i], [messages[a:b] for a, b in zip([i, *ends], ends)]
 
 
-def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str = "split",
-                   stats: Optional[FitStats] = None) -> list[tuple[list[int], list[int]]]:
+def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str = "split", *,
+                   stats: FitStats) -> list[tuple[list[int], list[int]]]:
     """Examples of at most ``max_tokens`` ids, split at turn boundaries (docs/internals.md); an exchange too long alone
     loses its reply's tail (skipped if not even its prompt fits); ``mode="truncate"`` keeps the first example only."""
-    stats = stats if stats is not None else FitStats()
     system, groups = _exchanges(messages)
     head = render(system, tokenizer)
     examples: list[tuple[list[int], list[int]]] = []
@@ -152,8 +143,7 @@ class ChatSession:
         self.messages = []
 
     def conversation(self) -> list[dict]:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.messages
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
     def prompt_ids(self) -> list[int]:
         """The prompt for the next reply: the oldest exchanges (never the system message) are dropped until it leaves
