@@ -38,9 +38,7 @@ class ChatMessage(_Body):
     name: Optional[StrictStr] = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
+        return "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
 
 
 class StreamOptions(_Body):
