@@ -1,5 +1,4 @@
-"""The OpenAI-compatible HTTP API (FastAPI) and the web chat page over one continuously batched decode loop.
-What each endpoint answers and its errors: README.md ("The HTTP API is OpenAI's"); the design: docs/internals.md."""
+"""The OpenAI-compatible HTTP API and web chat page over one batched decode loop (README.md, docs/internals.md)."""
 
 from __future__ import annotations
 
@@ -44,12 +43,9 @@ class Backend:
     """The served model + tokenizer. Every special token ends a reply and is never text."""
 
     def __init__(self, model, tokenizer, model_id: str):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.model_id = model_id
+        self.model, self.tokenizer, self.model_id = model.eval(), tokenizer, model_id
         self.device = next(model.parameters()).device
-        self.context = model.config.block_size
-        self.vocab_size = model.config.vocab_size
+        self.context, self.vocab_size = model.config.block_size, model.config.vocab_size
         self.stop_ids = sorted(tokenizer.special_ids.values())
 
 
@@ -65,8 +61,7 @@ class Job:
         self.on_text: Optional[Callable[[list], None]] = None
         self.on_done: Callable[[Any], None] = lambda result: None
         self.cancelled = self.admitted = self.ended = self.started = False
-        self.rows: list = []
-        self.emitted = [0] * self.n
+        self.rows, self.emitted = [], [0] * self.n
         self.submitted = time.perf_counter()
 
 
@@ -79,8 +74,7 @@ class Metrics:
     def __init__(self):
         self.tokens = 0
         self.recent: collections.deque = collections.deque()  # (time, tokens) of each step in the window
-        self.ttft = [0] * len(self.TTFT_BUCKETS)
-        self.ttft_sum = 0.0
+        self.ttft, self.ttft_sum = [0] * len(self.TTFT_BUCKETS), 0.0
         self.requests = collections.Counter()  # by outcome
 
     def step(self, now: float, tokens: int) -> None:
@@ -93,7 +87,8 @@ class Metrics:
         self.ttft[bisect.bisect_left(self.TTFT_BUCKETS, seconds)] += 1
         self.ttft_sum += seconds
 
-    def render(self, queued: int, requests: int, sequences: int) -> str:
+    def render(self, sched: Scheduler) -> str:
+        queued, requests, sequences = len(sched.waiting), len(sched.active), len(sched.batch.rows)
         now = time.perf_counter()
         rate = sum(n for t, n in list(self.recent) if t >= now - self.WINDOW) / self.WINDOW
         cumulative = list(itertools.accumulate(self.ttft))
@@ -272,7 +267,8 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                max_queue: int = 256) -> FastAPI:
     """``backend`` served: up to ``max_concurrency`` sequences decode in one batch, ``max_queue`` more requests wait."""
     sched = Scheduler(backend, max_concurrency, max_queue)
-    created = int(time.time())
+    card = {"id": backend.model_id, "object": "model", "created": int(time.time()), "owned_by": "pocketgpt",
+            "context_length": backend.context}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -304,17 +300,16 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
 
     @app.get("/metrics")
     async def metrics():
-        text = sched.metrics.render(len(sched.waiting), len(sched.active), len(sched.batch.rows))
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(sched.metrics.render(sched), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [_model_card(backend, created)]}
+        return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         _check_model(backend, model_id)
-        return _model_card(backend, created)
+        return card
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -507,11 +502,6 @@ def _check_model(backend: Backend, name: Optional[str]) -> None:
                        param="model", code="model_not_found")
 
 
-def _model_card(backend: Backend, created: int) -> dict:
-    return {"id": backend.model_id, "object": "model", "created": created, "owned_by": "pocketgpt",
-            "context_length": backend.context}
-
-
 def _max_tokens(backend: Backend, prompt_len: int, requested: Optional[int], prompt_param: str) -> int:
     room = backend.context - prompt_len
     if room < 0 or (room == 0 and requested != 0):
@@ -567,9 +557,8 @@ def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, 
 
     def token(i: int, special_names: bool = False) -> str:
         """Special tokens are empty (named among the alternatives); a partial character is escaped, never U+FFFD."""
-        if not special_names and i in backend.stop_ids:
-            return ""
-        return backend.tokenizer.decode_bytes([i]).decode("utf-8", errors="backslashreplace")
+        named = special_names or i not in backend.stop_ids
+        return backend.tokenizer.decode_bytes([i]).decode("utf-8", errors="backslashreplace") if named else ""
 
     start = 0 if echo else len(prompt)
     if chat:
