@@ -52,8 +52,7 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False)
     return _concat(pieces)
 
 
-def stop_id(tokenizer) -> int:
-    """The id that ends an assistant reply (``<|end|>``)."""
+def stop_id(tokenizer) -> int:  # the id that ends an assistant reply
     return specials(tokenizer)["<|end|>"]
 
 
@@ -90,8 +89,7 @@ def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str =
     system, groups = _exchanges(messages)
     head = render(system, tokenizer)
     examples: list[tuple[list[int], list[int]]] = []
-    (ids, labels), n = head, 0  # n: exchanges in the current example
-    lost = False  # some content of this conversation is in no example
+    (ids, labels), n, lost = head, 0, False  # n: exchanges in the current example; lost: content left out of all
     for g_ids, g_labels in (_concat(_pieces(g, tokenizer)) for g in groups):
         if n and len(ids) + len(g_ids) > max_tokens:  # close the example; the next restarts with the system prompt
             examples.append((ids, labels))
@@ -151,10 +149,8 @@ class ChatSession:
         block = self.model.config.block_size
         reserve = max(1, min(self.max_new_tokens, block // 2))
         dropped = 0
-        while True:
-            ids, _ = render(self.conversation(), self.tokenizer, add_generation_prompt=True)
-            if len(ids) + reserve <= block or len(self.messages) <= 1:
-                break
+        while len(ids := render(self.conversation(), self.tokenizer, add_generation_prompt=True)[0]) + reserve > block \
+                and len(self.messages) > 1:
             # drop the oldest user message and everything up to the next user message
             nxt = next((i for i, m in enumerate(self.messages[1:], 1) if m["role"] == "user"), len(self.messages) - 1)
             del self.messages[:nxt]

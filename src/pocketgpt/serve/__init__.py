@@ -1,5 +1,4 @@
-"""``pocketgpt serve``: an OpenAI-compatible HTTP API and a web chat page for one checkpoint (the app itself is
-``pocketgpt.serve.app.create_app``)."""
+"""``pocketgpt serve``: an OpenAI-compatible HTTP API and web chat page for one checkpoint (``app.create_app``)."""
 
 from __future__ import annotations
 

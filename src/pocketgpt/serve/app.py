@@ -58,8 +58,7 @@ class Job:
 
     def __init__(self, prompts: list[list[int]], params: SamplingParams):
         self.prompts, self.params, self.n = prompts, params, len(prompts) * params.n
-        self.on_text: Optional[Callable[[list], None]] = None
-        self.on_done: Callable[[Any], None] = lambda result: None
+        self.on_text, self.on_done = None, lambda result: None
         self.cancelled = self.admitted = self.ended = self.started = False
         self.rows, self.emitted = [], [0] * self.n
         self.submitted = time.perf_counter()
@@ -72,10 +71,9 @@ class Metrics:
     WINDOW = 10.0  # seconds the tokens/s gauge averages over
 
     def __init__(self):
-        self.tokens = 0
+        self.tokens, self.requests = 0, collections.Counter()  # requests by outcome
         self.recent: collections.deque = collections.deque()  # (time, tokens) of each step in the window
         self.ttft, self.ttft_sum = [0] * len(self.TTFT_BUCKETS), 0.0
-        self.requests = collections.Counter()  # by outcome
 
     def step(self, now: float, tokens: int) -> None:
         self.tokens += tokens
@@ -123,8 +121,7 @@ class Scheduler:
         self.calls: list = []  # (fn, future), guarded by lock
         self.rows_used = 0  # rows of admitted jobs, guarded by lock
         self.active: list[Job] = []  # the decode thread's
-        self.closed = False
-        self.thread: Optional[threading.Thread] = None
+        self.closed, self.thread = False, None
         self.post: Callable = lambda fn, *args: fn(*args)
         self.metrics = Metrics()
 
@@ -220,9 +217,8 @@ class Scheduler:
             rows = len(self.batch.rows)
             self.batch.step()
             self.metrics.step(time.perf_counter(), rows)
-            for job in self.active:
-                if not job.ended:
-                    self._emit(job, out)
+            for job in (j for j in self.active if not j.ended):
+                self._emit(job, out)
         except Exception as e:  # a failed step fails the requests in it, not the server
             for job in self.active:
                 self._end(job, e, out)
@@ -383,16 +379,13 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         ended: list = []
         wake = asyncio.Event()
 
-        def on_text(pieces: list) -> None:
+        def arrive(pieces: list, *result: Any) -> None:  # new text, or (no text and) the job's result
             for i, piece in pieces:
                 text[i] = text.get(i, "") + piece
+            ended.extend(result)
             wake.set()
 
-        def on_done(result: Any) -> None:
-            ended.append(result)
-            wake.set()
-
-        job.on_text, job.on_done = on_text, on_done
+        job.on_text, job.on_done = arrive, lambda result: arrive([], result)
         sched.submit(job)  # 429 now, before the response starts, if the queue is full
 
         def sse(obj: dict) -> bytes:

@@ -16,11 +16,10 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
+        self.status, self.type, self.param, self.code, self.headers = status, type, param, code, headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
 
 
 class _Body(BaseModel):
