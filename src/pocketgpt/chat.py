@@ -75,8 +75,7 @@ class FitStats:
 
 
 def _exchanges(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
-    """The leading system message(s), and the exchanges (user ... assistant) after them; messages after the last
-    reply carry no labels and are dropped."""
+    """The leading system messages, then each exchange (user ... assistant); what follows the last reply is dropped."""
     i = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
     ends = [j + 1 for j, m in enumerate(messages) if m["role"] == "assistant"]  # all at or after i
     return messages[:i], [messages[a:b] for a, b in zip([i, *ends], ends)]
@@ -169,8 +168,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         ids = self.prompt_ids()
         params = SamplingParams(max_new_tokens=min(self.max_new_tokens, self.model.config.block_size - len(ids)),
-                                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                repetition_penalty=self.repetition_penalty, stop_ids=stop_id(self.tokenizer),
+                                **{k: getattr(self, k) for k in CHAT_DEFAULTS}, stop_ids=stop_id(self.tokenizer),
                                 seed=None if self.seed is None else self.seed + self._turn)
         self._turn += 1
         parts: list[str] = []

@@ -86,7 +86,6 @@ class Metrics:
         self.ttft_sum += seconds
 
     def render(self, sched: Scheduler) -> str:
-        queued, requests, sequences = len(sched.waiting), len(sched.active), len(sched.batch.rows)
         now = time.perf_counter()
         rate = sum(n for t, n in list(self.recent) if t >= now - self.WINDOW) / self.WINDOW
         cumulative = list(itertools.accumulate(self.ttft))
@@ -94,9 +93,9 @@ class Metrics:
                    for b, c in zip(self.TTFT_BUCKETS, cumulative)]
         lines = []
         for name, kind, help_, samples in [
-            ("queue_depth", "gauge", "Requests waiting to join the running batch.", [("", queued)]),
-            ("active_requests", "gauge", "Requests in the running batch.", [("", requests)]),
-            ("active_sequences", "gauge", "Sequences (rows) in the running batch.", [("", sequences)]),
+            ("queue_depth", "gauge", "Requests waiting to join the running batch.", [("", len(sched.waiting))]),
+            ("active_requests", "gauge", "Requests in the running batch.", [("", len(sched.active))]),
+            ("active_sequences", "gauge", "Sequences (rows) in the running batch.", [("", len(sched.batch.rows))]),
             ("generated_tokens_total", "counter", "Tokens generated.", [("", self.tokens)]),
             ("tokens_per_second", "gauge", f"Tokens generated per second over the last {self.WINDOW:g} s.",
              [("", rate)]),
@@ -465,8 +464,7 @@ def _api_error(request: Optional[Request], e: Exception) -> APIError:
     if isinstance(e, HTTPException) and e.status_code == 404:
         return APIError(404, f"unknown route {request.method} {request.url.path}", code="not_found")
     if isinstance(e, HTTPException) and e.status_code == 405:
-        return APIError(405, f"method {request.method} is not allowed on {request.url.path}",
-                        code="method_not_allowed")
+        return APIError(405, f"method {request.method} is not allowed on {request.url.path}", code="method_not_allowed")
     if isinstance(e, HTTPException):
         return APIError(e.status_code, str(e.detail))
     return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")

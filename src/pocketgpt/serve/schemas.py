@@ -1,5 +1,4 @@
-"""Request bodies of the OpenAI-compatible API and its error object. Types are strict (``"n": 1.5`` is a 400, never
-coerced); unknown fields are ignored, as OpenAI clients send extras (``user``, ``logit_bias``...)."""
+"""The API's request bodies and error: strict types (``"n": 1.5`` is a 400); unknown (extra) fields are ignored."""
 
 from __future__ import annotations
 
