@@ -1,5 +1,4 @@
-"""The chat template (one function for training and inference) and a chat session (``pocketgpt chat``'s loop is
-in cli.py)."""
+"""The chat template (one function for training and inference) and a chat session (``pocketgpt chat``: cli.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ from .tokenizer import CHAT_TOKENS
 IGNORE = -100  # label of positions that carry no loss
 
 # Sampling defaults of `pocketgpt chat`, ChatSession, the server (for fields a request leaves out) and the speedrun
-# report. A mild repetition penalty: greedy and low-temperature replies of small models otherwise loop
-# ("And / And / And", "我我我"); 1 turns it off.
+# report. A mild repetition penalty: small models' greedy replies otherwise loop ("And / And", "我我我"); 1 is off.
 CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_penalty": 1.1}
 
 
@@ -23,12 +21,11 @@ CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_pen
 
 def specials(tokenizer) -> dict[str, int]:
     """The ids of the special tokens (one clear error where the tokenizer lacks one of the template's)."""
-    ids = tokenizer.special_ids
-    for name in CHAT_TOKENS:
-        if name not in ids:
-            raise UserError(f"tokenizer has no chat special token {name}; SFT adds them (pocketgpt sft --init CKPT) "
-                            "or train a tokenizer with pocketgpt tokenizer train")
-    return ids
+    missing = [name for name in CHAT_TOKENS if name not in tokenizer.special_ids]
+    if missing:
+        raise UserError(f"tokenizer has no chat special token {missing[0]}; SFT adds them (pocketgpt sft --init CKPT) "
+                        "or train a tokenizer with pocketgpt tokenizer train")
+    return tokenizer.special_ids
 
 
 def _pieces(messages: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -55,8 +52,7 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False)
     return _concat(pieces)
 
 
-def stop_id(tokenizer) -> int:
-    """The id that ends an assistant reply (``<|end|>``)."""
+def stop_id(tokenizer) -> int:  # the id that ends an assistant reply
     return specials(tokenizer)["<|end|>"]
 
 
@@ -79,28 +75,20 @@ class FitStats:
 
 
 def _exchanges(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
-    """The leading system message(s), and the exchanges (user ... assistant) after them; messages after the last
-    reply carry no labels and are dropped."""
+    """The leading system messages, then each exchange (user ... assistant); what follows the last reply is dropped."""
     i = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    groups, cur = [], []
-    for m in messages[i:]:
-        cur.append(m)
-        if m["role"] == "assistant":
-            groups.append(cur)
-            cur = []
-    return messages[:i], groups
+    ends = [j + 1 for j, m in enumerate(messages) if m["role"] == "assistant"]  # all at or after i
+    return messages[:i], [messages[a:b] for a, b in zip([i, *ends], ends)]
 
 
-def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str = "split",
-                   stats: Optional[FitStats] = None) -> list[tuple[list[int], list[int]]]:
+def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str = "split", *,
+                   stats: FitStats) -> list[tuple[list[int], list[int]]]:
     """Examples of at most ``max_tokens`` ids, split at turn boundaries (docs/internals.md); an exchange too long alone
     loses its reply's tail (skipped if not even its prompt fits); ``mode="truncate"`` keeps the first example only."""
-    stats = stats if stats is not None else FitStats()
     system, groups = _exchanges(messages)
     head = render(system, tokenizer)
     examples: list[tuple[list[int], list[int]]] = []
-    (ids, labels), n = head, 0  # n: exchanges in the current example
-    lost = False  # some content of this conversation is in no example
+    (ids, labels), n, lost = head, 0, False  # n: exchanges in the current example; lost: content left out of all
     for g_ids, g_labels in (_concat(_pieces(g, tokenizer)) for g in groups):
         if n and len(ids) + len(g_ids) > max_tokens:  # close the example; the next restarts with the system prompt
             examples.append((ids, labels))
@@ -152,8 +140,7 @@ class ChatSession:
         self.messages = []
 
     def conversation(self) -> list[dict]:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.messages
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
     def prompt_ids(self) -> list[int]:
         """The prompt for the next reply: the oldest exchanges (never the system message) are dropped until it leaves
@@ -161,10 +148,8 @@ class ChatSession:
         block = self.model.config.block_size
         reserve = max(1, min(self.max_new_tokens, block // 2))
         dropped = 0
-        while True:
-            ids, _ = render(self.conversation(), self.tokenizer, add_generation_prompt=True)
-            if len(ids) + reserve <= block or len(self.messages) <= 1:
-                break
+        while len(ids := render(self.conversation(), self.tokenizer, add_generation_prompt=True)[0]) + reserve > block \
+                and len(self.messages) > 1:
             # drop the oldest user message and everything up to the next user message
             nxt = next((i for i, m in enumerate(self.messages[1:], 1) if m["role"] == "user"), len(self.messages) - 1)
             del self.messages[:nxt]
@@ -183,8 +168,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         ids = self.prompt_ids()
         params = SamplingParams(max_new_tokens=min(self.max_new_tokens, self.model.config.block_size - len(ids)),
-                                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                repetition_penalty=self.repetition_penalty, stop_ids=stop_id(self.tokenizer),
+                                **{k: getattr(self, k) for k in CHAT_DEFAULTS}, stop_ids=stop_id(self.tokenizer),
                                 seed=None if self.seed is None else self.seed + self._turn)
         self._turn += 1
         parts: list[str] = []

@@ -1,5 +1,4 @@
-"""``pocketgpt serve``: an OpenAI-compatible HTTP API and a web chat page for one checkpoint (the app itself is
-``pocketgpt.serve.app.create_app``)."""
+"""``pocketgpt serve``: an OpenAI-compatible HTTP API and web chat page for one checkpoint (``app.create_app``)."""
 
 from __future__ import annotations
 
@@ -18,12 +17,8 @@ def load_backend(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp
     model, tokenizer = load_checkpoint(ckpt, device, dtype)
     path = ckpt.resolve()
     run = path.parent
-    if path.name not in ("ckpt", "best"):
-        name = path.name
-    elif (run.parent / "speedrun_state.json").exists():
-        name = f"{run.parent.name}-{run.name}"
-    else:
-        name = run.name
+    name = path.name if path.name not in ("ckpt", "best") else \
+        f"{run.parent.name}-{run.name}" if (run.parent / "speedrun_state.json").exists() else run.name
     return Backend(model, tokenizer, model_name or name)
 
 

@@ -1,5 +1,4 @@
-"""The OpenAI-compatible HTTP API (FastAPI) and the web chat page over one continuously batched decode loop.
-What each endpoint answers and its errors: README.md ("The HTTP API is OpenAI's"); the design: docs/internals.md."""
+"""The OpenAI-compatible HTTP API and web chat page over one batched decode loop (README.md, docs/internals.md)."""
 
 from __future__ import annotations
 
@@ -44,12 +43,9 @@ class Backend:
     """The served model + tokenizer. Every special token ends a reply and is never text."""
 
     def __init__(self, model, tokenizer, model_id: str):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.model_id = model_id
+        self.model, self.tokenizer, self.model_id = model.eval(), tokenizer, model_id
         self.device = next(model.parameters()).device
-        self.context = model.config.block_size
-        self.vocab_size = model.config.vocab_size
+        self.context, self.vocab_size = model.config.block_size, model.config.vocab_size
         self.stop_ids = sorted(tokenizer.special_ids.values())
 
 
@@ -62,11 +58,9 @@ class Job:
 
     def __init__(self, prompts: list[list[int]], params: SamplingParams):
         self.prompts, self.params, self.n = prompts, params, len(prompts) * params.n
-        self.on_text: Optional[Callable[[list], None]] = None
-        self.on_done: Callable[[Any], None] = lambda result: None
+        self.on_text, self.on_done = None, lambda result: None
         self.cancelled = self.admitted = self.ended = self.started = False
-        self.rows: list = []
-        self.emitted = [0] * self.n
+        self.rows, self.emitted = [], [0] * self.n
         self.submitted = time.perf_counter()
 
 
@@ -77,11 +71,9 @@ class Metrics:
     WINDOW = 10.0  # seconds the tokens/s gauge averages over
 
     def __init__(self):
-        self.tokens = 0
+        self.tokens, self.requests = 0, collections.Counter()  # requests by outcome
         self.recent: collections.deque = collections.deque()  # (time, tokens) of each step in the window
-        self.ttft = [0] * len(self.TTFT_BUCKETS)
-        self.ttft_sum = 0.0
-        self.requests = collections.Counter()  # by outcome
+        self.ttft, self.ttft_sum = [0] * len(self.TTFT_BUCKETS), 0.0
 
     def step(self, now: float, tokens: int) -> None:
         self.tokens += tokens
@@ -93,7 +85,7 @@ class Metrics:
         self.ttft[bisect.bisect_left(self.TTFT_BUCKETS, seconds)] += 1
         self.ttft_sum += seconds
 
-    def render(self, queued: int, requests: int, sequences: int) -> str:
+    def render(self, sched: Scheduler) -> str:
         now = time.perf_counter()
         rate = sum(n for t, n in list(self.recent) if t >= now - self.WINDOW) / self.WINDOW
         cumulative = list(itertools.accumulate(self.ttft))
@@ -101,9 +93,9 @@ class Metrics:
                    for b, c in zip(self.TTFT_BUCKETS, cumulative)]
         lines = []
         for name, kind, help_, samples in [
-            ("queue_depth", "gauge", "Requests waiting to join the running batch.", [("", queued)]),
-            ("active_requests", "gauge", "Requests in the running batch.", [("", requests)]),
-            ("active_sequences", "gauge", "Sequences (rows) in the running batch.", [("", sequences)]),
+            ("queue_depth", "gauge", "Requests waiting to join the running batch.", [("", len(sched.waiting))]),
+            ("active_requests", "gauge", "Requests in the running batch.", [("", len(sched.active))]),
+            ("active_sequences", "gauge", "Sequences (rows) in the running batch.", [("", len(sched.batch.rows))]),
             ("generated_tokens_total", "counter", "Tokens generated.", [("", self.tokens)]),
             ("tokens_per_second", "gauge", f"Tokens generated per second over the last {self.WINDOW:g} s.",
              [("", rate)]),
@@ -118,8 +110,7 @@ class Metrics:
 
 
 class Scheduler:
-    """The one decode loop, a thread that owns the model: between two ``DecodeBatch`` steps it runs queued calls,
-    prefills arrivals and drops rows whose client left (docs/internals.md, "Apps")."""
+    """The one decode loop, a thread that owns the model (``step``; docs/internals.md, "Apps")."""
 
     def __init__(self, backend: Backend, max_rows: int, max_queue: int):
         self.backend, self.max_rows, self.max_queue = backend, max_rows, max_queue
@@ -129,8 +120,7 @@ class Scheduler:
         self.calls: list = []  # (fn, future), guarded by lock
         self.rows_used = 0  # rows of admitted jobs, guarded by lock
         self.active: list[Job] = []  # the decode thread's
-        self.closed = False
-        self.thread: Optional[threading.Thread] = None
+        self.closed, self.thread = False, None
         self.post: Callable = lambda fn, *args: fn(*args)
         self.metrics = Metrics()
 
@@ -140,7 +130,6 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``, or raise a 429 ``APIError`` if it would wait in a full queue."""
         with self.lock:
             rows = self.rows_used + sum(j.n for j in self.waiting) + job.n
             if self.closed or (rows > self.max_rows and len(self.waiting) >= self.max_queue):
@@ -159,7 +148,7 @@ class Scheduler:
             if job in self.waiting:
                 self.waiting.remove(job)
                 self._end(job, Cancelled(), out)
-        self._deliver(out)
+        _deliver(out)
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """``fn()`` run on the decode thread (the one that owns the model) before the next step."""
@@ -194,20 +183,18 @@ class Scheduler:
                 future.cancel()
             for job in [*self.active, *self.waiting]:
                 self._end(job, Cancelled(), out)
-        self.post(self._deliver, out)
+        self.post(_deliver, out)
 
     def step(self) -> None:
         """Calls, joins and departures, then one decode step; what it produced goes out in one ``post``."""
         out: list = []  # (callback, argument), run on the event loop in this order
         with self.lock:
             calls, self.calls = self.calls, []
-            admit = []
             while self.waiting and (self.rows_used == 0 or self.rows_used + self.waiting[0].n <= self.max_rows):
                 job = self.waiting.popleft()
                 job.admitted = True
                 self.rows_used += job.n
-                admit.append(job)
-            self.active += admit  # running from now on (their prefill comes next)
+                self.active.append(job)  # running from now on (its prefill comes next)
         for fn, future in calls:
             if future.set_running_or_notify_cancel():  # False: its request was cancelled
                 try:
@@ -215,7 +202,7 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 - the caller's error, answered to the caller
                     future.set_exception(e)
         try:
-            joining = [job for job in admit if not job.cancelled]
+            joining = [job for job in self.active if not job.rows and not job.cancelled]  # admitted just now
             if joining:  # one prefill forward for all the requests that arrived during the last step
                 prompts = [p for job in joining for p in job.prompts]
                 rows = iter(self.batch.add(prompts, [job.params for job in joining for _ in job.prompts]))
@@ -228,18 +215,16 @@ class Scheduler:
                     self._end(job, Cancelled(), out)
             rows = len(self.batch.rows)
             self.batch.step()
-            if rows:
-                self.metrics.step(time.perf_counter(), rows)
-            for job in self.active:
-                if not job.ended:
-                    self._emit(job, out)
+            self.metrics.step(time.perf_counter(), rows)
+            for job in (j for j in self.active if not j.ended):
+                self._emit(job, out)
         except Exception as e:  # a failed step fails the requests in it, not the server
             for job in self.active:
                 self._end(job, e, out)
             self.batch = DecodeBatch(self.backend.model, self.backend.tokenizer)
         self.active = [job for job in self.active if not job.ended]
         if out:
-            self.post(self._deliver, out)
+            self.post(_deliver, out)
 
     def _emit(self, job: Job, out: list) -> None:
         """The job's new text (held back while it may be the start of a stop string), its answer once done."""
@@ -265,15 +250,9 @@ class Scheduler:
         if job.admitted:
             with self.lock:
                 self.rows_used -= job.n
-        outcome = "completed" if isinstance(result, list) else "cancelled" if isinstance(result, Cancelled) \
-            else "failed"
-        self.metrics.requests[outcome] += 1
+        kind = "completed" if isinstance(result, list) else "cancelled" if isinstance(result, Cancelled) else "failed"
+        self.metrics.requests[kind] += 1
         out.append((job.on_done, result))
-
-    @staticmethod
-    def _deliver(out: list) -> None:
-        for fn, arg in out:
-            fn(arg)
 
 
 # ---- the app -------------------------------------------------------------------------------------------------------
@@ -281,10 +260,10 @@ class Scheduler:
 
 def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurrency: int = 64,
                max_queue: int = 256) -> FastAPI:
-    """The FastAPI app serving ``backend``: up to ``max_concurrency`` sequences decode together in one continuous
-    batch; ``max_queue`` more requests may wait. ``api_key`` guards every ``/v1/*`` route."""
+    """``backend`` served: up to ``max_concurrency`` sequences decode in one batch, ``max_queue`` more requests wait."""
     sched = Scheduler(backend, max_concurrency, max_queue)
-    created = int(time.time())
+    card = {"id": backend.model_id, "object": "model", "created": int(time.time()), "owned_by": "pocketgpt",
+            "context_length": backend.context}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -316,17 +295,16 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
 
     @app.get("/metrics")
     async def metrics():
-        text = sched.metrics.render(len(sched.waiting), len(sched.active), len(sched.batch.rows))
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(sched.metrics.render(sched), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [_model_card(backend, created)]}
+        return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         _check_model(backend, model_id)
-        return _model_card(backend, created)
+        return card
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -334,8 +312,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         if not body.messages:
             raise APIError(400, "'messages' is empty: send at least one message", param="messages",
                            code="empty_messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         prompt, _ = render(messages, backend.tokenizer, add_generation_prompt=True)
         max_tokens = _max_tokens(backend, len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -357,33 +334,27 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                        logprobs: Optional[int], echo: bool = False):
         """Both generation endpoints, streamed or whole; ``logprobs``: alternatives listed per token (None: none)."""
         sampling = {k: CHAT_DEFAULTS[k] if getattr(body, k) is None else getattr(body, k) for k in CHAT_DEFAULTS}
-        params = SamplingParams(**sampling, presence_penalty=body.presence_penalty, seed=body.seed, stop=body.stop,
-                                frequency_penalty=body.frequency_penalty, max_new_tokens=max_tokens, n=body.n,
-                                stop_ids=backend.stop_ids)
-        job = Job(prompts, params)
-        obj = "chat.completion" if chat else "text_completion"
+        as_given = body.model_dump(include={"presence_penalty", "frequency_penalty", "seed", "stop", "n"})
+        job = Job(prompts, SamplingParams(**sampling, **as_given, max_new_tokens=max_tokens, stop_ids=backend.stop_ids))
+        obj = ("chat.completion.chunk" if body.stream else "chat.completion") if chat else "text_completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": obj,
                 "created": int(time.time()), "model": backend.model_id, "system_fingerprint": None}
-        n_prompt = sum(map(len, prompts))
         echoed = [backend.tokenizer.decode(p, skip_special=True) if echo else "" for p in prompts]
         if body.stream:
-            head["object"] = obj + ".chunk" if chat else obj
             if body.stream_options and body.stream_options.include_usage:
                 head["usage"] = None
             firsts = [_delta(chat, i, None if chat else echoed[i // body.n]) for i in range(job.n) if chat or echo]
-            return stream(job, head, firsts, chat, n_prompt)
+            return stream(job, head, firsts, chat, prompts)
 
         outs = await answer(request, job)  # max_tokens 0 (scoring the prompt): rows that end at once
         choices = []
         for i, o in enumerate(outs):
-            content = {"message": {"role": "assistant", "content": o["text"]}} if chat else \
-                {"text": echoed[i // body.n] + o["text"]}
-            lp = None
-            if logprobs is not None:
-                fn = functools.partial(_logprobs, backend, prompts[i // body.n], o["tokens"], logprobs, chat, echo)
-                lp = await asyncio.wrap_future(sched.call(fn))
-            choices.append({"index": i, **content, "logprobs": lp, "finish_reason": o["finish_reason"]})
-        return {**head, "choices": choices, "usage": _usage(n_prompt, sum(len(o["tokens"]) for o in outs))}
+            p = i // body.n  # the prompt it continues
+            lp = None if logprobs is None else await asyncio.wrap_future(sched.call(
+                functools.partial(_logprobs, backend, prompts[p], o["tokens"], logprobs, chat, echo)))
+            msg = {"message": {"role": "assistant", "content": o["text"]}} if chat else {"text": echoed[p] + o["text"]}
+            choices.append({"index": i, **msg, "logprobs": lp, "finish_reason": o["finish_reason"]})
+        return {**head, "choices": choices, "usage": _usage(prompts, outs)}
 
     async def answer(request: Request, job: Job) -> list[dict]:
         """Queue ``job`` and wait for its answer; if the client goes away meanwhile, drop it."""
@@ -401,22 +372,19 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
             raise done.result()
         return done.result()
 
-    def stream(job: Job, head: dict, firsts: list[dict], chat: bool, n_prompt: int) -> StreamingResponse:
+    def stream(job: Job, head: dict, firsts: list[dict], chat: bool, prompts: list) -> StreamingResponse:
         """Server-sent events: ``firsts``, the text, each choice's finish, the usage if asked, ``data: [DONE]``."""
         text: dict[int, str] = {}  # per choice, not sent yet: pieces that piled up while sending go out as one
         ended: list = []
         wake = asyncio.Event()
 
-        def on_text(pieces: list) -> None:
+        def arrive(pieces: list, *result: Any) -> None:  # new text, or (no text and) the job's result
             for i, piece in pieces:
                 text[i] = text.get(i, "") + piece
+            ended.extend(result)
             wake.set()
 
-        def on_done(result: Any) -> None:
-            ended.append(result)
-            wake.set()
-
-        job.on_text, job.on_done = on_text, on_done
+        job.on_text, job.on_done = arrive, lambda result: arrive([], result)
         sched.submit(job)  # 429 now, before the response starts, if the queue is full
 
         def sse(obj: dict) -> bytes:
@@ -441,8 +409,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                 for i, res in enumerate(result):
                     yield sse({**head, "choices": [_delta(chat, i, "", res["finish_reason"])]})
                 if "usage" in head:
-                    n_completion = sum(len(res["tokens"]) for res in result)
-                    yield sse({**head, "choices": [], "usage": _usage(n_prompt, n_completion)})
+                    yield sse({**head, "choices": [], "usage": _usage(prompts, result)})
             yield b"data: [DONE]\n\n"
 
         return _SSEResponse(events(), on_close=lambda: sched.drop(job))
@@ -497,16 +464,14 @@ def _api_error(request: Optional[Request], e: Exception) -> APIError:
     if isinstance(e, HTTPException) and e.status_code == 404:
         return APIError(404, f"unknown route {request.method} {request.url.path}", code="not_found")
     if isinstance(e, HTTPException) and e.status_code == 405:
-        return APIError(405, f"method {request.method} is not allowed on {request.url.path}",
-                        code="method_not_allowed")
+        return APIError(405, f"method {request.method} is not allowed on {request.url.path}", code="method_not_allowed")
     if isinstance(e, HTTPException):
         return APIError(e.status_code, str(e.detail))
     return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
 
 
 def _validation_error(errors: list[dict]) -> APIError:
-    first = errors[0]
-    kind = first["type"]
+    first, kind = errors[0], errors[0]["type"]
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error") or first["msg"]
         return APIError(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
@@ -526,11 +491,6 @@ def _check_model(backend: Backend, name: Optional[str]) -> None:
     if name is not None and name != backend.model_id:
         raise APIError(404, f"the model '{name}' does not exist; this server serves '{backend.model_id}'",
                        param="model", code="model_not_found")
-
-
-def _model_card(backend: Backend, created: int) -> dict:
-    return {"id": backend.model_id, "object": "model", "created": created, "owned_by": "pocketgpt",
-            "context_length": backend.context}
 
 
 def _max_tokens(backend: Backend, prompt_len: int, requested: Optional[int], prompt_param: str) -> int:
@@ -569,29 +529,27 @@ def _delta(chat: bool, i: int, text: Optional[str], finish: Optional[str] = None
     return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _usage(prompts: list[list[int]], outs: list[dict]) -> dict:
+    prompt, completion = sum(map(len, prompts)), sum(len(o["tokens"]) for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, chat: bool, echo: bool) -> dict:
     """One choice's ``logprobs`` in chat's or legacy completions' shape: the raw model's (temperature 1), whatever
-    sampling chose the tokens, from one forward (the alternatives need the whole distribution)."""
+    sampling chose the tokens, from one forward (the alternatives need the whole distribution), on the decode thread."""
     ids = prompt + tokens
     lps, tops = [None] * len(ids), [None] * len(ids)
     if len(ids) > 1:
-        with torch.inference_mode():
-            logits, _ = backend.model(torch.tensor([ids[:-1]], device=backend.device))
-            logp = torch.log_softmax(logits[0].float(), -1).clamp(min=-9999.0)  # JSON has no -inf
-            vals, idx = logp.topk(min(top, backend.vocab_size), -1)
-            lps[1:] = logp.gather(-1, torch.tensor(ids[1:], device=backend.device)[:, None])[:, 0].tolist()
+        logits, _ = backend.model(torch.tensor([ids[:-1]], device=backend.device))
+        logp = torch.log_softmax(logits[0].float(), -1).clamp(min=-9999.0)  # JSON has no -inf
+        vals, idx = logp.topk(min(top, backend.vocab_size), -1)
+        lps[1:] = logp.gather(-1, torch.tensor(ids[1:], device=backend.device)[:, None])[:, 0].tolist()
         tops[1:] = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
 
     def token(i: int, special_names: bool = False) -> str:
         """Special tokens are empty (named among the alternatives); a partial character is escaped, never U+FFFD."""
-        if not special_names and i in backend.stop_ids:
-            return ""
-        return backend.tokenizer.decode_bytes([i]).decode("utf-8", errors="backslashreplace")
+        named = special_names or i not in backend.stop_ids
+        return backend.tokenizer.decode_bytes([i]).decode("utf-8", errors="backslashreplace") if named else ""
 
     start = 0 if echo else len(prompt)
     if chat:
@@ -604,6 +562,11 @@ def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, 
     return {"tokens": strs, "token_logprobs": lps[start:],
             "top_logprobs": [None if t is None else {token(i, True): v for i, v in t} for t in tops[start:]],
             "text_offset": list(itertools.accumulate(map(len, strs), initial=0))[:-1]}
+
+
+def _deliver(out: list) -> None:
+    for fn, arg in out:
+        fn(arg)
 
 
 def _trim_heap() -> None:

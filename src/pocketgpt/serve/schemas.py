@@ -1,5 +1,4 @@
-"""Request bodies of the OpenAI-compatible API and its error object. Types are strict (``"n": 1.5`` is a 400, never
-coerced); unknown fields are ignored, as OpenAI clients send extras (``user``, ``logit_bias``...)."""
+"""The API's request bodies and error: strict types (``"n": 1.5`` is a 400); unknown (extra) fields are ignored."""
 
 from __future__ import annotations
 
@@ -16,11 +15,10 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
+        self.status, self.type, self.param, self.code, self.headers = status, type, param, code, headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
 
 
 class _Body(BaseModel):
@@ -38,9 +36,7 @@ class ChatMessage(_Body):
     name: Optional[StrictStr] = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
+        return "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
 
 
 class StreamOptions(_Body):
