@@ -148,8 +148,10 @@ class ChatSession:
         block = self.model.config.block_size
         reserve = max(1, min(self.max_new_tokens, block // 2))
         dropped = 0
-        while len(ids := render(self.conversation(), self.tokenizer, add_generation_prompt=True)[0]) + reserve > block \
-                and len(self.messages) > 1:
+        while True:
+            ids, _ = render(self.conversation(), self.tokenizer, add_generation_prompt=True)
+            if len(ids) + reserve <= block or len(self.messages) <= 1:
+                break
             # drop the oldest user message and everything up to the next user message
             nxt = next((i for i, m in enumerate(self.messages[1:], 1) if m["role"] == "user"), len(self.messages) - 1)
             del self.messages[:nxt]
