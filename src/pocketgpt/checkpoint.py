@@ -170,8 +170,7 @@ def export_hf(model: GPT, out_dir: str | Path, fmt: str = "auto", tokenizer=None
         gen = {"_from_model_config": True}
         if tokenizer is not None:
             tokenizer.write_files(tmp)
-            ids = tokenizer.write_hf_config(tmp, model.config.block_size)
-            cfg.update(ids)
+            cfg.update(ids := tokenizer.write_hf_config(tmp, model.config.block_size))
             # a chat reply ends at <|end|>, a document at <|endoftext|>: generation stops at either
             stops = [tokenizer.special_ids[n] for n in ("<|end|>", "<|endoftext|>") if n in tokenizer.special_ids]
             gen = {**ids, "eos_token_id": stops}

@@ -124,8 +124,7 @@ class WithoutAdapters(nn.Module):
         self.model = model
 
     def forward(self, *args, **kwargs):
-        layers = [m for m in self.model.modules() if isinstance(m, ADAPTERS)]
-        was = self.model.training
+        was, layers = self.model.training, [m for m in self.model.modules() if isinstance(m, ADAPTERS)]
         self.model.eval()  # no dropout, as a frozen copy
         for m in layers:
             m.enabled = False
