@@ -55,8 +55,7 @@ class RowsEmbedding(nn.Module):
 
 
 class RowsHead(nn.Module):
-    """The output layer ``base`` (frozen) whose logits for ``rows`` come from trainable rows: its own
-    ``lora_rows``, or the embedding's when the two are tied."""
+    """Output layer ``base`` (frozen) whose logits of ``rows`` come from its own ``lora_rows`` or a tied embedding's."""
 
     def __init__(self, base: nn.Linear, rows: range, tied: RowsEmbedding | None):
         super().__init__()
