@@ -21,10 +21,8 @@ from .tokenizer import CHAT_TOKENS, load_tokenizer_for
 
 
 def _state_for_save(model: GPT) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)  # safetensors stores no shared tensors; it is wte.weight
-    return sd
+    tied = model.config.tie_embeddings  # safetensors stores no shared tensors: a tied lm_head.weight is wte.weight
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
 
 
 def write_model(model: GPT, directory: str | Path) -> None:
@@ -34,14 +32,14 @@ def write_model(model: GPT, directory: str | Path) -> None:
     save_file(_state_for_save(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
-def save_model(model: GPT, directory: str | Path) -> None:
-    """Save as a checkpoint directory, atomically (temp dir + rename), keeping the files other stages wrote beside
-    the weights (``tokenizer/``, trainer state)."""
-    directory = Path(directory)
+def save_model(model: GPT, directory: str | Path, beside: str | Path | None = None, skip=()) -> None:
+    """Save as a checkpoint directory, atomically (temp dir + rename), with the files other stages wrote beside the
+    weights (``tokenizer/``, trainer state) in ``beside`` (default: ``directory``), but for the names in ``skip``."""
+    beside = Path(beside or directory)
     with atomic_dir(directory) as tmp:
         write_model(model, tmp)
-        for item in directory.iterdir() if directory.exists() else ():
-            if not (tmp / item.name).exists():
+        for item in beside.iterdir() if beside.exists() else ():
+            if item.name not in skip and not (tmp / item.name).exists():
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
 
 
@@ -73,8 +71,7 @@ def read_model_config(directory: str | Path):
     if not directory.is_dir():
         raise UserError(f"{directory}: a checkpoint must be a directory (config.json + model.safetensors)")
     cfg_path = directory / "config.json"
-    cfg = read_json(cfg_path)
-    if not isinstance(cfg, dict):
+    if not isinstance(cfg := read_json(cfg_path), dict):
         raise UserError(f"{cfg_path}: expected a JSON object")
     kind = cfg.get("model_type", "pocketgpt")
     if kind == "pocketgpt":
@@ -107,8 +104,7 @@ def local_dir(path: str | Path) -> Path:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory (``hf:NAME`` included), or a run directory holding one (``RUN/ckpt``, else
-    ``RUN/best``)."""
+    """A checkpoint directory (``hf:NAME`` too), or a run directory holding one (``RUN/ckpt``, else ``RUN/best``)."""
     p = local_dir(path)
     if not p.exists():
         raise UserError(f"{p}: checkpoint directory not found")
@@ -119,8 +115,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_model(directory: str | Path, device=None, dtype=None) -> GPT:
-    """Load a pocketgpt checkpoint, or a Hugging Face GPT-2 / Llama directory, local or ``hf:NAME`` (fp32 unless
-    ``dtype``)."""
+    """Load a pocketgpt or Hugging Face GPT-2 / Llama checkpoint, local or ``hf:NAME`` (fp32 unless ``dtype``)."""
     directory = local_dir(directory)
     config, kind = read_model_config(directory)
     sd = fold_state(load_state_file(directory))  # a LoRA checkpoint's adapters become plain weights (lora.py)
@@ -141,23 +136,18 @@ def load_model(directory: str | Path, device=None, dtype=None) -> GPT:
         raise UserError(f"{directory}: weights do not match config.json ({'; '.join(parts)})")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise UserError(
-                f"{directory}: weight '{k}' has shape {tuple(v.shape)}, config.json implies {tuple(expected[k].shape)}"
-            )
+            raise UserError(f"{directory}: weight '{k}' has shape {tuple(v.shape)}, "
+                            f"config.json implies {tuple(expected[k].shape)}")
+    dtype = dtype or torch.float32
     # assign=True puts the loaded tensors in place of the meta ones (no to_empty: its first call imports sympy)
-    target_dtype = dtype or torch.float32
-    sd = {k: v.to(target_dtype) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=False, assign=True)  # the names are checked above; a tied lm_head is wte
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)  # names checked above
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
-    model.to(device=device or "cpu", dtype=target_dtype)
-    model.eval()
-    return model
+    return model.to(device=device or "cpu", dtype=dtype).eval()
 
 
 def load_checkpoint(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp32", chat: bool = False):
-    """Model (eval mode) + tokenizer of a checkpoint (a run directory, ``hf:NAME``); ``chat=True`` also checks that
-    the tokenizer has the chat tokens."""
+    """Model (eval mode) + tokenizer of a checkpoint (a run directory, ``hf:NAME``); ``chat=True`` needs chat tokens."""
     path = find_checkpoint(ckpt)
     if dtype not in DTYPES:
         raise UserError(f"--dtype: unknown precision {dtype!r} (fp32, bf16, fp16)")
@@ -180,8 +170,7 @@ def export_hf(model: GPT, out_dir: str | Path, fmt: str = "auto", tokenizer=None
         gen = {"_from_model_config": True}
         if tokenizer is not None:
             tokenizer.write_files(tmp)
-            ids = tokenizer.write_hf_config(tmp, model.config.block_size)
-            cfg.update(ids)
+            cfg.update(ids := tokenizer.write_hf_config(tmp, model.config.block_size))
             # a chat reply ends at <|end|>, a document at <|endoftext|>: generation stops at either
             stops = [tokenizer.special_ids[n] for n in ("<|end|>", "<|endoftext|>") if n in tokenizer.special_ids]
             gen = {**ids, "eos_token_id": stops}

@@ -19,13 +19,19 @@ try:
 except ImportError:  # an optional extra: export_gguf says how to install it
     gguf = None
 
+
 def _permute(w, n_head: int):
     """convert_hf_to_gguf's LlamaModel.permute: rotate-half rows of each head → interleaved (even, odd) pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _add(w, **keys) -> None:
+    for key, value in keys.items():  # in order: w.add_KEY(value)
+        getattr(w, "add_" + key)(value)
+
+
 def _tensors(model, arch: str) -> dict:
-    """GGUF name → float32 numpy array, from the Hugging Face export of ``model``."""
+    """GGUF name → float32 numpy array, from the Hugging Face export of ``model`` (detached CPU copies)."""
     c = model.config
     try:
         _, sd = to_hf(model, arch)
@@ -37,14 +43,11 @@ def _tensors(model, arch: str) -> dict:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2, c.n_layer)
     out = {}
     for name, t in sd.items():
-        t = t.float()  # detached copies of the model export_gguf loads on the CPU
         if arch == "gpt2" and name.endswith(CONV1D):  # llama.cpp's gpt2 wants them (out, in) again
             t = t.t()
-        if name.endswith(("q_proj.weight", "q_proj.bias")):  # rotate-half RoPE (ours, HF's) -> GGML's interleaved
-            t = _permute(t, c.n_head)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
-            t = _permute(t, c.n_kv_head)
-        out[names.get_name(name, try_suffixes=(".weight", ".bias"))] = t.contiguous().numpy()
+        if ".q_proj." in name or ".k_proj." in name:  # rotate-half RoPE (ours, HF's) -> GGML's interleaved
+            t = _permute(t, c.n_head if ".q_proj." in name else c.n_kv_head)
+        out[names.get_name(name, try_suffixes=(".weight", ".bias"))] = t.float().contiguous().numpy()
     if arch == "gpt2" and "output.weight" not in out:  # llama.cpp's gpt2 loader wants one, even when tied
         out["output.weight"] = out["token_embd.weight"]
     return out
@@ -72,30 +75,17 @@ def _write_vocab(w, tok, n_vocab: int) -> None:
             merges += [f"{chars[:k]} {chars[k]}" for k in range(1, len(chars))]
     elif tok.kind == "unigram":  # llama.cpp's Viterbi over the text with ' ' as '▁' = HF's Metaspace split
         types[model["unk_id"]] = gguf.TokenType.UNKNOWN
-        w.add_token_scores([0.0 if i in added else float(model["vocab"][i][1]) for i in range(n)] +
-                           [-1e9] * (n_vocab - n))
-        w.add_unk_token_id(model["unk_id"])
-        w.add_add_space_prefix(False)
-        w.add_remove_extra_whitespaces(False)
+        scores = [0.0 if i in added else float(model["vocab"][i][1]) for i in range(n)] + [-1e9] * (n_vocab - n)
+        _add(w, token_scores=scores, unk_token_id=model["unk_id"], add_space_prefix=False,
+             remove_extra_whitespaces=False)
     else:
         raise UserError(f"GGUF: a {tok.kind!r} tokenizer splits text unlike any llama.cpp tokenizer; train the "
                         "tokenizer with --kind bpe, unigram or char")
     w.add_tokenizer_model("t5" if tok.kind == "unigram" else "gpt2")
     if tok.kind != "unigram":
-        w.add_tokenizer_pre("gpt-2")
-        w.add_token_merges(list(dict.fromkeys(merges)))
-    w.add_token_list(tokens + [f"[PAD{i}]" for i in range(n, n_vocab)])
-    w.add_token_types(types + [gguf.TokenType.UNUSED] * (n_vocab - n))
-
-
-def _store(w, name: str, a, dtype: str) -> None:
-    if a.ndim == 2 and dtype == "q8_0" and a.shape[-1] % 32 == 0:
-        q = gguf.GGMLQuantizationType.Q8_0
-        w.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
-    elif a.ndim == 2 and dtype != "f32":  # f16, and q8_0's fallback (as convert_hf_to_gguf does)
-        w.add_tensor(name, a.astype(np.float16))
-    else:  # and 1-D tensors (norms, biases) always
-        w.add_tensor(name, a.astype(np.float32))
+        _add(w, tokenizer_pre="gpt-2", token_merges=list(dict.fromkeys(merges)))
+    _add(w, token_list=tokens + [f"[PAD{i}]" for i in range(n, n_vocab)],
+         token_types=types + [gguf.TokenType.UNUSED] * (n_vocab - n))
 
 
 def export_gguf(ckpt, path: str | os.PathLike, dtype: str = "f32", arch: str = "auto") -> str:
@@ -111,33 +101,29 @@ def export_gguf(ckpt, path: str | os.PathLike, dtype: str = "f32", arch: str = "
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(tmp, arch)
-    w.add_name(path.stem)
-    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-    w.add_context_length(c.block_size)
-    w.add_embedding_length(c.n_embd)
-    w.add_feed_forward_length(c.mlp_hidden)
-    w.add_block_count(c.n_layer)
-    w.add_head_count(c.n_head)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    _add(w, name=path.stem, file_type=file_type, context_length=c.block_size, embedding_length=c.n_embd,
+         feed_forward_length=c.mlp_hidden, block_count=c.n_layer, head_count=c.n_head)
     if arch == "llama":
-        w.add_head_count_kv(c.n_kv_head)
-        w.add_rope_freq_base(c.rope_theta)
-        w.add_rope_dimension_count(c.head_dim)
-        w.add_layer_norm_rms_eps(c.norm_eps)
-        w.add_vocab_size(c.vocab_size)
+        _add(w, head_count_kv=c.n_kv_head, rope_freq_base=c.rope_theta, rope_dimension_count=c.head_dim,
+             layer_norm_rms_eps=c.norm_eps, vocab_size=c.vocab_size)
     else:
         w.add_layer_norm_eps(c.norm_eps)
     _write_vocab(w, tokenizer, c.vocab_size)
-    w.add_bos_token_id(tokenizer.eos_id)  # <|endoftext|>: every pocketgpt document starts with it
-    w.add_eos_token_id(special.get("<|end|>", tokenizer.eos_id))
-    w.add_pad_token_id(tokenizer.pad_id)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    if "<|end|>" in special:
-        w.add_eot_token_id(special["<|end|>"])
-        w.add_chat_template(CHAT_TEMPLATE)  # llama.cpp drops its leading BOS and adds one by add_bos_token
+    # bos is <|endoftext|>: every pocketgpt document starts with it
+    _add(w, bos_token_id=tokenizer.eos_id, eos_token_id=special.get("<|end|>", tokenizer.eos_id),
+         pad_token_id=tokenizer.pad_id, add_bos_token=True, add_eos_token=False)
+    if "<|end|>" in special:  # llama.cpp drops the chat template's leading BOS and adds one by add_bos_token
+        _add(w, eot_token_id=special["<|end|>"], chat_template=CHAT_TEMPLATE)
     for name, a in tensors.items():
-        _store(w, name, a, dtype)
+        if a.ndim == 2 and dtype == "q8_0" and a.shape[-1] % 32 == 0:
+            q = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
+        elif a.ndim == 2 and dtype != "f32":  # f16, and q8_0's fallback (as convert_hf_to_gguf does)
+            w.add_tensor(name, a.astype(np.float16))
+        else:  # and 1-D tensors (norms, biases) always
+            w.add_tensor(name, a.astype(np.float32))
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -35,10 +35,10 @@ ARCHS = {
 GELU_ALIASES = {"gelu_pytorch_tanh": "gelu_new", "gelu_fast": "gelu_new"}  # the same tanh GELU
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2: (in, out)
 # our Llama module -> the Llama modules stacked in it along dim 0
-LLAMA = {"wte": ["model.embed_tokens"], "ln_f": ["model.norm"], "lm_head": ["lm_head"],
-         "ln_1": ["input_layernorm"], "ln_2": ["post_attention_layernorm"],
+LLAMA = {"wte": ["model.embed_tokens"], "ln_f": ["model.norm"], "lm_head": ["lm_head"], "ln_1": ["input_layernorm"],
+         "ln_2": ["post_attention_layernorm"], "attn.c_proj": ["self_attn.o_proj"],
          "attn.c_attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-         "attn.c_proj": ["self_attn.o_proj"], "mlp.c_fc": ["mlp.gate_proj", "mlp.up_proj"], "mlp.c_proj": ["mlp.down_proj"]}
+         "mlp.c_fc": ["mlp.gate_proj", "mlp.up_proj"], "mlp.c_proj": ["mlp.down_proj"]}
 BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # causal masks and RoPE tables of old files
 
 
@@ -50,8 +50,7 @@ def config_to_ours(hf: dict, kind: str, where: str) -> GPTConfig:
     mlp = {v: k for k, v in a["mlp"].items()}.get(GELU_ALIASES.get(act, act))
     if mlp is None:
         raise UserError(f"{where}: field {field!r} {act!r} is not supported ({' or '.join(a['mlp'].values())})")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope = rope if isinstance(rope, dict) else {}
+    rope = r if isinstance(r := hf.get("rope_parameters") or hf.get("rope_scaling"), dict) else {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", None):
         raise UserError(f"{where}: field 'rope_scaling' type {rope_type!r} is not supported (only default RoPE)")
@@ -79,8 +78,7 @@ def hf_names(key: str, kind: str) -> list[str]:
 
 
 def to_ours(sd: dict[str, torch.Tensor], keys, kind: str) -> dict[str, torch.Tensor]:
-    """Our tensors ``keys`` from a Hugging Face state dict (KeyError: one is missing); tensors that no key takes are
-    passed on unchanged, so that the caller reports them as unexpected."""
+    """Our tensors ``keys`` from a Hugging Face state dict (KeyError: one is missing) + the unused ones to report."""
     if kind == "gpt2":  # the original GPT-2 files name their tensors without "transformer."
         sd = {k if k.startswith(("transformer.", "lm_head")) else "transformer." + k: v for k, v in sd.items()}
     left = {k: v for k, v in sd.items() if not k.endswith(BUFFERS)}
@@ -108,11 +106,9 @@ def to_hf(model: GPT, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
         raise UserError(f"not exportable as {a['name']}: " + "; ".join(problems))
     cfg = {"architectures": [a["class"]], "model_type": kind, a["act"][0]: a["mlp"][c.mlp],
            **{name: getattr(c, ours) for name, (ours, _) in a["fields"].items()}}
-    if kind == "gpt2":
-        cfg |= {"n_ctx": c.block_size, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-    else:
-        cfg |= {"head_dim": c.head_dim, "mlp_bias": c.bias,
-                "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}}
+    cfg |= ({"n_ctx": c.block_size, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if kind == "gpt2" else
+            {"head_dim": c.head_dim, "mlp_bias": c.bias,
+             "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}})
     state = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and c.tie_embeddings)}
     if kind == "gpt2" and not c.bias:  # GPT-2 always has biases: zeros are the exact equivalent of none
         state |= {k.removesuffix("weight") + "bias": torch.zeros(len(v), dtype=v.dtype)
@@ -120,8 +116,7 @@ def to_hf(model: GPT, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
     sd, kv = {}, c.n_kv_head * c.head_dim
     for key, v in state.items():
         names = hf_names(key, kind)
-        if kind == "gpt2" and key.endswith(CONV1D):
-            v = v.t()
+        v = v.t() if kind == "gpt2" and key.endswith(CONV1D) else v
         parts = v.split([c.n_embd, kv, kv]) if len(names) == 3 else v.chunk(len(names))  # q, k, v or gate, up
         sd.update(zip(names, parts))
     return cfg, {k: v.detach().contiguous().clone() for k, v in sd.items()}

@@ -5,7 +5,6 @@ import adds seconds to every run."""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -35,19 +34,17 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if not self.enabled:
-            return y
-        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale.to(y.dtype)
+        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale.to(y.dtype) if self.enabled else y
 
 
 class RowsEmbedding(nn.Module):
-    """``base`` (frozen) whose rows ``first : first + n`` are read from the trainable ``lora_rows`` instead."""
+    """``base`` (frozen) whose ``rows`` are read from the trainable ``lora_rows`` instead."""
 
-    def __init__(self, base: nn.Embedding, first: int, n: int):
+    def __init__(self, base: nn.Embedding, rows: range):
         super().__init__()
-        self.weight, self.first, self.n, self.enabled = base.weight, first, n, True
-        self.lora_rows = nn.Parameter(base.weight[first: first + n].detach().clone())
-        self.register_buffer("lora_first", torch.tensor(first))
+        self.weight, self.first, self.n, self.enabled = base.weight, rows.start, len(rows), True
+        self.lora_rows = nn.Parameter(base.weight[rows.start: rows.stop].detach().clone())
+        self.register_buffer("lora_first", torch.tensor(rows.start))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         out = F.embedding(idx, self.weight)
@@ -58,15 +55,14 @@ class RowsEmbedding(nn.Module):
 
 
 class RowsHead(nn.Module):
-    """The output layer ``base`` (frozen) whose logits ``first : first + n`` come from trainable rows: its own
-    ``lora_rows``, or the embedding's when the two are tied."""
+    """Output layer ``base`` (frozen) whose logits of ``rows`` come from its own ``lora_rows`` or a tied embedding's."""
 
-    def __init__(self, base: nn.Linear, first: int, n: int, tied: RowsEmbedding | None):
+    def __init__(self, base: nn.Linear, rows: range, tied: RowsEmbedding | None):
         super().__init__()
-        self.weight, self.bias, self.first, self.n, self.enabled = base.weight, base.bias, first, n, True
+        self.weight, self.bias, self.first, self.n, self.enabled = base.weight, base.bias, rows.start, len(rows), True
         if tied is None:
-            self.lora_rows = nn.Parameter(base.weight[first: first + n].detach().clone())
-            self.register_buffer("lora_first", torch.tensor(first))
+            self.lora_rows = nn.Parameter(base.weight[rows.start: rows.stop].detach().clone())
+            self.register_buffer("lora_first", torch.tensor(rows.start))
         object.__setattr__(self, "tied", tied)  # not a submodule: its rows are saved once, as the embedding's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,18 +77,16 @@ ADAPTERS = (LoRALinear, RowsEmbedding, RowsHead)
 
 
 def apply(model: nn.Module, train, log=None, new_tokens: range = range(0)) -> nn.Module:
-    """Freeze ``model`` and put adapters of rank ``train.lora_r`` on its ``train.lora_targets`` (module-name
+    """Freeze ``model`` and put rank-``train.lora_r`` adapters (none when 0) on its ``train.lora_targets`` (module-name
     suffixes: ``c_attn``, ``mlp.c_proj``, ...), seeded by ``train.seed`` (every process builds the same ones).
-    ``new_tokens`` (ids SFT just added) train their rows too: frozen at their shared mean start, the model could not
-    tell them apart. No-op when r = 0."""
+    ``new_tokens`` (ids SFT added) train their rows too: frozen at one shared start, the model can't tell them apart."""
     if not train.lora_r:
         return model
     model.requires_grad_(False)
     if new_tokens:
-        first, n = new_tokens.start, len(new_tokens)
         tied = model.lm_head.weight is model.wte.weight
-        model.wte = RowsEmbedding(model.wte, first, n)
-        model.lm_head = RowsHead(model.lm_head, first, n, model.wte if tied else None)
+        model.wte = RowsEmbedding(model.wte, new_tokens)
+        model.lm_head = RowsHead(model.lm_head, new_tokens, model.wte if tied else None)
     g = torch.Generator().manual_seed(train.seed)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     for target in train.lora_targets:
@@ -129,8 +123,7 @@ class WithoutAdapters(nn.Module):
         self.model = model
 
     def forward(self, *args, **kwargs):
-        layers = [m for m in self.model.modules() if isinstance(m, ADAPTERS)]
-        was = self.model.training
+        was, layers = self.model.training, [m for m in self.model.modules() if isinstance(m, ADAPTERS)]
         self.model.eval()  # no dropout, as a frozen copy
         for m in layers:
             m.enabled = False
@@ -143,8 +136,7 @@ class WithoutAdapters(nn.Module):
 
 
 def fold_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict with every adapter folded into its weight (W + scale · B A, computed in fp32; trained token
-    rows in place) and the adapter tensors dropped; unchanged when there are none."""
+    """``sd`` with each adapter folded into its weight (W + scale · B A in fp32; trained token rows in place)."""
     out = {k: v for k, v in sd.items() if not k.endswith(SUFFIXES)}
     for key in sd:
         if key.endswith(".lora_A"):
@@ -163,13 +155,6 @@ def fold_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def merge(ckpt: str | Path, out: str | Path) -> None:
     """Write ``ckpt`` with its adapters folded in as a plain checkpoint ``out`` (atomic), with the files beside the
     weights (``tokenizer/``, a reward head) but not the training state."""
-    from .checkpoint import load_model, write_model
-    from .io import atomic_dir
+    from .checkpoint import load_model, save_model
 
-    ckpt = Path(ckpt)
-    model = load_model(ckpt)
-    with atomic_dir(out) as tmp:
-        write_model(model, tmp)
-        for item in ckpt.iterdir():
-            if item.name not in RESUME_FILES and not (tmp / item.name).exists():
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+    save_model(load_model(ckpt), out, ckpt, RESUME_FILES)
