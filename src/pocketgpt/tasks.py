@@ -46,30 +46,26 @@ class Task:
         another stage evaluates (the report's 400). ``eval_prompts`` are the first ``n_eval`` of the pool."""
         return min(self.num_problems // 2, 1000)
 
-    def _eval_problems(self, n: int | None = None) -> list[tuple]:
-        """The first ``n`` problems of the held-out pool (default: the whole pool)."""
-        rng, seen, out = random.Random(EVAL_SEED), set(), []
-        want = min(n or self.held_out_pool, self.held_out_pool)
-        while len(out) < want:
+    def _draw_n(self, seed: int, n: int, unique: bool, skip: set = frozenset()) -> list[tuple]:
+        rng, out, seen = random.Random(seed), [], set()
+        while len(out) < n:
             p = self._draw(rng)
-            if p not in seen:
+            if p not in skip and not (unique and p in seen):
                 seen.add(p)
                 out.append(p)
         return out
 
+    def _eval_problems(self, n: int | None = None) -> list[tuple]:
+        """The first ``n`` distinct problems of the held-out pool (default: the whole pool)."""
+        return self._draw_n(EVAL_SEED, min(n or self.held_out_pool, self.held_out_pool), True)
+
     def _train_problems(self, n: int, seed: int, unique: bool = False) -> list[tuple]:
+        """Repeats allowed unless ``unique`` (small problem spaces), held-out problems never."""
         held_out = set(self._eval_problems())
         if unique and n > self.num_problems - len(held_out):
             raise UserError(f"task {self.name}: only {self.num_problems - len(held_out)} distinct training problems "
                             f"exist for these options, {n} asked for")
-        rng, out, seen = random.Random(seed), [], set()
-        while len(out) < n:  # repeats allowed unless unique (small problem spaces), held-out problems never
-            p = self._draw(rng)
-            if p in held_out or (unique and p in seen):
-                continue
-            seen.add(p)
-            out.append(p)
-        return out
+        return self._draw_n(seed, n, unique, held_out)
 
     def _prompt(self, problem: tuple) -> list[dict]:
         return [{"role": "user", "content": self.question(problem)}]
@@ -116,12 +112,9 @@ _LARGEST = re.compile(r"Which is the largest: (\d+(?:, \d+)+)\?")
 
 @dataclass(frozen=True)
 class LargestTask(Task):
-    """The largest of ``k`` numbers of exactly ``digits`` digits each ("Which is the largest: 47, 82, 15?" → "82";
-    one-digit numbers are 0-9).
-
-    ``demo_accuracy`` < 1 makes the SFT demonstrations imperfect, as careless human demonstrators are: each one
-    answers the *first* number listed instead of the largest with probability ``1 - demo_accuracy`` (wrong unless
-    the first number is the largest). Only SFT rows change; the checker, pairs and held-out set stay exact."""
+    """The largest of ``k`` numbers of exactly ``digits`` digits each (one-digit numbers are 0-9). ``demo_accuracy``
+    < 1 makes the SFT rows imperfect, as careless human demonstrators are: with probability ``1 - demo_accuracy`` a
+    row answers the *first* number listed; the checker, pairs and held-out set stay exact."""
 
     k: int = 3
     digits: int = 2
@@ -166,11 +159,8 @@ _QUESTION = re.compile(r"What is (-?\d+(?: [+\-] -?\d+)+)\?")
 
 @dataclass(frozen=True)
 class ArithmeticTask(Task):
-    """Addition / subtraction of ``operands`` non-negative integers with 1..``digits`` digits each.
-
-    ``ops`` is a string of operators to draw from ("+", "-" or "+-"). With ``nonnegative`` (default) a two-operand
-    subtraction puts the larger operand first, so every answer is >= 0 (with more operands, ops must be "+").
-    """
+    """Addition / subtraction of ``operands`` non-negative integers with 1..``digits`` digits each, operators drawn
+    from ``ops``; with ``nonnegative`` a two-operand subtraction puts the larger operand first (answers >= 0)."""
 
     digits: int = 2
     ops: str = "+-"
@@ -232,8 +222,7 @@ TASKS = {"arithmetic": ArithmeticTask, "largest": LargestTask}
 
 
 def parse_task_options(text: str, where: str = "--task_options") -> dict:
-    """``"k=3,ops=+-,demo_accuracy=0.4"`` → ``{"k": 3, "ops": "+-", "demo_accuracy": 0.4}`` (numbers become
-    numbers)."""
+    """``"k=3,ops=+-,demo_accuracy=0.4"`` → ``{"k": 3, "ops": "+-", "demo_accuracy": 0.4}``."""
     out: dict = {}
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         key, eq, value = item.partition("=")
@@ -252,23 +241,16 @@ def get_task(name: str, options: str | dict | None = None, **more) -> Task:
         raise UserError(f"--task: unknown task {name!r} (built-in: {', '.join(sorted(TASKS))})")
     opts = {**(parse_task_options(options) if isinstance(options, str) else options or {}), **more}
     cls = TASKS[name]
-    known = set(cls.__dataclass_fields__)
-    for key in opts:
-        if key not in known:
-            raise UserError(f"task {name}: unknown option {key!r} (known: {', '.join(sorted(known))})")
+    known = cls.__dataclass_fields__
+    unknown = [key for key in opts if key not in known]
+    if unknown:
+        raise UserError(f"task {name}: unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
     return cls(**opts)
 
 
-# ---- replies of a chat model to a task's prompts, checked; preference pairs collected the way RLHF collects them ----
-#
-#   pocketgpt pairs --ckpt runs/sft/ckpt --task largest --task_options k=3 --samples 4 --prompts 2000 \
-#       --out pairs_train.jsonl                     # pairs from training prompts (never a held-out one)
-#   pocketgpt pairs ... --split eval --out pairs_heldout.jsonl     # pairs from the task's held-out prompts
-#
-# The model writes ``samples`` sampled replies per prompt; the task's checker labels each; a prompt whose replies
-# are all right (or all wrong) gives no pair; otherwise each distinct wrong reply is paired with a right one
-# (up to ``max_pairs_per_prompt``). Training and held-out pairs come from disjoint prompt sets, so a reward model
-# or DPO trained on the first is measured on prompts it never saw.
+# ---- `pocketgpt pairs`: a chat model's replies to a task's prompts, checked, as preference pairs (the RLHF way);
+# --split train / eval draw from disjoint prompt sets, so a reward model or DPO trained on the first is measured on
+# prompts it never saw.
 
 def sample_replies(model, tokenizer, prompts: list[list[dict]], *, samples: int = 1, max_new_tokens: int = 8,
                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -288,8 +270,7 @@ def sample_replies(model, tokenizer, prompts: list[list[dict]], *, samples: int 
         rows = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
                         top_p=top_p, repetition_penalty=repetition_penalty, n=samples, stop_ids=[end],
                         seed=None if seed is None else seed + b)
-        for j in range(len(chunk)):
-            out.append([tokenizer.decode(rows[j * samples + k]) for k in range(samples)])
+        out += [[tokenizer.decode(rows[j * samples + k]) for k in range(samples)] for j in range(len(chunk))]
     return out
 
 
@@ -310,9 +291,8 @@ def make_pairs(task, prompts: list[list[dict]], replies: list[list[str]], max_pa
         mixed += 1
         for k, rej in enumerate(wrong[:max_pairs_per_prompt]):
             pairs.append({"prompt": prompt, "chosen": right[k % len(right)], "rejected": rej})
-    stats = {"prompts": len(prompts), "replies": n_all, "sample_accuracy": n_right / max(1, n_all),
-             "prompts_with_pairs": mixed, "pairs": len(pairs)}
-    return pairs, stats
+    return pairs, {"prompts": len(prompts), "replies": n_all, "sample_accuracy": n_right / max(1, n_all),
+                   "prompts_with_pairs": mixed, "pairs": len(pairs)}
 
 
 def collect_pairs(ckpt, task, *, split: str = "train", prompts: int | None = None, samples: int = 4,
@@ -343,12 +323,14 @@ def collect_pairs(ckpt, task, *, split: str = "train", prompts: int | None = Non
 
 def configure_cli(name, p) -> None:
     p.add_argument("--ckpt", required=True, help="the chat model that writes the replies (e.g. runs/sft/ckpt)")
-    p.add_argument("--task", default="arithmetic", help=f"built-in checkable task ({', '.join(sorted(TASKS))}; default arithmetic)")
+    p.add_argument("--task", default="arithmetic",
+                   help=f"built-in checkable task ({', '.join(sorted(TASKS))}; default arithmetic)")
     p.add_argument("--task_options", "--task-options", dest="task_options", default="",
                    help="the task's options, name=value separated by commas (e.g. k=3,digits=2)")
     p.add_argument("--split", choices=("train", "eval"), default="train",
                    help="train: prompts drawn from the training problems; eval: the held-out set (default train)")
-    p.add_argument("--prompts", type=int, default=None, help="how many prompts (eval: the first N held-out ones, default the task's n_eval)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="how many prompts (eval: the first N held-out ones, default the task's n_eval)")
     p.add_argument("--samples", type=int, default=4, help="sampled replies per prompt (default 4)")
     p.add_argument("--max-pairs-per-prompt", "--max_pairs_per_prompt", dest="max_pairs_per_prompt", type=int,
                    default=2, help="pairs kept per prompt (default 2)")
