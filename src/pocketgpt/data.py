@@ -72,8 +72,7 @@ def collect_documents(inputs: Sequence[str | os.PathLike], builtins: Sequence[st
                       encoding: str = "utf-8", errors: str = "strict", split_sentences: bool = False,
                       raw: bool = False) -> tuple[list[str], list[dict]]:
     """(documents, sources ``{"path", "sha256", "bytes", "documents"}``) of every input, cleaned unless ``raw``."""
-    docs: list[str] = []
-    sources = []
+    docs, sources = [], []
     for display, path in _resolve_sources(inputs, builtins):
         if path.name.lower().endswith(JSONL_SUFFIXES):
             bundled_chat = display.startswith("builtin:") and path.is_relative_to(ASSETS / "chat")
@@ -255,7 +254,6 @@ class TokenShards:
         directory = Path(directory)
         meta = read_meta(directory)
         self.block_size = int(block_size)
-        self.tokenizer_dir = directory / "tokenizer"
         path = directory / f"{split}.bin"
         counts = meta["counts"]
         if not path.is_file():

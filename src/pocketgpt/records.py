@@ -20,8 +20,7 @@ BUILTINS = {  # bundled corpus → its file or folder under assets/ (assets/READ
     "chat": "chat", "chat_en": "chat/en", "chat_zh": "chat/zh",
     "chatterbot_en": "chat/en/chatterbot_en.jsonl", "chatterbot_zh": "chat/zh/chatterbot_zh.jsonl",
     "dolly": "chat/en/dolly_openqa.jsonl", "chitchat": "chat/en/chitchat.jsonl.gz", "kdconv": "chat/zh/kdconv.jsonl",
-    "prefs": "prefs/hh_rlhf_harmless.jsonl.gz",
-}
+    "prefs": "prefs/hh_rlhf_harmless.jsonl.gz"}
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 ROLES = ("system", "user", "assistant")
@@ -86,9 +85,8 @@ def read_text_file(path: str | os.PathLike, encoding: str = "utf-8", errors: str
         raise UserError(f"--encoding: unknown text encoding {encoding!r}") from None
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        where = " (uncompressed)" if gz else ""
-        raise UserError(f"{path}:{line}: not valid {encoding} text at byte {e.start}{where}; pass --encoding ENC "
-                        "or --errors replace") from None
+        raise UserError(f"{path}:{line}: not valid {encoding} text at byte {e.start}{' (uncompressed)' if gz else ''}; "
+                        "pass --encoding ENC or --errors replace") from None
     return text[1:] if text.startswith("\ufeff") else text
 
 

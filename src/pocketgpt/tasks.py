@@ -1,8 +1,7 @@
 """Built-in verifiable tasks for RL: prompts from a seed, a fixed held-out set disjoint from every training prompt,
 an exact-answer reward, and SFT conversations in the same format (``write_sft_jsonl``). ``largest`` ("Which is the
 largest: 47, 82, 15?" → "82") and ``arithmetic`` ("What is 37 + 58?" → "95"); on a command line
-``--task NAME --task_options k=3,digits=2``.
-"""
+``--task NAME --task_options k=3,digits=2``."""
 
 from __future__ import annotations
 

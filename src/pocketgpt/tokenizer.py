@@ -215,8 +215,7 @@ class Tokenizer:
     @property
     def special_ids(self) -> dict[str, int]:
         """name → id of the chat special tokens this tokenizer has (all six for a trained one; unigram: the last)."""
-        ids = {name: self._hf.token_to_id(name) for name in SPECIAL_TOKENS}
-        return {name: i for name, i in ids.items() if i is not None}
+        return {name: i for name in SPECIAL_TOKENS if (i := self._hf.token_to_id(name)) is not None}
 
     def token_id(self, name: str) -> int:
         """The id of a token (usually a special token such as ``<|end|>``); UserError if it is unknown."""
@@ -231,8 +230,7 @@ class Tokenizer:
         return self.token_id("<|endoftext|>")
 
     @property
-    def pad_id(self) -> int:
-        """``<|pad|>`` if present, else ``<|endoftext|>``."""
+    def pad_id(self) -> int:  # <|pad|>, else <|endoftext|>
         i = self._hf.token_to_id("<|pad|>")
         return self.eos_id if i is None else i
 
