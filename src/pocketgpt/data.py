@@ -57,12 +57,9 @@ def _sha256(path: Path) -> str:
 
 def _resolve_sources(inputs: Sequence[str | os.PathLike], builtins: Sequence[str]) -> list[tuple[str, Path]]:
     """(display name, file) for every input file, builtins first."""
-    sources = []
-    for name in builtins:
-        base = builtin_path(name)
-        for f in expand_inputs([base]):
-            sources.append((f"builtin:{name}" + ("" if f == base else f"/{f.relative_to(base).as_posix()}"), f))
-    sources.extend((str(f), f) for f in expand_inputs(inputs))
+    sources = [(f"builtin:{name}" + ("" if f == base else f"/{f.relative_to(base).as_posix()}"), f)
+               for name in builtins for base in [builtin_path(name)] for f in expand_inputs([base])]
+    sources += [(str(f), f) for f in expand_inputs(inputs)]
     if not sources:
         raise UserError("no inputs: give FILES / folders or --builtin NAME")
     return sources
@@ -129,11 +126,9 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
             raise UserError(f"{name}: must be in [0, 1), got {frac}")
     if val_fraction + test_fraction >= 1.0:
         raise UserError("--val-fraction + --test-fraction must leave documents for training (sum < 1)")
-    tok = None
-    if tokenizer is not None:
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer_for(tokenizer)
-        if "<|endoftext|>" not in tok.special_ids:
-            raise UserError(f"{tokenizer}: the tokenizer has no <|endoftext|> token to separate documents")
+    tok = tokenizer if tokenizer is None or isinstance(tokenizer, Tokenizer) else load_tokenizer_for(tokenizer)
+    if tok is not None and "<|endoftext|>" not in tok.special_ids:
+        raise UserError(f"{tokenizer}: the tokenizer has no <|endoftext|> token to separate documents")
     sources = _resolve_sources(inputs, builtins)
     options = dict(field=field, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                    split_sentences=split_sentences, encoding=encoding, errors=errors)

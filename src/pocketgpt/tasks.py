@@ -192,11 +192,9 @@ class ArithmeticTask(Task):
     def _draw(self, rng: random.Random) -> tuple:
         """A problem as a flat tuple ``(a, op, b[, op, c ...])``."""
         hi, hi2 = 10**self.digits - 1, 10 ** (self.second_digits or self.digits) - 1
-        if self.operands > 2:
-            out: list = [rng.randint(0, hi)]
-            for _ in range(self.operands - 1):
-                out += ["+", rng.randint(0, hi2)]
-            return tuple(out)
+        if self.operands > 2:  # ops is "+"
+            first = rng.randint(0, hi)
+            return first, *(x for _ in range(self.operands - 1) for x in ("+", rng.randint(0, hi2)))
         a, b = rng.randint(0, hi), rng.randint(0, hi2)
         op = rng.choice(self.ops)
         if op == "-" and self.nonnegative and b > a and not self.second_digits:
@@ -207,10 +205,7 @@ class ArithmeticTask(Task):
         return f"What is {' '.join(map(str, problem))}?"
 
     def answer(self, problem: tuple) -> int:
-        total = int(problem[0])
-        for op, x in zip(problem[1::2], problem[2::2]):
-            total = total + int(x) if op == "+" else total - int(x)
-        return total
+        return int(problem[0]) + sum(int(x) if op == "+" else -int(x) for op, x in zip(problem[1::2], problem[2::2]))
 
     def parse(self, question: str) -> tuple | None:
         m = _QUESTION.search(question)

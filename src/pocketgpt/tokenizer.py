@@ -39,13 +39,6 @@ CHAT_TEMPLATE = (
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # words (a leading space attached), each Chinese character alone, single punctuation marks, whitespace runs
 _WORD_PATTERN = r"\p{Han}| ?[[\w']&&[^\p{Han}]]+| ?[^\w\s]|\s+(?!\S)|\s+"
-# why a corpus gave fewer ids than asked (a warning, not an error)
-_SMALL_REASON = {
-    "bpe": "no pair of adjacent tokens is left to merge (every word of the corpus is one token already)",
-    "unigram": "the corpus has no more pieces worth keeping",
-    "char": "that is every distinct character of the corpus plus the special tokens",
-    "word": "that is every distinct word of the corpus (at --min-frequency) plus the special tokens",
-}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -95,13 +88,18 @@ class Tokenizer:
         n = len(SPECIAL_TOKENS)
         chars = set().union(*map(set, texts)) - ({" "} if kind == "unigram" else set())  # unigram: ▁ is the space
         corpus = f"{len(chars)} distinct characters + {n + 1} special tokens of this corpus"
-        need, what = {"bpe": (256 + n, f"256 byte symbols + {n} special tokens a byte-level BPE needs"),
-                      "unigram": (len(chars) + n + 2, corpus),  # + <unk> + ▁
-                      "char": (len(chars) + n + 1, corpus),
-                      "word": (n + 2, f"{n + 1} special tokens")}[kind]
+        # the smallest vocabulary, what it holds, and why a corpus may give fewer ids than asked (a warning)
+        need, what, why = {
+            "bpe": (256 + n, f"256 byte symbols + {n} special tokens a byte-level BPE needs",
+                    "no pair of adjacent tokens is left to merge (every word of the corpus is one token already)"),
+            "unigram": (len(chars) + n + 2, corpus, "the corpus has no more pieces worth keeping"),  # + <unk> + ▁
+            "char": (len(chars) + n + 1, corpus,
+                     "that is every distinct character of the corpus plus the special tokens"),
+            "word": (n + 2, f"{n + 1} special tokens",
+                     "that is every distinct word of the corpus (at --min-frequency) plus the special tokens")}[kind]
         if vocab_size is not None and vocab_size < need:
-            hint = "; or omit it" if kind == "char" else ""
-            raise UserError(f"--vocab-size: {vocab_size} is below the {what} (minimum {need}{hint})")
+            raise UserError(f"--vocab-size: {vocab_size} is below the {what} (minimum {need}"
+                            f"{'; or omit it' if kind == 'char' else ''})")
 
         trainer = None
         if kind == "bpe":
@@ -139,7 +137,7 @@ class Tokenizer:
         tok = cls(hf, kind)
         if vocab_size is not None and tok.vocab_size < vocab_size:
             warnings.warn(f"vocabulary has {tok.vocab_size} ids, not the {vocab_size} asked for: "
-                          f"{_SMALL_REASON[kind]}; a larger corpus gives more", stacklevel=2)
+                          f"{why}; a larger corpus gives more", stacklevel=2)
         return tok
 
     @classmethod
@@ -302,8 +300,7 @@ def _parallel_map(fn, texts: list[str]) -> list:
     step = -(-len(texts) // (4 * threads))
     chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
     with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(lambda chunk: [fn(t) for t in chunk], chunks))
-    return [ids for part in parts for ids in part]
+        return [ids for part in pool.map(lambda chunk: [fn(t) for t in chunk], chunks) for ids in part]
 
 
 def _tiktoken_core(hf: HFTokenizer):
