@@ -84,8 +84,7 @@ class Task:
             raise ValueError(f"not a {self.name} question: {prompt[-1]['content'] if prompt else prompt!r}")
         return self.answer(problem)
 
-    def reward(self, prompt: list[dict], reply: str) -> float:
-        """Exact-answer reward: 1.0 if the first integer in the reply equals the answer, else 0.0."""
+    def reward(self, prompt: list[dict], reply: str) -> float:  # exact answer: the reply's first integer
         return 1.0 if first_integer(reply) == self.target(prompt) else 0.0
 
     def demo_answer(self, problem: tuple, rng: random.Random) -> int:
@@ -215,13 +214,13 @@ class ArithmeticTask(Task):
 TASKS = {"arithmetic": ArithmeticTask, "largest": LargestTask}
 
 
-def parse_task_options(text: str, where: str = "--task_options") -> dict:
+def parse_task_options(text: str) -> dict:
     """``"k=3,ops=+-,demo_accuracy=0.4"`` → ``{"k": 3, "ops": "+-", "demo_accuracy": 0.4}``."""
     out: dict = {}
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise UserError(f"{where}: expected name=value items separated by commas, got {item!r}")
+            raise UserError(f"--task_options: expected name=value items separated by commas, got {item!r}")
         value = value.strip()
         out[key.strip()] = (int(value) if re.fullmatch(r"-?\d+", value)
                             else float(value) if re.fullmatch(r"-?\d*\.\d+", value) else value)
@@ -247,23 +246,18 @@ def get_task(name: str, options: str | dict | None = None, **more) -> Task:
 # prompts it never saw.
 
 def sample_replies(model, tokenizer, prompts: list[list[dict]], *, samples: int = 1, max_new_tokens: int = 8,
-                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                   repetition_penalty: float = 1.0, seed: int | None = 0, batch_prompts: int = 64) -> list[list[str]]:
+                   temperature: float = 1.0, top_k: int | None = None, seed: int | None = 0) -> list[list[str]]:
     """``samples`` replies (text, without ``<|end|>``) per prompt through the engine; ``temperature=0`` is greedy.
-
-    Prompts go in batches of ``batch_prompts``; each batch gets its own seed (``seed + batch index``), so the
-    replies do not depend on how many prompts come after."""
+    Prompts go 64 at a time, batch ``b`` seeded by ``seed + b``, so a reply does not depend on the prompts after it."""
     from .chat import render, stop_id
     from .engine import generate
 
-    end = stop_id(tokenizer)
     out: list[list[str]] = []
-    for b, i in enumerate(range(0, len(prompts), batch_prompts)):
-        chunk = prompts[i: i + batch_prompts]
+    for b, i in enumerate(range(0, len(prompts), 64)):
+        chunk = prompts[i: i + 64]
         ids = [render(p, tokenizer, add_generation_prompt=True)[0] for p in chunk]
         rows = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
-                        top_p=top_p, repetition_penalty=repetition_penalty, n=samples, stop_ids=[end],
-                        seed=None if seed is None else seed + b)
+                        n=samples, stop_ids=[stop_id(tokenizer)], seed=None if seed is None else seed + b)
         out += [[tokenizer.decode(rows[j * samples + k]) for k in range(samples)] for j in range(len(chunk))]
     return out
 
@@ -275,8 +269,7 @@ def make_pairs(task, prompts: list[list[dict]], replies: list[list[str]], max_pa
     n_right = n_all = mixed = 0
     for prompt, reps in zip(prompts, replies):
         right = [r for r in reps if task.reward(prompt, r) > 0]
-        # distinct wrong replies, first-seen order; a blank reply is wrong but cannot be a pair's side (the pairs
-        # format, as rm and dpo read it, wants text on both sides)
+        # distinct wrong replies, first-seen order; a blank one makes no pair (rm and dpo want text on both sides)
         wrong = list(dict.fromkeys(r for r in reps if task.reward(prompt, r) <= 0 and r.strip()))
         n_right += len(right)
         n_all += len(reps)
