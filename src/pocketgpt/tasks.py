@@ -1,7 +1,6 @@
-"""Built-in verifiable tasks for RL: prompts from a seed, a fixed held-out set disjoint from every training prompt,
-an exact-answer reward, and SFT conversations in the same format (``write_sft_jsonl``). ``largest`` ("Which is the
-largest: 47, 82, 15?" → "82") and ``arithmetic`` ("What is 37 + 58?" → "95"); on a command line
-``--task NAME --task_options k=3,digits=2``."""
+"""Built-in verifiable tasks for RL: seeded prompts, a fixed held-out set disjoint from every training prompt, an
+exact-answer reward and SFT rows: ``largest`` ("Which is the largest: 47, 82, 15?" → "82") and ``arithmetic`` ("What
+is 37 + 58?" → "95"); on a command line ``--task NAME --task_options k=3,digits=2``."""
 
 from __future__ import annotations
 
@@ -228,8 +227,7 @@ def parse_task_options(text: str) -> dict:
 
 
 def get_task(name: str, options: str | dict | None = None, **more) -> Task:
-    """Build a built-in task by name from options (a dict or ``"k=3,digits=2"``, plus keywords); unknown names /
-    options are a ``UserError`` naming them."""
+    """A built-in task by name from options (a dict or ``"k=3,digits=2"``, plus keywords); unknown ones: UserError."""
     if name not in TASKS:
         raise UserError(f"--task: unknown task {name!r} (built-in: {', '.join(sorted(TASKS))})")
     opts = {**(parse_task_options(options) if isinstance(options, str) else options or {}), **more}
