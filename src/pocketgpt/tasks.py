@@ -30,6 +30,11 @@ class Task:
     name = ""
     n_eval: int
 
+    def _need_int(self, key: str, lo: int, hi: int, hi_text: str = "") -> None:
+        value = getattr(self, key)
+        if not isinstance(value, int) or not lo <= value <= hi:
+            raise UserError(f"task {self.name}: {key} must be an integer in {lo}..{hi_text or hi}, got {value!r}")
+
     def _check_n_eval(self) -> None:
         if self.n_eval == 0:  # the default: 64 held-out prompts, fewer when the task has fewer problems
             object.__setattr__(self, "n_eval", min(64, self.held_out_pool))
@@ -121,10 +126,8 @@ class LargestTask(Task):
     name = "largest"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or not 2 <= self.k <= 10:
-            raise UserError(f"task largest: k must be an integer in 2..10, got {self.k!r}")
-        if not isinstance(self.digits, int) or not 1 <= self.digits <= 6:
-            raise UserError(f"task largest: digits must be an integer in 1..6, got {self.digits!r}")
+        self._need_int("k", 2, 10)
+        self._need_int("digits", 1, 6)
         if not isinstance(self.demo_accuracy, (int, float)) or not 0 <= self.demo_accuracy <= 1:
             raise UserError(f"task largest: demo_accuracy must be a number in 0..1, got {self.demo_accuracy!r}")
         self._check_n_eval()
@@ -169,15 +172,11 @@ class ArithmeticTask(Task):
     name = "arithmetic"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.digits, int) or not 1 <= self.digits <= 9:
-            raise UserError(f"task arithmetic: digits must be an integer in 1..9, got {self.digits!r}")
+        self._need_int("digits", 1, 9)
         if not isinstance(self.ops, str) or not self.ops or any(op not in "+-" for op in self.ops):
             raise UserError(f"task arithmetic: ops must be made of '+' and '-', got {self.ops!r}")
-        if not isinstance(self.operands, int) or not 2 <= self.operands <= 6:
-            raise UserError(f"task arithmetic: operands must be an integer in 2..6, got {self.operands!r}")
-        if not isinstance(self.second_digits, int) or not 0 <= self.second_digits <= self.digits:
-            raise UserError(f"task arithmetic: second_digits must be an integer in 0..digits ({self.digits}), "
-                            f"got {self.second_digits!r}")
+        self._need_int("operands", 2, 6)
+        self._need_int("second_digits", 0, self.digits, f"digits ({self.digits})")
         if self.operands > 2 and self.ops != "+":
             raise UserError(f"task arithmetic: with {self.operands} operands ops must be '+', got {self.ops!r}")
         self._check_n_eval()
