@@ -16,12 +16,6 @@ _FIRST_INT = re.compile(r"-?\d+")
 EVAL_SEED = 1_000_003  # the held-out set is always drawn from this seed
 
 
-def first_integer(text: str) -> int | None:
-    """The first integer written in ``text`` (a leading '-' counts), or None."""
-    m = _FIRST_INT.search(text)
-    return int(m.group()) if m else None
-
-
 class Task:
     """What every task shares: the held-out pool, training prompts that avoid it, the exact-answer reward, SFT rows.
     A task is a frozen dataclass of its options (``n_eval`` among them) that implements ``num_problems``,
@@ -88,8 +82,10 @@ class Task:
             raise ValueError(f"not a {self.name} question: {prompt[-1]['content'] if prompt else prompt!r}")
         return self.answer(problem)
 
-    def reward(self, prompt: list[dict], reply: str) -> float:  # exact answer: the reply's first integer
-        return 1.0 if first_integer(reply) == self.target(prompt) else 0.0
+    def reward(self, prompt: list[dict], reply: str) -> float:
+        """1.0 if the first integer written in the reply (a leading '-' counts) is the answer, else 0.0."""
+        m = _FIRST_INT.search(reply)
+        return 1.0 if (int(m.group()) if m else None) == self.target(prompt) else 0.0
 
     def demo_answer(self, problem: tuple, rng: random.Random) -> int:
         """The demonstrator's answer in SFT rows: the right one (a task with an imperfect demonstrator overrides)."""

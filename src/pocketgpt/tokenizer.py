@@ -155,8 +155,7 @@ class Tokenizer:
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             hf, kind = _gpt2_from_files(path), "gpt2"
         else:
-            raise UserError(f"{path}: no tokenizer found (no tokenizer.json or vocab.json + merges.txt in this "
-                            "directory)")
+            raise UserError(f"{path}: no tokenizer found (no tokenizer.json, nor vocab.json + merges.txt)")
         return cls(hf, kind)
 
     def save(self, path: str | os.PathLike) -> None:
