@@ -38,9 +38,8 @@ class Task:
 
     @property
     def held_out_pool(self) -> int:
-        """How many problems are reserved for evaluation, whatever ``n_eval`` is: training prompts never come from
-        this pool, so a stage evaluating fewer prompts (a PPO monitoring 64) still never trains on a problem that
-        another stage evaluates (the report's 400). ``eval_prompts`` are the first ``n_eval`` of the pool."""
+        """Problems reserved for evaluation whatever ``n_eval`` is (``eval_prompts`` are its first ``n_eval``), so no
+        stage trains on a problem that another stage evaluates (a PPO monitoring 64, the report's 400)."""
         return min(self.num_problems // 2, 1000)
 
     def _draw_n(self, seed: int, n: int, unique: bool, skip: set = frozenset()) -> list[tuple]:
