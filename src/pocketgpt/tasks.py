@@ -265,11 +265,10 @@ def make_pairs(task, prompts: list[list[dict]], replies: list[list[str]], max_pa
         wrong = list(dict.fromkeys(r for r in reps if task.reward(prompt, r) <= 0 and r.strip()))
         n_right += len(right)
         n_all += len(reps)
-        if not right or not wrong:
-            continue
-        mixed += 1
-        for k, rej in enumerate(wrong[:max_pairs_per_prompt]):
-            pairs.append({"prompt": prompt, "chosen": right[k % len(right)], "rejected": rej})
+        if right and wrong:
+            mixed += 1
+            pairs += [{"prompt": prompt, "chosen": right[k % len(right)], "rejected": rej}
+                      for k, rej in enumerate(wrong[:max_pairs_per_prompt])]
     return pairs, {"prompts": len(prompts), "replies": n_all, "sample_accuracy": n_right / max(1, n_all),
                    "prompts_with_pairs": mixed, "pairs": len(pairs)}
 
