@@ -15,8 +15,7 @@ import numpy as np
 
 from .errors import UserError
 from .io import atomic_dir, read_json, write_json
-from .records import ASSETS, JSONL_SUFFIXES, builtin_path, expand_inputs, read, read_text_file
-from .records import split as _split
+from .records import ASSETS, JSONL_SUFFIXES, builtin_path, expand_inputs, read, read_text_file, split as _split
 from .tokenizer import Tokenizer, load_tokenizer_for
 
 PREPARE_FORMAT = 2  # 2: documents split by records.split

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
-from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import UserError
 from .io import atomic_dir, read_json, write_json
