@@ -10,7 +10,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import UserError
 
@@ -90,9 +90,8 @@ def read_text_file(path: str | os.PathLike, encoding: str = "utf-8", errors: str
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def read(sources, parse: Optional[Callable[[Any, str], Any]] = None, *, what: Optional[str] = None,
-         skip_bad: bool = False, report: Optional[Callable[[str], None]] = None, encoding: str = "utf-8",
-         errors: str = "strict") -> list:
+def read(sources, parse: Callable[[Any, str], Any] | None = None, *, what: str | None = None, skip_bad: bool = False,
+         report: Callable[[str], None] | None = None, encoding: str = "utf-8", errors: str = "strict") -> list:
     """``parse(value, "file:line")`` of every non-blank line of every file of ``sources``, in order (without
     ``parse``: ``(line_number, value)``). ``skip_bad``: bad lines are counted through ``report``, not raised; with
     ``what`` (e.g. ``"conversations"``) a file that gives none is an error."""
@@ -211,8 +210,8 @@ def read_prompts(sources, **options) -> tuple[list[list[dict]], list[str]]:
     return [p for p, _ in rows], [w for _, w in rows]
 
 
-def split(items: Sequence, fraction: float = 0.0, seed: int = 0, *, most: Optional[int] = None,
-          count: Optional[int] = None, tail: bool = False) -> tuple[list, list]:
+def split(items: Sequence, fraction: float = 0.0, seed: int = 0, *, most: int | None = None,
+          count: int | None = None, tail: bool = False) -> tuple[list, list]:
     """``(train, held_out)`` in the order of ``items``: ``count`` (or ``round(fraction × n)``, ≥ 1 if fraction > 0,
     ≤ ``most``) held out, ≥ 1 kept; the first of a seeded shuffle, so a larger held-out set contains a smaller one.
     ``tail``: the last items as slices (a string stays a string), train keeping ``int(n × (1 - fraction))``."""
@@ -238,7 +237,7 @@ def fit(prompt: Sequence[int], limit: int, *replies) -> tuple[list[int], ...]:
     return ([int(t) for t in prompt[-keep:]], *replies)
 
 
-def pad(rows: Sequence[Sequence[int]], value: int, width: Optional[int] = None):
+def pad(rows: Sequence[Sequence[int]], value: int, width: int | None = None):
     """Right-padded ``(len(rows), width)`` int64 tensor (``width``: the longest row, at least 1)."""
     import torch
 

@@ -227,8 +227,7 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:  # <|pad|>, else <|endoftext|>
-        i = self._hf.token_to_id("<|pad|>")
-        return self.eos_id if i is None else i
+        return self.eos_id if (i := self._hf.token_to_id("<|pad|>")) is None else i
 
     @cached_property
     def fingerprint(self) -> str:
