@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .io import atomic_write_text, write_json
 
 _FIRST_INT = re.compile(r"-?\d+")
 EVAL_SEED = 1_000_003  # the held-out set is always drawn from this seed
@@ -97,8 +99,6 @@ class Task:
                 for p in self._train_problems(n, seed)]
 
     def write_sft_jsonl(self, path: str | Path, n: int, seed: int = 0) -> Path:
-        from .io import atomic_write_text
-
         lines = [json.dumps(c, ensure_ascii=False) for c in self.sft_conversations(n, seed)]
         atomic_write_text(path, "\n".join(lines) + "\n")
         return Path(path)
@@ -323,10 +323,6 @@ def configure_cli(name, p) -> None:
 
 
 def _pairs_cli(args) -> int:
-    import sys
-
-    from .io import atomic_write_text, write_json
-
     task = get_task(args.task, args.task_options)
     pairs, stats = collect_pairs(args.ckpt, task, split=args.split, prompts=args.prompts, samples=args.samples,
                                  max_pairs_per_prompt=args.max_pairs_per_prompt, max_new_tokens=args.max_new_tokens,
