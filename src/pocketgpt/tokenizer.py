@@ -28,12 +28,10 @@ TOKENIZER_FILES = {"tokenizer.json", META_FILE, "vocab.json", "merges.txt", "tok
 
 # The Jinja twin of ``chat.render`` for exported tokenizers (the tests compare both on every tokenizer kind)
 CHAT_TEMPLATE = (
-    "{{ '<|endoftext|>' }}{% for m in messages %}"
-    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ '<|endoftext|>' }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('unknown role ' + m['role'] + ' (expected system, user or assistant)') }}{% endif %}"
     "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 # GPT-2's pre-tokenizer split (what HF's ByteLevel(use_regex=True) applies)
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # words (a leading space attached), each Chinese character alone, single punctuation marks, whitespace runs
