@@ -148,8 +148,7 @@ def check_messages(messages, where: str = "messages", *, need_assistant: bool = 
 def conversation(value, where: str) -> list[dict]:
     """A ``{"messages": [...]}`` record with at least one assistant turn."""
     if not isinstance(value, dict) or "messages" not in value:
-        raise UserError(f"{where}: missing 'messages' "
-                        f"(expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}})")
+        raise UserError(f'{where}: missing \'messages\' (expected {{"messages": [{{"role": ..., "content": ...}}]}})')
     return check_messages(value["messages"], where, need_assistant=True)
 
 
