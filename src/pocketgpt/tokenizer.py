@@ -210,8 +210,7 @@ class Tokenizer:
 
     def token_id(self, name: str) -> int:
         """The id of a token (usually a special token such as ``<|end|>``); UserError if it is unknown."""
-        i = self._hf.token_to_id(name)
-        if i is None:
+        if (i := self._hf.token_to_id(name)) is None:
             raise UserError(f"tokenizer has no token {name!r} (a GPT-2 tokenizer needs add_special_tokens() "
                             f"for the chat tokens)")
         return i
