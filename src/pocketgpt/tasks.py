@@ -55,7 +55,7 @@ class Task:
 
     def _eval_problems(self, n: int | None = None) -> list[tuple]:
         """The first ``n`` distinct problems of the held-out pool (default: the whole pool)."""
-        return self._draw_n(EVAL_SEED, min(n or self.held_out_pool, self.held_out_pool), True)
+        return self._draw_n(EVAL_SEED, min(n or self.held_out_pool, self.held_out_pool), unique=True)
 
     def _train_problems(self, n: int, seed: int, unique: bool = False) -> list[tuple]:
         """Repeats allowed unless ``unique`` (small problem spaces), held-out problems never."""
@@ -225,12 +225,11 @@ def get_task(name: str, options: str | dict | None = None, **more) -> Task:
     if name not in TASKS:
         raise UserError(f"--task: unknown task {name!r} (built-in: {', '.join(sorted(TASKS))})")
     opts = {**(parse_task_options(options) if isinstance(options, str) else options or {}), **more}
-    cls = TASKS[name]
-    known = cls.__dataclass_fields__
+    known = TASKS[name].__dataclass_fields__
     unknown = [key for key in opts if key not in known]
     if unknown:
         raise UserError(f"task {name}: unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    return cls(**opts)
+    return TASKS[name](**opts)
 
 
 # ---- `pocketgpt pairs`: a chat model's replies to a task's prompts, checked, as preference pairs (the RLHF way);
