@@ -178,8 +178,7 @@ class ArithmeticTask(Task):
 
     @property
     def num_problems(self) -> int:
-        n, m = 10**self.digits, 10 ** (self.second_digits or self.digits)
-        return n * m ** (self.operands - 1) * len(set(self.ops)) ** (self.operands - 1)
+        return 10**self.digits * (10 ** (self.second_digits or self.digits) * len(set(self.ops))) ** (self.operands - 1)
 
     def _draw(self, rng: random.Random) -> tuple:
         """A problem as a flat tuple ``(a, op, b[, op, c ...])``."""
