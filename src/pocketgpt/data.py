@@ -15,8 +15,7 @@ import numpy as np
 
 from .errors import UserError
 from .io import atomic_dir, read_json, write_json
-from .records import ASSETS, JSONL_SUFFIXES, builtin_path, expand_inputs, read, read_text_file
-from .records import split as _split
+from .records import ASSETS, JSONL_SUFFIXES, builtin_path, expand_inputs, read, read_text_file, split as _split
 from .tokenizer import Tokenizer, load_tokenizer_for
 
 PREPARE_FORMAT = 2  # 2: documents split by records.split
@@ -57,12 +56,9 @@ def _sha256(path: Path) -> str:
 
 def _resolve_sources(inputs: Sequence[str | os.PathLike], builtins: Sequence[str]) -> list[tuple[str, Path]]:
     """(display name, file) for every input file, builtins first."""
-    sources = []
-    for name in builtins:
-        base = builtin_path(name)
-        for f in expand_inputs([base]):
-            sources.append((f"builtin:{name}" + ("" if f == base else f"/{f.relative_to(base).as_posix()}"), f))
-    sources.extend((str(f), f) for f in expand_inputs(inputs))
+    sources = [(f"builtin:{name}" + ("" if f == base else f"/{f.relative_to(base).as_posix()}"), f)
+               for name in builtins for base in [builtin_path(name)] for f in expand_inputs([base])]
+    sources += [(str(f), f) for f in expand_inputs(inputs)]
     if not sources:
         raise UserError("no inputs: give FILES / folders or --builtin NAME")
     return sources
@@ -72,8 +68,7 @@ def collect_documents(inputs: Sequence[str | os.PathLike], builtins: Sequence[st
                       encoding: str = "utf-8", errors: str = "strict", split_sentences: bool = False,
                       raw: bool = False) -> tuple[list[str], list[dict]]:
     """(documents, sources ``{"path", "sha256", "bytes", "documents"}``) of every input, cleaned unless ``raw``."""
-    docs: list[str] = []
-    sources = []
+    docs, sources = [], []
     for display, path in _resolve_sources(inputs, builtins):
         if path.name.lower().endswith(JSONL_SUFFIXES):
             bundled_chat = display.startswith("builtin:") and path.is_relative_to(ASSETS / "chat")
@@ -130,11 +125,9 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
             raise UserError(f"{name}: must be in [0, 1), got {frac}")
     if val_fraction + test_fraction >= 1.0:
         raise UserError("--val-fraction + --test-fraction must leave documents for training (sum < 1)")
-    tok = None
-    if tokenizer is not None:
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer_for(tokenizer)
-        if "<|endoftext|>" not in tok.special_ids:
-            raise UserError(f"{tokenizer}: the tokenizer has no <|endoftext|> token to separate documents")
+    tok = tokenizer if tokenizer is None or isinstance(tokenizer, Tokenizer) else load_tokenizer_for(tokenizer)
+    if tok is not None and "<|endoftext|>" not in tok.special_ids:
+        raise UserError(f"{tokenizer}: the tokenizer has no <|endoftext|> token to separate documents")
     sources = _resolve_sources(inputs, builtins)
     options = dict(field=field, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                    split_sentences=split_sentences, encoding=encoding, errors=errors)
@@ -255,7 +248,6 @@ class TokenShards:
         directory = Path(directory)
         meta = read_meta(directory)
         self.block_size = int(block_size)
-        self.tokenizer_dir = directory / "tokenizer"
         path = directory / f"{split}.bin"
         counts = meta["counts"]
         if not path.is_file():

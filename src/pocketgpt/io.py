@@ -1,5 +1,4 @@
-"""Atomic writes (a reader sees the old file or directory or the complete new one, never half of it) and text /
-JSON reading whose errors name the file."""
+"""Atomic writes (a reader sees the old file or directory or the complete new one) and reads whose errors name it."""
 
 from __future__ import annotations
 
@@ -22,8 +21,7 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to ``path``; on success it replaces ``path`` in one rename (if the body
-    raises, or the process dies, ``path`` is untouched)."""
+    """A temporary directory next to ``path`` that replaces it in one rename if the body succeeds (else: untouched)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))

@@ -10,7 +10,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import UserError
 
@@ -20,8 +20,7 @@ BUILTINS = {  # bundled corpus → its file or folder under assets/ (assets/READ
     "chat": "chat", "chat_en": "chat/en", "chat_zh": "chat/zh",
     "chatterbot_en": "chat/en/chatterbot_en.jsonl", "chatterbot_zh": "chat/zh/chatterbot_zh.jsonl",
     "dolly": "chat/en/dolly_openqa.jsonl", "chitchat": "chat/en/chitchat.jsonl.gz", "kdconv": "chat/zh/kdconv.jsonl",
-    "prefs": "prefs/hh_rlhf_harmless.jsonl.gz",
-}
+    "prefs": "prefs/hh_rlhf_harmless.jsonl.gz"}
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 ROLES = ("system", "user", "assistant")
@@ -86,15 +85,13 @@ def read_text_file(path: str | os.PathLike, encoding: str = "utf-8", errors: str
         raise UserError(f"--encoding: unknown text encoding {encoding!r}") from None
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        where = " (uncompressed)" if gz else ""
-        raise UserError(f"{path}:{line}: not valid {encoding} text at byte {e.start}{where}; pass --encoding ENC "
-                        "or --errors replace") from None
+        raise UserError(f"{path}:{line}: not valid {encoding} text at byte {e.start}{' (uncompressed)' if gz else ''}; "
+                        "pass --encoding ENC or --errors replace") from None
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def read(sources, parse: Optional[Callable[[Any, str], Any]] = None, *, what: Optional[str] = None,
-         skip_bad: bool = False, report: Optional[Callable[[str], None]] = None, encoding: str = "utf-8",
-         errors: str = "strict") -> list:
+def read(sources, parse: Callable[[Any, str], Any] | None = None, *, what: str | None = None, skip_bad: bool = False,
+         report: Callable[[str], None] | None = None, encoding: str = "utf-8", errors: str = "strict") -> list:
     """``parse(value, "file:line")`` of every non-blank line of every file of ``sources``, in order (without
     ``parse``: ``(line_number, value)``). ``skip_bad``: bad lines are counted through ``report``, not raised; with
     ``what`` (e.g. ``"conversations"``) a file that gives none is an error."""
@@ -151,8 +148,7 @@ def check_messages(messages, where: str = "messages", *, need_assistant: bool = 
 def conversation(value, where: str) -> list[dict]:
     """A ``{"messages": [...]}`` record with at least one assistant turn."""
     if not isinstance(value, dict) or "messages" not in value:
-        raise UserError(f"{where}: missing 'messages' "
-                        f"(expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}})")
+        raise UserError(f'{where}: missing \'messages\' (expected {{"messages": [{{"role": ..., "content": ...}}]}})')
     return check_messages(value["messages"], where, need_assistant=True)
 
 
@@ -177,10 +173,8 @@ def pair(value, where: str) -> Pair:
                         f"(use [{{\"role\": \"user\", \"content\": ...}}])")
     prompt = check_messages(value["prompt"], where)
     for key in ("chosen", "rejected"):
-        if not isinstance(value[key], str):
-            raise UserError(f"{where}: '{key}' must be a string")
-        if not value[key].strip():
-            raise UserError(f"{where}: '{key}' is empty")
+        if not isinstance(value[key], str) or not value[key].strip():
+            raise UserError(f"{where}: '{key}' " + ("is empty" if isinstance(value[key], str) else "must be a string"))
     return Pair(prompt, value["chosen"], value["rejected"], where)
 
 
@@ -215,8 +209,8 @@ def read_prompts(sources, **options) -> tuple[list[list[dict]], list[str]]:
     return [p for p, _ in rows], [w for _, w in rows]
 
 
-def split(items: Sequence, fraction: float = 0.0, seed: int = 0, *, most: Optional[int] = None,
-          count: Optional[int] = None, tail: bool = False) -> tuple[list, list]:
+def split(items: Sequence, fraction: float = 0.0, seed: int = 0, *, most: int | None = None,
+          count: int | None = None, tail: bool = False) -> tuple[list, list]:
     """``(train, held_out)`` in the order of ``items``: ``count`` (or ``round(fraction × n)``, ≥ 1 if fraction > 0,
     ≤ ``most``) held out, ≥ 1 kept; the first of a seeded shuffle, so a larger held-out set contains a smaller one.
     ``tail``: the last items as slices (a string stays a string), train keeping ``int(n × (1 - fraction))``."""
@@ -242,7 +236,7 @@ def fit(prompt: Sequence[int], limit: int, *replies) -> tuple[list[int], ...]:
     return ([int(t) for t in prompt[-keep:]], *replies)
 
 
-def pad(rows: Sequence[Sequence[int]], value: int, width: Optional[int] = None):
+def pad(rows: Sequence[Sequence[int]], value: int, width: int | None = None):
     """Right-padded ``(len(rows), width)`` int64 tensor (``width``: the longest row, at least 1)."""
     import torch
 

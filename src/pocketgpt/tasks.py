@@ -1,27 +1,21 @@
-"""Built-in verifiable tasks for RL: prompts from a seed, a fixed held-out set disjoint from every training prompt,
-an exact-answer reward, and SFT conversations in the same format (``write_sft_jsonl``). ``largest`` ("Which is the
-largest: 47, 82, 15?" → "82") and ``arithmetic`` ("What is 37 + 58?" → "95"); on a command line
-``--task NAME --task_options k=3,digits=2``.
-"""
+"""Built-in verifiable tasks for RL: seeded prompts, a fixed held-out set disjoint from every training prompt, an
+exact-answer reward and SFT rows: ``largest`` ("Which is the largest: 47, 82, 15?" → "82") and ``arithmetic`` ("What
+is 37 + 58?" → "95"); on a command line ``--task NAME --task_options k=3,digits=2``."""
 
 from __future__ import annotations
 
 import json
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .io import atomic_write_text, write_json
 
 _FIRST_INT = re.compile(r"-?\d+")
 EVAL_SEED = 1_000_003  # the held-out set is always drawn from this seed
-
-
-def first_integer(text: str) -> int | None:
-    """The first integer written in ``text`` (a leading '-' counts), or None."""
-    m = _FIRST_INT.search(text)
-    return int(m.group()) if m else None
 
 
 class Task:
@@ -32,6 +26,11 @@ class Task:
     name = ""
     n_eval: int
 
+    def _need_int(self, key: str, lo: int, hi: int, hi_text: str = "") -> None:
+        value = getattr(self, key)
+        if not isinstance(value, int) or not lo <= value <= hi:
+            raise UserError(f"task {self.name}: {key} must be an integer in {lo}..{hi_text or hi}, got {value!r}")
+
     def _check_n_eval(self) -> None:
         if self.n_eval == 0:  # the default: 64 held-out prompts, fewer when the task has fewer problems
             object.__setattr__(self, "n_eval", min(64, self.held_out_pool))
@@ -41,35 +40,30 @@ class Task:
 
     @property
     def held_out_pool(self) -> int:
-        """How many problems are reserved for evaluation, whatever ``n_eval`` is: training prompts never come from
-        this pool, so a stage evaluating fewer prompts (a PPO monitoring 64) still never trains on a problem that
-        another stage evaluates (the report's 400). ``eval_prompts`` are the first ``n_eval`` of the pool."""
+        """Problems reserved for evaluation whatever ``n_eval`` is (``eval_prompts`` are its first ``n_eval``), so no
+        stage trains on a problem that another stage evaluates (a PPO monitoring 64, the report's 400)."""
         return min(self.num_problems // 2, 1000)
 
-    def _eval_problems(self, n: int | None = None) -> list[tuple]:
-        """The first ``n`` problems of the held-out pool (default: the whole pool)."""
-        rng, seen, out = random.Random(EVAL_SEED), set(), []
-        want = min(n or self.held_out_pool, self.held_out_pool)
-        while len(out) < want:
+    def _draw_n(self, seed: int, n: int, unique: bool, skip: set = frozenset()) -> list[tuple]:
+        rng, out, seen = random.Random(seed), [], set()
+        while len(out) < n:
             p = self._draw(rng)
-            if p not in seen:
+            if p not in skip and not (unique and p in seen):
                 seen.add(p)
                 out.append(p)
         return out
 
+    def _eval_problems(self, n: int | None = None) -> list[tuple]:
+        """The first ``n`` distinct problems of the held-out pool (default: the whole pool)."""
+        return self._draw_n(EVAL_SEED, min(n or self.held_out_pool, self.held_out_pool), unique=True)
+
     def _train_problems(self, n: int, seed: int, unique: bool = False) -> list[tuple]:
+        """Repeats allowed unless ``unique`` (small problem spaces), held-out problems never."""
         held_out = set(self._eval_problems())
         if unique and n > self.num_problems - len(held_out):
             raise UserError(f"task {self.name}: only {self.num_problems - len(held_out)} distinct training problems "
                             f"exist for these options, {n} asked for")
-        rng, out, seen = random.Random(seed), [], set()
-        while len(out) < n:  # repeats allowed unless unique (small problem spaces), held-out problems never
-            p = self._draw(rng)
-            if p in held_out or (unique and p in seen):
-                continue
-            seen.add(p)
-            out.append(p)
-        return out
+        return self._draw_n(seed, n, unique, held_out)
 
     def _prompt(self, problem: tuple) -> list[dict]:
         return [{"role": "user", "content": self.question(problem)}]
@@ -90,8 +84,9 @@ class Task:
         return self.answer(problem)
 
     def reward(self, prompt: list[dict], reply: str) -> float:
-        """Exact-answer reward: 1.0 if the first integer in the reply equals the answer, else 0.0."""
-        return 1.0 if first_integer(reply) == self.target(prompt) else 0.0
+        """1.0 if the first integer written in the reply (a leading '-' counts) is the answer, else 0.0."""
+        m = _FIRST_INT.search(reply)
+        return 1.0 if (int(m.group()) if m else None) == self.target(prompt) else 0.0
 
     def demo_answer(self, problem: tuple, rng: random.Random) -> int:
         """The demonstrator's answer in SFT rows: the right one (a task with an imperfect demonstrator overrides)."""
@@ -104,8 +99,6 @@ class Task:
                 for p in self._train_problems(n, seed)]
 
     def write_sft_jsonl(self, path: str | Path, n: int, seed: int = 0) -> Path:
-        from .io import atomic_write_text
-
         lines = [json.dumps(c, ensure_ascii=False) for c in self.sft_conversations(n, seed)]
         atomic_write_text(path, "\n".join(lines) + "\n")
         return Path(path)
@@ -116,12 +109,9 @@ _LARGEST = re.compile(r"Which is the largest: (\d+(?:, \d+)+)\?")
 
 @dataclass(frozen=True)
 class LargestTask(Task):
-    """The largest of ``k`` numbers of exactly ``digits`` digits each ("Which is the largest: 47, 82, 15?" → "82";
-    one-digit numbers are 0-9).
-
-    ``demo_accuracy`` < 1 makes the SFT demonstrations imperfect, as careless human demonstrators are: each one
-    answers the *first* number listed instead of the largest with probability ``1 - demo_accuracy`` (wrong unless
-    the first number is the largest). Only SFT rows change; the checker, pairs and held-out set stay exact."""
+    """The largest of ``k`` numbers of exactly ``digits`` digits each (one-digit numbers are 0-9). ``demo_accuracy``
+    < 1 makes the SFT rows imperfect, as careless human demonstrators are: with probability ``1 - demo_accuracy`` a
+    row answers the *first* number listed; the checker, pairs and held-out set stay exact."""
 
     k: int = 3
     digits: int = 2
@@ -131,10 +121,8 @@ class LargestTask(Task):
     name = "largest"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or not 2 <= self.k <= 10:
-            raise UserError(f"task largest: k must be an integer in 2..10, got {self.k!r}")
-        if not isinstance(self.digits, int) or not 1 <= self.digits <= 6:
-            raise UserError(f"task largest: digits must be an integer in 1..6, got {self.digits!r}")
+        self._need_int("k", 2, 10)
+        self._need_int("digits", 1, 6)
         if not isinstance(self.demo_accuracy, (int, float)) or not 0 <= self.demo_accuracy <= 1:
             raise UserError(f"task largest: demo_accuracy must be a number in 0..1, got {self.demo_accuracy!r}")
         self._check_n_eval()
@@ -166,11 +154,8 @@ _QUESTION = re.compile(r"What is (-?\d+(?: [+\-] -?\d+)+)\?")
 
 @dataclass(frozen=True)
 class ArithmeticTask(Task):
-    """Addition / subtraction of ``operands`` non-negative integers with 1..``digits`` digits each.
-
-    ``ops`` is a string of operators to draw from ("+", "-" or "+-"). With ``nonnegative`` (default) a two-operand
-    subtraction puts the larger operand first, so every answer is >= 0 (with more operands, ops must be "+").
-    """
+    """Addition / subtraction of ``operands`` non-negative integers with 1..``digits`` digits each, operators drawn
+    from ``ops``; with ``nonnegative`` a two-operand subtraction puts the larger operand first (answers >= 0)."""
 
     digits: int = 2
     ops: str = "+-"
@@ -182,32 +167,25 @@ class ArithmeticTask(Task):
     name = "arithmetic"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.digits, int) or not 1 <= self.digits <= 9:
-            raise UserError(f"task arithmetic: digits must be an integer in 1..9, got {self.digits!r}")
+        self._need_int("digits", 1, 9)
         if not isinstance(self.ops, str) or not self.ops or any(op not in "+-" for op in self.ops):
             raise UserError(f"task arithmetic: ops must be made of '+' and '-', got {self.ops!r}")
-        if not isinstance(self.operands, int) or not 2 <= self.operands <= 6:
-            raise UserError(f"task arithmetic: operands must be an integer in 2..6, got {self.operands!r}")
-        if not isinstance(self.second_digits, int) or not 0 <= self.second_digits <= self.digits:
-            raise UserError(f"task arithmetic: second_digits must be an integer in 0..digits ({self.digits}), "
-                            f"got {self.second_digits!r}")
+        self._need_int("operands", 2, 6)
+        self._need_int("second_digits", 0, self.digits, f"digits ({self.digits})")
         if self.operands > 2 and self.ops != "+":
             raise UserError(f"task arithmetic: with {self.operands} operands ops must be '+', got {self.ops!r}")
         self._check_n_eval()
 
     @property
     def num_problems(self) -> int:
-        n, m = 10**self.digits, 10 ** (self.second_digits or self.digits)
-        return n * m ** (self.operands - 1) * len(set(self.ops)) ** (self.operands - 1)
+        return 10**self.digits * (10 ** (self.second_digits or self.digits) * len(set(self.ops))) ** (self.operands - 1)
 
     def _draw(self, rng: random.Random) -> tuple:
         """A problem as a flat tuple ``(a, op, b[, op, c ...])``."""
         hi, hi2 = 10**self.digits - 1, 10 ** (self.second_digits or self.digits) - 1
-        if self.operands > 2:
-            out: list = [rng.randint(0, hi)]
-            for _ in range(self.operands - 1):
-                out += ["+", rng.randint(0, hi2)]
-            return tuple(out)
+        if self.operands > 2:  # ops is "+"
+            first = rng.randint(0, hi)
+            return first, *(x for _ in range(self.operands - 1) for x in ("+", rng.randint(0, hi2)))
         a, b = rng.randint(0, hi), rng.randint(0, hi2)
         op = rng.choice(self.ops)
         if op == "-" and self.nonnegative and b > a and not self.second_digits:
@@ -218,10 +196,7 @@ class ArithmeticTask(Task):
         return f"What is {' '.join(map(str, problem))}?"
 
     def answer(self, problem: tuple) -> int:
-        total = int(problem[0])
-        for op, x in zip(problem[1::2], problem[2::2]):
-            total = total + int(x) if op == "+" else total - int(x)
-        return total
+        return int(problem[0]) + sum(int(x) if op == "+" else -int(x) for op, x in zip(problem[1::2], problem[2::2]))
 
     def parse(self, question: str) -> tuple | None:
         m = _QUESTION.search(question)
@@ -231,14 +206,13 @@ class ArithmeticTask(Task):
 TASKS = {"arithmetic": ArithmeticTask, "largest": LargestTask}
 
 
-def parse_task_options(text: str, where: str = "--task_options") -> dict:
-    """``"k=3,ops=+-,demo_accuracy=0.4"`` → ``{"k": 3, "ops": "+-", "demo_accuracy": 0.4}`` (numbers become
-    numbers)."""
+def parse_task_options(text: str) -> dict:
+    """``"k=3,ops=+-,demo_accuracy=0.4"`` → ``{"k": 3, "ops": "+-", "demo_accuracy": 0.4}``."""
     out: dict = {}
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise UserError(f"{where}: expected name=value items separated by commas, got {item!r}")
+            raise UserError(f"--task_options: expected name=value items separated by commas, got {item!r}")
         value = value.strip()
         out[key.strip()] = (int(value) if re.fullmatch(r"-?\d+", value)
                             else float(value) if re.fullmatch(r"-?\d*\.\d+", value) else value)
@@ -246,50 +220,35 @@ def parse_task_options(text: str, where: str = "--task_options") -> dict:
 
 
 def get_task(name: str, options: str | dict | None = None, **more) -> Task:
-    """Build a built-in task by name from options (a dict or ``"k=3,digits=2"``, plus keywords); unknown names /
-    options are a ``UserError`` naming them."""
+    """A built-in task by name from options (a dict or ``"k=3,digits=2"``, plus keywords); unknown ones: UserError."""
     if name not in TASKS:
         raise UserError(f"--task: unknown task {name!r} (built-in: {', '.join(sorted(TASKS))})")
     opts = {**(parse_task_options(options) if isinstance(options, str) else options or {}), **more}
-    cls = TASKS[name]
-    known = set(cls.__dataclass_fields__)
-    for key in opts:
-        if key not in known:
-            raise UserError(f"task {name}: unknown option {key!r} (known: {', '.join(sorted(known))})")
-    return cls(**opts)
+    known = TASKS[name].__dataclass_fields__
+    unknown = [key for key in opts if key not in known]
+    if unknown:
+        raise UserError(f"task {name}: unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return TASKS[name](**opts)
 
 
-# ---- replies of a chat model to a task's prompts, checked; preference pairs collected the way RLHF collects them ----
-#
-#   pocketgpt pairs --ckpt runs/sft/ckpt --task largest --task_options k=3 --samples 4 --prompts 2000 \
-#       --out pairs_train.jsonl                     # pairs from training prompts (never a held-out one)
-#   pocketgpt pairs ... --split eval --out pairs_heldout.jsonl     # pairs from the task's held-out prompts
-#
-# The model writes ``samples`` sampled replies per prompt; the task's checker labels each; a prompt whose replies
-# are all right (or all wrong) gives no pair; otherwise each distinct wrong reply is paired with a right one
-# (up to ``max_pairs_per_prompt``). Training and held-out pairs come from disjoint prompt sets, so a reward model
-# or DPO trained on the first is measured on prompts it never saw.
+# ---- `pocketgpt pairs`: a chat model's replies to a task's prompts, checked, as preference pairs (the RLHF way);
+# --split train / eval draw from disjoint prompt sets, so a reward model or DPO trained on the first is measured on
+# prompts it never saw.
 
 def sample_replies(model, tokenizer, prompts: list[list[dict]], *, samples: int = 1, max_new_tokens: int = 8,
-                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                   repetition_penalty: float = 1.0, seed: int | None = 0, batch_prompts: int = 64) -> list[list[str]]:
+                   temperature: float = 1.0, top_k: int | None = None, seed: int | None = 0) -> list[list[str]]:
     """``samples`` replies (text, without ``<|end|>``) per prompt through the engine; ``temperature=0`` is greedy.
-
-    Prompts go in batches of ``batch_prompts``; each batch gets its own seed (``seed + batch index``), so the
-    replies do not depend on how many prompts come after."""
+    Prompts go 64 at a time, batch ``b`` seeded by ``seed + b``, so a reply does not depend on the prompts after it."""
     from .chat import render, stop_id
     from .engine import generate
 
-    end = stop_id(tokenizer)
     out: list[list[str]] = []
-    for b, i in enumerate(range(0, len(prompts), batch_prompts)):
-        chunk = prompts[i: i + batch_prompts]
+    for b, i in enumerate(range(0, len(prompts), 64)):
+        chunk = prompts[i: i + 64]
         ids = [render(p, tokenizer, add_generation_prompt=True)[0] for p in chunk]
         rows = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
-                        top_p=top_p, repetition_penalty=repetition_penalty, n=samples, stop_ids=[end],
-                        seed=None if seed is None else seed + b)
-        for j in range(len(chunk)):
-            out.append([tokenizer.decode(rows[j * samples + k]) for k in range(samples)])
+                        n=samples, stop_ids=[stop_id(tokenizer)], seed=None if seed is None else seed + b)
+        out += [[tokenizer.decode(rows[j * samples + k]) for k in range(samples)] for j in range(len(chunk))]
     return out
 
 
@@ -300,19 +259,16 @@ def make_pairs(task, prompts: list[list[dict]], replies: list[list[str]], max_pa
     n_right = n_all = mixed = 0
     for prompt, reps in zip(prompts, replies):
         right = [r for r in reps if task.reward(prompt, r) > 0]
-        # distinct wrong replies, first-seen order; a blank reply is wrong but cannot be a pair's side (the pairs
-        # format, as rm and dpo read it, wants text on both sides)
+        # distinct wrong replies, first-seen order; a blank one makes no pair (rm and dpo want text on both sides)
         wrong = list(dict.fromkeys(r for r in reps if task.reward(prompt, r) <= 0 and r.strip()))
         n_right += len(right)
         n_all += len(reps)
-        if not right or not wrong:
-            continue
-        mixed += 1
-        for k, rej in enumerate(wrong[:max_pairs_per_prompt]):
-            pairs.append({"prompt": prompt, "chosen": right[k % len(right)], "rejected": rej})
-    stats = {"prompts": len(prompts), "replies": n_all, "sample_accuracy": n_right / max(1, n_all),
-             "prompts_with_pairs": mixed, "pairs": len(pairs)}
-    return pairs, stats
+        if right and wrong:
+            mixed += 1
+            pairs += [{"prompt": prompt, "chosen": right[k % len(right)], "rejected": rej}
+                      for k, rej in enumerate(wrong[:max_pairs_per_prompt])]
+    return pairs, {"prompts": len(prompts), "replies": n_all, "sample_accuracy": n_right / max(1, n_all),
+                   "prompts_with_pairs": mixed, "pairs": len(pairs)}
 
 
 def collect_pairs(ckpt, task, *, split: str = "train", prompts: int | None = None, samples: int = 4,
@@ -343,12 +299,14 @@ def collect_pairs(ckpt, task, *, split: str = "train", prompts: int | None = Non
 
 def configure_cli(name, p) -> None:
     p.add_argument("--ckpt", required=True, help="the chat model that writes the replies (e.g. runs/sft/ckpt)")
-    p.add_argument("--task", default="arithmetic", help=f"built-in checkable task ({', '.join(sorted(TASKS))}; default arithmetic)")
+    p.add_argument("--task", default="arithmetic",
+                   help=f"built-in checkable task ({', '.join(sorted(TASKS))}; default arithmetic)")
     p.add_argument("--task_options", "--task-options", dest="task_options", default="",
                    help="the task's options, name=value separated by commas (e.g. k=3,digits=2)")
     p.add_argument("--split", choices=("train", "eval"), default="train",
                    help="train: prompts drawn from the training problems; eval: the held-out set (default train)")
-    p.add_argument("--prompts", type=int, default=None, help="how many prompts (eval: the first N held-out ones, default the task's n_eval)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="how many prompts (eval: the first N held-out ones, default the task's n_eval)")
     p.add_argument("--samples", type=int, default=4, help="sampled replies per prompt (default 4)")
     p.add_argument("--max-pairs-per-prompt", "--max_pairs_per_prompt", dest="max_pairs_per_prompt", type=int,
                    default=2, help="pairs kept per prompt (default 2)")
@@ -363,10 +321,6 @@ def configure_cli(name, p) -> None:
 
 
 def _pairs_cli(args) -> int:
-    import sys
-
-    from .io import atomic_write_text, write_json
-
     task = get_task(args.task, args.task_options)
     pairs, stats = collect_pairs(args.ckpt, task, split=args.split, prompts=args.prompts, samples=args.samples,
                                  max_pairs_per_prompt=args.max_pairs_per_prompt, max_new_tokens=args.max_new_tokens,

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
-from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import UserError
 from .io import atomic_dir, read_json, write_json
@@ -29,23 +28,14 @@ TOKENIZER_FILES = {"tokenizer.json", META_FILE, "vocab.json", "merges.txt", "tok
 
 # The Jinja twin of ``chat.render`` for exported tokenizers (the tests compare both on every tokenizer kind)
 CHAT_TEMPLATE = (
-    "{{ '<|endoftext|>' }}{% for m in messages %}"
-    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ '<|endoftext|>' }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('unknown role ' + m['role'] + ' (expected system, user or assistant)') }}{% endif %}"
     "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 # GPT-2's pre-tokenizer split (what HF's ByteLevel(use_regex=True) applies)
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # words (a leading space attached), each Chinese character alone, single punctuation marks, whitespace runs
 _WORD_PATTERN = r"\p{Han}| ?[[\w']&&[^\p{Han}]]+| ?[^\w\s]|\s+(?!\S)|\s+"
-# why a corpus gave fewer ids than asked (a warning, not an error)
-_SMALL_REASON = {
-    "bpe": "no pair of adjacent tokens is left to merge (every word of the corpus is one token already)",
-    "unigram": "the corpus has no more pieces worth keeping",
-    "char": "that is every distinct character of the corpus plus the special tokens",
-    "word": "that is every distinct word of the corpus (at --min-frequency) plus the special tokens",
-}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -95,15 +85,19 @@ class Tokenizer:
         n = len(SPECIAL_TOKENS)
         chars = set().union(*map(set, texts)) - ({" "} if kind == "unigram" else set())  # unigram: ▁ is the space
         corpus = f"{len(chars)} distinct characters + {n + 1} special tokens of this corpus"
-        need, what = {"bpe": (256 + n, f"256 byte symbols + {n} special tokens a byte-level BPE needs"),
-                      "unigram": (len(chars) + n + 2, corpus),  # + <unk> + ▁
-                      "char": (len(chars) + n + 1, corpus),
-                      "word": (n + 2, f"{n + 1} special tokens")}[kind]
+        # the smallest vocabulary, what it holds, and why a corpus may give fewer ids than asked (a warning)
+        need, what, why = {
+            "bpe": (256 + n, f"256 byte symbols + {n} special tokens a byte-level BPE needs",
+                    "no pair of adjacent tokens is left to merge (every word of the corpus is one token already)"),
+            "unigram": (len(chars) + n + 2, corpus, "the corpus has no more pieces worth keeping"),  # + <unk> + ▁
+            "char": (len(chars) + n + 1, corpus,
+                     "that is every distinct character of the corpus plus the special tokens"),
+            "word": (n + 2, f"{n + 1} special tokens",
+                     "that is every distinct word of the corpus (at --min-frequency) plus the special tokens")}[kind]
         if vocab_size is not None and vocab_size < need:
-            hint = "; or omit it" if kind == "char" else ""
-            raise UserError(f"--vocab-size: {vocab_size} is below the {what} (minimum {need}{hint})")
+            raise UserError(f"--vocab-size: {vocab_size} is below the {what} (minimum {need}"
+                            f"{'; or omit it' if kind == 'char' else ''})")
 
-        trainer = None
         if kind == "bpe":
             hf = HFTokenizer(models.BPE())
             hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -119,17 +113,15 @@ class Tokenizer:
             # they are added after training, so they take the last ids
             trainer = trainers.UnigramTrainer(vocab_size=vocab_size - n, special_tokens=[UNK], unk_token=UNK,
                                               show_progress=show_progress)
-        elif kind == "char":  # no statistics needed: every character seen, in code point order
-            hf = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL_TOKENS + [UNK] + sorted(chars))},
-                                              unk_token=UNK))
-            hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        else:  # word level; char: every character seen, in code point order (nothing to train)
+            vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + [UNK] + sorted(chars))} if kind == "char" else None
+            hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
+            hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]" if kind == "char" else _WORD_PATTERN),
+                                                    behavior="isolated")
             hf.decoder = decoders.Fuse()
-        else:  # word: a word-level model over words, punctuation marks and whitespace runs
-            hf = HFTokenizer(models.WordLevel(unk_token=UNK))
-            hf.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")
-            hf.decoder = decoders.Fuse()
-            trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                                special_tokens=SPECIAL_TOKENS + [UNK], show_progress=show_progress)
+            trainer = None if kind == "char" else trainers.WordLevelTrainer(
+                vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS + [UNK],
+                show_progress=show_progress)
         if trainer is not None:
             try:
                 hf.train_from_iterator(texts, trainer)
@@ -139,7 +131,7 @@ class Tokenizer:
         tok = cls(hf, kind)
         if vocab_size is not None and tok.vocab_size < vocab_size:
             warnings.warn(f"vocabulary has {tok.vocab_size} ids, not the {vocab_size} asked for: "
-                          f"{_SMALL_REASON[kind]}; a larger corpus gives more", stacklevel=2)
+                          f"{why}; a larger corpus gives more", stacklevel=2)
         return tok
 
     @classmethod
@@ -157,8 +149,7 @@ class Tokenizer:
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             hf, kind = _gpt2_from_files(path), "gpt2"
         else:
-            raise UserError(f"{path}: no tokenizer found (no tokenizer.json or vocab.json + merges.txt in this "
-                            "directory)")
+            raise UserError(f"{path}: no tokenizer found (no tokenizer.json, nor vocab.json + merges.txt)")
         return cls(hf, kind)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -215,13 +206,11 @@ class Tokenizer:
     @property
     def special_ids(self) -> dict[str, int]:
         """name → id of the chat special tokens this tokenizer has (all six for a trained one; unigram: the last)."""
-        ids = {name: self._hf.token_to_id(name) for name in SPECIAL_TOKENS}
-        return {name: i for name, i in ids.items() if i is not None}
+        return {name: i for name in SPECIAL_TOKENS if (i := self._hf.token_to_id(name)) is not None}
 
     def token_id(self, name: str) -> int:
         """The id of a token (usually a special token such as ``<|end|>``); UserError if it is unknown."""
-        i = self._hf.token_to_id(name)
-        if i is None:
+        if (i := self._hf.token_to_id(name)) is None:
             raise UserError(f"tokenizer has no token {name!r} (a GPT-2 tokenizer needs add_special_tokens() "
                             f"for the chat tokens)")
         return i
@@ -231,10 +220,8 @@ class Tokenizer:
         return self.token_id("<|endoftext|>")
 
     @property
-    def pad_id(self) -> int:
-        """``<|pad|>`` if present, else ``<|endoftext|>``."""
-        i = self._hf.token_to_id("<|pad|>")
-        return self.eos_id if i is None else i
+    def pad_id(self) -> int:  # <|pad|>, else <|endoftext|>
+        return self.eos_id if (i := self._hf.token_to_id("<|pad|>")) is None else i
 
     @cached_property
     def fingerprint(self) -> str:
@@ -304,8 +291,7 @@ def _parallel_map(fn, texts: list[str]) -> list:
     step = -(-len(texts) // (4 * threads))
     chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
     with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(lambda chunk: [fn(t) for t in chunk], chunks))
-    return [ids for part in parts for ids in part]
+        return [ids for part in pool.map(lambda chunk: [fn(t) for t in chunk], chunks) for ids in part]
 
 
 def _tiktoken_core(hf: HFTokenizer):
