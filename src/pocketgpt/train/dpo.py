@@ -91,10 +91,8 @@ def sequence_scores(model: nn.Module, pairs: list[tuple]) -> torch.Tensor:
     replies = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
     idx, pos, targets, mask = pack_replies(prompts, replies, device=next(model.parameters()).device)
     logp, _, _ = token_logprobs(model, idx, pos, targets, mask)
-    total = (logp.float() * mask).sum(-1)
-    mean = total / mask.sum(-1).clamp(min=1)
-    B = len(pairs)
-    return torch.stack([total[:B], total[B:], mean[:B], mean[B:]], -1)
+    total = (logp.float() * mask).sum(-1)  # chosen rows, then rejected ones
+    return torch.stack([*total.view(2, -1), *(total / mask.sum(-1).clamp(min=1)).view(2, -1)], -1)
 
 
 class DPOStage:
@@ -206,10 +204,8 @@ def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dic
     log = log or _stderr_on_rank0
     if not opts.init:
         raise UserError("--init: required (the SFT checkpoint to improve; it is also the reference model)")
-    model, tokenizer, added = load_init(opts.init)
-    if added:
-        log(f"dpo: added chat tokens {' '.join(added)} to the tokenizer (was --init an SFT checkpoint?)")
-    block = context_size(model, opts.block_size, "dpo")
+    model, tokenizer, _ = load_init(opts.init, log, "dpo")
+    block = context_size(opts.block_size, model.config.block_size, "[dpo] block_size")
     pairs = read_pairs(opts.data)
     if opts.max_pairs and len(pairs) > opts.max_pairs:
         pairs = random.Random(train.seed).sample(pairs, opts.max_pairs)

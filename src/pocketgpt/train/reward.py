@@ -73,12 +73,8 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def score_ids(self, rows: list[list[int]], pad_id: int = 0, batch_size: int = 16) -> list[float]:
         """Rewards of already-rendered sequences (no grad), in batches."""
-        device = self.head.weight.device
-        out: list[float] = []
-        for i in range(0, len(rows), batch_size):
-            idx, lengths = pad_rows(rows[i: i + batch_size], pad_id, device)
-            out += self(idx, lengths).tolist()
-        return out
+        return [s for i in range(0, len(rows), batch_size)
+                for s in self(*pad_rows(rows[i: i + batch_size], pad_id, self.head.weight.device)).tolist()]
 
     def write_files(self, directory: str | Path) -> None:
         """Backbone files + head + metadata into an existing directory (the Trainer's ``save_model``)."""
@@ -167,9 +163,8 @@ class RewardStage:
                  batch_size: int, pad_id: int, seed: int = 1337, eval_batch_size: int = 16):
         if not train:
             raise UserError("reward model: no training pairs")
-        self.train, self.val = train, val
-        self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
-        self.eval_batch_size = eval_batch_size
+        self.train, self.val, self.batch_size, self.pad_id = train, val, batch_size, pad_id
+        self.seed, self.eval_batch_size = seed, eval_batch_size
         # what it trains on: a run directory resumes on the same pairs only
         self.fingerprint = hashlib.sha256(repr((train, val)).encode()).hexdigest()
 
@@ -221,13 +216,9 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
     if tokenizer.vocab_size > backbone.config.vocab_size:
         raise UserError(f"{init}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{backbone.config.vocab_size}")
-    pairs = read_pairs(data)
-    if rmcfg.max_pairs:
-        pairs = pairs[: rmcfg.max_pairs]
-    if val_data is not None:
-        train_pairs, val_pairs = pairs, read_pairs(val_data)
-    else:
-        train_pairs, val_pairs = split(pairs, rmcfg.val_fraction, rmcfg.split_seed)
+    pairs = read_pairs(data)[: rmcfg.max_pairs or None]
+    train_pairs, val_pairs = ((pairs, read_pairs(val_data)) if val_data is not None
+                              else split(pairs, rmcfg.val_fraction, rmcfg.split_seed))
     block = min(rmcfg.max_len or backbone.config.block_size, backbone.config.block_size)
     stage = RewardStage(encode_pairs(train_pairs, tokenizer, block), encode_pairs(val_pairs, tokenizer, block),
                         cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, eval_batch_size=rmcfg.eval_batch_size)

@@ -4,6 +4,7 @@ the stage's advantages → epochs × minibatches of its loss); the data flow is 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import math
 import numbers
@@ -411,20 +412,17 @@ def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume:
     ref_dtype, rm_dtype = stage_cls.dtypes(cfg)
     reward = RewardSource(reward_model=cfg.reward, reward_fn=cfg.reward_fn, task=task, dtype=rm_dtype,
                           batch_size=cfg.score_batch_size)
-    gpt, tokenizer, added = load_init(cfg.init)
-    if added:
-        print(f"{section}: added chat tokens {' '.join(added)} to the tokenizer (was --init a chat checkpoint?)",
-              file=sys.stderr)
+    log = functools.partial(print, file=sys.stderr)  # (every rank)
+    gpt, tokenizer, _ = load_init(cfg.init, log, section)
     reference = frozen_copy(gpt, ref_dtype) if cfg.kl_coef > 0 else None
     policy = Policy(gpt, value_head=stage_cls.value_head, temperature=cfg.temperature)
     stage = stage_cls(cfg, policy, tokenizer, prompts, reward, reference)
     trainer = Trainer(policy, stage, run_config["train"], out, tokenizer=tokenizer, save_model=save_policy,
                       load_model=load_policy, run_config=run_config.to_dict(), resume=resume)
-    print(f"{section}: {gpt.num_params() / 1e6:.2f}M parameters; prompts: "
-          f"{task.name + ' task' if task is not None else cfg.prompts}, {len(prompts.eval)} held out; reward: "
-          f"{reward.description}; {stage.rows} replies per rollout and process → {stage.steps_per_rollout} optimizer "
-          f"steps; reference: {'frozen copy of --init' if reference is not None else 'none (kl_coef 0)'}",
-          file=sys.stderr)
+    log(f"{section}: {gpt.num_params() / 1e6:.2f}M parameters; prompts: "
+        f"{task.name + ' task' if task is not None else cfg.prompts}, {len(prompts.eval)} held out; reward: "
+        f"{reward.description}; {stage.rows} replies per rollout and process → {stage.steps_per_rollout} optimizer "
+        f"steps; reference: {'frozen copy of --init' if reference is not None else 'none (kl_coef 0)'}")
     try:
         result = trainer.fit()
     except RewardFunctionError as e:
