@@ -63,9 +63,7 @@ class PretrainStage:
         return int(batch[0].numel())
 
     def loss(self, model, batch):
-        x, y = batch
-        _, loss = model(x, y)
-        return loss, {}
+        return model(*batch)[1], {}  # model(x, y) → (logits, loss)
 
     def evaluate(self, model) -> dict[str, float]:
         if self.val is None:
@@ -142,13 +140,11 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
         init = local_dir(init)
         check_tokenizer(init, data.dir)
         model = load_model(init)
-        mcfg = model.config
         if cfg.explicit.get("model"):
             print(f"note: --init {init}: the [model] settings come from the checkpoint", file=sys.stderr)
-        cfg.sections["model"] = mcfg
+        cfg.sections["model"] = mcfg = model.config
     else:
-        defaults = {"vocab_size": vocab} if vocab else {}
-        mcfg = cfg.rebuild("model", **defaults)
+        mcfg = cfg.rebuild("model", **({"vocab_size": vocab} if vocab else {}))
         model = GPT(mcfg)
     if vocab and mcfg.vocab_size < vocab:
         raise UserError(f"[model] vocab_size ({mcfg.vocab_size}) is smaller than the data's vocabulary "
@@ -170,13 +166,11 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
 
 def evaluate_checkpoint(ckpt, data, split: str = "val", *, batch_size: int = 8, max_batches: int = 0,
                         block_size: Optional[int] = None, device: str = "auto", dtype: str = "auto") -> dict:
-    """``val_loss``, ``val_ppl`` (and ``val_bpb`` when the data has its tokenizer) of a checkpoint on one split of a
-    data directory (``pocketgpt eval``)."""
+    """``evaluate_lm``'s metrics of a checkpoint on one split of a data directory (``pocketgpt eval``)."""
     device = runtime.pick_device(device)
     dtype = runtime.pick_dtype(dtype, device)
     check_tokenizer(ckpt, data)
-    model = load_model(ckpt, device=device)
-    model.eval()
+    model = load_model(ckpt, device=device).eval()
     block = context_size(block_size, model.config.block_size, "--block_size")
     meta = read_meta(data, where="--data")
     if meta.get("vocab_size") and int(meta["vocab_size"]) > model.config.vocab_size:

@@ -28,7 +28,7 @@ from ..lora import apply as apply_lora
 from ..records import Pair, conversation, fit, pad, pair, read, read_pairs, split
 from ..runtime import pick_device
 from ..tokenizer import load_tokenizer_for
-from .sft import _stderr_on_rank0
+from .sft import _stderr_on_rank0, fit_and_close
 from .trainer import Trainer, TrainConfig, default_load_model, world_info
 
 HEAD_FILE = "reward_head.safetensors"
@@ -54,8 +54,7 @@ class RewardModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, seed: int = 0):
         super().__init__()
-        self.backbone = backbone
-        self.config = backbone.config
+        self.backbone, self.config = backbone, backbone.config
         # seeded: the same head in every process (exact resume, DDP)
         self.head = ScalarHead(backbone.config.n_embd, std=1.0 / (backbone.config.n_embd ** 0.5 * 4),
                                generator=torch.Generator().manual_seed(seed))
@@ -113,8 +112,7 @@ def encode_replies(prompt: list[dict], replies: list[str], tokenizer, block_size
 
 
 def encode_reply(prompt: list[dict], reply: str, tokenizer, block_size: int) -> list[int]:
-    p, r = encode_replies(prompt, [reply], tokenizer, block_size)
-    return p + r
+    return [t for part in encode_replies(prompt, [reply], tokenizer, block_size) for t in part]
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,10 +225,7 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
     model = RewardModel(backbone, seed=cfg.seed)  # after the adapters: the head stays trainable
     trainer = Trainer(model, stage, cfg, out, tokenizer=tokenizer, save_model=RewardModel.write_files,
                       load_model=_load_rm, run_config=run_config.to_dict(), resume=resume)
-    try:
-        result = trainer.fit()
-    finally:
-        trainer.close()
+    result = fit_and_close(trainer)
     meta = {"kind": "reward_model", "init": str(init), "data": str(data), "train_pairs": len(train_pairs),
             "val_pairs": len(val_pairs), "val_accuracy": result.get("eval_accuracy"), "step": result.get("step")}
     for d in (trainer.ckpt_dir, trainer.best_dir) if trainer.is_main else ():
@@ -240,8 +235,7 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
 
 
 def score_file(ckpt: str | Path, data: str | Path, *, device: str = "auto", batch_size: int = 16) -> dict:
-    """Score a pairs file (both replies + accuracy) or a conversations file (one score per conversation) →
-    ``{"kind": "pairs"|"conversations", "rows": [...], "accuracy"?: float}``."""
+    """Scores of a pairs file (both replies, and the accuracy) or a conversations file (one per conversation)."""
     ckpt = find_checkpoint(ckpt)
     rm = load_reward_model(ckpt, device=pick_device(device))
     tokenizer = load_tokenizer_for(ckpt)

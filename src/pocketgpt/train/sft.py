@@ -50,8 +50,7 @@ SECTIONS = {"sft": SFTConfig, "train": TrainConfig}  # the config of `pocketgpt 
 
 
 def load_init(path: str | Path, log, section: str):
-    """``(model, tokenizer, added_token_names)`` of ``--init``, with the chat special tokens (and embedding rows)
-    added, and logged, when the tokenizer lacks them."""
+    """``(model, tokenizer, added_token_names)`` of ``--init``, given (and told) the chat tokens it lacks."""
     path = local_dir(path)
     model = load_model(path)
     tokenizer = load_tokenizer_for(path)
@@ -104,8 +103,7 @@ class SFTStage:
         if not train_examples:
             raise UserError("sft: no training examples (every conversation was skipped; see the counts above)")
         self.train, self.val, self.pad_id = train_examples, val_examples, pad_id
-        self.batch_size, self.seed = batch_size, seed
-        self.bytes_per_token = bytes_per_token  # of the held-out replies, for bits per byte
+        self.batch_size, self.seed, self.bytes_per_token = batch_size, seed, bytes_per_token  # of the held-out replies
         self.grad_accum, self.eval_batches = 1, None
 
     def setup(self, trainer) -> None:
@@ -146,6 +144,14 @@ def _stderr_on_rank0(line: str) -> None:
         print(line, file=sys.stderr)
 
 
+def fit_and_close(trainer) -> dict:
+    """``trainer.fit()``, then ``trainer.close()`` however it ended."""
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
 def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_config: Optional[dict] = None,
             resume: Optional[bool] = None, log=None) -> dict:
     """Fine-tune ``init`` on ``sft.data`` with the Trainer; returns the Trainer's final metrics (+ data counts)."""
@@ -173,11 +179,7 @@ def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_con
     cfg = {**(run_config or {}), "sft": {**sft.to_dict(), "init": str(init)}, "train": train.to_dict()}
     log(f"sft: {model.num_params() / 1e6:.2f}M parameters, context {block}, "
         f"{len(train_ex)} training / {len(val_ex)} held-out examples -> {out}")
-    trainer = Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=cfg, resume=resume)
-    try:
-        result = trainer.fit()
-    finally:
-        trainer.close()
+    result = fit_and_close(Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=cfg, resume=resume))
     result["data"] = {"conversations": len(convs), "train": asdict(tstats), "val": asdict(vstats),
                       "block_size": block, "train_tokens": n_tokens, "assistant_tokens": n_labels,
                       "added_tokens": added}
