@@ -122,8 +122,7 @@ def __getattr__(name):  # ``pocketgpt.evaluate:PocketGPTLM``, the entry point, w
 
 def run_tasks(ckpt, tasks: Sequence[str] | str, include_path=None, limit: Optional[float] = None,
               num_fewshot: Optional[int] = None, batch_size: int = 16, device: str = "cpu") -> dict:
-    """lm-eval ``tasks`` on a checkpoint, in this process: ``{task: {metric: value}}`` (``acc``, ``acc_stderr``,
-    ``bits_per_byte``, ...) and each task's number of items ``n``."""
+    """lm-eval ``tasks`` on a checkpoint, in this process: ``{task: {metric: value, ..., "n": items}}``."""
     lm = _harness_model()(str(ckpt), batch_size=batch_size, device=device)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -136,11 +135,9 @@ def run_tasks(ckpt, tasks: Sequence[str] | str, include_path=None, limit: Option
         raise UserError(f"--tasks: unknown task {unknown[0]!r} {hint}")
     res = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                           log_samples=False, bootstrap_iters=1000)
-    out = {}
-    for task, metrics in res["results"].items():
-        out[task] = {k.split(",")[0]: v for k, v in metrics.items() if k != "alias" and isinstance(v, (int, float))}
-        out[task]["n"] = res.get("n-samples", {}).get(task, {}).get("effective")
-    return out
+    return {task: {**{k.split(",")[0]: v for k, v in metrics.items() if k != "alias" and isinstance(v, (int, float))},
+                   "n": res.get("n-samples", {}).get(task, {}).get("effective")}
+            for task, metrics in res["results"].items()}
 
 
 if __name__ == "__main__":  # lm-eval's own command line, with the pocketgpt model registered

@@ -32,15 +32,13 @@ from ..lora import WithoutAdapters, adapted, apply as apply_lora
 from ..records import read_pairs, split
 from .reward import encode_replies
 from .rl import frozen_copy
-from .sft import _stderr_on_rank0, context_size, epoch_batches, load_init
+from .sft import _stderr_on_rank0, context_size, epoch_batches, fit_and_close, load_init
 from .trainer import Trainer, TrainConfig, world_info
 
 REF_CACHE = "ref_logprobs.safetensors"
 
 
 class DPOConfig(Config):
-    """The ``[dpo]`` section of a config."""
-
     section: ClassVar[str] = "dpo"
     init: str = Field("", description="SFT checkpoint to start from (also the frozen reference model)")
     data: StrList = Field([], description="preference pairs JSONL ({\"prompt\": [messages], \"chosen\": str, "
@@ -85,16 +83,14 @@ def pair_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) 
 
 
 def sequence_scores(model: nn.Module, pairs: list[tuple]) -> torch.Tensor:
-    """(B, 4) float32: the sum and the per-token mean log-probs of the chosen and rejected replies of ``(prompt,
-    chosen, rejected)`` id triples (columns: chosen sum, rejected sum, chosen mean, rejected mean), in one forward."""
+    """(B, 4) float32 log-probs of ``(prompt, chosen, rejected)`` id triples, in one forward: the chosen and the
+    rejected reply's sums, then their per-token means."""
     prompts = [p for p, _, _ in pairs] * 2
     replies = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
     idx, pos, targets, mask = pack_replies(prompts, replies, device=next(model.parameters()).device)
     logp, _, _ = token_logprobs(model, idx, pos, targets, mask)
-    total = (logp.float() * mask).sum(-1)
-    mean = total / mask.sum(-1).clamp(min=1)
-    B = len(pairs)
-    return torch.stack([total[:B], total[B:], mean[:B], mean[B:]], -1)
+    total = (logp.float() * mask).sum(-1)  # chosen rows, then rejected ones
+    return torch.stack([*total.view(2, -1), *(total / mask.sum(-1).clamp(min=1)).view(2, -1)], -1)
 
 
 class DPOStage:
@@ -179,8 +175,7 @@ class DPOStage:
         return losses.mean(), {
             "rewards/chosen": float(rew_c.mean()), "rewards/rejected": float(rew_r.mean()),
             "rewards/accuracies": float(pair_accuracy(rew_c, rew_r)), "rewards/margins": float((rew_c - rew_r).mean()),
-            "logps/chosen": float(logps[:, 0].mean()), "logps/rejected": float(logps[:, 1].mean()),
-        }
+            "logps/chosen": float(logps[:, 0].mean()), "logps/rejected": float(logps[:, 1].mean())}
 
     def loss(self, model, batch):
         return self._metrics(*self._scores(model, "train", batch["index"].tolist()))
@@ -206,10 +201,8 @@ def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dic
     log = log or _stderr_on_rank0
     if not opts.init:
         raise UserError("--init: required (the SFT checkpoint to improve; it is also the reference model)")
-    model, tokenizer, added = load_init(opts.init)
-    if added:
-        log(f"dpo: added chat tokens {' '.join(added)} to the tokenizer (was --init an SFT checkpoint?)")
-    block = context_size(model, opts.block_size, "dpo")
+    model, tokenizer, _ = load_init(opts.init, log, "dpo")
+    block = context_size(opts.block_size, model.config.block_size, "[dpo] block_size")
     pairs = read_pairs(opts.data)
     if opts.max_pairs and len(pairs) > opts.max_pairs:
         pairs = random.Random(train.seed).sample(pairs, opts.max_pairs)
@@ -225,8 +218,4 @@ def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dic
         + (f" (label smoothing {opts.label_smoothing})" if opts.label_smoothing else "")
         + f", reference {opts.reference} -> {out}")
     run_config = run_config or {"dpo": opts.to_dict(), "train": train.to_dict()}
-    trainer = Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=run_config, resume=resume)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+    return fit_and_close(Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=run_config, resume=resume))

@@ -51,10 +51,9 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, ref_logp=
         kl = torch.exp(d) - d - 1.0
         per_token = per_token + kl_coef * kl
         metrics["kl"] = float(masked_mean(kl.detach(), m))
-    loss = masked_mean(per_token, m, -1).mean()
-    metrics["clip_ratio"] = float(masked_mean(((ratio - 1).abs() > clip_eps).to(m.dtype), m))
-    metrics["val/ratio"] = float(masked_mean(ratio.detach(), m))
-    return loss, metrics
+    clipped = ((ratio - 1).abs() > clip_eps).to(m.dtype)
+    return masked_mean(per_token, m, -1).mean(), {**metrics, "clip_ratio": float(masked_mean(clipped, m)),
+                                                   "val/ratio": float(masked_mean(ratio.detach(), m))}
 
 
 class GRPOStage(OnlineStage):

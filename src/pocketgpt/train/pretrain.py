@@ -63,9 +63,7 @@ class PretrainStage:
         return int(batch[0].numel())
 
     def loss(self, model, batch):
-        x, y = batch
-        _, loss = model(x, y)
-        return loss, {}
+        return model(*batch)[1], {}  # model(x, y) → (logits, loss)
 
     def evaluate(self, model) -> dict[str, float]:
         if self.val is None:
@@ -118,6 +116,13 @@ def evaluate_lm(model, shards, batch_size: int, max_batches: Optional[int], devi
     return val_metrics(loss, bytes_per_token) if count else {}
 
 
+def context_size(block_size: Optional[int], context: int, where: str) -> int:
+    """The training / evaluation context: ``block_size``, or the model's ``context`` when 0; never longer."""
+    if (block_size or context) > context:
+        raise UserError(f"{where} ({block_size}) is larger than the model's context ({context})")
+    return block_size or context
+
+
 def data_tokenizer(data_dir):
     """The tokenizer ``pocketgpt prepare`` saved beside the shards, or None."""
     return load_tokenizer_for(data_dir) if (Path(data_dir) / "tokenizer").is_dir() else None
@@ -135,29 +140,23 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
         init = local_dir(init)
         check_tokenizer(init, data.dir)
         model = load_model(init)
-        mcfg = model.config
         if cfg.explicit.get("model"):
             print(f"note: --init {init}: the [model] settings come from the checkpoint", file=sys.stderr)
-        cfg.sections["model"] = mcfg
+        cfg.sections["model"] = mcfg = model.config
     else:
-        defaults = {"vocab_size": vocab} if vocab else {}
-        mcfg = cfg.rebuild("model", **defaults)
+        mcfg = cfg.rebuild("model", **({"vocab_size": vocab} if vocab else {}))
         model = GPT(mcfg)
     if vocab and mcfg.vocab_size < vocab:
         raise UserError(f"[model] vocab_size ({mcfg.vocab_size}) is smaller than the data's vocabulary "
                         f"({vocab}, {Path(data.dir) / 'meta.json'})")
-    block = data.block_size or mcfg.block_size
-    if block > mcfg.block_size:
-        raise UserError(f"[data] block_size ({block}) is larger than the model's context [model] block_size "
-                        f"({mcfg.block_size})")
+    block = context_size(data.block_size, mcfg.block_size, "[data] block_size")
     if data.block_size is None:
         data.block_size = block
 
     train = TokenShards(data.dir, data.train_split, block)
-    val = None
-    if (Path(data.dir) / f"{data.val_split}.bin").exists():
-        val = TokenShards(data.dir, data.val_split, block)
-    elif tcfg.eval_interval:
+    has_val = (Path(data.dir) / f"{data.val_split}.bin").exists()
+    val = TokenShards(data.dir, data.val_split, block) if has_val else None
+    if not has_val and tcfg.eval_interval:
         print(f"note: {data.dir} has no {data.val_split}.bin: no validation", file=sys.stderr)
     tokenizer = data_tokenizer(data.dir)
     stage = PretrainStage(train, val, tcfg.batch_size, tcfg.seed, tcfg.eval_batches, meta.get("fingerprint"),
@@ -167,16 +166,12 @@ def build_pretrain(cfg, out: Path, init: Optional[str] = None):
 
 def evaluate_checkpoint(ckpt, data, split: str = "val", *, batch_size: int = 8, max_batches: int = 0,
                         block_size: Optional[int] = None, device: str = "auto", dtype: str = "auto") -> dict:
-    """``val_loss``, ``val_ppl`` (and ``val_bpb`` when the data has its tokenizer) of a checkpoint on one split of a
-    data directory (``pocketgpt eval``)."""
+    """``evaluate_lm``'s metrics of a checkpoint on one split of a data directory (``pocketgpt eval``)."""
     device = runtime.pick_device(device)
     dtype = runtime.pick_dtype(dtype, device)
     check_tokenizer(ckpt, data)
-    model = load_model(ckpt, device=device)
-    model.eval()
-    block = block_size or model.config.block_size
-    if block > model.config.block_size:
-        raise UserError(f"--block_size ({block}) is larger than the model's context ({model.config.block_size})")
+    model = load_model(ckpt, device=device).eval()
+    block = context_size(block_size, model.config.block_size, "--block_size")
     meta = read_meta(data, where="--data")
     if meta.get("vocab_size") and int(meta["vocab_size"]) > model.config.vocab_size:
         raise UserError(f"{data}: token ids go up to {meta['vocab_size']} but {ckpt} has a vocabulary of "

@@ -28,7 +28,7 @@ from ..lora import apply as apply_lora
 from ..records import Pair, conversation, fit, pad, pair, read, read_pairs, split
 from ..runtime import pick_device
 from ..tokenizer import load_tokenizer_for
-from .sft import _stderr_on_rank0
+from .sft import _stderr_on_rank0, fit_and_close
 from .trainer import Trainer, TrainConfig, default_load_model, world_info
 
 HEAD_FILE = "reward_head.safetensors"
@@ -54,8 +54,7 @@ class RewardModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, seed: int = 0):
         super().__init__()
-        self.backbone = backbone
-        self.config = backbone.config
+        self.backbone, self.config = backbone, backbone.config
         # seeded: the same head in every process (exact resume, DDP)
         self.head = ScalarHead(backbone.config.n_embd, std=1.0 / (backbone.config.n_embd ** 0.5 * 4),
                                generator=torch.Generator().manual_seed(seed))
@@ -73,12 +72,8 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def score_ids(self, rows: list[list[int]], pad_id: int = 0, batch_size: int = 16) -> list[float]:
         """Rewards of already-rendered sequences (no grad), in batches."""
-        device = self.head.weight.device
-        out: list[float] = []
-        for i in range(0, len(rows), batch_size):
-            idx, lengths = pad_rows(rows[i: i + batch_size], pad_id, device)
-            out += self(idx, lengths).tolist()
-        return out
+        return [s for i in range(0, len(rows), batch_size)
+                for s in self(*pad_rows(rows[i: i + batch_size], pad_id, self.head.weight.device)).tolist()]
 
     def write_files(self, directory: str | Path) -> None:
         """Backbone files + head + metadata into an existing directory (the Trainer's ``save_model``)."""
@@ -117,8 +112,7 @@ def encode_replies(prompt: list[dict], replies: list[str], tokenizer, block_size
 
 
 def encode_reply(prompt: list[dict], reply: str, tokenizer, block_size: int) -> list[int]:
-    p, r = encode_replies(prompt, [reply], tokenizer, block_size)
-    return p + r
+    return [t for part in encode_replies(prompt, [reply], tokenizer, block_size) for t in part]
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,9 +161,8 @@ class RewardStage:
                  batch_size: int, pad_id: int, seed: int = 1337, eval_batch_size: int = 16):
         if not train:
             raise UserError("reward model: no training pairs")
-        self.train, self.val = train, val
-        self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
-        self.eval_batch_size = eval_batch_size
+        self.train, self.val, self.batch_size, self.pad_id = train, val, batch_size, pad_id
+        self.seed, self.eval_batch_size = seed, eval_batch_size
         # what it trains on: a run directory resumes on the same pairs only
         self.fingerprint = hashlib.sha256(repr((train, val)).encode()).hexdigest()
 
@@ -221,13 +214,9 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
     if tokenizer.vocab_size > backbone.config.vocab_size:
         raise UserError(f"{init}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{backbone.config.vocab_size}")
-    pairs = read_pairs(data)
-    if rmcfg.max_pairs:
-        pairs = pairs[: rmcfg.max_pairs]
-    if val_data is not None:
-        train_pairs, val_pairs = pairs, read_pairs(val_data)
-    else:
-        train_pairs, val_pairs = split(pairs, rmcfg.val_fraction, rmcfg.split_seed)
+    pairs = read_pairs(data)[: rmcfg.max_pairs or None]
+    train_pairs, val_pairs = ((pairs, read_pairs(val_data)) if val_data is not None
+                              else split(pairs, rmcfg.val_fraction, rmcfg.split_seed))
     block = min(rmcfg.max_len or backbone.config.block_size, backbone.config.block_size)
     stage = RewardStage(encode_pairs(train_pairs, tokenizer, block), encode_pairs(val_pairs, tokenizer, block),
                         cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, eval_batch_size=rmcfg.eval_batch_size)
@@ -236,10 +225,7 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
     model = RewardModel(backbone, seed=cfg.seed)  # after the adapters: the head stays trainable
     trainer = Trainer(model, stage, cfg, out, tokenizer=tokenizer, save_model=RewardModel.write_files,
                       load_model=_load_rm, run_config=run_config.to_dict(), resume=resume)
-    try:
-        result = trainer.fit()
-    finally:
-        trainer.close()
+    result = fit_and_close(trainer)
     meta = {"kind": "reward_model", "init": str(init), "data": str(data), "train_pairs": len(train_pairs),
             "val_pairs": len(val_pairs), "val_accuracy": result.get("eval_accuracy"), "step": result.get("step")}
     for d in (trainer.ckpt_dir, trainer.best_dir) if trainer.is_main else ():
@@ -249,8 +235,7 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
 
 
 def score_file(ckpt: str | Path, data: str | Path, *, device: str = "auto", batch_size: int = 16) -> dict:
-    """Score a pairs file (both replies + accuracy) or a conversations file (one score per conversation) →
-    ``{"kind": "pairs"|"conversations", "rows": [...], "accuracy"?: float}``."""
+    """Scores of a pairs file (both replies, and the accuracy) or a conversations file (one per conversation)."""
     ckpt = find_checkpoint(ckpt)
     rm = load_reward_model(ckpt, device=pick_device(device))
     tokenizer = load_tokenizer_for(ckpt)

@@ -4,6 +4,7 @@ the stage's advantages → epochs × minibatches of its loss); the data flow is 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import math
 import numbers
@@ -102,8 +103,8 @@ def call_reward_fn(fn: Callable, prompt: list[dict], reply: str, *, record: str)
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)):
         return float(value)
     shown = repr(value)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    raise RewardFunctionError(f"{record}: reward function {name} returned {shown}, expected a finite number")
+    raise RewardFunctionError(f"{record}: reward function {name} returned "
+                              f"{shown if len(shown) <= 60 else shown[:57] + '...'}, expected a finite number")
 
 
 class RewardSource:
@@ -131,8 +132,7 @@ class RewardSource:
     def __call__(self, prompts: list[list[dict]], replies: list[str], where: list[str], when: str) -> list[float]:
         """The scores; ``where`` names each prompt's record and ``when`` the step, for a reward function's errors."""
         if self.rm is not None:
-            block = self.rm.config.block_size
-            rows = [encode_reply(p, r, self.rm_tokenizer, block) for p, r in zip(prompts, replies)]
+            rows = [encode_reply(p, r, self.rm_tokenizer, self.rm.config.block_size) for p, r in zip(prompts, replies)]
             return self.rm.score_ids(rows, self.rm_tokenizer.pad_id, self.batch_size)
         if self.fn is None:
             return [self.task.reward(p, r) for p, r in zip(prompts, replies)]
@@ -168,10 +168,9 @@ def rollout(model: nn.Module, tokenizer, prompts: list[list[dict]], *, n: int = 
                        temperature=temperature, top_k=top_k, top_p=top_p, n=n, stop_ids=end_id, seed=seed)
     out = []
     for row, res in enumerate(results):
-        tokens = [int(t) for t in res.tokens]
-        stopped = res.finish_reason == "stop"
-        out.append(Rollout(prompt_ids[row // n], tokens + [end_id] if stopped else tokens, tokenizer.decode(tokens),
-                           "stop" if stopped else "length", row // n))
+        tokens = [int(t) for t in res.tokens]  # (finish_reason: "stop" or "length")
+        end = [end_id] if res.finish_reason == "stop" else []
+        out.append(Rollout(prompt_ids[row // n], tokens + end, tokenizer.decode(tokens), res.finish_reason, row // n))
     return out
 
 
@@ -181,8 +180,7 @@ class Policy(nn.Module):
 
     def __init__(self, gpt: nn.Module, value_head: bool = False, temperature: float = 1.0):
         super().__init__()
-        self.gpt = gpt
-        self.temperature = temperature
+        self.gpt, self.temperature = gpt, temperature
         self.value_head = ScalarHead(gpt.config.n_embd) if value_head else None
 
     def forward(self, idx, pos, targets, mask):
@@ -269,8 +267,7 @@ class OnlineStage:
     def __init__(self, cfg: RLConfig, policy: Policy, tokenizer, prompts: Prompts, reward: RewardSource,
                  reference: Optional[nn.Module]):
         self.cfg, self.model, self.tokenizer = cfg, policy, tokenizer
-        self.prompts, self.reward, self.reference = prompts, reward, reference
-        self.task = prompts.task
+        self.prompts, self.reward, self.reference, self.task = prompts, reward, reference, prompts.task
         self.rows = cfg.rollout_prompts * cfg.samples_per_prompt  # replies per rollout and process
         self.best_metric = "eval_accuracy" if self.task is not None else "eval_reward"
         self.iteration = -1  # the rollout the buffer holds
@@ -411,28 +408,25 @@ def run_online(stage_cls, cfg: RLConfig, out: str | Path, run_config, *, resume:
     ref_dtype, rm_dtype = stage_cls.dtypes(cfg)
     reward = RewardSource(reward_model=cfg.reward, reward_fn=cfg.reward_fn, task=task, dtype=rm_dtype,
                           batch_size=cfg.score_batch_size)
-    gpt, tokenizer, added = load_init(cfg.init)
-    if added:
-        print(f"{section}: added chat tokens {' '.join(added)} to the tokenizer (was --init a chat checkpoint?)",
-              file=sys.stderr)
+    log = functools.partial(print, file=sys.stderr)  # (every rank)
+    gpt, tokenizer, _ = load_init(cfg.init, log, section)
     reference = frozen_copy(gpt, ref_dtype) if cfg.kl_coef > 0 else None
     policy = Policy(gpt, value_head=stage_cls.value_head, temperature=cfg.temperature)
     stage = stage_cls(cfg, policy, tokenizer, prompts, reward, reference)
     trainer = Trainer(policy, stage, run_config["train"], out, tokenizer=tokenizer, save_model=save_policy,
                       load_model=load_policy, run_config=run_config.to_dict(), resume=resume)
-    print(f"{section}: {gpt.num_params() / 1e6:.2f}M parameters; prompts: "
-          f"{task.name + ' task' if task is not None else cfg.prompts}, {len(prompts.eval)} held out; reward: "
-          f"{reward.description}; {stage.rows} replies per rollout and process → {stage.steps_per_rollout} optimizer "
-          f"steps; reference: {'frozen copy of --init' if reference is not None else 'none (kl_coef 0)'}",
-          file=sys.stderr)
+    log(f"{section}: {gpt.num_params() / 1e6:.2f}M parameters; prompts: "
+        f"{task.name + ' task' if task is not None else cfg.prompts}, {len(prompts.eval)} held out; reward: "
+        f"{reward.description}; {stage.rows} replies per rollout and process → {stage.steps_per_rollout} optimizer "
+        f"steps; reference: {'frozen copy of --init' if reference is not None else 'none (kl_coef 0)'}")
     try:
         result = trainer.fit()
     except RewardFunctionError as e:
-        if trainer.world_size > 1:  # the ranks may not agree on the failure: no collective checkpoint here
-            raise RewardFunctionError(f"{e}; stopped; the last checkpoint is in {trainer.ckpt_dir}") from None
-        trainer.save_checkpoint()  # the weights after the last completed step: the same command resumes
-        raise RewardFunctionError(f"{e}; stopped; checkpoint of step {trainer.step} saved in {trainer.ckpt_dir}") \
-            from None
+        saved = f"the last checkpoint is in {trainer.ckpt_dir}"  # (ranks may not agree on a failure: no collective)
+        if trainer.world_size == 1:  # save the weights after the last completed step: the same command resumes
+            trainer.save_checkpoint()
+            saved = f"checkpoint of step {trainer.step} saved in {trainer.ckpt_dir}"
+        raise RewardFunctionError(f"{e}; stopped; {saved}") from None
     finally:
         trainer.close()
     curve = [r for r in read_metrics(out) if stage.best_metric in r]

@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..lora import apply as apply_lora
 from ..records import pad, read_conversations, split
 from ..tokenizer import SPECIAL_TOKENS, load_tokenizer_for
-from .pretrain import PretrainStage, bytes_per_token, mean_loss, val_metrics
+from .pretrain import PretrainStage, bytes_per_token, context_size, mean_loss, val_metrics
 from .trainer import Trainer, TrainConfig, world_info
 
 
@@ -49,15 +49,17 @@ class SFTConfig(Config):
 SECTIONS = {"sft": SFTConfig, "train": TrainConfig}  # the config of `pocketgpt sft`
 
 
-def load_init(path: str | Path, device=None):
-    """Model + tokenizer of ``--init``; adds the chat special tokens (and embedding rows) when the tokenizer lacks
-    them. Returns ``(model, tokenizer, added_token_names)``."""
+def load_init(path: str | Path, log, section: str):
+    """``(model, tokenizer, added_token_names)`` of ``--init``, given (and told) the chat tokens it lacks."""
     path = local_dir(path)
-    model = load_model(path, device=device)
+    model = load_model(path)
     tokenizer = load_tokenizer_for(path)
     added = tokenizer.add_special_tokens(SPECIAL_TOKENS)
     if tokenizer.vocab_size > model.config.vocab_size:
         model.resize_vocab(tokenizer.vocab_size)
+    if added:  # SFT teaches a base model the chat tokens; the later stages expect a chat checkpoint
+        log(f"{section}: added chat tokens {' '.join(added)} to the tokenizer; vocab now {tokenizer.vocab_size}"
+            + ("" if section == "sft" else " (was --init a chat checkpoint?)"))
     model.train()
     return model, tokenizer, added
 
@@ -65,10 +67,7 @@ def load_init(path: str | Path, device=None):
 def build_examples(convs: list, tokenizer, block_size: int, overflow: str = "split") -> tuple[list, FitStats]:
     """Rendered ``(ids, labels)`` examples of at most ``block_size + 1`` ids each, and what fitting did."""
     stats = FitStats()
-    examples = []
-    for conv in convs:
-        examples += fit_to_context(conv, tokenizer, block_size + 1, mode=overflow, stats=stats)
-    return examples, stats
+    return [ex for conv in convs for ex in fit_to_context(conv, tokenizer, block_size + 1, overflow, stats)], stats
 
 
 def collate(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +103,7 @@ class SFTStage:
         if not train_examples:
             raise UserError("sft: no training examples (every conversation was skipped; see the counts above)")
         self.train, self.val, self.pad_id = train_examples, val_examples, pad_id
-        self.batch_size, self.seed = batch_size, seed
-        self.bytes_per_token = bytes_per_token  # of the held-out replies, for bits per byte
+        self.batch_size, self.seed, self.bytes_per_token = batch_size, seed, bytes_per_token  # of the held-out replies
         self.grad_accum, self.eval_batches = 1, None
 
     def setup(self, trainer) -> None:
@@ -146,30 +144,25 @@ def _stderr_on_rank0(line: str) -> None:
         print(line, file=sys.stderr)
 
 
-def context_size(model, block_size: int, section: str) -> int:
-    """The training context: ``block_size``, or the model's when 0; never longer than the model's."""
-    block = block_size or model.config.block_size
-    if block > model.config.block_size:
-        raise UserError(f"[{section}] block_size: {block} is larger than the model's context of "
-                        f"{model.config.block_size} tokens")
-    return block
+def fit_and_close(trainer) -> dict:
+    """``trainer.fit()``, then ``trainer.close()`` however it ended."""
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
 
 
 def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_config: Optional[dict] = None,
             resume: Optional[bool] = None, log=None) -> dict:
     """Fine-tune ``init`` on ``sft.data`` with the Trainer; returns the Trainer's final metrics (+ data counts)."""
     log = log or _stderr_on_rank0
-    model, tokenizer, added = load_init(init)
-    if added:
-        log(f"sft: added chat tokens {' '.join(added)} to the tokenizer; vocab now {tokenizer.vocab_size}")
-    block = context_size(model, sft.block_size, "sft")
+    model, tokenizer, added = load_init(init, log, "sft")
+    block = context_size(sft.block_size, model.config.block_size, "[sft] block_size")
     convs = read_conversations(sft.data, skip_bad=sft.skip_bad, report=log)
     if sft.max_conversations and len(convs) > sft.max_conversations:
         convs = random.Random(train.seed).sample(convs, sft.max_conversations)
-    if sft.val_data:
-        train_convs, val_convs = convs, read_conversations(sft.val_data, skip_bad=sft.skip_bad, report=log)
-    else:
-        train_convs, val_convs = split(convs, sft.val_fraction, train.seed, most=sft.val_max)
+    train_convs, val_convs = ((convs, read_conversations(sft.val_data, skip_bad=sft.skip_bad, report=log))
+                              if sft.val_data else split(convs, sft.val_fraction, train.seed, most=sft.val_max))
     train_ex, tstats = build_examples(train_convs, tokenizer, block, sft.overflow)
     val_ex, vstats = build_examples(val_convs, tokenizer, block, sft.overflow)
     log(f"sft: train {tstats.summary()}")
@@ -186,11 +179,7 @@ def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_con
     cfg = {**(run_config or {}), "sft": {**sft.to_dict(), "init": str(init)}, "train": train.to_dict()}
     log(f"sft: {model.num_params() / 1e6:.2f}M parameters, context {block}, "
         f"{len(train_ex)} training / {len(val_ex)} held-out examples -> {out}")
-    trainer = Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=cfg, resume=resume)
-    try:
-        result = trainer.fit()
-    finally:
-        trainer.close()
+    result = fit_and_close(Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=cfg, resume=resume))
     result["data"] = {"conversations": len(convs), "train": asdict(tstats), "val": asdict(vstats),
                       "block_size": block, "train_tokens": n_tokens, "assistant_tokens": n_labels,
                       "added_tokens": added}
