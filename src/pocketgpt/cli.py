@@ -27,8 +27,7 @@ def _rank0() -> bool:
 
 
 def _training(p, module: str, run, *, out: str | None, default_config: str | None = None, aliases=None) -> None:
-    """The options every training command shares: ``--out``, ``--resume`` / ``--restart``, and one option per field
-    of the config sections of the stage ``module`` (its ``SECTIONS``)."""
+    """``--out``, ``--resume`` / ``--restart`` and one option per field of the stage ``module``'s ``SECTIONS``."""
     from .config import add_config_arguments
 
     sections = importlib.import_module(module).SECTIONS
@@ -52,14 +51,10 @@ def _load(args, **kw):
 
 
 def _done(args, line: str) -> int:
-    """A fine-tuning command's last words."""
     if _rank0():
         print(line)
         print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
     return 0
-
-
-# ---- tokenizer, prepare ----------------------------------------------------------------------------------------------
 
 
 def _text_inputs(p, inputs: str) -> None:
@@ -145,17 +140,12 @@ def _prepare_run(args) -> int:
 
     if not args.inputs and not args.builtin:
         raise UserError("give INPUTS (files or folders) or --builtin NAME")
-    vocab = args.vocab_size
-    if args.tokenizer is None and vocab is None and args.kind != "char":
-        vocab = 4096
+    vocab = 4096 if args.vocab_size is None and args.tokenizer is None and args.kind != "char" else args.vocab_size
     prepare(args.inputs, args.out, args.tokenizer, builtins=args.builtin, field=args.field,
             val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
             split_sentences=args.split_sentences, encoding=args.encoding, errors=args.errors, kind=args.kind,
             vocab_size=vocab, split=args.split, raw=args.raw, force=args.force)
     return 0
-
-
-# ---- pretrain, eval --------------------------------------------------------------------------------------------------
 
 
 def _pretrain(p) -> None:
@@ -239,9 +229,6 @@ def _eval_run(args) -> int:
     return 0
 
 
-# ---- sample, chat ----------------------------------------------------------------------------------------------------
-
-
 def _sampling(p, d: dict) -> None:
     """The options ``sample`` and ``chat`` share, with the command's defaults ``d``."""
     p.add_argument("--ckpt", required=True, help="checkpoint directory (pocketgpt or Hugging Face GPT-2/Llama), or a "
@@ -317,27 +304,26 @@ def _chat_run(args) -> int:
     from .checkpoint import find_checkpoint, load_checkpoint
 
     model, tokenizer = load_checkpoint(args.ckpt, args.device, args.dtype, chat=True)
-    if args.max_new_tokens < 1:
-        raise UserError("--max-new-tokens: must be at least 1")
-    if args.temperature < 0:
-        raise UserError("--temperature: must be >= 0 (0 = greedy)")
-    if not args.repetition_penalty > 0:
-        raise UserError("--repetition-penalty: must be > 0 (1 = off)")
+    for flag, bad, rule in (("max-new-tokens", args.max_new_tokens < 1, "at least 1"),
+                            ("temperature", args.temperature < 0, ">= 0 (0 = greedy)"),
+                            ("repetition-penalty", not args.repetition_penalty > 0, "> 0 (1 = off)")):
+        if bad:
+            raise UserError(f"--{flag}: must be {rule}")
     session = ChatSession(model, tokenizer, system=args.system, temperature=args.temperature, top_k=args.top_k or None,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           max_new_tokens=args.max_new_tokens, seed=args.seed)
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets U+FFFD, not a traceback
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="replace")
-    # on a terminal: prompts, notes and command output on stderr, line editing; otherwise one user message per
-    # input line, one reply per output line (newlines -> spaces)
+    # on a terminal: prompts, notes and /command output on stderr (``say``: silent when piped), line editing;
+    # otherwise one user message per input line, one reply per output line (newlines -> spaces)
     interactive = sys.stdin.isatty()
+    say = partial(print, file=sys.stderr) if interactive else lambda *_: None
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input(), wide characters included
-        print(f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M parameters, "
-              f"{model.config.block_size}-token context). /help for commands, /exit or Ctrl-D to quit.",
-              file=sys.stderr)
+        say(f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M parameters, "
+            f"{model.config.block_size}-token context). /help for commands, /exit or Ctrl-D to quit.")
     lines = None if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
     while True:
         try:
@@ -345,26 +331,22 @@ def _chat_run(args) -> int:
         except (EOFError, KeyboardInterrupt):
             line = None
         if line is None:
-            if interactive:
-                print(file=sys.stderr)
+            say()
             return 0
         line = line.strip()
         if line.startswith("/"):
-            if not _chat_command(session, line, interactive):
+            if not _chat_command(session, line, say):
                 return 0
         elif line:
-            if interactive:
-                print("bot> ", end="", flush=True)
+            print("bot> " if interactive else "", end="", flush=True)
             try:
                 for piece in session.reply(line):
                     print(piece if interactive else piece.replace("\r", " ").replace("\n", " "), end="", flush=True)
-            except KeyboardInterrupt:
-                if not interactive:
-                    raise
-                print("\n(interrupted)", file=sys.stderr)
+            except KeyboardInterrupt if interactive else ():  # piped, an interrupt ends the command
+                say("\n(interrupted)")
             print(flush=True)
-            for note in session.notes if interactive else ():
-                print(note, file=sys.stderr)
+            for note in session.notes:
+                say(note)
             session.notes.clear()
 
 
@@ -377,11 +359,10 @@ CHAT_HELP = """commands:
   /exit             quit (Ctrl-D too)"""
 
 
-def _chat_command(session, line: str, interactive: bool) -> bool:
-    """Run a /command; return False to quit."""
+def _chat_command(session, line: str, say) -> bool:
+    """Run a /command (``say`` its confirmations); return False to quit."""
     cmd, _, arg = line.partition(" ")
     arg = arg.strip()
-    say = (lambda s: print(s, file=sys.stderr)) if interactive else (lambda s: None)
     if cmd in ("/exit", "/quit"):
         return False
     if cmd == "/reset":
@@ -393,27 +374,22 @@ def _chat_command(session, line: str, interactive: bool) -> bool:
     elif cmd == "/temperature":
         try:
             t = float(arg)
-            if t < 0 or t != t:
-                raise ValueError
         except ValueError:
+            t = math.nan
+        if not t >= 0:  # NaN too
             print(f"/temperature: expected a number >= 0, got {arg!r}", file=sys.stderr)
             return True
         session.temperature = t
         say(f"(temperature {t:g})")
     elif cmd == "/history":
-        conv = session.conversation()
-        if not conv:
-            print("(empty conversation)", file=sys.stderr)
-        for m in conv:
-            print(f"[{m['role']}] {m['content']}", file=sys.stderr)
+        print("\n".join(f"[{m['role']}] {m['content']}" for m in session.conversation()) or "(empty conversation)",
+              file=sys.stderr)
     elif cmd == "/help":
         print(CHAT_HELP, file=sys.stderr)
     else:
         print(f"unknown command {cmd} (try /help)", file=sys.stderr)
     return True
 
-
-# ---- sft, rm, ppo, dpo, grpo -----------------------------------------------------------------------------------------
 
 # a fine-tune's [train] defaults where the config file / command line says nothing (not a pretraining's)
 SFT_TRAIN = dict(max_steps=300, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.0,
@@ -521,9 +497,6 @@ def _rm_run(args) -> int:
     return 0
 
 
-# ---- serve, export ---------------------------------------------------------------------------------------------------
-
-
 def _serve(p) -> None:
     from .serve import API_KEY_ENV
 
@@ -624,8 +597,6 @@ def _merge_run(args) -> int:
     print(f"wrote {args.out}")
     return 0
 
-
-# ---- the command -----------------------------------------------------------------------------------------------------
 
 # name, configure(parser) (or a module with configure_cli(name, parser)), one-line help; in pipeline order
 COMMANDS = [
