@@ -1,5 +1,4 @@
-"""The ``pocketgpt`` command: every command's glue, thin calls into the library. ``COMMANDS`` lists them; each
-imports what it needs inside its functions (``pocketgpt prepare`` never imports torch)."""
+"""The ``pocketgpt`` command: ``COMMANDS``, thin calls that import what they need (``prepare`` never imports torch)."""
 
 from __future__ import annotations
 
@@ -16,8 +15,6 @@ from pathlib import Path
 
 from .errors import UserError
 
-DEVICE_HELP = "auto, cpu, cuda, cuda:N, mps (default auto)"
-DTYPE_HELP = "weights precision: fp32, bf16, fp16 (default fp32)"
 
 
 def _rank0() -> bool:
@@ -40,6 +37,11 @@ def _training(p, module: str, run, *, out: str | None, default_config: str | Non
     p.set_defaults(func=run, sections=sections)
 
 
+def _device(p, dtype: str = "fp32", dtype_help: str = "weights precision: fp32, bf16, fp16 (default fp32)") -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
+    p.add_argument("--dtype", default=dtype, help=dtype_help)
+
+
 def _load(args, **kw):
     """The command's ``RunConfig``, and the Trainer's ``resume``: True (required), False (start over) or None."""
     from .config import load_config
@@ -52,8 +54,7 @@ def _load(args, **kw):
 
 def _done(args, line: str) -> int:
     if _rank0():
-        print(line)
-        print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
+        print(f"{line}\nchat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
     return 0
 
 
@@ -195,8 +196,7 @@ def _eval(p) -> None:
     p.add_argument("--batch_size", "--batch-size", type=int, default=8)
     p.add_argument("--max_batches", "--max-batches", type=int, default=0, help="0 = the whole split")
     p.add_argument("--block_size", "--block-size", type=int, default=None, help="window (default: model context)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
+    _device(p, "auto", "auto | fp32 | bf16 | fp16")
     p.set_defaults(func=_eval_run)
 
 
@@ -242,8 +242,7 @@ def _sampling(p, d: dict) -> None:
     p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"],
                    help="> 1 discourages repeating tokens, 1 = off (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
+    _device(p)
 
 
 def _sample(p) -> None:
@@ -279,9 +278,7 @@ def _sample_run(args) -> int:
                "frequency_penalty", "num_beams", "length_penalty", "no_repeat_ngram_size", "stop")
     params = SamplingParams(stop_ids=eot, **{k: getattr(args, k) for k in options})
     for i in range(args.n):
-        if args.n > 1:
-            print(f"--- sample {i + 1} ---")
-        print(args.prompt or "", end="", flush=True)
+        print((f"--- sample {i + 1} ---\n" if args.n > 1 else "") + (args.prompt or ""), end="", flush=True)
         seed = None if args.seed is None else args.seed + i
         for piece in generate(model, [prompt], params, tokenizer=tokenizer, stream=True, seed=seed):
             print(piece, end="", flush=True)
@@ -510,8 +507,7 @@ def _serve(p) -> None:
                    help="requests waiting to join the batch before the server answers 429 (default 256)")
     p.add_argument("--model-name", help="model id the API reports (default: the run's name: runs/a/b is a-b)")
     p.add_argument("--threads", type=int, help="CPU threads of the decode loop (default: every core)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
+    _device(p)
     p.set_defaults(func=_serve_run)
 
 
@@ -530,23 +526,20 @@ def _serve_run(args) -> int:
         raise UserError("--max-batch: gone, the server batches continuously; --max-concurrency N sets how many "
                         "sequences decode together")
     for flag, least in (("max_concurrency", 1), ("max_queue", 0), ("threads", 1)):
-        value = getattr(args, flag)
-        if value is not None and value < least:
+        if (value := getattr(args, flag)) is not None and value < least:
             raise UserError(f"--{flag.replace('_', '-')}: must be at least {least}, got {value}")
     import torch
 
     if args.threads:  # every core by default: on a quiet 2-core box 2 threads beat 1 at 1, 16 and 64 clients
         torch.set_num_threads(args.threads)
-    # the event loop and the decode thread share the GIL: switch often, so that a decoding step never waits
-    # the default 5 ms each time the loop thread is busy sending events
+    # the event loop and the decode thread share the GIL: switch often, or a decoding step waits 5 ms at each event
     sys.setswitchinterval(0.0005)
     api_key = args.api_key if args.api_key is not None else os.environ.get(serve.API_KEY_ENV) or None
     backend = serve.load_backend(args.ckpt, args.device, args.dtype, args.model_name)
     app = create_app(backend, api_key=api_key, max_concurrency=args.max_concurrency, max_queue=args.max_queue)
-    shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
     print(f"pocketgpt serve: model '{backend.model_id}' ({backend.model.num_params() / 1e6:.1f}M params, context "
-          f"{backend.context}) on http://{shown}:{args.port}/  (API: /v1, "
-          f"{'API key required' if api_key else 'no API key'})", flush=True)
+          f"{backend.context}) on http://{'localhost' if args.host in ('127.0.0.1', '::1') else args.host}:{args.port}/"
+          f"  (API: /v1, {'API key required' if api_key else 'no API key'})", flush=True)
     serve.serve_forever(app, args.host, args.port)
     return 0
 
@@ -632,10 +625,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
     # no abbreviations anywhere: `--max_step` must not silently mean `--max_steps` (tokenizer.py does the same)
-    parser = argparse.ArgumentParser(
-        prog="pocketgpt", allow_abbrev=False,
-        description="pocketgpt: from raw text to a GPT chat model. Run 'pocketgpt COMMAND --help' for details.",
-    )
+    parser = argparse.ArgumentParser(prog="pocketgpt", allow_abbrev=False, description="pocketgpt: from raw text to a "
+                                     "GPT chat model. Run 'pocketgpt COMMAND --help' for details.")
     parser.add_argument("--version", action="version", version=f"pocketgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, configure, help_text in COMMANDS:
@@ -686,9 +677,7 @@ def _unknown_argument(parser: argparse.ArgumentParser, argv: list[str], extra: l
         subs = [x for x in parser._actions if isinstance(x, argparse._SubParsersAction)]
         if subs and a in subs[0].choices:
             parser = subs[0].choices[a]
-    flag = next((a for a in extra if a.startswith("-")), None)
+    flag = next((a.split("=", 1)[0] for a in extra if a.startswith("-")), None)
     if flag is None:
         return f"unexpected argument {extra[0]!r}"
-    flag = flag.split("=", 1)[0]
-    options = [o for o in parser._option_string_actions if o.startswith("--")]
-    return f"{flag}: unknown option{did_you_mean(flag, options)}"
+    return f"{flag}: unknown option{did_you_mean(flag, [o for o in parser._option_string_actions if o[:2] == '--'])}"
