@@ -1,5 +1,4 @@
-"""Typed run configurations: one pydantic model per TOML table, presets, command-line overrides, and every error
-as one line naming the file:line or the --flag (the map is in docs/internals.md)."""
+"""Typed run configurations (a pydantic model per TOML table), presets, overrides; errors name file:LINE or --flag."""
 
 from __future__ import annotations
 
@@ -16,19 +15,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, Valida
 
 from .errors import UserError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+tomllib = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli")  # tomli: a core dependency on 3.10
 
-# The presets ship inside the package (the repository's top-level configs/ is a link to this folder), so
-# `--config NAME` works from any directory and from a non-editable install.
+# in the package (the repository's configs/ links here): `--config NAME` works anywhere, from any kind of install
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-class FieldError(ValueError):
-    """Raised by a ``Config``'s cross-field rule: the message is about ``field``."""
-
+class FieldError(ValueError):  # raised by a Config's cross-field rule: the message is about ``field``
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
@@ -49,12 +42,10 @@ class Config(BaseModel):
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "", origin: Optional[dict] = None):
-        """Validate ``values`` as given (types are not converted); an error is one ``UserError`` line naming
-        ``where`` (or the field's entry in ``origin``: ``path:LINE`` or ``--flag``) and the field."""
-        origin = origin or {}
+        """Validate ``values`` as given (strict); an error names the field and ``origin[field]`` (or ``where``)."""
         for key in values:
             if key not in cls.model_fields:
-                raise UserError(f"{origin.get(key) or where or 'config'}: unknown {cls.section} field "
+                raise UserError(f"{(origin or {}).get(key) or where or 'config'}: unknown {cls.section} field "
                                 f"'{key}'{did_you_mean(key, cls.model_fields)}")
         try:
             return cls.model_validate(values, strict=True)
@@ -79,14 +70,11 @@ def explain(err: dict, section: str, where: str = "", origin: Optional[dict] = N
     else:
         message = _MESSAGES.get(err["type"], err["msg"]).format(**ctx) + f", got {err['input']!r}"
     at = (origin or {}).get(field) or where
-    if at.startswith("--"):
-        return f"{at}: {message}"
-    return f"{at + ': ' if at else ''}[{section}] {field}: {message}"
+    return f"{at}: {message}" if at.startswith("--") else f"{at + ': ' if at else ''}[{section}] {field}: {message}"
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A path to a TOML file, or a preset name (``shakespeare-char``) looked up in ./configs (your own presets),
-    then in pocketgpt's bundled ones."""
+    """A TOML file, or a preset name looked up in ./configs (your own presets), then in pocketgpt's bundled ones."""
     p = Path(name_or_path)
     if p.exists():
         if p.is_dir():
@@ -98,8 +86,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if found and p.parent in (Path("."), Path("configs")):
         return found[0]
     presets = sorted({f.stem for d in dirs for f in d.glob("*.toml")})
-    hint = difflib.get_close_matches(name, presets, n=1)
-    extra = f" (did you mean '{hint[0]}'?)" if hint else (f" (presets: {', '.join(presets)})" if presets else "")
+    extra = did_you_mean(name, presets) or (f" (presets: {', '.join(presets)})" if presets else "")
     raise UserError(f"--config: {name_or_path}: no such file or preset{extra}")
 
 
@@ -148,8 +135,7 @@ def _convert(raw: Any, tp: Any, flag: str) -> Any:
 
 @dataclass
 class RunConfig:
-    """The loaded configuration: ``cfg["train"]`` is a ``TrainConfig``; ``values[section]`` what the file or the
-    command line set (to fill other defaults later, e.g. ``vocab_size`` from the data); ``path`` the TOML file."""
+    """``cfg["train"]``: a ``TrainConfig``; ``values[section]``: what the file or command line set (for rebuild)."""
 
     sections: dict[str, Config]
     values: dict[str, dict]
