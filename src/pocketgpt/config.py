@@ -169,26 +169,20 @@ _ALIASES = {"learning_rate": "lr", "max_iters": "max_steps", "num_train_steps": 
 def did_you_mean(word: str, options) -> str:
     """`` (did you mean 'X'?)`` for the closest of ``options`` (keys, or ``--flags``), or ``""``."""
     dashes = word[: len(word) - len(word.lstrip("-"))]
-    alias = _ALIASES.get(word.lstrip("-").replace("-", "_"))
-    if alias is not None and dashes + alias in options:
-        return f" (did you mean '{dashes + alias}'?)"
-    hint = difflib.get_close_matches(word, sorted(options), n=1)
+    alias = dashes + _ALIASES.get(word.lstrip("-").replace("-", "_"), "")
+    hint = [alias] if alias != dashes and alias in options else difflib.get_close_matches(word, sorted(options), n=1)
     return f" (did you mean '{hint[0]}'?)" if hint else ""
 
 
 def load_config(path_or_name: str | Path | None, overrides: list | dict | None = None,
                 sections: dict[str, type] | None = None, *, defaults: dict[str, dict] | None = None) -> RunConfig:
-    """A TOML preset (or nothing) + overrides, as ``sections`` (``{"train": TrainConfig, ...}``).
-
-    overrides: ``["--train.lr", "1e-3", "--max_steps=10"]`` tokens, ``[("train.lr", "1e-3", "--flag")]`` triples
-    or ``{"train.lr": 1e-3}``; strings are converted to the field's type, a bare key sets every section that has
-    it. ``defaults``: ``{"train": {...}}``, a command's own defaults under what the file and the overrides set."""
+    """A TOML preset (or nothing) + overrides as ``sections`` (``{"train": TrainConfig}``); overrides: ``["--lr",
+    "1e-3", "--train.max_steps=10"]``, ``[("train.lr", "1e-3", "--flag")]`` or ``{"train.lr": 1e-3}`` (a bare key sets
+    every section that has it). ``defaults``: ``{"train": {...}}``, under what the file and the overrides set."""
     sections = dict(sections or {})
     path = resolve_config_path(path_or_name) if path_or_name else None
-    data = read_toml(path) if path else {}
-    lines = _key_lines(path) if path else {}
-    values: dict[str, dict] = {name: {} for name in sections}
-    origin: dict[str, dict] = {name: {} for name in sections}
+    data, lines = (read_toml(path), _key_lines(path)) if path else ({}, {})
+    values, origin = {name: {} for name in sections}, {name: {} for name in sections}
 
     for sec, table in data.items():
         if sec not in sections:
@@ -198,12 +192,11 @@ def load_config(path_or_name: str | Path | None, overrides: list | dict | None =
             raise UserError(f"{lines.get((sec, None), path)}: unknown section [{sec}]{did_you_mean(sec, sections)}")
         if not isinstance(table, dict):
             raise UserError(f"{path}: '{sec}' must be a table [{sec}]")
-        for key, val in table.items():
-            where = lines.get((sec, key), str(path))
+        values[sec], origin[sec] = table, {key: lines.get((sec, key), str(path)) for key in table}
+        for key in table:
             if key not in sections[sec].model_fields:
-                raise UserError(f"{where}: [{sec}] unknown key '{key}'{did_you_mean(key, sections[sec].model_fields)}")
-            values[sec][key] = val
-            origin[sec][key] = where
+                raise UserError(f"{origin[sec][key]}: [{sec}] unknown key '{key}'"
+                                f"{did_you_mean(key, sections[sec].model_fields)}")
 
     for key, raw, flag in _overrides(overrides):
         sec, _, name = key.rpartition(".")
@@ -228,11 +221,10 @@ def load_config(path_or_name: str | Path | None, overrides: list | dict | None =
 
 def _overrides(overrides) -> list[tuple[str, Any, str]]:
     """``(key, value, --flag as typed)`` of each override."""
-    if isinstance(overrides, dict):
-        return [(k.replace("-", "_"), v, f"--{k}") for k, v in overrides.items()]
-    items, out = list(overrides or []), []
+    items = [(k, v, f"--{k}") for k, v in overrides.items()] if isinstance(overrides, dict) else list(overrides or [])
     if items and isinstance(items[0], tuple):
         return [(k.lstrip("-").replace("-", "_"), v, flag) for k, v, flag in items]
+    out = []
     while items:
         tok = str(items.pop(0))
         if not tok.startswith("--"):
@@ -246,14 +238,12 @@ def _overrides(overrides) -> list[tuple[str, Any, str]]:
 
 class _Override(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
-        value = "true" if values is None else values
-        namespace.config_overrides = [*getattr(namespace, "config_overrides", []), (self.key, value, option_string)]
+        namespace.config_overrides = [*getattr(namespace, "config_overrides", []), (self.dest, values, option_string)]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, sections: dict[str, type],
                          default_config: Optional[str] = None, aliases: Optional[dict[str, list[str]]] = None) -> None:
-    """Add ``--config`` and one override option per field (``--key``, ``--section.key`` and ``aliases[key]``),
-    except options the parser already defines (the command's own meaning wins)."""
+    """``--config`` and per field ``--key``, ``--section.key``, ``aliases[key]`` (an option the parser has wins)."""
     parser.add_argument("--config", default=default_config, metavar="NAME|FILE",
                         help="TOML preset name (configs/NAME.toml) or path" +
                              (f" (default: {default_config})" if default_config else ""))
@@ -265,17 +255,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: dict[str, ty
         for name, info in cls.model_fields.items():
             tp = info.annotation
             nargs = "?" if tp is bool else ("+" if typing.get_origin(tp) is list else None)
-            for key, shown in ((f"{sec}.{name}", False), (name, True)):
-                opts = [f"--{key}", f"--{key.replace('_', '-')}"] + ((aliases or {}).get(key, []) if shown else [])
-                opts = [o for o in dict.fromkeys(opts) if o not in taken]
-                if not opts:
-                    continue
-                taken.update(opts)
-                help_text = f"[{sec}] {_type_name(tp)}" + (f": {info.description}" if info.description else "")
-                action = group.add_argument(*opts, action=_Override, nargs=nargs, dest="config_overrides",
-                                            default=argparse.SUPPRESS, metavar="V",
-                                            help=help_text if shown else argparse.SUPPRESS)
-                action.key = key
+            help_text = f"[{sec}] {_type_name(tp)}" + (f": {info.description}" if info.description else "")
+            for key, extra in ((f"{sec}.{name}", []), (name, (aliases or {}).get(name, []))):
+                opts = [o for o in dict.fromkeys([f"--{key}", f"--{key.replace('_', '-')}", *extra]) if o not in taken]
+                if opts:  # the override's key is its dest; a bool given bare is "true"
+                    taken.update(opts)
+                    group.add_argument(*opts, action=_Override, nargs=nargs, const="true", dest=key, metavar="V",
+                                       default=argparse.SUPPRESS, help=help_text if key == name else argparse.SUPPRESS)
 
 
 def dump_toml(config: dict[str, Any]) -> str:
