@@ -142,10 +142,9 @@ def _prepare_run(args) -> int:
     if not args.inputs and not args.builtin:
         raise UserError("give INPUTS (files or folders) or --builtin NAME")
     vocab = 4096 if args.vocab_size is None and args.tokenizer is None and args.kind != "char" else args.vocab_size
-    prepare(args.inputs, args.out, args.tokenizer, builtins=args.builtin, field=args.field,
-            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
-            split_sentences=args.split_sentences, encoding=args.encoding, errors=args.errors, kind=args.kind,
-            vocab_size=vocab, split=args.split, raw=args.raw, force=args.force)
+    prepare(args.inputs, args.out, args.tokenizer, builtins=args.builtin, vocab_size=vocab,
+            **{k: getattr(args, k) for k in ("field", "val_fraction", "test_fraction", "seed", "split_sentences",
+                                             "encoding", "errors", "kind", "split", "raw", "force")})
     return 0
 
 
@@ -169,11 +168,9 @@ def _pretrain_run(args) -> int:
     if rank == 0:
         print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters, {world} process(es), run dir {out}",
               file=sys.stderr)
-    trainer = Trainer(model, stage, cfg["train"], out, tokenizer=tokenizer, run_config=cfg.to_dict(), resume=resume)
-    try:
+    with contextlib.closing(Trainer(model, stage, cfg["train"], out, tokenizer=tokenizer, run_config=cfg.to_dict(),
+                                    resume=resume)) as trainer:
         result = trainer.fit()
-    finally:
-        trainer.close()
     if rank == 0:
         parts = [f"step {result['step']}", f"{result['tokens']:,} tokens"] + [
             f"{k} {result[k]:.4f}" for k in ("train_loss", "val_loss", "val_ppl", "val_bpb") if k in result]
@@ -312,8 +309,7 @@ def _chat_run(args) -> int:
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets U+FFFD, not a traceback
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="replace")
-    # on a terminal: prompts, notes and /command output on stderr (``say``: silent when piped), line editing;
-    # otherwise one user message per input line, one reply per output line (newlines -> spaces)
+    # a terminal: prompts and notes on stderr, line editing; piped: one message per input line, one reply per line out
     interactive = sys.stdin.isatty()
     say = partial(print, file=sys.stderr) if interactive else lambda *_: None
     if interactive:
@@ -629,9 +625,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                      "GPT chat model. Run 'pocketgpt COMMAND --help' for details.")
     parser.add_argument("--version", action="version", version=f"pocketgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, configure, help_text in COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
-                           allow_abbrev=False)
+    for name, configure, text in COMMANDS:
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", allow_abbrev=False)
         if only is None or only == name:
             if isinstance(configure, str):
                 importlib.import_module(configure).configure_cli(name, p)
@@ -654,8 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pocketgpt {args.command}: error: {_unknown_argument(parser, argv, extra)}", file=sys.stderr)
         return 2
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 0 if args.command is None else 2
+        return parser.print_help() or (0 if args.command is None else 2)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -674,9 +668,8 @@ def _unknown_argument(parser: argparse.ArgumentParser, argv: list[str], extra: l
     from .config import did_you_mean
 
     for a in argv:  # descend to the innermost subcommand named on the line (e.g. `tokenizer train`)
-        subs = [x for x in parser._actions if isinstance(x, argparse._SubParsersAction)]
-        if subs and a in subs[0].choices:
-            parser = subs[0].choices[a]
+        subs = next((x.choices for x in parser._actions if isinstance(x, argparse._SubParsersAction)), {})
+        parser = subs.get(a, parser)
     flag = next((a.split("=", 1)[0] for a in extra if a.startswith("-")), None)
     if flag is None:
         return f"unexpected argument {extra[0]!r}"

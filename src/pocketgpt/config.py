@@ -53,12 +53,11 @@ class Config(BaseModel):
             raise UserError(explain(e.errors()[0], cls.section, where, origin)) from None
 
 
-_MESSAGES = {"int_type": "expected int", "int_parsing": "expected int", "int_from_float": "expected int",
-             "float_type": "expected float", "float_parsing": "expected float", "string_type": "expected a string",
-             "bool_type": "expected true or false", "bool_parsing": "expected true or false",
-             "list_type": "expected a list", "missing": "is required", "literal_error": "must be one of {expected}",
-             "greater_than": "must be > {gt}", "greater_than_equal": "must be at least {ge}",
-             "less_than": "must be < {lt}", "less_than_equal": "must be at most {le}"}
+_MESSAGES = {**dict.fromkeys(["int_type", "int_parsing", "int_from_float"], "expected int"), "missing": "is required",
+             **dict.fromkeys(["float_type", "float_parsing"], "expected float"), "string_type": "expected a string",
+             **dict.fromkeys(["bool_type", "bool_parsing"], "expected true or false"), "greater_than": "must be > {gt}",
+             "greater_than_equal": "must be at least {ge}", "literal_error": "must be one of {expected}",
+             "less_than_equal": "must be at most {le}", "list_type": "expected a list", "less_than": "must be < {lt}"}
 
 
 def explain(err: dict, section: str, where: str = "", origin: Optional[dict] = None) -> str:
