@@ -16,7 +16,6 @@ from pathlib import Path
 from .errors import UserError
 
 
-
 def _rank0() -> bool:
     from .train.trainer import world_info
 
