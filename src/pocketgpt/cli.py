@@ -1,5 +1,4 @@
-"""The ``pocketgpt`` command: every command's glue, thin calls into the library. ``COMMANDS`` lists them; each
-imports what it needs inside its functions (``pocketgpt prepare`` never imports torch)."""
+"""The ``pocketgpt`` command: ``COMMANDS``, thin calls that import what they need (``prepare`` never imports torch)."""
 
 from __future__ import annotations
 
@@ -16,9 +15,6 @@ from pathlib import Path
 
 from .errors import UserError
 
-DEVICE_HELP = "auto, cpu, cuda, cuda:N, mps (default auto)"
-DTYPE_HELP = "weights precision: fp32, bf16, fp16 (default fp32)"
-
 
 def _rank0() -> bool:
     from .train.trainer import world_info
@@ -27,8 +23,7 @@ def _rank0() -> bool:
 
 
 def _training(p, module: str, run, *, out: str | None, default_config: str | None = None, aliases=None) -> None:
-    """The options every training command shares: ``--out``, ``--resume`` / ``--restart``, and one option per field
-    of the config sections of the stage ``module`` (its ``SECTIONS``)."""
+    """``--out``, ``--resume`` / ``--restart`` and one option per field of the stage ``module``'s ``SECTIONS``."""
     from .config import add_config_arguments
 
     sections = importlib.import_module(module).SECTIONS
@@ -39,6 +34,11 @@ def _training(p, module: str, run, *, out: str | None, default_config: str | Non
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in RUN/ckpt and start over")
     add_config_arguments(p, sections, default_config=default_config, aliases=aliases)
     p.set_defaults(func=run, sections=sections)
+
+
+def _device(p, dtype: str = "fp32", dtype_help: str = "weights precision: fp32, bf16, fp16 (default fp32)") -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
+    p.add_argument("--dtype", default=dtype, help=dtype_help)
 
 
 def _load(args, **kw):
@@ -52,14 +52,9 @@ def _load(args, **kw):
 
 
 def _done(args, line: str) -> int:
-    """A fine-tuning command's last words."""
     if _rank0():
-        print(line)
-        print(f"chat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
+        print(f"{line}\nchat with it: pocketgpt chat --ckpt {Path(args.out) / 'ckpt'}")
     return 0
-
-
-# ---- tokenizer, prepare ----------------------------------------------------------------------------------------------
 
 
 def _text_inputs(p, inputs: str) -> None:
@@ -145,17 +140,11 @@ def _prepare_run(args) -> int:
 
     if not args.inputs and not args.builtin:
         raise UserError("give INPUTS (files or folders) or --builtin NAME")
-    vocab = args.vocab_size
-    if args.tokenizer is None and vocab is None and args.kind != "char":
-        vocab = 4096
-    prepare(args.inputs, args.out, args.tokenizer, builtins=args.builtin, field=args.field,
-            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
-            split_sentences=args.split_sentences, encoding=args.encoding, errors=args.errors, kind=args.kind,
-            vocab_size=vocab, split=args.split, raw=args.raw, force=args.force)
+    vocab = 4096 if args.vocab_size is None and args.tokenizer is None and args.kind != "char" else args.vocab_size
+    prepare(args.inputs, args.out, args.tokenizer, builtins=args.builtin, vocab_size=vocab,
+            **{k: getattr(args, k) for k in ("field", "val_fraction", "test_fraction", "seed", "split_sentences",
+                                             "encoding", "errors", "kind", "split", "raw", "force")})
     return 0
-
-
-# ---- pretrain, eval --------------------------------------------------------------------------------------------------
 
 
 def _pretrain(p) -> None:
@@ -178,11 +167,9 @@ def _pretrain_run(args) -> int:
     if rank == 0:
         print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters, {world} process(es), run dir {out}",
               file=sys.stderr)
-    trainer = Trainer(model, stage, cfg["train"], out, tokenizer=tokenizer, run_config=cfg.to_dict(), resume=resume)
-    try:
+    with contextlib.closing(Trainer(model, stage, cfg["train"], out, tokenizer=tokenizer, run_config=cfg.to_dict(),
+                                    resume=resume)) as trainer:
         result = trainer.fit()
-    finally:
-        trainer.close()
     if rank == 0:
         parts = [f"step {result['step']}", f"{result['tokens']:,} tokens"] + [
             f"{k} {result[k]:.4f}" for k in ("train_loss", "val_loss", "val_ppl", "val_bpb") if k in result]
@@ -205,8 +192,7 @@ def _eval(p) -> None:
     p.add_argument("--batch_size", "--batch-size", type=int, default=8)
     p.add_argument("--max_batches", "--max-batches", type=int, default=0, help="0 = the whole split")
     p.add_argument("--block_size", "--block-size", type=int, default=None, help="window (default: model context)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
+    _device(p, "auto", "auto | fp32 | bf16 | fp16")
     p.set_defaults(func=_eval_run)
 
 
@@ -239,9 +225,6 @@ def _eval_run(args) -> int:
     return 0
 
 
-# ---- sample, chat ----------------------------------------------------------------------------------------------------
-
-
 def _sampling(p, d: dict) -> None:
     """The options ``sample`` and ``chat`` share, with the command's defaults ``d``."""
     p.add_argument("--ckpt", required=True, help="checkpoint directory (pocketgpt or Hugging Face GPT-2/Llama), or a "
@@ -255,8 +238,7 @@ def _sampling(p, d: dict) -> None:
     p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"],
                    help="> 1 discourages repeating tokens, 1 = off (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
+    _device(p)
 
 
 def _sample(p) -> None:
@@ -292,9 +274,7 @@ def _sample_run(args) -> int:
                "frequency_penalty", "num_beams", "length_penalty", "no_repeat_ngram_size", "stop")
     params = SamplingParams(stop_ids=eot, **{k: getattr(args, k) for k in options})
     for i in range(args.n):
-        if args.n > 1:
-            print(f"--- sample {i + 1} ---")
-        print(args.prompt or "", end="", flush=True)
+        print((f"--- sample {i + 1} ---\n" if args.n > 1 else "") + (args.prompt or ""), end="", flush=True)
         seed = None if args.seed is None else args.seed + i
         for piece in generate(model, [prompt], params, tokenizer=tokenizer, stream=True, seed=seed):
             print(piece, end="", flush=True)
@@ -317,27 +297,25 @@ def _chat_run(args) -> int:
     from .checkpoint import find_checkpoint, load_checkpoint
 
     model, tokenizer = load_checkpoint(args.ckpt, args.device, args.dtype, chat=True)
-    if args.max_new_tokens < 1:
-        raise UserError("--max-new-tokens: must be at least 1")
-    if args.temperature < 0:
-        raise UserError("--temperature: must be >= 0 (0 = greedy)")
-    if not args.repetition_penalty > 0:
-        raise UserError("--repetition-penalty: must be > 0 (1 = off)")
+    for flag, bad, rule in (("max-new-tokens", args.max_new_tokens < 1, "at least 1"),
+                            ("temperature", args.temperature < 0, ">= 0 (0 = greedy)"),
+                            ("repetition-penalty", not args.repetition_penalty > 0, "> 0 (1 = off)")):
+        if bad:
+            raise UserError(f"--{flag}: must be {rule}")
     session = ChatSession(model, tokenizer, system=args.system, temperature=args.temperature, top_k=args.top_k or None,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           max_new_tokens=args.max_new_tokens, seed=args.seed)
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets U+FFFD, not a traceback
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="replace")
-    # on a terminal: prompts, notes and command output on stderr, line editing; otherwise one user message per
-    # input line, one reply per output line (newlines -> spaces)
+    # a terminal: prompts and notes on stderr, line editing; piped: one message per input line, one reply per line out
     interactive = sys.stdin.isatty()
+    say = partial(print, file=sys.stderr) if interactive else lambda *_: None
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input(), wide characters included
-        print(f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M parameters, "
-              f"{model.config.block_size}-token context). /help for commands, /exit or Ctrl-D to quit.",
-              file=sys.stderr)
+        say(f"pocketgpt chat: {find_checkpoint(args.ckpt)} ({model.num_params() / 1e6:.1f}M parameters, "
+            f"{model.config.block_size}-token context). /help for commands, /exit or Ctrl-D to quit.")
     lines = None if interactive else io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
     while True:
         try:
@@ -345,26 +323,22 @@ def _chat_run(args) -> int:
         except (EOFError, KeyboardInterrupt):
             line = None
         if line is None:
-            if interactive:
-                print(file=sys.stderr)
+            say()
             return 0
         line = line.strip()
         if line.startswith("/"):
-            if not _chat_command(session, line, interactive):
+            if not _chat_command(session, line, say):
                 return 0
         elif line:
-            if interactive:
-                print("bot> ", end="", flush=True)
+            print("bot> " if interactive else "", end="", flush=True)
             try:
                 for piece in session.reply(line):
                     print(piece if interactive else piece.replace("\r", " ").replace("\n", " "), end="", flush=True)
-            except KeyboardInterrupt:
-                if not interactive:
-                    raise
-                print("\n(interrupted)", file=sys.stderr)
+            except KeyboardInterrupt if interactive else ():  # piped, an interrupt ends the command
+                say("\n(interrupted)")
             print(flush=True)
-            for note in session.notes if interactive else ():
-                print(note, file=sys.stderr)
+            for note in session.notes:
+                say(note)
             session.notes.clear()
 
 
@@ -377,11 +351,10 @@ CHAT_HELP = """commands:
   /exit             quit (Ctrl-D too)"""
 
 
-def _chat_command(session, line: str, interactive: bool) -> bool:
-    """Run a /command; return False to quit."""
+def _chat_command(session, line: str, say) -> bool:
+    """Run a /command (``say`` its confirmations); return False to quit."""
     cmd, _, arg = line.partition(" ")
     arg = arg.strip()
-    say = (lambda s: print(s, file=sys.stderr)) if interactive else (lambda s: None)
     if cmd in ("/exit", "/quit"):
         return False
     if cmd == "/reset":
@@ -393,27 +366,22 @@ def _chat_command(session, line: str, interactive: bool) -> bool:
     elif cmd == "/temperature":
         try:
             t = float(arg)
-            if t < 0 or t != t:
-                raise ValueError
         except ValueError:
+            t = math.nan
+        if not t >= 0:  # NaN too
             print(f"/temperature: expected a number >= 0, got {arg!r}", file=sys.stderr)
             return True
         session.temperature = t
         say(f"(temperature {t:g})")
     elif cmd == "/history":
-        conv = session.conversation()
-        if not conv:
-            print("(empty conversation)", file=sys.stderr)
-        for m in conv:
-            print(f"[{m['role']}] {m['content']}", file=sys.stderr)
+        print("\n".join(f"[{m['role']}] {m['content']}" for m in session.conversation()) or "(empty conversation)",
+              file=sys.stderr)
     elif cmd == "/help":
         print(CHAT_HELP, file=sys.stderr)
     else:
         print(f"unknown command {cmd} (try /help)", file=sys.stderr)
     return True
 
-
-# ---- sft, rm, ppo, dpo, grpo -----------------------------------------------------------------------------------------
 
 # a fine-tune's [train] defaults where the config file / command line says nothing (not a pretraining's)
 SFT_TRAIN = dict(max_steps=300, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.0,
@@ -521,9 +489,6 @@ def _rm_run(args) -> int:
     return 0
 
 
-# ---- serve, export ---------------------------------------------------------------------------------------------------
-
-
 def _serve(p) -> None:
     from .serve import API_KEY_ENV
 
@@ -537,8 +502,7 @@ def _serve(p) -> None:
                    help="requests waiting to join the batch before the server answers 429 (default 256)")
     p.add_argument("--model-name", help="model id the API reports (default: the run's name: runs/a/b is a-b)")
     p.add_argument("--threads", type=int, help="CPU threads of the decode loop (default: every core)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
+    _device(p)
     p.set_defaults(func=_serve_run)
 
 
@@ -557,23 +521,20 @@ def _serve_run(args) -> int:
         raise UserError("--max-batch: gone, the server batches continuously; --max-concurrency N sets how many "
                         "sequences decode together")
     for flag, least in (("max_concurrency", 1), ("max_queue", 0), ("threads", 1)):
-        value = getattr(args, flag)
-        if value is not None and value < least:
+        if (value := getattr(args, flag)) is not None and value < least:
             raise UserError(f"--{flag.replace('_', '-')}: must be at least {least}, got {value}")
     import torch
 
     if args.threads:  # every core by default: on a quiet 2-core box 2 threads beat 1 at 1, 16 and 64 clients
         torch.set_num_threads(args.threads)
-    # the event loop and the decode thread share the GIL: switch often, so that a decoding step never waits
-    # the default 5 ms each time the loop thread is busy sending events
+    # the event loop and the decode thread share the GIL: switch often, or a decoding step waits 5 ms at each event
     sys.setswitchinterval(0.0005)
     api_key = args.api_key if args.api_key is not None else os.environ.get(serve.API_KEY_ENV) or None
     backend = serve.load_backend(args.ckpt, args.device, args.dtype, args.model_name)
     app = create_app(backend, api_key=api_key, max_concurrency=args.max_concurrency, max_queue=args.max_queue)
-    shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
     print(f"pocketgpt serve: model '{backend.model_id}' ({backend.model.num_params() / 1e6:.1f}M params, context "
-          f"{backend.context}) on http://{shown}:{args.port}/  (API: /v1, "
-          f"{'API key required' if api_key else 'no API key'})", flush=True)
+          f"{backend.context}) on http://{'localhost' if args.host in ('127.0.0.1', '::1') else args.host}:{args.port}/"
+          f"  (API: /v1, {'API key required' if api_key else 'no API key'})", flush=True)
     serve.serve_forever(app, args.host, args.port)
     return 0
 
@@ -625,8 +586,6 @@ def _merge_run(args) -> int:
     return 0
 
 
-# ---- the command -----------------------------------------------------------------------------------------------------
-
 # name, configure(parser) (or a module with configure_cli(name, parser)), one-line help; in pipeline order
 COMMANDS = [
     ("tokenizer", _tokenizer, "train a tokenizer (bpe, char, word, unigram) or inspect one"),
@@ -661,15 +620,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
     # no abbreviations anywhere: `--max_step` must not silently mean `--max_steps` (tokenizer.py does the same)
-    parser = argparse.ArgumentParser(
-        prog="pocketgpt", allow_abbrev=False,
-        description="pocketgpt: from raw text to a GPT chat model. Run 'pocketgpt COMMAND --help' for details.",
-    )
+    parser = argparse.ArgumentParser(prog="pocketgpt", allow_abbrev=False, description="pocketgpt: from raw text to a "
+                                     "GPT chat model. Run 'pocketgpt COMMAND --help' for details.")
     parser.add_argument("--version", action="version", version=f"pocketgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, configure, help_text in COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
-                           allow_abbrev=False)
+    for name, configure, text in COMMANDS:
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", allow_abbrev=False)
         if only is None or only == name:
             if isinstance(configure, str):
                 importlib.import_module(configure).configure_cli(name, p)
@@ -692,8 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pocketgpt {args.command}: error: {_unknown_argument(parser, argv, extra)}", file=sys.stderr)
         return 2
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 0 if args.command is None else 2
+        return parser.print_help() or (0 if args.command is None else 2)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -712,12 +667,9 @@ def _unknown_argument(parser: argparse.ArgumentParser, argv: list[str], extra: l
     from .config import did_you_mean
 
     for a in argv:  # descend to the innermost subcommand named on the line (e.g. `tokenizer train`)
-        subs = [x for x in parser._actions if isinstance(x, argparse._SubParsersAction)]
-        if subs and a in subs[0].choices:
-            parser = subs[0].choices[a]
-    flag = next((a for a in extra if a.startswith("-")), None)
+        subs = next((x.choices for x in parser._actions if isinstance(x, argparse._SubParsersAction)), {})
+        parser = subs.get(a, parser)
+    flag = next((a.split("=", 1)[0] for a in extra if a.startswith("-")), None)
     if flag is None:
         return f"unexpected argument {extra[0]!r}"
-    flag = flag.split("=", 1)[0]
-    options = [o for o in parser._option_string_actions if o.startswith("--")]
-    return f"{flag}: unknown option{did_you_mean(flag, options)}"
+    return f"{flag}: unknown option{did_you_mean(flag, [o for o in parser._option_string_actions if o[:2] == '--'])}"

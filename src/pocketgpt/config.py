@@ -1,5 +1,4 @@
-"""Typed run configurations: one pydantic model per TOML table, presets, command-line overrides, and every error
-as one line naming the file:line or the --flag (the map is in docs/internals.md)."""
+"""Typed run configurations (a pydantic model per TOML table), presets, overrides; errors name file:LINE or --flag."""
 
 from __future__ import annotations
 
@@ -16,19 +15,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, Valida
 
 from .errors import UserError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+tomllib = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli")  # tomli: a core dependency on 3.10
 
-# The presets ship inside the package (the repository's top-level configs/ is a link to this folder), so
-# `--config NAME` works from any directory and from a non-editable install.
+# in the package (the repository's configs/ links here): `--config NAME` works anywhere, from any kind of install
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-class FieldError(ValueError):
-    """Raised by a ``Config``'s cross-field rule: the message is about ``field``."""
-
+class FieldError(ValueError):  # raised by a Config's cross-field rule: the message is about ``field``
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
@@ -49,12 +42,10 @@ class Config(BaseModel):
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "", origin: Optional[dict] = None):
-        """Validate ``values`` as given (types are not converted); an error is one ``UserError`` line naming
-        ``where`` (or the field's entry in ``origin``: ``path:LINE`` or ``--flag``) and the field."""
-        origin = origin or {}
+        """Validate ``values`` as given (strict); an error names the field and ``origin[field]`` (or ``where``)."""
         for key in values:
             if key not in cls.model_fields:
-                raise UserError(f"{origin.get(key) or where or 'config'}: unknown {cls.section} field "
+                raise UserError(f"{(origin or {}).get(key) or where or 'config'}: unknown {cls.section} field "
                                 f"'{key}'{did_you_mean(key, cls.model_fields)}")
         try:
             return cls.model_validate(values, strict=True)
@@ -62,12 +53,11 @@ class Config(BaseModel):
             raise UserError(explain(e.errors()[0], cls.section, where, origin)) from None
 
 
-_MESSAGES = {"int_type": "expected int", "int_parsing": "expected int", "int_from_float": "expected int",
-             "float_type": "expected float", "float_parsing": "expected float", "string_type": "expected a string",
-             "bool_type": "expected true or false", "bool_parsing": "expected true or false",
-             "list_type": "expected a list", "missing": "is required", "literal_error": "must be one of {expected}",
-             "greater_than": "must be > {gt}", "greater_than_equal": "must be at least {ge}",
-             "less_than": "must be < {lt}", "less_than_equal": "must be at most {le}"}
+_MESSAGES = {**dict.fromkeys(["int_type", "int_parsing", "int_from_float"], "expected int"), "missing": "is required",
+             **dict.fromkeys(["float_type", "float_parsing"], "expected float"), "string_type": "expected a string",
+             **dict.fromkeys(["bool_type", "bool_parsing"], "expected true or false"), "greater_than": "must be > {gt}",
+             "greater_than_equal": "must be at least {ge}", "literal_error": "must be one of {expected}",
+             "less_than_equal": "must be at most {le}", "list_type": "expected a list", "less_than": "must be < {lt}"}
 
 
 def explain(err: dict, section: str, where: str = "", origin: Optional[dict] = None) -> str:
@@ -79,14 +69,11 @@ def explain(err: dict, section: str, where: str = "", origin: Optional[dict] = N
     else:
         message = _MESSAGES.get(err["type"], err["msg"]).format(**ctx) + f", got {err['input']!r}"
     at = (origin or {}).get(field) or where
-    if at.startswith("--"):
-        return f"{at}: {message}"
-    return f"{at + ': ' if at else ''}[{section}] {field}: {message}"
+    return f"{at}: {message}" if at.startswith("--") else f"{at + ': ' if at else ''}[{section}] {field}: {message}"
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A path to a TOML file, or a preset name (``shakespeare-char``) looked up in ./configs (your own presets),
-    then in pocketgpt's bundled ones."""
+    """A TOML file, or a preset name looked up in ./configs (your own presets), then in pocketgpt's bundled ones."""
     p = Path(name_or_path)
     if p.exists():
         if p.is_dir():
@@ -98,8 +85,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if found and p.parent in (Path("."), Path("configs")):
         return found[0]
     presets = sorted({f.stem for d in dirs for f in d.glob("*.toml")})
-    hint = difflib.get_close_matches(name, presets, n=1)
-    extra = f" (did you mean '{hint[0]}'?)" if hint else (f" (presets: {', '.join(presets)})" if presets else "")
+    extra = did_you_mean(name, presets) or (f" (presets: {', '.join(presets)})" if presets else "")
     raise UserError(f"--config: {name_or_path}: no such file or preset{extra}")
 
 
@@ -148,8 +134,7 @@ def _convert(raw: Any, tp: Any, flag: str) -> Any:
 
 @dataclass
 class RunConfig:
-    """The loaded configuration: ``cfg["train"]`` is a ``TrainConfig``; ``values[section]`` what the file or the
-    command line set (to fill other defaults later, e.g. ``vocab_size`` from the data); ``path`` the TOML file."""
+    """``cfg["train"]``: a ``TrainConfig``; ``values[section]``: what the file or command line set (for rebuild)."""
 
     sections: dict[str, Config]
     values: dict[str, dict]
@@ -183,26 +168,20 @@ _ALIASES = {"learning_rate": "lr", "max_iters": "max_steps", "num_train_steps": 
 def did_you_mean(word: str, options) -> str:
     """`` (did you mean 'X'?)`` for the closest of ``options`` (keys, or ``--flags``), or ``""``."""
     dashes = word[: len(word) - len(word.lstrip("-"))]
-    alias = _ALIASES.get(word.lstrip("-").replace("-", "_"))
-    if alias is not None and dashes + alias in options:
-        return f" (did you mean '{dashes + alias}'?)"
-    hint = difflib.get_close_matches(word, sorted(options), n=1)
+    alias = dashes + _ALIASES.get(word.lstrip("-").replace("-", "_"), "")
+    hint = [alias] if alias != dashes and alias in options else difflib.get_close_matches(word, sorted(options), n=1)
     return f" (did you mean '{hint[0]}'?)" if hint else ""
 
 
 def load_config(path_or_name: str | Path | None, overrides: list | dict | None = None,
                 sections: dict[str, type] | None = None, *, defaults: dict[str, dict] | None = None) -> RunConfig:
-    """A TOML preset (or nothing) + overrides, as ``sections`` (``{"train": TrainConfig, ...}``).
-
-    overrides: ``["--train.lr", "1e-3", "--max_steps=10"]`` tokens, ``[("train.lr", "1e-3", "--flag")]`` triples
-    or ``{"train.lr": 1e-3}``; strings are converted to the field's type, a bare key sets every section that has
-    it. ``defaults``: ``{"train": {...}}``, a command's own defaults under what the file and the overrides set."""
+    """A TOML preset (or nothing) + overrides as ``sections`` (``{"train": TrainConfig}``); overrides: ``["--lr",
+    "1e-3", "--train.max_steps=10"]``, ``[("train.lr", "1e-3", "--flag")]`` or ``{"train.lr": 1e-3}`` (a bare key sets
+    every section that has it). ``defaults``: ``{"train": {...}}``, under what the file and the overrides set."""
     sections = dict(sections or {})
     path = resolve_config_path(path_or_name) if path_or_name else None
-    data = read_toml(path) if path else {}
-    lines = _key_lines(path) if path else {}
-    values: dict[str, dict] = {name: {} for name in sections}
-    origin: dict[str, dict] = {name: {} for name in sections}
+    data, lines = (read_toml(path), _key_lines(path)) if path else ({}, {})
+    values, origin = {name: {} for name in sections}, {name: {} for name in sections}
 
     for sec, table in data.items():
         if sec not in sections:
@@ -212,12 +191,11 @@ def load_config(path_or_name: str | Path | None, overrides: list | dict | None =
             raise UserError(f"{lines.get((sec, None), path)}: unknown section [{sec}]{did_you_mean(sec, sections)}")
         if not isinstance(table, dict):
             raise UserError(f"{path}: '{sec}' must be a table [{sec}]")
-        for key, val in table.items():
-            where = lines.get((sec, key), str(path))
+        values[sec], origin[sec] = table, {key: lines.get((sec, key), str(path)) for key in table}
+        for key in table:
             if key not in sections[sec].model_fields:
-                raise UserError(f"{where}: [{sec}] unknown key '{key}'{did_you_mean(key, sections[sec].model_fields)}")
-            values[sec][key] = val
-            origin[sec][key] = where
+                raise UserError(f"{origin[sec][key]}: [{sec}] unknown key '{key}'"
+                                f"{did_you_mean(key, sections[sec].model_fields)}")
 
     for key, raw, flag in _overrides(overrides):
         sec, _, name = key.rpartition(".")
@@ -242,11 +220,10 @@ def load_config(path_or_name: str | Path | None, overrides: list | dict | None =
 
 def _overrides(overrides) -> list[tuple[str, Any, str]]:
     """``(key, value, --flag as typed)`` of each override."""
-    if isinstance(overrides, dict):
-        return [(k.replace("-", "_"), v, f"--{k}") for k, v in overrides.items()]
-    items, out = list(overrides or []), []
+    items = [(k, v, f"--{k}") for k, v in overrides.items()] if isinstance(overrides, dict) else list(overrides or [])
     if items and isinstance(items[0], tuple):
         return [(k.lstrip("-").replace("-", "_"), v, flag) for k, v, flag in items]
+    out = []
     while items:
         tok = str(items.pop(0))
         if not tok.startswith("--"):
@@ -260,14 +237,12 @@ def _overrides(overrides) -> list[tuple[str, Any, str]]:
 
 class _Override(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
-        value = "true" if values is None else values
-        namespace.config_overrides = [*getattr(namespace, "config_overrides", []), (self.key, value, option_string)]
+        namespace.config_overrides = [*getattr(namespace, "config_overrides", []), (self.dest, values, option_string)]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, sections: dict[str, type],
                          default_config: Optional[str] = None, aliases: Optional[dict[str, list[str]]] = None) -> None:
-    """Add ``--config`` and one override option per field (``--key``, ``--section.key`` and ``aliases[key]``),
-    except options the parser already defines (the command's own meaning wins)."""
+    """``--config`` and per field ``--key``, ``--section.key``, ``aliases[key]`` (an option the parser has wins)."""
     parser.add_argument("--config", default=default_config, metavar="NAME|FILE",
                         help="TOML preset name (configs/NAME.toml) or path" +
                              (f" (default: {default_config})" if default_config else ""))
@@ -279,17 +254,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: dict[str, ty
         for name, info in cls.model_fields.items():
             tp = info.annotation
             nargs = "?" if tp is bool else ("+" if typing.get_origin(tp) is list else None)
-            for key, shown in ((f"{sec}.{name}", False), (name, True)):
-                opts = [f"--{key}", f"--{key.replace('_', '-')}"] + ((aliases or {}).get(key, []) if shown else [])
-                opts = [o for o in dict.fromkeys(opts) if o not in taken]
-                if not opts:
-                    continue
-                taken.update(opts)
-                help_text = f"[{sec}] {_type_name(tp)}" + (f": {info.description}" if info.description else "")
-                action = group.add_argument(*opts, action=_Override, nargs=nargs, dest="config_overrides",
-                                            default=argparse.SUPPRESS, metavar="V",
-                                            help=help_text if shown else argparse.SUPPRESS)
-                action.key = key
+            help_text = f"[{sec}] {_type_name(tp)}" + (f": {info.description}" if info.description else "")
+            for key, extra in ((f"{sec}.{name}", []), (name, (aliases or {}).get(name, []))):
+                opts = [o for o in dict.fromkeys([f"--{key}", f"--{key.replace('_', '-')}", *extra]) if o not in taken]
+                if opts:  # the override's key is its dest; a bool given bare is "true"
+                    taken.update(opts)
+                    group.add_argument(*opts, action=_Override, nargs=nargs, const="true", dest=key, metavar="V",
+                                       default=argparse.SUPPRESS, help=help_text if key == name else argparse.SUPPRESS)
 
 
 def dump_toml(config: dict[str, Any]) -> str:
