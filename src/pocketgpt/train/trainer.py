@@ -1,7 +1,5 @@
-"""The one training loop that every stage (pretrain, SFT, reward model, DPO, PPO, GRPO) reuses: a stage supplies
-batches and a loss, the ``Trainer`` owns the rest. The Stage protocol, the run directory, resume rules and time
-budgets are described in docs/internals.md ("Trainer").
-"""
+"""The one training loop every stage (pretrain, SFT, reward model, DPO, PPO, GRPO) reuses: a stage supplies batches
+and a loss, the ``Trainer`` owns the rest (Stage protocol, run directory, resume, time budgets: docs/internals.md)."""
 
 from __future__ import annotations
 
@@ -42,8 +40,6 @@ PAUSE_SHARE = 0.04  # of a time budget, at most, for evaluations + checkpoints (
 
 
 class TrainConfig(Config):
-    """All optimisation and loop knobs (TOML section ``[train]``)."""
-
     section: ClassVar[str] = "train"
     max_steps: int = Field(1000, gt=0)
     batch_size: int = Field(16, gt=0)  # sequences per micro-batch per process
@@ -151,8 +147,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def default_save_model(model: nn.Module, directory: Path) -> None:
     """``checkpoint.write_model`` for a GPT; otherwise the state dict as ``model.safetensors``."""
     if isinstance(model, GPT):
-        write_model(model, directory)
-        return
+        return write_model(model, directory)
     from safetensors.torch import save_model
 
     save_model(model, str(directory / "model.safetensors"))
@@ -183,8 +178,7 @@ def _hidden_matrices(model: nn.Module) -> set:
 
 
 def _renumber(sd: dict, key: Callable) -> dict:
-    """An optimizer state dict with every parameter key mapped through ``key`` (offsets across optimizers, or
-    indices <-> FSDP's parameter names)."""
+    """An optimizer state dict with every parameter key mapped through ``key`` (ids offset, or ids <-> FSDP names)."""
     return {"state": {key(k): v for k, v in sd["state"].items()},
             "param_groups": [{**g, "params": [key(i) for i in g["params"]]} for g in sd["param_groups"]]}
 
@@ -230,14 +224,10 @@ class _Chained:
 
 def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer state dict as safetensors tensors ``state.ID.NAME`` + JSON (groups, non-tensor state)."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[k] = v
+    tensors = {f"state.{pid}.{k}": v.detach().cpu().contiguous() for pid, st in sd["state"].items()
+               for k, v in st.items() if torch.is_tensor(v)}
+    scalars = {str(pid): d for pid, st in sd["state"].items()
+               if (d := {k: v for k, v in st.items() if not torch.is_tensor(v)})}
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
@@ -248,11 +238,8 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dic
         state.setdefault(int(pid), {})[name] = v
     for pid, d in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(d)
-    groups = meta["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}
+    return {"state": state, "param_groups": [{**g, "betas": tuple(g["betas"])} if "betas" in g else g
+                                             for g in meta["param_groups"]]}
 
 
 def _copy_to(module: nn.Module, device: str) -> nn.Module:
@@ -266,16 +253,11 @@ def _copy_to(module: nn.Module, device: str) -> nn.Module:
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{i}"] = s
-    py = random.getstate()
-    npst = np.random.get_state()
-    return tensors, {
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    py, npst = random.getstate(), np.random.get_state()
+    return {"torch_cpu": torch.get_rng_state(), **{f"cuda{i}": s for i, s in enumerate(cuda)}}, {
         "python": [py[0], list(py[1]), py[2]],
-        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
-    }
+        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]}
 
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], js: dict) -> None:
@@ -321,8 +303,7 @@ class Trainer:
         self.rank, self.world_size, _ = world_info()
         self.is_main = self.rank == 0
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.fsdp = self.ddp and cfg.parallel == "fsdp"
         self.model = (self._shard(model) if self.fsdp else model).to(self.device)  # the plain module: saved, evaluated
         if cfg.lora_r and not lora.adapted(model):  # the stages that support LoRA apply it to their model
@@ -358,9 +339,8 @@ class Trainer:
                 raise UserError(f"train.optimizer = 'muon': torch {torch.__version__} has no torch.optim.Muon; "
                                 "upgrade torch (2.9 or newer) or use optimizer = 'adamw'")
             groups = [g for g in groups if g["params"]]  # (a model may have no bias or norm)
-        impl = cfg.optimizer_impl
-        if impl == "auto":  # fused is the fastest on CUDA and CPU (benchmarks/train_step.py --optim-only)
-            impl = "fused" if self.device.type in ("cuda", "cpu") else "foreach"
+        impl = cfg.optimizer_impl  # auto: fused is the fastest on CUDA and CPU (benchmarks/train_step.py --optim-only)
+        impl = ("fused" if self.device.type in ("cuda", "cpu") else "foreach") if impl == "auto" else impl
         kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
         adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
         if not muon:
@@ -370,8 +350,7 @@ class Trainer:
                                          weight_decay=cfg.weight_decay), adamw)
 
     def _shard(self, model: nn.Module) -> nn.Module:
-        """FSDP2: each transformer block, then the root, keeps 1/N of its weights, grads and optimizer state per
-        rank (a block's weights are gathered for its forward and backward only)."""
+        """FSDP2: each transformer block, then the root, keeps 1/N of its weights, grads and optimizer state a rank."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         from ..model import Block
@@ -379,9 +358,8 @@ class Trainer:
         if self.dtype == torch.float16:  # GradScaler's inf check would see one rank's shard only
             raise UserError("train.parallel = fsdp: fp16 loss scaling is not supported on sharded gradients; "
                             "use --dtype bf16 or fp32")
-        mp = MixedPrecisionPolicy()
-        if self.device.type == "cuda" and self.dtype != torch.float32:  # bf16 compute, fp32 master weights + reduce
-            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        mixed = self.device.type == "cuda" and self.dtype != torch.float32  # bf16 compute, fp32 master weights + reduce
+        mp = MixedPrecisionPolicy(**({"param_dtype": self.dtype, "reduce_dtype": torch.float32} if mixed else {}))
         self._skeleton = _copy_to(model, "meta")  # the module's structure, for full-weight save / load
         for block in [m for m in model.modules() if isinstance(m, Block)]:
             fully_shard(block, mp_policy=mp)
@@ -399,8 +377,7 @@ class Trainer:
         return torch.compile(model) if self.cfg.compile else model
 
     def _check_grads(self) -> None:
-        """Under DDP (without ``ddp_find_unused``), after the first backward: name parameters the loss never used
-        instead of DDP's multi-line RuntimeError at the next forward."""
+        """After DDP's first backward: name the parameters the loss never used (DDP's own error is many lines)."""
         unused = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
         if unused:
             raise UserError(
