@@ -20,9 +20,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -35,8 +33,8 @@ def pick_device(name: str = "auto") -> torch.device:
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), oneDNN's answer. Without them
     PyTorch emulates bf16 and autocast is slower than fp32 (``benchmarks/README.md``), so ``auto`` picks fp32."""
-    if os.environ.get("POCKETGPT_CPU_BF16") in ("0", "1"):
-        return os.environ["POCKETGPT_CPU_BF16"] == "1"
+    if (forced := os.environ.get("POCKETGPT_CPU_BF16")) in ("0", "1"):
+        return forced == "1"
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -46,12 +44,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_has_fast_bf16():
-            return torch.bfloat16
-        return torch.float32
-    if name not in DTYPES:
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+    if (dt := DTYPES.get(name)) is None:
         raise UserError(f"dtype: unknown precision {name!r} (auto, fp32, bf16, fp16)")
-    dt = DTYPES[name]
     if dt == torch.float16 and device.type == "cpu":
         raise UserError("dtype: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on a CPU")
     return dt
@@ -59,9 +54,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed-precision context for the forward pass (a no-op for fp32)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> None:

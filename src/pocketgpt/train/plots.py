@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import sys
 from pathlib import Path
 
+from ..io import atomic_write_bytes
+
 
 @functools.cache
 def pyplot():
-    """``matplotlib.pyplot`` (Agg backend), or None after one warning line (once per process) when the ``plots``
-    extra is not installed: training goes on without plots."""
+    """``matplotlib.pyplot`` (Agg), or None after one warning (once a process) without the ``plots`` extra."""
     try:
         import matplotlib
     except ImportError:
@@ -42,10 +44,6 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     """Render a matplotlib figure to PNG, close it, and write the file atomically."""
-    import io
-
-    from ..io import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     pyplot().close(fig)
@@ -67,14 +65,12 @@ def draw_losses(ax, records: list[dict]) -> None:
 
 
 def plot_metrics(run_dir: str | Path, extra_keys: list[str] = ()) -> list[Path]:
-    """Draw ``loss.png`` (train loss and every ``val*loss`` metric) and ``<key>.png`` for each extra key, with the
-    held-out ``eval_<key>`` beside it when logged; characters other than letters, digits, ``-_.`` in a key become
-    ``_`` in its file name (``rewards/accuracies`` → ``rewards_accuracies.png``). Nothing without matplotlib."""
+    """Draw ``loss.png`` (train loss and every ``val*loss`` metric) and ``<key>.png`` for each extra key, with its
+    held-out ``eval_<key>`` when logged; its file name has ``_`` for characters other than letters, digits, ``-_.``."""
     if (plt := pyplot()) is None:
         return []
-    run_dir = Path(run_dir)
+    run_dir, written = Path(run_dir), []
     records = read_metrics(run_dir)
-    written = []
 
     def save(fig, ax, ylabel: str, title: str, name: str) -> None:
         ax.set_xlabel("step")

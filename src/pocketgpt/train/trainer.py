@@ -1,7 +1,5 @@
-"""The one training loop that every stage (pretrain, SFT, reward model, DPO, PPO, GRPO) reuses: a stage supplies
-batches and a loss, the ``Trainer`` owns the rest. The Stage protocol, the run directory, resume rules and time
-budgets are described in docs/internals.md ("Trainer").
-"""
+"""The one training loop every stage (pretrain, SFT, reward model, DPO, PPO, GRPO) reuses: a stage supplies batches
+and a loss, the ``Trainer`` owns the rest (Stage protocol, run directory, resume, time budgets: docs/internals.md)."""
 
 from __future__ import annotations
 
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Optional, Protocol
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
@@ -30,7 +29,7 @@ from ..checkpoint import write_model
 from ..config import Config, FieldError, StrList, dump_toml
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_text, read_json, write_json
-from ..model import GPT
+from ..model import GPT, Block
 from .plots import plot_metrics, read_metrics
 
 # [train] fields a resumed run may change: how long, how often and where it runs, never what it trains
@@ -42,8 +41,6 @@ PAUSE_SHARE = 0.04  # of a time budget, at most, for evaluations + checkpoints (
 
 
 class TrainConfig(Config):
-    """All optimisation and loop knobs (TOML section ``[train]``)."""
-
     section: ClassVar[str] = "train"
     max_steps: int = Field(1000, gt=0)
     batch_size: int = Field(16, gt=0)  # sequences per micro-batch per process
@@ -121,16 +118,14 @@ def init_distributed(device: torch.device) -> bool:
     """Join the process group when launched by ``torchrun`` (env vars); gloo on CPU, nccl on CUDA."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return False
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
+    if not torch.distributed.is_initialized():
         if device.type == "cuda":
             if (device.index or 0) >= torch.cuda.device_count():
                 raise UserError(f"torchrun: this process (local rank {os.environ.get('LOCAL_RANK', 0)}) would use GPU "
                                 f"{device.index or 0}, but there are {torch.cuda.device_count()}: use "
                                 f"--nproc_per_node {torch.cuda.device_count()} or fewer, or --device cpu")
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return True
 
 
@@ -151,22 +146,17 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def default_save_model(model: nn.Module, directory: Path) -> None:
     """``checkpoint.write_model`` for a GPT; otherwise the state dict as ``model.safetensors``."""
     if isinstance(model, GPT):
-        write_model(model, directory)
-        return
-    from safetensors.torch import save_model
-
-    save_model(model, str(directory / "model.safetensors"))
+        return write_model(model, directory)
+    safetensors.torch.save_model(model, str(directory / "model.safetensors"))
 
 
 def default_load_model(model: nn.Module, directory: Path) -> None:
     """Load ``model.safetensors`` into ``model`` in place (tied weights stored once are fine)."""
-    from safetensors.torch import load_model
-
     path = directory / "model.safetensors"
     if not path.exists():
         raise UserError(f"{directory}: no model.safetensors in this checkpoint")
     try:
-        missing, unexpected = load_model(model, str(path), strict=False)
+        missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
     except RuntimeError as e:  # a tensor of another shape (torch's message: one line per tensor)
         raise UserError(f"{path}: {str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
@@ -183,8 +173,7 @@ def _hidden_matrices(model: nn.Module) -> set:
 
 
 def _renumber(sd: dict, key: Callable) -> dict:
-    """An optimizer state dict with every parameter key mapped through ``key`` (offsets across optimizers, or
-    indices <-> FSDP's parameter names)."""
+    """An optimizer state dict with every parameter key mapped through ``key`` (ids offset, or ids <-> FSDP names)."""
     return {"state": {key(k): v for k, v in sd["state"].items()},
             "param_groups": [{**g, "params": [key(i) for i in g["params"]]} for g in sd["param_groups"]]}
 
@@ -230,14 +219,10 @@ class _Chained:
 
 def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer state dict as safetensors tensors ``state.ID.NAME`` + JSON (groups, non-tensor state)."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[k] = v
+    tensors = {f"state.{pid}.{k}": v.detach().cpu().contiguous() for pid, st in sd["state"].items()
+               for k, v in st.items() if torch.is_tensor(v)}
+    scalars = {str(pid): d for pid, st in sd["state"].items()
+               if (d := {k: v for k, v in st.items() if not torch.is_tensor(v)})}
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
@@ -248,11 +233,8 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dic
         state.setdefault(int(pid), {})[name] = v
     for pid, d in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(d)
-    groups = meta["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}
+    return {"state": state, "param_groups": [{**g, "betas": tuple(g["betas"])} if "betas" in g else g
+                                             for g in meta["param_groups"]]}
 
 
 def _copy_to(module: nn.Module, device: str) -> nn.Module:
@@ -266,16 +248,11 @@ def _copy_to(module: nn.Module, device: str) -> nn.Module:
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{i}"] = s
-    py = random.getstate()
-    npst = np.random.get_state()
-    return tensors, {
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    py, npst = random.getstate(), np.random.get_state()
+    return {"torch_cpu": torch.get_rng_state(), **{f"cuda{i}": s for i, s in enumerate(cuda)}}, {
         "python": [py[0], list(py[1]), py[2]],
-        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
-    }
+        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]}
 
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], js: dict) -> None:
@@ -283,9 +260,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], js: dict) -> None:
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    py = js["python"]
+    py, n = js["python"], js["numpy"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    n = js["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
@@ -295,25 +271,19 @@ def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
 
 class Trainer:
     """Runs ``cfg.max_steps`` optimizer steps of ``stage`` on ``model`` (a GPT, or a wrapper such as policy + value
-    head), writing everything under ``run_dir``. ``save_model(model, dir)`` / ``load_model(model, dir)`` write and
-    read a checkpoint's weights (default: ``checkpoint.write_model`` / ``model.safetensors`` by name); ``tokenizer``
-    goes into every checkpoint; ``run_config`` (``{section: {key: value}}``) is recorded; ``resume``: None = resume
-    when ``run_dir/ckpt`` holds a checkpoint, True = require one, False = start over."""
+    head), writing everything under ``run_dir``. ``save_model`` / ``load_model(model, dir)`` write and read a
+    checkpoint's weights; ``tokenizer`` goes into every checkpoint; ``run_config`` (``{section: {key: value}}``) is
+    recorded; ``resume``: None = resume when ``run_dir/ckpt`` holds a checkpoint, True = require one, False = not."""
 
     def __init__(self, model: nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str | Path, *,
                  tokenizer: Any = None, save_model: Optional[Callable[[nn.Module, Path], None]] = None,
                  load_model: Optional[Callable[[nn.Module, Path], None]] = None, run_config: Optional[dict] = None,
                  resume: Optional[bool] = None):
-        self.cfg = cfg
-        self.stage = stage
+        self.cfg, self.stage, self.tokenizer, self.resume = cfg, stage, tokenizer, resume
         self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "ckpt"
-        self.best_dir = self.run_dir / "best"
-        self.tokenizer = tokenizer
-        self.save_model_fn = save_model or default_save_model
-        self.load_model_fn = load_model or default_load_model
+        self.ckpt_dir, self.best_dir = self.run_dir / "ckpt", self.run_dir / "best"
+        self.save_model_fn, self.load_model_fn = save_model or default_save_model, load_model or default_load_model
         self.run_config = run_config if run_config is not None else {"train": cfg.to_dict()}
-        self.resume = resume
 
         self.device = runtime.pick_device(cfg.device)
         self.dtype = runtime.pick_dtype(cfg.dtype, self.device)  # auto: fp32 on CPUs without native bf16
@@ -321,8 +291,7 @@ class Trainer:
         self.rank, self.world_size, _ = world_info()
         self.is_main = self.rank == 0
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.fsdp = self.ddp and cfg.parallel == "fsdp"
         self.model = (self._shard(model) if self.fsdp else model).to(self.device)  # the plain module: saved, evaluated
         if cfg.lora_r and not lora.adapted(model):  # the stages that support LoRA apply it to their model
@@ -330,12 +299,9 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=(self.dtype == torch.float16))
 
-        self.step = 0  # optimizer steps done
-        self.elapsed = 0.0  # training seconds across resumes
-        self.tokens_seen = 0
+        self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0  # optimizer steps, training seconds (all resumes), tokens
         self.best: dict[str, Any] = {"metric": None, "value": None, "step": None}
-        self.last_eval: dict[str, float] = {}
-        self.last_train: dict[str, float] = {}
+        self.last_eval, self.last_train = {}, {}  # the latest evaluation's and step's metrics
         self._stop_reason: Optional[str] = None
         self.schedule: Optional[dict] = None  # a time budget's decision: {"max_steps", "warmup_steps", ..., "for"}
         if hasattr(stage, "setup"):
@@ -358,9 +324,8 @@ class Trainer:
                 raise UserError(f"train.optimizer = 'muon': torch {torch.__version__} has no torch.optim.Muon; "
                                 "upgrade torch (2.9 or newer) or use optimizer = 'adamw'")
             groups = [g for g in groups if g["params"]]  # (a model may have no bias or norm)
-        impl = cfg.optimizer_impl
-        if impl == "auto":  # fused is the fastest on CUDA and CPU (benchmarks/train_step.py --optim-only)
-            impl = "fused" if self.device.type in ("cuda", "cpu") else "foreach"
+        impl = cfg.optimizer_impl  # auto: fused is the fastest on CUDA and CPU (benchmarks/train_step.py --optim-only)
+        impl = ("fused" if self.device.type in ("cuda", "cpu") else "foreach") if impl == "auto" else impl
         kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
         adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
         if not muon:
@@ -370,18 +335,14 @@ class Trainer:
                                          weight_decay=cfg.weight_decay), adamw)
 
     def _shard(self, model: nn.Module) -> nn.Module:
-        """FSDP2: each transformer block, then the root, keeps 1/N of its weights, grads and optimizer state per
-        rank (a block's weights are gathered for its forward and backward only)."""
+        """FSDP2: each transformer block, then the root, keeps 1/N of its weights, grads and optimizer state a rank."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        from ..model import Block
 
         if self.dtype == torch.float16:  # GradScaler's inf check would see one rank's shard only
             raise UserError("train.parallel = fsdp: fp16 loss scaling is not supported on sharded gradients; "
                             "use --dtype bf16 or fp32")
-        mp = MixedPrecisionPolicy()
-        if self.device.type == "cuda" and self.dtype != torch.float32:  # bf16 compute, fp32 master weights + reduce
-            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        mixed = self.device.type == "cuda" and self.dtype != torch.float32  # bf16 compute, fp32 master weights + reduce
+        mp = MixedPrecisionPolicy(**({"param_dtype": self.dtype, "reduce_dtype": torch.float32} if mixed else {}))
         self._skeleton = _copy_to(model, "meta")  # the module's structure, for full-weight save / load
         for block in [m for m in model.modules() if isinstance(m, Block)]:
             fully_shard(block, mp_policy=mp)
@@ -391,22 +352,19 @@ class Trainer:
     def _wrap(self) -> nn.Module:
         model = self.model
         if self.ddp and not self.fsdp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DDP(model, device_ids=ids, find_unused_parameters=self.cfg.ddp_find_unused)
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                              find_unused_parameters=self.cfg.ddp_find_unused)
         self._ddp_model = model  # its no_sync() (a compiled wrapper has none)
         return torch.compile(model) if self.cfg.compile else model
 
     def _check_grads(self) -> None:
-        """Under DDP (without ``ddp_find_unused``), after the first backward: name parameters the loss never used
-        instead of DDP's multi-line RuntimeError at the next forward."""
+        """After DDP's first backward: name the parameters the loss never used (DDP's own error is many lines)."""
         unused = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
         if unused:
-            raise UserError(
-                f"torchrun: the loss of stage '{self.stage.name}' never uses {len(unused)} trainable parameter(s) "
-                f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}), which DDP cannot reduce: freeze them "
-                "(requires_grad=False) or set train.ddp_find_unused = true")
+            raise UserError(f"torchrun: the loss of stage '{self.stage.name}' never uses {len(unused)} trainable "
+                            f"parameter(s) ({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}), which DDP "
+                            "cannot reduce: freeze them (requires_grad=False) or set train.ddp_find_unused = true")
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
 
@@ -431,8 +389,7 @@ class Trainer:
         return out
 
     def _full_model(self) -> Optional[nn.Module]:
-        """The model with all its weights on rank 0 (None elsewhere); under FSDP gathered (every rank calls this)
-        into a CPU copy that ``save_model`` writes like any unsharded model."""
+        """The model with all its weights on rank 0 (None elsewhere); FSDP gathers them (collective) into a CPU copy."""
         if not self.fsdp:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -463,17 +420,16 @@ class Trainer:
             self.load_model_fn(self.model, self.ckpt_dir)
             self.optimizer.load_state_dict(optimizer_sd)
             return
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint import state_dict as dcp
 
         full = _copy_to(self._skeleton, "cpu")
         self.load_model_fn(full, self.ckpt_dir)
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, full.state_dict(), options=options)
+        options = dcp.StateDictOptions(full_state_dict=True)
+        dcp.set_model_state_dict(self.model, full.state_dict(), options=options)
         name = {p: n for n, p in self.model.named_parameters()}
         fqns = [name[p] for g in self.optimizer.param_groups for p in g["params"]]
-        set_optimizer_state_dict(self.model, getattr(self.optimizer, "opts", self.optimizer),
-                                 _renumber(optimizer_sd, fqns.__getitem__), options=options)
+        dcp.set_optimizer_state_dict(self.model, getattr(self.optimizer, "opts", self.optimizer),
+                                     _renumber(optimizer_sd, fqns.__getitem__), options=options)
 
     def _write_weights(self, tmp: Path, model: nn.Module) -> None:
         self.save_model_fn(model, tmp)
@@ -482,8 +438,6 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write ``run_dir/ckpt`` atomically (every rank must call this; rank 0 writes)."""
-        from safetensors.torch import save_file
-
         model, opt_sd = self._full_model(), self._optimizer_state()  # (collectives under FSDP)
         all_rng = self._gather(_rng_state())
         stage_t = None
@@ -500,11 +454,10 @@ class Trainer:
                      "rng": [j for _, j in all_rng], "stage_state": self.stage.state_dict()}
             with atomic_dir(self.ckpt_dir) as tmp:
                 self._write_weights(tmp, model)
-                save_file(opt_t, str(tmp / "optimizer.safetensors"))
-                save_file({f"rank{r}.{k}": v for r, (t, _) in enumerate(all_rng) for k, v in t.items()},
-                          str(tmp / "rng.safetensors"))
-                if stage_t is not None:
-                    save_file(stage_t, str(tmp / "stage.safetensors"))
+                rng_t = {f"rank{r}.{k}": v for r, (t, _) in enumerate(all_rng) for k, v in t.items()}
+                for name, tensors in {"optimizer": opt_t, "rng": rng_t, "stage": stage_t}.items():
+                    if tensors is not None:  # (stage: only a stage with state_tensors)
+                        safetensors.torch.save_file(tensors, str(tmp / f"{name}.safetensors"))
                 write_json(tmp / "trainer_state.json", state)
         if self.ddp:
             torch.distributed.barrier()
@@ -520,8 +473,6 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         """Restore model, optimizer, scaler, RNG, stage position and counters from ``run_dir/ckpt``."""
-        from safetensors.torch import load_file
-
         state = read_json(self.ckpt_dir / "trainer_state.json")
         if state.get("stage") != self.stage.name:
             raise UserError(f"{self.ckpt_dir}: this checkpoint was written by stage '{state.get('stage')}', "
@@ -532,7 +483,7 @@ class Trainer:
             shown = "; ".join(f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in diff[:3])
             raise UserError(f"{self.run_dir} holds another run ({shown}{'; ...' if len(diff) > 3 else ''}): start "
                             "over there with --restart (its checkpoint is replaced), or choose another --out")
-        opt_t = load_file(str(self.ckpt_dir / "optimizer.safetensors"))
+        opt_t = safetensors.torch.load_file(str(self.ckpt_dir / "optimizer.safetensors"))
         try:
             self._load_state(_optimizer_from_tensors(opt_t, state["optimizer"]))
         except (ValueError, KeyError) as e:
@@ -540,19 +491,16 @@ class Trainer:
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         r = self.rank if self.rank < len(state["rng"]) else 0  # fewer processes wrote it: rank 0's state
-        mine = lambda name: {k.split(".", 1)[1]: v for k, v in load_file(str(self.ckpt_dir / name)).items()
-                             if k.startswith(f"rank{r}.")}
+        mine = lambda name: {k.split(".", 1)[1]: v for k, v in safetensors.torch.load_file(str(self.ckpt_dir / name))
+                             .items() if k.startswith(f"rank{r}.")}
         _set_rng_state(mine("rng.safetensors"), state["rng"][r])
         self.stage.load_state_dict(state.get("stage_state") or {})
         if hasattr(self.stage, "load_state_tensors") and (self.ckpt_dir / "stage.safetensors").exists():
             self.stage.load_state_tensors(mine("stage.safetensors"))
-        self.step = int(state["step"])
-        self.elapsed = float(state.get("elapsed_s", 0.0))
-        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.step, self.elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        self.tokens_seen, self.schedule = int(state.get("tokens_seen", 0)), state.get("schedule")
         self.best = state.get("best") or self.best
-        self.last_eval = state.get("last_eval") or {}
-        self.last_train = state.get("last_train") or {}
-        self.schedule = state.get("schedule")
+        self.last_eval, self.last_train = state.get("last_eval") or {}, state.get("last_train") or {}
         if self.is_main:  # the lines logged after this checkpoint will be logged again (a line cut by a kill goes)
             keep = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
@@ -609,9 +557,8 @@ class Trainer:
                 print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to quit now)",
                       file=sys.stderr)
 
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        main = threading.current_thread() is threading.main_thread()  # (the only thread that may set handlers)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
 
     def _schedule(self) -> Optional[TrainConfig]:
         """The schedule's config: ``cfg``, resized by a time budget's decision; None while a budget is undecided."""
@@ -624,13 +571,11 @@ class Trainer:
                                       if k in s})
 
     def _fit_budget(self, per_step: float) -> TrainConfig:
-        """Size the schedule to the steps that fit in the rest of the time budget at ``per_step`` seconds a step, and
-        space evaluations + checkpoints by the measured cost of one (docs/internals.md)."""
-        cfg, pause = self.cfg, 0.0
+        """Size the schedule to the steps that fit the budget left; space pauses by one's cost (docs/internals.md)."""
+        cfg, t = self.cfg, time.time()
         if cfg.eval_interval:
-            t = time.time()
             self._pause()
-            pause = time.time() - t
+        pause = time.time() - t if cfg.eval_interval else 0.0
         elapsed = self.elapsed + pause
         if self.ddp:  # every rank must take the same decision
             t = torch.tensor([per_step, elapsed, pause], dtype=torch.float64, device=self.device)
@@ -669,15 +614,12 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             batch = self.stage.get_batch(step, micro)
             first = _first_tensor(batch)
-            if hasattr(self.stage, "tokens_in_batch"):
-                n_tokens += int(self.stage.tokens_in_batch(batch))
-            elif first is not None:
-                n_tokens += first.numel()
+            n_tokens += (int(self.stage.tokens_in_batch(batch)) if hasattr(self.stage, "tokens_in_batch")
+                         else 0 if first is None else first.numel())
             if self._seq_len is None and first is not None and first.dim() >= 2:
                 self._seq_len = first.shape[-1]  # (for MFU)
             batch = tree_map(lambda t: t.to(self.device, non_blocking=True) if torch.is_tensor(t) else t, batch)
-            # DDP all-reduces the gradients in the backward of the last micro-batch only; FSDP reduce-scatters every
-            # backward so that no rank ever holds a whole model's gradients
+            # DDP all-reduces in the last micro-batch's backward only; FSDP reduce-scatters every one (no whole grads)
             sync = (not self.ddp) or self.fsdp or micro == cfg.grad_accum - 1
             with nullcontext() if sync else self._ddp_model.no_sync():
                 with runtime.autocast(self.device, self.dtype):
@@ -696,8 +638,7 @@ class Trainer:
         return loss_sum, metric_sums, n_tokens
 
     def fit(self) -> dict:
-        """Train to ``cfg.max_steps`` (or the steps that fit in the time budget), resuming from ``run_dir/ckpt`` as
-        ``resume`` says; returns the final metrics."""
+        """Train to ``max_steps`` (or what fits the time budget), resuming as ``resume`` says; returns the metrics."""
         cfg = self.cfg
         if self.resume is True and not self.has_checkpoint():
             raise UserError(f"{self.ckpt_dir}: no checkpoint to resume from")
@@ -713,19 +654,16 @@ class Trainer:
         if self.is_main:
             atomic_write_text(self.run_dir / "run_config.toml", dump_toml({**self.run_config, "train": cfg.to_dict()}))
 
-        model = self._wrap()
-        model.train()
+        model = self._wrap().train()
         flops_per_token = getattr(self.model, "flops_per_token", None)
         peak = runtime.peak_flops(self.device, self.dtype)
         old_handlers = self._install_signals()
         sched = self._schedule()
         total = (sched or cfg).max_steps
-        hide = not cfg.progress or not self.is_main or not sys.stderr.isatty() or bool(os.environ.get("CI"))
-        bar = tqdm(total=total, initial=self.step, desc=self.stage.name, disable=hide, dynamic_ncols=True,
-                   file=sys.stderr)
-        t_start = time.time() - self.elapsed
-        step0 = self.step
-        t_log, tokens_log, steps_log, loss_log = time.time(), 0, 0, 0.0  # since the last log line
+        bar = tqdm(total=total, initial=self.step, desc=self.stage.name, dynamic_ncols=True, file=sys.stderr,
+                   disable=not (cfg.progress and self.is_main and sys.stderr.isatty()) or bool(os.environ.get("CI")))
+        t_start, step0 = time.time() - self.elapsed, self.step
+        t_log, tokens_log, step_log, loss_log = time.time(), self.tokens_seen, self.step, 0.0  # at/since the last log
         self._seq_len = None
         try:
             while self.step < total:
@@ -737,8 +675,7 @@ class Trainer:
                 if self.ddp and not cfg.ddp_find_unused and self.step == step0:
                     self._check_grads()
 
-                # one small collective per step: the mean loss and metrics over ranks (NaN anywhere stops every
-                # rank) and the stop flag; every rank's stage returns the same metric keys
+                # one all-reduce a step: mean loss, metrics (same keys on all ranks; NaN anywhere stops all), stop flag
                 if cfg.max_minutes and time.time() - t_start >= 60 * cfg.max_minutes:
                     self._stop_reason = self._stop_reason or "time"
                 keys = sorted(metric_sums)
@@ -777,27 +714,23 @@ class Trainer:
 
                 train_metrics = {k: v / cfg.grad_accum for k, v in zip(keys, sums)}
                 self.last_train = {"loss": step_loss, **train_metrics}
-                tokens_log += n_tokens * self.world_size
-                steps_log += 1
                 loss_log += step_loss
                 if hasattr(self.stage, "on_step_end"):
                     self.stage.on_step_end(self.step, self.model, self.last_train)
                 stop = stop or (not self.ddp and self._stop_reason)  # (under DDP the ranks agree at the next step)
 
                 if (cfg.log_interval and self.step % cfg.log_interval == 0) or self.step == total or stop:
-                    tok_s = tokens_log / max(time.time() - t_log, 1e-9)
+                    tok_s = (self.tokens_seen - tokens_log) / max(time.time() - t_log, 1e-9)
                     record = {"step": self.step, "loss": step_loss, "lr": lr, **train_metrics,
-                              "tok_per_s": round(tok_s, 1), "elapsed_s": round(self.elapsed, 2)}
-                    if grad_norm is not None:
-                        record["grad_norm"] = grad_norm
+                              "tok_per_s": round(tok_s, 1), "elapsed_s": round(self.elapsed, 2),
+                              **({} if grad_norm is None else {"grad_norm": grad_norm})}
                     if flops_per_token is not None and peak and tok_s > 0:  # MFU only against a known peak
                         record["mfu"] = round(flops_per_token(self._seq_len) * tok_s / (peak * self.world_size), 4)
                     self._log(record)
-                    post = {"loss": f"{loss_log / steps_log:.4f}", "tok/s": f"{tok_s:,.0f}"}
-                    if "mfu" in record:
-                        post["mfu"] = f"{100 * record['mfu']:.1f}%"
-                    bar.set_postfix(post, refresh=False)
-                    t_log, tokens_log, steps_log, loss_log = time.time(), 0, 0, 0.0
+                    bar.set_postfix({"loss": f"{loss_log / (self.step - step_log):.4f}", "tok/s": f"{tok_s:,.0f}",
+                                     **({"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {})},
+                                    refresh=False)
+                    t_log, tokens_log, step_log, loss_log = time.time(), self.tokens_seen, self.step, 0.0
                 bar.update(1)
 
                 t_pause = time.time()
@@ -828,8 +761,7 @@ class Trainer:
                   **self.last_eval, "tokens": self.tokens_seen, "elapsed_s": round(self.elapsed, 2),
                   "tok_per_s": round(self.tokens_seen / max(self.elapsed, 1e-9), 1)}
         if self.best.get("value") is not None:
-            result["best_" + self.best["metric"]] = self.best["value"]
-            result["best_step"] = self.best["step"]
+            result.update({"best_" + self.best["metric"]: self.best["value"], "best_step": self.best["step"]})
         return result
 
     def close(self) -> None:
