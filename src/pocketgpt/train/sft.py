@@ -67,7 +67,8 @@ def load_init(path: str | Path, log, section: str):
 def build_examples(convs: list, tokenizer, block_size: int, overflow: str = "split") -> tuple[list, FitStats]:
     """Rendered ``(ids, labels)`` examples of at most ``block_size + 1`` ids each, and what fitting did."""
     stats = FitStats()
-    return [ex for conv in convs for ex in fit_to_context(conv, tokenizer, block_size + 1, overflow, stats)], stats
+    examples = [ex for conv in convs for ex in fit_to_context(conv, tokenizer, block_size + 1, overflow, stats=stats)]
+    return examples, stats
 
 
 def collate(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
