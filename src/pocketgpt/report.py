@@ -365,8 +365,7 @@ def write_report(sr) -> Path:
             w, pk = _fmt((d.get("wall_s") or {}).get("value"), 1), _fmt((d.get("peak_rss_mb") or {}).get("value"), 0)
             lines += [f"| {stage} | {key} | {_ci(f)} | {w} | {pk} |" for key, f in d.items()
                       if key not in ("wall_s", "peak_rss_mb")]
-    lines += ["", "## Plots", ""]
-    lines += [f"![{pl}]({pl})" for pl in plots]
+    lines += ["", "## Plots", "", *(f"![{pl}]({pl})" for pl in plots)]
     if "plots/ppo_rm_vs_accuracy.png" in plots:
         lines += ["", "`plots/ppo_rm_vs_accuracy.png`: if the reward-model score rises while the true accuracy does not, "
                       "PPO is hacking the reward model."]
@@ -383,9 +382,8 @@ def write_report(sr) -> Path:
         lines += ["", "## Sample chats (sampled with `pocketgpt chat`'s defaults; replies exactly as written)", ""]
         lines += [f"- **{smp['model']}** — user: {smp['user']}  \n  assistant: {_quote(smp['assistant'])}"
                   for smp in ev["samples"]]
-    lines += ["", "## Commands run", ""]
-    lines += [f"- `{cmd}`" for info in sr.state.get("done", {}).values()
-              for cmd in str(info.get("command", "")).splitlines() if cmd]
+    lines += ["", "## Commands run", "", *(f"- `{cmd}`" for info in sr.state.get("done", {}).values()
+                                          for cmd in str(info.get("command", "")).splitlines() if cmd)]
     chat = str(sr.table("speedrun").get("chat_model", "dpo"))
     lines += ["", "## Next", "", f"- chat: `pocketgpt chat --ckpt {run / chat / 'ckpt'}`",
               f"- serve: `pocketgpt serve --ckpt {run / chat / 'ckpt'}`", ""]

@@ -184,17 +184,12 @@ class Speedrun:
 
     def split_hh(self) -> tuple[Path, Path]:
         """Bundled HH-RLHF pairs → training pairs + held-out pairs (the chat reward model's accuracy)."""
-        from .data import builtin_path
+        from .records import builtin_path, read_text_file
 
         train_p, held_p = self.p("hh_train.jsonl"), self.p("hh_heldout.jsonl")
         if train_p.exists() and held_p.exists():
             return train_p, held_p
-        import gzip
-
-        src = builtin_path("prefs")
-        opener = gzip.open if src.suffix == ".gz" else open
-        with opener(src, "rt", encoding="utf-8") as f:
-            lines = [ln for ln in f.read().splitlines() if ln.strip()]
+        lines = [ln for ln in read_text_file(builtin_path("prefs")).splitlines() if ln.strip()]
         n_held = int(self.table("speedrun").get("hh_heldout_pairs", 60))
         atomic_write_text(train_p, "\n".join(lines[:-n_held]) + "\n")
         atomic_write_text(held_p, "\n".join(lines[-n_held:]) + "\n")
