@@ -35,9 +35,7 @@ def load_preset(name: str) -> dict[str, dict[str, Any]]:
     """Read ``speedrun-NAME.toml`` (a preset name) or a TOML path; one table per stage."""
     from .config import read_toml, resolve_config_path
 
-    if name in PRESETS:
-        name = f"speedrun-{name}"
-    path = resolve_config_path(name)
+    path = resolve_config_path(f"speedrun-{name}" if name in PRESETS else name)
     data = read_toml(path)
     unknown = sorted(set(data) - set(STAGES) - {"speedrun", "task"})
     if unknown:
@@ -97,8 +95,6 @@ class Speedrun:
         self.log_path = self.out / "speedrun.log"
         self.state: dict = {"preset": preset, "done": {}}
 
-    # ---- state ------------------------------------------------------------------------------------------------------
-
     def load_state(self) -> None:
         if self.state_path.exists():
             st = read_json(self.state_path)
@@ -112,8 +108,6 @@ class Speedrun:
 
     def table(self, stage: str) -> dict:
         return dict(self.preset.get(stage, {}))
-
-    # ---- the checkable task ------------------------------------------------------------------------------------------
 
     def task_options(self) -> dict:
         """The ``[task]`` table without its name (``n_eval`` included: the report's held-out prompts)."""
@@ -132,8 +126,6 @@ class Speedrun:
         ``--prompts`` (a prefix of the same held-out set; training prompts avoid the whole held-out pool)."""
         opts = ",".join(f"{k}={v}" for k, v in self.task_options().items() if k != "n_eval")
         return ["--task", self.task_name(), "--task_options", opts]
-
-    # ---- stage commands --------------------------------------------------------------------------------------------
 
     def _common(self) -> list[str]:
         return ["--device", self.device] if self.device != "auto" else []
@@ -216,8 +208,6 @@ class Speedrun:
     def cmd_grpo(self) -> list[str]:
         return self._train("grpo", self.table("grpo"), "grpo-arithmetic", *self.task_args())
 
-    # ---- driver ------------------------------------------------------------------------------------------------------
-
     def run(self, stop_after: Optional[str] = None) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         self.load_state()
@@ -255,8 +245,6 @@ class Speedrun:
         return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak, 1),
                 "command": "\n".join(f"pocketgpt {shlex.join(args)}" for args in commands)}
 
-    # ---- evaluation --------------------------------------------------------------------------------------------------
-
     def _eval(self) -> dict:
         """Every model against ground truth it did not optimise, side by side on the same held-out prompts:
         greedy task accuracy (the checker), the task reward model's score, KL to the SFT model, reply length; the
@@ -286,13 +274,12 @@ class Speedrun:
             for n, m in models.items():
                 greedy = self._generate(m, tok, prompts, max_new, temperature=0.0)
                 texts = [t for t, _ in greedy]
-                correct = [task.reward(p, r) > 0 for p, r in zip(prompts, texts)]
                 scores = rm.score_ids([render(p + [{"role": "assistant", "content": r}], tok)[0]
                                        for p, r in zip(prompts, texts)], tok.pad_id, batch_size=64)
                 kl = [0.0] * len(prompts) if n == "sft" else self._seq_kl(m, models["sft"], tok, prompts, max_new,
                                                                            seed + 7)
-                out["per_model"][n] = {"correct": correct, "rm_scores": scores, "kl": kl,
-                                       "lengths": [len(ids) for _, ids in greedy],
+                out["per_model"][n] = {"correct": [task.reward(p, r) > 0 for p, r in zip(prompts, texts)],
+                                       "rm_scores": scores, "kl": kl, "lengths": [len(ids) for _, ids in greedy],
                                        "examples": [{"user": p[-1]["content"], "reply": r} for p, r in
                                                     zip(prompts[:4], texts)]}
 
@@ -371,15 +358,10 @@ class Speedrun:
                                 "tokens": len(ids), "longest_run": longest_run(ids)})
         return samples
 
-    # ---- report ------------------------------------------------------------------------------------------------------
-
     def _report(self) -> dict:
         from .report import write_report
 
         return {"report": str(write_report(self)), "json": str(self.p("report.json"))}
-
-
-# ---- CLI ------------------------------------------------------------------------------------------------------------
 
 
 def standard_tasks(ckpts: dict[str, Path], tasks: list[str], include=None, limit=None) -> dict:
@@ -398,6 +380,9 @@ def standard_tasks(ckpts: dict[str, Path], tasks: list[str], include=None, limit
                 out["unavailable"][task] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 break
     return out
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------------
 
 
 def configure_cli(name, p):
