@@ -144,10 +144,8 @@ def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
     per = ev.get("per_model", {})
     for name, r in ((n, per[n]) for n in POLICIES if n in per):
         d = stage(name)
-        d["heldout_accuracy"] = proportion(r["correct"])
-        d["rm_score"] = mean_ci(r["rm_scores"])
-        d["kl_to_sft"] = mean_ci(r["kl"])
-        d["reply_tokens"] = mean_ci([float(x) for x in r["lengths"]])
+        d.update(heldout_accuracy=proportion(r["correct"]), rm_score=mean_ci(r["rm_scores"]),
+                 kl_to_sft=mean_ci(r["kl"]), reply_tokens=mean_ci([float(x) for x in r["lengths"]]))
         if name != "sft" and "sft" in per:
             d["accuracy_gain_vs_sft"] = paired_diff(r["correct"], per["sft"]["correct"])
             d["rm_score_gain_vs_sft"] = paired_diff(r["rm_scores"], per["sft"]["rm_scores"])
@@ -155,10 +153,8 @@ def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
             d["steps"] = fig(_at(metrics[name], "step"))
     for name, key in (("rm", "rm_heldout"), ("rm_hh", "rm_hh_heldout")):
         if key in ev:
-            d = stage(name)
-            d["heldout_pairwise_accuracy"] = proportion(ev[key]["correct"])
-            d["heldout_margin"] = mean_ci(ev[key]["margins"])
-            d["steps"] = fig(_at(metrics[name], "step"))
+            stage(name).update(heldout_pairwise_accuracy=proportion(ev[key]["correct"]),
+                               heldout_margin=mean_ci(ev[key]["margins"]), steps=fig(_at(metrics[name], "step")))
     if ev.get("samples"):
         d = stage("eval")
         d["sample_chats"] = fig(len(ev["samples"]))
@@ -302,11 +298,10 @@ def standard_task_figs(st: dict) -> dict[str, dict]:
 def write_report(sr) -> Path:
     """Write ``RUN/report.md`` and ``RUN/report.json`` for a ``Speedrun`` (its ``out``, ``state``, ``preset_name``)."""
     run: Path = sr.out
-    state = sr.state
-    figs = collect(run, state)
+    figs = collect(run, sr.state)
     plots = plot_overview(run, {s: read_metrics(run / s) for s in TRAINED})
     write_json(run / "report.json", figs)
-    ev = state.get("done", {}).get("eval", {})
+    ev = sr.state.get("done", {}).get("eval", {})
     try:
         task_desc = f"{sr.task_name()} {json.dumps(sr.task_options())}"
     except Exception:  # noqa: BLE001 - a report of a run directory from another version
@@ -370,8 +365,7 @@ def write_report(sr) -> Path:
             w, pk = _fmt((d.get("wall_s") or {}).get("value"), 1), _fmt((d.get("peak_rss_mb") or {}).get("value"), 0)
             lines += [f"| {stage} | {key} | {_ci(f)} | {w} | {pk} |" for key, f in d.items()
                       if key not in ("wall_s", "peak_rss_mb")]
-    lines += ["", "## Plots", ""]
-    lines += [f"![{pl}]({pl})" for pl in plots]
+    lines += ["", "## Plots", "", *(f"![{pl}]({pl})" for pl in plots)]
     if "plots/ppo_rm_vs_accuracy.png" in plots:
         lines += ["", "`plots/ppo_rm_vs_accuracy.png`: if the reward-model score rises while the true accuracy does not, "
                       "PPO is hacking the reward model."]
@@ -388,9 +382,8 @@ def write_report(sr) -> Path:
         lines += ["", "## Sample chats (sampled with `pocketgpt chat`'s defaults; replies exactly as written)", ""]
         lines += [f"- **{smp['model']}** — user: {smp['user']}  \n  assistant: {_quote(smp['assistant'])}"
                   for smp in ev["samples"]]
-    lines += ["", "## Commands run", ""]
-    lines += [f"- `{cmd}`" for info in state.get("done", {}).values()
-              for cmd in str(info.get("command", "")).splitlines() if cmd]
+    lines += ["", "## Commands run", "", *(f"- `{cmd}`" for info in sr.state.get("done", {}).values()
+                                          for cmd in str(info.get("command", "")).splitlines() if cmd)]
     chat = str(sr.table("speedrun").get("chat_model", "dpo"))
     lines += ["", "## Next", "", f"- chat: `pocketgpt chat --ckpt {run / chat / 'ckpt'}`",
               f"- serve: `pocketgpt serve --ckpt {run / chat / 'ckpt'}`", ""]

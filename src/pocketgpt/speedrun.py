@@ -35,9 +35,7 @@ def load_preset(name: str) -> dict[str, dict[str, Any]]:
     """Read ``speedrun-NAME.toml`` (a preset name) or a TOML path; one table per stage."""
     from .config import read_toml, resolve_config_path
 
-    if name in PRESETS:
-        name = f"speedrun-{name}"
-    path = resolve_config_path(name)
+    path = resolve_config_path(f"speedrun-{name}" if name in PRESETS else name)
     data = read_toml(path)
     unknown = sorted(set(data) - set(STAGES) - {"speedrun", "task"})
     if unknown:
@@ -60,9 +58,8 @@ def _opts(table: dict[str, Any]) -> list[str]:
 
 
 def run_child(args: list[str], log_path: Path) -> tuple[int, float, float]:
-    """Run ``python -m pocketgpt ARGS``; stdout/stderr go to the terminal and to ``log_path``.
-
-    Returns (exit code, wall seconds, peak RSS in MB of that child alone)."""
+    """Run ``python -m pocketgpt ARGS``, its output to the terminal and to ``log_path``; returns (exit code, wall
+    seconds, peak RSS in MB of that child alone)."""
     t0 = time.time()
     with open(log_path, "ab") as log:
         log.write(f"$ pocketgpt {shlex.join(args)}\n".encode())
@@ -98,8 +95,6 @@ class Speedrun:
         self.log_path = self.out / "speedrun.log"
         self.state: dict = {"preset": preset, "done": {}}
 
-    # ---- state ------------------------------------------------------------------------------------------------------
-
     def load_state(self) -> None:
         if self.state_path.exists():
             st = read_json(self.state_path)
@@ -108,16 +103,11 @@ class Speedrun:
                                 f"{self.preset_name!r}; use another --out (or the same --preset)")
             self.state = st
 
-    def save_state(self) -> None:
-        write_json(self.state_path, self.state)
-
     def p(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
 
     def table(self, stage: str) -> dict:
         return dict(self.preset.get(stage, {}))
-
-    # ---- the checkable task ------------------------------------------------------------------------------------------
 
     def task_options(self) -> dict:
         """The ``[task]`` table without its name (``n_eval`` included: the report's held-out prompts)."""
@@ -136,8 +126,6 @@ class Speedrun:
         ``--prompts`` (a prefix of the same held-out set; training prompts avoid the whole held-out pool)."""
         opts = ",".join(f"{k}={v}" for k, v in self.task_options().items() if k != "n_eval")
         return ["--task", self.task_name(), "--task_options", opts]
-
-    # ---- stage commands --------------------------------------------------------------------------------------------
 
     def _common(self) -> list[str]:
         return ["--device", self.device] if self.device != "auto" else []
@@ -166,19 +154,15 @@ class Speedrun:
         return ["pretrain", "--config", t.pop("config", "shakespeare-char"), "--dir", str(self.p("data")),
                 "--out", str(self.p("pretrain")), *_opts(t), *self._common()]
 
-    def write_task_sft(self) -> Path:
-        """Worked examples of the task (training problems only) for SFT, mixed with the dialogues."""
-        n = int(self.table("speedrun").get("task_sft", 400))
-        path = self.p("task_sft.jsonl")
-        convs = self.task().sft_conversations(n, seed=1)
-        atomic_write_text(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs))
-        return path
-
     def cmd_sft(self) -> list[str]:
+        """SFT on worked examples of the task (training problems only), then the dialogues: the task's examples come
+        first, so a max_conversations cap (cpu-tiny) keeps some of them."""
+        path = self.p("task_sft.jsonl")
+        convs = self.task().sft_conversations(int(self.table("speedrun").get("task_sft", 400)), seed=1)
+        atomic_write_text(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs))
         t = self.table("sft")
-        data = t.pop("data", ["chat_en", "chat_zh"])
-        # the task's examples first: a max_conversations cap (cpu-tiny) keeps some of them
-        return self._train("sft", t, "sft-small", "--data", str(self.write_task_sft()), *data, init="pretrain")
+        return self._train("sft", t, "sft-small", "--data", str(path), *t.pop("data", ["chat_en", "chat_zh"]),
+                           init="pretrain")
 
     def cmds_pairs(self) -> list[list[str]]:
         """The SFT model answers task prompts (sampled), the checker labels the replies, pairs are formed: from
@@ -186,25 +170,18 @@ class Speedrun:
         t = self.table("pairs")
         n_train = int(t.pop("prompts", 1000))
         base = ["pairs", "--ckpt", str(self.p("sft", "ckpt")), *self.task_args(), *_opts(t), *self._common()]
-        return [base + ["--split", "train", "--prompts", str(n_train), "--out", str(self.p("pairs_train.jsonl")),
-                        "--stats", str(self.p("pairs_train.stats.json"))],
-                base + ["--split", "eval", "--prompts", str(self.task().n_eval),
-                        "--out", str(self.p("pairs_heldout.jsonl")),
-                        "--stats", str(self.p("pairs_heldout.stats.json"))]]
+        return [base + ["--split", split, "--prompts", str(n), "--out", str(self.p(f"pairs_{name}.jsonl")),
+                        "--stats", str(self.p(f"pairs_{name}.stats.json"))]
+                for split, name, n in (("train", "train", n_train), ("eval", "heldout", self.task().n_eval))]
 
     def split_hh(self) -> tuple[Path, Path]:
         """Bundled HH-RLHF pairs → training pairs + held-out pairs (the chat reward model's accuracy)."""
-        from .data import builtin_path
+        from .records import builtin_path, read_text_file
 
         train_p, held_p = self.p("hh_train.jsonl"), self.p("hh_heldout.jsonl")
         if train_p.exists() and held_p.exists():
             return train_p, held_p
-        import gzip
-
-        src = builtin_path("prefs")
-        opener = gzip.open if src.suffix == ".gz" else open
-        with opener(src, "rt", encoding="utf-8") as f:
-            lines = [ln for ln in f.read().splitlines() if ln.strip()]
+        lines = [ln for ln in read_text_file(builtin_path("prefs")).splitlines() if ln.strip()]
         n_held = int(self.table("speedrun").get("hh_heldout_pairs", 60))
         atomic_write_text(train_p, "\n".join(lines[:-n_held]) + "\n")
         atomic_write_text(held_p, "\n".join(lines[-n_held:]) + "\n")
@@ -231,8 +208,6 @@ class Speedrun:
     def cmd_grpo(self) -> list[str]:
         return self._train("grpo", self.table("grpo"), "grpo-arithmetic", *self.task_args())
 
-    # ---- driver ------------------------------------------------------------------------------------------------------
-
     def run(self, stop_after: Optional[str] = None) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         self.load_state()
@@ -249,12 +224,12 @@ class Speedrun:
                 info = self._children(name, self.cmds_pairs() if name == "pairs" else [getattr(self, f"cmd_{name}")()])
             info.setdefault("wall_s", round(time.time() - t0, 1))
             self.state["done"][name] = info
-            self.save_state()
+            write_json(self.state_path, self.state)
             if stop_after == name:
                 break
         self.state["total_wall_s"] = round(sum(v.get("wall_s", 0) for v in self.state["done"].values()), 1)
         self.state["this_invocation_s"] = round(time.time() - t_all, 1)
-        self.save_state()
+        write_json(self.state_path, self.state)
         return self.p("report.md")
 
     def _children(self, name: str, commands: list[list[str]]) -> dict:
@@ -270,8 +245,6 @@ class Speedrun:
         return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak, 1),
                 "command": "\n".join(f"pocketgpt {shlex.join(args)}" for args in commands)}
 
-    # ---- evaluation --------------------------------------------------------------------------------------------------
-
     def _eval(self) -> dict:
         """Every model against ground truth it did not optimise, side by side on the same held-out prompts:
         greedy task accuracy (the checker), the task reward model's score, KL to the SFT model, reply length; the
@@ -280,6 +253,7 @@ class Speedrun:
 
         import torch
 
+        from .chat import render
         from .checkpoint import load_model
         from .runtime import pick_device
         from .tokenizer import load_tokenizer_for
@@ -300,12 +274,12 @@ class Speedrun:
             for n, m in models.items():
                 greedy = self._generate(m, tok, prompts, max_new, temperature=0.0)
                 texts = [t for t, _ in greedy]
-                correct = [task.reward(p, r) > 0 for p, r in zip(prompts, texts)]
-                scores = self._rm_scores(rm, tok, prompts, texts)
-                sft_kl = [0.0] * len(prompts)
-                kl = sft_kl if n == "sft" else self._seq_kl(m, models["sft"], tok, prompts, max_new, seed + 7)
-                out["per_model"][n] = {"correct": correct, "rm_scores": scores, "kl": kl,
-                                       "lengths": [len(ids) for _, ids in greedy],
+                scores = rm.score_ids([render(p + [{"role": "assistant", "content": r}], tok)[0]
+                                       for p, r in zip(prompts, texts)], tok.pad_id, batch_size=64)
+                kl = [0.0] * len(prompts) if n == "sft" else self._seq_kl(m, models["sft"], tok, prompts, max_new,
+                                                                           seed + 7)
+                out["per_model"][n] = {"correct": [task.reward(p, r) > 0 for p, r in zip(prompts, texts)],
+                                       "rm_scores": scores, "kl": kl, "lengths": [len(ids) for _, ids in greedy],
                                        "examples": [{"user": p[-1]["content"], "reply": r} for p, r in
                                                     zip(prompts[:4], texts)]}
 
@@ -341,12 +315,6 @@ class Speedrun:
                 out.append((tok.decode(toks), toks + ([end] if r.finish_reason == "stop" else [])))
         return out
 
-    def _rm_scores(self, rm, tok, prompts, replies) -> list[float]:
-        from .chat import render
-
-        rows = [render(p + [{"role": "assistant", "content": r}], tok)[0] for p, r in zip(prompts, replies)]
-        return rm.score_ids(rows, tok.pad_id, batch_size=64)
-
     def _seq_kl(self, model, ref, tok, prompts, max_new: int, seed: int) -> list[float]:
         """KL(model || ref) per prompt, estimated on one reply sampled from the model at temperature 1: the sum over
         the tokens it wrote of log pi(y_t) - log pi_ref(y_t) (TRL's objective/kl)."""
@@ -380,26 +348,20 @@ class Speedrun:
         from .chat import ChatSession
         from .report import longest_run
 
-        ev = self.table("eval")
+        max_new = int(self.table("eval").get("max_new_tokens", 48))
         samples = []
         for n in ("sft", str(self.table("speedrun").get("chat_model", "dpo"))):
             for i, p in enumerate(CHAT_PROMPTS):
-                s = ChatSession(models[n], tok, max_new_tokens=int(ev.get("max_new_tokens", 48)), seed=seed + i)
-                reply = s.reply_text(p)
+                reply = ChatSession(models[n], tok, max_new_tokens=max_new, seed=seed + i).reply_text(p)
                 ids = [int(t) for t in tok.encode(reply)]
                 samples.append({"model": n, "user": p, "assistant": reply, "token_ids": ids,
                                 "tokens": len(ids), "longest_run": longest_run(ids)})
         return samples
 
-    # ---- report ------------------------------------------------------------------------------------------------------
-
     def _report(self) -> dict:
         from .report import write_report
 
         return {"report": str(write_report(self)), "json": str(self.p("report.json"))}
-
-
-# ---- CLI ------------------------------------------------------------------------------------------------------------
 
 
 def standard_tasks(ckpts: dict[str, Path], tasks: list[str], include=None, limit=None) -> dict:
@@ -418,6 +380,9 @@ def standard_tasks(ckpts: dict[str, Path], tasks: list[str], include=None, limit
                 out["unavailable"][task] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 break
     return out
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------------
 
 
 def configure_cli(name, p):
