@@ -8,7 +8,6 @@ import collections
 import concurrent.futures
 import contextlib
 import ctypes
-import functools
 import hmac
 import itertools
 import json
@@ -49,12 +48,8 @@ class Backend:
         self.stop_ids = sorted(tokenizer.special_ids.values())
 
 
-# ---- jobs and the scheduler: one decode loop over every active request (continuous batching), a bounded queue ------
-
-
 class Job:
-    """One request: ``params.n`` rows per prompt (choice ``i`` continues ``prompts[i // params.n]``); its callbacks
-    get ``[(choice, piece), ...]`` after each step, then the choices' results or the exception that ended it."""
+    """One request, ``params.n`` rows per prompt: on_text gets each step's [(choice, piece)], on_done the result."""
 
     def __init__(self, prompts: list[list[int]], params: SamplingParams):
         self.prompts, self.params, self.n = prompts, params, len(prompts) * params.n
@@ -110,7 +105,7 @@ class Metrics:
 
 
 class Scheduler:
-    """The one decode loop, a thread that owns the model (``step``; docs/internals.md, "Apps")."""
+    """The one decode loop (continuous batching), a thread that owns the model (docs/internals.md, "Apps")."""
 
     def __init__(self, backend: Backend, max_rows: int, max_queue: int):
         self.backend, self.max_rows, self.max_queue = backend, max_rows, max_queue
@@ -171,8 +166,9 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.lock:
-                    if not busy():
-                        _trim_heap()  # idle: give the freed cache back to the system
+                    if not busy():  # idle: hand glibc's freed arenas back (else an idle server keeps its peak RSS)
+                        with contextlib.suppress(OSError, AttributeError):  # not glibc
+                            ctypes.CDLL(None).malloc_trim(0)
                     self.lock.wait_for(busy)
                     if self.closed:
                         break
@@ -253,9 +249,6 @@ class Scheduler:
         kind = "completed" if isinstance(result, list) else "cancelled" if isinstance(result, Cancelled) else "failed"
         self.metrics.requests[kind] += 1
         out.append((job.on_done, result))
-
-
-# ---- the app -------------------------------------------------------------------------------------------------------
 
 
 def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurrency: int = 64,
@@ -350,14 +343,13 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         choices = []
         for i, o in enumerate(outs):
             p = i // body.n  # the prompt it continues
-            lp = None if logprobs is None else await asyncio.wrap_future(sched.call(
-                functools.partial(_logprobs, backend, prompts[p], o["tokens"], logprobs, chat, echo)))
+            lp = None if logprobs is None else await asyncio.wrap_future(sched.call(  # awaited before p, o change
+                lambda: _logprobs(backend, prompts[p], o["tokens"], logprobs, chat, echo)))
             msg = {"message": {"role": "assistant", "content": o["text"]}} if chat else {"text": echoed[p] + o["text"]}
             choices.append({"index": i, **msg, "logprobs": lp, "finish_reason": o["finish_reason"]})
         return {**head, "choices": choices, "usage": _usage(prompts, outs)}
 
     async def answer(request: Request, job: Job) -> list[dict]:
-        """Queue ``job`` and wait for its answer; if the client goes away meanwhile, drop it."""
         done = asyncio.get_running_loop().create_future()
         job.on_done = done.set_result  # called once
         sched.submit(job)
@@ -508,8 +500,7 @@ def _max_tokens(backend: Backend, prompt_len: int, requested: Optional[int], pro
 def _completion_prompts(backend: Backend, body: CompletionRequest) -> list[list[int]]:
     if not body.prompt:
         raise APIError(400, "'prompt' is empty", param="prompt", code="empty_prompt")
-    one = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)  # text or ids; else a list of either
-    prompts = [body.prompt] if one else body.prompt
+    prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
     prompts = [backend.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
     for i, ids in enumerate(prompts):
         if not ids:
@@ -535,8 +526,7 @@ def _usage(prompts: list[list[int]], outs: list[dict]) -> dict:
 
 
 def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, chat: bool, echo: bool) -> dict:
-    """One choice's ``logprobs`` in chat's or legacy completions' shape: the raw model's (temperature 1), whatever
-    sampling chose the tokens, from one forward (the alternatives need the whole distribution), on the decode thread."""
+    """One choice's ``logprobs`` (chat's or legacy shape): the raw model's (temperature 1), on the decode thread."""
     ids = prompt + tokens
     lps, tops = [None] * len(ids), [None] * len(ids)
     if len(ids) > 1:
@@ -546,8 +536,7 @@ def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, 
         lps[1:] = logp.gather(-1, torch.tensor(ids[1:], device=backend.device)[:, None])[:, 0].tolist()
         tops[1:] = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
 
-    def token(i: int, special_names: bool = False) -> str:
-        """Special tokens are empty (named among the alternatives); a partial character is escaped, never U+FFFD."""
+    def token(i: int, special_names: bool = False) -> str:  # specials "" (named as alternatives); a partial char: \xNN
         named = special_names or i not in backend.stop_ids
         return backend.tokenizer.decode_bytes([i]).decode("utf-8", errors="backslashreplace") if named else ""
 
@@ -567,9 +556,3 @@ def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, 
 def _deliver(out: list) -> None:
     for fn, arg in out:
         fn(arg)
-
-
-def _trim_heap() -> None:
-    """glibc keeps freed mid-sized blocks in its arenas (an idle server would keep its peak RSS): hand them back."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL(None).malloc_trim(0)
