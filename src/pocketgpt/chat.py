@@ -11,16 +11,12 @@ from .tokenizer import CHAT_TOKENS
 
 IGNORE = -100  # label of positions that carry no loss
 
-# Sampling defaults of `pocketgpt chat`, ChatSession, the server (for fields a request leaves out) and the speedrun
-# report. A mild repetition penalty: small models' greedy replies otherwise loop ("And / And", "我我我"); 1 is off.
+# Sampling of pocketgpt chat, ChatSession, the server and the speedrun report; a mild repetition penalty: at 1 (off)
+# small models' greedy replies loop ("And / And", "我我我").
 CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_penalty": 1.1}
 
 
-# ---- the template ---------------------------------------------------------------------------------------------------
-
-
 def specials(tokenizer) -> dict[str, int]:
-    """The ids of the special tokens (one clear error where the tokenizer lacks one of the template's)."""
     missing = [name for name in CHAT_TOKENS if name not in tokenizer.special_ids]
     if missing:
         raise UserError(f"tokenizer has no chat special token {missing[0]}; SFT adds them (pocketgpt sft --init CKPT) "
@@ -43,8 +39,7 @@ def _concat(pieces: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[
 
 
 def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Token ids and training labels of a conversation: ``<|endoftext|>``, then each message's piece, then
-    ``<|assistant|>`` for a generation prompt. A trainer feeds ``ids[:-1]`` as input and ``labels[1:]`` as targets."""
+    """Ids and labels: ``<|endoftext|>``, each message, ``<|assistant|>`` if asked; train on ids[:-1] -> labels[1:]."""
     sp = specials(tokenizer)
     pieces = [([sp["<|endoftext|>"]], [IGNORE]), *_pieces(check_messages(messages) if messages else [], tokenizer)]
     if add_generation_prompt:
@@ -54,9 +49,6 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False)
 
 def stop_id(tokenizer) -> int:  # the id that ends an assistant reply
     return specials(tokenizer)["<|end|>"]
-
-
-# ---- fitting conversations into the context ------------------------------------------------------------------------
 
 
 @dataclass
@@ -83,8 +75,7 @@ def _exchanges(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
 
 def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str = "split", *,
                    stats: FitStats) -> list[tuple[list[int], list[int]]]:
-    """Examples of at most ``max_tokens`` ids, split at turn boundaries (docs/internals.md); an exchange too long alone
-    loses its reply's tail (skipped if not even its prompt fits); ``mode="truncate"`` keeps the first example only."""
+    """Examples of at most ``max_tokens`` ids split at turn boundaries (docs/internals.md); "truncate": the first."""
     system, groups = _exchanges(messages)
     head = render(system, tokenizer)
     examples: list[tuple[list[int], list[int]]] = []
@@ -116,9 +107,6 @@ def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str =
     return examples
 
 
-# ---- a chat session: history, trimming to the context, streamed replies --------------------------------------------
-
-
 @dataclass
 class ChatSession:
     """A multi-turn conversation with a model; ``reply(text)`` streams the assistant's answer and records it."""
@@ -143,8 +131,7 @@ class ChatSession:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
     def prompt_ids(self) -> list[int]:
-        """The prompt for the next reply: the oldest exchanges (never the system message) are dropped until it leaves
-        room for ``min(max_new_tokens, block_size / 2)`` reply tokens."""
+        """The next prompt, its oldest exchanges (never the system message) dropped to leave room for the reply."""
         block = self.model.config.block_size
         reserve = max(1, min(self.max_new_tokens, block // 2))
         dropped = 0
@@ -152,7 +139,6 @@ class ChatSession:
             ids, _ = render(self.conversation(), self.tokenizer, add_generation_prompt=True)
             if len(ids) + reserve <= block or len(self.messages) <= 1:
                 break
-            # drop the oldest user message and everything up to the next user message
             nxt = next((i for i, m in enumerate(self.messages[1:], 1) if m["role"] == "user"), len(self.messages) - 1)
             del self.messages[:nxt]
             dropped += 1
@@ -164,7 +150,6 @@ class ChatSession:
         return ids
 
     def reply(self, text: str) -> Iterator[str]:
-        """Add the user's message, stream the reply's text pieces, then record the reply in the history."""
         from .engine import SamplingParams, generate
 
         self.messages.append({"role": "user", "content": text})
