@@ -66,21 +66,16 @@ class FitStats:
                 f"({self.split} split at turn boundaries, {self.truncated} truncated, {self.skipped} skipped)")
 
 
-def _exchanges(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
-    """The leading system messages, then each exchange (user ... assistant); what follows the last reply is dropped."""
-    i = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    ends = [j + 1 for j, m in enumerate(messages) if m["role"] == "assistant"]  # all at or after i
-    return messages[:i], [messages[a:b] for a, b in zip([i, *ends], ends)]
-
-
 def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str = "split", *,
                    stats: FitStats) -> list[tuple[list[int], list[int]]]:
     """Examples of at most ``max_tokens`` ids split at turn boundaries (docs/internals.md); "truncate": the first."""
-    system, groups = _exchanges(messages)
-    head = render(system, tokenizer)
+    # the leading system messages, then each exchange (user ... assistant); what follows the last reply is dropped
+    start = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    ends = [j + 1 for j, m in enumerate(messages) if m["role"] == "assistant"]  # all at or after start
+    head = render(messages[:start], tokenizer)
     examples: list[tuple[list[int], list[int]]] = []
     (ids, labels), n, lost = head, 0, False  # n: exchanges in the current example; lost: content left out of all
-    for g_ids, g_labels in (_concat(_pieces(g, tokenizer)) for g in groups):
+    for g_ids, g_labels in (_concat(_pieces(messages[a:b], tokenizer)) for a, b in zip([start, *ends], ends)):
         if n and len(ids) + len(g_ids) > max_tokens:  # close the example; the next restarts with the system prompt
             examples.append((ids, labels))
             (ids, labels), n = head, 0
