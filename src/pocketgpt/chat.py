@@ -11,8 +11,7 @@ from .tokenizer import CHAT_TOKENS
 
 IGNORE = -100  # label of positions that carry no loss
 
-# Sampling of pocketgpt chat, ChatSession, the server and the speedrun report; a mild repetition penalty: at 1 (off)
-# small models' greedy replies loop ("And / And", "我我我").
+# Sampling of pocketgpt chat, ChatSession, the server, the speedrun report; repetition penalty: at 1 replies loop (我我我)
 CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_penalty": 1.1}
 
 

@@ -82,7 +82,6 @@ class Metrics:
 
     def render(self, sched: Scheduler) -> str:
         now = time.perf_counter()
-        rate = sum(n for t, n in list(self.recent) if t >= now - self.WINDOW) / self.WINDOW
         cumulative = list(itertools.accumulate(self.ttft))
         buckets = [(f'_bucket{{le="{"+Inf" if b == float("inf") else f"{b:g}"}"}}', c)
                    for b, c in zip(self.TTFT_BUCKETS, cumulative)]
@@ -93,7 +92,7 @@ class Metrics:
             ("active_sequences", "gauge", "Sequences (rows) in the running batch.", [("", len(sched.batch.rows))]),
             ("generated_tokens_total", "counter", "Tokens generated.", [("", self.tokens)]),
             ("tokens_per_second", "gauge", f"Tokens generated per second over the last {self.WINDOW:g} s.",
-             [("", rate)]),
+             [("", sum(n for t, n in list(self.recent) if t >= now - self.WINDOW) / self.WINDOW)]),
             ("requests_total", "counter", "Requests by outcome.",
              [(f'{{outcome="{k}"}}', self.requests[k]) for k in ("completed", "cancelled", "rejected", "failed")]),
             ("time_to_first_token_seconds", "histogram", "From arrival to the first generated token.",
