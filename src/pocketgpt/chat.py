@@ -11,7 +11,7 @@ from .tokenizer import CHAT_TOKENS
 
 IGNORE = -100  # label of positions that carry no loss
 
-# Sampling of pocketgpt chat, ChatSession, the server, the speedrun report; repetition penalty: at 1 replies loop (我我我)
+# Sampling of pocketgpt chat, ChatSession, the server, the speedrun report; repetition penalty: small models loop at 1
 CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_penalty": 1.1}
 
 

@@ -323,8 +323,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                               echo=body.echo)
 
     async def generate(request: Request, body, prompts: list[list[int]], max_tokens: int, *, chat: bool,
-                       logprobs: Optional[int], echo: bool = False):
-        """Both generation endpoints, streamed or whole; ``logprobs``: alternatives listed per token (None: none)."""
+                       logprobs: Optional[int], echo: bool = False):  # logprobs: alternatives per token, None: none
         sampling = {k: CHAT_DEFAULTS[k] if getattr(body, k) is None else getattr(body, k) for k in CHAT_DEFAULTS}
         as_given = body.model_dump(include={"presence_penalty", "frequency_penalty", "seed", "stop", "n"})
         job = Job(prompts, SamplingParams(**sampling, **as_given, max_new_tokens=max_tokens, stop_ids=backend.stop_ids))
@@ -364,7 +363,6 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         return done.result()
 
     def stream(job: Job, head: dict, firsts: list[dict], chat: bool, prompts: list) -> StreamingResponse:
-        """Server-sent events: ``firsts``, the text, each choice's finish, the usage if asked, ``data: [DONE]``."""
         text: dict[int, str] = {}  # per choice, not sent yet: pieces that piled up while sending go out as one
         ended: list = []
         wake = asyncio.Event()
@@ -513,10 +511,8 @@ def _completion_prompts(backend: Backend, body: CompletionRequest) -> list[list[
 
 def _delta(chat: bool, i: int, text: Optional[str], finish: Optional[str] = None) -> dict:
     """Choice ``i`` of a stream chunk: a piece of text, or its finish (empty text); in chat, None is the role."""
-    if not chat:
-        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
     delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
-    return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": i, **({"delta": delta} if chat else {"text": text}), "logprobs": None, "finish_reason": finish}
 
 
 def _usage(prompts: list[list[int]], outs: list[dict]) -> dict:
