@@ -11,16 +11,11 @@ from .tokenizer import CHAT_TOKENS
 
 IGNORE = -100  # label of positions that carry no loss
 
-# Sampling defaults of `pocketgpt chat`, ChatSession, the server (for fields a request leaves out) and the speedrun
-# report. A mild repetition penalty: small models' greedy replies otherwise loop ("And / And", "我我我"); 1 is off.
+# Sampling of pocketgpt chat, ChatSession, the server, the speedrun report; repetition penalty: small models loop at 1
 CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_penalty": 1.1}
 
 
-# ---- the template ---------------------------------------------------------------------------------------------------
-
-
 def specials(tokenizer) -> dict[str, int]:
-    """The ids of the special tokens (one clear error where the tokenizer lacks one of the template's)."""
     missing = [name for name in CHAT_TOKENS if name not in tokenizer.special_ids]
     if missing:
         raise UserError(f"tokenizer has no chat special token {missing[0]}; SFT adds them (pocketgpt sft --init CKPT) "
@@ -43,8 +38,7 @@ def _concat(pieces: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[
 
 
 def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Token ids and training labels of a conversation: ``<|endoftext|>``, then each message's piece, then
-    ``<|assistant|>`` for a generation prompt. A trainer feeds ``ids[:-1]`` as input and ``labels[1:]`` as targets."""
+    """Ids and labels: ``<|endoftext|>``, each message, ``<|assistant|>`` if asked; train on ids[:-1] -> labels[1:]."""
     sp = specials(tokenizer)
     pieces = [([sp["<|endoftext|>"]], [IGNORE]), *_pieces(check_messages(messages) if messages else [], tokenizer)]
     if add_generation_prompt:
@@ -54,9 +48,6 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False)
 
 def stop_id(tokenizer) -> int:  # the id that ends an assistant reply
     return specials(tokenizer)["<|end|>"]
-
-
-# ---- fitting conversations into the context ------------------------------------------------------------------------
 
 
 @dataclass
@@ -74,22 +65,16 @@ class FitStats:
                 f"({self.split} split at turn boundaries, {self.truncated} truncated, {self.skipped} skipped)")
 
 
-def _exchanges(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
-    """The leading system messages, then each exchange (user ... assistant); what follows the last reply is dropped."""
-    i = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    ends = [j + 1 for j, m in enumerate(messages) if m["role"] == "assistant"]  # all at or after i
-    return messages[:i], [messages[a:b] for a, b in zip([i, *ends], ends)]
-
-
 def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str = "split", *,
                    stats: FitStats) -> list[tuple[list[int], list[int]]]:
-    """Examples of at most ``max_tokens`` ids, split at turn boundaries (docs/internals.md); an exchange too long alone
-    loses its reply's tail (skipped if not even its prompt fits); ``mode="truncate"`` keeps the first example only."""
-    system, groups = _exchanges(messages)
-    head = render(system, tokenizer)
+    """Examples of at most ``max_tokens`` ids split at turn boundaries (docs/internals.md); "truncate": the first."""
+    # the leading system messages, then each exchange (user ... assistant); what follows the last reply is dropped
+    start = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    ends = [j + 1 for j, m in enumerate(messages) if m["role"] == "assistant"]  # all at or after start
+    head = render(messages[:start], tokenizer)
     examples: list[tuple[list[int], list[int]]] = []
     (ids, labels), n, lost = head, 0, False  # n: exchanges in the current example; lost: content left out of all
-    for g_ids, g_labels in (_concat(_pieces(g, tokenizer)) for g in groups):
+    for g_ids, g_labels in (_concat(_pieces(messages[a:b], tokenizer)) for a, b in zip([start, *ends], ends)):
         if n and len(ids) + len(g_ids) > max_tokens:  # close the example; the next restarts with the system prompt
             examples.append((ids, labels))
             (ids, labels), n = head, 0
@@ -116,9 +101,6 @@ def fit_to_context(messages: list[dict], tokenizer, max_tokens: int, mode: str =
     return examples
 
 
-# ---- a chat session: history, trimming to the context, streamed replies --------------------------------------------
-
-
 @dataclass
 class ChatSession:
     """A multi-turn conversation with a model; ``reply(text)`` streams the assistant's answer and records it."""
@@ -143,8 +125,7 @@ class ChatSession:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
     def prompt_ids(self) -> list[int]:
-        """The prompt for the next reply: the oldest exchanges (never the system message) are dropped until it leaves
-        room for ``min(max_new_tokens, block_size / 2)`` reply tokens."""
+        """The next prompt, its oldest exchanges (never the system message) dropped to leave room for the reply."""
         block = self.model.config.block_size
         reserve = max(1, min(self.max_new_tokens, block // 2))
         dropped = 0
@@ -152,7 +133,6 @@ class ChatSession:
             ids, _ = render(self.conversation(), self.tokenizer, add_generation_prompt=True)
             if len(ids) + reserve <= block or len(self.messages) <= 1:
                 break
-            # drop the oldest user message and everything up to the next user message
             nxt = next((i for i, m in enumerate(self.messages[1:], 1) if m["role"] == "user"), len(self.messages) - 1)
             del self.messages[:nxt]
             dropped += 1
@@ -164,7 +144,6 @@ class ChatSession:
         return ids
 
     def reply(self, text: str) -> Iterator[str]:
-        """Add the user's message, stream the reply's text pieces, then record the reply in the history."""
         from .engine import SamplingParams, generate
 
         self.messages.append({"role": "user", "content": text})

@@ -8,8 +8,7 @@ API_KEY_ENV = "POCKETGPT_API_KEY"
 
 
 def load_backend(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp32", model_name: str | None = None):
-    """A checkpoint and its tokenizer as a ``Backend``, named (by default) as the user knows the run: ``runs/sft/ckpt``
-    is ``sft``, ``runs/speedrun/dpo/ckpt`` is ``speedrun-dpo`` (not the ``ckpt`` every run has)."""
+    """A checkpoint as a ``Backend`` named as the user knows the run: runs/speedrun/dpo/ckpt is speedrun-dpo."""
     from ..checkpoint import find_checkpoint, load_checkpoint
     from .app import Backend
 
@@ -17,8 +16,9 @@ def load_backend(ckpt: str | os.PathLike, device: str = "auto", dtype: str = "fp
     model, tokenizer = load_checkpoint(ckpt, device, dtype)
     path = ckpt.resolve()
     run = path.parent
-    name = path.name if path.name not in ("ckpt", "best") else \
-        f"{run.parent.name}-{run.name}" if (run.parent / "speedrun_state.json").exists() else run.name
+    name = path.name
+    if name in ("ckpt", "best"):  # every run has one
+        name = f"{run.parent.name}-{run.name}" if (run.parent / "speedrun_state.json").exists() else run.name
     return Backend(model, tokenizer, model_name or name)
 
 

@@ -8,7 +8,6 @@ import collections
 import concurrent.futures
 import contextlib
 import ctypes
-import functools
 import hmac
 import itertools
 import json
@@ -49,12 +48,8 @@ class Backend:
         self.stop_ids = sorted(tokenizer.special_ids.values())
 
 
-# ---- jobs and the scheduler: one decode loop over every active request (continuous batching), a bounded queue ------
-
-
 class Job:
-    """One request: ``params.n`` rows per prompt (choice ``i`` continues ``prompts[i // params.n]``); its callbacks
-    get ``[(choice, piece), ...]`` after each step, then the choices' results or the exception that ended it."""
+    """One request, ``params.n`` rows per prompt: on_text gets each step's [(choice, piece)], on_done the result."""
 
     def __init__(self, prompts: list[list[int]], params: SamplingParams):
         self.prompts, self.params, self.n = prompts, params, len(prompts) * params.n
@@ -87,7 +82,6 @@ class Metrics:
 
     def render(self, sched: Scheduler) -> str:
         now = time.perf_counter()
-        rate = sum(n for t, n in list(self.recent) if t >= now - self.WINDOW) / self.WINDOW
         cumulative = list(itertools.accumulate(self.ttft))
         buckets = [(f'_bucket{{le="{"+Inf" if b == float("inf") else f"{b:g}"}"}}', c)
                    for b, c in zip(self.TTFT_BUCKETS, cumulative)]
@@ -98,7 +92,7 @@ class Metrics:
             ("active_sequences", "gauge", "Sequences (rows) in the running batch.", [("", len(sched.batch.rows))]),
             ("generated_tokens_total", "counter", "Tokens generated.", [("", self.tokens)]),
             ("tokens_per_second", "gauge", f"Tokens generated per second over the last {self.WINDOW:g} s.",
-             [("", rate)]),
+             [("", sum(n for t, n in list(self.recent) if t >= now - self.WINDOW) / self.WINDOW)]),
             ("requests_total", "counter", "Requests by outcome.",
              [(f'{{outcome="{k}"}}', self.requests[k]) for k in ("completed", "cancelled", "rejected", "failed")]),
             ("time_to_first_token_seconds", "histogram", "From arrival to the first generated token.",
@@ -110,7 +104,7 @@ class Metrics:
 
 
 class Scheduler:
-    """The one decode loop, a thread that owns the model (``step``; docs/internals.md, "Apps")."""
+    """The one decode loop (continuous batching), a thread that owns the model (docs/internals.md, "Apps")."""
 
     def __init__(self, backend: Backend, max_rows: int, max_queue: int):
         self.backend, self.max_rows, self.max_queue = backend, max_rows, max_queue
@@ -171,8 +165,9 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.lock:
-                    if not busy():
-                        _trim_heap()  # idle: give the freed cache back to the system
+                    if not busy():  # idle: hand glibc's freed arenas back (else an idle server keeps its peak RSS)
+                        with contextlib.suppress(OSError, AttributeError):  # not glibc
+                            ctypes.CDLL(None).malloc_trim(0)
                     self.lock.wait_for(busy)
                     if self.closed:
                         break
@@ -255,9 +250,6 @@ class Scheduler:
         out.append((job.on_done, result))
 
 
-# ---- the app -------------------------------------------------------------------------------------------------------
-
-
 def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurrency: int = 64,
                max_queue: int = 256) -> FastAPI:
     """``backend`` served: up to ``max_concurrency`` sequences decode in one batch, ``max_queue`` more requests wait."""
@@ -331,8 +323,7 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
                               echo=body.echo)
 
     async def generate(request: Request, body, prompts: list[list[int]], max_tokens: int, *, chat: bool,
-                       logprobs: Optional[int], echo: bool = False):
-        """Both generation endpoints, streamed or whole; ``logprobs``: alternatives listed per token (None: none)."""
+                       logprobs: Optional[int], echo: bool = False):  # logprobs: alternatives per token, None: none
         sampling = {k: CHAT_DEFAULTS[k] if getattr(body, k) is None else getattr(body, k) for k in CHAT_DEFAULTS}
         as_given = body.model_dump(include={"presence_penalty", "frequency_penalty", "seed", "stop", "n"})
         job = Job(prompts, SamplingParams(**sampling, **as_given, max_new_tokens=max_tokens, stop_ids=backend.stop_ids))
@@ -350,14 +341,13 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         choices = []
         for i, o in enumerate(outs):
             p = i // body.n  # the prompt it continues
-            lp = None if logprobs is None else await asyncio.wrap_future(sched.call(
-                functools.partial(_logprobs, backend, prompts[p], o["tokens"], logprobs, chat, echo)))
+            lp = None if logprobs is None else await asyncio.wrap_future(sched.call(  # awaited before p, o change
+                lambda: _logprobs(backend, prompts[p], o["tokens"], logprobs, chat, echo)))
             msg = {"message": {"role": "assistant", "content": o["text"]}} if chat else {"text": echoed[p] + o["text"]}
             choices.append({"index": i, **msg, "logprobs": lp, "finish_reason": o["finish_reason"]})
         return {**head, "choices": choices, "usage": _usage(prompts, outs)}
 
     async def answer(request: Request, job: Job) -> list[dict]:
-        """Queue ``job`` and wait for its answer; if the client goes away meanwhile, drop it."""
         done = asyncio.get_running_loop().create_future()
         job.on_done = done.set_result  # called once
         sched.submit(job)
@@ -373,7 +363,6 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         return done.result()
 
     def stream(job: Job, head: dict, firsts: list[dict], chat: bool, prompts: list) -> StreamingResponse:
-        """Server-sent events: ``firsts``, the text, each choice's finish, the usage if asked, ``data: [DONE]``."""
         text: dict[int, str] = {}  # per choice, not sent yet: pieces that piled up while sending go out as one
         ended: list = []
         wake = asyncio.Event()
@@ -508,8 +497,7 @@ def _max_tokens(backend: Backend, prompt_len: int, requested: Optional[int], pro
 def _completion_prompts(backend: Backend, body: CompletionRequest) -> list[list[int]]:
     if not body.prompt:
         raise APIError(400, "'prompt' is empty", param="prompt", code="empty_prompt")
-    one = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)  # text or ids; else a list of either
-    prompts = [body.prompt] if one else body.prompt
+    prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
     prompts = [backend.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
     for i, ids in enumerate(prompts):
         if not ids:
@@ -523,10 +511,8 @@ def _completion_prompts(backend: Backend, body: CompletionRequest) -> list[list[
 
 def _delta(chat: bool, i: int, text: Optional[str], finish: Optional[str] = None) -> dict:
     """Choice ``i`` of a stream chunk: a piece of text, or its finish (empty text); in chat, None is the role."""
-    if not chat:
-        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
     delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
-    return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": i, **({"delta": delta} if chat else {"text": text}), "logprobs": None, "finish_reason": finish}
 
 
 def _usage(prompts: list[list[int]], outs: list[dict]) -> dict:
@@ -535,8 +521,7 @@ def _usage(prompts: list[list[int]], outs: list[dict]) -> dict:
 
 
 def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, chat: bool, echo: bool) -> dict:
-    """One choice's ``logprobs`` in chat's or legacy completions' shape: the raw model's (temperature 1), whatever
-    sampling chose the tokens, from one forward (the alternatives need the whole distribution), on the decode thread."""
+    """One choice's ``logprobs`` (chat's or legacy shape): the raw model's (temperature 1), on the decode thread."""
     ids = prompt + tokens
     lps, tops = [None] * len(ids), [None] * len(ids)
     if len(ids) > 1:
@@ -546,8 +531,7 @@ def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, 
         lps[1:] = logp.gather(-1, torch.tensor(ids[1:], device=backend.device)[:, None])[:, 0].tolist()
         tops[1:] = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
 
-    def token(i: int, special_names: bool = False) -> str:
-        """Special tokens are empty (named among the alternatives); a partial character is escaped, never U+FFFD."""
+    def token(i: int, special_names: bool = False) -> str:  # specials "" (named as alternatives); a partial char: \xNN
         named = special_names or i not in backend.stop_ids
         return backend.tokenizer.decode_bytes([i]).decode("utf-8", errors="backslashreplace") if named else ""
 
@@ -567,9 +551,3 @@ def _logprobs(backend: Backend, prompt: list[int], tokens: list[int], top: int, 
 def _deliver(out: list) -> None:
     for fn, arg in out:
         fn(arg)
-
-
-def _trim_heap() -> None:
-    """glibc keeps freed mid-sized blocks in its arenas (an idle server would keep its peak RSS): hand them back."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL(None).malloc_trim(0)

@@ -10,8 +10,6 @@ Number = Union[StrictInt, StrictFloat]
 
 
 class APIError(Exception):
-    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
-
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
@@ -68,7 +66,6 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    # text, several texts, token ids, or several lists of token ids
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
     max_tokens: StrictInt = Field(16, ge=0)  # OpenAI's default; 0 = score the prompt only (with echo)
     logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
