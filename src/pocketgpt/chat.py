@@ -11,7 +11,8 @@ from .tokenizer import CHAT_TOKENS
 
 IGNORE = -100  # label of positions that carry no loss
 
-# Sampling of pocketgpt chat, ChatSession, the server, the speedrun report; repetition penalty: small models loop at 1
+# Sampling defaults of `pocketgpt chat`, ChatSession, the server (for fields a request leaves out) and the speedrun
+# report. A mild repetition penalty: small models' greedy replies otherwise loop ("And / And", "我我我"); 1 is off.
 CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "top_p": None, "repetition_penalty": 1.1}
 
 
