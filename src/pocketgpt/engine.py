@@ -405,8 +405,7 @@ class _Sampler:
         if self.unseeded:
             race.exponential_()
         for g, size, rows, at in self.groups:
-            race[rows] = torch.empty(size, probs.shape[1], dtype=probs.dtype, device=probs.device).exponential_(
-                generator=g)[at]
+            race[rows] = probs.new_empty(size, probs.shape[1]).exponential_(generator=g)[at]
         tokens = probs.div_(race.clamp_min_(1e-30)).argmax(dim=-1)  # never 0/0
         return tokens if best is None else torch.where(self.greedy, best, tokens)
 
@@ -463,8 +462,7 @@ class DecodeBatch:
         self._room(P, max(r.limit for r in rows), R + new)
         if P > self.pos:
             self._move(0, P - self.pos)
-        src = torch.arange(len(prompts), device=self.device).repeat_interleave(
-            torch.tensor([q.n for q in ps], device=self.device))
+        src = torch.tensor([i for i, q in enumerate(ps) for _ in range(q.n)], device=self.device)
         for big, t in zip(self.cache.kv, cache.kv):
             big[:, R : R + new, :, self.pos - P : self.pos] = t.index_select(1, src)
         self.start = torch.cat([self.start, self.pos - P + pads[src]])
@@ -532,7 +530,7 @@ class DecodeBatch:
             if unused:
                 self._move(unused, -unused)
         cols = max(self.pos, first) + span
-        R0, L0 = (0, 0) if self.cache is None else (self.cache.batch_size, self.cache.max_len)
+        R0, L0 = (0, 0) if self.cache is None else (self.cache.kv[0].shape[1], self.cache.max_len)
         if rows <= R0 and cols <= L0:
             return
         old = self.cache

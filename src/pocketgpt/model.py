@@ -39,8 +39,7 @@ class GPTConfig(Config):
 
     @model_validator(mode="after")
     def _shapes(self) -> "GPTConfig":
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
+        self.n_kv_head = self.n_kv_head or self.n_head
         if self.mlp_hidden is None:
             self.mlp_hidden = 64 * math.ceil(int(8 * self.n_embd / 3) / 64) if self.mlp == "swiglu" else 4 * self.n_embd
         if self.n_embd % self.n_head:
@@ -74,10 +73,6 @@ class KVCache:
     def _set(self, kv: list[torch.Tensor]) -> None:
         self.kv = kv
         self.k, self.v = [t[0] for t in kv], [t[1] for t in kv]
-
-    @property
-    def batch_size(self) -> int:
-        return self.kv[0].shape[1]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row ``i`` becomes old row ``index[i]`` (beam search), written into a second buffer kept for the next call."""
@@ -123,7 +118,7 @@ def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     steps = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = torch.exp(steps * (-math.log(10000.0) / dim))
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleaved: sin, cos, sin, ...
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -156,8 +151,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and past == 0,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):
