@@ -544,9 +544,8 @@ class DecodeBatch:
     def _move(self, first: int, by: int) -> None:
         """Shift the live rows' columns ``[first, pos)`` by ``by`` (their starts and ``pos`` follow)."""
         R, width = len(self.rows), self.pos - first
-        if R:
-            for t in self.cache.kv:
-                t[:, :R, :, first + by : first + by + width] = t[:, :R, :, first : first + width].clone()
+        for t in self.cache.kv:
+            t[:, :R, :, first + by : first + by + width] = t[:, :R, :, first : first + width].clone()
         self.start = self.start + by
         self.pos += by
 
@@ -612,8 +611,7 @@ def _beam_search(model, prompt: list[int], p: SamplingParams, tokenizer) -> list
             if hit:
                 stop = t in p.stop_ids
                 finished.append((score_, beams[s] if stop else beams[s] + [(t, lp)], "stop" if stop else "length"))
-        finished.sort(key=lambda e: -e[0])
-        del finished[k:]
+        finished = sorted(finished, key=lambda e: -e[0])[:k]
         if bool(hits.all()):
             break
         run_scores = top_scores - hits.float() * 1e9  # the running beams: the best candidates that did not stop
