@@ -36,8 +36,7 @@ class GenerationResult:
 
 
 # ---- logits filters ------------------------------------------------------------------------------------------------
-# Removed entries become -inf, as transformers' warpers; one value, or one per row ((R,) tensor: rows of different
-# requests share a step).
+# Removed entries become -inf (as transformers' warpers); one value or one per row ((R,): requests share a step).
 
 
 def top_k_filter(logits: torch.Tensor, k) -> torch.Tensor:
@@ -107,9 +106,7 @@ def token_logprobs(model, idx: torch.Tensor, pos: torch.Tensor, targets: torch.T
     return (*out, logits.argmax(-1)) if return_argmax else out
 
 
-# ---- valid UTF-8 by construction ------------------------------------------------------------------------------------
-# Each token's bytes, and which tokens may follow each state of a partial character.
-
+# ---- valid UTF-8 by construction: which tokens may follow each state of a partial character ------------------------
 # A state: (continuation bytes pending, allowed range of the next byte); the byte after E0, ED, F0 and F4 has a
 # narrower range than 80-BF (no overlong forms, no surrogates, nothing above U+10FFFF).
 _STATES = [(0, 0, 255), (1, 0x80, 0xBF), (2, 0x80, 0xBF), (3, 0x80, 0xBF),
@@ -143,13 +140,12 @@ class _TokenText:
         n_tok = tokenizer.vocab_size
         self.bytes = [bytes(tokenizer.decode_bytes([i])) if i < n_tok else b"" for i in range(V)]
         self.blocked = None
-        index = {st: i for i, st in enumerate(_STATES)}
         allowed, nxt = [[False] * V for _ in _STATES], [[0] * V for _ in _STATES]
         for t, b in enumerate(self.bytes[:n_tok]):
             for s, state in enumerate(_STATES):
                 after = _utf8_after(b, *state) if b or s == 0 else None  # an empty token cannot end a character
                 if after is not None:
-                    allowed[s][t], nxt[s][t] = True, index[after]
+                    allowed[s][t], nxt[s][t] = True, _STATES.index(after)
         if n_tok >= V and all(allowed[0]) and not any(nxt[0]):
             return  # every token is whole characters: nothing to mask
         for row in allowed:
@@ -231,9 +227,6 @@ class _Row:
         self.done, self.reason = True, reason
 
 
-# ---- the options of a generation call ------------------------------------------------------------------------------
-
-
 @dataclass
 class SamplingParams:
     """Every option of one generation call (docs/internals.md, "Engine"), checked on creation (a ``UserError`` naming
@@ -275,9 +268,7 @@ class SamplingParams:
         check(count(self.num_beams) and self.num_beams >= 1, "num_beams", "a positive integer")
         check(count(self.n) and self.n >= 1, "n", "a positive integer")
         check(count(self.no_repeat_ngram_size), "no_repeat_ngram_size", "a non-negative integer (0 = off)")
-        if self.num_beams > 1 and self.n > self.num_beams:
-            raise UserError(f"n: with beam search at most num_beams ({self.num_beams}) sequences can be returned, "
-                            f"got {self.n}")
+        check(self.num_beams == 1 or self.n <= self.num_beams, "n", f"<= num_beams ({self.num_beams}) in beam search")
         self.temperature = float(t)
         self.top_k = int(self.top_k) if self.top_k else None
         self.top_p = float(self.top_p) if self.top_p is not None and self.top_p < 1.0 else None
@@ -400,8 +391,7 @@ class _Sampler:
         if self.greedy is not None and bool(self.greedy.all()):
             return logits.argmax(dim=-1)
         best = None if self.greedy is None else logits.argmax(dim=-1)
-        t = o[:, 0:1] if self.greedy is None else o[:, 0:1].masked_fill(self.greedy[:, None], 1.0)
-        logits = logits / t
+        logits = logits / (o[:, 0:1] if self.greedy is None else o[:, 0:1].masked_fill(self.greedy[:, None], 1.0))
         if self.top_k:
             logits = top_k_filter(logits, o[:, 1].long())
         if self.top_p:
@@ -415,8 +405,7 @@ class _Sampler:
         if self.unseeded:
             race.exponential_()
         for g, size, rows, at in self.groups:
-            race[rows] = torch.empty(size, probs.shape[1], dtype=probs.dtype, device=probs.device).exponential_(
-                generator=g)[at]
+            race[rows] = probs.new_empty(size, probs.shape[1]).exponential_(generator=g)[at]
         tokens = probs.div_(race.clamp_min_(1e-30)).argmax(dim=-1)  # never 0/0
         return tokens if best is None else torch.where(self.greedy, best, tokens)
 
@@ -463,8 +452,7 @@ class DecodeBatch:
         kw = {}
         if bool(pads.any()):  # left padding: positions start at each prompt, pads are never attended to
             ar = torch.arange(P, device=self.device)
-            causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
-            mask = (causal & (ar >= pads[:, None])[:, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)
+            mask = ((ar[:, None] >= ar) & (ar >= pads[:, None, None])) | (ar[:, None] == ar)  # a pad sees itself
             kw = dict(position_ids=(ar - pads[:, None]).clamp_min(0), attn_mask=mask[:, None])
         logits, _ = model(idx, kv_cache=cache, last_only=True, **kw)
         # the prompts' keys/values go to columns [pos - P, pos) of new rows (n copies each)
@@ -474,8 +462,7 @@ class DecodeBatch:
         self._room(P, max(r.limit for r in rows), R + new)
         if P > self.pos:
             self._move(0, P - self.pos)
-        src = torch.arange(len(prompts), device=self.device).repeat_interleave(
-            torch.tensor([q.n for q in ps], device=self.device))
+        src = torch.tensor([i for i, q in enumerate(ps) for _ in range(q.n)], device=self.device)
         for big, t in zip(self.cache.kv, cache.kv):
             big[:, R : R + new, :, self.pos - P : self.pos] = t.index_select(1, src)
         self.start = torch.cat([self.start, self.pos - P + pads[src]])
@@ -506,7 +493,6 @@ class DecodeBatch:
             self.logits = self._forward(tokens)
 
     def drop(self, rows: Sequence[_Row]) -> None:
-        """Remove ``rows`` from the batch now (finished as ``"cancelled"``)."""
         for r in rows:
             if not r.done:
                 r.finish("cancelled")
@@ -544,7 +530,7 @@ class DecodeBatch:
             if unused:
                 self._move(unused, -unused)
         cols = max(self.pos, first) + span
-        R0, L0 = (0, 0) if self.cache is None else (self.cache.batch_size, self.cache.max_len)
+        R0, L0 = (0, 0) if self.cache is None else (self.cache.kv[0].shape[1], self.cache.max_len)
         if rows <= R0 and cols <= L0:
             return
         old = self.cache
@@ -558,9 +544,8 @@ class DecodeBatch:
     def _move(self, first: int, by: int) -> None:
         """Shift the live rows' columns ``[first, pos)`` by ``by`` (their starts and ``pos`` follow)."""
         R, width = len(self.rows), self.pos - first
-        if R:
-            for t in self.cache.kv:
-                t[:, :R, :, first + by : first + by + width] = t[:, :R, :, first : first + width].clone()
+        for t in self.cache.kv:
+            t[:, :R, :, first + by : first + by + width] = t[:, :R, :, first : first + width].clone()
         self.start = self.start + by
         self.pos += by
 
@@ -571,12 +556,11 @@ class DecodeBatch:
             self.view = copy.copy(self.cache)
             self.view._set([t[:, : len(self.rows)] for t in self.cache.kv])
         self.view.pos = self.pos
-        if bool(self.start.any()):
-            cols = torch.arange(self.pos + 1, device=self.device)
-            mask = (cols[None, :] >= self.start[:, None])[:, None, None, :]
-            logits = self.step_fn(tokens, self.view, (self.pos - self.start)[:, None], mask)
-        else:
-            logits = self.step_fn(tokens, self.view)
+        extra = ()
+        if bool(self.start.any()):  # rows that joined later: their own positions, the columns before them masked
+            mask = torch.arange(self.pos + 1, device=self.device) >= self.start[:, None, None, None]
+            extra = ((self.pos - self.start)[:, None], mask)
+        logits = self.step_fn(tokens, self.view, *extra)
         self.pos += 1
         return logits
 
@@ -610,8 +594,7 @@ def _beam_search(model, prompt: list[int], p: SamplingParams, tokenizer) -> list
     logits = model(torch.tensor([prompt], device=device), kv_cache=cache, last_only=True)[0][:, -1].expand(k, -1)
     cache.repeat(k)
     beams: list[list[tuple[int, float]]] = [[] for _ in range(k)]  # (token, raw log-prob) per new token
-    # only the first beam is live at the start (all beams are the same prompt)
-    beam_scores = torch.tensor([0.0] + [-1e9] * (k - 1), device=device)
+    beam_scores = torch.tensor([0.0] + [-1e9] * (k - 1), device=device)  # one live beam at first (the same prompt)
     finished: list[tuple[float, list[tuple[int, float]], str]] = []  # (score, hypothesis, reason), best first
     step_fn, utf8 = fastdecode.step_fn(model), _utf8_mask(text, k)
     stop_ids = torch.tensor(p.stop_ids, dtype=torch.long, device=device)
@@ -624,17 +607,14 @@ def _beam_search(model, prompt: list[int], p: SamplingParams, tokenizer) -> list
         hits = torch.isin(tok, stop_ids) | (gen_len >= limit)
         cands = list(zip(src_beam.tolist(), tok.tolist(), logp[src_beam, tok].tolist()))  # (beam, token, log-prob)
         norm = (top_scores / gen_len**p.length_penalty).tolist()
-        # finished hypotheses come from the first k candidates only
-        for (s, t, lp), score_, hit in zip(cands[:k], norm, hits.tolist()):
+        for (s, t, lp), score_, hit in zip(cands[:k], norm, hits.tolist()):  # only the first k may finish
             if hit:
                 stop = t in p.stop_ids
                 finished.append((score_, beams[s] if stop else beams[s] + [(t, lp)], "stop" if stop else "length"))
-        finished.sort(key=lambda e: -e[0])
-        del finished[k:]
+        finished = sorted(finished, key=lambda e: -e[0])[:k]
         if bool(hits.all()):
             break
-        # the running beams: the best candidates that did not stop
-        run_scores = top_scores - hits.float() * 1e9
+        run_scores = top_scores - hits.float() * 1e9  # the running beams: the best candidates that did not stop
         keep = torch.topk(run_scores, k).indices
         beams = [beams[s] + [(t, lp)] for s, t, lp in (cands[i] for i in keep.tolist())]
         sel_src, sel_tok, beam_scores = src_beam[keep], tok[keep], run_scores[keep]
@@ -689,7 +669,6 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Optional[SamplingP
 
 @contextmanager
 def _inference(model):
-    """The model in eval and inference mode for one call; its mode is restored after."""
     was_training = model.training
     model.eval()
     try:

@@ -16,8 +16,8 @@ _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")
 
 
 def applies(model) -> bool:
-    """Whether ``Decoder`` computes this model's forward on this device (a plain GPT's forward, on a CPU)."""
-    # the Decoder reads the base weights directly: a model with unmerged LoRA adapters takes the forward
+    """Whether ``Decoder`` computes this model's forward: a plain GPT's, on a CPU, without unmerged LoRA adapters (the
+    Decoder reads the base weights)."""
     return type(model).forward is GPT.forward and model.wte.weight.device.type == "cpu" and not adapted(model)
 
 
@@ -49,8 +49,7 @@ class RowsLinear:
         if groups > 1 and N >= 32 * groups:
             main = N - N % groups
             self.blocks = weight[:main].view(groups, main // groups, K).transpose(1, 2)  # (g, K, N/g)
-            if bias is not None:
-                self.block_bias = bias[:main].view(groups, 1, main // groups)
+            self.block_bias = None if bias is None else bias[:main].view(groups, 1, main // groups)
             if main < N:
                 self.tail = (weight[main:], None if bias is None else bias[main:])
 

@@ -39,8 +39,7 @@ class GPTConfig(Config):
 
     @model_validator(mode="after")
     def _shapes(self) -> "GPTConfig":
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
+        self.n_kv_head = self.n_kv_head or self.n_head
         if self.mlp_hidden is None:
             self.mlp_hidden = 64 * math.ceil(int(8 * self.n_embd / 3) / 64) if self.mlp == "swiglu" else 4 * self.n_embd
         if self.n_embd % self.n_head:
@@ -62,9 +61,8 @@ class GPTConfig(Config):
 
 
 class KVCache:
-    """Keys and values of every layer: ``kv[layer]`` (2, B, n_kv_head, max_len, head_dim), keys then values (one
-    decoding step writes both with one copy), ``k`` / ``v`` its halves; a forward fills ``[pos, pos+T)``, then
-    advances ``pos``."""
+    """``kv[layer]`` (2, B, n_kv_head, max_len, head_dim): keys then values (a step writes both in one copy), ``k`` /
+    ``v`` its halves; a forward fills ``[pos, pos+T)``, then advances ``pos``."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (2, batch_size, config.n_kv_head, max_len, config.head_dim)
@@ -76,13 +74,8 @@ class KVCache:
         self.kv = kv
         self.k, self.v = [t[0] for t in kv], [t[1] for t in kv]
 
-    @property
-    def batch_size(self) -> int:
-        return self.kv[0].shape[1]
-
     def reorder(self, index: torch.Tensor) -> None:
-        """Row ``i`` becomes old row ``index[i]`` (beam search): the filled positions go to a second buffer, kept for
-        the next call."""
+        """Row ``i`` becomes old row ``index[i]`` (beam search), written into a second buffer kept for the next call."""
         if self._spare is None or self._spare[0].shape != self.kv[0].shape:
             self._spare = [torch.empty_like(t) for t in self.kv]
         for src, dst in zip(self.kv, self._spare):
@@ -125,15 +118,14 @@ def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     steps = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = torch.exp(steps * (-math.log(10000.0) / dim))
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleaved: sin, cos, sin, ...
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        qkv_out = (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv_out, bias=config.bias)  # fused q, k, v
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scale = True  # GPT-2 init: scaled by 1/sqrt(2 * n_layer)
         self.dropout = config.dropout
@@ -148,10 +140,9 @@ class CausalSelfAttention(nn.Module):
 
         past = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
-            kc, vc = kv_cache.k[layer], kv_cache.v[layer]
-            kc[:, :, past : past + T] = k.to(kc.dtype)
-            vc[:, :, past : past + T] = v.to(vc.dtype)
-            k, v = kc[:, :, : past + T].to(q.dtype), vc[:, :, : past + T].to(q.dtype)
+            kv = kv_cache.kv[layer]
+            kv[:, :, :, past : past + T] = torch.stack((k, v)).to(kv.dtype)
+            k, v = kv[:, :, :, : past + T].to(q.dtype)
 
         if self.n_kv_head != self.n_head:
             k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
@@ -160,18 +151,15 @@ class CausalSelfAttention(nn.Module):
             attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and past == 0,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.kind = config.mlp
-        hidden = config.mlp_hidden
-        # swiglu: one fused matmul for gate and up (first half gate, second half up)
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * config.mlp_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_scale = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -180,7 +168,7 @@ class MLP(nn.Module):
 
 
 def activate(h: torch.Tensor, kind: str) -> torch.Tensor:
-    """The MLP's nonlinearity on the output of ``c_fc`` (swiglu: first half gate, second half up)."""
+    """The MLP's nonlinearity on the output of ``c_fc`` (swiglu: gate and up fused, first half gate, second half up)."""
     if kind == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -280,18 +268,15 @@ class GPT(nn.Module):
             x = torch.gather(x, 1, at.unsqueeze(-1).expand(-1, -1, x.size(-1)))
             return self.lm_head(x), x
         logits = self.lm_head(x[:, -1:, :] if last_only else x)
-        if targets is None:
-            return logits, None
-        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
         w = self.wte.weight
         return KVCache(self.config, batch_size, max_len or self.config.block_size, w.device, w.dtype)
 
-    # ---- resizing (adding special tokens to a pretrained vocab) -----------------------------------------------------
-
     def resize_vocab(self, new_size: int) -> None:
-        """Grow (or shrink) the token table (and an untied head); new rows get the mean row (a neutral start)."""
+        """Grow (or shrink) the token table (and an untied head), as for special tokens added to a pretrained vocab;
+        new rows get the mean row (a neutral start)."""
 
         def resized(old: torch.Tensor) -> nn.Parameter:
             n = min(new_size, old.shape[0])
