@@ -118,7 +118,7 @@ def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     steps = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = torch.exp(steps * (-math.log(10000.0) / dim))
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleaved: sin, cos, sin, ...
 
 
 class CausalSelfAttention(nn.Module):
