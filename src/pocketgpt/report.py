@@ -209,8 +209,8 @@ def verdicts(figs: dict) -> list[str]:
     ev = figs.get("eval", {})
     if ev.get("degenerate_replies"):
         k = round(ev["degenerate_replies"]["value"] * ev["degenerate_replies"]["n"])
-        out.append(f"- Sample chats: {k} of {ev['degenerate_replies']['n']} replies degenerate into one repeated token; "
-                   f"distinct-2 (tokens) {_fmt(ev['distinct_2']['value'])}.")
+        out.append(f"- Sample chats: {k} of {ev['degenerate_replies']['n']} replies degenerate into one repeated "
+                   f"token; distinct-2 (tokens) {_fmt(ev['distinct_2']['value'])}.")
     return out
 
 
@@ -321,12 +321,14 @@ def write_report(sr) -> Path:
         "",
         f"## RLHF against ground truth: task `{task_desc}`",
         "",
-        f"Held-out prompts: {ev.get('heldout_prompts', 'n/a')} (the task's fixed held-out set: no stage trains on them). "
+        f"Held-out prompts: {ev.get('heldout_prompts', 'n/a')} (the task's fixed held-out set: no stage trains on "
+        "them). "
         "Accuracy = greedy reply checked by the task; RM score = the task reward model's mean score of the same "
         "replies; KL = KL(model ‖ SFT) in nats per reply, estimated on one temperature-1 sample per prompt; "
         "gain = paired difference against SFT on the same prompts.",
         "",
-        "| model | held-out accuracy [95% CI] | gain vs SFT (points) | RM score | KL to SFT | reply tokens | steps | wall s |",
+        "| model | held-out accuracy [95% CI] | gain vs SFT (points) | RM score | KL to SFT | reply tokens | steps "
+        "| wall s |",
         "| --- | --- | --- | --- | --- | --- | ---: | ---: |",
     ]
     for name in POLICIES:
@@ -338,7 +340,8 @@ def write_report(sr) -> Path:
                   if gain else "(baseline)")
         lines.append(f"| {name.upper()} | {_ci(d['heldout_accuracy'])} | {gain_s} | {_ci(d['rm_score'], 2)} | "
                      f"{_ci(d['kl_to_sft'], 3)} | {_fmt(d['reply_tokens']['value'], 1)} | "
-                     f"{_fmt((d.get('steps') or {}).get('value'), 0)} | {_fmt((d.get('wall_s') or {}).get('value'), 1)} |")
+                     f"{_fmt((d.get('steps') or {}).get('value'), 0)} | "
+                     f"{_fmt((d.get('wall_s') or {}).get('value'), 1)} |")
     p = figs.get("pairs", {})
     lines += [
         "",
@@ -351,15 +354,17 @@ def write_report(sr) -> Path:
     ]
     for split in ("train", "heldout"):
         if f"{split}_pairs" in p:
-            lines.append(f"| {split} | {p[f'{split}_prompts']['value']} | {p[f'{split}_prompts_with_pairs']['value']} | "
-                         f"{p[f'{split}_pairs']['value']} | {_ci(p[f'{split}_sample_accuracy'])} |")
+            lines.append(f"| {split} | {p[f'{split}_prompts']['value']} | "
+                         f"{p[f'{split}_prompts_with_pairs']['value']} | {p[f'{split}_pairs']['value']} | "
+                         f"{_ci(p[f'{split}_sample_accuracy'])} |")
 
     st = ev.get("standard_tasks")
     if st:
         lines += ["", "## Standard tasks (lm-evaluation-harness, where available locally)", ""]
         lines += [f"- {k}: {_ci(f)} (n = {f.get('n')})" for k, f in figs.get("standard_tasks", {}).items()]
         lines += [f"- {t}: not available locally ({why})" for t, why in st.get("unavailable", {}).items()]
-    lines += ["", "## Every stage", "", "| stage | figure | value | wall s | peak MB |", "| --- | --- | --- | ---: | ---: |"]
+    lines += ["", "## Every stage", "", "| stage | figure | value | wall s | peak MB |",
+              "| --- | --- | --- | ---: | ---: |"]
     for stage, d in figs.items():
         if stage not in ("speedrun", "standard_tasks"):  # their own sections list them
             w, pk = _fmt((d.get("wall_s") or {}).get("value"), 1), _fmt((d.get("peak_rss_mb") or {}).get("value"), 0)
@@ -367,8 +372,8 @@ def write_report(sr) -> Path:
                       if key not in ("wall_s", "peak_rss_mb")]
     lines += ["", "## Plots", "", *(f"![{pl}]({pl})" for pl in plots)]
     if "plots/ppo_rm_vs_accuracy.png" in plots:
-        lines += ["", "`plots/ppo_rm_vs_accuracy.png`: if the reward-model score rises while the true accuracy does not, "
-                      "PPO is hacking the reward model."]
+        lines += ["", "`plots/ppo_rm_vs_accuracy.png`: if the reward-model score rises while the true accuracy does "
+                      "not, PPO is hacking the reward model."]
     lines += [f"- {s}: [{s}/loss.png]({s}/loss.png)" for s in TRAINED if (run / s / "loss.png").exists()]
     per = ev.get("per_model", {})
     if per:

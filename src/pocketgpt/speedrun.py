@@ -24,8 +24,8 @@ PRESETS = ("cpu-tiny", "cpu-small", "gpu-124m")
 STAGES = ("tokenizer", "prepare", "pretrain", "sft", "pairs", "rm", "ppo", "dpo", "grpo", "rm_hh", "eval", "report")
 
 # Sample prompts for the report's chats (English and Chinese)
-CHAT_PROMPTS = ["Hello! How are you today?", "What do you like to do on weekends?", "你好，你叫什么名字？", "你喜欢看什么电影？",
-                "What is 23 + 45?"]
+CHAT_PROMPTS = ["Hello! How are you today?", "What do you like to do on weekends?", "你好，你叫什么名字？",
+                "你喜欢看什么电影？", "What is 23 + 45?"]
 
 
 # ---- presets --------------------------------------------------------------------------------------------------------
@@ -39,7 +39,8 @@ def load_preset(name: str) -> dict[str, dict[str, Any]]:
     data = read_toml(path)
     unknown = sorted(set(data) - set(STAGES) - {"speedrun", "task"})
     if unknown:
-        raise UserError(f"{path}: unknown section [{unknown[0]}] (sections: {', '.join(('speedrun', 'task') + STAGES)})")
+        sections = ", ".join(("speedrun", "task") + STAGES)
+        raise UserError(f"{path}: unknown section [{unknown[0]}] (sections: {sections})")
     data.setdefault("speedrun", {})
     data["_path"] = {"path": str(path)}
     return data
