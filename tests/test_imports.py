@@ -1,5 +1,5 @@
 """No import cycles between pocketgpt's modules: the graph of their top-level imports of one another has no cycle,
-and every module imports alone, first, in a fresh interpreter."""
+and every module imports alone, first, in a fresh interpreter; the package stays within its line budget."""
 
 import ast
 import subprocess
@@ -78,3 +78,10 @@ def test_every_module_imports_alone():
             "    importlib.import_module(name)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_the_package_stays_within_its_line_budget():
+    # issue 15: src/pocketgpt (Python, non-blank lines; bundled data and web files are not .py) at most 7,000 lines
+    lines = sum(1 for p in PKG.rglob("*.py") if "assets" not in p.parts
+                for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+    assert 5000 < lines <= 7000, f"src/pocketgpt has {lines} non-blank Python lines (budget 7,000)"
