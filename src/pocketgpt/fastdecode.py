@@ -43,7 +43,8 @@ class RowsLinear:
     __slots__ = ("weight", "bias", "blocks", "block_bias", "tail")
 
     def __init__(self, linear: nn.Linear, groups: int):
-        self.weight, self.bias = weight, bias = linear.weight, linear.bias
+        weight, bias = linear.weight, linear.bias
+        self.weight, self.bias = weight, bias
         self.blocks = self.block_bias = self.tail = None
         N, K = weight.shape
         if groups > 1 and N >= 32 * groups:
