@@ -167,8 +167,8 @@ def _pretrain_run(args) -> int:
     if rank == 0:
         print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters, {world} process(es), run dir {out}",
               file=sys.stderr)
-    with contextlib.closing(Trainer(model, stage, cfg["train"], out, tokenizer=tokenizer, run_config=cfg.to_dict(),
-                                    resume=resume)) as trainer:
+    with Trainer(model, stage, cfg["train"], out, tokenizer=tokenizer, run_config=cfg.to_dict(),
+                 resume=resume) as trainer:
         result = trainer.fit()
     if rank == 0:
         parts = [f"step {result['step']}", f"{result['tokens']:,} tokens"] + [
@@ -334,7 +334,9 @@ def _chat_run(args) -> int:
             try:
                 for piece in session.reply(line):
                     print(piece if interactive else piece.replace("\r", " ").replace("\n", " "), end="", flush=True)
-            except KeyboardInterrupt if interactive else ():  # piped, an interrupt ends the command
+            except KeyboardInterrupt:
+                if not interactive:  # piped, an interrupt ends the command
+                    raise
                 say("\n(interrupted)")
             print(flush=True)
             for note in session.notes:
@@ -648,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pocketgpt {args.command}: error: {_unknown_argument(parser, argv, extra)}", file=sys.stderr)
         return 2
     if not getattr(args, "func", None):
-        return parser.print_help() or (0 if args.command is None else 2)
+        parser.print_help()
+        return 0 if args.command is None else 2
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -672,4 +675,5 @@ def _unknown_argument(parser: argparse.ArgumentParser, argv: list[str], extra: l
     flag = next((a.split("=", 1)[0] for a in extra if a.startswith("-")), None)
     if flag is None:
         return f"unexpected argument {extra[0]!r}"
-    return f"{flag}: unknown option{did_you_mean(flag, [o for o in parser._option_string_actions if o[:2] == '--'])}"
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    return f"{flag}: unknown option{did_you_mean(flag, options)}"

@@ -15,7 +15,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, Valida
 
 from .errors import UserError
 
-tomllib = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli")  # tomli: a core dependency on 3.10
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - tomli is a core dependency on 3.10
+    import tomli as tomllib
 
 # in the package (the repository's configs/ links here): `--config NAME` works anywhere, from any kind of install
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -53,11 +56,12 @@ class Config(BaseModel):
             raise UserError(explain(e.errors()[0], cls.section, where, origin)) from None
 
 
-_MESSAGES = {**dict.fromkeys(["int_type", "int_parsing", "int_from_float"], "expected int"), "missing": "is required",
-             **dict.fromkeys(["float_type", "float_parsing"], "expected float"), "string_type": "expected a string",
-             **dict.fromkeys(["bool_type", "bool_parsing"], "expected true or false"), "greater_than": "must be > {gt}",
-             "greater_than_equal": "must be at least {ge}", "literal_error": "must be one of {expected}",
-             "less_than_equal": "must be at most {le}", "list_type": "expected a list", "less_than": "must be < {lt}"}
+_MESSAGES = {"int_type": "expected int", "int_parsing": "expected int", "int_from_float": "expected int",
+             "float_type": "expected float", "float_parsing": "expected float", "string_type": "expected a string",
+             "bool_type": "expected true or false", "bool_parsing": "expected true or false",
+             "list_type": "expected a list", "missing": "is required", "literal_error": "must be one of {expected}",
+             "greater_than": "must be > {gt}", "greater_than_equal": "must be at least {ge}",
+             "less_than": "must be < {lt}", "less_than_equal": "must be at most {le}"}
 
 
 def explain(err: dict, section: str, where: str = "", origin: Optional[dict] = None) -> str:
@@ -168,8 +172,10 @@ _ALIASES = {"learning_rate": "lr", "max_iters": "max_steps", "num_train_steps": 
 def did_you_mean(word: str, options) -> str:
     """`` (did you mean 'X'?)`` for the closest of ``options`` (keys, or ``--flags``), or ``""``."""
     dashes = word[: len(word) - len(word.lstrip("-"))]
-    alias = dashes + _ALIASES.get(word.lstrip("-").replace("-", "_"), "")
-    hint = [alias] if alias != dashes and alias in options else difflib.get_close_matches(word, sorted(options), n=1)
+    alias = _ALIASES.get(word.lstrip("-").replace("-", "_"))
+    if alias is not None and dashes + alias in options:
+        return f" (did you mean '{dashes + alias}'?)"
+    hint = difflib.get_close_matches(word, sorted(options), n=1)
     return f" (did you mean '{hint[0]}'?)" if hint else ""
 
 

@@ -32,7 +32,8 @@ from ..lora import WithoutAdapters, adapted, apply as apply_lora
 from ..records import read_pairs, split
 from .reward import encode_replies
 from .rl import frozen_copy
-from .sft import _stderr_on_rank0, context_size, epoch_batches, fit_and_close, load_init
+from .pretrain import context_size
+from .sft import _stderr_on_rank0, epoch_batches, load_init
 from .trainer import Trainer, TrainConfig, world_info
 
 REF_CACHE = "ref_logprobs.safetensors"
@@ -90,7 +91,9 @@ def sequence_scores(model: nn.Module, pairs: list[tuple]) -> torch.Tensor:
     idx, pos, targets, mask = pack_replies(prompts, replies, device=next(model.parameters()).device)
     logp, _, _ = token_logprobs(model, idx, pos, targets, mask)
     total = (logp.float() * mask).sum(-1)  # chosen rows, then rejected ones
-    return torch.stack([*total.view(2, -1), *(total / mask.sum(-1).clamp(min=1)).view(2, -1)], -1)
+    mean = total / mask.sum(-1).clamp(min=1)
+    B = len(pairs)
+    return torch.stack([total[:B], total[B:], mean[:B], mean[B:]], -1)
 
 
 class DPOStage:
@@ -218,4 +221,5 @@ def run_dpo(opts: DPOConfig, out: str | Path, train, *, run_config: Optional[dic
         + (f" (label smoothing {opts.label_smoothing})" if opts.label_smoothing else "")
         + f", reference {opts.reference} -> {out}")
     run_config = run_config or {"dpo": opts.to_dict(), "train": train.to_dict()}
-    return fit_and_close(Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=run_config, resume=resume))
+    with Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=run_config, resume=resume) as trainer:
+        return trainer.fit()

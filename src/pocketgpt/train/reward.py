@@ -28,7 +28,7 @@ from ..lora import apply as apply_lora
 from ..records import Pair, conversation, fit, pad, pair, read, read_pairs, split
 from ..runtime import pick_device
 from ..tokenizer import load_tokenizer_for
-from .sft import _stderr_on_rank0, fit_and_close
+from .sft import _stderr_on_rank0
 from .trainer import Trainer, TrainConfig, default_load_model, world_info
 
 HEAD_FILE = "reward_head.safetensors"
@@ -72,8 +72,11 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def score_ids(self, rows: list[list[int]], pad_id: int = 0, batch_size: int = 16) -> list[float]:
         """Rewards of already-rendered sequences (no grad), in batches."""
-        return [s for i in range(0, len(rows), batch_size)
-                for s in self(*pad_rows(rows[i: i + batch_size], pad_id, self.head.weight.device)).tolist()]
+        out: list[float] = []
+        for i in range(0, len(rows), batch_size):
+            idx, lengths = pad_rows(rows[i: i + batch_size], pad_id, self.head.weight.device)
+            out += self(idx, lengths).tolist()
+        return out
 
     def write_files(self, directory: str | Path) -> None:
         """Backbone files + head + metadata into an existing directory (the Trainer's ``save_model``)."""
@@ -112,7 +115,8 @@ def encode_replies(prompt: list[dict], replies: list[str], tokenizer, block_size
 
 
 def encode_reply(prompt: list[dict], reply: str, tokenizer, block_size: int) -> list[int]:
-    return [t for part in encode_replies(prompt, [reply], tokenizer, block_size) for t in part]
+    p, r = encode_replies(prompt, [reply], tokenizer, block_size)
+    return p + r
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,17 +219,19 @@ def train_reward_model(init: str | Path, data: str | Path, out: str | Path, run_
         raise UserError(f"{init}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{backbone.config.vocab_size}")
     pairs = read_pairs(data)[: rmcfg.max_pairs or None]
-    train_pairs, val_pairs = ((pairs, read_pairs(val_data)) if val_data is not None
-                              else split(pairs, rmcfg.val_fraction, rmcfg.split_seed))
+    if val_data is not None:
+        train_pairs, val_pairs = pairs, read_pairs(val_data)
+    else:
+        train_pairs, val_pairs = split(pairs, rmcfg.val_fraction, rmcfg.split_seed)
     block = min(rmcfg.max_len or backbone.config.block_size, backbone.config.block_size)
     stage = RewardStage(encode_pairs(train_pairs, tokenizer, block), encode_pairs(val_pairs, tokenizer, block),
                         cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, eval_batch_size=rmcfg.eval_batch_size)
     _stderr_on_rank0(f"reward model: {len(train_pairs)} training pairs, {len(val_pairs)} held out; init {init}")
     apply_lora(backbone, cfg, _stderr_on_rank0)
     model = RewardModel(backbone, seed=cfg.seed)  # after the adapters: the head stays trainable
-    trainer = Trainer(model, stage, cfg, out, tokenizer=tokenizer, save_model=RewardModel.write_files,
-                      load_model=_load_rm, run_config=run_config.to_dict(), resume=resume)
-    result = fit_and_close(trainer)
+    with Trainer(model, stage, cfg, out, tokenizer=tokenizer, save_model=RewardModel.write_files,
+                 load_model=_load_rm, run_config=run_config.to_dict(), resume=resume) as trainer:
+        result = trainer.fit()
     meta = {"kind": "reward_model", "init": str(init), "data": str(data), "train_pairs": len(train_pairs),
             "val_pairs": len(val_pairs), "val_accuracy": result.get("eval_accuracy"), "step": result.get("step")}
     for d in (trainer.ckpt_dir, trainer.best_dir) if trainer.is_main else ():

@@ -145,14 +145,6 @@ def _stderr_on_rank0(line: str) -> None:
         print(line, file=sys.stderr)
 
 
-def fit_and_close(trainer) -> dict:
-    """``trainer.fit()``, then ``trainer.close()`` however it ended."""
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
-
-
 def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_config: Optional[dict] = None,
             resume: Optional[bool] = None, log=None) -> dict:
     """Fine-tune ``init`` on ``sft.data`` with the Trainer; returns the Trainer's final metrics (+ data counts)."""
@@ -162,8 +154,10 @@ def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_con
     convs = read_conversations(sft.data, skip_bad=sft.skip_bad, report=log)
     if sft.max_conversations and len(convs) > sft.max_conversations:
         convs = random.Random(train.seed).sample(convs, sft.max_conversations)
-    train_convs, val_convs = ((convs, read_conversations(sft.val_data, skip_bad=sft.skip_bad, report=log))
-                              if sft.val_data else split(convs, sft.val_fraction, train.seed, most=sft.val_max))
+    if sft.val_data:
+        train_convs, val_convs = convs, read_conversations(sft.val_data, skip_bad=sft.skip_bad, report=log)
+    else:
+        train_convs, val_convs = split(convs, sft.val_fraction, train.seed, most=sft.val_max)
     train_ex, tstats = build_examples(train_convs, tokenizer, block, sft.overflow)
     val_ex, vstats = build_examples(val_convs, tokenizer, block, sft.overflow)
     log(f"sft: train {tstats.summary()}")
@@ -180,7 +174,8 @@ def run_sft(init: str | Path, out: str | Path, sft: SFTConfig, train, *, run_con
     cfg = {**(run_config or {}), "sft": {**sft.to_dict(), "init": str(init)}, "train": train.to_dict()}
     log(f"sft: {model.num_params() / 1e6:.2f}M parameters, context {block}, "
         f"{len(train_ex)} training / {len(val_ex)} held-out examples -> {out}")
-    result = fit_and_close(Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=cfg, resume=resume))
+    with Trainer(model, stage, train, out, tokenizer=tokenizer, run_config=cfg, resume=resume) as trainer:
+        result = trainer.fit()
     result["data"] = {"conversations": len(convs), "train": asdict(tstats), "val": asdict(vstats),
                       "block_size": block, "train_tokens": n_tokens, "assistant_tokens": n_labels,
                       "added_tokens": added}

@@ -219,10 +219,14 @@ class _Chained:
 
 def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer state dict as safetensors tensors ``state.ID.NAME`` + JSON (groups, non-tensor state)."""
-    tensors = {f"state.{pid}.{k}": v.detach().cpu().contiguous() for pid, st in sd["state"].items()
-               for k, v in st.items() if torch.is_tensor(v)}
-    scalars = {str(pid): d for pid, st in sd["state"].items()
-               if (d := {k: v for k, v in st.items() if not torch.is_tensor(v)})}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
@@ -341,8 +345,9 @@ class Trainer:
         if self.dtype == torch.float16:  # GradScaler's inf check would see one rank's shard only
             raise UserError("train.parallel = fsdp: fp16 loss scaling is not supported on sharded gradients; "
                             "use --dtype bf16 or fp32")
-        mixed = self.device.type == "cuda" and self.dtype != torch.float32  # bf16 compute, fp32 master weights + reduce
-        mp = MixedPrecisionPolicy(**({"param_dtype": self.dtype, "reduce_dtype": torch.float32} if mixed else {}))
+        mp = MixedPrecisionPolicy()
+        if self.device.type == "cuda" and self.dtype != torch.float32:  # bf16 compute, fp32 master weights + reduce
+            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
         self._skeleton = _copy_to(model, "meta")  # the module's structure, for full-weight save / load
         for block in [m for m in model.modules() if isinstance(m, Block)]:
             fully_shard(block, mp_policy=mp)
@@ -491,8 +496,10 @@ class Trainer:
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         r = self.rank if self.rank < len(state["rng"]) else 0  # fewer processes wrote it: rank 0's state
-        mine = lambda name: {k.split(".", 1)[1]: v for k, v in safetensors.torch.load_file(str(self.ckpt_dir / name))
-                             .items() if k.startswith(f"rank{r}.")}
+        def mine(name: str) -> dict[str, torch.Tensor]:  # this rank's tensors of a per-rank file
+            tensors = safetensors.torch.load_file(str(self.ckpt_dir / name))
+            return {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"rank{r}.")}
+
         _set_rng_state(mine("rng.safetensors"), state["rng"][r])
         self.stage.load_state_dict(state.get("stage_state") or {})
         if hasattr(self.stage, "load_state_tensors") and (self.ckpt_dir / "stage.safetensors").exists():
@@ -572,10 +579,11 @@ class Trainer:
 
     def _fit_budget(self, per_step: float) -> TrainConfig:
         """Size the schedule to the steps that fit the budget left; space pauses by one's cost (docs/internals.md)."""
-        cfg, t = self.cfg, time.time()
+        cfg, pause = self.cfg, 0.0
         if cfg.eval_interval:
+            t = time.time()
             self._pause()
-        pause = time.time() - t if cfg.eval_interval else 0.0
+            pause = time.time() - t
         elapsed = self.elapsed + pause
         if self.ddp:  # every rank must take the same decision
             t = torch.tensor([per_step, elapsed, pause], dtype=torch.float64, device=self.device)
@@ -614,8 +622,10 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             batch = self.stage.get_batch(step, micro)
             first = _first_tensor(batch)
-            n_tokens += (int(self.stage.tokens_in_batch(batch)) if hasattr(self.stage, "tokens_in_batch")
-                         else 0 if first is None else first.numel())
+            if hasattr(self.stage, "tokens_in_batch"):
+                n_tokens += int(self.stage.tokens_in_batch(batch))
+            elif first is not None:
+                n_tokens += first.numel()
             if self._seq_len is None and first is not None and first.dim() >= 2:
                 self._seq_len = first.shape[-1]  # (for MFU)
             batch = tree_map(lambda t: t.to(self.device, non_blocking=True) if torch.is_tensor(t) else t, batch)
@@ -722,14 +732,16 @@ class Trainer:
                 if (cfg.log_interval and self.step % cfg.log_interval == 0) or self.step == total or stop:
                     tok_s = (self.tokens_seen - tokens_log) / max(time.time() - t_log, 1e-9)
                     record = {"step": self.step, "loss": step_loss, "lr": lr, **train_metrics,
-                              "tok_per_s": round(tok_s, 1), "elapsed_s": round(self.elapsed, 2),
-                              **({} if grad_norm is None else {"grad_norm": grad_norm})}
+                              "tok_per_s": round(tok_s, 1), "elapsed_s": round(self.elapsed, 2)}
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
                     if flops_per_token is not None and peak and tok_s > 0:  # MFU only against a known peak
                         record["mfu"] = round(flops_per_token(self._seq_len) * tok_s / (peak * self.world_size), 4)
                     self._log(record)
-                    bar.set_postfix({"loss": f"{loss_log / (self.step - step_log):.4f}", "tok/s": f"{tok_s:,.0f}",
-                                     **({"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {})},
-                                    refresh=False)
+                    post = {"loss": f"{loss_log / (self.step - step_log):.4f}", "tok/s": f"{tok_s:,.0f}"}
+                    if "mfu" in record:
+                        post["mfu"] = f"{100 * record['mfu']:.1f}%"
+                    bar.set_postfix(post, refresh=False)
                     t_log, tokens_log, step_log, loss_log = time.time(), self.tokens_seen, self.step, 0.0
                 bar.update(1)
 
@@ -763,6 +775,12 @@ class Trainer:
         if self.best.get("value") is not None:
             result.update({"best_" + self.best["metric"]: self.best["value"], "best_step": self.best["step"]})
         return result
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:  # ``with Trainer(...) as trainer:`` closes it however the block ends
+        self.close()
 
     def close(self) -> None:
         """Leave the process group (call once at the end of a torchrun program)."""
