@@ -156,8 +156,11 @@ class _TokenText:
 
     @staticmethod
     def of(tokenizer, V: int, device) -> "_TokenText":
-        per, key = _TABLES.setdefault(tokenizer, {}), (V, tokenizer.vocab_size, str(device))
-        return per[key] if key in per else per.setdefault(key, _TokenText(tokenizer, V, device))
+        per = _TABLES.setdefault(tokenizer, {})
+        key = (V, tokenizer.vocab_size, str(device))
+        if key not in per:
+            per[key] = _TokenText(tokenizer, V, device)
+        return per[key]
 
 
 class _Utf8Mask:
@@ -663,7 +666,8 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Optional[SamplingP
     steps = _steps(model, prompts, p, tokenizer, return_logprobs)
     if stream:
         return _stream(steps, p.stop)
-    *_, rows = steps  # to the last step
+    for rows in steps:  # to the last step
+        pass
     return [GenerationResult(r.tokens, r.logprobs, r.reason, r.text) if return_logprobs else r.tokens for r in rows]
 
 

@@ -8,6 +8,7 @@ import collections
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import hmac
 import itertools
 import json
@@ -185,11 +186,13 @@ class Scheduler:
         out: list = []  # (callback, argument), run on the event loop in this order
         with self.lock:
             calls, self.calls = self.calls, []
+            admit = []
             while self.waiting and (self.rows_used == 0 or self.rows_used + self.waiting[0].n <= self.max_rows):
                 job = self.waiting.popleft()
                 job.admitted = True
                 self.rows_used += job.n
-                self.active.append(job)  # running from now on (its prefill comes next)
+                admit.append(job)
+            self.active += admit  # running from now on (their prefill comes next)
         for fn, future in calls:
             if future.set_running_or_notify_cancel():  # False: its request was cancelled
                 try:
@@ -197,7 +200,7 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 - the caller's error, answered to the caller
                     future.set_exception(e)
         try:
-            joining = [job for job in self.active if not job.rows and not job.cancelled]  # admitted just now
+            joining = [job for job in admit if not job.cancelled]
             if joining:  # one prefill forward for all the requests that arrived during the last step
                 prompts = [p for job in joining for p in job.prompts]
                 rows = iter(self.batch.add(prompts, [job.params for job in joining for _ in job.prompts]))
@@ -210,9 +213,11 @@ class Scheduler:
                     self._end(job, Cancelled(), out)
             rows = len(self.batch.rows)
             self.batch.step()
-            self.metrics.step(time.perf_counter(), rows)
-            for job in (j for j in self.active if not j.ended):
-                self._emit(job, out)
+            if rows:
+                self.metrics.step(time.perf_counter(), rows)
+            for job in self.active:
+                if not job.ended:
+                    self._emit(job, out)
         except Exception as e:  # a failed step fails the requests in it, not the server
             for job in self.active:
                 self._end(job, e, out)
@@ -341,8 +346,10 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         choices = []
         for i, o in enumerate(outs):
             p = i // body.n  # the prompt it continues
-            lp = None if logprobs is None else await asyncio.wrap_future(sched.call(  # awaited before p, o change
-                lambda: _logprobs(backend, prompts[p], o["tokens"], logprobs, chat, echo)))
+            lp = None
+            if logprobs is not None:
+                fn = functools.partial(_logprobs, backend, prompts[p], o["tokens"], logprobs, chat, echo)
+                lp = await asyncio.wrap_future(sched.call(fn))
             msg = {"message": {"role": "assistant", "content": o["text"]}} if chat else {"text": echoed[p] + o["text"]}
             choices.append({"index": i, **msg, "logprobs": lp, "finish_reason": o["finish_reason"]})
         return {**head, "choices": choices, "usage": _usage(prompts, outs)}
@@ -367,13 +374,16 @@ def create_app(backend: Backend, *, api_key: Optional[str] = None, max_concurren
         ended: list = []
         wake = asyncio.Event()
 
-        def arrive(pieces: list, *result: Any) -> None:  # new text, or (no text and) the job's result
+        def on_text(pieces: list) -> None:
             for i, piece in pieces:
                 text[i] = text.get(i, "") + piece
-            ended.extend(result)
             wake.set()
 
-        job.on_text, job.on_done = arrive, lambda result: arrive([], result)
+        def on_done(result: Any) -> None:
+            ended.append(result)
+            wake.set()
+
+        job.on_text, job.on_done = on_text, on_done
         sched.submit(job)  # 429 now, before the response starts, if the queue is full
 
         def sse(obj: dict) -> bytes:
