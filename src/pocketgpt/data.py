@@ -56,8 +56,11 @@ def _sha256(path: Path) -> str:
 
 def _resolve_sources(inputs: Sequence[str | os.PathLike], builtins: Sequence[str]) -> list[tuple[str, Path]]:
     """(display name, file) for every input file, builtins first."""
-    sources = [(f"builtin:{name}" + ("" if f == base else f"/{f.relative_to(base).as_posix()}"), f)
-               for name in builtins for base in [builtin_path(name)] for f in expand_inputs([base])]
+    sources = []
+    for name in builtins:
+        base = builtin_path(name)
+        for f in expand_inputs([base]):
+            sources.append((f"builtin:{name}" + ("" if f == base else f"/{f.relative_to(base).as_posix()}"), f))
     sources += [(str(f), f) for f in expand_inputs(inputs)]
     if not sources:
         raise UserError("no inputs: give FILES / folders or --builtin NAME")

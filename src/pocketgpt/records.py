@@ -173,8 +173,10 @@ def pair(value, where: str) -> Pair:
                         f"(use [{{\"role\": \"user\", \"content\": ...}}])")
     prompt = check_messages(value["prompt"], where)
     for key in ("chosen", "rejected"):
-        if not isinstance(value[key], str) or not value[key].strip():
-            raise UserError(f"{where}: '{key}' " + ("is empty" if isinstance(value[key], str) else "must be a string"))
+        if not isinstance(value[key], str):
+            raise UserError(f"{where}: '{key}' must be a string")
+        if not value[key].strip():
+            raise UserError(f"{where}: '{key}' is empty")
     return Pair(prompt, value["chosen"], value["rejected"], where)
 
 

@@ -18,6 +18,12 @@ _FIRST_INT = re.compile(r"-?\d+")
 EVAL_SEED = 1_000_003  # the held-out set is always drawn from this seed
 
 
+def first_integer(text: str) -> int | None:
+    """The first integer written in ``text`` (a leading '-' counts), or None."""
+    m = _FIRST_INT.search(text)
+    return int(m.group()) if m else None
+
+
 class Task:
     """What every task shares: the held-out pool, training prompts that avoid it, the exact-answer reward, SFT rows.
     A task is a frozen dataclass of its options (``n_eval`` among them) that implements ``num_problems``,
@@ -84,9 +90,8 @@ class Task:
         return self.answer(problem)
 
     def reward(self, prompt: list[dict], reply: str) -> float:
-        """1.0 if the first integer written in the reply (a leading '-' counts) is the answer, else 0.0."""
-        m = _FIRST_INT.search(reply)
-        return 1.0 if (int(m.group()) if m else None) == self.target(prompt) else 0.0
+        """Exact-answer reward: 1.0 if the first integer in the reply equals the answer, else 0.0."""
+        return 1.0 if first_integer(reply) == self.target(prompt) else 0.0
 
     def demo_answer(self, problem: tuple, rng: random.Random) -> int:
         """The demonstrator's answer in SFT rows: the right one (a task with an imperfect demonstrator overrides)."""
@@ -184,8 +189,10 @@ class ArithmeticTask(Task):
         """A problem as a flat tuple ``(a, op, b[, op, c ...])``."""
         hi, hi2 = 10**self.digits - 1, 10 ** (self.second_digits or self.digits) - 1
         if self.operands > 2:  # ops is "+"
-            first = rng.randint(0, hi)
-            return first, *(x for _ in range(self.operands - 1) for x in ("+", rng.randint(0, hi2)))
+            out: list = [rng.randint(0, hi)]
+            for _ in range(self.operands - 1):
+                out += ["+", rng.randint(0, hi2)]
+            return tuple(out)
         a, b = rng.randint(0, hi), rng.randint(0, hi2)
         op = rng.choice(self.ops)
         if op == "-" and self.nonnegative and b > a and not self.second_digits:

@@ -113,15 +113,18 @@ class Tokenizer:
             # they are added after training, so they take the last ids
             trainer = trainers.UnigramTrainer(vocab_size=vocab_size - n, special_tokens=[UNK], unk_token=UNK,
                                               show_progress=show_progress)
-        else:  # word level; char: every character seen, in code point order (nothing to train)
-            vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + [UNK] + sorted(chars))} if kind == "char" else None
-            hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
-            hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]" if kind == "char" else _WORD_PATTERN),
-                                                    behavior="isolated")
+        elif kind == "char":  # no statistics needed: every character seen, in code point order
+            hf = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL_TOKENS + [UNK] + sorted(chars))},
+                                              unk_token=UNK))
+            hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
             hf.decoder = decoders.Fuse()
-            trainer = None if kind == "char" else trainers.WordLevelTrainer(
-                vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS + [UNK],
-                show_progress=show_progress)
+            trainer = None
+        else:  # word: a word-level model over words, punctuation marks and whitespace runs
+            hf = HFTokenizer(models.WordLevel(unk_token=UNK))
+            hf.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")
+            hf.decoder = decoders.Fuse()
+            trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                                special_tokens=SPECIAL_TOKENS + [UNK], show_progress=show_progress)
         if trainer is not None:
             try:
                 hf.train_from_iterator(texts, trainer)
