@@ -71,7 +71,8 @@ def read_model_config(directory: str | Path):
     if not directory.is_dir():
         raise UserError(f"{directory}: a checkpoint must be a directory (config.json + model.safetensors)")
     cfg_path = directory / "config.json"
-    if not isinstance(cfg := read_json(cfg_path), dict):
+    cfg = read_json(cfg_path)
+    if not isinstance(cfg, dict):
         raise UserError(f"{cfg_path}: expected a JSON object")
     kind = cfg.get("model_type", "pocketgpt")
     if kind == "pocketgpt":
@@ -170,7 +171,8 @@ def export_hf(model: GPT, out_dir: str | Path, fmt: str = "auto", tokenizer=None
         gen = {"_from_model_config": True}
         if tokenizer is not None:
             tokenizer.write_files(tmp)
-            cfg.update(ids := tokenizer.write_hf_config(tmp, model.config.block_size))
+            ids = tokenizer.write_hf_config(tmp, model.config.block_size)
+            cfg.update(ids)
             # a chat reply ends at <|end|>, a document at <|endoftext|>: generation stops at either
             stops = [tokenizer.special_ids[n] for n in ("<|end|>", "<|endoftext|>") if n in tokenizer.special_ids]
             gen = {**ids, "eos_token_id": stops}

@@ -72,9 +72,10 @@ class Decoder:
     def __init__(self, model: GPT, groups: Optional[int] = None):
         self.model = model
         self.c = c = model.config
-        # default groups: fp32: one bmm over blocks lets every core stream its own; bf16/fp16 (oneDNN): F.linear
-        threads, fp32 = torch.get_num_threads(), model.wte.weight.dtype == torch.float32
-        g = (2 * threads if fp32 and threads > 1 else 1) if groups is None else groups
+        g = groups
+        if g is None:  # fp32: one bmm over blocks lets every core stream its own; bf16/fp16 (oneDNN): F.linear
+            threads = torch.get_num_threads()
+            g = 2 * threads if model.wte.weight.dtype == torch.float32 and threads > 1 else 1
         self.rms, self.shape = c.norm == "rmsnorm", [c.n_embd]
 
         def norm(m):

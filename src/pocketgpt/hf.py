@@ -50,7 +50,8 @@ def config_to_ours(hf: dict, kind: str, where: str) -> GPTConfig:
     mlp = {v: k for k, v in a["mlp"].items()}.get(GELU_ALIASES.get(act, act))
     if mlp is None:
         raise UserError(f"{where}: field {field!r} {act!r} is not supported ({' or '.join(a['mlp'].values())})")
-    rope = r if isinstance(r := hf.get("rope_parameters") or hf.get("rope_scaling"), dict) else {}
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope = rope if isinstance(rope, dict) else {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", None):
         raise UserError(f"{where}: field 'rope_scaling' type {rope_type!r} is not supported (only default RoPE)")
@@ -106,9 +107,11 @@ def to_hf(model: GPT, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
         raise UserError(f"not exportable as {a['name']}: " + "; ".join(problems))
     cfg = {"architectures": [a["class"]], "model_type": kind, a["act"][0]: a["mlp"][c.mlp],
            **{name: getattr(c, ours) for name, (ours, _) in a["fields"].items()}}
-    cfg |= ({"n_ctx": c.block_size, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if kind == "gpt2" else
-            {"head_dim": c.head_dim, "mlp_bias": c.bias,
-             "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}})
+    if kind == "gpt2":
+        cfg |= {"n_ctx": c.block_size, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    else:
+        cfg |= {"head_dim": c.head_dim, "mlp_bias": c.bias,
+                "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}}
     state = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and c.tie_embeddings)}
     if kind == "gpt2" and not c.bias:  # GPT-2 always has biases: zeros are the exact equivalent of none
         state |= {k.removesuffix("weight") + "bias": torch.zeros(len(v), dtype=v.dtype)

@@ -34,7 +34,9 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale.to(y.dtype) if self.enabled else y
+        if not self.enabled:
+            return y
+        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale.to(y.dtype)
 
 
 class RowsEmbedding(nn.Module):

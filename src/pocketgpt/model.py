@@ -140,9 +140,10 @@ class CausalSelfAttention(nn.Module):
 
         past = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
-            kv = kv_cache.kv[layer]
-            kv[:, :, :, past : past + T] = torch.stack((k, v)).to(kv.dtype)
-            k, v = kv[:, :, :, : past + T].to(q.dtype)
+            kc, vc = kv_cache.k[layer], kv_cache.v[layer]  # written in place: no stacked temporary per step
+            kc[:, :, past : past + T] = k.to(kc.dtype)
+            vc[:, :, past : past + T] = v.to(vc.dtype)
+            k, v = kc[:, :, : past + T].to(q.dtype), vc[:, :, : past + T].to(q.dtype)
 
         if self.n_kv_head != self.n_head:
             k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))

@@ -142,7 +142,8 @@ def collect(run: Path, state: dict) -> dict[str, dict[str, dict]]:
             d[f"{split}_sample_accuracy"] = proportion([True] * k + [False] * (st["replies"] - k))
 
     per = ev.get("per_model", {})
-    for name, r in ((n, per[n]) for n in POLICIES if n in per):
+    for name in [n for n in POLICIES if n in per]:
+        r = per[name]
         d = stage(name)
         d.update(heldout_accuracy=proportion(r["correct"]), rm_score=mean_ci(r["rm_scores"]),
                  kl_to_sft=mean_ci(r["kl"]), reply_tokens=mean_ci([float(x) for x in r["lengths"]]))
@@ -193,8 +194,12 @@ def verdicts(figs: dict) -> list[str]:
         if not g:
             continue
         lo, hi = g["ci95"]
-        head = ("beat SFT" if lo > 0 else "**made held-out accuracy worse than SFT**" if hi < 0 else
-                "**did not beat SFT** (the interval includes 0)")
+        if lo > 0:
+            head = "beat SFT"
+        elif hi < 0:
+            head = "**made held-out accuracy worse than SFT**"
+        else:
+            head = "**did not beat SFT** (the interval includes 0)"
         pts = f"{100 * g['value']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         goal = "meets" if g["value"] >= GAIN_GOAL else "**misses**"
         out.append(f"- {name.upper()} {head}: {pts}; held-out accuracy {_ci(figs[name]['heldout_accuracy'])}; {goal} "

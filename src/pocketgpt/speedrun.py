@@ -277,8 +277,10 @@ class Speedrun:
                 texts = [t for t, _ in greedy]
                 scores = rm.score_ids([render(p + [{"role": "assistant", "content": r}], tok)[0]
                                        for p, r in zip(prompts, texts)], tok.pad_id, batch_size=64)
-                kl = [0.0] * len(prompts) if n == "sft" else self._seq_kl(m, models["sft"], tok, prompts, max_new,
-                                                                           seed + 7)
+                if n == "sft":  # KL to itself
+                    kl = [0.0] * len(prompts)
+                else:
+                    kl = self._seq_kl(m, models["sft"], tok, prompts, max_new, seed + 7)
                 out["per_model"][n] = {"correct": [task.reward(p, r) > 0 for p, r in zip(prompts, texts)],
                                        "rm_scores": scores, "kl": kl, "lengths": [len(ids) for _, ids in greedy],
                                        "examples": [{"user": p[-1]["content"], "reply": r} for p, r in
